@@ -1,0 +1,405 @@
+//! Configuration: clap flags with `POOL_MANAGERD_*` env names, plus the TOML pools file.
+//! Everything is validated once, here, with messages that say what to change.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use auth_min::Token;
+use clap::Parser;
+use llorch_contracts::handoff::is_valid_pool_id;
+use serde::Deserialize;
+
+/// Command line and environment. Secrets are read here and immediately turned into a
+/// [`Token`], which never prints its value.
+#[derive(Parser)]
+#[command(name = "pool-managerd", version, about = "llama-orch GPU-node daemon")]
+pub struct Args {
+    /// Address of the HTTP API (status, control, engine proxy, metrics).
+    #[arg(long, env = "POOL_MANAGERD_BIND_ADDR", default_value = "127.0.0.1:9200")]
+    pub bind_addr: SocketAddr,
+    /// TOML file describing the pools this node runs (see README "Configuration").
+    #[arg(long, env = "POOL_MANAGERD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory of handoff files, engine logs and engine pid records.
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_RUNTIME_DIR",
+        default_value = "/var/lib/llama-orch/runtime"
+    )]
+    pub runtime_dir: PathBuf,
+    /// Identity of this node in pool status and registration (default: the host name).
+    #[arg(long, env = "POOL_MANAGERD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// llama-server binary; overrides the pools file. Otherwise `PATH`, then the project cache.
+    #[arg(long, env = "POOL_MANAGERD_ENGINE_BINARY")]
+    pub engine_binary: Option<PathBuf>,
+    /// Safety-net rescan interval of the handoff directory (the notify watcher reacts at once).
+    #[arg(long, env = "POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS", default_value_t = 1000)]
+    pub handoff_watch_interval_ms: u64,
+    /// Delete a handoff file written by an external provisioner once it has been ingested.
+    #[arg(long, env = "POOL_MANAGERD_AUTO_DELETE_HANDOFF", default_value_t = false)]
+    pub auto_delete_handoff: bool,
+    /// How often GPU memory is re-read through NVML (0 = only at start).
+    #[arg(long, env = "POOL_MANAGERD_GPU_DISCOVERY_INTERVAL_MS", default_value_t = 30000)]
+    pub gpu_discovery_interval_ms: u64,
+    /// Interval of engine health probes.
+    #[arg(long, env = "POOL_MANAGERD_HEALTH_INTERVAL_MS", default_value_t = 2000)]
+    pub health_interval_ms: u64,
+    /// Consecutive failed health probes after which an engine counts as hung and is restarted.
+    #[arg(long, env = "POOL_MANAGERD_MAX_PROBE_FAILURES", default_value_t = 3)]
+    pub max_probe_failures: u32,
+    /// How long an engine may take to load its model and answer /health.
+    #[arg(long, env = "POOL_MANAGERD_ENGINE_START_TIMEOUT_MS", default_value_t = 120000)]
+    pub engine_start_timeout_ms: u64,
+    /// First restart delay; doubles per failure up to the maximum (with jitter).
+    #[arg(long, env = "POOL_MANAGERD_RESTART_BACKOFF_MS", default_value_t = 1000)]
+    pub restart_backoff_ms: u64,
+    /// Upper bound of the restart delay.
+    #[arg(long, env = "POOL_MANAGERD_RESTART_BACKOFF_MAX_MS", default_value_t = 60000)]
+    pub restart_backoff_max_ms: u64,
+    /// SIGTERM → this grace → SIGKILL, for engines being stopped.
+    #[arg(long, env = "POOL_MANAGERD_SHUTDOWN_GRACE_MS", default_value_t = 10000)]
+    pub shutdown_grace_ms: u64,
+    /// Largest request body accepted (engine proxy included).
+    #[arg(long, env = "POOL_MANAGERD_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Shared API token (prefer the _FILE form).
+    #[arg(long, env = "LLORCH_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// File holding the API token; refused when readable by group or others.
+    #[arg(long, env = "LLORCH_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Allow clients without a token, only when bound to loopback (single-user HOME setups).
+    #[arg(long, env = "POOL_MANAGERD_ALLOW_UNAUTHENTICATED_LOOPBACK", default_value_t = false)]
+    pub allow_unauthenticated_loopback: bool,
+    /// Log format: `pretty` or `json`.
+    #[arg(long, env = "POOL_MANAGERD_LOG_FORMAT", default_value = "pretty")]
+    pub log_format: String,
+}
+
+/// The pools file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsFile {
+    #[serde(default)]
+    pub engine: EngineSection,
+    #[serde(default)]
+    pub pools: Vec<PoolSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    /// Path to llama-server.
+    pub binary: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    pub id: String,
+    /// Path to the GGUF file.
+    pub model: PathBuf,
+    /// Model id clients ask for (default: the file name without `.gguf`).
+    pub model_id: Option<String>,
+    /// `CUDA_VISIBLE_DEVICES` for the engine, e.g. "0" or "0,1".
+    pub device_mask: Option<String>,
+    /// llama-server `--parallel`.
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// llama-server `--ctx-size` (shared by all slots).
+    #[serde(default = "default_ctx")]
+    pub ctx: u32,
+    /// llama-server `--n-gpu-layers`.
+    #[serde(default)]
+    pub gpu_layers: u32,
+    /// Fixed loopback port for the engine (default: a free port).
+    pub port: Option<u16>,
+    /// Extra llama-server arguments, e.g. ["--threads", "1"].
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+fn default_slots() -> u32 {
+    1
+}
+
+fn default_ctx() -> u32 {
+    2048
+}
+
+/// One managed pool, validated.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub id: String,
+    pub model_path: PathBuf,
+    pub model_id: String,
+    pub device_mask: Option<String>,
+    pub slots: u32,
+    pub ctx: u32,
+    pub gpu_layers: u32,
+    pub port: Option<u16>,
+    pub extra_args: Vec<String>,
+}
+
+/// Validated configuration. Holds the token as [`Token`], whose `Debug` shows a fingerprint.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind_addr: SocketAddr,
+    pub runtime_dir: PathBuf,
+    pub node_id: String,
+    pub engine_binary: Option<PathBuf>,
+    pub pools: Vec<PoolSpec>,
+    pub handoff_rescan: Duration,
+    pub auto_delete_handoff: bool,
+    pub gpu_discovery_interval: Duration,
+    pub health_interval: Duration,
+    pub max_probe_failures: u32,
+    pub engine_start_timeout: Duration,
+    pub restart_backoff: Duration,
+    pub restart_backoff_max: Duration,
+    pub shutdown_grace: Duration,
+    pub max_body_bytes: usize,
+    pub token: Option<Token>,
+    pub json_logs: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read pools file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("pools file {path} is not valid: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("pool {pool_id:?}: {reason}")]
+    Pool { pool_id: String, reason: String },
+    #[error("pool id {0:?} is used twice in the pools file")]
+    DuplicatePool(String),
+    #[error("engine port {port} of pool {pool_id:?} is already in use on 127.0.0.1")]
+    PortInUse { pool_id: String, port: u16 },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Auth(#[from] auth_min::AuthConfigError),
+}
+
+impl Config {
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_pools_file(path)?,
+            None => PoolsFile::default(),
+        };
+        let token = auth_min::load_token(args.api_token.as_deref(), args.api_token_file.as_deref())?;
+        auth_min::check_bind(
+            args.bind_addr,
+            token.as_ref(),
+            args.allow_unauthenticated_loopback,
+        )?;
+        let json_logs = match args.log_format.as_str() {
+            "json" => true,
+            "pretty" => false,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "log format {other:?} is not one of: pretty, json"
+                )))
+            }
+        };
+        let non_zero = |name: &str, v: u64| {
+            if v == 0 {
+                Err(ConfigError::Invalid(format!("{name} must be greater than 0")))
+            } else {
+                Ok(Duration::from_millis(v))
+            }
+        };
+        let pools = validate_pools(file.pools)?;
+        Ok(Config {
+            bind_addr: args.bind_addr,
+            runtime_dir: args.runtime_dir,
+            node_id: args.node_id.unwrap_or_else(host_name),
+            engine_binary: args.engine_binary.or(file.engine.binary),
+            pools,
+            handoff_rescan: non_zero(
+                "POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS",
+                args.handoff_watch_interval_ms,
+            )?,
+            auto_delete_handoff: args.auto_delete_handoff,
+            gpu_discovery_interval: Duration::from_millis(args.gpu_discovery_interval_ms),
+            health_interval: non_zero("POOL_MANAGERD_HEALTH_INTERVAL_MS", args.health_interval_ms)?,
+            max_probe_failures: args.max_probe_failures.max(1),
+            engine_start_timeout: non_zero(
+                "POOL_MANAGERD_ENGINE_START_TIMEOUT_MS",
+                args.engine_start_timeout_ms,
+            )?,
+            restart_backoff: non_zero("POOL_MANAGERD_RESTART_BACKOFF_MS", args.restart_backoff_ms)?,
+            restart_backoff_max: non_zero(
+                "POOL_MANAGERD_RESTART_BACKOFF_MAX_MS",
+                args.restart_backoff_max_ms,
+            )?,
+            shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
+            max_body_bytes: args.max_body_bytes.max(1024),
+            token,
+            json_logs,
+        })
+    }
+}
+
+fn read_pools_file(path: &Path) -> Result<PoolsFile, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: shown,
+        reason: e.to_string(),
+    })
+}
+
+fn validate_pools(sections: Vec<PoolSection>) -> Result<Vec<PoolSpec>, ConfigError> {
+    let mut seen = HashSet::new();
+    let mut ports = HashSet::new();
+    let mut specs = Vec::with_capacity(sections.len());
+    for p in sections {
+        let fail = |reason: String| ConfigError::Pool {
+            pool_id: p.id.clone(),
+            reason,
+        };
+        if !is_valid_pool_id(&p.id) {
+            return Err(fail(
+                "id must be 1-64 characters of A-Z a-z 0-9 . _ - (it names the handoff file)".into(),
+            ));
+        }
+        if !seen.insert(p.id.clone()) {
+            return Err(ConfigError::DuplicatePool(p.id));
+        }
+        if !p.model.is_file() {
+            return Err(fail(format!(
+                "model file {} does not exist (set `model` to the path of a GGUF file)",
+                p.model.display()
+            )));
+        }
+        if p.slots == 0 || p.slots > 256 {
+            return Err(fail("slots must be between 1 and 256".into()));
+        }
+        if p.ctx < 64 {
+            return Err(fail("ctx must be at least 64 tokens".into()));
+        }
+        if p.ctx / p.slots < 16 {
+            return Err(fail(format!(
+                "ctx {} shared by {} slots leaves under 16 tokens per slot",
+                p.ctx, p.slots
+            )));
+        }
+        if let Some(mask) = &p.device_mask {
+            let ok = !mask.is_empty()
+                && mask
+                    .split(',')
+                    .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            if !ok {
+                return Err(fail(format!(
+                    "device_mask {mask:?} must be a comma-separated list of GPU indices or UUIDs"
+                )));
+            }
+        }
+        if let Some(port) = p.port {
+            if port == 0 || !ports.insert(port) {
+                return Err(fail(format!("port {port} is zero or used by another pool")));
+            }
+            if TcpListener::bind(("127.0.0.1", port)).is_err() {
+                return Err(ConfigError::PortInUse {
+                    pool_id: p.id,
+                    port,
+                });
+            }
+        }
+        let model_id = match p.model_id {
+            Some(id) if !id.trim().is_empty() => id,
+            Some(_) => return Err(fail("model_id must not be empty".into())),
+            None => p
+                .model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| p.id.clone()),
+        };
+        specs.push(PoolSpec {
+            id: p.id,
+            model_path: p.model,
+            model_id,
+            device_mask: p.device_mask,
+            slots: p.slots,
+            ctx: p.ctx,
+            gpu_layers: p.gpu_layers,
+            port: p.port,
+            extra_args: p.args,
+        });
+    }
+    Ok(specs)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<Vec<PoolSpec>, ConfigError> {
+        let file: PoolsFile = toml::from_str(toml_text).map_err(|e| ConfigError::Parse {
+            path: "-".into(),
+            reason: e.to_string(),
+        })?;
+        validate_pools(file.pools)
+    }
+
+    #[test]
+    fn unknown_model_path_names_the_file() {
+        let err = parse("[[pools]]\nid='a'\nmodel='/nonexistent/m.gguf'\n").unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/m.gguf"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_pool_id_is_refused() {
+        let model = tempfile::NamedTempFile::new().unwrap();
+        let p = model.path().display();
+        let err = parse(&format!(
+            "[[pools]]\nid='a'\nmodel='{p}'\n[[pools]]\nid='a'\nmodel='{p}'\n"
+        ))
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::DuplicatePool(ref id) if id == "a"), "{err}");
+    }
+
+    #[test]
+    fn port_in_use_is_refused() {
+        let model = tempfile::NamedTempFile::new().unwrap();
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let err = parse(&format!(
+            "[[pools]]\nid='a'\nmodel='{}'\nport={port}\n",
+            model.path().display()
+        ))
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::PortInUse { .. }), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let model = tempfile::NamedTempFile::new().unwrap();
+        let p = model.path().display();
+        assert!(parse(&format!("[[pools]]\nid='a'\nmodel='{p}'\nslotz=2\n")).is_err());
+        assert!(parse(&format!("[[pools]]\nid='a'\nmodel='{p}'\nslots=0\n")).is_err());
+        assert!(parse(&format!("[[pools]]\nid='../x'\nmodel='{p}'\n")).is_err());
+        assert!(parse(&format!("[[pools]]\nid='a'\nmodel='{p}'\ndevice_mask='0;rm'\n")).is_err());
+        let ok = parse(&format!(
+            "[[pools]]\nid='a'\nmodel='{p}'\nslots=2\nctx=512\ndevice_mask='0,1'\n"
+        ))
+        .unwrap();
+        assert_eq!(ok[0].slots, 2);
+        assert_eq!(ok[0].device_mask.as_deref(), Some("0,1"));
+    }
+}

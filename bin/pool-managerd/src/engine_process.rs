@@ -1,0 +1,244 @@
+//! Engine processes: spawn `llama-server` on a loopback port in its own process group, log to
+//! a file, stop it (SIGTERM → grace → SIGKILL to the whole group), and clean up engines a
+//! previous run of the daemon left behind (pid records under `{runtime_dir}/engines/`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+
+use crate::config::PoolSpec;
+
+/// A running engine process. Dropping it kills the process (last resort; [`stop`] is the
+/// orderly way).
+pub struct EngineProcess {
+    pub child: Child,
+    pub pid: u32,
+    pub port: u16,
+    pub url: String,
+    pub model_path: PathBuf,
+    pub model_id: String,
+    record: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PidRecord {
+    pid: u32,
+    pool_id: String,
+    binary: String,
+}
+
+pub fn logs_dir(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("logs")
+}
+
+fn records_dir(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("engines")
+}
+
+/// A free loopback port (the kernel picks; the engine binds it right after).
+pub fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+pub struct SpawnRequest<'a> {
+    pub binary: &'a Path,
+    pub runtime_dir: &'a Path,
+    pub spec: &'a PoolSpec,
+    /// Model file and id to load (differs from `spec` during a reload).
+    pub model_path: &'a Path,
+    pub model_id: &'a str,
+    /// Suffix of the pid record, so a reload's second engine does not overwrite the first's.
+    pub instance: &'a str,
+}
+
+pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
+    let port = match req.spec.port {
+        Some(p) => p,
+        None => free_port()?,
+    };
+    let logs = logs_dir(req.runtime_dir);
+    std::fs::create_dir_all(&logs)?;
+    let log_path = logs.join(format!("{}.log", req.spec.id));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let log_err = log.try_clone()?;
+
+    let mut cmd = Command::new(req.binary);
+    cmd.arg("--model")
+        .arg(req.model_path)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--parallel", &req.spec.slots.to_string()])
+        .args(["--ctx-size", &req.spec.ctx.to_string()])
+        .args(["--n-gpu-layers", &req.spec.gpu_layers.to_string()])
+        .args(["--alias", req.model_id])
+        .arg("--metrics")
+        .args(&req.spec.extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .process_group(0)
+        .kill_on_drop(true);
+    match &req.spec.device_mask {
+        Some(mask) => cmd.env("CUDA_VISIBLE_DEVICES", mask),
+        None => cmd.env_remove("CUDA_VISIBLE_DEVICES"),
+    };
+    // The engine must never outlive the daemon, even when the daemon is SIGKILLed.
+    die_with_parent(&mut cmd);
+    let child = cmd.spawn()?;
+    let pid = child.id().unwrap_or(0);
+
+    let records = records_dir(req.runtime_dir);
+    std::fs::create_dir_all(&records)?;
+    let record = records.join(format!("{}{}.pid", req.spec.id, req.instance));
+    let body = serde_json::to_vec(&PidRecord {
+        pid,
+        pool_id: req.spec.id.clone(),
+        binary: req.binary.display().to_string(),
+    })
+    .map_err(std::io::Error::other)?;
+    std::fs::write(&record, body)?;
+
+    Ok(EngineProcess {
+        child,
+        pid,
+        port,
+        url: format!("http://127.0.0.1:{port}"),
+        model_path: req.model_path.to_path_buf(),
+        model_id: req.model_id.to_string(),
+        record,
+    })
+}
+
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
+    // is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[allow(unsafe_code)]
+fn signal_group(pid: u32, signal: libc::c_int) {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return;
+    }
+    // SAFETY: killpg(2) has no memory-safety preconditions; a stale pid only yields ESRCH.
+    unsafe {
+        libc::killpg(pid as libc::pid_t, signal);
+    }
+}
+
+impl EngineProcess {
+    /// Has the process exited? Returns a description of how, when it has.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(describe_exit(status)),
+            Ok(None) => None,
+            Err(e) => Some(format!("cannot wait for engine: {e}")),
+        }
+    }
+
+    /// Waits for the process to exit and describes how.
+    pub async fn wait_exit(&mut self) -> String {
+        match self.child.wait().await {
+            Ok(status) => describe_exit(status),
+            Err(e) => format!("cannot wait for engine: {e}"),
+        }
+    }
+
+    /// SIGTERM to the process group, wait up to `grace`, then SIGKILL. Removes the pid record.
+    pub async fn stop(mut self, grace: Duration) {
+        if self.exited().is_none() {
+            signal_group(self.pid, libc::SIGTERM);
+            if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+                tracing::warn!(pid = self.pid, grace_ms = grace.as_millis() as u64, "engine ignored SIGTERM; sending SIGKILL");
+                signal_group(self.pid, libc::SIGKILL);
+                let _ = self.child.wait().await;
+            }
+        }
+        // Any stragglers of the group (children the engine forked).
+        signal_group(self.pid, libc::SIGKILL);
+        let _ = std::fs::remove_file(&self.record);
+    }
+
+    /// Kills at once (a hung engine).
+    pub async fn kill(self) {
+        self.stop(Duration::ZERO).await;
+    }
+}
+
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("engine exited with status {code}"),
+        (None, Some(sig)) => format!("engine killed by signal {sig}"),
+        _ => "engine exited".into(),
+    }
+}
+
+/// Kills engines recorded by a previous run of the daemon that are still alive, and removes
+/// their records. Adoption is not attempted: a respawn is cheap and guarantees the engine runs
+/// with the current configuration. Returns the pids killed.
+pub async fn kill_orphans(runtime_dir: &Path, grace: Duration) -> Vec<u32> {
+    let dir = records_dir(runtime_dir);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(_) => return Vec::new(),
+    };
+    let mut killed = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let record: Option<PidRecord> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(r) = record {
+            if is_engine_process(r.pid, &r.binary) {
+                tracing::warn!(pid = r.pid, pool_id = %r.pool_id, "killing engine left behind by a previous run");
+                signal_group(r.pid, libc::SIGTERM);
+                let deadline = tokio::time::Instant::now() + grace;
+                while is_alive(r.pid) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                signal_group(r.pid, libc::SIGKILL);
+                killed.push(r.pid);
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    killed
+}
+
+fn is_alive(pid: u32) -> bool {
+    // A zombie still has /proc/<pid>; its state letter is Z.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// The pid is alive and runs the recorded binary (guards against pid reuse).
+fn is_engine_process(pid: u32, binary: &str) -> bool {
+    if !is_alive(pid) {
+        return false;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let argv0 = String::from_utf8_lossy(argv0);
+    let name = |p: &str| Path::new(p).file_name().map(|n| n.to_os_string());
+    argv0 == binary || (name(&argv0).is_some() && name(&argv0) == name(binary))
+}

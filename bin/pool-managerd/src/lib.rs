@@ -1,0 +1,181 @@
+//! pool-managerd: the GPU-node daemon (DESIGN §4). `run` wires config → state → tasks → HTTP,
+//! and owns every task it starts: one root cancellation token, one tracker, drain with a
+//! deadline.
+
+pub mod api;
+pub mod config;
+pub mod engine_binary;
+pub mod engine_process;
+pub mod gpu;
+pub mod handoff;
+pub mod handoff_watcher;
+pub mod metrics;
+pub mod proxy;
+pub mod state;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use llorch_core::Registry;
+use parking_lot::RwLock;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::state::Shared;
+
+/// Runs the daemon until `shutdown` resolves, then stops every engine and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let engine_binary = if config.pools.is_empty() {
+        engine_binary::find(config.engine_binary.as_deref()).ok()
+    } else {
+        Some(engine_binary::find(config.engine_binary.as_deref())?)
+    };
+    let engine_version = match &engine_binary {
+        Some(b) => engine_binary::version(b).await,
+        None => "unknown".into(),
+    };
+    std::fs::create_dir_all(&config.runtime_dir)
+        .with_context(|| format!("cannot create runtime dir {}", config.runtime_dir.display()))?;
+
+    let killed = engine_process::kill_orphans(&config.runtime_dir, config.shutdown_grace).await;
+    if !killed.is_empty() {
+        tracing::warn!(count = killed.len(), "killed engines left behind by a previous run");
+    }
+    // Handoff files of our pools point at engines that no longer exist.
+    for pool in &config.pools {
+        handoff::remove(&config.runtime_dir, &pool.id);
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.bind_addr)
+        .await
+        .with_context(|| format!("cannot bind {} (is another pool-managerd running?)", config.bind_addr))?;
+
+    let discovery = tokio::task::spawn_blocking(gpu::discover).await?;
+    match &discovery.reason {
+        None => tracing::info!(gpus = discovery.gpus.len(), "GPUs discovered through NVML"),
+        Some(reason) => tracing::info!(%reason, "no GPU discovered; this is a CPU-only node"),
+    }
+
+    let mut supervisors = HashMap::new();
+    let mut receivers = Vec::new();
+    for pool in &config.pools {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        supervisors.insert(pool.id.clone(), tx);
+        receivers.push((pool.clone(), rx));
+    }
+    let probe_http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()?;
+    let proxy_http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()?;
+    let shared = Arc::new(Shared {
+        engine_binary,
+        engine_version,
+        registry: RwLock::new(Registry::new()),
+        metrics: metrics::Metrics::new()?,
+        probe_http,
+        proxy_http,
+        gpus: RwLock::new(discovery),
+        supervisors,
+        config,
+    });
+
+    let root = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    for (spec, rx) in receivers {
+        let sup = supervisor::Supervisor::new(shared.clone(), spec, rx, root.child_token());
+        tasks.spawn(sup.run());
+    }
+    tasks.spawn(handoff_watcher::HandoffWatcher::new(shared.clone(), root.child_token()).run());
+    if !shared.config.gpu_discovery_interval.is_zero() && shared.gpus.read().mode == "nvml" {
+        tasks.spawn(refresh_gpus(shared.clone(), root.child_token()));
+    }
+
+    let token_fp = shared.config.token.as_ref().map(|t| t.fingerprint().to_string());
+    tracing::info!(
+        addr = %shared.config.bind_addr,
+        node_id = %shared.config.node_id,
+        pools = shared.config.pools.len(),
+        auth = token_fp.as_deref().unwrap_or("none (loopback only)"),
+        "pool-managerd listening"
+    );
+    let app = api::router(shared.clone());
+    let server_cancel = root.child_token();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(server_cancel.cancelled_owned())
+            .await
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down: stopping engines");
+    root.cancel();
+    tasks.close();
+    let grace = shared.config.shutdown_grace + Duration::from_secs(2);
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::error!("engines did not stop within the grace period");
+    }
+    // Open proxy streams end when their engines are gone; do not wait on them forever.
+    match tokio::time::timeout(Duration::from_secs(2), server).await {
+        Ok(Ok(Ok(()))) | Err(_) => {}
+        Ok(Ok(Err(error))) => tracing::error!(%error, "HTTP server failed"),
+        Ok(Err(error)) => tracing::error!(%error, "HTTP server task failed"),
+    }
+    tracing::info!("pool-managerd stopped");
+    Ok(())
+}
+
+async fn refresh_gpus(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.gpu_discovery_interval);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {
+                if let Ok(d) = tokio::task::spawn_blocking(gpu::discover).await {
+                    *shared.gpus.write() = d;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Logging: `tracing` to stderr, JSON lines or human-readable, filter from `RUST_LOG`.
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}

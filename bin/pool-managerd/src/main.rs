@@ -1,0 +1,23 @@
+//! pool-managerd binary: parse config, init logging, run until SIGTERM/SIGINT.
+
+use clap::Parser;
+use pool_managerd::config::{Args, Config};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let config = match Config::from_args(Args::parse()) {
+        Ok(c) => c,
+        Err(error) => {
+            eprintln!("pool-managerd: configuration error: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    pool_managerd::init_logging(config.json_logs);
+    match pool_managerd::run(config, pool_managerd::shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "pool-managerd failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

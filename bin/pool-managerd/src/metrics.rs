@@ -1,0 +1,119 @@
+//! Prometheus metrics of pool-managerd. Gauges are set from the registry at scrape time, so a
+//! scrape always agrees with `GET /v2/pools`; counters count real events only.
+
+use llorch_contracts::PoolStatus;
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub handoff_processed: IntCounterVec,
+    pub handoff_duration_ms: HistogramVec,
+    pub engine_restarts: IntCounterVec,
+    pub health_checks: IntCounterVec,
+    pub proxy_requests: IntCounterVec,
+    pool_ready: GaugeVec,
+    slots_total: GaugeVec,
+    slots_free: GaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let handoff_processed = IntCounterVec::new(
+            Opts::new(
+                "pool_handoff_files_processed_total",
+                "Handoff files processed, by outcome (registered, updated, retired, invalid, managed).",
+            ),
+            &["pool_id", "outcome"],
+        )?;
+        let handoff_duration_ms = HistogramVec::new(
+            HistogramOpts::new(
+                "pool_handoff_processing_duration_ms",
+                "Time from a handoff file event to its pool being registered and probed, in ms.",
+            )
+            .buckets(vec![
+                0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
+            ]),
+            &["pool_id"],
+        )?;
+        let engine_restarts = IntCounterVec::new(
+            Opts::new(
+                "pool_engine_restarts_total",
+                "Engine restarts after a crash, a failed start or a hung engine.",
+            ),
+            &["pool_id"],
+        )?;
+        let health_checks = IntCounterVec::new(
+            Opts::new(
+                "pool_health_checks_total",
+                "Engine health probes, by outcome (ok, fail).",
+            ),
+            &["pool_id", "outcome"],
+        )?;
+        let proxy_requests = IntCounterVec::new(
+            Opts::new(
+                "pool_proxy_requests_total",
+                "Requests through the engine proxy, by outcome (ok, engine_error, unavailable).",
+            ),
+            &["pool_id", "outcome"],
+        )?;
+        let pool_ready = GaugeVec::new(
+            Opts::new("pool_ready", "1 when the pool can take work."),
+            &["pool_id"],
+        )?;
+        let slots_total = GaugeVec::new(
+            Opts::new("pool_slots_total", "Slots (parallel sequences) of the pool's engine."),
+            &["pool_id"],
+        )?;
+        let slots_free = GaugeVec::new(
+            Opts::new("pool_slots_free", "Idle slots at the last health probe."),
+            &["pool_id"],
+        )?;
+        registry.register(Box::new(handoff_processed.clone()))?;
+        registry.register(Box::new(handoff_duration_ms.clone()))?;
+        registry.register(Box::new(engine_restarts.clone()))?;
+        registry.register(Box::new(health_checks.clone()))?;
+        registry.register(Box::new(proxy_requests.clone()))?;
+        registry.register(Box::new(pool_ready.clone()))?;
+        registry.register(Box::new(slots_total.clone()))?;
+        registry.register(Box::new(slots_free.clone()))?;
+        Ok(Self {
+            registry,
+            handoff_processed,
+            handoff_duration_ms,
+            engine_restarts,
+            health_checks,
+            proxy_requests,
+            pool_ready,
+            slots_total,
+            slots_free,
+        })
+    }
+
+    /// Renders the text exposition, with pool gauges taken from `pools`.
+    pub fn render(&self, pools: &[PoolStatus]) -> String {
+        self.pool_ready.reset();
+        self.slots_total.reset();
+        self.slots_free.reset();
+        for p in pools {
+            let id = p.pool_id.as_str();
+            self.pool_ready
+                .with_label_values(&[id])
+                .set(if p.ready { 1.0 } else { 0.0 });
+            self.slots_total
+                .with_label_values(&[id])
+                .set(f64::from(p.slots_total));
+            self.slots_free
+                .with_label_values(&[id])
+                .set(f64::from(p.slots_free));
+        }
+        let mut buf = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(%error, "metrics encoding failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}

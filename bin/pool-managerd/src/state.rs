@@ -1,0 +1,44 @@
+//! Shared state of the daemon: named fields, one `Arc`, handed to every task and handler.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use llorch_contracts::PoolStatus;
+use llorch_core::Registry;
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::gpu::Discovery;
+use crate::metrics::Metrics;
+use crate::supervisor::Command;
+
+pub struct Shared {
+    pub config: Config,
+    /// `None` when no pool is managed here (a node that only watches external engines).
+    pub engine_binary: Option<PathBuf>,
+    pub engine_version: String,
+    pub registry: RwLock<Registry>,
+    pub metrics: Metrics,
+    /// Short-timeout client for probes.
+    pub probe_http: reqwest::Client,
+    /// Client for the streaming engine proxy: no overall timeout, connect timeout only.
+    pub proxy_http: reqwest::Client,
+    pub gpus: RwLock<Discovery>,
+    /// Command channel of each managed pool's supervisor.
+    pub supervisors: HashMap<String, mpsc::Sender<Command>>,
+}
+
+impl Shared {
+    pub fn pools(&self) -> Vec<PoolStatus> {
+        self.registry.read().list()
+    }
+
+    pub fn pool(&self, pool_id: &str) -> Option<PoolStatus> {
+        self.registry.read().get(pool_id).cloned()
+    }
+
+    pub fn is_managed(&self, pool_id: &str) -> bool {
+        self.supervisors.contains_key(pool_id)
+    }
+}

@@ -1,0 +1,487 @@
+//! One supervisor task per managed pool: spawn the engine, wait for health, write the handoff
+//! file, probe periodically, restart on crash or hang with backoff, open the circuit to
+//! `failed`, drain and reload on command, and stop the engine when the daemon stops.
+//! Decisions come from `llorch_core::Supervision`; this module only does the IO.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use llamacpp_client::{EngineClient, Health};
+use llorch_contracts::{HandoffFile, HandoffModel, PoolState, PoolStatus, ProvisioningMode, HANDOFF_VERSION};
+use llorch_core::{FailureAction, Supervision, SupervisionPolicy};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PoolSpec;
+use crate::engine_process::{self, EngineProcess, SpawnRequest};
+use crate::handoff;
+use crate::state::Shared;
+
+pub enum Command {
+    Drain {
+        deadline: Duration,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Reload {
+        model_path: PathBuf,
+        reply: oneshot::Sender<Result<PoolStatus, String>>,
+    },
+}
+
+enum Next {
+    Start,
+    Watch(EngineProcess),
+    Failure(String),
+    Idle,
+    Exit,
+}
+
+enum StartError {
+    Cancelled,
+    Failed(String),
+}
+
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    spec: PoolSpec,
+    sup: Supervision,
+    commands: mpsc::Receiver<Command>,
+    cancel: CancellationToken,
+    url: Option<String>,
+    pid: Option<u32>,
+    slots_free: u32,
+    instance: u64,
+}
+
+impl Supervisor {
+    pub fn new(
+        shared: Arc<Shared>,
+        spec: PoolSpec,
+        commands: mpsc::Receiver<Command>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let c = &shared.config;
+        let policy = SupervisionPolicy {
+            backoff_base: c.restart_backoff,
+            backoff_max: c.restart_backoff_max,
+            max_probe_failures: c.max_probe_failures,
+            ..SupervisionPolicy::default()
+        };
+        Self {
+            sup: Supervision::new(policy),
+            shared,
+            spec,
+            commands,
+            cancel,
+            url: None,
+            pid: None,
+            slots_free: 0,
+            instance: 0,
+        }
+    }
+
+    pub async fn run(mut self) {
+        self.publish();
+        let mut next = Next::Start;
+        loop {
+            next = match next {
+                Next::Start => {
+                    self.sup.on_spawned();
+                    self.publish();
+                    let (path, id) = (self.spec.model_path.clone(), self.spec.model_id.clone());
+                    match self.start(&path, &id).await {
+                        Ok(engine) => {
+                            self.became_ready(&engine);
+                            Next::Watch(engine)
+                        }
+                        Err(StartError::Cancelled) => Next::Exit,
+                        Err(StartError::Failed(e)) => Next::Failure(e),
+                    }
+                }
+                Next::Watch(engine) => self.watch(engine).await,
+                Next::Failure(error) => self.failure(error).await,
+                Next::Idle => self.idle().await,
+                Next::Exit => break,
+            };
+        }
+        handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
+        self.sup.on_stopped();
+        self.url = None;
+        self.publish();
+        tracing::info!(pool_id = %self.spec.id, "pool supervisor stopped");
+    }
+
+    /// Spawns an engine for `model_path` and waits until it answers `/health`.
+    async fn start(&mut self, model_path: &Path, model_id: &str) -> Result<EngineProcess, StartError> {
+        let shared = self.shared.clone();
+        let Some(binary) = shared.engine_binary.as_deref() else {
+            return Err(StartError::Failed("no engine binary configured".into()));
+        };
+        self.instance += 1;
+        let instance = if self.instance % 2 == 0 { ".b" } else { ".a" };
+        let mut engine = engine_process::spawn(SpawnRequest {
+            binary,
+            runtime_dir: &shared.config.runtime_dir,
+            spec: &self.spec,
+            model_path,
+            model_id,
+            instance,
+        })
+        .map_err(|e| StartError::Failed(format!("cannot spawn {}: {e}", binary.display())))?;
+        tracing::info!(pool_id = %self.spec.id, pid = engine.pid, port = engine.port, model_id, "engine spawned");
+        let client = EngineClient::new(
+            shared.probe_http.clone(),
+            engine.url.clone(),
+            Duration::from_secs(2),
+        );
+        let deadline = Instant::now() + shared.config.engine_start_timeout;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    engine.stop(shared.config.shutdown_grace).await;
+                    return Err(StartError::Cancelled);
+                }
+                exit = engine.child.wait() => {
+                    let how = match exit {
+                        Ok(s) => engine_process::describe_exit(s),
+                        Err(e) => e.to_string(),
+                    };
+                    let detail = self.log_tail();
+                    engine.stop(Duration::ZERO).await;
+                    return Err(StartError::Failed(format!("{how} before becoming healthy{detail}")));
+                }
+                _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+            }
+            if let Ok(Health::Ok) = client.health().await {
+                return Ok(engine);
+            }
+            if Instant::now() >= deadline {
+                engine.kill().await;
+                return Err(StartError::Failed(format!(
+                    "engine did not become healthy within {} ms",
+                    shared.config.engine_start_timeout.as_millis()
+                )));
+            }
+        }
+    }
+
+    fn became_ready(&mut self, engine: &EngineProcess) {
+        self.sup.on_ready(Instant::now().into_std());
+        self.url = Some(engine.url.clone());
+        self.pid = Some(engine.pid);
+        self.slots_free = self.spec.slots;
+        let file = HandoffFile {
+            version: HANDOFF_VERSION,
+            engine: "llamacpp".into(),
+            engine_version: Some(self.shared.engine_version.clone()),
+            provisioning_mode: ProvisioningMode::Managed,
+            url: engine.url.clone(),
+            pool_id: self.spec.id.clone(),
+            replica_id: Some(format!("{}/{}", self.shared.config.node_id, self.spec.id)),
+            model: HandoffModel {
+                id: engine.model_id.clone(),
+                path: Some(engine.model_path.display().to_string()),
+            },
+            slots_total: self.spec.slots,
+            ctx_max: Some(self.spec.ctx / self.spec.slots),
+            device_mask: self.spec.device_mask.clone(),
+            pid: Some(engine.pid),
+            started_at_ms: Some(handoff::now_ms()),
+        };
+        if let Err(error) = handoff::write_atomic(&self.shared.config.runtime_dir, &file) {
+            tracing::error!(pool_id = %self.spec.id, %error, "cannot write handoff file");
+        }
+        self.publish();
+        tracing::info!(pool_id = %self.spec.id, url = %engine.url, restart_count = self.sup.restart_count(), "pool ready");
+    }
+
+    async fn watch(&mut self, mut engine: EngineProcess) -> Next {
+        let grace = self.shared.config.shutdown_grace;
+        let mut probe = tokio::time::interval(self.shared.config.health_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        probe.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    self.sup.on_drain();
+                    self.publish();
+                    engine.stop(grace).await;
+                    return Next::Exit;
+                }
+                exit = engine.child.wait() => {
+                    let how = match exit {
+                        Ok(s) => engine_process::describe_exit(s),
+                        Err(e) => e.to_string(),
+                    };
+                    engine.stop(Duration::ZERO).await;
+                    return Next::Failure(how);
+                }
+                _ = probe.tick() => {
+                    if let Err(error) = self.probe(&engine.url).await {
+                        if self.sup.on_probe_failed() {
+                            tracing::warn!(pool_id = %self.spec.id, %error, "engine hung; killing it");
+                            engine.kill().await;
+                            return Next::Failure(format!("engine hung: health probes failing ({error})"));
+                        }
+                    }
+                }
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Drain { deadline, reply }) => {
+                        self.sup.on_drain();
+                        handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
+                        self.publish();
+                        let _ = reply.send(Ok(()));
+                        return self.drain(engine, deadline).await;
+                    }
+                    Some(Command::Reload { model_path, reply }) => {
+                        engine = self.reload(engine, model_path, reply).await;
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    /// Health + slots probe of a running engine.
+    async fn probe(&mut self, url: &str) -> Result<(), String> {
+        let client = EngineClient::new(
+            self.shared.probe_http.clone(),
+            url,
+            self.shared.config.health_interval.min(Duration::from_secs(2)),
+        );
+        let m = &self.shared.metrics.health_checks;
+        match client.health().await {
+            Ok(Health::Ok) => {
+                m.with_label_values(&[&self.spec.id, "ok"]).inc();
+                self.sup.on_probe_ok(Instant::now().into_std());
+                if let Ok(slots) = client.slots().await {
+                    self.slots_free = slots.iter().filter(|s| !s.is_processing).count() as u32;
+                }
+                self.publish();
+                Ok(())
+            }
+            Ok(Health::Loading) => {
+                m.with_label_values(&[&self.spec.id, "fail"]).inc();
+                Err("engine reports it is loading".into())
+            }
+            Err(e) => {
+                m.with_label_values(&[&self.spec.id, "fail"]).inc();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn drain(&mut self, engine: EngineProcess, deadline: Duration) -> Next {
+        let client = EngineClient::new(self.shared.probe_http.clone(), engine.url.clone(), Duration::from_secs(1));
+        let until = Instant::now() + deadline;
+        tracing::info!(pool_id = %self.spec.id, deadline_ms = deadline.as_millis() as u64, "draining pool");
+        loop {
+            let busy = match client.slots().await {
+                Ok(slots) => slots.iter().filter(|s| s.is_processing).count(),
+                Err(_) => 0,
+            };
+            if busy == 0 || Instant::now() >= until {
+                if busy > 0 {
+                    tracing::warn!(pool_id = %self.spec.id, busy, "drain deadline reached with requests in flight");
+                }
+                break;
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        engine.stop(self.shared.config.shutdown_grace).await;
+        self.sup.on_stopped();
+        self.url = None;
+        self.pid = None;
+        self.publish();
+        if self.cancel.is_cancelled() {
+            Next::Exit
+        } else {
+            Next::Idle
+        }
+    }
+
+    /// Starts the new model beside the old one; switches only when it is healthy, otherwise
+    /// keeps the old engine (rollback).
+    async fn reload(
+        &mut self,
+        old: EngineProcess,
+        model_path: PathBuf,
+        reply: oneshot::Sender<Result<PoolStatus, String>>,
+    ) -> EngineProcess {
+        let model_id = model_id_of(&model_path, &self.spec.model_id);
+        tracing::info!(pool_id = %self.spec.id, model = %model_path.display(), "reloading pool");
+        match self.start(&model_path, &model_id).await {
+            Ok(new) => {
+                self.spec.model_path = model_path;
+                self.spec.model_id = model_id;
+                self.became_ready(&new);
+                old.stop(self.shared.config.shutdown_grace).await;
+                let _ = reply.send(Ok(self.status()));
+                new
+            }
+            Err(StartError::Cancelled) => {
+                let _ = reply.send(Err("daemon is shutting down".into()));
+                old
+            }
+            Err(StartError::Failed(error)) => {
+                tracing::warn!(pool_id = %self.spec.id, %error, "reload failed; kept the previous model");
+                self.sup.note_error(format!("reload failed, rolled back: {error}"));
+                self.publish();
+                let _ = reply.send(Err(error));
+                old
+            }
+        }
+    }
+
+    async fn failure(&mut self, error: String) -> Next {
+        handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
+        self.url = None;
+        self.pid = None;
+        let jitter: f64 = rand::random();
+        let action = self.sup.on_failure(Instant::now().into_std(), error.clone(), jitter);
+        self.publish();
+        match action {
+            FailureAction::RestartAfter(delay) => {
+                self.shared.metrics.engine_restarts.with_label_values(&[&self.spec.id]).inc();
+                tracing::warn!(pool_id = %self.spec.id, %error, restart_count = self.sup.restart_count(), delay_ms = delay.as_millis() as u64, "engine failed; restarting");
+                let wake = tokio::time::sleep(delay);
+                tokio::pin!(wake);
+                loop {
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return Next::Exit,
+                        _ = &mut wake => return Next::Start,
+                        cmd = self.commands.recv() => match cmd {
+                            Some(Command::Reload { model_path, reply }) => return self.reload_from_idle(model_path, reply).await,
+                            Some(Command::Drain { reply, .. }) => {
+                                self.sup.on_stopped();
+                                self.publish();
+                                let _ = reply.send(Ok(()));
+                                return Next::Idle;
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            }
+            FailureAction::GiveUp => {
+                tracing::error!(pool_id = %self.spec.id, %error, "engine keeps failing; circuit open, pool failed (reload to retry)");
+                Next::Idle
+            }
+            FailureAction::Stop => Next::Idle,
+        }
+    }
+
+    /// `failed` or `stopped`: wait for an operator's reload (or shutdown).
+    async fn idle(&mut self) -> Next {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Next::Exit,
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Reload { model_path, reply }) => {
+                        let next = self.reload_from_idle(model_path, reply).await;
+                        if !matches!(next, Next::Idle) {
+                            return next;
+                        }
+                    }
+                    Some(Command::Drain { reply, .. }) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    async fn reload_from_idle(
+        &mut self,
+        model_path: PathBuf,
+        reply: oneshot::Sender<Result<PoolStatus, String>>,
+    ) -> Next {
+        let model_id = model_id_of(&model_path, &self.spec.model_id);
+        self.sup.on_reload();
+        self.publish();
+        match self.start(&model_path, &model_id).await {
+            Ok(engine) => {
+                self.spec.model_path = model_path;
+                self.spec.model_id = model_id;
+                self.became_ready(&engine);
+                let _ = reply.send(Ok(self.status()));
+                Next::Watch(engine)
+            }
+            Err(StartError::Cancelled) => {
+                let _ = reply.send(Err("daemon is shutting down".into()));
+                Next::Exit
+            }
+            Err(StartError::Failed(error)) => {
+                let _ = reply.send(Err(error.clone()));
+                Next::Failure(error)
+            }
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let path = engine_process::logs_dir(&self.shared.config.runtime_dir).join(format!("{}.log", self.spec.id));
+        let text = std::fs::read(&path).unwrap_or_default();
+        let start = text.len().saturating_sub(4096);
+        let tail = String::from_utf8_lossy(&text[start..]);
+        let last = tail
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("");
+        if last.is_empty() {
+            String::new()
+        } else {
+            let short: String = last.chars().take(240).collect();
+            format!(" (last log line: {short}; log {})", path.display())
+        }
+    }
+
+    fn status(&self) -> PoolStatus {
+        let gpus = self.shared.gpus.read();
+        let vram = crate::gpu::vram_for_mask(&gpus.gpus, self.spec.device_mask.as_deref());
+        let state = self.sup.state();
+        PoolStatus {
+            pool_id: self.spec.id.clone(),
+            node_id: self.shared.config.node_id.clone(),
+            state,
+            live: self.url.is_some(),
+            ready: false,
+            draining: false,
+            slots_total: self.spec.slots,
+            slots_free: self.slots_free,
+            engine: "llamacpp".into(),
+            engine_version: Some(self.shared.engine_version.clone()),
+            model_id: self.spec.model_id.clone(),
+            device_mask: self.spec.device_mask.clone(),
+            ctx_max: Some(self.spec.ctx / self.spec.slots),
+            vram_total_bytes: vram.map(|v| v.0),
+            vram_free_bytes: vram.map(|v| v.1),
+            restart_count: self.sup.restart_count(),
+            last_error: self.sup.last_error().map(str::to_string),
+            provisioning_mode: ProvisioningMode::Managed,
+            url: self.url.clone(),
+        }
+    }
+
+    fn publish(&self) {
+        let status = self.status();
+        if status.state == PoolState::Failed {
+            tracing::debug!(pool_id = %status.pool_id, "pool failed");
+        }
+        self.shared.registry.write().upsert(status);
+    }
+}
+
+fn model_id_of(path: &Path, fallback: &str) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| fallback.to_string())
+}

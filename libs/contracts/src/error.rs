@@ -1,0 +1,171 @@
+//! The one error envelope (DESIGN §3) and the one place that maps a code to an HTTP status.
+
+use serde::{Deserialize, Serialize};
+
+/// Every error code either daemon can answer with, over HTTP or inside an SSE stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    InvalidParams,
+    Unauthorized,
+    NotFound,
+    Conflict,
+    PayloadTooLarge,
+    AdmissionReject,
+    QueueFullDropLru,
+    ModelNotAvailable,
+    PoolUnavailable,
+    PoolUnready,
+    DeadlineUnmet,
+    Internal,
+    /// In-stream only: the engine died after the first token.
+    WorkerReset,
+    /// In-stream only: the engine stream stalled.
+    DecodeTimeout,
+    /// In-stream only: the task was cancelled.
+    Cancelled,
+}
+
+impl ErrorCode {
+    /// HTTP status for this code. In-stream codes map to the status a non-streaming answer
+    /// would carry.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidParams => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Conflict => 409,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru => 429,
+            ErrorCode::ModelNotAvailable | ErrorCode::PoolUnavailable | ErrorCode::PoolUnready => {
+                503
+            }
+            ErrorCode::DeadlineUnmet | ErrorCode::DecodeTimeout => 504,
+            ErrorCode::Internal => 500,
+            ErrorCode::WorkerReset => 502,
+            ErrorCode::Cancelled => 499,
+        }
+    }
+
+    /// Whether a client may retry the same request later.
+    pub fn retriable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::AdmissionReject
+                | ErrorCode::QueueFullDropLru
+                | ErrorCode::ModelNotAvailable
+                | ErrorCode::PoolUnavailable
+                | ErrorCode::PoolUnready
+                | ErrorCode::WorkerReset
+                | ErrorCode::DecodeTimeout
+                | ErrorCode::Internal
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidParams => "INVALID_PARAMS",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::AdmissionReject => "ADMISSION_REJECT",
+            ErrorCode::QueueFullDropLru => "QUEUE_FULL_DROP_LRU",
+            ErrorCode::ModelNotAvailable => "MODEL_NOT_AVAILABLE",
+            ErrorCode::PoolUnavailable => "POOL_UNAVAILABLE",
+            ErrorCode::PoolUnready => "POOL_UNREADY",
+            ErrorCode::DeadlineUnmet => "DEADLINE_UNMET",
+            ErrorCode::Internal => "INTERNAL",
+            ErrorCode::WorkerReset => "WORKER_RESET",
+            ErrorCode::DecodeTimeout => "DECODE_TIMEOUT",
+            ErrorCode::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `{code, message, retriable, retry_after_ms?, policy_label?, engine?}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorEnvelope {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retriable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+}
+
+impl ErrorEnvelope {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retriable: code.retriable(),
+            retry_after_ms: None,
+            policy_label: None,
+            engine: None,
+        }
+    }
+
+    pub fn with_retry_after_ms(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
+    }
+
+    pub fn with_policy_label(mut self, label: impl Into<String>) -> Self {
+        self.policy_label = Some(label.into());
+        self
+    }
+
+    pub fn with_engine(mut self, engine: impl Into<String>) -> Self {
+        self.engine = Some(engine.into());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_serialises_codes_in_screaming_snake_case_and_omits_empty_options() {
+        let json = serde_json::to_value(ErrorEnvelope::new(ErrorCode::QueueFullDropLru, "full"))
+            .unwrap_or_default();
+        assert_eq!(json["code"], "QUEUE_FULL_DROP_LRU");
+        assert_eq!(json["retriable"], true);
+        assert!(json.get("retry_after_ms").is_none());
+    }
+
+    #[test]
+    fn as_str_matches_serde_name_for_every_code() {
+        use ErrorCode::*;
+        for code in [
+            InvalidParams,
+            Unauthorized,
+            NotFound,
+            Conflict,
+            PayloadTooLarge,
+            AdmissionReject,
+            QueueFullDropLru,
+            ModelNotAvailable,
+            PoolUnavailable,
+            PoolUnready,
+            DeadlineUnmet,
+            Internal,
+            WorkerReset,
+            DecodeTimeout,
+            Cancelled,
+        ] {
+            let json = serde_json::to_value(code).unwrap_or_default();
+            assert_eq!(json, code.as_str());
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Wire types of llama-orch. Serde only: no IO, no logic beyond (de)serialisation and the one
+//! table that maps an error code to its HTTP status.
+
+pub mod error;
+pub mod handoff;
+pub mod nodes;
+pub mod pools;
+pub mod tasks;
+
+pub use error::{ErrorCode, ErrorEnvelope};
+pub use handoff::{HandoffFile, HandoffModel, ProvisioningMode, HANDOFF_VERSION};
+pub use pools::{DrainRequest, GpuInfo, PoolState, PoolStatus, PoolsResponse, ReloadRequest};

@@ -1,0 +1,145 @@
+//! A small client for the llama-server endpoints llama-orch uses (DESIGN §7).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine unreachable: {0}")]
+    Unreachable(String),
+    #[error("engine timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("engine answered HTTP {0}")]
+    Status(u16),
+    #[error("engine answered an unexpected body: {0}")]
+    Body(String),
+}
+
+/// What `GET /health` said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// 503 while the model loads.
+    Loading,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Slot {
+    pub id: u32,
+    #[serde(default)]
+    pub is_processing: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Props {
+    #[serde(default)]
+    pub total_slots: Option<u32>,
+    #[serde(default)]
+    pub build_info: Option<String>,
+    #[serde(default)]
+    pub model_path: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct EngineClient {
+    http: reqwest::Client,
+    base: String,
+    timeout: Duration,
+}
+
+impl EngineClient {
+    /// `base` like `http://127.0.0.1:41234`; `timeout` bounds each probe request.
+    pub fn new(http: reqwest::Client, base: impl Into<String>, timeout: Duration) -> Self {
+        let base = base.into().trim_end_matches('/').to_string();
+        Self {
+            http,
+            base,
+            timeout,
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    async fn get(&self, path: &str) -> Result<reqwest::Response, EngineError> {
+        self.http
+            .get(format!("{}{}", self.base, path))
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| classify(e, self.timeout))
+    }
+
+    pub async fn health(&self) -> Result<Health, EngineError> {
+        let resp = self.get("/health").await?;
+        match resp.status().as_u16() {
+            200 => Ok(Health::Ok),
+            503 => Ok(Health::Loading),
+            s => Err(EngineError::Status(s)),
+        }
+    }
+
+    pub async fn slots(&self) -> Result<Vec<Slot>, EngineError> {
+        let resp = self.get("/slots").await?;
+        if !resp.status().is_success() {
+            return Err(EngineError::Status(resp.status().as_u16()));
+        }
+        resp.json::<Vec<Slot>>()
+            .await
+            .map_err(|e| EngineError::Body(e.to_string()))
+    }
+
+    pub async fn props(&self) -> Result<Props, EngineError> {
+        let resp = self.get("/props").await?;
+        if !resp.status().is_success() {
+            return Err(EngineError::Status(resp.status().as_u16()));
+        }
+        resp.json::<Props>()
+            .await
+            .map_err(|e| EngineError::Body(e.to_string()))
+    }
+}
+
+fn classify(e: reqwest::Error, timeout: Duration) -> EngineError {
+    if e.is_timeout() {
+        EngineError::Timeout(timeout)
+    } else {
+        EngineError::Unreachable(without_url(&e))
+    }
+}
+
+/// reqwest errors print the URL; keep only the cause chain (URLs are loopback, but the message
+/// reads better without them and never carries query strings into logs).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut msg = String::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    if msg.is_empty() {
+        msg = e.to_string();
+    }
+    msg
+}
+
+/// True for the failure DESIGN §7 describes: llama-server closed a pooled keep-alive connection
+/// and the request never got an answer. Safe to retry once on a fresh connection.
+pub fn is_retryable_connection_error(e: &reqwest::Error) -> bool {
+    if e.is_connect() {
+        return true;
+    }
+    if !e.is_request() {
+        return false;
+    }
+    let text = without_url(e).to_ascii_lowercase();
+    text.contains("connection closed")
+        || text.contains("connection reset")
+        || text.contains("broken pipe")
+        || text.contains("incomplete message")
+}
