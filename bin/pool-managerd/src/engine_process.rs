@@ -134,9 +134,23 @@ fn signal_group(pid: u32, signal: libc::c_int) {
     if pid == 0 || pid > i32::MAX as u32 {
         return;
     }
-    // SAFETY: killpg(2) has no memory-safety preconditions; a stale pid only yields ESRCH.
+    // SAFETY: killpg(2) has no memory-safety preconditions; a stale group only yields ESRCH.
     unsafe {
         libc::killpg(pid as libc::pid_t, signal);
+    }
+}
+
+/// The process and its group: for a recorded engine that may not lead its own group. Only
+/// called after `is_engine_process` confirmed the pid still runs the engine binary.
+#[allow(unsafe_code)]
+fn signal_process_and_group(pid: u32, signal: libc::c_int) {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return;
+    }
+    signal_group(pid, signal);
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
     }
 }
 
@@ -206,12 +220,14 @@ pub async fn kill_orphans(runtime_dir: &Path, grace: Duration) -> Vec<u32> {
         if let Some(r) = record {
             if is_engine_process(r.pid, &r.binary) {
                 tracing::warn!(pid = r.pid, pool_id = %r.pool_id, "killing engine left behind by a previous run");
-                signal_group(r.pid, libc::SIGTERM);
+                signal_process_and_group(r.pid, libc::SIGTERM);
                 let deadline = tokio::time::Instant::now() + grace;
                 while is_alive(r.pid) && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                signal_group(r.pid, libc::SIGKILL);
+                if is_alive(r.pid) {
+                    signal_process_and_group(r.pid, libc::SIGKILL);
+                }
                 killed.push(r.pid);
             }
         }

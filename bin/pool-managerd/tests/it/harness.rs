@@ -1,0 +1,307 @@
+//! Test harness: the real pool-managerd binary, a real llama-server and the tiny model.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use llorch_contracts::{PoolState, PoolStatus, PoolsResponse};
+use tokio::process::{Child, Command};
+
+pub const TOKEN: &str = "test-token-5f1c9a7e2b8d4c60a3e1";
+
+/// The llama-server the tests run: `LLORCH_ENGINE_BINARY`, else the project cache (`make engine`).
+pub fn engine_binary() -> PathBuf {
+    let configured = std::env::var_os("LLORCH_ENGINE_BINARY").map(PathBuf::from);
+    match pool_managerd::engine_binary::find(configured.as_deref()) {
+        Ok(p) => p,
+        Err(e) => panic!("these tests need the real llama-server: {e}"),
+    }
+}
+
+/// The tiny model, generated once per test process by the project's own writer.
+pub fn tiny_model() -> PathBuf {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("llorch-it-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("tiny.gguf");
+            let bytes = tiny_gguf::build(&tiny_gguf::TinyModel::with_seed(tiny_gguf::DEFAULT_SEED));
+            std::fs::write(&path, bytes).unwrap();
+            path
+        })
+        .clone()
+}
+
+/// A second model file (other seed), for reloads.
+pub fn other_model(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny-other.gguf");
+    std::fs::write(&path, tiny_gguf::build(&tiny_gguf::TinyModel::with_seed(42))).unwrap();
+    path
+}
+
+/// A file llama-server cannot load: it exits at start.
+pub fn broken_model(dir: &Path) -> PathBuf {
+    let path = dir.join("broken.gguf");
+    std::fs::write(&path, b"GGUF this is not a model").unwrap();
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn pool_toml(id: &str, model: &Path, slots: u32, ctx: u32) -> String {
+    format!(
+        "[[pools]]\nid = \"{id}\"\nmodel = \"{}\"\nmodel_id = \"tiny\"\nslots = {slots}\nctx = {ctx}\nargs = [\"--threads\", \"1\"]\n",
+        model.display()
+    )
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub base: String,
+    /// Owns the temporary home; removed when the daemon handle drops.
+    _dir: tempfile::TempDir,
+    pub runtime_dir: PathBuf,
+    pub log_path: PathBuf,
+    pub http: reqwest::Client,
+}
+
+pub struct DaemonOptions {
+    pub pools_toml: String,
+    pub token: Option<&'static str>,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        Self {
+            pools_toml: String::new(),
+            token: Some(TOKEN),
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+impl Daemon {
+    pub async fn start(opts: DaemonOptions) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, opts).await
+    }
+
+    /// Starts the daemon with `dir` as its home (runtime dir `dir/run`).
+    pub async fn start_in(dir: tempfile::TempDir, opts: DaemonOptions) -> Daemon {
+        let runtime_dir = dir.path().join("run");
+        let config = dir.path().join("pools.toml");
+        std::fs::write(&config, &opts.pools_toml).unwrap();
+        let port = free_port();
+        let log_path = dir.path().join(format!("daemon-{port}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pool-managerd"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+            .env("RUST_LOG", "info,pool_managerd=debug")
+            .env("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("POOL_MANAGERD_CONFIG", &config)
+            .env("POOL_MANAGERD_RUNTIME_DIR", &runtime_dir)
+            .env("POOL_MANAGERD_NODE_ID", "test-node")
+            .env("POOL_MANAGERD_ENGINE_BINARY", engine_binary())
+            .env("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200")
+            .env("POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS", "500")
+            .env("POOL_MANAGERD_RESTART_BACKOFF_MS", "200")
+            .env("POOL_MANAGERD_RESTART_BACKOFF_MAX_MS", "2000")
+            .env("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "3000")
+            .env("POOL_MANAGERD_ENGINE_START_TIMEOUT_MS", "30000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        match opts.token {
+            Some(t) => cmd.env("LLORCH_API_TOKEN", t),
+            None => cmd.env("POOL_MANAGERD_ALLOW_UNAUTHENTICATED_LOOPBACK", "true"),
+        };
+        for (k, v) in &opts.extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = opts.token {
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap();
+        let mut d = Daemon {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+            runtime_dir,
+            log_path,
+            http,
+        };
+        let base = d.base.clone();
+        let probe = reqwest::Client::new();
+        wait_for("pool-managerd /health", Duration::from_secs(20), || {
+            let probe = probe.clone();
+            let url = format!("{base}/health");
+            async move { probe.get(url).send().await.ok().filter(|r| r.status() == 200) }
+        })
+        .await;
+        assert!(d.child.try_wait().unwrap().is_none(), "daemon exited: {}", d.log());
+        d
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap()
+    }
+
+    pub async fn pools(&self) -> PoolsResponse {
+        self.http
+            .get(format!("{}/v2/pools", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn status(&self, id: &str) -> Option<PoolStatus> {
+        let r = self
+            .http
+            .get(format!("{}/v2/pools/{id}/status", self.base))
+            .send()
+            .await
+            .ok()?;
+        if r.status() != 200 {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    /// Waits until the pool's status satisfies `pred`.
+    pub async fn wait_pool(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&PoolStatus) -> bool,
+    ) -> PoolStatus {
+        let pred = &pred;
+        wait_for(&format!("pool {id} {what}"), timeout, || async move {
+            self.status(id).await.filter(|s| pred(s))
+        })
+        .await
+    }
+
+    pub async fn wait_ready(&self, id: &str) -> PoolStatus {
+        self.wait_pool(id, "ready", Duration::from_secs(30), |s| {
+            s.state == PoolState::Ready && s.ready
+        })
+        .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+}
+
+/// Polls `f` every 20 ms until it yields `Some`, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True while a process with this pid exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Value of a metric sample line `name{labels} value`, if present.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A llama-server started by the test itself (an "external provisioner").
+pub struct ExternalEngine {
+    pub child: Child,
+    pub url: String,
+}
+
+impl ExternalEngine {
+    pub async fn start(model: &Path, slots: u32) -> ExternalEngine {
+        let port = free_port();
+        let child = Command::new(engine_binary())
+            .args(["--model", &model.display().to_string()])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--parallel", &slots.to_string(), "--ctx-size", "1024", "--threads", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let probe = reqwest::Client::new();
+        let health = format!("{url}/health");
+        wait_for("external llama-server health", Duration::from_secs(30), || {
+            let probe = probe.clone();
+            let health = health.clone();
+            async move { probe.get(health).send().await.ok().filter(|r| r.status() == 200) }
+        })
+        .await;
+        ExternalEngine { child, url }
+    }
+}

@@ -1,0 +1,115 @@
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::harness::*;
+
+/// Reads SSE `data:` payloads from a streaming completion response.
+fn data_lines(buf: &mut String) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    while let Some(pos) = buf.find("\n\n") {
+        let frame: String = buf.drain(..pos + 2).collect();
+        for line in frame.lines() {
+            if let Some(json) = line.strip_prefix("data: ") {
+                if let Ok(v) = serde_json::from_str(json) {
+                    out.push(v);
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn busy_slots(engine_url: &str) -> usize {
+    let slots: Vec<serde_json::Value> = reqwest::get(format!("{engine_url}/slots"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    slots.iter().filter(|s| s["is_processing"] == true).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_completion_through_proxy_arrives_while_engine_still_generating() {
+    let d = Daemon::start(DaemonOptions {
+        pools_toml: pool_toml("stream", &tiny_model(), 1, 4096),
+        ..Default::default()
+    })
+    .await;
+    let status = d.wait_ready("stream").await;
+    let engine_url = status.url.unwrap();
+    let resp = d
+        .http
+        .post(format!("{}/v2/pools/stream/engine/completion", d.base))
+        .json(&serde_json::json!({
+            "prompt": "the river", "n_predict": 3000, "ignore_eos": true, "stream": true
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut chunks = Vec::new();
+    let mut busy_at_first_token = None;
+    while let Some(piece) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&piece.unwrap()));
+        for v in data_lines(&mut buf) {
+            if busy_at_first_token.is_none() {
+                // The first token is here: the engine must still be generating the rest.
+                busy_at_first_token = Some(busy_slots(&engine_url).await);
+            }
+            chunks.push(v);
+        }
+    }
+    assert_eq!(busy_at_first_token, Some(1), "first token arrived only after generation ended");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["stop"], true);
+    assert_eq!(last["tokens_predicted"], 3000);
+    assert!(chunks.len() > 100, "only {} chunks: the answer was buffered", chunks.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_aborts_the_upstream_generation() {
+    let d = Daemon::start(DaemonOptions {
+        pools_toml: pool_toml("abort", &tiny_model(), 1, 8192),
+        ..Default::default()
+    })
+    .await;
+    let engine_url = d.wait_ready("abort").await.url.unwrap();
+    let resp = d
+        .http
+        .post(format!("{}/v2/pools/abort/engine/completion", d.base))
+        .json(&serde_json::json!({
+            "prompt": "the", "n_predict": 8000, "ignore_eos": true, "stream": true
+        }))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    assert_eq!(busy_slots(&engine_url).await, 1);
+    drop(body);
+    wait_for("engine slot to go idle after client disconnect", Duration::from_secs(3), || {
+        let url = engine_url.clone();
+        async move { (busy_slots(&url).await == 0).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_to_unknown_pool_is_404_envelope() {
+    let d = Daemon::start(DaemonOptions::default()).await;
+    let r = d
+        .http
+        .post(format!("{}/v2/pools/nope/engine/completion", d.base))
+        .json(&serde_json::json!({"prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.headers().contains_key("x-correlation-id"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "NOT_FOUND");
+}
