@@ -10,7 +10,11 @@ LINK="$CACHE/bin/llama-server"
 
 say() { printf '[install-engine] %s\n' "$*" >&2; }
 
-engine_ok() { [ -x "$LINK" ] && "$LINK" --version >/dev/null 2>&1; }
+engine_ok() {
+  [ -x "$LINK" ] || return 1
+  case "$(readlink -f "$LINK")" in "$PREFIX"/*) ;; *) return 1 ;; esac
+  "$LINK" --version >/dev/null 2>&1
+}
 
 if engine_ok; then
   say "llama-server $VERSION already installed: $LINK"

@@ -36,8 +36,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, Json(&self.0)).into_response();
         if let Some(ms) = self.0.retry_after_ms {
             let secs = ms.div_ceil(1000).max(1);
@@ -85,7 +85,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/pools/{id}/status", get(pool_status))
         .route("/v2/pools/{id}/drain", post(drain))
         .route("/v2/pools/{id}/reload", post(reload))
-        .route("/v2/pools/{id}/engine/{*path}", any(crate::proxy::engine_proxy))
+        .route(
+            "/v2/pools/{id}/engine/{*path}",
+            any(crate::proxy::engine_proxy),
+        )
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -93,7 +96,9 @@ pub fn router(state: AppState) -> Router {
         .merge(authed)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.config.max_body_bytes,
+        ))
         .layer(middleware::from_fn(correlation_id))
         .with_state(state)
 }
@@ -117,7 +122,10 @@ async fn correlation_id(mut req: Request, next: Next) -> Response {
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(token) = &state.config.token {
-        let header = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
         if let Err(reason) = auth_min::authorize(header, token) {
             tracing::warn!(%reason, path = %req.uri().path(), "request refused");
             return ApiError::new(ErrorCode::Unauthorized, reason.to_string()).into_response();
@@ -141,7 +149,10 @@ async fn method_not_allowed() -> ApiError {
 async fn metrics(State(state): State<AppState>) -> Response {
     let body = state.metrics.render(&state.pools());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         body,
     )
         .into_response()
@@ -161,7 +172,10 @@ fn unknown_pool(id: &str) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("no pool {id:?} on this node"))
 }
 
-async fn pool_status(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn pool_status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let status = state.pool(&id).ok_or_else(|| unknown_pool(&id))?;
     Ok(Json(status).into_response())
 }
@@ -171,7 +185,9 @@ fn supervisor(state: &Shared, id: &str) -> Result<tokio::sync::mpsc::Sender<Comm
         Some(tx) => Ok(tx.clone()),
         None if state.pool(id).is_some() => Err(ApiError::new(
             ErrorCode::Conflict,
-            format!("pool {id:?} is provisioned externally; drain or reload it where it was started"),
+            format!(
+                "pool {id:?} is provisioned externally; drain or reload it where it was started"
+            ),
         )),
         None => Err(unknown_pool(id)),
     }
@@ -184,9 +200,12 @@ async fn drain(
 ) -> Result<Response, ApiError> {
     let tx = supervisor(&state, &id)?;
     let (reply, rx) = oneshot::channel();
-    tx.send(Command::Drain { deadline: Duration::from_millis(req.deadline_ms), reply })
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::PoolUnavailable, "pool supervisor has stopped"))?;
+    tx.send(Command::Drain {
+        deadline: Duration::from_millis(req.deadline_ms),
+        reply,
+    })
+    .await
+    .map_err(|_| ApiError::new(ErrorCode::PoolUnavailable, "pool supervisor has stopped"))?;
     let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
     let status = state.pool(&id).ok_or_else(|| unknown_pool(&id))?;
     Ok((StatusCode::ACCEPTED, Json(status)).into_response())
@@ -201,14 +220,20 @@ async fn reload(
     if !path.is_file() {
         return Err(ApiError::new(
             ErrorCode::InvalidParams,
-            format!("new_model_ref {:?} is not a model file on this node", req.new_model_ref),
+            format!(
+                "new_model_ref {:?} is not a model file on this node",
+                req.new_model_ref
+            ),
         ));
     }
     let tx = supervisor(&state, &id)?;
     let (reply, rx) = oneshot::channel();
-    tx.send(Command::Reload { model_path: path, reply })
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::PoolUnavailable, "pool supervisor has stopped"))?;
+    tx.send(Command::Reload {
+        model_path: path,
+        reply,
+    })
+    .await
+    .map_err(|_| ApiError::new(ErrorCode::PoolUnavailable, "pool supervisor has stopped"))?;
     let wait = state.config.engine_start_timeout + Duration::from_secs(30);
     match tokio::time::timeout(wait, rx).await {
         Ok(Ok(Ok(status))) => Ok(Json(status).into_response()),
@@ -217,7 +242,10 @@ async fn reload(
             format!("reload failed; the previous model keeps serving: {error}"),
         )
         .into_retry_after(5000)),
-        _ => Err(ApiError::new(ErrorCode::Internal, "reload did not finish in time")),
+        _ => Err(ApiError::new(
+            ErrorCode::Internal,
+            "reload did not finish in time",
+        )),
     }
 }
 

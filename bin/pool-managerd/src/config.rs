@@ -17,7 +17,11 @@ use serde::Deserialize;
 #[command(name = "pool-managerd", version, about = "llama-orch GPU-node daemon")]
 pub struct Args {
     /// Address of the HTTP API (status, control, engine proxy, metrics).
-    #[arg(long, env = "POOL_MANAGERD_BIND_ADDR", default_value = "127.0.0.1:9200")]
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_BIND_ADDR",
+        default_value = "127.0.0.1:9200"
+    )]
     pub bind_addr: SocketAddr,
     /// TOML file describing the pools this node runs (see README "Configuration").
     #[arg(long, env = "POOL_MANAGERD_CONFIG")]
@@ -36,13 +40,25 @@ pub struct Args {
     #[arg(long, env = "POOL_MANAGERD_ENGINE_BINARY")]
     pub engine_binary: Option<PathBuf>,
     /// Safety-net rescan interval of the handoff directory (the notify watcher reacts at once).
-    #[arg(long, env = "POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS",
+        default_value_t = 1000
+    )]
     pub handoff_watch_interval_ms: u64,
     /// Delete a handoff file written by an external provisioner once it has been ingested.
-    #[arg(long, env = "POOL_MANAGERD_AUTO_DELETE_HANDOFF", default_value_t = false)]
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_AUTO_DELETE_HANDOFF",
+        default_value_t = false
+    )]
     pub auto_delete_handoff: bool,
     /// How often GPU memory is re-read through NVML (0 = only at start).
-    #[arg(long, env = "POOL_MANAGERD_GPU_DISCOVERY_INTERVAL_MS", default_value_t = 30000)]
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_GPU_DISCOVERY_INTERVAL_MS",
+        default_value_t = 30000
+    )]
     pub gpu_discovery_interval_ms: u64,
     /// Interval of engine health probes.
     #[arg(long, env = "POOL_MANAGERD_HEALTH_INTERVAL_MS", default_value_t = 2000)]
@@ -51,13 +67,21 @@ pub struct Args {
     #[arg(long, env = "POOL_MANAGERD_MAX_PROBE_FAILURES", default_value_t = 3)]
     pub max_probe_failures: u32,
     /// How long an engine may take to load its model and answer /health.
-    #[arg(long, env = "POOL_MANAGERD_ENGINE_START_TIMEOUT_MS", default_value_t = 120000)]
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_ENGINE_START_TIMEOUT_MS",
+        default_value_t = 120000
+    )]
     pub engine_start_timeout_ms: u64,
     /// First restart delay; doubles per failure up to the maximum (with jitter).
     #[arg(long, env = "POOL_MANAGERD_RESTART_BACKOFF_MS", default_value_t = 1000)]
     pub restart_backoff_ms: u64,
     /// Upper bound of the restart delay.
-    #[arg(long, env = "POOL_MANAGERD_RESTART_BACKOFF_MAX_MS", default_value_t = 60000)]
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_RESTART_BACKOFF_MAX_MS",
+        default_value_t = 60000
+    )]
     pub restart_backoff_max_ms: u64,
     /// SIGTERM → this grace → SIGKILL, for engines being stopped.
     #[arg(long, env = "POOL_MANAGERD_SHUTDOWN_GRACE_MS", default_value_t = 10000)]
@@ -72,7 +96,11 @@ pub struct Args {
     #[arg(long, env = "LLORCH_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
     /// Allow clients without a token, only when bound to loopback (single-user HOME setups).
-    #[arg(long, env = "POOL_MANAGERD_ALLOW_UNAUTHENTICATED_LOOPBACK", default_value_t = false)]
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_ALLOW_UNAUTHENTICATED_LOOPBACK",
+        default_value_t = false
+    )]
     pub allow_unauthenticated_loopback: bool,
     /// Log format: `pretty` or `json`.
     #[arg(long, env = "POOL_MANAGERD_LOG_FORMAT", default_value = "pretty")]
@@ -190,7 +218,8 @@ impl Config {
             Some(path) => read_pools_file(path)?,
             None => PoolsFile::default(),
         };
-        let token = auth_min::load_token(args.api_token.as_deref(), args.api_token_file.as_deref())?;
+        let token =
+            auth_min::load_token(args.api_token.as_deref(), args.api_token_file.as_deref())?;
         auth_min::check_bind(
             args.bind_addr,
             token.as_ref(),
@@ -207,7 +236,9 @@ impl Config {
         };
         let non_zero = |name: &str, v: u64| {
             if v == 0 {
-                Err(ConfigError::Invalid(format!("{name} must be greater than 0")))
+                Err(ConfigError::Invalid(format!(
+                    "{name} must be greater than 0"
+                )))
             } else {
                 Ok(Duration::from_millis(v))
             }
@@ -267,7 +298,8 @@ fn validate_pools(sections: Vec<PoolSection>) -> Result<Vec<PoolSpec>, ConfigErr
         };
         if !is_valid_pool_id(&p.id) {
             return Err(fail(
-                "id must be 1-64 characters of A-Z a-z 0-9 . _ - (it names the handoff file)".into(),
+                "id must be 1-64 characters of A-Z a-z 0-9 . _ - (it names the handoff file)"
+                    .into(),
             ));
         }
         if !seen.insert(p.id.clone()) {
@@ -293,9 +325,9 @@ fn validate_pools(sections: Vec<PoolSection>) -> Result<Vec<PoolSpec>, ConfigErr
         }
         if let Some(mask) = &p.device_mask {
             let ok = !mask.is_empty()
-                && mask
-                    .split(',')
-                    .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+                && mask.split(',').all(|d| {
+                    !d.is_empty() && d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
             if !ok {
                 return Err(fail(format!(
                     "device_mask {mask:?} must be a comma-separated list of GPU indices or UUIDs"
@@ -371,7 +403,10 @@ mod tests {
             "[[pools]]\nid='a'\nmodel='{p}'\n[[pools]]\nid='a'\nmodel='{p}'\n"
         ))
         .unwrap_err();
-        assert!(matches!(err, ConfigError::DuplicatePool(ref id) if id == "a"), "{err}");
+        assert!(
+            matches!(err, ConfigError::DuplicatePool(ref id) if id == "a"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -394,7 +429,10 @@ mod tests {
         assert!(parse(&format!("[[pools]]\nid='a'\nmodel='{p}'\nslotz=2\n")).is_err());
         assert!(parse(&format!("[[pools]]\nid='a'\nmodel='{p}'\nslots=0\n")).is_err());
         assert!(parse(&format!("[[pools]]\nid='../x'\nmodel='{p}'\n")).is_err());
-        assert!(parse(&format!("[[pools]]\nid='a'\nmodel='{p}'\ndevice_mask='0;rm'\n")).is_err());
+        assert!(parse(&format!(
+            "[[pools]]\nid='a'\nmodel='{p}'\ndevice_mask='0;rm'\n"
+        ))
+        .is_err());
         let ok = parse(&format!(
             "[[pools]]\nid='a'\nmodel='{p}'\nslots=2\nctx=512\ndevice_mask='0,1'\n"
         ))

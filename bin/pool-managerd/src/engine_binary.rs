@@ -40,7 +40,9 @@ pub fn find(configured: Option<&Path>) -> Result<PathBuf, EngineBinaryError> {
         return if is_executable(path) {
             Ok(path.to_path_buf())
         } else {
-            Err(EngineBinaryError::ConfiguredMissing(path.display().to_string()))
+            Err(EngineBinaryError::ConfiguredMissing(
+                path.display().to_string(),
+            ))
         };
     }
     if let Some(path_var) = std::env::var_os("PATH") {
@@ -85,7 +87,9 @@ pub async fn version(binary: &Path) -> String {
 }
 
 fn parse_version(text: &str) -> Option<String> {
-    let line = text.lines().find(|l| l.trim_start().starts_with("version:"))?;
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("version:"))?;
     let rest = line.trim_start().trim_start_matches("version:").trim();
     (!rest.is_empty()).then(|| rest.to_string())
 }

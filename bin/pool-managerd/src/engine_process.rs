@@ -176,8 +176,15 @@ impl EngineProcess {
     pub async fn stop(mut self, grace: Duration) {
         if self.exited().is_none() {
             signal_group(self.pid, libc::SIGTERM);
-            if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
-                tracing::warn!(pid = self.pid, grace_ms = grace.as_millis() as u64, "engine ignored SIGTERM; sending SIGKILL");
+            if tokio::time::timeout(grace, self.child.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    pid = self.pid,
+                    grace_ms = grace.as_millis() as u64,
+                    "engine ignored SIGTERM; sending SIGKILL"
+                );
                 signal_group(self.pid, libc::SIGKILL);
                 let _ = self.child.wait().await;
             }

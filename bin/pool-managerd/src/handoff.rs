@@ -37,7 +37,9 @@ pub fn remove(runtime_dir: &Path, pool_id: &str) {
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => tracing::warn!(pool_id, %error, path = %path.display(), "cannot remove handoff file"),
+        Err(error) => {
+            tracing::warn!(pool_id, %error, path = %path.display(), "cannot remove handoff file")
+        }
     }
 }
 

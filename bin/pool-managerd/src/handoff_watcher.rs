@@ -107,7 +107,8 @@ impl HandoffWatcher {
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for entry in entries.flatten() {
                 let path = entry.path();
-                if is_handoff_path(&path) && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                if is_handoff_path(&path) && entry.file_type().map(|t| t.is_file()).unwrap_or(false)
+                {
                     present.push(path);
                 }
             }
@@ -143,7 +144,11 @@ impl HandoffWatcher {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let label = if is_valid_pool_id(&stem) { stem.clone() } else { "_invalid".into() };
+        let label = if is_valid_pool_id(&stem) {
+            stem.clone()
+        } else {
+            "_invalid".into()
+        };
         let parsed = HandoffFile::parse(&bytes).and_then(|f| {
             if f.pool_id == stem {
                 Ok(f)
@@ -162,16 +167,34 @@ impl HandoffWatcher {
                 // Remember the bad content so rescans do not count it again; keep whatever
                 // pool an earlier valid version registered.
                 let external = self.known.get(path).and_then(|k| k.external.clone());
-                self.known.insert(path.to_path_buf(), Known { digest, external, auto_deleted: false });
+                self.known.insert(
+                    path.to_path_buf(),
+                    Known {
+                        digest,
+                        external,
+                        auto_deleted: false,
+                    },
+                );
                 return;
             }
         };
         if self.shared.is_managed(&file.pool_id) {
             self.count(&file.pool_id, "managed");
-            self.known.insert(path.to_path_buf(), Known { digest, external: None, auto_deleted: false });
+            self.known.insert(
+                path.to_path_buf(),
+                Known {
+                    digest,
+                    external: None,
+                    auto_deleted: false,
+                },
+            );
             return;
         }
-        let outcome = if self.external.contains_key(&file.pool_id) { "updated" } else { "registered" };
+        let outcome = if self.external.contains_key(&file.pool_id) {
+            "updated"
+        } else {
+            "registered"
+        };
         self.register_external(&file).await;
         self.count(&file.pool_id, outcome);
         self.shared
@@ -184,17 +207,25 @@ impl HandoffWatcher {
         if self.shared.config.auto_delete_handoff {
             match std::fs::remove_file(path) {
                 Ok(()) => auto_deleted = true,
-                Err(error) => tracing::warn!(path = %path.display(), %error, "cannot auto-delete handoff file"),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot auto-delete handoff file")
+                }
             }
         }
         self.known.insert(
             path.to_path_buf(),
-            Known { digest, external: Some(file.pool_id.clone()), auto_deleted },
+            Known {
+                digest,
+                external: Some(file.pool_id.clone()),
+                auto_deleted,
+            },
         );
     }
 
     fn file_gone(&mut self, path: &Path) {
-        let Some(known) = self.known.remove(path) else { return };
+        let Some(known) = self.known.remove(path) else {
+            return;
+        };
         if known.auto_deleted {
             self.known.insert(path.to_path_buf(), known);
             return;
@@ -234,11 +265,20 @@ impl HandoffWatcher {
             provisioning_mode: ProvisioningMode::External,
             url: Some(file.url.clone()),
         };
-        let client = EngineClient::new(self.shared.probe_http.clone(), file.url.clone(), Duration::from_secs(1));
+        let client = EngineClient::new(
+            self.shared.probe_http.clone(),
+            file.url.clone(),
+            Duration::from_secs(1),
+        );
         probe_external(&self.shared, &client, &mut status).await;
         self.shared.registry.write().upsert(status.clone());
         let cancel = self.cancel.child_token();
-        self.external.insert(file.pool_id.clone(), ExternalPool { cancel: cancel.clone() });
+        self.external.insert(
+            file.pool_id.clone(),
+            ExternalPool {
+                cancel: cancel.clone(),
+            },
+        );
         let shared = self.shared.clone();
         self.probes.spawn(async move {
             let mut tick = tokio::time::interval(shared.config.health_interval);

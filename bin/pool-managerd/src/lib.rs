@@ -44,7 +44,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let killed = engine_process::kill_orphans(&config.runtime_dir, config.shutdown_grace).await;
     if !killed.is_empty() {
-        tracing::warn!(count = killed.len(), "killed engines left behind by a previous run");
+        tracing::warn!(
+            count = killed.len(),
+            "killed engines left behind by a previous run"
+        );
     }
     // Handoff files of our pools point at engines that no longer exist.
     for pool in &config.pools {
@@ -53,7 +56,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let listener = tokio::net::TcpListener::bind(config.bind_addr)
         .await
-        .with_context(|| format!("cannot bind {} (is another pool-managerd running?)", config.bind_addr))?;
+        .with_context(|| {
+            format!(
+                "cannot bind {} (is another pool-managerd running?)",
+                config.bind_addr
+            )
+        })?;
 
     let discovery = tokio::task::spawn_blocking(gpu::discover).await?;
     match &discovery.reason {
@@ -99,7 +107,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tasks.spawn(refresh_gpus(shared.clone(), root.child_token()));
     }
 
-    let token_fp = shared.config.token.as_ref().map(|t| t.fingerprint().to_string());
+    let token_fp = shared
+        .config
+        .token
+        .as_ref()
+        .map(|t| t.fingerprint().to_string());
     tracing::info!(
         addr = %shared.config.bind_addr,
         node_id = %shared.config.node_id,
@@ -174,7 +186,11 @@ pub fn init_logging(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).with_current_span(true).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
     } else {
         builder.init();
     }

@@ -3,8 +3,7 @@
 
 use llorch_contracts::PoolStatus;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -65,7 +64,10 @@ impl Metrics {
             &["pool_id"],
         )?;
         let slots_total = GaugeVec::new(
-            Opts::new("pool_slots_total", "Slots (parallel sequences) of the pool's engine."),
+            Opts::new(
+                "pool_slots_total",
+                "Slots (parallel sequences) of the pool's engine.",
+            ),
             &["pool_id"],
         )?;
         let slots_free = GaugeVec::new(

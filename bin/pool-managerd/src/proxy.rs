@@ -17,9 +17,9 @@ pub async fn engine_proxy(
     Path((id, path)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let pool = state
-        .pool(&id)
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no pool {id:?} on this node")))?;
+    let pool = state.pool(&id).ok_or_else(|| {
+        ApiError::new(ErrorCode::NotFound, format!("no pool {id:?} on this node"))
+    })?;
     let counter = |outcome: &str| {
         state
             .metrics
@@ -33,7 +33,10 @@ pub async fn engine_proxy(
             counter("unavailable");
             return Err(ApiError::new(
                 ErrorCode::PoolUnready,
-                format!("pool {id:?} is {} and takes no requests", pool.state.as_str()),
+                format!(
+                    "pool {id:?} is {} and takes no requests",
+                    pool.state.as_str()
+                ),
             )
             .into_retry_after(1000));
         }
@@ -42,7 +45,11 @@ pub async fn engine_proxy(
     let body = axum::body::to_bytes(body, state.config.max_body_bytes)
         .await
         .map_err(|_| ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large"))?;
-    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     let target = format!("{url}/{}{query}", path.trim_start_matches('/'));
     let mut headers = HeaderMap::new();
     copy_headers(&parts.headers, &mut headers);
@@ -65,7 +72,11 @@ pub async fn engine_proxy(
         }
         Err(e) => return Err(unreachable_engine(&id, &e)),
     };
-    counter(if upstream.status().is_server_error() { "engine_error" } else { "ok" });
+    counter(if upstream.status().is_server_error() {
+        "engine_error"
+    } else {
+        "ok"
+    });
     let mut resp = Response::builder().status(upstream.status());
     if let Some(h) = resp.headers_mut() {
         copy_headers(upstream.headers(), h);
@@ -76,6 +87,9 @@ pub async fn engine_proxy(
 
 fn unreachable_engine(id: &str, e: &reqwest::Error) -> ApiError {
     tracing::warn!(pool_id = %id, error = %e, "engine unreachable through proxy");
-    ApiError::new(ErrorCode::PoolUnavailable, format!("engine of pool {id:?} is unreachable"))
-        .into_retry_after(1000)
+    ApiError::new(
+        ErrorCode::PoolUnavailable,
+        format!("engine of pool {id:?} is unreachable"),
+    )
+    .into_retry_after(1000)
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llamacpp_client::{EngineClient, Health};
-use llorch_contracts::{HandoffFile, HandoffModel, PoolState, PoolStatus, ProvisioningMode, HANDOFF_VERSION};
+use llorch_contracts::{
+    HandoffFile, HandoffModel, PoolState, PoolStatus, ProvisioningMode, HANDOFF_VERSION,
+};
 use llorch_core::{FailureAction, Supervision, SupervisionPolicy};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -32,7 +34,7 @@ pub enum Command {
 
 enum Next {
     Start,
-    Watch(EngineProcess),
+    Watch(Box<EngineProcess>),
     Failure(String),
     Idle,
     Exit,
@@ -94,13 +96,13 @@ impl Supervisor {
                     match self.start(&path, &id).await {
                         Ok(engine) => {
                             self.became_ready(&engine);
-                            Next::Watch(engine)
+                            Next::Watch(Box::new(engine))
                         }
                         Err(StartError::Cancelled) => Next::Exit,
                         Err(StartError::Failed(e)) => Next::Failure(e),
                     }
                 }
-                Next::Watch(engine) => self.watch(engine).await,
+                Next::Watch(engine) => self.watch(*engine).await,
                 Next::Failure(error) => self.failure(error).await,
                 Next::Idle => self.idle().await,
                 Next::Exit => break,
@@ -114,13 +116,21 @@ impl Supervisor {
     }
 
     /// Spawns an engine for `model_path` and waits until it answers `/health`.
-    async fn start(&mut self, model_path: &Path, model_id: &str) -> Result<EngineProcess, StartError> {
+    async fn start(
+        &mut self,
+        model_path: &Path,
+        model_id: &str,
+    ) -> Result<EngineProcess, StartError> {
         let shared = self.shared.clone();
         let Some(binary) = shared.engine_binary.as_deref() else {
             return Err(StartError::Failed("no engine binary configured".into()));
         };
         self.instance += 1;
-        let instance = if self.instance % 2 == 0 { ".b" } else { ".a" };
+        let instance = if self.instance.is_multiple_of(2) {
+            ".b"
+        } else {
+            ".a"
+        };
         let mut engine = engine_process::spawn(SpawnRequest {
             binary,
             runtime_dir: &shared.config.runtime_dir,
@@ -249,7 +259,10 @@ impl Supervisor {
         let client = EngineClient::new(
             self.shared.probe_http.clone(),
             url,
-            self.shared.config.health_interval.min(Duration::from_secs(2)),
+            self.shared
+                .config
+                .health_interval
+                .min(Duration::from_secs(2)),
         );
         let m = &self.shared.metrics.health_checks;
         match client.health().await {
@@ -274,7 +287,11 @@ impl Supervisor {
     }
 
     async fn drain(&mut self, engine: EngineProcess, deadline: Duration) -> Next {
-        let client = EngineClient::new(self.shared.probe_http.clone(), engine.url.clone(), Duration::from_secs(1));
+        let client = EngineClient::new(
+            self.shared.probe_http.clone(),
+            engine.url.clone(),
+            Duration::from_secs(1),
+        );
         let until = Instant::now() + deadline;
         tracing::info!(pool_id = %self.spec.id, deadline_ms = deadline.as_millis() as u64, "draining pool");
         loop {
@@ -330,7 +347,8 @@ impl Supervisor {
             }
             Err(StartError::Failed(error)) => {
                 tracing::warn!(pool_id = %self.spec.id, %error, "reload failed; kept the previous model");
-                self.sup.note_error(format!("reload failed, rolled back: {error}"));
+                self.sup
+                    .note_error(format!("reload failed, rolled back: {error}"));
                 self.publish();
                 let _ = reply.send(Err(error));
                 old
@@ -343,11 +361,17 @@ impl Supervisor {
         self.url = None;
         self.pid = None;
         let jitter: f64 = rand::random();
-        let action = self.sup.on_failure(Instant::now().into_std(), error.clone(), jitter);
+        let action = self
+            .sup
+            .on_failure(Instant::now().into_std(), error.clone(), jitter);
         self.publish();
         match action {
             FailureAction::RestartAfter(delay) => {
-                self.shared.metrics.engine_restarts.with_label_values(&[&self.spec.id]).inc();
+                self.shared
+                    .metrics
+                    .engine_restarts
+                    .with_label_values(&[&self.spec.id])
+                    .inc();
                 tracing::warn!(pool_id = %self.spec.id, %error, restart_count = self.sup.restart_count(), delay_ms = delay.as_millis() as u64, "engine failed; restarting");
                 let wake = tokio::time::sleep(delay);
                 tokio::pin!(wake);
@@ -411,7 +435,7 @@ impl Supervisor {
                 self.spec.model_id = model_id;
                 self.became_ready(&engine);
                 let _ = reply.send(Ok(self.status()));
-                Next::Watch(engine)
+                Next::Watch(Box::new(engine))
             }
             Err(StartError::Cancelled) => {
                 let _ = reply.send(Err("daemon is shutting down".into()));
@@ -425,7 +449,8 @@ impl Supervisor {
     }
 
     fn log_tail(&self) -> String {
-        let path = engine_process::logs_dir(&self.shared.config.runtime_dir).join(format!("{}.log", self.spec.id));
+        let path = engine_process::logs_dir(&self.shared.config.runtime_dir)
+            .join(format!("{}.log", self.spec.id));
         let text = std::fs::read(&path).unwrap_or_default();
         let start = text.len().saturating_sub(4096);
         let tail = String::from_utf8_lossy(&text[start..]);

@@ -56,7 +56,10 @@ impl std::fmt::Debug for Token {
 
 /// `token:<fp6>` of any value, e.g. of a presented (wrong) token.
 pub fn fingerprint(value: &str) -> String {
-    format!("token:{}", &hex::encode(Sha256::digest(value.as_bytes()))[..6])
+    format!(
+        "token:{}",
+        &hex::encode(Sha256::digest(value.as_bytes()))[..6]
+    )
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -69,7 +72,9 @@ pub enum AuthConfigError {
     BothGiven,
     #[error("cannot read token file {path}: {reason}")]
     Unreadable { path: String, reason: String },
-    #[error("token file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}")]
+    #[error(
+        "token file {path} is readable by group or others (mode {mode:o}); run: chmod 600 {path}"
+    )]
     TooOpen { path: String, mode: u32 },
     #[error("refusing to bind {addr} (not loopback) without an API token: set LLORCH_API_TOKEN or LLORCH_API_TOKEN_FILE")]
     InsecureBind { addr: SocketAddr },
@@ -99,11 +104,10 @@ pub fn load_token(
                     mode: mode & 0o777,
                 });
             }
-            let text =
-                std::fs::read_to_string(path).map_err(|e| AuthConfigError::Unreadable {
-                    path: shown,
-                    reason: e.to_string(),
-                })?;
+            let text = std::fs::read_to_string(path).map_err(|e| AuthConfigError::Unreadable {
+                path: shown,
+                reason: e.to_string(),
+            })?;
             Token::new(&text).map(Some)
         }
         (None, None) => Ok(None),
@@ -189,10 +193,7 @@ mod tests {
         let lower = format!("bearer {SECRET}");
         assert_eq!(authorize(Some(lower.as_bytes()), &t), Ok(()));
         assert_eq!(authorize(None, &t), Err(AuthError::Missing));
-        assert_eq!(
-            authorize(Some(b"Basic abc"), &t),
-            Err(AuthError::Malformed)
-        );
+        assert_eq!(authorize(Some(b"Basic abc"), &t), Err(AuthError::Malformed));
         assert_eq!(authorize(Some(b"Bearer"), &t), Err(AuthError::Malformed));
         assert_eq!(
             authorize(Some(b"Bearer wrong-token-value"), &t),
@@ -236,6 +237,9 @@ mod tests {
             load_token(Some(SECRET), Some(&path)).unwrap_err(),
             AuthConfigError::BothGiven
         );
-        assert_eq!(load_token(Some("  "), None).unwrap_err(), AuthConfigError::Empty);
+        assert_eq!(
+            load_token(Some("  "), None).unwrap_err(),
+            AuthConfigError::Empty
+        );
     }
 }

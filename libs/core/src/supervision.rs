@@ -189,7 +189,10 @@ mod tests {
         s.on_ready(t0);
         assert_eq!(s.state(), PoolState::Ready);
         let action = s.on_failure(t0 + Duration::from_secs(5), "exit 137".into(), 0.0);
-        assert_eq!(action, FailureAction::RestartAfter(Duration::from_millis(500)));
+        assert_eq!(
+            action,
+            FailureAction::RestartAfter(Duration::from_millis(500))
+        );
         assert_eq!(s.state(), PoolState::Restarting);
         assert_eq!(s.restart_count(), 1);
         assert_eq!(s.last_error(), Some("exit 137"));

@@ -124,7 +124,7 @@ impl Writer {
         self.buf.extend_from_slice(s.as_bytes());
     }
     fn pad_to(&mut self, align: usize) {
-        while self.buf.len() % align != 0 {
+        while !self.buf.len().is_multiple_of(align) {
             self.buf.push(0);
         }
     }
@@ -195,9 +195,8 @@ pub fn build(m: &TinyModel) -> Vec<u8> {
         ("tokenizer.ggml.eos_token_id", Kv::U32(2)),
     ];
 
-    let mut random = |n: u64, scale: f32| -> Vec<f32> {
-        (0..n).map(|_| rng.next_f32() * scale).collect()
-    };
+    let mut random =
+        |n: u64, scale: f32| -> Vec<f32> { (0..n).map(|_| rng.next_f32() * scale).collect() };
     let ones = |n: u64| vec![1.0f32; n as usize];
     let w_scale = 1.0 / (n_embd as f32).sqrt();
 
@@ -341,7 +340,11 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(&a[..4], b"GGUF");
-        assert!(a.len() > 100_000 && a.len() < 1_000_000, "{} bytes", a.len());
+        assert!(
+            a.len() > 100_000 && a.len() < 1_000_000,
+            "{} bytes",
+            a.len()
+        );
     }
 
     #[test]

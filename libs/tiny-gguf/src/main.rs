@@ -24,6 +24,11 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&tmp, &bytes)?;
     std::fs::rename(&tmp, &args.out)?;
-    println!("{} ({} bytes, seed {})", args.out.display(), bytes.len(), args.seed);
+    println!(
+        "{} ({} bytes, seed {})",
+        args.out.display(),
+        bytes.len(),
+        args.seed
+    );
     Ok(())
 }

@@ -13,12 +13,18 @@ async fn bearer_auth_guards_everything_but_health_and_token_never_reaches_logs()
 
     let cases: Vec<(&str, Option<String>)> = vec![
         ("no token", None),
-        ("wrong token", Some("Bearer wrong-token-000000000000".into())),
+        (
+            "wrong token",
+            Some("Bearer wrong-token-000000000000".into()),
+        ),
         ("malformed header", Some(format!("Token {TOKEN}"))),
         ("empty bearer", Some("Bearer ".into())),
     ];
     for (what, header) in cases {
-        let mut rb = anon.get(&url).header("x-correlation-id", format!("case-{}", what.replace(' ', "-")));
+        let mut rb = anon.get(&url).header(
+            "x-correlation-id",
+            format!("case-{}", what.replace(' ', "-")),
+        );
         if let Some(h) = header {
             rb = rb.header("authorization", h);
         }
@@ -34,7 +40,11 @@ async fn bearer_auth_guards_everything_but_health_and_token_never_reaches_logs()
         assert!(body["message"].as_str().unwrap().len() > 5);
     }
     for protected in ["/metrics", "/v2/pools/authp/status"] {
-        let r = anon.get(format!("{}{protected}", d.base)).send().await.unwrap();
+        let r = anon
+            .get(format!("{}{protected}", d.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 401, "{protected}");
     }
     let r = anon
@@ -55,7 +65,14 @@ async fn bearer_auth_guards_everything_but_health_and_token_never_reaches_logs()
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
-    assert_eq!(anon.get(format!("{}/health", d.base)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        anon.get(format!("{}/health", d.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     // No log line — daemon or engine — carries the token.
     let mut logs = d.log();
@@ -63,7 +80,13 @@ async fn bearer_auth_guards_everything_but_health_and_token_never_reaches_logs()
         logs.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
     }
     assert!(logs.contains("request refused"), "refusals are logged");
-    assert!(logs.contains(&auth_min::fingerprint(TOKEN)), "startup logs the token fingerprint");
+    assert!(
+        logs.contains(&auth_min::fingerprint(TOKEN)),
+        "startup logs the token fingerprint"
+    );
     assert!(!logs.contains(TOKEN), "token leaked into logs");
-    assert!(!logs.contains("wrong-token-000000000000"), "presented token leaked into logs");
+    assert!(
+        !logs.contains("wrong-token-000000000000"),
+        "presented token leaked into logs"
+    );
 }

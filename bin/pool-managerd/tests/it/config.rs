@@ -13,12 +13,18 @@ fn run_with(env: &[(&str, String)]) -> (i32, String) {
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn refuses_to_start_on_a_non_loopback_address_without_a_token() {
-    let (code, err) = run_with(&[("POOL_MANAGERD_BIND_ADDR", format!("0.0.0.0:{}", free_port()))]);
+    let (code, err) = run_with(&[(
+        "POOL_MANAGERD_BIND_ADDR",
+        format!("0.0.0.0:{}", free_port()),
+    )]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("refusing to bind 0.0.0.0"), "{err}");
     assert!(err.contains("LLORCH_API_TOKEN"), "{err}");
@@ -41,7 +47,11 @@ fn refuses_a_group_readable_token_file() {
 fn unknown_model_and_duplicate_pool_are_named_in_the_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("pools.toml");
-    std::fs::write(&cfg, pool_toml("a", std::path::Path::new("/nonexistent/model.gguf"), 1, 512)).unwrap();
+    std::fs::write(
+        &cfg,
+        pool_toml("a", std::path::Path::new("/nonexistent/model.gguf"), 1, 512),
+    )
+    .unwrap();
     let base = [
         ("LLORCH_API_TOKEN", TOKEN.to_string()),
         ("POOL_MANAGERD_CONFIG", cfg.display().to_string()),
@@ -51,7 +61,15 @@ fn unknown_model_and_duplicate_pool_are_named_in_the_error() {
     assert!(err.contains("/nonexistent/model.gguf"), "{err}");
 
     let model = tiny_model();
-    std::fs::write(&cfg, format!("{}{}", pool_toml("a", &model, 1, 512), pool_toml("a", &model, 1, 512))).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{}",
+            pool_toml("a", &model, 1, 512),
+            pool_toml("a", &model, 1, 512)
+        ),
+    )
+    .unwrap();
     let (code, err) = run_with(&base);
     assert_eq!(code, 2);
     assert!(err.contains("\"a\" is used twice"), "{err}");
@@ -65,9 +83,18 @@ fn missing_engine_binary_says_what_to_install() {
     let (code, err) = run_with(&[
         ("LLORCH_API_TOKEN", TOKEN.to_string()),
         ("POOL_MANAGERD_CONFIG", cfg.display().to_string()),
-        ("POOL_MANAGERD_RUNTIME_DIR", dir.path().join("run").display().to_string()),
-        ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{}", free_port())),
-        ("LLORCH_CACHE_DIR", dir.path().join("empty-cache").display().to_string()),
+        (
+            "POOL_MANAGERD_RUNTIME_DIR",
+            dir.path().join("run").display().to_string(),
+        ),
+        (
+            "POOL_MANAGERD_BIND_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        (
+            "LLORCH_CACHE_DIR",
+            dir.path().join("empty-cache").display().to_string(),
+        ),
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no llama-server found"), "{err}");
@@ -81,9 +108,15 @@ fn port_in_use_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let (code, err) = run_with(&[
         ("LLORCH_API_TOKEN", TOKEN.to_string()),
-        ("POOL_MANAGERD_RUNTIME_DIR", dir.path().join("run").display().to_string()),
+        (
+            "POOL_MANAGERD_RUNTIME_DIR",
+            dir.path().join("run").display().to_string(),
+        ),
         ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}")),
     ]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains(&format!("cannot bind 127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains(&format!("cannot bind 127.0.0.1:{port}")),
+        "{err}"
+    );
 }

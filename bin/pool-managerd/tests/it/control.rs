@@ -11,7 +11,10 @@ async fn reload_switches_model_and_a_failed_reload_rolls_back() {
     let broken = broken_model(dir.path());
     let d = Daemon::start_in(
         dir,
-        DaemonOptions { pools_toml: pool_toml("rl", &tiny_model(), 1, 512), ..Default::default() },
+        DaemonOptions {
+            pools_toml: pool_toml("rl", &tiny_model(), 1, 512),
+            ..Default::default()
+        },
     )
     .await;
     let before = d.wait_ready("rl").await;
@@ -34,7 +37,13 @@ async fn reload_switches_model_and_a_failed_reload_rolls_back() {
         .json()
         .await
         .unwrap();
-    assert!(props["model_path"].as_str().unwrap().ends_with("tiny-other.gguf"), "{props}");
+    assert!(
+        props["model_path"]
+            .as_str()
+            .unwrap()
+            .ends_with("tiny-other.gguf"),
+        "{props}"
+    );
 
     let r = d
         .http
@@ -46,7 +55,10 @@ async fn reload_switches_model_and_a_failed_reload_rolls_back() {
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["code"], "POOL_UNREADY");
-    assert!(body["message"].as_str().unwrap().contains("previous model keeps serving"));
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("previous model keeps serving"));
     let kept = d.status("rl").await.unwrap();
     assert!(kept.ready);
     assert_eq!(kept.url, switched.url, "rollback keeps the serving engine");
@@ -86,8 +98,16 @@ async fn drain_waits_for_in_flight_work_then_stops_the_engine() {
     wait_for("request in flight", Duration::from_secs(5), || {
         let u = engine_url.clone();
         async move {
-            let slots: Vec<serde_json::Value> = reqwest::get(format!("{u}/slots")).await.ok()?.json().await.ok()?;
-            slots.iter().any(|s| s["is_processing"] == true).then_some(())
+            let slots: Vec<serde_json::Value> = reqwest::get(format!("{u}/slots"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            slots
+                .iter()
+                .any(|s| s["is_processing"] == true)
+                .then_some(())
         }
     })
     .await;
@@ -101,7 +121,10 @@ async fn drain_waits_for_in_flight_work_then_stops_the_engine() {
     assert_eq!(r.status(), 202);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["draining"], true);
-    assert!(!d.runtime_dir.join("dr.json").exists(), "draining pool still advertised");
+    assert!(
+        !d.runtime_dir.join("dr.json").exists(),
+        "draining pool still advertised"
+    );
     // New work is refused while draining.
     let refused = d
         .http
@@ -114,9 +137,14 @@ async fn drain_waits_for_in_flight_work_then_stops_the_engine() {
     // The in-flight request completes in full.
     let done = in_flight.await.unwrap();
     assert_eq!(done["tokens_predicted"], 4000);
-    d.wait_pool("dr", "stopped", Duration::from_secs(10), |s| s.state == PoolState::Stopped)
-        .await;
-    assert!(reqwest::get(format!("{engine_url}/health")).await.is_err(), "engine still up");
+    d.wait_pool("dr", "stopped", Duration::from_secs(10), |s| {
+        s.state == PoolState::Stopped
+    })
+    .await;
+    assert!(
+        reqwest::get(format!("{engine_url}/health")).await.is_err(),
+        "engine still up"
+    );
 
     let bad = d
         .http
@@ -141,16 +169,33 @@ async fn metrics_expose_pool_gauges_and_health_check_counters() {
     d.wait_ready("mx").await;
     let m = wait_for("a health probe counted", Duration::from_secs(5), || async {
         let m = d.metrics().await;
-        metric_value(&m, "pool_health_checks_total", &[("pool_id", "mx"), ("outcome", "ok")])
-            .filter(|v| *v >= 1.0)
-            .map(|_| m)
+        metric_value(
+            &m,
+            "pool_health_checks_total",
+            &[("pool_id", "mx"), ("outcome", "ok")],
+        )
+        .filter(|v| *v >= 1.0)
+        .map(|_| m)
     })
     .await;
-    assert_eq!(metric_value(&m, "pool_ready", &[("pool_id", "mx")]), Some(1.0));
-    assert_eq!(metric_value(&m, "pool_slots_total", &[("pool_id", "mx")]), Some(2.0));
-    assert_eq!(metric_value(&m, "pool_slots_free", &[("pool_id", "mx")]), Some(2.0));
     assert_eq!(
-        metric_value(&m, "pool_handoff_files_processed_total", &[("pool_id", "mx"), ("outcome", "managed")]),
+        metric_value(&m, "pool_ready", &[("pool_id", "mx")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&m, "pool_slots_total", &[("pool_id", "mx")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric_value(&m, "pool_slots_free", &[("pool_id", "mx")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "pool_handoff_files_processed_total",
+            &[("pool_id", "mx"), ("outcome", "managed")]
+        ),
         Some(1.0)
     );
     for name in [

@@ -13,7 +13,10 @@ fn external_file(pool_id: &str, url: &str, slots: u32) -> HandoffFile {
         url: url.into(),
         pool_id: pool_id.into(),
         replica_id: None,
-        model: HandoffModel { id: "tiny".into(), path: None },
+        model: HandoffModel {
+            id: "tiny".into(),
+            path: None,
+        },
         slots_total: slots,
         ctx_max: Some(512),
         device_mask: None,
@@ -60,9 +63,31 @@ async fn external_handoff_file_registers_pool_and_deleting_it_retires_the_pool()
     })
     .await;
     let m = d.metrics().await;
-    assert_eq!(metric_value(&m, "pool_handoff_files_processed_total", &[("pool_id", "ext"), ("outcome", "registered")]), Some(1.0));
-    assert_eq!(metric_value(&m, "pool_handoff_files_processed_total", &[("pool_id", "ext"), ("outcome", "retired")]), Some(1.0));
-    assert!(metric_value(&m, "pool_handoff_processing_duration_ms_count", &[("pool_id", "ext")]).unwrap() >= 1.0);
+    assert_eq!(
+        metric_value(
+            &m,
+            "pool_handoff_files_processed_total",
+            &[("pool_id", "ext"), ("outcome", "registered")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "pool_handoff_files_processed_total",
+            &[("pool_id", "ext"), ("outcome", "retired")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric_value(
+            &m,
+            "pool_handoff_processing_duration_ms_count",
+            &[("pool_id", "ext")]
+        )
+        .unwrap()
+            >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,11 +100,23 @@ async fn invalid_handoff_file_changes_nothing_and_counts_a_failure() {
 
     std::fs::write(d.runtime_dir.join("bad.json"), b"{ this is not json").unwrap();
     // Same pool id as an existing pool, but invalid content: must not disturb it.
-    std::fs::write(d.runtime_dir.join("good.json"), br#"{"version": 1, "pool_id": "good"}"#).unwrap();
+    std::fs::write(
+        d.runtime_dir.join("good.json"),
+        br#"{"version": 1, "pool_id": "good"}"#,
+    )
+    .unwrap();
     let m = wait_for("invalid files counted", Duration::from_secs(5), || async {
         let m = d.metrics().await;
-        let bad = metric_value(&m, "pool_handoff_files_processed_total", &[("pool_id", "bad"), ("outcome", "invalid")]);
-        let good = metric_value(&m, "pool_handoff_files_processed_total", &[("pool_id", "good"), ("outcome", "invalid")]);
+        let bad = metric_value(
+            &m,
+            "pool_handoff_files_processed_total",
+            &[("pool_id", "bad"), ("outcome", "invalid")],
+        );
+        let good = metric_value(
+            &m,
+            "pool_handoff_files_processed_total",
+            &[("pool_id", "good"), ("outcome", "invalid")],
+        );
         (bad == Some(1.0) && good == Some(1.0)).then_some(m)
     })
     .await;
@@ -87,7 +124,14 @@ async fn invalid_handoff_file_changes_nothing_and_counts_a_failure() {
     // Across a couple of rescans the counter does not grow and nothing changes.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let m = d.metrics().await;
-    assert_eq!(metric_value(&m, "pool_handoff_files_processed_total", &[("pool_id", "bad"), ("outcome", "invalid")]), Some(1.0));
+    assert_eq!(
+        metric_value(
+            &m,
+            "pool_handoff_files_processed_total",
+            &[("pool_id", "bad"), ("outcome", "invalid")]
+        ),
+        Some(1.0)
+    );
     let after = d.pools().await.pools;
     assert_eq!(after.len(), before.len());
     assert_eq!(after[0].pool_id, "good");
@@ -110,5 +154,8 @@ async fn auto_delete_removes_ingested_file_and_keeps_the_pool() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(d.status("auto").await.unwrap().ready, "auto-deleted file retired its pool");
+    assert!(
+        d.status("auto").await.unwrap().ready,
+        "auto-deleted file retired its pool"
+    );
 }

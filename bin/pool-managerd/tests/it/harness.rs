@@ -37,7 +37,11 @@ pub fn tiny_model() -> PathBuf {
 /// A second model file (other seed), for reloads.
 pub fn other_model(dir: &Path) -> PathBuf {
     let path = dir.join("tiny-other.gguf");
-    std::fs::write(&path, tiny_gguf::build(&tiny_gguf::TinyModel::with_seed(42))).unwrap();
+    std::fs::write(
+        &path,
+        tiny_gguf::build(&tiny_gguf::TinyModel::with_seed(42)),
+    )
+    .unwrap();
     path
 }
 
@@ -155,10 +159,21 @@ impl Daemon {
         wait_for("pool-managerd /health", Duration::from_secs(20), || {
             let probe = probe.clone();
             let url = format!("{base}/health");
-            async move { probe.get(url).send().await.ok().filter(|r| r.status() == 200) }
+            async move {
+                probe
+                    .get(url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status() == 200)
+            }
         })
         .await;
-        assert!(d.child.try_wait().unwrap().is_none(), "daemon exited: {}", d.log());
+        assert!(
+            d.child.try_wait().unwrap().is_none(),
+            "daemon exited: {}",
+            d.log()
+        );
         d
     }
 
@@ -248,7 +263,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -269,7 +287,11 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
@@ -286,7 +308,14 @@ impl ExternalEngine {
         let child = Command::new(engine_binary())
             .args(["--model", &model.display().to_string()])
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--parallel", &slots.to_string(), "--ctx-size", "1024", "--threads", "1"])
+            .args([
+                "--parallel",
+                &slots.to_string(),
+                "--ctx-size",
+                "1024",
+                "--threads",
+                "1",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -296,11 +325,22 @@ impl ExternalEngine {
         let url = format!("http://127.0.0.1:{port}");
         let probe = reqwest::Client::new();
         let health = format!("{url}/health");
-        wait_for("external llama-server health", Duration::from_secs(30), || {
-            let probe = probe.clone();
-            let health = health.clone();
-            async move { probe.get(health).send().await.ok().filter(|r| r.status() == 200) }
-        })
+        wait_for(
+            "external llama-server health",
+            Duration::from_secs(30),
+            || {
+                let probe = probe.clone();
+                let health = health.clone();
+                async move {
+                    probe
+                        .get(health)
+                        .send()
+                        .await
+                        .ok()
+                        .filter(|r| r.status() == 200)
+                }
+            },
+        )
         .await;
         ExternalEngine { child, url }
     }

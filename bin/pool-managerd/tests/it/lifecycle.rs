@@ -7,8 +7,16 @@ use crate::harness::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pools_from_one_config_reach_ready_with_slots_and_handoff_files() {
     let model = tiny_model();
-    let toml = format!("{}{}", pool_toml("alpha", &model, 2, 1024), pool_toml("beta", &model, 3, 1536));
-    let d = Daemon::start(DaemonOptions { pools_toml: toml, ..Default::default() }).await;
+    let toml = format!(
+        "{}{}",
+        pool_toml("alpha", &model, 2, 1024),
+        pool_toml("beta", &model, 3, 1536)
+    );
+    let d = Daemon::start(DaemonOptions {
+        pools_toml: toml,
+        ..Default::default()
+    })
+    .await;
     let a = d.wait_ready("alpha").await;
     let b = d.wait_ready("beta").await;
     assert_eq!(a.slots_total, 2);
@@ -43,14 +51,25 @@ async fn two_pools_from_one_config_reach_ready_with_slots_and_handoff_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_within_grace_and_no_engine_survives() {
     let model = tiny_model();
-    let toml = format!("{}{}", pool_toml("p1", &model, 1, 512), pool_toml("p2", &model, 1, 512));
-    let mut d = Daemon::start(DaemonOptions { pools_toml: toml, ..Default::default() }).await;
+    let toml = format!(
+        "{}{}",
+        pool_toml("p1", &model, 1, 512),
+        pool_toml("p2", &model, 1, 512)
+    );
+    let mut d = Daemon::start(DaemonOptions {
+        pools_toml: toml,
+        ..Default::default()
+    })
+    .await;
     d.wait_ready("p1").await;
     d.wait_ready("p2").await;
     let pids: Vec<u32> = ["p1", "p2"]
         .iter()
         .map(|id| {
-            let f = HandoffFile::parse(&std::fs::read(d.runtime_dir.join(format!("{id}.json"))).unwrap()).unwrap();
+            let f = HandoffFile::parse(
+                &std::fs::read(d.runtime_dir.join(format!("{id}.json"))).unwrap(),
+            )
+            .unwrap();
             f.pid.unwrap()
         })
         .collect();
@@ -62,9 +81,16 @@ async fn sigterm_exits_zero_within_grace_and_no_engine_survives() {
         .await
         .expect("daemon did not exit within the grace period")
         .unwrap();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", d.log());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        d.log()
+    );
     for pid in pids {
         assert!(!pid_alive(pid), "engine {pid} survived the daemon");
     }
-    assert!(!d.runtime_dir.join("p1.json").exists(), "handoff file left behind");
+    assert!(
+        !d.runtime_dir.join("p1.json").exists(),
+        "handoff file left behind"
+    );
 }

@@ -63,11 +63,19 @@ async fn streamed_completion_through_proxy_arrives_while_engine_still_generating
             chunks.push(v);
         }
     }
-    assert_eq!(busy_at_first_token, Some(1), "first token arrived only after generation ended");
+    assert_eq!(
+        busy_at_first_token,
+        Some(1),
+        "first token arrived only after generation ended"
+    );
     let last = chunks.last().unwrap();
     assert_eq!(last["stop"], true);
     assert_eq!(last["tokens_predicted"], 3000);
-    assert!(chunks.len() > 100, "only {} chunks: the answer was buffered", chunks.len());
+    assert!(
+        chunks.len() > 100,
+        "only {} chunks: the answer was buffered",
+        chunks.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,10 +99,14 @@ async fn client_disconnect_aborts_the_upstream_generation() {
     body.next().await.unwrap().unwrap();
     assert_eq!(busy_slots(&engine_url).await, 1);
     drop(body);
-    wait_for("engine slot to go idle after client disconnect", Duration::from_secs(3), || {
-        let url = engine_url.clone();
-        async move { (busy_slots(&url).await == 0).then_some(()) }
-    })
+    wait_for(
+        "engine slot to go idle after client disconnect",
+        Duration::from_secs(3),
+        || {
+            let url = engine_url.clone();
+            async move { (busy_slots(&url).await == 0).then_some(()) }
+        },
+    )
     .await;
 }
 

@@ -14,14 +14,25 @@ fn kill9(pid: u32) {
 
 fn engine_pid(d: &Daemon, id: &str) -> u32 {
     let bytes = std::fs::read(d.runtime_dir.join(format!("{id}.json"))).unwrap();
-    llorch_contracts::HandoffFile::parse(&bytes).unwrap().pid.unwrap()
+    llorch_contracts::HandoffFile::parse(&bytes)
+        .unwrap()
+        .pid
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_engine_is_restarted_and_the_other_pool_is_never_disturbed() {
     let model = tiny_model();
-    let toml = format!("{}{}", pool_toml("victim", &model, 1, 512), pool_toml("bystander", &model, 1, 512));
-    let d = Daemon::start(DaemonOptions { pools_toml: toml, ..Default::default() }).await;
+    let toml = format!(
+        "{}{}",
+        pool_toml("victim", &model, 1, 512),
+        pool_toml("bystander", &model, 1, 512)
+    );
+    let d = Daemon::start(DaemonOptions {
+        pools_toml: toml,
+        ..Default::default()
+    })
+    .await;
     let before = d.wait_ready("victim").await;
     let bystander = d.wait_ready("bystander").await;
     let victim_pid = engine_pid(&d, "victim");
@@ -30,33 +41,57 @@ async fn killed_engine_is_restarted_and_the_other_pool_is_never_disturbed() {
     // Watch the bystander on every poll while the victim dies and comes back.
     kill9(victim_pid);
     let saw_not_ready = std::cell::Cell::new(false);
-    let after: PoolStatus = wait_for("victim restarted and ready", Duration::from_secs(30), || {
-        let d = &d;
-        let saw = &saw_not_ready;
-        let bystander = &bystander;
-        async move {
-            let pools = d.pools().await.pools;
-            let by = pools.iter().find(|p| p.pool_id == "bystander").unwrap();
-            assert!(by.ready, "bystander disturbed: {by:?}");
-            assert_eq!(by.restart_count, 0);
-            assert_eq!(by.url, bystander.url);
-            let v = pools.into_iter().find(|p| p.pool_id == "victim").unwrap();
-            if !v.ready {
-                saw.set(true);
+    let after: PoolStatus = wait_for(
+        "victim restarted and ready",
+        Duration::from_secs(30),
+        || {
+            let d = &d;
+            let saw = &saw_not_ready;
+            let bystander = &bystander;
+            async move {
+                let pools = d.pools().await.pools;
+                let by = pools.iter().find(|p| p.pool_id == "bystander").unwrap();
+                assert!(by.ready, "bystander disturbed: {by:?}");
+                assert_eq!(by.restart_count, 0);
+                assert_eq!(by.url, bystander.url);
+                let v = pools.into_iter().find(|p| p.pool_id == "victim").unwrap();
+                if !v.ready {
+                    saw.set(true);
+                }
+                (v.ready && v.restart_count > 0).then_some(v)
             }
-            (v.ready && v.restart_count > 0).then_some(v)
-        }
-    })
+        },
+    )
     .await;
-    assert!(saw_not_ready.get(), "victim never reported not-ready after kill -9");
+    assert!(
+        saw_not_ready.get(),
+        "victim never reported not-ready after kill -9"
+    );
     assert_eq!(after.restart_count, before.restart_count + 1);
-    assert!(after.last_error.as_deref().unwrap_or("").contains("signal 9"), "{after:?}");
+    assert!(
+        after
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("signal 9"),
+        "{after:?}"
+    );
     assert_ne!(engine_pid(&d, "victim"), victim_pid);
     assert_eq!(engine_pid(&d, "bystander"), bystander_pid);
     assert!(pid_alive(bystander_pid));
     let m = d.metrics().await;
-    assert_eq!(metric_value(&m, "pool_engine_restarts_total", &[("pool_id", "victim")]), Some(1.0));
-    assert_eq!(metric_value(&m, "pool_engine_restarts_total", &[("pool_id", "bystander")]), None);
+    assert_eq!(
+        metric_value(&m, "pool_engine_restarts_total", &[("pool_id", "victim")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "pool_engine_restarts_total",
+            &[("pool_id", "bystander")]
+        ),
+        None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,7 +107,9 @@ async fn always_crashing_engine_ends_failed_with_last_error_and_bounded_restarts
     )
     .await;
     let failed = d
-        .wait_pool("crashy", "failed", Duration::from_secs(30), |s| s.state == PoolState::Failed)
+        .wait_pool("crashy", "failed", Duration::from_secs(30), |s| {
+            s.state == PoolState::Failed
+        })
         .await;
     assert!(!failed.ready && !failed.live);
     let err = failed.last_error.clone().unwrap_or_default();
@@ -85,8 +122,14 @@ async fn always_crashing_engine_ends_failed_with_last_error_and_bounded_restarts
     assert_eq!(later.state, PoolState::Failed);
     assert_eq!(later.restart_count, 4);
     let m = d.metrics().await;
-    assert_eq!(metric_value(&m, "pool_engine_restarts_total", &[("pool_id", "crashy")]), Some(4.0));
-    assert_eq!(metric_value(&m, "pool_ready", &[("pool_id", "crashy")]), Some(0.0));
+    assert_eq!(
+        metric_value(&m, "pool_engine_restarts_total", &[("pool_id", "crashy")]),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric_value(&m, "pool_ready", &[("pool_id", "crashy")]),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,46 @@
+# llama-orch — the two commands of the README are `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+CACHE ?= $(or $(LLORCH_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llama-orch)
+ENGINE := $(CACHE)/bin/llama-server
+MODEL := $(CACHE)/models/llorch-tiny.gguf
+CARGO ?= cargo
+
+export LLORCH_CACHE_DIR := $(CACHE)
+export LLORCH_ENGINE_BINARY := $(ENGINE)
+
+.PHONY: help deps engine model build lint test bench-handoff clean-cache
+
+help:
+	@echo "make test           build, lint and run every test (installs engine + model first)"
+	@echo "make engine         install the pinned llama-server into $(CACHE)"
+	@echo "make model          write the tiny test model to $(MODEL)"
+	@echo "make bench-handoff  handoff-file-to-ready latency benchmark"
+
+deps:
+	@scripts/install-deps.sh
+
+engine: deps
+	@scripts/install-engine.sh
+
+model:
+	@$(CARGO) run -q -p tiny-gguf --bin llorch-tiny-model -- --out $(MODEL)
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: engine model lint
+	$(CARGO) test --workspace
+
+bench-handoff: engine model
+	$(CARGO) build --release -p pool-managerd -p llorch-bench
+	target/release/handoff-latency --pool-managerd target/release/pool-managerd \
+	  --engine $(ENGINE) --model $(MODEL) --files 100
+
+clean-cache:
+	rm -rf $(CACHE)

@@ -1,0 +1,134 @@
+//! Handoff-file-to-ready latency of pool-managerd: write N handoff files (atomically, as an
+//! external provisioner would) pointing at one real llama-server, and time each from the rename
+//! until `GET /v2/pools/{id}/status` reports the pool ready. Prints median, p90, p99, max.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use llorch_contracts::{HandoffFile, HandoffModel, ProvisioningMode, HANDOFF_VERSION};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    pool_managerd: PathBuf,
+    #[arg(long)]
+    engine: PathBuf,
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 100)]
+    files: usize,
+}
+
+const TOKEN: &str = "bench-token-0123456789abcdef";
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn wait_ok(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(r) = http.get(url).send().await {
+            if r.status() == 200 {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{url} not ready within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = std::env::temp_dir().join(format!("llorch-bench-{}", std::process::id()));
+    let runtime = dir.join("run");
+    std::fs::create_dir_all(&runtime)?;
+    let http = reqwest::Client::new();
+
+    let engine_port = free_port()?;
+    let mut engine = tokio::process::Command::new(&args.engine)
+        .args(["--model", &args.model.display().to_string(), "--host", "127.0.0.1"])
+        .args(["--port", &engine_port.to_string(), "--parallel", "1", "--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start llama-server")?;
+    let engine_url = format!("http://127.0.0.1:{engine_port}");
+    wait_ok(&http, &format!("{engine_url}/health"), Duration::from_secs(30)).await?;
+
+    let pm_port = free_port()?;
+    let mut pm = tokio::process::Command::new(&args.pool_managerd)
+        .env("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}"))
+        .env("POOL_MANAGERD_RUNTIME_DIR", &runtime)
+        .env("LLORCH_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start pool-managerd")?;
+    let base = format!("http://127.0.0.1:{pm_port}");
+    wait_ok(&http, &format!("{base}/health"), Duration::from_secs(30)).await?;
+
+    let mut samples = Vec::with_capacity(args.files);
+    for i in 0..args.files {
+        let pool_id = format!("bench-{i}");
+        let file = HandoffFile {
+            version: HANDOFF_VERSION,
+            engine: "llamacpp".into(),
+            engine_version: None,
+            provisioning_mode: ProvisioningMode::External,
+            url: engine_url.clone(),
+            pool_id: pool_id.clone(),
+            replica_id: None,
+            model: HandoffModel { id: "tiny".into(), path: None },
+            slots_total: 1,
+            ctx_max: None,
+            device_mask: None,
+            pid: None,
+            started_at_ms: None,
+        };
+        let tmp = runtime.join(format!(".{pool_id}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(&file)?)?;
+        let status_url = format!("{base}/v2/pools/{pool_id}/status");
+        let start = Instant::now();
+        std::fs::rename(&tmp, runtime.join(format!("{pool_id}.json")))?;
+        loop {
+            let r = http.get(&status_url).bearer_auth(TOKEN).send().await?;
+            if r.status() == 200 {
+                let v: serde_json::Value = r.json().await?;
+                if v["ready"] == true {
+                    break;
+                }
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("{pool_id} not ready within 10 s");
+            }
+        }
+        samples.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "handoff-to-ready over {} files: median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        samples.len(),
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.9),
+        percentile(&samples, 0.99),
+        samples[samples.len() - 1]
+    );
+    let _ = pm.kill().await;
+    let _ = engine.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
