@@ -6,78 +6,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use futures_util::TryStreamExt;
-use llorch_contracts::{DrainRequest, ErrorCode, ErrorEnvelope, PoolsResponse, ReloadRequest};
+use llorch_contracts::{DrainRequest, ErrorCode, PoolsResponse, ReloadRequest};
+pub use llorch_http::{ApiError, ApiJson};
 use tokio::sync::oneshot;
 
 use crate::state::Shared;
 use crate::supervisor::Command;
 
 pub type AppState = Arc<Shared>;
-
-pub const CORRELATION_HEADER: &str = "x-correlation-id";
-
-/// The one error type of the API; `IntoResponse` is the one place codes become statuses.
-#[derive(Debug)]
-pub struct ApiError(pub ErrorEnvelope);
-
-impl ApiError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self(ErrorEnvelope::new(code, message))
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut resp = (status, Json(&self.0)).into_response();
-        if let Some(ms) = self.0.retry_after_ms {
-            let secs = ms.div_ceil(1000).max(1);
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-        }
-        if self.0.code == ErrorCode::Unauthorized {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        resp
-    }
-}
-
-/// `Json` whose rejections use the envelope (400, or 413 for an oversized body).
-pub struct ApiJson<T>(pub T);
-
-impl<T, S> FromRequest<S> for ApiJson<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(json_rejection(rejection)),
-        }
-    }
-}
-
-fn json_rejection(r: JsonRejection) -> ApiError {
-    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
-    } else {
-        ApiError::new(ErrorCode::InvalidParams, r.body_text())
-    }
-}
 
 pub fn router(state: AppState) -> Router {
     let authed = Router::new()
@@ -94,56 +37,24 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .merge(authed)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(llorch_http::not_found)
+        .method_not_allowed_fallback(llorch_http::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.max_body_bytes,
         ))
-        .layer(middleware::from_fn(correlation_id))
+        .layer(middleware::from_fn(llorch_http::correlation_id))
         .with_state(state)
 }
 
-/// Echoes a sane `X-Correlation-Id` or makes one, and logs the request inside a span with it.
-async fn correlation_id(mut req: Request, next: Next) -> Response {
-    let id = req
-        .headers()
-        .get(CORRELATION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
-    req.headers_mut().insert(CORRELATION_HEADER, value.clone());
-    let span = tracing::info_span!("request", correlation_id = %id, method = %req.method(), path = %req.uri().path());
-    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
-    resp.headers_mut().insert(CORRELATION_HEADER, value);
-    resp
-}
-
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(token) = &state.config.token {
-        let header = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        if let Err(reason) = auth_min::authorize(header, token) {
-            tracing::warn!(%reason, path = %req.uri().path(), "request refused");
-            return ApiError::new(ErrorCode::Unauthorized, reason.to_string()).into_response();
-        }
+    match llorch_http::check_auth(state.config.token.as_ref(), &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
-    next.run(req).await
 }
 
 async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok", "node_id": state.config.node_id}))
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(ErrorCode::NotFound, "no such endpoint")
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(ErrorCode::NotFound, "method not allowed on this endpoint")
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -241,18 +152,11 @@ async fn reload(
             ErrorCode::PoolUnready,
             format!("reload failed; the previous model keeps serving: {error}"),
         )
-        .into_retry_after(5000)),
+        .with_retry_after(5000)),
         _ => Err(ApiError::new(
             ErrorCode::Internal,
             "reload did not finish in time",
         )),
-    }
-}
-
-impl ApiError {
-    pub fn into_retry_after(mut self, ms: u64) -> Self {
-        self.0 = self.0.with_retry_after_ms(ms);
-        self
     }
 }
 

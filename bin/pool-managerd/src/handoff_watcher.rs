@@ -1,38 +1,23 @@
-//! Watches the runtime directory for handoff files: `notify` for immediate reaction, a periodic
-//! rescan as a safety net (missed events, filesystems without inotify).
+//! Ingests handoff files of the runtime directory (events from `llorch_handoff::watch_dir`):
 //!
 //! - a valid file for a pool this daemon manages is its own, counted as `managed`;
 //! - a valid file for any other pool (an external provisioner) registers that pool and starts a
 //!   health probe of its engine; a changed file updates it; deleting the file retires it;
 //! - an invalid file is logged and counted as `invalid` and changes nothing.
-//!
-//! Each file is processed once per distinct content (a digest), so rescans never double count.
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use llamacpp_client::{EngineClient, Health};
-use llorch_contracts::handoff::is_valid_pool_id;
 use llorch_contracts::{HandoffFile, PoolState, PoolStatus, ProvisioningMode};
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
+use llorch_handoff::HandoffEvent;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::handoff::is_handoff_path;
 use crate::state::Shared;
-
-struct Known {
-    digest: u64,
-    /// The pool this file registered (external pools only).
-    external: Option<String>,
-    /// We deleted the file ourselves after ingesting it; its absence retires nothing.
-    auto_deleted: bool,
-}
 
 struct ExternalPool {
     cancel: CancellationToken,
@@ -40,8 +25,10 @@ struct ExternalPool {
 
 pub struct HandoffWatcher {
     shared: Arc<Shared>,
-    dir: PathBuf,
-    known: HashMap<PathBuf, Known>,
+    /// Pool registered by each handoff file path (external pools only).
+    registered_by: HashMap<PathBuf, String>,
+    /// Paths we deleted ourselves after ingesting (auto-delete): their removal retires nothing.
+    auto_deleted: HashSet<PathBuf>,
     external: HashMap<String, ExternalPool>,
     probes: TaskTracker,
     cancel: CancellationToken,
@@ -50,9 +37,9 @@ pub struct HandoffWatcher {
 impl HandoffWatcher {
     pub fn new(shared: Arc<Shared>, cancel: CancellationToken) -> Self {
         Self {
-            dir: shared.config.runtime_dir.clone(),
             shared,
-            known: HashMap::new(),
+            registered_by: HashMap::new(),
+            auto_deleted: HashSet::new(),
             external: HashMap::new(),
             probes: TaskTracker::new(),
             cancel,
@@ -60,41 +47,26 @@ impl HandoffWatcher {
     }
 
     pub async fn run(mut self) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
-        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(event) = res {
-                for path in event.paths {
-                    let _ = tx.send(path);
+        let (mut events, watcher) = llorch_handoff::watch_dir(
+            self.shared.config.runtime_dir.clone(),
+            self.shared.config.handoff_rescan,
+            self.cancel.child_token(),
+        );
+        while let Some(event) = events.recv().await {
+            match event {
+                HandoffEvent::Upserted {
+                    path,
+                    file,
+                    seen_at,
+                } => self.upserted(&path, file, seen_at).await,
+                HandoffEvent::Invalid { path, label, error } => {
+                    tracing::warn!(path = %path.display(), %error, "ignoring invalid handoff file");
+                    self.count(&label, "invalid");
                 }
-            }
-        });
-        // Keep the watcher alive for the whole loop; without it, the rescan still works.
-        let _watcher = match watcher {
-            Ok(mut w) => match w.watch(&self.dir, RecursiveMode::NonRecursive) {
-                Ok(()) => Some(w),
-                Err(error) => {
-                    tracing::warn!(%error, dir = %self.dir.display(), "cannot watch handoff directory; relying on periodic rescan");
-                    None
-                }
-            },
-            Err(error) => {
-                tracing::warn!(%error, "file watcher unavailable; relying on periodic rescan");
-                None
-            }
-        };
-        let mut rescan = tokio::time::interval(self.shared.config.handoff_rescan);
-        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                Some(path) = rx.recv() => {
-                    if is_handoff_path(&path) && path.parent() == Some(self.dir.as_path()) {
-                        self.process(&path, Instant::now()).await;
-                    }
-                }
-                _ = rescan.tick() => self.rescan().await,
+                HandoffEvent::Removed { path, .. } => self.removed(&path),
             }
         }
+        let _ = watcher.await;
         for (_, pool) in self.external.drain() {
             pool.cancel.cancel();
         }
@@ -102,92 +74,10 @@ impl HandoffWatcher {
         self.probes.wait().await;
     }
 
-    async fn rescan(&mut self) {
-        let mut present = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if is_handoff_path(&path) && entry.file_type().map(|t| t.is_file()).unwrap_or(false)
-                {
-                    present.push(path);
-                }
-            }
-        }
-        let gone: Vec<PathBuf> = self
-            .known
-            .iter()
-            .filter(|(p, k)| !k.auto_deleted && !present.contains(p))
-            .map(|(p, _)| p.clone())
-            .collect();
-        for path in present.iter().chain(gone.iter()) {
-            self.process(path, Instant::now()).await;
-        }
-    }
-
-    async fn process(&mut self, path: &Path, seen_at: Instant) {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.file_gone(path);
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "cannot read handoff file");
-                return;
-            }
-        };
-        let digest = digest(&bytes);
-        if self.known.get(path).map(|k| k.digest) == Some(digest) {
-            return;
-        }
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let label = if is_valid_pool_id(&stem) {
-            stem.clone()
-        } else {
-            "_invalid".into()
-        };
-        let parsed = HandoffFile::parse(&bytes).and_then(|f| {
-            if f.pool_id == stem {
-                Ok(f)
-            } else {
-                Err(llorch_contracts::handoff::HandoffError::Invalid(format!(
-                    "file name must be {}.json for pool_id {:?}",
-                    f.pool_id, f.pool_id
-                )))
-            }
-        });
-        let file = match parsed {
-            Ok(f) => f,
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "ignoring invalid handoff file");
-                self.count(&label, "invalid");
-                // Remember the bad content so rescans do not count it again; keep whatever
-                // pool an earlier valid version registered.
-                let external = self.known.get(path).and_then(|k| k.external.clone());
-                self.known.insert(
-                    path.to_path_buf(),
-                    Known {
-                        digest,
-                        external,
-                        auto_deleted: false,
-                    },
-                );
-                return;
-            }
-        };
+    async fn upserted(&mut self, path: &Path, file: HandoffFile, seen_at: Instant) {
+        self.auto_deleted.remove(path);
         if self.shared.is_managed(&file.pool_id) {
             self.count(&file.pool_id, "managed");
-            self.known.insert(
-                path.to_path_buf(),
-                Known {
-                    digest,
-                    external: None,
-                    auto_deleted: false,
-                },
-            );
             return;
         }
         let outcome = if self.external.contains_key(&file.pool_id) {
@@ -203,41 +93,33 @@ impl HandoffWatcher {
             .with_label_values(&[&file.pool_id])
             .observe(seen_at.elapsed().as_secs_f64() * 1000.0);
         tracing::info!(pool_id = %file.pool_id, url = %file.url, outcome, "handoff file ingested");
-        let mut auto_deleted = false;
+        self.registered_by
+            .insert(path.to_path_buf(), file.pool_id.clone());
         if self.shared.config.auto_delete_handoff {
             match std::fs::remove_file(path) {
-                Ok(()) => auto_deleted = true,
+                Ok(()) => {
+                    self.auto_deleted.insert(path.to_path_buf());
+                }
                 Err(error) => {
                     tracing::warn!(path = %path.display(), %error, "cannot auto-delete handoff file")
                 }
             }
         }
-        self.known.insert(
-            path.to_path_buf(),
-            Known {
-                digest,
-                external: Some(file.pool_id.clone()),
-                auto_deleted,
-            },
-        );
     }
 
-    fn file_gone(&mut self, path: &Path) {
-        let Some(known) = self.known.remove(path) else {
+    fn removed(&mut self, path: &Path) {
+        if self.auto_deleted.contains(path) {
+            return;
+        }
+        let Some(pool_id) = self.registered_by.remove(path) else {
             return;
         };
-        if known.auto_deleted {
-            self.known.insert(path.to_path_buf(), known);
-            return;
+        if let Some(pool) = self.external.remove(&pool_id) {
+            pool.cancel.cancel();
         }
-        if let Some(pool_id) = known.external {
-            if let Some(pool) = self.external.remove(&pool_id) {
-                pool.cancel.cancel();
-            }
-            self.shared.registry.write().remove(&pool_id);
-            self.count(&pool_id, "retired");
-            tracing::info!(%pool_id, "handoff file deleted; pool retired");
-        }
+        self.shared.registry.write().remove(&pool_id);
+        self.count(&pool_id, "retired");
+        tracing::info!(%pool_id, "handoff file deleted; pool retired");
     }
 
     async fn register_external(&mut self, file: &HandoffFile) {
@@ -335,10 +217,4 @@ async fn probe_external(shared: &Shared, client: &EngineClient, status: &mut Poo
             status.last_error = Some(format!("health probe failed: {e}"));
         }
     }
-}
-
-fn digest(bytes: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
 }

@@ -7,7 +7,6 @@ pub mod config;
 pub mod engine_binary;
 pub mod engine_process;
 pub mod gpu;
-pub mod handoff;
 pub mod handoff_watcher;
 pub mod metrics;
 pub mod proxy;
@@ -51,7 +50,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     // Handoff files of our pools point at engines that no longer exist.
     for pool in &config.pools {
-        handoff::remove(&config.runtime_dir, &pool.id);
+        llorch_handoff::remove(&config.runtime_dir, &pool.id);
     }
 
     let listener = tokio::net::TcpListener::bind(config.bind_addr)
@@ -157,41 +156,5 @@ async fn refresh_gpus(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
             }
         }
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-/// Logging: `tracing` to stderr, JSON lines or human-readable, filter from `RUST_LOG`.
-pub fn init_logging(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init();
-    } else {
-        builder.init();
     }
 }

@@ -12,8 +12,8 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    pool_managerd::init_logging(config.json_logs);
-    match pool_managerd::run(config, pool_managerd::shutdown_signal()).await {
+    llorch_http::init_logging(config.json_logs);
+    match pool_managerd::run(config, llorch_http::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "pool-managerd failed");

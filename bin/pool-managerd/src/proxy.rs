@@ -38,7 +38,7 @@ pub async fn engine_proxy(
                     pool.state.as_str()
                 ),
             )
-            .into_retry_after(1000));
+            .with_retry_after(1000));
         }
     };
     let (parts, body) = req.into_parts();
@@ -91,5 +91,5 @@ fn unreachable_engine(id: &str, e: &reqwest::Error) -> ApiError {
         ErrorCode::PoolUnavailable,
         format!("engine of pool {id:?} is unreachable"),
     )
-    .into_retry_after(1000)
+    .with_retry_after(1000)
 }

@@ -18,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolSpec;
 use crate::engine_process::{self, EngineProcess, SpawnRequest};
-use crate::handoff;
 use crate::state::Shared;
 
 pub enum Command {
@@ -108,7 +107,7 @@ impl Supervisor {
                 Next::Exit => break,
             };
         }
-        handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
+        llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
         self.sup.on_stopped();
         self.url = None;
         self.publish();
@@ -198,9 +197,9 @@ impl Supervisor {
             ctx_max: Some(self.spec.ctx / self.spec.slots),
             device_mask: self.spec.device_mask.clone(),
             pid: Some(engine.pid),
-            started_at_ms: Some(handoff::now_ms()),
+            started_at_ms: Some(llorch_handoff::now_ms()),
         };
-        if let Err(error) = handoff::write_atomic(&self.shared.config.runtime_dir, &file) {
+        if let Err(error) = llorch_handoff::write_atomic(&self.shared.config.runtime_dir, &file) {
             tracing::error!(pool_id = %self.spec.id, %error, "cannot write handoff file");
         }
         self.publish();
@@ -240,7 +239,7 @@ impl Supervisor {
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Drain { deadline, reply }) => {
                         self.sup.on_drain();
-                        handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
+                        llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
                         self.publish();
                         let _ = reply.send(Ok(()));
                         return self.drain(engine, deadline).await;
@@ -357,7 +356,7 @@ impl Supervisor {
     }
 
     async fn failure(&mut self, error: String) -> Next {
-        handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
+        llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
         self.url = None;
         self.pid = None;
         let jitter: f64 = rand::random();

@@ -25,7 +25,9 @@ struct Args {
 const TOKEN: &str = "bench-token-0123456789abcdef";
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 async fn wait_ok(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
@@ -58,15 +60,32 @@ async fn main() -> anyhow::Result<()> {
 
     let engine_port = free_port()?;
     let mut engine = tokio::process::Command::new(&args.engine)
-        .args(["--model", &args.model.display().to_string(), "--host", "127.0.0.1"])
-        .args(["--port", &engine_port.to_string(), "--parallel", "1", "--threads", "1"])
+        .args([
+            "--model",
+            &args.model.display().to_string(),
+            "--host",
+            "127.0.0.1",
+        ])
+        .args([
+            "--port",
+            &engine_port.to_string(),
+            "--parallel",
+            "1",
+            "--threads",
+            "1",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .context("start llama-server")?;
     let engine_url = format!("http://127.0.0.1:{engine_port}");
-    wait_ok(&http, &format!("{engine_url}/health"), Duration::from_secs(30)).await?;
+    wait_ok(
+        &http,
+        &format!("{engine_url}/health"),
+        Duration::from_secs(30),
+    )
+    .await?;
 
     let pm_port = free_port()?;
     let mut pm = tokio::process::Command::new(&args.pool_managerd)
@@ -92,7 +111,10 @@ async fn main() -> anyhow::Result<()> {
             url: engine_url.clone(),
             pool_id: pool_id.clone(),
             replica_id: None,
-            model: HandoffModel { id: "tiny".into(), path: None },
+            model: HandoffModel {
+                id: "tiny".into(),
+                path: None,
+            },
             slots_total: 1,
             ctx_max: None,
             device_mask: None,

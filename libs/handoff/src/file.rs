@@ -1,4 +1,4 @@
-//! Reading and writing handoff files (`{runtime_dir}/{pool_id}.json`). Writes are atomic:
+//! Writing handoff files (`{runtime_dir}/{pool_id}.json`). Writes are atomic:
 //! a hidden temporary file in the same directory, fsync, then rename.
 
 use std::io::Write;

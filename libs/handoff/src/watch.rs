@@ -1,0 +1,291 @@
+//! Directory watcher: `notify` for immediate reaction plus a periodic rescan as safety net
+//! (missed events, filesystems without inotify). Each distinct content of a file is reported
+//! once (content digest), so rescans never repeat an event.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use llorch_contracts::handoff::{is_valid_pool_id, HandoffError};
+use llorch_contracts::HandoffFile;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::is_handoff_path;
+
+#[derive(Debug)]
+pub enum HandoffEvent {
+    /// A valid file appeared or changed. `seen_at` is when the watcher noticed it.
+    Upserted {
+        path: PathBuf,
+        file: HandoffFile,
+        seen_at: Instant,
+    },
+    /// A file appeared or changed but is not a valid handoff file. `label` is the file stem
+    /// when it is a valid pool id, else `_invalid` (bounded metric labels).
+    Invalid {
+        path: PathBuf,
+        label: String,
+        error: HandoffError,
+    },
+    /// A file reported before is gone.
+    Removed { path: PathBuf, seen_at: Instant },
+}
+
+/// Watches `dir` until `cancel`; events arrive on the returned channel. The first rescan runs
+/// at once, so files already present are reported too.
+pub fn watch_dir(
+    dir: PathBuf,
+    rescan: Duration,
+    cancel: CancellationToken,
+) -> (mpsc::Receiver<HandoffEvent>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(256);
+    let handle = tokio::spawn(run(dir, rescan, cancel, tx));
+    (rx, handle)
+}
+
+async fn run(
+    dir: PathBuf,
+    rescan: Duration,
+    cancel: CancellationToken,
+    tx: mpsc::Sender<HandoffEvent>,
+) {
+    let (ntx, mut nrx) = mpsc::unbounded_channel::<PathBuf>();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res {
+            for path in event.paths {
+                let _ = ntx.send(path);
+            }
+        }
+    });
+    // Held for the whole loop; without it the periodic rescan still works.
+    let _watcher = match watcher {
+        Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
+            Ok(()) => Some(w),
+            Err(error) => {
+                tracing::warn!(%error, dir = %dir.display(), "cannot watch handoff directory; relying on periodic rescan");
+                None
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "file watcher unavailable; relying on periodic rescan");
+            None
+        }
+    };
+    let mut state = DirState {
+        dir,
+        known: HashMap::new(),
+    };
+    let mut tick = tokio::time::interval(rescan);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let events = tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(path) = nrx.recv() => {
+                if is_handoff_path(&path) && path.parent() == Some(state.dir.as_path()) {
+                    state.check(&path, Instant::now()).into_iter().collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            _ = tick.tick() => state.rescan(),
+        };
+        for event in events {
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+struct DirState {
+    dir: PathBuf,
+    /// Digest of the last content reported per path.
+    known: HashMap<PathBuf, u64>,
+}
+
+impl DirState {
+    fn rescan(&mut self) -> Vec<HandoffEvent> {
+        let now = Instant::now();
+        let mut present = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if is_handoff_path(&path) && entry.file_type().map(|t| t.is_file()).unwrap_or(false)
+                {
+                    present.push(path);
+                }
+            }
+        }
+        let gone: Vec<PathBuf> = self
+            .known
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        present
+            .iter()
+            .chain(gone.iter())
+            .filter_map(|p| self.check(p, now))
+            .collect()
+    }
+
+    fn check(&mut self, path: &Path, seen_at: Instant) -> Option<HandoffEvent> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return self.known.remove(path).map(|_| HandoffEvent::Removed {
+                    path: path.to_path_buf(),
+                    seen_at,
+                });
+            }
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot read handoff file");
+                return None;
+            }
+        };
+        let digest = digest(&bytes);
+        if self.known.insert(path.to_path_buf(), digest) == Some(digest) {
+            return None;
+        }
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let parsed = HandoffFile::parse(&bytes).and_then(|f| {
+            if f.pool_id == stem {
+                Ok(f)
+            } else {
+                Err(HandoffError::Invalid(format!(
+                    "file name must be {}.json for pool_id {:?}",
+                    f.pool_id, f.pool_id
+                )))
+            }
+        });
+        Some(match parsed {
+            Ok(file) => HandoffEvent::Upserted {
+                path: path.to_path_buf(),
+                file,
+                seen_at,
+            },
+            Err(error) => HandoffEvent::Invalid {
+                path: path.to_path_buf(),
+                label: if is_valid_pool_id(&stem) {
+                    stem
+                } else {
+                    "_invalid".into()
+                },
+                error,
+            },
+        })
+    }
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llorch_contracts::{HandoffModel, ProvisioningMode, HANDOFF_VERSION};
+
+    fn file(id: &str) -> HandoffFile {
+        HandoffFile {
+            version: HANDOFF_VERSION,
+            engine: "llamacpp".into(),
+            engine_version: None,
+            provisioning_mode: ProvisioningMode::External,
+            url: "http://127.0.0.1:1".into(),
+            pool_id: id.into(),
+            replica_id: None,
+            model: HandoffModel {
+                id: "m".into(),
+                path: None,
+            },
+            slots_total: 1,
+            ctx_max: None,
+            device_mask: None,
+            pid: None,
+            started_at_ms: None,
+        }
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<HandoffEvent>) -> HandoffEvent {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no event within 5 s")
+            .expect("watcher ended")
+    }
+
+    #[tokio::test]
+    async fn reports_create_atomic_rename_modify_invalid_and_delete_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        // Long rescan: events must come from notify; the first rescan runs at once.
+        let (mut rx, handle) = watch_dir(
+            dir.path().to_path_buf(),
+            Duration::from_secs(3600),
+            cancel.clone(),
+        );
+        tokio::task::yield_now().await;
+
+        crate::write_atomic(dir.path(), &file("a")).unwrap();
+        assert!(
+            matches!(next(&mut rx).await, HandoffEvent::Upserted { file, .. } if file.pool_id == "a")
+        );
+
+        let mut changed = file("a");
+        changed.slots_total = 3;
+        std::fs::write(
+            dir.path().join("a.json"),
+            serde_json::to_vec(&changed).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            matches!(next(&mut rx).await, HandoffEvent::Upserted { file, .. } if file.slots_total == 3)
+        );
+
+        std::fs::write(dir.path().join("b.json"), b"{oops").unwrap();
+        assert!(matches!(next(&mut rx).await, HandoffEvent::Invalid { label, .. } if label == "b"));
+
+        std::fs::write(
+            dir.path().join("c.json"),
+            serde_json::to_vec(&file("other")).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(next(&mut rx).await, HandoffEvent::Invalid { label, .. } if label == "c"));
+
+        std::fs::remove_file(dir.path().join("a.json")).unwrap();
+        assert!(
+            matches!(next(&mut rx).await, HandoffEvent::Removed { path, .. } if path.ends_with("a.json"))
+        );
+
+        cancel.cancel();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn rescan_alone_finds_files_without_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::write_atomic(dir.path(), &file("pre")).unwrap();
+        let mut state = DirState {
+            dir: dir.path().to_path_buf(),
+            known: HashMap::new(),
+        };
+        let first = state.rescan();
+        assert_eq!(first.len(), 1);
+        assert!(state.rescan().is_empty(), "unchanged file reported twice");
+        std::fs::remove_file(dir.path().join("pre.json")).unwrap();
+        assert!(matches!(
+            state.rescan().as_slice(),
+            [HandoffEvent::Removed { .. }]
+        ));
+        assert!(state.rescan().is_empty());
+    }
+}

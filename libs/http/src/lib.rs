@@ -1,0 +1,195 @@
+//! HTTP pieces shared by orchestratord and pool-managerd, so both speak the same envelope,
+//! correlation ids and auth rules (DESIGN §3, §5).
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use llorch_contracts::{ErrorCode, ErrorEnvelope};
+
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// The one error type of both APIs; `IntoResponse` is the one place a code becomes a status
+/// (through `ErrorCode::http_status`) and retry hints become headers.
+#[derive(Debug)]
+pub struct ApiError(pub ErrorEnvelope);
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self(ErrorEnvelope::new(code, message))
+    }
+
+    pub fn with_retry_after(mut self, ms: u64) -> Self {
+        self.0 = self.0.with_retry_after_ms(ms);
+        self
+    }
+
+    pub fn with_policy_label(mut self, label: impl Into<String>) -> Self {
+        self.0 = self.0.with_policy_label(label);
+        self
+    }
+}
+
+impl From<ErrorEnvelope> for ApiError {
+    fn from(e: ErrorEnvelope) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, Json(&self.0)).into_response();
+        let headers = resp.headers_mut();
+        if let Some(ms) = self.0.retry_after_ms {
+            let secs = ms.div_ceil(1000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                headers.insert(header::RETRY_AFTER, v);
+            }
+            if matches!(
+                self.0.code,
+                ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru
+            ) {
+                if let Ok(v) = HeaderValue::from_str(&ms.to_string()) {
+                    headers.insert("x-backoff-ms", v);
+                }
+            }
+        }
+        if self.0.code == ErrorCode::Unauthorized {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// `Json` whose rejections use the envelope: 400 `INVALID_PARAMS`, or 413 for a body over the
+/// limit.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
+    } else {
+        ApiError::new(ErrorCode::InvalidParams, r.body_text())
+    }
+}
+
+/// `Path` whose rejections use the envelope.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(r) => Err(path_rejection(r)),
+        }
+    }
+}
+
+fn path_rejection(r: PathRejection) -> ApiError {
+    ApiError::new(ErrorCode::InvalidParams, r.body_text())
+}
+
+/// Echoes a sane `X-Correlation-Id` or makes one; runs the request in a span carrying it.
+pub async fn correlation_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    req.headers_mut().insert(CORRELATION_HEADER, value.clone());
+    let span = tracing::info_span!("request", correlation_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    resp.headers_mut().insert(CORRELATION_HEADER, value);
+    resp
+}
+
+/// Checks the Bearer token of a request (when a token is configured). The refusal is logged
+/// with its reason; neither the header nor the presented token ever reaches a log.
+pub fn check_auth(token: Option<&auth_min::Token>, req: &Request) -> Result<(), ApiError> {
+    let Some(token) = token else { return Ok(()) };
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    auth_min::authorize(header, token).map_err(|reason| {
+        tracing::warn!(%reason, path = %req.uri().path(), "request refused");
+        ApiError::new(ErrorCode::Unauthorized, reason.to_string())
+    })
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such endpoint")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "method not allowed on this endpoint")
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `tracing` to stderr, JSON lines or human-readable (ANSI only on a terminal); filter from
+/// `RUST_LOG`, default `info`.
+pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
+    } else {
+        builder.init();
+    }
+}
