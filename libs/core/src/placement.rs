@@ -1,0 +1,200 @@
+//! Placement (DESIGN §3): only ready, non-draining pools serving the model with a free slot;
+//! session affinity first, then most free slots, then most free VRAM, then pool id.
+//! `pin` never falls back unless the request allows it explicitly.
+
+use llorch_contracts::tasks::{Placement, PlacementMode};
+
+/// What placement needs to know of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolView {
+    pub pool_id: String,
+    pub model_id: String,
+    pub ready: bool,
+    pub draining: bool,
+    pub slots_total: u32,
+    /// Requests this orchestrator has in flight on the pool.
+    pub in_flight: u32,
+    pub vram_free_bytes: Option<u64>,
+}
+
+impl PoolView {
+    pub fn free_slots(&self) -> u32 {
+        self.slots_total.saturating_sub(self.in_flight)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PlacementRequest<'a> {
+    pub model: &'a str,
+    pub placement: Option<&'a Placement>,
+    /// The pool that served the session's last turn (KV affinity).
+    pub session_pool: Option<&'a str>,
+    /// A pool to stay away from when any other is free (it just failed this task).
+    pub retry_avoid: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Place(String),
+    /// Some pool could serve it later; keep it queued.
+    Wait,
+}
+
+pub fn place(pools: &[PoolView], req: &PlacementRequest<'_>) -> Decision {
+    let default = Placement::default();
+    let p = req.placement.unwrap_or(&default);
+    let usable = |v: &&PoolView| {
+        v.model_id == req.model && v.ready && !v.draining && !p.avoid_pools.contains(&v.pool_id)
+    };
+    let mut candidates: Vec<&PoolView> = pools.iter().filter(usable).collect();
+    if p.mode == PlacementMode::Pin {
+        let pinned: Vec<&PoolView> = candidates
+            .iter()
+            .copied()
+            .filter(|v| Some(&v.pool_id) == p.pin_pool_id.as_ref())
+            .collect();
+        let pinned_free = pinned.iter().any(|v| v.free_slots() > 0);
+        if pinned_free || !p.allow_fallback {
+            candidates = pinned;
+        }
+    }
+    let mut free: Vec<&PoolView> = candidates.into_iter().filter(|v| v.free_slots() > 0).collect();
+    if free.is_empty() {
+        return Decision::Wait;
+    }
+    if p.mode == PlacementMode::Prefer {
+        let preferred: Vec<&PoolView> = free
+            .iter()
+            .copied()
+            .filter(|v| p.prefer_pools.contains(&v.pool_id))
+            .collect();
+        if !preferred.is_empty() {
+            free = preferred;
+        }
+    }
+    if let Some(avoid) = req.retry_avoid {
+        if free.iter().any(|v| v.pool_id != avoid) {
+            free.retain(|v| v.pool_id != avoid);
+        }
+    }
+    if let Some(session) = req.session_pool {
+        if let Some(v) = free.iter().find(|v| v.pool_id == session) {
+            return Decision::Place(v.pool_id.clone());
+        }
+    }
+    free.sort_by(|a, b| {
+        b.free_slots()
+            .cmp(&a.free_slots())
+            .then(b.vram_free_bytes.cmp(&a.vram_free_bytes))
+            .then(a.pool_id.cmp(&b.pool_id))
+    });
+    Decision::Place(free[0].pool_id.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pool(id: &str, model: &str, total: u32, busy: u32) -> PoolView {
+        PoolView {
+            pool_id: id.into(),
+            model_id: model.into(),
+            ready: true,
+            draining: false,
+            slots_total: total,
+            in_flight: busy,
+            vram_free_bytes: None,
+        }
+    }
+
+    fn req(model: &str) -> PlacementRequest<'_> {
+        PlacementRequest { model, ..Default::default() }
+    }
+
+    #[test]
+    fn most_free_slots_then_pool_id() {
+        let pools = vec![pool("b", "m", 4, 1), pool("a", "m", 4, 1), pool("c", "m", 4, 3)];
+        assert_eq!(place(&pools, &req("m")), Decision::Place("a".into()));
+    }
+
+    #[test]
+    fn vram_breaks_ties_before_pool_id() {
+        let mut a = pool("a", "m", 2, 0);
+        let mut b = pool("b", "m", 2, 0);
+        a.vram_free_bytes = Some(1);
+        b.vram_free_bytes = Some(2);
+        assert_eq!(place(&[a, b], &req("m")), Decision::Place("b".into()));
+    }
+
+    #[test]
+    fn unready_draining_other_model_and_full_pools_are_skipped() {
+        let mut unready = pool("a", "m", 2, 0);
+        unready.ready = false;
+        let mut draining = pool("b", "m", 2, 0);
+        draining.draining = true;
+        let pools = vec![unready, draining, pool("c", "other", 2, 0), pool("d", "m", 1, 1)];
+        assert_eq!(place(&pools, &req("m")), Decision::Wait);
+    }
+
+    #[test]
+    fn session_affinity_wins_while_its_pool_has_a_slot() {
+        let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 3)];
+        let r = PlacementRequest { session_pool: Some("b"), ..req("m") };
+        assert_eq!(place(&pools, &r), Decision::Place("b".into()));
+        let full = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 4)];
+        assert_eq!(place(&full, &r), Decision::Place("a".into()));
+    }
+
+    #[test]
+    fn pin_never_falls_back_silently() {
+        let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 1, 1)];
+        let pin = Placement { mode: PlacementMode::Pin, pin_pool_id: Some("b".into()), ..Default::default() };
+        let r = PlacementRequest { placement: Some(&pin), ..req("m") };
+        assert_eq!(place(&pools, &r), Decision::Wait);
+        let fallback = Placement { allow_fallback: true, ..pin };
+        let r = PlacementRequest { placement: Some(&fallback), ..req("m") };
+        assert_eq!(place(&pools, &r), Decision::Place("a".into()));
+    }
+
+    #[test]
+    fn prefer_and_avoid() {
+        let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 3)];
+        let prefer = Placement { mode: PlacementMode::Prefer, prefer_pools: vec!["b".into()], ..Default::default() };
+        assert_eq!(place(&pools, &PlacementRequest { placement: Some(&prefer), ..req("m") }), Decision::Place("b".into()));
+        let avoid = Placement { avoid_pools: vec!["a".into()], ..Default::default() };
+        assert_eq!(place(&pools, &PlacementRequest { placement: Some(&avoid), ..req("m") }), Decision::Place("b".into()));
+    }
+
+    #[test]
+    fn retry_avoids_the_failed_pool_only_when_another_is_free() {
+        let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 0)];
+        let r = PlacementRequest { retry_avoid: Some("a"), ..req("m") };
+        assert_eq!(place(&pools, &r), Decision::Place("b".into()));
+        let single = vec![pool("a", "m", 4, 0)];
+        assert_eq!(place(&single, &r), Decision::Place("a".into()));
+    }
+
+    proptest! {
+        /// A placed pool always serves the model, is ready, not draining, and has a free slot.
+        #[test]
+        fn placement_respects_hard_constraints(spec in proptest::collection::vec((0u8..3, any::<bool>(), any::<bool>(), 1u32..4, 0u32..5), 0..8)) {
+            let pools: Vec<PoolView> = spec.iter().enumerate().map(|(i, (m, ready, draining, total, busy))| PoolView {
+                pool_id: format!("p{i}"),
+                model_id: format!("m{m}"),
+                ready: *ready,
+                draining: *draining,
+                slots_total: *total,
+                in_flight: *busy,
+                vram_free_bytes: None,
+            }).collect();
+            match place(&pools, &req("m0")) {
+                Decision::Place(id) => {
+                    let v = pools.iter().find(|p| p.pool_id == id).unwrap();
+                    prop_assert!(v.model_id == "m0" && v.ready && !v.draining && v.free_slots() > 0);
+                }
+                Decision::Wait => prop_assert!(!pools.iter().any(|v| v.model_id == "m0" && v.ready && !v.draining && v.free_slots() > 0)),
+            }
+        }
+    }
+}

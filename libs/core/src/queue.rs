@@ -1,0 +1,245 @@
+//! Bounded admission queue: interactive before batch, FIFO within a class (DESIGN §3).
+
+use std::collections::VecDeque;
+
+use llorch_contracts::tasks::Priority;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmissionPolicy {
+    /// A full queue answers 429.
+    Reject,
+    /// A full queue drops its oldest queued batch task to admit the new one.
+    DropLru,
+}
+
+impl AdmissionPolicy {
+    pub fn label(self) -> &'static str {
+        match self {
+            AdmissionPolicy::Reject => "reject",
+            AdmissionPolicy::DropLru => "drop-lru",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueFull {
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted<T> {
+    /// 0-based position in dispatch order.
+    pub position: usize,
+    /// The entry dropped to make room (drop-lru).
+    pub dropped: Option<T>,
+}
+
+/// Entries are dispatched interactive-first, FIFO within a class. `T` carries the caller's data
+/// (a task id, say); `key` identifies an entry for removal.
+#[derive(Debug, Clone)]
+pub struct AdmissionQueue<T> {
+    capacity: usize,
+    interactive: VecDeque<T>,
+    batch: VecDeque<T>,
+}
+
+impl<T> AdmissionQueue<T> {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            interactive: VecDeque::new(),
+            batch: VecDeque::new(),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.interactive.len() + self.batch.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn depth(&self, p: Priority) -> usize {
+        match p {
+            Priority::Interactive => self.interactive.len(),
+            Priority::Batch => self.batch.len(),
+        }
+    }
+
+    fn class(&mut self, p: Priority) -> &mut VecDeque<T> {
+        match p {
+            Priority::Interactive => &mut self.interactive,
+            Priority::Batch => &mut self.batch,
+        }
+    }
+
+    /// Admits `item` at the back of its class.
+    pub fn admit(
+        &mut self,
+        item: T,
+        priority: Priority,
+        policy: AdmissionPolicy,
+    ) -> Result<Admitted<T>, QueueFull> {
+        let mut dropped = None;
+        if self.len() >= self.capacity {
+            match policy {
+                AdmissionPolicy::Reject => {
+                    return Err(QueueFull {
+                        capacity: self.capacity,
+                    })
+                }
+                AdmissionPolicy::DropLru => match self.batch.pop_front() {
+                    Some(oldest) => dropped = Some(oldest),
+                    None => {
+                        return Err(QueueFull {
+                            capacity: self.capacity,
+                        })
+                    }
+                },
+            }
+        }
+        self.class(priority).push_back(item);
+        let position = match priority {
+            Priority::Interactive => self.interactive.len() - 1,
+            Priority::Batch => self.interactive.len() + self.batch.len() - 1,
+        };
+        Ok(Admitted { position, dropped })
+    }
+
+    /// Puts an entry back at the front of its class (a retry), even past capacity: it was
+    /// admitted before and must not be lost.
+    pub fn requeue_front(&mut self, item: T, priority: Priority) {
+        self.class(priority).push_front(item);
+    }
+
+    /// Removes the first entry matching `pred`.
+    pub fn remove(&mut self, mut pred: impl FnMut(&T) -> bool) -> Option<T> {
+        for q in [&mut self.interactive, &mut self.batch] {
+            if let Some(i) = q.iter().position(&mut pred) {
+                return q.remove(i);
+            }
+        }
+        None
+    }
+
+    /// Removes and returns the first entry, in dispatch order, for which `pick` returns
+    /// `Some(decision)`.
+    pub fn take_first<D>(&mut self, mut pick: impl FnMut(&T) -> Option<D>) -> Option<(T, D)> {
+        for q in [&mut self.interactive, &mut self.batch] {
+            let mut found = None;
+            for (i, item) in q.iter().enumerate() {
+                if let Some(d) = pick(item) {
+                    found = Some((i, d));
+                    break;
+                }
+            }
+            if let Some((i, d)) = found {
+                return q.remove(i).map(|item| (item, d));
+            }
+        }
+        None
+    }
+
+    /// Entries in dispatch order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.interactive.iter().chain(self.batch.iter())
+    }
+
+    pub fn position(&self, mut pred: impl FnMut(&T) -> bool) -> Option<usize> {
+        self.iter().position(&mut pred)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use Priority::*;
+
+    #[test]
+    fn interactive_is_dispatched_before_batch_and_fifo_within_class() {
+        let mut q = AdmissionQueue::new(10);
+        for (id, p) in [(1, Batch), (2, Interactive), (3, Batch), (4, Interactive)] {
+            q.admit(id, p, AdmissionPolicy::Reject).unwrap();
+        }
+        let order: Vec<_> = std::iter::from_fn(|| q.take_first(|_| Some(())).map(|(i, _)| i)).collect();
+        assert_eq!(order, vec![2, 4, 1, 3]);
+    }
+
+    #[test]
+    fn reject_policy_refuses_when_full() {
+        let mut q = AdmissionQueue::new(2);
+        q.admit(1, Batch, AdmissionPolicy::Reject).unwrap();
+        q.admit(2, Batch, AdmissionPolicy::Reject).unwrap();
+        assert_eq!(q.admit(3, Interactive, AdmissionPolicy::Reject), Err(QueueFull { capacity: 2 }));
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn drop_lru_drops_the_oldest_batch_entry() {
+        let mut q = AdmissionQueue::new(3);
+        q.admit(1, Interactive, AdmissionPolicy::DropLru).unwrap();
+        q.admit(2, Batch, AdmissionPolicy::DropLru).unwrap();
+        q.admit(3, Batch, AdmissionPolicy::DropLru).unwrap();
+        let a = q.admit(4, Batch, AdmissionPolicy::DropLru).unwrap();
+        assert_eq!(a.dropped, Some(2));
+        assert_eq!(a.position, 2);
+        let order: Vec<_> = q.iter().copied().collect();
+        assert_eq!(order, vec![1, 3, 4]);
+    }
+
+    #[test]
+    fn drop_lru_with_only_interactive_queued_rejects() {
+        let mut q = AdmissionQueue::new(1);
+        q.admit(1, Interactive, AdmissionPolicy::DropLru).unwrap();
+        assert!(q.admit(2, Batch, AdmissionPolicy::DropLru).is_err());
+    }
+
+    #[test]
+    fn take_first_skips_entries_that_cannot_be_placed() {
+        let mut q = AdmissionQueue::new(5);
+        q.admit(("a", 1), Interactive, AdmissionPolicy::Reject).unwrap();
+        q.admit(("b", 2), Interactive, AdmissionPolicy::Reject).unwrap();
+        let got = q.take_first(|(model, _)| (*model == "b").then_some("pool-b"));
+        assert_eq!(got, Some((("b", 2), "pool-b")));
+        assert_eq!(q.len(), 1);
+    }
+
+    proptest! {
+        /// Never above capacity; positions match dispatch order; nothing lost or duplicated.
+        #[test]
+        fn queue_conserves_entries(ops in proptest::collection::vec((0u8..4, any::<bool>()), 1..300), cap in 1usize..20, drop_lru in any::<bool>()) {
+            let policy = if drop_lru { AdmissionPolicy::DropLru } else { AdmissionPolicy::Reject };
+            let mut q = AdmissionQueue::new(cap);
+            let mut live = std::collections::BTreeSet::new();
+            let mut next = 0u32;
+            for (op, interactive) in ops {
+                let p = if interactive { Interactive } else { Batch };
+                match op {
+                    0 | 1 => {
+                        next += 1;
+                        match q.admit(next, p, policy) {
+                            Ok(a) => {
+                                live.insert(next);
+                                if let Some(d) = a.dropped { prop_assert!(live.remove(&d)); }
+                                prop_assert_eq!(q.position(|x| *x == next), Some(a.position));
+                            }
+                            Err(_) => prop_assert_eq!(q.len(), cap),
+                        }
+                    }
+                    2 => { if let Some((x, ())) = q.take_first(|_| Some(())) { prop_assert!(live.remove(&x)); } }
+                    _ => { if let Some(&x) = live.iter().next() { prop_assert_eq!(q.remove(|y| *y == x), Some(x)); live.remove(&x); } }
+                }
+                prop_assert!(q.len() <= cap);
+                prop_assert_eq!(q.len(), live.len());
+                let seen: std::collections::BTreeSet<u32> = q.iter().copied().collect();
+                prop_assert_eq!(&seen, &live);
+            }
+        }
+    }
+}
