@@ -17,6 +17,7 @@ use subtle::ConstantTimeEq;
 pub struct Token {
     digest: [u8; 32],
     fingerprint: String,
+    secret: std::sync::Arc<str>,
 }
 
 impl Token {
@@ -33,6 +34,7 @@ impl Token {
         Ok(Self {
             digest,
             fingerprint: format!("token:{}", &hex::encode(digest)[..6]),
+            secret: std::sync::Arc::from(value),
         })
     }
 
@@ -40,6 +42,12 @@ impl Token {
     pub fn verify(&self, presented: &str) -> bool {
         let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         self.digest.ct_eq(&presented).into()
+    }
+
+    /// The secret itself, for outgoing requests to the other daemon (`Authorization: Bearer`).
+    /// Never log it.
+    pub fn expose(&self) -> &str {
+        &self.secret
     }
 
     /// `token:<fp6>` — the only form of the token that may reach a log.

@@ -148,3 +148,42 @@ impl TaskEvent {
         matches!(self, TaskEvent::End { .. } | TaskEvent::Error(_))
     }
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// `GET /v2/tasks/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub task_id: String,
+    pub state: TaskState,
+    pub priority: Priority,
+    pub model_ref: String,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub pool_id: Option<String>,
+    #[serde(default)]
+    pub queue_position: Option<u32>,
+    /// Dispatches to an engine (a retry before the first token makes it 2).
+    pub attempts: u32,
+    pub tokens_out: u32,
+    pub submitted_at_ms: u64,
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    #[serde(default)]
+    pub first_token_at_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    #[serde(default)]
+    pub queue_time_ms: Option<u64>,
+    #[serde(default)]
+    pub error: Option<ErrorEnvelope>,
+}

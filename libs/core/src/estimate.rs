@@ -21,7 +21,10 @@ impl ThroughputEstimator {
     /// Records a finished task: `tokens` decoded in `decode_ms` after `first_token_ms`.
     pub fn record(&mut self, tokens: u32, decode_ms: f64, first_token_ms: f64) {
         if tokens > 0 && decode_ms > 0.0 {
-            self.tokens_per_s = Some(ewma(self.tokens_per_s, f64::from(tokens) * 1000.0 / decode_ms));
+            self.tokens_per_s = Some(ewma(
+                self.tokens_per_s,
+                f64::from(tokens) * 1000.0 / decode_ms,
+            ));
         }
         if first_token_ms >= 0.0 {
             self.first_token_ms = Some(ewma(self.first_token_ms, first_token_ms));
@@ -40,7 +43,12 @@ impl ThroughputEstimator {
 
     /// When a task will start: the work of the tasks ahead of it (their `max_tokens`), beyond
     /// the slots free now, spread over all slots. 0 until a task has been measured.
-    pub fn predicted_start_ms(&self, ahead_max_tokens: &[u32], free_slots: u32, total_slots: u32) -> u64 {
+    pub fn predicted_start_ms(
+        &self,
+        ahead_max_tokens: &[u32],
+        free_slots: u32,
+        total_slots: u32,
+    ) -> u64 {
         let waiting = ahead_max_tokens.iter().skip(free_slots as usize);
         let work: f64 = waiting.filter_map(|t| self.service_ms(*t)).sum();
         let slots = f64::from(total_slots.max(1));

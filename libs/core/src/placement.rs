@@ -58,7 +58,10 @@ pub fn place(pools: &[PoolView], req: &PlacementRequest<'_>) -> Decision {
             candidates = pinned;
         }
     }
-    let mut free: Vec<&PoolView> = candidates.into_iter().filter(|v| v.free_slots() > 0).collect();
+    let mut free: Vec<&PoolView> = candidates
+        .into_iter()
+        .filter(|v| v.free_slots() > 0)
+        .collect();
     if free.is_empty() {
         return Decision::Wait;
     }
@@ -109,12 +112,19 @@ mod tests {
     }
 
     fn req(model: &str) -> PlacementRequest<'_> {
-        PlacementRequest { model, ..Default::default() }
+        PlacementRequest {
+            model,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn most_free_slots_then_pool_id() {
-        let pools = vec![pool("b", "m", 4, 1), pool("a", "m", 4, 1), pool("c", "m", 4, 3)];
+        let pools = vec![
+            pool("b", "m", 4, 1),
+            pool("a", "m", 4, 1),
+            pool("c", "m", 4, 3),
+        ];
         assert_eq!(place(&pools, &req("m")), Decision::Place("a".into()));
     }
 
@@ -133,14 +143,22 @@ mod tests {
         unready.ready = false;
         let mut draining = pool("b", "m", 2, 0);
         draining.draining = true;
-        let pools = vec![unready, draining, pool("c", "other", 2, 0), pool("d", "m", 1, 1)];
+        let pools = vec![
+            unready,
+            draining,
+            pool("c", "other", 2, 0),
+            pool("d", "m", 1, 1),
+        ];
         assert_eq!(place(&pools, &req("m")), Decision::Wait);
     }
 
     #[test]
     fn session_affinity_wins_while_its_pool_has_a_slot() {
         let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 3)];
-        let r = PlacementRequest { session_pool: Some("b"), ..req("m") };
+        let r = PlacementRequest {
+            session_pool: Some("b"),
+            ..req("m")
+        };
         assert_eq!(place(&pools, &r), Decision::Place("b".into()));
         let full = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 4)];
         assert_eq!(place(&full, &r), Decision::Place("a".into()));
@@ -149,27 +167,68 @@ mod tests {
     #[test]
     fn pin_never_falls_back_silently() {
         let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 1, 1)];
-        let pin = Placement { mode: PlacementMode::Pin, pin_pool_id: Some("b".into()), ..Default::default() };
-        let r = PlacementRequest { placement: Some(&pin), ..req("m") };
+        let pin = Placement {
+            mode: PlacementMode::Pin,
+            pin_pool_id: Some("b".into()),
+            ..Default::default()
+        };
+        let r = PlacementRequest {
+            placement: Some(&pin),
+            ..req("m")
+        };
         assert_eq!(place(&pools, &r), Decision::Wait);
-        let fallback = Placement { allow_fallback: true, ..pin };
-        let r = PlacementRequest { placement: Some(&fallback), ..req("m") };
+        let fallback = Placement {
+            allow_fallback: true,
+            ..pin
+        };
+        let r = PlacementRequest {
+            placement: Some(&fallback),
+            ..req("m")
+        };
         assert_eq!(place(&pools, &r), Decision::Place("a".into()));
     }
 
     #[test]
     fn prefer_and_avoid() {
         let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 3)];
-        let prefer = Placement { mode: PlacementMode::Prefer, prefer_pools: vec!["b".into()], ..Default::default() };
-        assert_eq!(place(&pools, &PlacementRequest { placement: Some(&prefer), ..req("m") }), Decision::Place("b".into()));
-        let avoid = Placement { avoid_pools: vec!["a".into()], ..Default::default() };
-        assert_eq!(place(&pools, &PlacementRequest { placement: Some(&avoid), ..req("m") }), Decision::Place("b".into()));
+        let prefer = Placement {
+            mode: PlacementMode::Prefer,
+            prefer_pools: vec!["b".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            place(
+                &pools,
+                &PlacementRequest {
+                    placement: Some(&prefer),
+                    ..req("m")
+                }
+            ),
+            Decision::Place("b".into())
+        );
+        let avoid = Placement {
+            avoid_pools: vec!["a".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            place(
+                &pools,
+                &PlacementRequest {
+                    placement: Some(&avoid),
+                    ..req("m")
+                }
+            ),
+            Decision::Place("b".into())
+        );
     }
 
     #[test]
     fn retry_avoids_the_failed_pool_only_when_another_is_free() {
         let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 0)];
-        let r = PlacementRequest { retry_avoid: Some("a"), ..req("m") };
+        let r = PlacementRequest {
+            retry_avoid: Some("a"),
+            ..req("m")
+        };
         assert_eq!(place(&pools, &r), Decision::Place("b".into()));
         let single = vec![pool("a", "m", 4, 0)];
         assert_eq!(place(&single, &r), Decision::Place("a".into()));

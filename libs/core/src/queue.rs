@@ -167,7 +167,8 @@ mod tests {
         for (id, p) in [(1, Batch), (2, Interactive), (3, Batch), (4, Interactive)] {
             q.admit(id, p, AdmissionPolicy::Reject).unwrap();
         }
-        let order: Vec<_> = std::iter::from_fn(|| q.take_first(|_| Some(())).map(|(i, _)| i)).collect();
+        let order: Vec<_> =
+            std::iter::from_fn(|| q.take_first(|_| Some(())).map(|(i, _)| i)).collect();
         assert_eq!(order, vec![2, 4, 1, 3]);
     }
 
@@ -176,7 +177,10 @@ mod tests {
         let mut q = AdmissionQueue::new(2);
         q.admit(1, Batch, AdmissionPolicy::Reject).unwrap();
         q.admit(2, Batch, AdmissionPolicy::Reject).unwrap();
-        assert_eq!(q.admit(3, Interactive, AdmissionPolicy::Reject), Err(QueueFull { capacity: 2 }));
+        assert_eq!(
+            q.admit(3, Interactive, AdmissionPolicy::Reject),
+            Err(QueueFull { capacity: 2 })
+        );
         assert_eq!(q.len(), 2);
     }
 
@@ -203,8 +207,10 @@ mod tests {
     #[test]
     fn take_first_skips_entries_that_cannot_be_placed() {
         let mut q = AdmissionQueue::new(5);
-        q.admit(("a", 1), Interactive, AdmissionPolicy::Reject).unwrap();
-        q.admit(("b", 2), Interactive, AdmissionPolicy::Reject).unwrap();
+        q.admit(("a", 1), Interactive, AdmissionPolicy::Reject)
+            .unwrap();
+        q.admit(("b", 2), Interactive, AdmissionPolicy::Reject)
+            .unwrap();
         let got = q.take_first(|(model, _)| (*model == "b").then_some("pool-b"));
         assert_eq!(got, Some((("b", 2), "pool-b")));
         assert_eq!(q.len(), 1);

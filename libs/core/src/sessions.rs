@@ -52,11 +52,14 @@ impl SessionTable {
     }
 
     pub fn get(&self, id: &str, now: Instant) -> Option<SessionInfo> {
-        self.sessions.get(id).filter(|s| s.expires_at > now).map(|s| SessionInfo {
-            ttl_remaining: s.expires_at.saturating_duration_since(now),
-            turns: s.turns,
-            last_pool_id: s.last_pool_id.clone(),
-        })
+        self.sessions
+            .get(id)
+            .filter(|s| s.expires_at > now)
+            .map(|s| SessionInfo {
+                ttl_remaining: s.expires_at.saturating_duration_since(now),
+                turns: s.turns,
+                last_pool_id: s.last_pool_id.clone(),
+            })
     }
 
     pub fn remove(&mut self, id: &str) -> bool {
@@ -88,7 +91,10 @@ mod tests {
         let t0 = Instant::now();
         let mut s = SessionTable::new(Duration::from_secs(10));
         s.record_turn("s1", "pool-a", t0);
-        assert_eq!(s.affinity("s1", t0 + Duration::from_secs(9)), Some("pool-a"));
+        assert_eq!(
+            s.affinity("s1", t0 + Duration::from_secs(9)),
+            Some("pool-a")
+        );
         s.record_turn("s1", "pool-b", t0 + Duration::from_secs(9));
         let info = s.get("s1", t0 + Duration::from_secs(15)).unwrap();
         assert_eq!(info.turns, 2);

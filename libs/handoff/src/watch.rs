@@ -53,6 +53,10 @@ async fn run(
     cancel: CancellationToken,
     tx: mpsc::Sender<HandoffEvent>,
 ) {
+    // The directory may not exist yet (the other daemon creates it too); a watch needs it.
+    if let Err(error) = std::fs::create_dir_all(&dir) {
+        tracing::warn!(%error, dir = %dir.display(), "cannot create handoff directory");
+    }
     let (ntx, mut nrx) = mpsc::unbounded_channel::<PathBuf>();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res {

@@ -1,8 +1,10 @@
 //! A small client for the llama-server endpoints llama-orch uses (DESIGN §7).
 
+pub mod sse;
+
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -142,4 +144,70 @@ pub fn is_retryable_connection_error(e: &reqwest::Error) -> bool {
         || text.contains("connection reset")
         || text.contains("broken pipe")
         || text.contains("incomplete message")
+}
+
+/// `POST /completion` body (the fields llama-orch uses).
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionRequest {
+    pub prompt: String,
+    pub n_predict: u32,
+    pub stream: bool,
+    pub cache_prompt: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+/// One `data:` chunk of a streamed completion.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CompletionChunk {
+    #[serde(default)]
+    pub content: String,
+    #[serde(default)]
+    pub stop: bool,
+    /// `eos`, `limit`, `word` or `none` on the last chunk.
+    #[serde(default)]
+    pub stop_type: Option<String>,
+    #[serde(default)]
+    pub tokens_predicted: Option<u32>,
+    #[serde(default)]
+    pub timings: Option<Timings>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Timings {
+    #[serde(default)]
+    pub prompt_ms: Option<f64>,
+    #[serde(default)]
+    pub predicted_ms: Option<f64>,
+    #[serde(default)]
+    pub predicted_n: Option<u32>,
+}
+
+/// Sends a completion request; a connection the engine closed before answering (or refused)
+/// is retried once on a fresh connection (DESIGN §7). `url` is the full endpoint URL.
+pub async fn send_completion(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: Option<&str>,
+    body: &CompletionRequest,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let send = || {
+        let mut rb = http.post(url).json(body);
+        if let Some(token) = bearer {
+            rb = rb.bearer_auth(token);
+        }
+        rb.send()
+    };
+    match send().await {
+        Err(e) if is_retryable_connection_error(&e) => send().await,
+        other => other,
+    }
 }

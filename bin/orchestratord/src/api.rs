@@ -1,0 +1,284 @@
+//! HTTP API of orchestratord (DESIGN §3). Public: `/health`, `/ready`, `/metrics`. Everything
+//! else is Bearer-authenticated. Every failure is the one envelope; `X-Correlation-Id` on every
+//! response.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use llorch_contracts::tasks::TaskRequest;
+use llorch_contracts::{DrainRequest, ErrorCode, ErrorEnvelope, ReloadRequest};
+use llorch_http::{ApiError, ApiJson, ApiPath};
+
+use crate::orchestrator::Orchestrator;
+
+pub type AppState = Arc<Orchestrator>;
+
+pub fn router(state: AppState) -> Router {
+    let authed = Router::new()
+        .route("/v2/tasks", post(submit))
+        .route("/v2/tasks/{id}", get(task_status))
+        .route("/v2/tasks/{id}/events", get(crate::sse::events))
+        .route("/v2/tasks/{id}/cancel", post(cancel))
+        .route("/v2/sessions/{id}", get(session).delete(delete_session))
+        .route("/v2/meta/capabilities", get(capabilities))
+        .route("/v2/meta/version", get(version))
+        .route("/v2/pools", get(pools))
+        .route("/v2/pools/{id}/health", get(pool_health))
+        .route("/v2/pools/{id}/drain", post(drain))
+        .route("/v2/pools/{id}/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(authed)
+        .fallback(llorch_http::not_found)
+        .method_not_allowed_fallback(llorch_http::method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.config.max_body_bytes,
+        ))
+        .layer(middleware::from_fn(llorch_http::correlation_id))
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match llorch_http::check_auth(state.config.token.as_ref(), &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(State(orch): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let ready_pools = orch.pools.list().iter().filter(|p| p.ready()).count();
+    if !orch.is_accepting() {
+        return Err(
+            ApiError::new(ErrorCode::PoolUnavailable, "shutting down").with_retry_after(5000)
+        );
+    }
+    if ready_pools == 0 {
+        return Err(
+            ApiError::new(ErrorCode::PoolUnavailable, "no pool is ready").with_retry_after(1000),
+        );
+    }
+    Ok(Json(
+        serde_json::json!({"status": "ready", "pools_ready": ready_pools}),
+    ))
+}
+
+async fn metrics(State(orch): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        orch.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn submit(
+    State(orch): State<AppState>,
+    body: Result<ApiJson<TaskRequest>, ApiError>,
+) -> Result<Response, ApiError> {
+    let ApiJson(req) = body.inspect_err(|e| {
+        let reason = if e.0.code == ErrorCode::PayloadTooLarge {
+            "payload_too_large"
+        } else {
+            "invalid_params"
+        };
+        orch.metrics
+            .tasks_rejected
+            .with_label_values(&[reason])
+            .inc();
+        tracing::info!(reason, message = %e.0.message, "task rejected");
+    })?;
+    let admitted = orch.admit(req)?;
+    Ok((StatusCode::ACCEPTED, Json(admitted)).into_response())
+}
+
+fn unknown_task(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no task {id:?}"))
+}
+
+async fn task_status(
+    State(orch): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let task = orch.task(&id).ok_or_else(|| unknown_task(&id))?;
+    Ok(Json(task.status(orch.queue_position(&id))).into_response())
+}
+
+async fn cancel(
+    State(orch): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let task = orch.task(&id).ok_or_else(|| unknown_task(&id))?;
+    orch.cancel(
+        &task,
+        ErrorEnvelope::new(ErrorCode::Cancelled, "cancelled by the client"),
+    );
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn session(
+    State(orch): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let now = tokio::time::Instant::now().into_std();
+    let info = orch
+        .sessions
+        .lock()
+        .get(&id, now)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no session {id:?}")))?;
+    let warm = info
+        .last_pool_id
+        .as_deref()
+        .and_then(|p| orch.pools.get(p))
+        .is_some_and(|p| p.ready());
+    Ok(Json(serde_json::json!({
+        "session_id": id,
+        "ttl_ms_remaining": info.ttl_remaining.as_millis() as u64,
+        "turns": info.turns,
+        "kv_warmth": warm,
+        "last_pool_id": info.last_pool_id,
+    }))
+    .into_response())
+}
+
+async fn delete_session(
+    State(orch): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    if orch.sessions.lock().remove(&id) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no session {id:?}"),
+        ))
+    }
+}
+
+async fn capabilities(State(orch): State<AppState>) -> Json<serde_json::Value> {
+    let mut models: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    for p in orch.pools.list().into_iter().filter(|p| p.ready()) {
+        let m = models.entry(p.model_id.clone()).or_insert_with(|| {
+            serde_json::json!({"model_id": p.model_id, "pools": 0, "slots_total": 0, "ctx_max": 0, "engine": p.engine})
+        });
+        m["pools"] = (m["pools"].as_u64().unwrap_or(0) + 1).into();
+        m["slots_total"] =
+            (m["slots_total"].as_u64().unwrap_or(0) + u64::from(p.slots_total)).into();
+        let ctx = u64::from(p.ctx_max.unwrap_or(0));
+        if ctx > m["ctx_max"].as_u64().unwrap_or(0) {
+            m["ctx_max"] = ctx.into();
+        }
+    }
+    let c = &orch.config;
+    Json(serde_json::json!({
+        "api_version": "v2",
+        "profile": "home",
+        "models": models.into_values().collect::<Vec<_>>(),
+        "limits": {
+            "max_tokens": c.max_tokens_cap,
+            "max_body_bytes": c.max_body_bytes,
+            "queue_capacity": c.admission_capacity,
+            "admission_policy": c.admission_policy.label(),
+        },
+    }))
+}
+
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "service": "orchestratord",
+        "version": env!("CARGO_PKG_VERSION"),
+        "api_version": "v2",
+    }))
+}
+
+async fn pools(State(orch): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"pools": orch.pools.list()}))
+}
+
+async fn pool_health(
+    State(orch): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let p = orch
+        .pools
+        .get(&id)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no pool {id:?}")))?;
+    Ok(Json(serde_json::json!({
+        "pool_id": p.pool_id,
+        "live": p.healthy,
+        "ready": p.ready(),
+        "draining": p.draining,
+        "slots_total": p.slots_total,
+        "slots_free": p.slots_total.saturating_sub(p.in_flight),
+        "in_flight": p.in_flight,
+        "model_id": p.model_id,
+        "last_error": p.last_error,
+    }))
+    .into_response())
+}
+
+async fn drain(
+    State(orch): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<DrainRequest>,
+) -> Result<Response, ApiError> {
+    forward(
+        &orch,
+        &format!("/v2/pools/{id}/drain"),
+        serde_json::to_value(req).unwrap_or_default(),
+    )
+    .await
+}
+
+async fn reload(
+    State(orch): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<ReloadRequest>,
+) -> Result<Response, ApiError> {
+    forward(
+        &orch,
+        &format!("/v2/pools/{id}/reload"),
+        serde_json::to_value(req).unwrap_or_default(),
+    )
+    .await
+}
+
+/// Forwards a control request to pool-managerd and relays its answer (status and body).
+async fn forward(
+    orch: &Orchestrator,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<Response, ApiError> {
+    let url = format!("{}{}", orch.config.pool_manager_url, path);
+    // The same shared token authenticates us to pool-managerd; never logged.
+    let mut rb = orch
+        .control_http
+        .post(&url)
+        .json(&body)
+        .timeout(Duration::from_secs(300));
+    if let Some(token) = &orch.config.token {
+        rb = rb.bearer_auth(token.expose());
+    }
+    let resp = rb.send().await.map_err(|e| {
+        tracing::warn!(error = %e, "pool-managerd unreachable for control request");
+        ApiError::new(ErrorCode::PoolUnavailable, "pool-managerd is unreachable")
+            .with_retry_after(5000)
+    })?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    Ok((status, Json(body)).into_response())
+}

@@ -1,0 +1,221 @@
+//! Configuration: clap flags with `ORCHD_*` env names, validated once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use auth_min::Token;
+use clap::Parser;
+use llorch_core::AdmissionPolicy;
+
+#[derive(Parser)]
+#[command(
+    name = "orchestratord",
+    version,
+    about = "llama-orch orchestrator (admission, queue, placement, SSE)"
+)]
+pub struct Args {
+    /// Deployment profile: `home` (pools from the handoff directory) or `cloud`.
+    #[arg(long, env = "ORCHD_PROFILE", default_value = "home")]
+    pub profile: String,
+    /// Address of the HTTP API.
+    #[arg(long, env = "ORCHD_BIND_ADDR", default_value = "127.0.0.1:8080")]
+    pub bind_addr: SocketAddr,
+    /// HOME: the handoff directory pool-managerd writes (its POOL_MANAGERD_RUNTIME_DIR).
+    #[arg(
+        long,
+        env = "ORCHD_RUNTIME_DIR",
+        default_value = "/var/lib/llama-orch/runtime"
+    )]
+    pub runtime_dir: PathBuf,
+    /// HOME: safety-net rescan interval of the handoff directory.
+    #[arg(long, env = "ORCHD_HANDOFF_WATCH_INTERVAL_MS", default_value_t = 1000)]
+    pub handoff_watch_interval_ms: u64,
+    /// Interval of engine health probes of bound pools.
+    #[arg(long, env = "ORCHD_POOL_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    pub pool_health_interval_ms: u64,
+    /// HOME: pool-managerd URL for drain/reload forwarding.
+    #[arg(
+        long,
+        env = "ORCHD_POOL_MANAGER_URL",
+        default_value = "http://127.0.0.1:9200"
+    )]
+    pub pool_manager_url: String,
+    /// Most tasks waiting in the queue.
+    #[arg(long, env = "ORCHD_ADMISSION_CAPACITY", default_value_t = 1024)]
+    pub admission_capacity: usize,
+    /// What a full queue does: `reject` (429) or `drop-lru` (drop the oldest queued batch task).
+    #[arg(long, env = "ORCHD_ADMISSION_POLICY", default_value = "reject")]
+    pub admission_policy: String,
+    /// Largest `max_tokens` a task may ask for.
+    #[arg(long, env = "ORCHD_MAX_TOKENS_CAP", default_value_t = 8192)]
+    pub max_tokens_cap: u32,
+    /// Largest request body.
+    #[arg(long, env = "ORCHD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Longest a queued task waits for a pool before it fails with POOL_UNAVAILABLE.
+    #[arg(long, env = "ORCHD_MAX_QUEUE_WAIT_MS", default_value_t = 300_000)]
+    pub max_queue_wait_ms: u64,
+    /// Time allowed from dispatch to the first token (prompt processing included).
+    #[arg(long, env = "ORCHD_FIRST_TOKEN_TIMEOUT_MS", default_value_t = 120_000)]
+    pub first_token_timeout_ms: u64,
+    /// Longest gap between two engine chunks before the task ends with DECODE_TIMEOUT.
+    #[arg(long, env = "ORCHD_DECODE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub decode_timeout_ms: u64,
+    /// Cancel a task when its last SSE subscriber disconnects.
+    #[arg(long, env = "ORCHD_CANCEL_ON_DISCONNECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cancel_on_disconnect: bool,
+    /// Session TTL (KV affinity).
+    #[arg(long, env = "ORCHD_SESSION_TTL_MS", default_value_t = 600_000)]
+    pub session_ttl_ms: u64,
+    /// How long finished tasks stay readable (status and SSE replay).
+    #[arg(long, env = "ORCHD_TASK_RETENTION_MS", default_value_t = 600_000)]
+    pub task_retention_ms: u64,
+    /// SSE keep-alive comment interval.
+    #[arg(long, env = "ORCHD_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
+    pub sse_keepalive_ms: u64,
+    /// On SIGTERM: how long running tasks may finish before they are ended with an error.
+    #[arg(long, env = "ORCHD_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    /// Shared API token (prefer the _FILE form).
+    #[arg(long, env = "LLORCH_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// File holding the API token; refused when readable by group or others.
+    #[arg(long, env = "LLORCH_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Allow clients without a token, only when bound to loopback.
+    #[arg(
+        long,
+        env = "ORCHD_ALLOW_UNAUTHENTICATED_LOOPBACK",
+        default_value_t = false
+    )]
+    pub allow_unauthenticated_loopback: bool,
+    /// Log format: `pretty` or `json`.
+    #[arg(long, env = "ORCHD_LOG_FORMAT", default_value = "pretty")]
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind_addr: SocketAddr,
+    pub runtime_dir: PathBuf,
+    pub handoff_rescan: Duration,
+    pub pool_health_interval: Duration,
+    pub pool_manager_url: String,
+    pub admission_capacity: usize,
+    pub admission_policy: AdmissionPolicy,
+    pub max_tokens_cap: u32,
+    pub max_body_bytes: usize,
+    pub max_queue_wait: Duration,
+    pub first_token_timeout: Duration,
+    pub decode_timeout: Duration,
+    pub cancel_on_disconnect: bool,
+    pub session_ttl: Duration,
+    pub task_retention: Duration,
+    pub sse_keepalive: Duration,
+    pub shutdown_grace: Duration,
+    pub token: Option<Token>,
+    pub json_logs: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Auth(#[from] auth_min::AuthConfigError),
+}
+
+fn ms(name: &str, v: u64) -> Result<Duration, ConfigError> {
+    if v == 0 {
+        Err(ConfigError::Invalid(format!(
+            "{name} must be greater than 0"
+        )))
+    } else {
+        Ok(Duration::from_millis(v))
+    }
+}
+
+impl Config {
+    pub fn from_args(a: Args) -> Result<Self, ConfigError> {
+        match a.profile.as_str() {
+            "home" => {}
+            "cloud" => {
+                return Err(ConfigError::Invalid(
+                    "ORCHD_PROFILE=cloud is not available in this build yet; use home".into(),
+                ))
+            }
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "ORCHD_PROFILE {other:?} is not one of: home, cloud"
+                )))
+            }
+        }
+        let admission_policy = match a.admission_policy.as_str() {
+            "reject" => AdmissionPolicy::Reject,
+            "drop-lru" => AdmissionPolicy::DropLru,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "ORCHD_ADMISSION_POLICY {other:?} is not one of: reject, drop-lru"
+                )))
+            }
+        };
+        let json_logs = match a.log_format.as_str() {
+            "json" => true,
+            "pretty" => false,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "ORCHD_LOG_FORMAT {other:?} is not one of: pretty, json"
+                )))
+            }
+        };
+        if a.admission_capacity == 0 {
+            return Err(ConfigError::Invalid(
+                "ORCHD_ADMISSION_CAPACITY must be at least 1".into(),
+            ));
+        }
+        if a.max_tokens_cap == 0 {
+            return Err(ConfigError::Invalid(
+                "ORCHD_MAX_TOKENS_CAP must be at least 1".into(),
+            ));
+        }
+        if !(a.pool_manager_url.starts_with("http://")
+            || a.pool_manager_url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "ORCHD_POOL_MANAGER_URL {:?} must start with http:// or https://",
+                a.pool_manager_url
+            )));
+        }
+        let token = auth_min::load_token(a.api_token.as_deref(), a.api_token_file.as_deref())?;
+        auth_min::check_bind(
+            a.bind_addr,
+            token.as_ref(),
+            a.allow_unauthenticated_loopback,
+        )?;
+        Ok(Config {
+            bind_addr: a.bind_addr,
+            runtime_dir: a.runtime_dir,
+            handoff_rescan: ms(
+                "ORCHD_HANDOFF_WATCH_INTERVAL_MS",
+                a.handoff_watch_interval_ms,
+            )?,
+            pool_health_interval: ms("ORCHD_POOL_HEALTH_INTERVAL_MS", a.pool_health_interval_ms)?,
+            pool_manager_url: a.pool_manager_url.trim_end_matches('/').to_string(),
+            admission_capacity: a.admission_capacity,
+            admission_policy,
+            max_tokens_cap: a.max_tokens_cap,
+            max_body_bytes: a.max_body_bytes.max(1024),
+            max_queue_wait: ms("ORCHD_MAX_QUEUE_WAIT_MS", a.max_queue_wait_ms)?,
+            first_token_timeout: ms("ORCHD_FIRST_TOKEN_TIMEOUT_MS", a.first_token_timeout_ms)?,
+            decode_timeout: ms("ORCHD_DECODE_TIMEOUT_MS", a.decode_timeout_ms)?,
+            cancel_on_disconnect: a.cancel_on_disconnect,
+            session_ttl: ms("ORCHD_SESSION_TTL_MS", a.session_ttl_ms)?,
+            task_retention: ms("ORCHD_TASK_RETENTION_MS", a.task_retention_ms)?,
+            sse_keepalive: ms("ORCHD_SSE_KEEPALIVE_MS", a.sse_keepalive_ms)?,
+            shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
+            token,
+            json_logs,
+        })
+    }
+}

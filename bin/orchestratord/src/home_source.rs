@@ -1,0 +1,108 @@
+//! HOME profile pool source: the handoff directory (`ORCHD_RUNTIME_DIR`). A handoff file binds
+//! its pool to the engine URL it names; the engine's `/health` is probed at once and then
+//! periodically; an unhealthy engine makes the pool unready, a deleted file unbinds it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use llamacpp_client::{EngineClient, Health};
+use llorch_contracts::HandoffFile;
+use llorch_handoff::HandoffEvent;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::pools::{PoolEntry, PoolTable};
+
+pub struct HomeSource {
+    pub pools: Arc<PoolTable>,
+    pub metrics: Arc<Metrics>,
+    pub http: reqwest::Client,
+    pub dir: std::path::PathBuf,
+    pub rescan: Duration,
+    pub probe_interval: Duration,
+}
+
+impl HomeSource {
+    pub async fn run(self, cancel: CancellationToken) {
+        let (mut events, watcher) =
+            llorch_handoff::watch_dir(self.dir.clone(), self.rescan, cancel.child_token());
+        let mut probe = tokio::time::interval(self.probe_interval);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(HandoffEvent::Upserted { file, .. }) => self.bind(file).await,
+                    Some(HandoffEvent::Invalid { path, error, .. }) => {
+                        tracing::warn!(path = %path.display(), %error, "ignoring invalid handoff file");
+                    }
+                    Some(HandoffEvent::Removed { path, .. }) => {
+                        let pool_id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                        if self.pools.remove(&pool_id).is_some() {
+                            tracing::info!(%pool_id, "handoff file deleted; pool unbound");
+                        }
+                    }
+                    None => break,
+                },
+                _ = probe.tick() => self.probe_all().await,
+            }
+        }
+        let _ = watcher.await;
+    }
+
+    async fn bind(&self, file: HandoffFile) {
+        let entry = PoolEntry {
+            pool_id: file.pool_id.clone(),
+            model_id: file.model.id.clone(),
+            url: file.url.trim_end_matches('/').to_string(),
+            slots_total: file.slots_total,
+            ctx_max: file.ctx_max,
+            engine: file.engine.clone(),
+            engine_version: file.engine_version.clone(),
+            node_id: None,
+            device_mask: file.device_mask.clone(),
+            healthy: false,
+            draining: false,
+            last_error: None,
+            in_flight: 0,
+        };
+        let (healthy, error) = self.probe_one(&entry.pool_id, &entry.url).await;
+        self.pools.upsert(PoolEntry {
+            healthy,
+            last_error: error,
+            ..entry
+        });
+        tracing::info!(pool_id = %file.pool_id, url = %file.url, healthy, "pool bound from handoff file");
+    }
+
+    async fn probe_one(&self, pool_id: &str, url: &str) -> (bool, Option<String>) {
+        let client = EngineClient::new(
+            self.http.clone(),
+            url,
+            self.probe_interval.min(Duration::from_secs(2)),
+        );
+        let started = std::time::Instant::now();
+        let result = client.health().await;
+        self.metrics
+            .pool_health_check_ms
+            .with_label_values(&[pool_id])
+            .observe(started.elapsed().as_secs_f64() * 1000.0);
+        match result {
+            Ok(Health::Ok) => (true, None),
+            Ok(Health::Loading) => (false, Some("engine is loading".into())),
+            Err(e) => (false, Some(e.to_string())),
+        }
+    }
+
+    async fn probe_all(&self) {
+        let pools = self.pools.list();
+        let results = join_all(pools.iter().map(|p| self.probe_one(&p.pool_id, &p.url))).await;
+        for (p, (healthy, error)) in pools.iter().zip(results) {
+            if p.healthy && !healthy {
+                tracing::warn!(pool_id = %p.pool_id, error = error.as_deref().unwrap_or(""), "pool engine unhealthy; not placing work on it");
+            }
+            self.pools.set_health(&p.pool_id, healthy, error);
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! orchestratord (DESIGN §1, §3): admits tasks, queues them by priority, places them on ready
+//! pools and streams tokens over SSE. `run` wires config → state → tasks → HTTP and owns every
+//! task it starts.
+
+pub mod api;
+pub mod config;
+pub mod home_source;
+pub mod metrics;
+pub mod orchestrator;
+pub mod pools;
+pub mod runner;
+pub mod sse;
+pub mod tasks;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::orchestrator::Orchestrator;
+
+/// Runs until `shutdown` resolves; then stops admitting, lets running tasks finish within the
+/// grace period, ends the rest with an error event, and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.bind_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot bind {} (is another orchestratord running?)",
+                config.bind_addr
+            )
+        })?;
+    let metrics = Arc::new(metrics::Metrics::new()?);
+    let orch = Arc::new(Orchestrator::new(config, metrics.clone())?);
+    let root = CancellationToken::new();
+    let background = TaskTracker::new();
+
+    let probe_http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()?;
+    let source = home_source::HomeSource {
+        pools: orch.pools.clone(),
+        metrics,
+        http: probe_http,
+        dir: orch.config.runtime_dir.clone(),
+        rescan: orch.config.handoff_rescan,
+        probe_interval: orch.config.pool_health_interval,
+    };
+    background.spawn(source.run(root.child_token()));
+    background.spawn(orch.clone().dispatch_loop(root.child_token()));
+    background.spawn(orch.clone().purge_loop(root.child_token()));
+
+    let token_fp = orch
+        .config
+        .token
+        .as_ref()
+        .map(|t| t.fingerprint().to_string());
+    tracing::info!(
+        addr = %orch.config.bind_addr,
+        profile = "home",
+        runtime_dir = %orch.config.runtime_dir.display(),
+        policy = orch.config.admission_policy.label(),
+        capacity = orch.config.admission_capacity,
+        auth = token_fp.as_deref().unwrap_or("none (loopback only)"),
+        "orchestratord listening"
+    );
+    let app = api::router(orch.clone());
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn({
+        let stop = server_stop.clone();
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down: no new tasks; letting running tasks finish");
+    orch.stop_admitting();
+    orch.runners.close();
+    if tokio::time::timeout(orch.config.shutdown_grace, orch.runners.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("running tasks did not finish within the grace period; ending them");
+        orch.cancel_running();
+        let _ = tokio::time::timeout(Duration::from_secs(5), orch.runners.wait()).await;
+    }
+    root.cancel();
+    background.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
+    // Every stream has its terminal event now; open SSE connections end on their own.
+    server_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Ok(()))) | Err(_) => {}
+        Ok(Ok(Err(error))) => tracing::error!(%error, "HTTP server failed"),
+        Ok(Err(error)) => tracing::error!(%error, "HTTP server task failed"),
+    }
+    tracing::info!("orchestratord stopped");
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! Prometheus metrics of orchestratord (DESIGN §3, issue list). Every sample comes from a real
+//! event; gauges are set where their value changes.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub tasks_enqueued: IntCounterVec,
+    pub tasks_started: IntCounterVec,
+    pub tasks_canceled: IntCounterVec,
+    pub tasks_rejected: IntCounterVec,
+    pub tasks_completed: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub admission_latency_ms: Histogram,
+    pub first_token_ms: HistogramVec,
+    pub decode_ms: HistogramVec,
+    pub tokens_out: IntCounterVec,
+    pub pool_health_check_ms: HistogramVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
+    5000.0, 10000.0, 30000.0,
+];
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let histogram =
+            |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, prometheus::Error> {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                    labels,
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let m = Self {
+            tasks_enqueued: counter("tasks_enqueued_total", "Tasks admitted to the queue.", &["priority"])?,
+            tasks_started: counter("tasks_started_total", "Tasks dispatched to a pool (retries count again).", &["pool_id"])?,
+            tasks_canceled: counter("tasks_canceled_total", "Tasks cancelled, by stage (queued, running).", &["stage"])?,
+            tasks_rejected: counter("tasks_rejected_total", "Submissions refused, by reason.", &["reason"])?,
+            tasks_completed: counter(
+                "tasks_completed_total",
+                "Tasks that reached their terminal event, by outcome (end or the error code) and pool (none when never dispatched).",
+                &["outcome", "pool_id"],
+            )?,
+            queue_depth: {
+                let g = IntGaugeVec::new(Opts::new("queue_depth", "Tasks waiting in the queue."), &["priority"])?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            admission_latency_ms: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new("admission_latency_ms", "Time to validate and enqueue a submission.")
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
+            first_token_ms: histogram("latency_first_token_ms", "Time from dispatch to the first token.", &["pool_id"])?,
+            decode_ms: histogram("latency_decode_ms", "Time from the first token to the end of generation.", &["pool_id"])?,
+            tokens_out: counter("tokens_out_total", "Token events streamed to clients.", &["pool_id"])?,
+            pool_health_check_ms: histogram(
+                "orchd_pool_health_check_duration_ms",
+                "Duration of engine health probes.",
+                &["pool_id"],
+            )?,
+            registry,
+        };
+        for p in ["interactive", "batch"] {
+            m.queue_depth.with_label_values(&[p]).set(0);
+        }
+        Ok(m)
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(%error, "metrics encoding failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}

@@ -1,0 +1,187 @@
+//! The pool table: every pool this orchestrator may place work on, whatever source feeds it
+//! (HOME: the handoff directory; CLOUD: pool-managerd polls). Sources call `upsert`,
+//! `set_health` and `remove`; the dispatcher reads `views` and takes `SlotLease`s, which give
+//! the slot back when dropped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use llorch_core::PoolView;
+use parking_lot::RwLock;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolEntry {
+    pub pool_id: String,
+    pub model_id: String,
+    /// Base URL of the engine (HOME: loopback llama-server).
+    pub url: String,
+    pub slots_total: u32,
+    pub ctx_max: Option<u32>,
+    pub engine: String,
+    pub engine_version: Option<String>,
+    pub node_id: Option<String>,
+    pub device_mask: Option<String>,
+    /// The last health probe succeeded.
+    pub healthy: bool,
+    pub draining: bool,
+    pub last_error: Option<String>,
+    /// Requests this orchestrator has in flight on the pool.
+    pub in_flight: u32,
+}
+
+impl PoolEntry {
+    pub fn ready(&self) -> bool {
+        self.healthy && !self.draining
+    }
+}
+
+pub struct PoolTable {
+    pools: RwLock<BTreeMap<String, PoolEntry>>,
+    /// Woken whenever capacity may have appeared (new pool, health back, slot released).
+    pub changed: Arc<Notify>,
+}
+
+impl PoolTable {
+    pub fn new(changed: Arc<Notify>) -> Self {
+        Self {
+            pools: RwLock::new(BTreeMap::new()),
+            changed,
+        }
+    }
+
+    /// Inserts or replaces a pool's description; keeps its in-flight count.
+    pub fn upsert(&self, mut entry: PoolEntry) {
+        let mut pools = self.pools.write();
+        if let Some(old) = pools.get(&entry.pool_id) {
+            entry.in_flight = old.in_flight;
+        }
+        pools.insert(entry.pool_id.clone(), entry);
+        drop(pools);
+        self.changed.notify_one();
+    }
+
+    pub fn set_health(&self, pool_id: &str, healthy: bool, error: Option<String>) {
+        let mut pools = self.pools.write();
+        if let Some(p) = pools.get_mut(pool_id) {
+            let was = p.healthy;
+            p.healthy = healthy;
+            p.last_error = error;
+            if healthy && !was {
+                drop(pools);
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    pub fn remove(&self, pool_id: &str) -> Option<PoolEntry> {
+        self.pools.write().remove(pool_id)
+    }
+
+    pub fn get(&self, pool_id: &str) -> Option<PoolEntry> {
+        self.pools.read().get(pool_id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<PoolEntry> {
+        self.pools.read().values().cloned().collect()
+    }
+
+    pub fn views(&self) -> Vec<PoolView> {
+        self.pools
+            .read()
+            .values()
+            .map(|p| PoolView {
+                pool_id: p.pool_id.clone(),
+                model_id: p.model_id.clone(),
+                ready: p.healthy,
+                draining: p.draining,
+                slots_total: p.slots_total,
+                in_flight: p.in_flight,
+                vram_free_bytes: None,
+            })
+            .collect()
+    }
+
+    /// True when some known pool (ready or not) serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.pools.read().values().any(|p| p.model_id == model)
+    }
+
+    /// Takes a slot on `pool_id` if it is ready and has one free.
+    pub fn lease(self: &Arc<Self>, pool_id: &str) -> Option<SlotLease> {
+        let mut pools = self.pools.write();
+        let p = pools.get_mut(pool_id)?;
+        if !p.ready() || p.in_flight >= p.slots_total {
+            return None;
+        }
+        p.in_flight += 1;
+        Some(SlotLease {
+            table: self.clone(),
+            pool_id: pool_id.to_string(),
+        })
+    }
+}
+
+/// One slot of one pool, held while a task runs there. Dropping it frees the slot and wakes
+/// the dispatcher.
+pub struct SlotLease {
+    table: Arc<PoolTable>,
+    pool_id: String,
+}
+
+impl SlotLease {
+    pub fn pool_id(&self) -> &str {
+        &self.pool_id
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        if let Some(p) = self.table.pools.write().get_mut(&self.pool_id) {
+            p.in_flight = p.in_flight.saturating_sub(1);
+        }
+        self.table.changed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, slots: u32) -> PoolEntry {
+        PoolEntry {
+            pool_id: id.into(),
+            model_id: "m".into(),
+            url: "http://127.0.0.1:1".into(),
+            slots_total: slots,
+            ctx_max: None,
+            engine: "llamacpp".into(),
+            engine_version: None,
+            node_id: None,
+            device_mask: None,
+            healthy: true,
+            draining: false,
+            last_error: None,
+            in_flight: 0,
+        }
+    }
+
+    #[test]
+    fn leases_never_exceed_slots_and_release_on_drop() {
+        let t = Arc::new(PoolTable::new(Arc::new(Notify::new())));
+        t.upsert(entry("a", 2));
+        let l1 = t.lease("a").unwrap();
+        let l2 = t.lease("a").unwrap();
+        assert!(t.lease("a").is_none());
+        drop(l1);
+        assert_eq!(t.get("a").unwrap().in_flight, 1);
+        // A re-upsert (handoff file rewritten) keeps the count.
+        t.upsert(entry("a", 2));
+        assert_eq!(t.get("a").unwrap().in_flight, 1);
+        drop(l2);
+        assert_eq!(t.get("a").unwrap().in_flight, 0);
+        t.set_health("a", false, Some("down".into()));
+        assert!(t.lease("a").is_none());
+    }
+}

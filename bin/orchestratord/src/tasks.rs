@@ -1,0 +1,317 @@
+//! A task and its event log. Every event is appended as a pre-serialised SSE frame with a
+//! sequential id; subscribers replay from any id and then follow new frames (a `watch` of the
+//! frame count), so several subscribers and `Last-Event-ID` resumption need no extra
+//! machinery. `emit` refuses anything after the terminal event: exactly one terminal event per
+//! task, by construction.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use llorch_contracts::tasks::{TaskEvent, TaskRequest, TaskState, TaskStatus};
+use llorch_contracts::{ErrorCode, ErrorEnvelope};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// One SSE frame: `id`, `event` and the JSON `data`.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub id: u64,
+    pub event: &'static str,
+    pub data: String,
+}
+
+pub struct Task {
+    pub id: String,
+    pub req: TaskRequest,
+    pub submitted_at: Instant,
+    pub submitted_ms: u64,
+    pub deadline: Option<Instant>,
+    /// Cancelled when the task must stop (client cancel, disconnect, shutdown).
+    pub cancel: CancellationToken,
+    inner: Mutex<TaskInner>,
+    frames_tx: watch::Sender<u64>,
+    subscribers: AtomicUsize,
+}
+
+struct TaskInner {
+    state: TaskState,
+    frames: Vec<Frame>,
+    terminal: bool,
+    pool_id: Option<String>,
+    attempts: u32,
+    started_at_ms: Option<u64>,
+    first_token_at_ms: Option<u64>,
+    finished_at_ms: Option<u64>,
+    finished_at: Option<Instant>,
+    queue_time_ms: Option<u64>,
+    tokens_out: u32,
+    last_position: Option<u32>,
+    error: Option<ErrorEnvelope>,
+    /// Why `cancel` fired (CANCELLED for clients, POOL_UNAVAILABLE at shutdown).
+    cancel_reason: Option<ErrorEnvelope>,
+    /// The pool that failed this task before its first token (placement avoids it once).
+    retry_avoid: Option<String>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Task {
+    pub fn new(id: String, req: TaskRequest, now: Instant) -> Self {
+        let deadline = req
+            .deadline_ms
+            .map(|ms| now + std::time::Duration::from_millis(ms));
+        Self {
+            id,
+            req,
+            submitted_at: now,
+            submitted_ms: now_ms(),
+            deadline,
+            cancel: CancellationToken::new(),
+            inner: Mutex::new(TaskInner {
+                state: TaskState::Queued,
+                frames: Vec::new(),
+                terminal: false,
+                pool_id: None,
+                attempts: 0,
+                started_at_ms: None,
+                first_token_at_ms: None,
+                finished_at_ms: None,
+                finished_at: None,
+                queue_time_ms: None,
+                tokens_out: 0,
+                last_position: None,
+                error: None,
+                cancel_reason: None,
+                retry_avoid: None,
+            }),
+            frames_tx: watch::channel(0).0,
+            subscribers: AtomicUsize::new(0),
+        }
+    }
+
+    /// Appends an event. Returns false (and drops it) once the task has its terminal event.
+    pub fn emit(&self, event: &TaskEvent) -> bool {
+        let data = match event {
+            TaskEvent::Queued {
+                queue_position,
+                predicted_start_ms,
+            } => serde_json::json!({
+                "queue_position": queue_position, "predicted_start_ms": predicted_start_ms
+            })
+            .to_string(),
+            other => serde_json::to_value(other)
+                .ok()
+                .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "{}".into()),
+        };
+        let count = {
+            let mut inner = self.inner.lock();
+            if inner.terminal {
+                return false;
+            }
+            match event {
+                TaskEvent::Token { .. } => {
+                    inner.tokens_out += 1;
+                    if inner.first_token_at_ms.is_none() {
+                        inner.first_token_at_ms = Some(now_ms());
+                    }
+                }
+                TaskEvent::End { .. } => {
+                    inner.state = TaskState::Completed;
+                }
+                TaskEvent::Error(e) => {
+                    inner.state = if e.code == ErrorCode::Cancelled {
+                        TaskState::Cancelled
+                    } else {
+                        TaskState::Failed
+                    };
+                    inner.error = Some(e.clone());
+                }
+                TaskEvent::Queued { queue_position, .. } => {
+                    inner.last_position = Some(*queue_position)
+                }
+                _ => {}
+            }
+            if event.is_terminal() {
+                inner.terminal = true;
+                inner.finished_at_ms = Some(now_ms());
+                inner.finished_at = Some(Instant::now());
+            }
+            let id = inner.frames.len() as u64;
+            inner.frames.push(Frame {
+                id,
+                event: event.name(),
+                data,
+            });
+            inner.frames.len() as u64
+        };
+        self.frames_tx.send_replace(count);
+        true
+    }
+
+    /// Frames with id ≥ `from`, and whether the terminal frame is among all frames.
+    pub fn frames_from(&self, from: u64) -> (Vec<Frame>, bool) {
+        let inner = self.inner.lock();
+        let start = (from as usize).min(inner.frames.len());
+        (inner.frames[start..].to_vec(), inner.terminal)
+    }
+
+    pub fn watch_frames(&self) -> watch::Receiver<u64> {
+        self.frames_tx.subscribe()
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.inner.lock().terminal
+    }
+
+    pub fn finished_at(&self) -> Option<Instant> {
+        self.inner.lock().finished_at
+    }
+
+    pub fn last_position(&self) -> Option<u32> {
+        self.inner.lock().last_position
+    }
+
+    pub fn add_subscriber(&self) {
+        self.subscribers.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Returns true when this was the last subscriber.
+    pub fn remove_subscriber(&self) -> bool {
+        self.subscribers.fetch_sub(1, Ordering::SeqCst) == 1
+    }
+
+    /// Marks a dispatch to `pool_id`; returns the attempt number (1 = first).
+    pub fn start_attempt(&self, pool_id: &str) -> (u32, u64) {
+        let mut inner = self.inner.lock();
+        inner.attempts += 1;
+        inner.state = TaskState::Running;
+        inner.pool_id = Some(pool_id.to_string());
+        inner.last_position = None;
+        let now = now_ms();
+        if inner.started_at_ms.is_none() {
+            inner.started_at_ms = Some(now);
+        }
+        let queue_time = self.submitted_at.elapsed().as_millis() as u64;
+        inner.queue_time_ms.get_or_insert(queue_time);
+        (inner.attempts, queue_time)
+    }
+
+    /// Back to the queue after an engine failed before the first token.
+    pub fn requeued(&self, failed_pool: &str) {
+        let mut inner = self.inner.lock();
+        inner.state = TaskState::Queued;
+        inner.retry_avoid = Some(failed_pool.to_string());
+    }
+
+    pub fn retry_avoid(&self) -> Option<String> {
+        self.inner.lock().retry_avoid.clone()
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.inner.lock().attempts
+    }
+
+    pub fn pool_id(&self) -> Option<String> {
+        self.inner.lock().pool_id.clone()
+    }
+
+    /// Cancels with a reason; the first reason wins.
+    pub fn cancel_with(&self, reason: ErrorEnvelope) {
+        self.inner.lock().cancel_reason.get_or_insert(reason);
+        self.cancel.cancel();
+    }
+
+    pub fn cancel_reason(&self) -> ErrorEnvelope {
+        self.inner
+            .lock()
+            .cancel_reason
+            .clone()
+            .unwrap_or_else(|| ErrorEnvelope::new(ErrorCode::Cancelled, "task cancelled"))
+    }
+
+    pub fn status(&self, queue_position: Option<u32>) -> TaskStatus {
+        let inner = self.inner.lock();
+        TaskStatus {
+            task_id: self.id.clone(),
+            state: inner.state,
+            priority: self.req.priority,
+            model_ref: self.req.model_ref.clone(),
+            session_id: self.req.session_id.clone(),
+            pool_id: inner.pool_id.clone(),
+            queue_position,
+            attempts: inner.attempts,
+            tokens_out: inner.tokens_out,
+            submitted_at_ms: self.submitted_ms,
+            started_at_ms: inner.started_at_ms,
+            first_token_at_ms: inner.first_token_at_ms,
+            finished_at_ms: inner.finished_at_ms,
+            queue_time_ms: inner.queue_time_ms,
+            error: inner.error.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> Task {
+        let req: TaskRequest = serde_json::from_value(serde_json::json!({
+            "model_ref": "m", "prompt": "p", "max_tokens": 3
+        }))
+        .unwrap();
+        Task::new("t".into(), req, Instant::now())
+    }
+
+    #[test]
+    fn only_one_terminal_event_is_ever_recorded() {
+        let t = task();
+        assert!(t.emit(&TaskEvent::Token {
+            t: "a".into(),
+            i: 0
+        }));
+        assert!(t.emit(&TaskEvent::Error(ErrorEnvelope::new(
+            ErrorCode::Cancelled,
+            "x"
+        ))));
+        assert!(!t.emit(&TaskEvent::End {
+            tokens_out: 1,
+            decode_time_ms: 0,
+            decode_ms: 0,
+            finish_reason: "stop".into()
+        }));
+        assert!(!t.emit(&TaskEvent::Token {
+            t: "b".into(),
+            i: 1
+        }));
+        let (frames, terminal) = t.frames_from(0);
+        assert!(terminal);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[1].event, "error");
+        assert_eq!(t.status(None).state, TaskState::Cancelled);
+        assert_eq!(frames[0].data, r#"{"i":0,"t":"a"}"#);
+    }
+
+    #[test]
+    fn replay_starts_after_the_given_id() {
+        let t = task();
+        for i in 0..5 {
+            t.emit(&TaskEvent::Token {
+                t: format!("{i}"),
+                i,
+            });
+        }
+        let (frames, terminal) = t.frames_from(3);
+        assert!(!terminal);
+        assert_eq!(frames.iter().map(|f| f.id).collect::<Vec<_>>(), vec![3, 4]);
+        assert!(t.frames_from(99).0.is_empty());
+    }
+}
