@@ -10,9 +10,11 @@ CARGO ?= cargo
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build lint test bench-handoff clean-cache
+.PHONY: help deps engine model build bins demo up lint test bench-handoff clean-cache
 
 help:
+	@echo "make demo           run the stack on the tiny model, stream one task, stop"
+	@echo "make up             run the stack in the foreground (Ctrl-C stops it)"
 	@echo "make test           build, lint and run every test (installs engine + model first)"
 	@echo "make engine         install the pinned llama-server into $(CACHE)"
 	@echo "make model          write the tiny test model to $(MODEL)"
@@ -30,12 +32,22 @@ model:
 build:
 	$(CARGO) build --workspace --all-targets
 
+bins:
+	@$(CARGO) build -q -p pool-managerd -p orchestratord -p llorch
+
+demo: engine model bins
+	@scripts/stack.sh demo
+
+up: engine model bins
+	@scripts/stack.sh up
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 test: engine model lint
 	$(CARGO) test --workspace
+	@$(MAKE) --no-print-directory demo
 
 bench-handoff: engine model
 	$(CARGO) build --release -p pool-managerd -p llorch-bench

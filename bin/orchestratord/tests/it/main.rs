@@ -1,1 +1,11 @@
+//! Integration tests of orchestratord in the HOME profile: real pool-managerd, real
+//! llama-server engines, the tiny model, real HTTP and SSE. The one fake is
+//! `fault_engine`, a fault injector that accepts connections and drops them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admission;
+mod cancel;
+mod fault_engine;
+mod harness;
+mod random;
+mod streaming;

@@ -1,0 +1,83 @@
+use std::time::Duration;
+
+use llorch_contracts::tasks::TaskState;
+
+use crate::harness::*;
+
+async fn wait_slot_idle(s: &Stack, within: Duration) {
+    wait_for("engine slot idle", within, || async { (s.engine_slots_busy("p0").await == 0).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_queued_task_never_reaches_the_engine() {
+    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 1, 8192), ..Default::default() }).await;
+    let long = s.submit_ok(task("the", 8000)).await.task_id;
+    let queued = s.submit_ok(task("never runs", 50)).await.task_id;
+    assert_eq!(s.status(&queued).await.state, TaskState::Queued);
+    assert_eq!(s.cancel(&queued).await, 204);
+    assert_eq!(s.cancel(&queued).await, 204, "cancel is idempotent");
+    let frames = s.events(&queued).await;
+    assert_eq!(names(&frames).last(), Some(&"error"));
+    assert_eq!(data(frames.last().unwrap())["code"], "CANCELLED");
+    assert!(!names(&frames).contains(&"started"));
+    s.cancel(&long).await;
+    s.wait_task(&long, Duration::from_secs(10)).await;
+    let st = s.status(&queued).await;
+    assert_eq!(st.state, TaskState::Cancelled);
+    assert_eq!(st.attempts, 0);
+    assert!(st.pool_id.is_none());
+    let m = s.metrics().await;
+    assert_eq!(metric_value(&m, "tasks_started_total", &[("pool_id", "p0")]), Some(1.0), "only the long task was dispatched");
+    assert_eq!(metric_value(&m, "tasks_canceled_total", &[("stage", "queued")]), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_running_task_ends_cancelled_and_frees_the_engine_slot_within_a_second() {
+    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 1, 8192), ..Default::default() }).await;
+    let id = s.submit_ok(task("the", 8000)).await.task_id;
+    let mut ev = s.open_events(&id, None).await;
+    ev.next_named("token").await.unwrap();
+    assert_eq!(s.engine_slots_busy("p0").await, 1);
+    assert_eq!(s.cancel(&id).await, 204);
+    let err = ev.next_named("error").await.unwrap();
+    assert_eq!(data(&err)["code"], "CANCELLED");
+    wait_slot_idle(&s, Duration::from_secs(1)).await;
+    assert_eq!(s.status(&id).await.state, TaskState::Cancelled);
+    let m = s.metrics().await;
+    assert_eq!(metric_value(&m, "tasks_canceled_total", &[("stage", "running")]), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_last_event_stream_cancels_the_task_and_frees_the_slot() {
+    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 1, 8192), ..Default::default() }).await;
+    let id = s.submit_ok(task("the", 8000)).await.task_id;
+    let mut first = s.open_events(&id, None).await;
+    let mut second = s.open_events(&id, None).await;
+    first.next_named("token").await.unwrap();
+    second.next_named("token").await.unwrap();
+    drop(first);
+    // One subscriber is still there: the task keeps running.
+    second.next_named("token").await.unwrap();
+    assert_eq!(s.status(&id).await.state, TaskState::Running);
+    drop(second);
+    let st = s.wait_task(&id, Duration::from_secs(2)).await;
+    assert_eq!(st.state, TaskState::Cancelled);
+    wait_slot_idle(&s, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_does_not_cancel_when_configured_off() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 4096),
+        orch_env: vec![("ORCHD_CANCEL_ON_DISCONNECT", "false".into())],
+        ..Default::default()
+    })
+    .await;
+    let id = s.submit_ok(task("the", 2000)).await.task_id;
+    let mut ev = s.open_events(&id, None).await;
+    ev.next_named("token").await.unwrap();
+    drop(ev);
+    let st = s.wait_task(&id, Duration::from_secs(10)).await;
+    assert_eq!(st.state, TaskState::Completed);
+    assert_eq!(st.tokens_out, 2000);
+}

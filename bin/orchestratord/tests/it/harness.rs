@@ -1,0 +1,245 @@
+//! The real HOME stack: pool-managerd (real llama-server engines, tiny model) and
+//! orchestratord sharing a handoff directory, talking real HTTP.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use llamacpp_client::sse::{SseFrame, SseParser};
+use llorch_contracts::tasks::{AdmissionResponse, TaskStatus};
+use llorch_contracts::HandoffFile;
+pub use llorch_test_support::*;
+use tokio::process::{Child, Command};
+
+pub const TOKEN: &str = "orchd-test-token-7d2e9f01a4b3";
+
+pub fn pool_toml(id: &str, slots: u32, ctx: u32) -> String {
+    format!(
+        "[[pools]]\nid = \"{id}\"\nmodel = \"{}\"\nmodel_id = \"tiny\"\nslots = {slots}\nctx = {ctx}\nargs = [\"--threads\", \"1\"]\n",
+        tiny_model().display()
+    )
+}
+
+pub struct Stack {
+    pub pm: Child,
+    pub orch: Child,
+    pub base: String,
+    pub pm_base: String,
+    pub runtime_dir: PathBuf,
+    pub orch_log: PathBuf,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Default)]
+pub struct StackOptions {
+    pub pools_toml: String,
+    pub orch_env: Vec<(&'static str, String)>,
+    /// Do not wait for a ready pool (tests of an empty stack).
+    pub no_wait: bool,
+}
+
+fn spawn(bin: &Path, env: &[(&str, String)], log: &Path) -> Child {
+    let file = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .env("LLORCH_API_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+impl Stack {
+    pub async fn start(opts: StackOptions) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime_dir = dir.path().join("run");
+        let config = dir.path().join("pools.toml");
+        std::fs::write(&config, &opts.pools_toml).unwrap();
+        let pm_port = free_port();
+        let orch_port = free_port();
+        let pm = spawn(
+            &workspace_binary("pool-managerd"),
+            &[
+                ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}")),
+                ("POOL_MANAGERD_CONFIG", config.display().to_string()),
+                ("POOL_MANAGERD_RUNTIME_DIR", runtime_dir.display().to_string()),
+                ("POOL_MANAGERD_ENGINE_BINARY", engine_binary().display().to_string()),
+                ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
+                ("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into()),
+                ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
+            ],
+            &dir.path().join("pool-managerd.log"),
+        );
+        let orch_log = dir.path().join("orchestratord.log");
+        let mut env = vec![
+            ("ORCHD_BIND_ADDR", format!("127.0.0.1:{orch_port}")),
+            ("ORCHD_RUNTIME_DIR", runtime_dir.display().to_string()),
+            ("ORCHD_POOL_MANAGER_URL", format!("http://127.0.0.1:{pm_port}")),
+            ("ORCHD_HANDOFF_WATCH_INTERVAL_MS", "500".into()),
+            ("ORCHD_POOL_HEALTH_INTERVAL_MS", "200".into()),
+            ("ORCHD_SHUTDOWN_GRACE_MS", "3000".into()),
+        ];
+        env.extend(opts.orch_env.iter().cloned());
+        let orch = spawn(&workspace_binary("orchestratord"), &env, &orch_log);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {TOKEN}").parse().unwrap());
+        let http = reqwest::Client::builder().default_headers(headers).build().unwrap();
+        let stack = Stack {
+            pm,
+            orch,
+            base: format!("http://127.0.0.1:{orch_port}"),
+            pm_base: format!("http://127.0.0.1:{pm_port}"),
+            runtime_dir,
+            orch_log,
+            http,
+            _dir: dir,
+        };
+        let probe = reqwest::Client::new();
+        let path = if opts.no_wait { "health" } else { "ready" };
+        let url = format!("{}/{path}", stack.base);
+        wait_for("orchestratord ready with a pool", Duration::from_secs(30), || {
+            let probe = probe.clone();
+            let url = url.clone();
+            async move { probe.get(url).send().await.ok().filter(|r| r.status() == 200) }
+        })
+        .await;
+        stack
+    }
+
+    /// Waits until orchestratord sees `n` ready pools.
+    pub async fn wait_pools_ready(&self, n: usize) {
+        wait_for(&format!("{n} ready pools"), Duration::from_secs(30), || async move {
+            let v: serde_json::Value = self.http.get(format!("{}/v2/pools", self.base)).send().await.ok()?.json().await.ok()?;
+            let ready = v["pools"].as_array()?.iter().filter(|p| p["healthy"] == true && p["draining"] == false).count();
+            (ready >= n).then_some(())
+        })
+        .await;
+    }
+
+    pub fn orch_log(&self) -> String {
+        std::fs::read_to_string(&self.orch_log).unwrap_or_default()
+    }
+
+    pub fn handoff(&self, pool: &str) -> HandoffFile {
+        HandoffFile::parse(&std::fs::read(self.runtime_dir.join(format!("{pool}.json"))).unwrap()).unwrap()
+    }
+
+    pub async fn submit(&self, body: serde_json::Value) -> reqwest::Response {
+        self.http.post(format!("{}/v2/tasks", self.base)).json(&body).send().await.unwrap()
+    }
+
+    pub async fn submit_ok(&self, body: serde_json::Value) -> AdmissionResponse {
+        let r = self.submit(body).await;
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+        r.json().await.unwrap()
+    }
+
+    pub async fn status(&self, id: &str) -> TaskStatus {
+        self.http
+            .get(format!("{}/v2/tasks/{id}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn cancel(&self, id: &str) -> u16 {
+        self.http
+            .post(format!("{}/v2/tasks/{id}/cancel", self.base))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    pub async fn open_events(&self, id: &str, last_event_id: Option<u64>) -> EventStream {
+        let mut rb = self.http.get(format!("{}/v2/tasks/{id}/events", self.base));
+        if let Some(l) = last_event_id {
+            rb = rb.header("last-event-id", l.to_string());
+        }
+        let resp = rb.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        EventStream { resp, parser: SseParser::new(), pending: Default::default() }
+    }
+
+    /// All frames of a task's stream, through its terminal frame.
+    pub async fn events(&self, id: &str) -> Vec<SseFrame> {
+        let mut s = self.open_events(id, None).await;
+        let mut out = Vec::new();
+        while let Some(f) = s.next().await {
+            out.push(f);
+        }
+        out
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base)).await.unwrap().text().await.unwrap()
+    }
+
+    pub async fn engine_slots_busy(&self, pool: &str) -> usize {
+        let url = self.handoff(pool).url;
+        let slots: Vec<serde_json::Value> =
+            reqwest::get(format!("{url}/slots")).await.unwrap().json().await.unwrap();
+        slots.iter().filter(|s| s["is_processing"] == true).count()
+    }
+
+    pub async fn wait_task(&self, id: &str, timeout: Duration) -> TaskStatus {
+        wait_for(&format!("task {id} terminal"), timeout, || async move {
+            let s = self.status(id).await;
+            s.finished_at_ms.is_some().then_some(s)
+        })
+        .await
+    }
+}
+
+pub struct EventStream {
+    resp: reqwest::Response,
+    parser: SseParser,
+    pending: std::collections::VecDeque<SseFrame>,
+}
+
+impl EventStream {
+    /// The next frame, or None when the stream ended.
+    pub async fn next(&mut self) -> Option<SseFrame> {
+        loop {
+            if let Some(f) = self.pending.pop_front() {
+                return Some(f);
+            }
+            let chunk = self.resp.chunk().await.ok()??;
+            self.pending.extend(self.parser.push(&chunk));
+        }
+    }
+
+    /// The next frame whose event is `name`.
+    pub async fn next_named(&mut self, name: &str) -> Option<SseFrame> {
+        while let Some(f) = self.next().await {
+            if f.event.as_deref() == Some(name) {
+                return Some(f);
+            }
+        }
+        None
+    }
+}
+
+pub fn data(f: &SseFrame) -> serde_json::Value {
+    serde_json::from_str(&f.data).unwrap()
+}
+
+pub fn names(frames: &[SseFrame]) -> Vec<&str> {
+    frames.iter().map(|f| f.event.as_deref().unwrap_or("")).collect()
+}
+
+pub fn task(prompt: &str, max_tokens: u32) -> serde_json::Value {
+    serde_json::json!({"model_ref": "tiny", "prompt": prompt, "max_tokens": max_tokens})
+}

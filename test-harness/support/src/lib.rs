@@ -1,0 +1,170 @@
+//! Helpers shared by the integration tests of both daemons. They start real processes only:
+//! the pinned `llama-server` and the tiny model written by the project's own generator.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+/// The llama-server the tests run: `LLORCH_ENGINE_BINARY`, else `PATH`, else the project cache
+/// (`make engine`).
+pub fn engine_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("LLORCH_ENGINE_BINARY").map(PathBuf::from) {
+        assert!(p.exists(), "LLORCH_ENGINE_BINARY={} does not exist; run `make engine`", p.display());
+        return p;
+    }
+    let cache = std::env::var_os("LLORCH_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/llama-orch"));
+    let p = cache.join("bin/llama-server");
+    assert!(p.exists(), "these tests need the real llama-server at {}: run `make engine`", p.display());
+    p
+}
+
+/// A binary of this workspace built next to the running test binary (`cargo test --workspace`
+/// builds every daemon).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built: run `cargo build -p {name}` or `cargo test --workspace`", p.display());
+    p
+}
+
+/// The tiny model, generated once per test process by the project's own writer.
+pub fn tiny_model() -> PathBuf {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("llorch-it-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("tiny.gguf");
+            let bytes = tiny_gguf::build(&tiny_gguf::TinyModel::with_seed(tiny_gguf::DEFAULT_SEED));
+            std::fs::write(&path, bytes).unwrap();
+            path
+        })
+        .clone()
+}
+
+/// A second model file (other seed), for reloads.
+pub fn other_model(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny-other.gguf");
+    std::fs::write(
+        &path,
+        tiny_gguf::build(&tiny_gguf::TinyModel::with_seed(42)),
+    )
+    .unwrap();
+    path
+}
+
+/// A file llama-server cannot load: it exits at start.
+pub fn broken_model(dir: &Path) -> PathBuf {
+    let path = dir.join("broken.gguf");
+    std::fs::write(&path, b"GGUF this is not a model").unwrap();
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 20 ms until it yields `Some`, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True while a process with this pid exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Value of a metric sample line `name{labels} value`, if present.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A llama-server started by the test itself (an "external provisioner").
+pub struct ExternalEngine {
+    pub child: Child,
+    pub url: String,
+}
+
+impl ExternalEngine {
+    pub async fn start(model: &Path, slots: u32) -> ExternalEngine {
+        let port = free_port();
+        let child = Command::new(engine_binary())
+            .args(["--model", &model.display().to_string()])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--parallel",
+                &slots.to_string(),
+                "--ctx-size",
+                "1024",
+                "--threads",
+                "1",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let probe = reqwest::Client::new();
+        let health = format!("{url}/health");
+        wait_for(
+            "external llama-server health",
+            Duration::from_secs(30),
+            || {
+                let probe = probe.clone();
+                let health = health.clone();
+                async move {
+                    probe
+                        .get(health)
+                        .send()
+                        .await
+                        .ok()
+                        .filter(|r| r.status() == 200)
+                }
+            },
+        )
+        .await;
+        ExternalEngine { child, url }
+    }
+}
