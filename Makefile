@@ -10,7 +10,7 @@ CARGO ?= cargo
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins demo up lint test bench-handoff clean-cache
+.PHONY: help deps engine model build bins demo up lint test bench bench-build bench-handoff bench-admission bench-stream clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -18,7 +18,7 @@ help:
 	@echo "make test           build, lint and run every test (installs engine + model first)"
 	@echo "make engine         install the pinned llama-server into $(CACHE)"
 	@echo "make model          write the tiny test model to $(MODEL)"
-	@echo "make bench-handoff  handoff-file-to-ready latency benchmark"
+	@echo "make bench          all benchmarks (results go in test-harness/bench/README.md by hand)"
 
 deps:
 	@scripts/install-deps.sh
@@ -49,10 +49,21 @@ test: engine model lint
 	$(CARGO) test --workspace
 	@$(MAKE) --no-print-directory demo
 
-bench-handoff: engine model
-	$(CARGO) build --release -p pool-managerd -p llorch-bench
+bench: bench-handoff bench-admission bench-stream
+
+bench-build:
+	$(CARGO) build --release -p pool-managerd -p orchestratord -p llorch-bench
+
+bench-handoff: engine model bench-build
 	target/release/handoff-latency --pool-managerd target/release/pool-managerd \
 	  --engine $(ENGINE) --model $(MODEL) --files 100
+
+bench-admission: bench-build
+	target/release/admission --orchestratord target/release/orchestratord --tasks 50000 --clients 16
+
+bench-stream: engine model bench-build
+	target/release/stream --orchestratord target/release/orchestratord \
+	  --engine $(ENGINE) --model $(MODEL) --runs 20 --tokens 1024
 
 clean-cache:
 	rm -rf $(CACHE)

@@ -101,7 +101,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let token = match (&cli.token, &cli.token_file) {
         (Some(t), _) => Some(t.trim().to_string()),
-        (None, Some(f)) => Some(std::fs::read_to_string(f).context("read token file")?.trim().to_string()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .context("read token file")?
+                .trim()
+                .to_string(),
+        ),
         (None, None) => None,
     };
     let c = Client {
@@ -110,9 +115,18 @@ async fn main() -> anyhow::Result<()> {
         token,
     };
     use reqwest::Method;
-    let print = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    let print =
+        |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match cli.cmd {
-        Cmd::Submit { model, prompt, max_tokens, priority, session, seed, temperature } => {
+        Cmd::Submit {
+            model,
+            prompt,
+            max_tokens,
+            priority,
+            session,
+            seed,
+            temperature,
+        } => {
             let body = serde_json::json!({
                 "model_ref": model, "prompt": prompt, "max_tokens": max_tokens, "priority": priority,
                 "session_id": session, "seed": seed, "temperature": temperature,
@@ -120,16 +134,28 @@ async fn main() -> anyhow::Result<()> {
             submit(&c, body).await?;
         }
         Cmd::Pools => print(c.json(c.req(Method::GET, "/v2/pools")).await?),
-        Cmd::Task { id } => print(c.json(c.req(Method::GET, &format!("/v2/tasks/{id}"))).await?),
-        Cmd::Cancel { id } => print(c.json(c.req(Method::POST, &format!("/v2/tasks/{id}/cancel"))).await?),
-        Cmd::Capabilities => print(c.json(c.req(Method::GET, "/v2/meta/capabilities")).await?),
-        Cmd::Drain { pool, deadline_ms } => print(
-            c.json(c.req(Method::POST, &format!("/v2/pools/{pool}/drain")).json(&serde_json::json!({"deadline_ms": deadline_ms})))
+        Cmd::Task { id } => print(
+            c.json(c.req(Method::GET, &format!("/v2/tasks/{id}")))
                 .await?,
         ),
-        Cmd::Reload { pool, model } => print(
-            c.json(c.req(Method::POST, &format!("/v2/pools/{pool}/reload")).json(&serde_json::json!({"new_model_ref": model})))
+        Cmd::Cancel { id } => print(
+            c.json(c.req(Method::POST, &format!("/v2/tasks/{id}/cancel")))
                 .await?,
+        ),
+        Cmd::Capabilities => print(c.json(c.req(Method::GET, "/v2/meta/capabilities")).await?),
+        Cmd::Drain { pool, deadline_ms } => print(
+            c.json(
+                c.req(Method::POST, &format!("/v2/pools/{pool}/drain"))
+                    .json(&serde_json::json!({"deadline_ms": deadline_ms})),
+            )
+            .await?,
+        ),
+        Cmd::Reload { pool, model } => print(
+            c.json(
+                c.req(Method::POST, &format!("/v2/pools/{pool}/reload"))
+                    .json(&serde_json::json!({"new_model_ref": model})),
+            )
+            .await?,
         ),
     }
     Ok(())
@@ -137,10 +163,21 @@ async fn main() -> anyhow::Result<()> {
 
 async fn submit(c: &Client, body: serde_json::Value) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let admitted = c.json(c.req(reqwest::Method::POST, "/v2/tasks").json(&body)).await?;
-    let id = admitted["task_id"].as_str().context("no task_id in answer")?.to_string();
-    let sse = admitted["streams"]["sse"].as_str().context("no stream URL in answer")?;
-    let mut resp = c.req(reqwest::Method::GET, sse).send().await.context("open event stream")?;
+    let admitted = c
+        .json(c.req(reqwest::Method::POST, "/v2/tasks").json(&body))
+        .await?;
+    let id = admitted["task_id"]
+        .as_str()
+        .context("no task_id in answer")?
+        .to_string();
+    let sse = admitted["streams"]["sse"]
+        .as_str()
+        .context("no stream URL in answer")?;
+    let mut resp = c
+        .req(reqwest::Method::GET, sse)
+        .send()
+        .await
+        .context("open event stream")?;
     if !resp.status().is_success() {
         bail!("event stream: {}", resp.status());
     }
@@ -161,7 +198,11 @@ async fn submit(c: &Client, body: serde_json::Value) -> anyhow::Result<()> {
                 Some("end") => {
                     let n = data["tokens_out"].as_u64().unwrap_or(0);
                     let decode = data["decode_time_ms"].as_u64().unwrap_or(0);
-                    let tps = if decode > 0 { n as f64 * 1000.0 / decode as f64 } else { 0.0 };
+                    let tps = if decode > 0 {
+                        n as f64 * 1000.0 / decode as f64
+                    } else {
+                        0.0
+                    };
                     writeln!(stdout)?;
                     eprintln!(
                         "task {id}: queue {queue_ms} ms · first token {:.1} ms · {n} tokens in {decode} ms · {tps:.0} tokens/s · finish {}",

@@ -74,7 +74,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let server = tokio::spawn({
         let stop = server_stop.clone();
         async move {
-            axum::serve(listener, app)
+            axum::serve(llorch_http::with_nodelay(listener), app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
         }

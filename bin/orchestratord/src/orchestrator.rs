@@ -2,7 +2,8 @@
 //! decisions (queue order, placement, prediction, sessions) come from `llorch_core`; this
 //! module holds the state and does the IO around them.
 
-use std::collections::HashMap;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,12 +33,16 @@ pub struct Orchestrator {
     pub metrics: Arc<Metrics>,
     tasks: RwLock<HashMap<String, Arc<Task>>>,
     queue: Mutex<AdmissionQueue<Arc<Task>>>,
+    /// When each queued task expires (deadline or longest queue wait), earliest first.
+    expiries: Mutex<BinaryHeap<Expiry>>,
     pub sessions: Mutex<SessionTable>,
     pub estimator: Mutex<ThroughputEstimator>,
     pub wake: Arc<Notify>,
     pub engine_http: reqwest::Client,
     pub control_http: reqwest::Client,
     accepting: AtomicBool,
+    /// Some queued task's position changed since the last `queued` updates went out.
+    positions_dirty: AtomicBool,
     /// Owner of every task runner.
     pub runners: TaskTracker,
 }
@@ -71,10 +76,12 @@ impl Orchestrator {
         Ok(Self {
             pools: Arc::new(PoolTable::new(wake.clone())),
             queue: Mutex::new(AdmissionQueue::new(config.admission_capacity)),
+            expiries: Mutex::new(BinaryHeap::new()),
             sessions: Mutex::new(SessionTable::new(config.session_ttl)),
             estimator: Mutex::new(ThroughputEstimator::default()),
             tasks: RwLock::new(HashMap::new()),
             accepting: AtomicBool::new(true),
+            positions_dirty: AtomicBool::new(false),
             runners: TaskTracker::new(),
             wake,
             engine_http,
@@ -220,7 +227,7 @@ impl Orchestrator {
             }
         }
         let priority = req.priority;
-        let (task, admitted) = {
+        let (task, admitted, ahead_tokens) = {
             let mut tasks = self.tasks.write();
             if let Some(existing) = tasks.get(&id) {
                 if existing.req != req {
@@ -234,16 +241,24 @@ impl Orchestrator {
                 }
                 let existing = existing.clone();
                 drop(tasks);
-                return Ok(
-                    self.admission_response(&existing, self.queue_position(&id).unwrap_or(0))
-                );
+                let (position, ahead_tokens) = self.ahead_of(&id);
+                return Ok(self.admission_response(&existing, position, ahead_tokens));
             }
             let task = Arc::new(Task::new(id.clone(), req, Instant::now()));
             let mut queue = self.queue.lock();
-            match queue.admit(task.clone(), priority, self.config.admission_policy) {
+            if priority == Priority::Interactive && queue.depth(Priority::Batch) > 0 {
+                // Every queued batch task moves back one place.
+                self.positions_dirty.store(true, Ordering::Relaxed);
+            }
+            let weight = u64::from(task.req.max_tokens);
+            match queue.admit(task.clone(), priority, weight, self.config.admission_policy) {
                 Ok(a) => {
                     tasks.insert(id.clone(), task.clone());
-                    (task, a)
+                    let mut ahead_tokens = queue.class_weight(Priority::Interactive);
+                    if priority == Priority::Batch {
+                        ahead_tokens += queue.class_weight(Priority::Batch);
+                    }
+                    (task, a, ahead_tokens - weight)
                 }
                 Err(full) => {
                     drop(queue);
@@ -261,7 +276,12 @@ impl Orchestrator {
                 }
             }
         };
+        // Lock order: `expiries` before `queue` (as in `expire_queued`), never inside it.
+        self.expiries
+            .lock()
+            .push(Expiry::of(&task, self.config.max_queue_wait));
         if let Some(dropped) = admitted.dropped {
+            self.positions_dirty.store(true, Ordering::Relaxed);
             tracing::info!(task_id = %dropped.id, "queue full: dropped oldest queued batch task");
             self.finish(
                 &dropped,
@@ -276,7 +296,7 @@ impl Orchestrator {
             );
         }
         let position = admitted.position as u32;
-        let predicted = self.predicted_start_ms(position as usize);
+        let predicted = self.predicted_start_ms(u64::from(position), ahead_tokens);
         task.emit(&TaskEvent::Queued {
             queue_position: position,
             predicted_start_ms: predicted,
@@ -291,15 +311,33 @@ impl Orchestrator {
             .observe(started.elapsed().as_secs_f64() * 1000.0);
         tracing::debug!(task_id = %id, position, "task admitted");
         self.wake.notify_one();
-        Ok(self.admission_response(&task, position))
+        Ok(self.admission_response(&task, position, ahead_tokens))
     }
 
-    fn admission_response(&self, task: &Task, position: u32) -> AdmissionResponse {
+    /// Queue position of a task and the `max_tokens` queued ahead of it (0, 0 once dispatched).
+    fn ahead_of(&self, id: &str) -> (u32, u64) {
+        let queue = self.queue.lock();
+        let mut tokens = 0;
+        for (pos, (t, w)) in queue.iter_weighted().enumerate() {
+            if t.id == id {
+                return (pos as u32, tokens);
+            }
+            tokens += w;
+        }
+        (0, 0)
+    }
+
+    fn admission_response(
+        &self,
+        task: &Task,
+        position: u32,
+        ahead_tokens: u64,
+    ) -> AdmissionResponse {
         let sse = format!("/v2/tasks/{}/events", task.id);
         AdmissionResponse {
             task_id: task.id.clone(),
             queue_position: position,
-            predicted_start_ms: self.predicted_start_ms(position as usize),
+            predicted_start_ms: self.predicted_start_ms(u64::from(position), ahead_tokens),
             backoff_ms: 0,
             streams: TaskStreams {
                 sse_verbose: format!("{sse}?verbose=true"),
@@ -308,29 +346,33 @@ impl Orchestrator {
         }
     }
 
-    /// Predicted start from measured throughput: work ahead beyond the free slots, spread over
-    /// all ready slots.
-    fn predicted_start_ms(&self, position: usize) -> u64 {
-        let ahead: Vec<u32> = self
-            .queue
-            .lock()
-            .iter()
-            .take(position)
-            .map(|t| t.req.max_tokens)
-            .collect();
-        let views = self.pools.views();
-        let ready = views.iter().filter(|v| v.ready && !v.draining);
-        let (free, total) = ready.fold((0, 0), |(f, t), v| (f + v.free_slots(), t + v.slots_total));
+    /// Predicted start from measured throughput: the work of the `ahead` tasks (with
+    /// `ahead_tokens` between them) beyond the free slots, spread over all ready slots.
+    fn predicted_start_ms(&self, ahead: u64, ahead_tokens: u64) -> u64 {
+        let (free, total) = self.slot_totals();
         self.estimator
             .lock()
-            .predicted_start_ms(&ahead, free, total)
+            .predicted_start_ms(ahead, ahead_tokens, free, total)
     }
 
-    /// Suggested client backoff when the queue is full: the time for one slot's worth of the
-    /// queue to drain, at least one second.
+    /// Free and total slots over ready pools.
+    fn slot_totals(&self) -> (u32, u32) {
+        let views = self.pools.views();
+        let ready = views.iter().filter(|v| v.ready && !v.draining);
+        ready.fold((0, 0), |(f, t), v| (f + v.free_slots(), t + v.slots_total))
+    }
+
+    /// Suggested client backoff when the queue is full: the predicted wait of a task at the
+    /// back of the queue, at least one second.
     fn backoff_ms(&self) -> u64 {
-        let depth = self.queue.lock().len();
-        self.predicted_start_ms(depth).max(1000)
+        let (depth, tokens) = {
+            let q = self.queue.lock();
+            (
+                q.len() as u64,
+                q.class_weight(Priority::Interactive) + q.class_weight(Priority::Batch),
+            )
+        };
+        self.predicted_start_ms(depth, tokens).max(1000)
     }
 
     fn update_depth(&self) {
@@ -381,10 +423,23 @@ impl Orchestrator {
     /// The dispatcher: places queued tasks whenever capacity may have appeared, expires
     /// deadlines, and tells queued tasks their new positions.
     pub async fn dispatch_loop(self: Arc<Self>, cancel: CancellationToken) {
+        // Position updates are coalesced: at most one pass per interval, however fast the
+        // queue churns (each pass is linear in the queue length).
+        const POSITION_INTERVAL: Duration = Duration::from_millis(50);
+        let mut last_publish = Instant::now() - POSITION_INTERVAL;
         loop {
             self.dispatch_ready();
-            let next = self.expire_queued();
-            self.publish_positions();
+            let mut next = self.expire_queued();
+            if self.positions_dirty.load(Ordering::Relaxed) {
+                let due = last_publish + POSITION_INTERVAL;
+                if Instant::now() >= due {
+                    self.positions_dirty.store(false, Ordering::Relaxed);
+                    self.publish_positions();
+                    last_publish = Instant::now();
+                } else {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                }
+            }
             let sleep = tokio::time::sleep_until(
                 next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             );
@@ -399,6 +454,12 @@ impl Orchestrator {
     fn dispatch_ready(self: &Arc<Self>) {
         loop {
             let views = self.pools.views();
+            if !views
+                .iter()
+                .any(|v| v.ready && !v.draining && v.free_slots() > 0)
+            {
+                break; // nothing can be placed: skip the queue walk
+            }
             let now = Instant::now().into_std();
             let picked = {
                 let sessions = self.sessions.lock();
@@ -423,6 +484,7 @@ impl Orchestrator {
                 })
             };
             let Some((task, pool_id)) = picked else { break };
+            self.positions_dirty.store(true, Ordering::Relaxed);
             match self.pools.lease(&pool_id) {
                 Some(lease) => {
                     self.update_depth();
@@ -431,9 +493,11 @@ impl Orchestrator {
                 }
                 None => {
                     // The pool changed under us; try again on the next wake.
-                    self.queue
-                        .lock()
-                        .requeue_front(task.clone(), task.req.priority);
+                    self.queue.lock().requeue_front(
+                        task.clone(),
+                        task.req.priority,
+                        u64::from(task.req.max_tokens),
+                    );
                     break;
                 }
             }
@@ -442,8 +506,13 @@ impl Orchestrator {
 
     /// Puts a task that failed before its first token back at the front of the queue.
     pub fn requeue(&self, task: Arc<Task>) {
+        self.positions_dirty.store(true, Ordering::Relaxed);
         let priority = task.req.priority;
-        self.queue.lock().requeue_front(task, priority);
+        let weight = u64::from(task.req.max_tokens);
+        self.expiries
+            .lock()
+            .push(Expiry::of(&task, self.config.max_queue_wait));
+        self.queue.lock().requeue_front(task, priority, weight);
         self.update_depth();
         self.wake.notify_one();
     }
@@ -452,27 +521,32 @@ impl Orchestrator {
     /// (POOL_UNAVAILABLE). Returns the next instant something expires.
     fn expire_queued(&self) -> Option<Instant> {
         let now = Instant::now();
-        let max_wait = self.config.max_queue_wait;
         let mut expired = Vec::new();
-        let mut next: Option<Instant> = None;
-        {
+        let next = {
+            let mut heap = self.expiries.lock();
             let mut queue = self.queue.lock();
-            loop {
-                let due = queue.remove(|t| {
-                    t.deadline.is_some_and(|d| d <= now) || t.submitted_at + max_wait <= now
-                });
-                match due {
-                    Some(t) => expired.push(t),
-                    None => break,
+            let next = loop {
+                match heap.peek() {
+                    Some(e) if e.at <= now => {}
+                    Some(e) => break Some(e.at),
+                    None => break None,
                 }
+                let Some(e) = heap.pop() else { break None };
+                if e.task.is_terminal() {
+                    continue;
+                }
+                if let Some(t) = queue.remove(|t| Arc::ptr_eq(t, &e.task)) {
+                    expired.push(t);
+                }
+            };
+            // Entries of tasks that left the queue stay until their time; rebuild when they
+            // dominate, so memory follows the queue, not the traffic.
+            if heap.len() > 2 * queue.len() + 1024 {
+                let max_wait = self.config.max_queue_wait;
+                *heap = queue.iter().map(|t| Expiry::of(t, max_wait)).collect();
             }
-            for t in queue.iter() {
-                let limit = t.deadline.map_or(t.submitted_at + max_wait, |d| {
-                    d.min(t.submitted_at + max_wait)
-                });
-                next = Some(next.map_or(limit, |n| n.min(limit)));
-            }
-        }
+            next
+        };
         for t in &expired {
             let event = if t.deadline.is_some_and(|d| d <= now) {
                 ErrorEnvelope::new(
@@ -489,23 +563,29 @@ impl Orchestrator {
             self.finish(t, TaskEvent::Error(event));
         }
         if !expired.is_empty() {
+            self.positions_dirty.store(true, Ordering::Relaxed);
             self.update_depth();
         }
         next
     }
 
     fn publish_positions(&self) {
-        let changed: Vec<(Arc<Task>, u32)> = {
+        let (free, total) = self.slot_totals();
+        let changed: Vec<(Arc<Task>, u32, u64)> = {
             let queue = self.queue.lock();
-            queue
-                .iter()
-                .enumerate()
-                .filter(|(pos, t)| t.last_position() != Some(*pos as u32))
-                .map(|(pos, t)| (t.clone(), pos as u32))
-                .collect()
+            let mut ahead_tokens = 0;
+            let mut out = Vec::new();
+            for (pos, (t, w)) in queue.iter_weighted().enumerate() {
+                if t.last_position() != Some(pos as u32) {
+                    out.push((t.clone(), pos as u32, ahead_tokens));
+                }
+                ahead_tokens += w;
+            }
+            out
         };
-        for (t, pos) in changed {
-            let predicted = self.predicted_start_ms(pos as usize);
+        let estimator = self.estimator.lock().clone();
+        for (t, pos, ahead_tokens) in changed {
+            let predicted = estimator.predicted_start_ms(u64::from(pos), ahead_tokens, free, total);
             t.emit(&TaskEvent::Queued {
                 queue_position: pos,
                 predicted_start_ms: predicted,
@@ -565,6 +645,43 @@ impl Orchestrator {
                 }
             }
         }
+    }
+}
+
+/// A queued task's expiry: its deadline or its longest queue wait, whichever comes first.
+/// Ordered so that `BinaryHeap` pops the earliest.
+struct Expiry {
+    at: Instant,
+    task: Arc<Task>,
+}
+
+impl Expiry {
+    fn of(task: &Arc<Task>, max_wait: Duration) -> Self {
+        let limit = task.submitted_at + max_wait;
+        Self {
+            at: task.deadline.map_or(limit, |d| d.min(limit)),
+            task: task.clone(),
+        }
+    }
+}
+
+impl PartialEq for Expiry {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for Expiry {}
+
+impl PartialOrd for Expiry {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Expiry {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        other.at.cmp(&self.at)
     }
 }
 

@@ -98,13 +98,17 @@ impl Task {
     /// Appends an event. Returns false (and drops it) once the task has its terminal event.
     pub fn emit(&self, event: &TaskEvent) -> bool {
         let data = match event {
+            // The hot path: one small JSON object per token, written directly.
+            TaskEvent::Token { t, i } => {
+                let text = serde_json::to_string(t).unwrap_or_else(|_| "\"\"".into());
+                format!("{{\"t\":{text},\"i\":{i}}}")
+            }
             TaskEvent::Queued {
                 queue_position,
                 predicted_start_ms,
-            } => serde_json::json!({
-                "queue_position": queue_position, "predicted_start_ms": predicted_start_ms
-            })
-            .to_string(),
+            } => format!(
+                "{{\"queue_position\":{queue_position},\"predicted_start_ms\":{predicted_start_ms}}}"
+            ),
             other => serde_json::to_value(other)
                 .ok()
                 .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
@@ -297,7 +301,9 @@ mod tests {
         assert_eq!(frames.len(), 2);
         assert_eq!(frames[1].event, "error");
         assert_eq!(t.status(None).state, TaskState::Cancelled);
-        assert_eq!(frames[0].data, r#"{"i":0,"t":"a"}"#);
+        assert_eq!(frames[0].data, r#"{"t":"a","i":0}"#);
+        let parsed: serde_json::Value = serde_json::from_str(&frames[0].data).unwrap();
+        assert_eq!(parsed, serde_json::json!({"t": "a", "i": 0}));
     }
 
     #[test]

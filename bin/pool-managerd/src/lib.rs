@@ -121,7 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let app = api::router(shared.clone());
     let server_cancel = root.child_token();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
+        axum::serve(llorch_http::with_nodelay(listener), app)
             .with_graceful_shutdown(server_cancel.cancelled_owned())
             .await
     });

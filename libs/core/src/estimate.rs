@@ -35,24 +35,27 @@ impl ThroughputEstimator {
         self.tokens_per_s
     }
 
-    /// Expected time of one task of `max_tokens` on one slot, once measured.
-    pub fn service_ms(&self, max_tokens: u32) -> Option<f64> {
-        let tps = self.tokens_per_s?;
-        Some(self.first_token_ms.unwrap_or(0.0) + f64::from(max_tokens) * 1000.0 / tps)
-    }
-
-    /// When a task will start: the work of the tasks ahead of it (their `max_tokens`), beyond
-    /// the slots free now, spread over all slots. 0 until a task has been measured.
+    /// When a task will start, given the `ahead` tasks before it in the queue (their count and
+    /// the sum of their `max_tokens`): the work of those beyond the slots free now, spread over
+    /// all slots. 0 until a task has been measured.
     pub fn predicted_start_ms(
         &self,
-        ahead_max_tokens: &[u32],
+        ahead: u64,
+        ahead_tokens: u64,
         free_slots: u32,
         total_slots: u32,
     ) -> u64 {
-        let waiting = ahead_max_tokens.iter().skip(free_slots as usize);
-        let work: f64 = waiting.filter_map(|t| self.service_ms(*t)).sum();
-        let slots = f64::from(total_slots.max(1));
-        (work / slots).round().max(0.0) as u64
+        let Some(tps) = self.tokens_per_s else {
+            return 0;
+        };
+        let waiting = ahead.saturating_sub(u64::from(free_slots));
+        if waiting == 0 {
+            return 0;
+        }
+        // Tasks ahead are assumed alike: the waiting share of their tokens.
+        let tokens = ahead_tokens as f64 * waiting as f64 / ahead as f64;
+        let work = waiting as f64 * self.first_token_ms.unwrap_or(0.0) + tokens * 1000.0 / tps;
+        (work / f64::from(total_slots.max(1))).round().max(0.0) as u64
     }
 }
 
@@ -63,11 +66,12 @@ mod tests {
     #[test]
     fn prediction_is_zero_until_measured_then_follows_the_queue() {
         let mut e = ThroughputEstimator::default();
-        assert_eq!(e.predicted_start_ms(&[100, 100], 0, 1), 0);
+        assert_eq!(e.predicted_start_ms(2, 200, 0, 1), 0);
         e.record(1000, 1000.0, 0.0); // 1000 tokens/s
-        assert_eq!(e.predicted_start_ms(&[100, 100], 0, 1), 200);
-        assert_eq!(e.predicted_start_ms(&[100, 100], 0, 2), 100);
-        assert_eq!(e.predicted_start_ms(&[100, 100], 1, 1), 100);
-        assert_eq!(e.predicted_start_ms(&[], 0, 1), 0);
+        assert_eq!(e.predicted_start_ms(2, 200, 0, 1), 200);
+        assert_eq!(e.predicted_start_ms(2, 200, 0, 2), 100);
+        assert_eq!(e.predicted_start_ms(2, 200, 1, 1), 100);
+        assert_eq!(e.predicted_start_ms(0, 0, 0, 1), 0);
+        assert_eq!(e.predicted_start_ms(1, 100, 3, 4), 0);
     }
 }

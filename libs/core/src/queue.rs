@@ -34,13 +34,22 @@ pub struct Admitted<T> {
     pub dropped: Option<T>,
 }
 
-/// Entries are dispatched interactive-first, FIFO within a class. `T` carries the caller's data
-/// (a task id, say); `key` identifies an entry for removal.
+/// Entries are dispatched interactive-first, FIFO within a class. `T` carries the caller's
+/// data; each entry also has a weight (its `max_tokens`, say) whose per-class sums are kept, so
+/// "how much work is ahead" is O(1) at admission.
 #[derive(Debug, Clone)]
 pub struct AdmissionQueue<T> {
     capacity: usize,
-    interactive: VecDeque<T>,
-    batch: VecDeque<T>,
+    interactive: VecDeque<(T, u64)>,
+    batch: VecDeque<(T, u64)>,
+    weights: [u64; 2],
+}
+
+fn idx(p: Priority) -> usize {
+    match p {
+        Priority::Interactive => 0,
+        Priority::Batch => 1,
+    }
 }
 
 impl<T> AdmissionQueue<T> {
@@ -49,6 +58,7 @@ impl<T> AdmissionQueue<T> {
             capacity: capacity.max(1),
             interactive: VecDeque::new(),
             batch: VecDeque::new(),
+            weights: [0, 0],
         }
     }
 
@@ -71,18 +81,29 @@ impl<T> AdmissionQueue<T> {
         }
     }
 
-    fn class(&mut self, p: Priority) -> &mut VecDeque<T> {
+    /// Sum of the weights queued in a class.
+    pub fn class_weight(&self, p: Priority) -> u64 {
+        self.weights[idx(p)]
+    }
+
+    fn class(&mut self, p: Priority) -> &mut VecDeque<(T, u64)> {
         match p {
             Priority::Interactive => &mut self.interactive,
             Priority::Batch => &mut self.batch,
         }
     }
 
-    /// Admits `item` at the back of its class.
+    fn taken(&mut self, p: Priority, (item, weight): (T, u64)) -> T {
+        self.weights[idx(p)] -= weight;
+        item
+    }
+
+    /// Admits `item` (of `weight`) at the back of its class.
     pub fn admit(
         &mut self,
         item: T,
         priority: Priority,
+        weight: u64,
         policy: AdmissionPolicy,
     ) -> Result<Admitted<T>, QueueFull> {
         let mut dropped = None;
@@ -94,7 +115,7 @@ impl<T> AdmissionQueue<T> {
                     })
                 }
                 AdmissionPolicy::DropLru => match self.batch.pop_front() {
-                    Some(oldest) => dropped = Some(oldest),
+                    Some(oldest) => dropped = Some(self.taken(Priority::Batch, oldest)),
                     None => {
                         return Err(QueueFull {
                             capacity: self.capacity,
@@ -103,7 +124,8 @@ impl<T> AdmissionQueue<T> {
                 },
             }
         }
-        self.class(priority).push_back(item);
+        self.class(priority).push_back((item, weight));
+        self.weights[idx(priority)] += weight;
         let position = match priority {
             Priority::Interactive => self.interactive.len() - 1,
             Priority::Batch => self.interactive.len() + self.batch.len() - 1,
@@ -113,15 +135,18 @@ impl<T> AdmissionQueue<T> {
 
     /// Puts an entry back at the front of its class (a retry), even past capacity: it was
     /// admitted before and must not be lost.
-    pub fn requeue_front(&mut self, item: T, priority: Priority) {
-        self.class(priority).push_front(item);
+    pub fn requeue_front(&mut self, item: T, priority: Priority, weight: u64) {
+        self.class(priority).push_front((item, weight));
+        self.weights[idx(priority)] += weight;
     }
 
     /// Removes the first entry matching `pred`.
     pub fn remove(&mut self, mut pred: impl FnMut(&T) -> bool) -> Option<T> {
-        for q in [&mut self.interactive, &mut self.batch] {
-            if let Some(i) = q.iter().position(&mut pred) {
-                return q.remove(i);
+        for p in [Priority::Interactive, Priority::Batch] {
+            let q = self.class(p);
+            if let Some(i) = q.iter().position(|(t, _)| pred(t)) {
+                let entry = q.remove(i)?;
+                return Some(self.taken(p, entry));
             }
         }
         None
@@ -130,16 +155,18 @@ impl<T> AdmissionQueue<T> {
     /// Removes and returns the first entry, in dispatch order, for which `pick` returns
     /// `Some(decision)`.
     pub fn take_first<D>(&mut self, mut pick: impl FnMut(&T) -> Option<D>) -> Option<(T, D)> {
-        for q in [&mut self.interactive, &mut self.batch] {
+        for p in [Priority::Interactive, Priority::Batch] {
+            let q = self.class(p);
             let mut found = None;
-            for (i, item) in q.iter().enumerate() {
+            for (i, (item, _)) in q.iter().enumerate() {
                 if let Some(d) = pick(item) {
                     found = Some((i, d));
                     break;
                 }
             }
             if let Some((i, d)) = found {
-                return q.remove(i).map(|item| (item, d));
+                let entry = q.remove(i)?;
+                return Some((self.taken(p, entry), d));
             }
         }
         None
@@ -147,7 +174,18 @@ impl<T> AdmissionQueue<T> {
 
     /// Entries in dispatch order.
     pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.interactive.iter().chain(self.batch.iter())
+        self.interactive
+            .iter()
+            .chain(self.batch.iter())
+            .map(|(t, _)| t)
+    }
+
+    /// Entries with their weights, in dispatch order.
+    pub fn iter_weighted(&self) -> impl Iterator<Item = (&T, u64)> {
+        self.interactive
+            .iter()
+            .chain(self.batch.iter())
+            .map(|(t, w)| (t, *w))
     }
 
     pub fn position(&self, mut pred: impl FnMut(&T) -> bool) -> Option<usize> {
@@ -165,7 +203,7 @@ mod tests {
     fn interactive_is_dispatched_before_batch_and_fifo_within_class() {
         let mut q = AdmissionQueue::new(10);
         for (id, p) in [(1, Batch), (2, Interactive), (3, Batch), (4, Interactive)] {
-            q.admit(id, p, AdmissionPolicy::Reject).unwrap();
+            q.admit(id, p, 1, AdmissionPolicy::Reject).unwrap();
         }
         let order: Vec<_> =
             std::iter::from_fn(|| q.take_first(|_| Some(())).map(|(i, _)| i)).collect();
@@ -175,10 +213,10 @@ mod tests {
     #[test]
     fn reject_policy_refuses_when_full() {
         let mut q = AdmissionQueue::new(2);
-        q.admit(1, Batch, AdmissionPolicy::Reject).unwrap();
-        q.admit(2, Batch, AdmissionPolicy::Reject).unwrap();
+        q.admit(1, Batch, 1, AdmissionPolicy::Reject).unwrap();
+        q.admit(2, Batch, 1, AdmissionPolicy::Reject).unwrap();
         assert_eq!(
-            q.admit(3, Interactive, AdmissionPolicy::Reject),
+            q.admit(3, Interactive, 1, AdmissionPolicy::Reject),
             Err(QueueFull { capacity: 2 })
         );
         assert_eq!(q.len(), 2);
@@ -187,10 +225,11 @@ mod tests {
     #[test]
     fn drop_lru_drops_the_oldest_batch_entry() {
         let mut q = AdmissionQueue::new(3);
-        q.admit(1, Interactive, AdmissionPolicy::DropLru).unwrap();
-        q.admit(2, Batch, AdmissionPolicy::DropLru).unwrap();
-        q.admit(3, Batch, AdmissionPolicy::DropLru).unwrap();
-        let a = q.admit(4, Batch, AdmissionPolicy::DropLru).unwrap();
+        q.admit(1, Interactive, 1, AdmissionPolicy::DropLru)
+            .unwrap();
+        q.admit(2, Batch, 1, AdmissionPolicy::DropLru).unwrap();
+        q.admit(3, Batch, 1, AdmissionPolicy::DropLru).unwrap();
+        let a = q.admit(4, Batch, 1, AdmissionPolicy::DropLru).unwrap();
         assert_eq!(a.dropped, Some(2));
         assert_eq!(a.position, 2);
         let order: Vec<_> = q.iter().copied().collect();
@@ -200,16 +239,17 @@ mod tests {
     #[test]
     fn drop_lru_with_only_interactive_queued_rejects() {
         let mut q = AdmissionQueue::new(1);
-        q.admit(1, Interactive, AdmissionPolicy::DropLru).unwrap();
-        assert!(q.admit(2, Batch, AdmissionPolicy::DropLru).is_err());
+        q.admit(1, Interactive, 1, AdmissionPolicy::DropLru)
+            .unwrap();
+        assert!(q.admit(2, Batch, 1, AdmissionPolicy::DropLru).is_err());
     }
 
     #[test]
     fn take_first_skips_entries_that_cannot_be_placed() {
         let mut q = AdmissionQueue::new(5);
-        q.admit(("a", 1), Interactive, AdmissionPolicy::Reject)
+        q.admit(("a", 1), Interactive, 1, AdmissionPolicy::Reject)
             .unwrap();
-        q.admit(("b", 2), Interactive, AdmissionPolicy::Reject)
+        q.admit(("b", 2), Interactive, 1, AdmissionPolicy::Reject)
             .unwrap();
         let got = q.take_first(|(model, _)| (*model == "b").then_some("pool-b"));
         assert_eq!(got, Some((("b", 2), "pool-b")));
@@ -229,7 +269,7 @@ mod tests {
                 match op {
                     0 | 1 => {
                         next += 1;
-                        match q.admit(next, p, policy) {
+                        match q.admit(next, p, u64::from(next % 7), policy) {
                             Ok(a) => {
                                 live.insert(next);
                                 if let Some(d) = a.dropped { prop_assert!(live.remove(&d)); }
@@ -245,6 +285,8 @@ mod tests {
                 prop_assert_eq!(q.len(), live.len());
                 let seen: std::collections::BTreeSet<u32> = q.iter().copied().collect();
                 prop_assert_eq!(&seen, &live);
+                let weights: u64 = q.iter_weighted().map(|(_, w)| w).sum();
+                prop_assert_eq!(weights, q.class_weight(Interactive) + q.class_weight(Batch));
             }
         }
     }

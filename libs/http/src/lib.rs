@@ -193,3 +193,17 @@ pub fn init_logging(json: bool) {
         builder.init();
     }
 }
+
+/// Wraps a listener so every accepted connection has `TCP_NODELAY`: SSE frames and proxied
+/// engine chunks are small writes, and Nagle plus delayed ACKs would hold them for up to 40 ms.
+pub fn with_nodelay(
+    listener: tokio::net::TcpListener,
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt;
+    fn set(tcp: &mut tokio::net::TcpStream) {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
+        }
+    }
+    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
+}

@@ -13,14 +13,24 @@ use tokio::process::{Child, Command};
 /// (`make engine`).
 pub fn engine_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("LLORCH_ENGINE_BINARY").map(PathBuf::from) {
-        assert!(p.exists(), "LLORCH_ENGINE_BINARY={} does not exist; run `make engine`", p.display());
+        assert!(
+            p.exists(),
+            "LLORCH_ENGINE_BINARY={} does not exist; run `make engine`",
+            p.display()
+        );
         return p;
     }
     let cache = std::env::var_os("LLORCH_CACHE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/llama-orch"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/llama-orch")
+        });
     let p = cache.join("bin/llama-server");
-    assert!(p.exists(), "these tests need the real llama-server at {}: run `make engine`", p.display());
+    assert!(
+        p.exists(),
+        "these tests need the real llama-server at {}: run `make engine`",
+        p.display()
+    );
     p
 }
 
@@ -30,7 +40,11 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built: run `cargo build -p {name}` or `cargo test --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build -p {name}` or `cargo test --workspace`",
+        p.display()
+    );
     p
 }
 

@@ -19,7 +19,11 @@ async fn occupy_the_slot(s: &Stack) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_times_more_tasks_than_slots_all_complete_without_oversubscribing_engines() {
     let toml = format!("{}{}", pool_toml("a", 2, 4096), pool_toml("b", 2, 4096));
-    let s = Stack::start(StackOptions { pools_toml: toml, ..Default::default() }).await;
+    let s = Stack::start(StackOptions {
+        pools_toml: toml,
+        ..Default::default()
+    })
+    .await;
     s.wait_pools_ready(2).await;
     let mut ids = Vec::new();
     for k in 0..12 {
@@ -31,8 +35,17 @@ async fn three_times_more_tasks_than_slots_all_complete_without_oversubscribing_
     let mut samples = 0;
     loop {
         for url in &engines {
-            let m = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
-            assert_eq!(metric_value(&m, "llamacpp:requests_deferred", &[]), Some(0.0), "engine queued a request: orchestratord oversubscribed it");
+            let m = reqwest::get(format!("{url}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert_eq!(
+                metric_value(&m, "llamacpp:requests_deferred", &[]),
+                Some(0.0),
+                "engine queued a request: orchestratord oversubscribed it"
+            );
             assert!(metric_value(&m, "llamacpp:requests_processing", &[]).unwrap() <= 2.0);
             samples += 1;
         }
@@ -51,7 +64,11 @@ async fn three_times_more_tasks_than_slots_all_complete_without_oversubscribing_
     let mut pools = std::collections::BTreeSet::new();
     for id in &ids {
         let st = s.status(id).await;
-        assert_eq!(st.state, llorch_contracts::tasks::TaskState::Completed, "{st:?}");
+        assert_eq!(
+            st.state,
+            llorch_contracts::tasks::TaskState::Completed,
+            "{st:?}"
+        );
         assert_eq!(st.tokens_out, 600);
         pools.insert(st.pool_id.unwrap());
     }
@@ -60,7 +77,11 @@ async fn three_times_more_tasks_than_slots_all_complete_without_oversubscribing_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactive_tasks_submitted_after_batch_tasks_start_first() {
-    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 1, 8192), ..Default::default() }).await;
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 8192),
+        ..Default::default()
+    })
+    .await;
     let long = occupy_the_slot(&s).await;
     let mut batch_ids = Vec::new();
     for k in 0..3 {
@@ -68,18 +89,34 @@ async fn interactive_tasks_submitted_after_batch_tasks_start_first() {
     }
     let mut interactive_ids = Vec::new();
     for k in 0..2 {
-        interactive_ids.push(s.submit_ok(task(&format!("interactive {k}"), 300)).await.task_id);
+        interactive_ids.push(
+            s.submit_ok(task(&format!("interactive {k}"), 300))
+                .await
+                .task_id,
+        );
     }
     let st = s.status(&interactive_ids[0]).await;
-    assert_eq!(st.queue_position, Some(0), "interactive jumps ahead of queued batch");
+    assert_eq!(
+        st.queue_position,
+        Some(0),
+        "interactive jumps ahead of queued batch"
+    );
     s.wait_task(&long, Duration::from_secs(30)).await;
     let mut last_interactive_start = 0;
     for id in &interactive_ids {
-        last_interactive_start = last_interactive_start.max(s.wait_task(id, Duration::from_secs(30)).await.started_at_ms.unwrap());
+        last_interactive_start = last_interactive_start.max(
+            s.wait_task(id, Duration::from_secs(30))
+                .await
+                .started_at_ms
+                .unwrap(),
+        );
     }
     for id in &batch_ids {
         let b = s.wait_task(id, Duration::from_secs(30)).await;
-        assert!(b.started_at_ms.unwrap() >= last_interactive_start, "batch {id} started before an interactive task");
+        assert!(
+            b.started_at_ms.unwrap() >= last_interactive_start,
+            "batch {id} started before an interactive task"
+        );
     }
 }
 
@@ -87,7 +124,10 @@ async fn interactive_tasks_submitted_after_batch_tasks_start_first() {
 async fn full_queue_with_reject_policy_answers_429_with_retry_after_and_backoff() {
     let s = Stack::start(StackOptions {
         pools_toml: pool_toml("p0", 1, 8192),
-        orch_env: vec![("ORCHD_ADMISSION_CAPACITY", "2".into()), ("ORCHD_ADMISSION_POLICY", "reject".into())],
+        orch_env: vec![
+            ("ORCHD_ADMISSION_CAPACITY", "2".into()),
+            ("ORCHD_ADMISSION_POLICY", "reject".into()),
+        ],
         ..Default::default()
     })
     .await;
@@ -96,8 +136,16 @@ async fn full_queue_with_reject_policy_answers_429_with_retry_after_and_backoff(
     s.submit_ok(batch("q2", 10)).await;
     let r = s.submit(task("one too many", 10)).await;
     assert_eq!(r.status(), 429);
-    let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    let backoff: u64 = r.headers()["x-backoff-ms"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let backoff: u64 = r.headers()["x-backoff-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry_after >= 1 && backoff >= 1000);
     assert!(r.headers().contains_key("x-correlation-id"));
     let body: serde_json::Value = r.json().await.unwrap();
@@ -106,15 +154,24 @@ async fn full_queue_with_reject_policy_answers_429_with_retry_after_and_backoff(
     assert_eq!(body["retriable"], true);
     assert_eq!(body["retry_after_ms"], backoff);
     let m = s.metrics().await;
-    assert_eq!(metric_value(&m, "tasks_rejected_total", &[("reason", "queue_full")]), Some(1.0));
-    assert_eq!(metric_value(&m, "queue_depth", &[("priority", "batch")]), Some(2.0));
+    assert_eq!(
+        metric_value(&m, "tasks_rejected_total", &[("reason", "queue_full")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&m, "queue_depth", &[("priority", "batch")]),
+        Some(2.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_with_drop_lru_ends_the_oldest_batch_task_and_admits_the_new_one() {
     let s = Stack::start(StackOptions {
         pools_toml: pool_toml("p0", 1, 8192),
-        orch_env: vec![("ORCHD_ADMISSION_CAPACITY", "2".into()), ("ORCHD_ADMISSION_POLICY", "drop-lru".into())],
+        orch_env: vec![
+            ("ORCHD_ADMISSION_CAPACITY", "2".into()),
+            ("ORCHD_ADMISSION_POLICY", "drop-lru".into()),
+        ],
         ..Default::default()
     })
     .await;
@@ -131,31 +188,85 @@ async fn full_queue_with_drop_lru_ends_the_oldest_batch_task_and_admits_the_new_
         let frames = s.events(id).await;
         assert_eq!(names(&frames).last(), Some(&"end"), "{id}: {frames:?}");
     }
-    assert_eq!(s.status(&oldest).await.attempts, 0, "dropped task reached an engine");
+    assert_eq!(
+        s.status(&oldest).await.attempts,
+        0,
+        "dropped task reached an engine"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_typed_errors_in_the_envelope() {
     let s = Stack::start(StackOptions {
         pools_toml: pool_toml("p0", 1, 1024),
-        orch_env: vec![("ORCHD_MAX_TOKENS_CAP", "512".into()), ("ORCHD_MAX_BODY_BYTES", "4096".into())],
+        orch_env: vec![
+            ("ORCHD_MAX_TOKENS_CAP", "512".into()),
+            ("ORCHD_MAX_BODY_BYTES", "4096".into()),
+        ],
         ..Default::default()
     })
     .await;
     let url = format!("{}/v2/tasks", s.base);
     let raw = |body: String| {
-        s.http.post(&url).header("content-type", "application/json").header("x-correlation-id", "bad-input-1").body(body)
+        s.http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-correlation-id", "bad-input-1")
+            .body(body)
     };
     let cases: Vec<(&str, String, u16, &str)> = vec![
         ("malformed json", "{not json".into(), 400, "INVALID_PARAMS"),
-        ("missing prompt", r#"{"model_ref":"tiny","max_tokens":5}"#.into(), 400, "INVALID_PARAMS"),
-        ("empty prompt", r#"{"model_ref":"tiny","prompt":"","max_tokens":5}"#.into(), 400, "INVALID_PARAMS"),
-        ("max_tokens 0", r#"{"model_ref":"tiny","prompt":"x","max_tokens":0}"#.into(), 400, "INVALID_PARAMS"),
-        ("max_tokens above cap", r#"{"model_ref":"tiny","prompt":"x","max_tokens":513}"#.into(), 400, "INVALID_PARAMS"),
-        ("unknown priority", r#"{"model_ref":"tiny","prompt":"x","max_tokens":5,"priority":"urgent"}"#.into(), 400, "INVALID_PARAMS"),
-        ("unknown field", r#"{"model_ref":"tiny","prompt":"x","max_tokens":5,"bogus":1}"#.into(), 400, "INVALID_PARAMS"),
-        ("oversized body", format!(r#"{{"model_ref":"tiny","prompt":"{}","max_tokens":5}}"#, "x".repeat(8192)), 413, "PAYLOAD_TOO_LARGE"),
-        ("unknown model", r#"{"model_ref":"no-such-model","prompt":"x","max_tokens":5}"#.into(), 503, "MODEL_NOT_AVAILABLE"),
+        (
+            "missing prompt",
+            r#"{"model_ref":"tiny","max_tokens":5}"#.into(),
+            400,
+            "INVALID_PARAMS",
+        ),
+        (
+            "empty prompt",
+            r#"{"model_ref":"tiny","prompt":"","max_tokens":5}"#.into(),
+            400,
+            "INVALID_PARAMS",
+        ),
+        (
+            "max_tokens 0",
+            r#"{"model_ref":"tiny","prompt":"x","max_tokens":0}"#.into(),
+            400,
+            "INVALID_PARAMS",
+        ),
+        (
+            "max_tokens above cap",
+            r#"{"model_ref":"tiny","prompt":"x","max_tokens":513}"#.into(),
+            400,
+            "INVALID_PARAMS",
+        ),
+        (
+            "unknown priority",
+            r#"{"model_ref":"tiny","prompt":"x","max_tokens":5,"priority":"urgent"}"#.into(),
+            400,
+            "INVALID_PARAMS",
+        ),
+        (
+            "unknown field",
+            r#"{"model_ref":"tiny","prompt":"x","max_tokens":5,"bogus":1}"#.into(),
+            400,
+            "INVALID_PARAMS",
+        ),
+        (
+            "oversized body",
+            format!(
+                r#"{{"model_ref":"tiny","prompt":"{}","max_tokens":5}}"#,
+                "x".repeat(8192)
+            ),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            "unknown model",
+            r#"{"model_ref":"no-such-model","prompt":"x","max_tokens":5}"#.into(),
+            503,
+            "MODEL_NOT_AVAILABLE",
+        ),
     ];
     for (what, body, status, code) in cases {
         let r = raw(body).send().await.unwrap();
@@ -168,20 +279,53 @@ async fn bad_input_gets_typed_errors_in_the_envelope() {
         assert_eq!(body["code"], code, "{what}: {body}");
         assert!(!body["message"].as_str().unwrap().is_empty(), "{what}");
     }
-    let no_ct = s.http.post(&url).body(r#"{"model_ref":"tiny","prompt":"x","max_tokens":5}"#).send().await.unwrap();
+    let no_ct = s
+        .http
+        .post(&url)
+        .body(r#"{"model_ref":"tiny","prompt":"x","max_tokens":5}"#)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(no_ct.status(), 400, "missing content-type");
-    assert_eq!(s.http.get(format!("{}/v2/tasks/nope", s.base)).send().await.unwrap().status(), 404);
-    let anon = reqwest::Client::new().post(&url).json(&task("x", 5)).send().await.unwrap();
+    assert_eq!(
+        s.http
+            .get(format!("{}/v2/tasks/nope", s.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let anon = reqwest::Client::new()
+        .post(&url)
+        .json(&task("x", 5))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anon.status(), 401);
     let m = s.metrics().await;
-    assert_eq!(metric_value(&m, "tasks_rejected_total", &[("reason", "invalid_params")]), Some(8.0));
-    assert_eq!(metric_value(&m, "tasks_rejected_total", &[("reason", "payload_too_large")]), Some(1.0));
+    assert_eq!(
+        metric_value(&m, "tasks_rejected_total", &[("reason", "invalid_params")]),
+        Some(8.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "tasks_rejected_total",
+            &[("reason", "payload_too_large")]
+        ),
+        Some(1.0)
+    );
     assert!(!s.orch_log().contains(TOKEN));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubmitting_the_same_task_id_is_idempotent() {
-    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 1, 1024), ..Default::default() }).await;
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 1024),
+        ..Default::default()
+    })
+    .await;
     let body = serde_json::json!({"task_id": "same-1", "model_ref": "tiny", "prompt": "x", "max_tokens": 5});
     let a = s.submit_ok(body.clone()).await;
     let b = s.submit_ok(body).await;
@@ -191,5 +335,8 @@ async fn resubmitting_the_same_task_id_is_idempotent() {
     let conflict = s.submit(serde_json::json!({"task_id": "same-1", "model_ref": "tiny", "prompt": "other", "max_tokens": 5})).await;
     assert_eq!(conflict.status(), 409);
     let m = s.metrics().await;
-    assert_eq!(metric_value(&m, "tasks_enqueued_total", &[("priority", "interactive")]), Some(1.0));
+    assert_eq!(
+        metric_value(&m, "tasks_enqueued_total", &[("priority", "interactive")]),
+        Some(1.0)
+    );
 }

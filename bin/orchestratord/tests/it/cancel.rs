@@ -5,12 +5,19 @@ use llorch_contracts::tasks::TaskState;
 use crate::harness::*;
 
 async fn wait_slot_idle(s: &Stack, within: Duration) {
-    wait_for("engine slot idle", within, || async { (s.engine_slots_busy("p0").await == 0).then_some(()) }).await;
+    wait_for("engine slot idle", within, || async {
+        (s.engine_slots_busy("p0").await == 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_queued_task_never_reaches_the_engine() {
-    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 1, 8192), ..Default::default() }).await;
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 8192),
+        ..Default::default()
+    })
+    .await;
     let long = s.submit_ok(task("the", 8000)).await.task_id;
     let queued = s.submit_ok(task("never runs", 50)).await.task_id;
     assert_eq!(s.status(&queued).await.state, TaskState::Queued);
@@ -27,13 +34,24 @@ async fn cancelled_queued_task_never_reaches_the_engine() {
     assert_eq!(st.attempts, 0);
     assert!(st.pool_id.is_none());
     let m = s.metrics().await;
-    assert_eq!(metric_value(&m, "tasks_started_total", &[("pool_id", "p0")]), Some(1.0), "only the long task was dispatched");
-    assert_eq!(metric_value(&m, "tasks_canceled_total", &[("stage", "queued")]), Some(1.0));
+    assert_eq!(
+        metric_value(&m, "tasks_started_total", &[("pool_id", "p0")]),
+        Some(1.0),
+        "only the long task was dispatched"
+    );
+    assert_eq!(
+        metric_value(&m, "tasks_canceled_total", &[("stage", "queued")]),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_running_task_ends_cancelled_and_frees_the_engine_slot_within_a_second() {
-    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 1, 8192), ..Default::default() }).await;
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 8192),
+        ..Default::default()
+    })
+    .await;
     let id = s.submit_ok(task("the", 8000)).await.task_id;
     let mut ev = s.open_events(&id, None).await;
     ev.next_named("token").await.unwrap();
@@ -44,12 +62,19 @@ async fn cancelled_running_task_ends_cancelled_and_frees_the_engine_slot_within_
     wait_slot_idle(&s, Duration::from_secs(1)).await;
     assert_eq!(s.status(&id).await.state, TaskState::Cancelled);
     let m = s.metrics().await;
-    assert_eq!(metric_value(&m, "tasks_canceled_total", &[("stage", "running")]), Some(1.0));
+    assert_eq!(
+        metric_value(&m, "tasks_canceled_total", &[("stage", "running")]),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_the_last_event_stream_cancels_the_task_and_frees_the_slot() {
-    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 1, 8192), ..Default::default() }).await;
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 8192),
+        ..Default::default()
+    })
+    .await;
     let id = s.submit_ok(task("the", 8000)).await.task_id;
     let mut first = s.open_events(&id, None).await;
     let mut second = s.open_events(&id, None).await;

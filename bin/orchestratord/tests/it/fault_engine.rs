@@ -21,7 +21,9 @@ pub async fn start_dropping_completions() -> FaultEngine {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let n = sock.read(&mut buf).await.unwrap_or(0);

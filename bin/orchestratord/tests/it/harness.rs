@@ -70,8 +70,14 @@ impl Stack {
             &[
                 ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}")),
                 ("POOL_MANAGERD_CONFIG", config.display().to_string()),
-                ("POOL_MANAGERD_RUNTIME_DIR", runtime_dir.display().to_string()),
-                ("POOL_MANAGERD_ENGINE_BINARY", engine_binary().display().to_string()),
+                (
+                    "POOL_MANAGERD_RUNTIME_DIR",
+                    runtime_dir.display().to_string(),
+                ),
+                (
+                    "POOL_MANAGERD_ENGINE_BINARY",
+                    engine_binary().display().to_string(),
+                ),
                 ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
                 ("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into()),
                 ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
@@ -82,7 +88,10 @@ impl Stack {
         let mut env = vec![
             ("ORCHD_BIND_ADDR", format!("127.0.0.1:{orch_port}")),
             ("ORCHD_RUNTIME_DIR", runtime_dir.display().to_string()),
-            ("ORCHD_POOL_MANAGER_URL", format!("http://127.0.0.1:{pm_port}")),
+            (
+                "ORCHD_POOL_MANAGER_URL",
+                format!("http://127.0.0.1:{pm_port}"),
+            ),
             ("ORCHD_HANDOFF_WATCH_INTERVAL_MS", "500".into()),
             ("ORCHD_POOL_HEALTH_INTERVAL_MS", "200".into()),
             ("ORCHD_SHUTDOWN_GRACE_MS", "3000".into()),
@@ -90,8 +99,14 @@ impl Stack {
         env.extend(opts.orch_env.iter().cloned());
         let orch = spawn(&workspace_binary("orchestratord"), &env, &orch_log);
         let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {TOKEN}").parse().unwrap());
-        let http = reqwest::Client::builder().default_headers(headers).build().unwrap();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {TOKEN}").parse().unwrap(),
+        );
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap();
         let stack = Stack {
             pm,
             orch,
@@ -105,22 +120,49 @@ impl Stack {
         let probe = reqwest::Client::new();
         let path = if opts.no_wait { "health" } else { "ready" };
         let url = format!("{}/{path}", stack.base);
-        wait_for("orchestratord ready with a pool", Duration::from_secs(30), || {
-            let probe = probe.clone();
-            let url = url.clone();
-            async move { probe.get(url).send().await.ok().filter(|r| r.status() == 200) }
-        })
+        wait_for(
+            "orchestratord ready with a pool",
+            Duration::from_secs(30),
+            || {
+                let probe = probe.clone();
+                let url = url.clone();
+                async move {
+                    probe
+                        .get(url)
+                        .send()
+                        .await
+                        .ok()
+                        .filter(|r| r.status() == 200)
+                }
+            },
+        )
         .await;
         stack
     }
 
     /// Waits until orchestratord sees `n` ready pools.
     pub async fn wait_pools_ready(&self, n: usize) {
-        wait_for(&format!("{n} ready pools"), Duration::from_secs(30), || async move {
-            let v: serde_json::Value = self.http.get(format!("{}/v2/pools", self.base)).send().await.ok()?.json().await.ok()?;
-            let ready = v["pools"].as_array()?.iter().filter(|p| p["healthy"] == true && p["draining"] == false).count();
-            (ready >= n).then_some(())
-        })
+        wait_for(
+            &format!("{n} ready pools"),
+            Duration::from_secs(30),
+            || async move {
+                let v: serde_json::Value = self
+                    .http
+                    .get(format!("{}/v2/pools", self.base))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let ready = v["pools"]
+                    .as_array()?
+                    .iter()
+                    .filter(|p| p["healthy"] == true && p["draining"] == false)
+                    .count();
+                (ready >= n).then_some(())
+            },
+        )
         .await;
     }
 
@@ -129,11 +171,17 @@ impl Stack {
     }
 
     pub fn handoff(&self, pool: &str) -> HandoffFile {
-        HandoffFile::parse(&std::fs::read(self.runtime_dir.join(format!("{pool}.json"))).unwrap()).unwrap()
+        HandoffFile::parse(&std::fs::read(self.runtime_dir.join(format!("{pool}.json"))).unwrap())
+            .unwrap()
     }
 
     pub async fn submit(&self, body: serde_json::Value) -> reqwest::Response {
-        self.http.post(format!("{}/v2/tasks", self.base)).json(&body).send().await.unwrap()
+        self.http
+            .post(format!("{}/v2/tasks", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn submit_ok(&self, body: serde_json::Value) -> AdmissionResponse {
@@ -170,7 +218,11 @@ impl Stack {
         }
         let resp = rb.send().await.unwrap();
         assert_eq!(resp.status(), 200);
-        EventStream { resp, parser: SseParser::new(), pending: Default::default() }
+        EventStream {
+            resp,
+            parser: SseParser::new(),
+            pending: Default::default(),
+        }
     }
 
     /// All frames of a task's stream, through its terminal frame.
@@ -184,13 +236,22 @@ impl Stack {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.base)).await.unwrap().text().await.unwrap()
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn engine_slots_busy(&self, pool: &str) -> usize {
         let url = self.handoff(pool).url;
-        let slots: Vec<serde_json::Value> =
-            reqwest::get(format!("{url}/slots")).await.unwrap().json().await.unwrap();
+        let slots: Vec<serde_json::Value> = reqwest::get(format!("{url}/slots"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         slots.iter().filter(|s| s["is_processing"] == true).count()
     }
 
@@ -237,7 +298,10 @@ pub fn data(f: &SseFrame) -> serde_json::Value {
 }
 
 pub fn names(frames: &[SseFrame]) -> Vec<&str> {
-    frames.iter().map(|f| f.event.as_deref().unwrap_or("")).collect()
+    frames
+        .iter()
+        .map(|f| f.event.as_deref().unwrap_or(""))
+        .collect()
 }
 
 pub fn task(prompt: &str, max_tokens: u32) -> serde_json::Value {

@@ -7,5 +7,6 @@ mod admission;
 mod cancel;
 mod fault_engine;
 mod harness;
+mod lifecycle;
 mod random;
 mod streaming;

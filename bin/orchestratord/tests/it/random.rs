@@ -9,7 +9,13 @@ use crate::harness::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_run_of_200_tasks_ends_each_task_exactly_once() {
     let toml = format!("{}{}", pool_toml("a", 2, 4096), pool_toml("b", 2, 4096));
-    let s = std::sync::Arc::new(Stack::start(StackOptions { pools_toml: toml, ..Default::default() }).await);
+    let s = std::sync::Arc::new(
+        Stack::start(StackOptions {
+            pools_toml: toml,
+            ..Default::default()
+        })
+        .await,
+    );
     s.wait_pools_ready(2).await;
     let seed: u64 = rand::random();
     eprintln!("randomized run seed {seed}");
@@ -17,7 +23,11 @@ async fn randomized_run_of_200_tasks_ends_each_task_exactly_once() {
     let mut handles = Vec::new();
     let mut ids = Vec::new();
     for k in 0..200 {
-        let priority = if rng.random_bool(0.5) { "interactive" } else { "batch" };
+        let priority = if rng.random_bool(0.5) {
+            "interactive"
+        } else {
+            "batch"
+        };
         let max_tokens = rng.random_range(1..120u32);
         let action = rng.random_range(0..10u8);
         let delay_ms = rng.random_range(0..30u64);
@@ -43,7 +53,10 @@ async fn randomized_run_of_200_tasks_ends_each_task_exactly_once() {
                 // Watch to the end.
                 _ => {
                     let frames = s.events(&id).await;
-                    assert!(matches!(names(&frames).last(), Some(&"end") | Some(&"error")), "{id}: {frames:?}");
+                    assert!(
+                        matches!(names(&frames).last(), Some(&"end") | Some(&"error")),
+                        "{id}: {frames:?}"
+                    );
                 }
             }
         }));
@@ -68,7 +81,19 @@ async fn randomized_run_of_200_tasks_ends_each_task_exactly_once() {
     let m = s.metrics().await;
     let completed: f64 = ["a", "b", "none"]
         .iter()
-        .flat_map(|p| ["end", "CANCELLED"].map(|o| metric_value(&m, "tasks_completed_total", &[("outcome", o), ("pool_id", p)]).unwrap_or(0.0)))
+        .flat_map(|p| {
+            ["end", "CANCELLED"].map(|o| {
+                metric_value(
+                    &m,
+                    "tasks_completed_total",
+                    &[("outcome", o), ("pool_id", p)],
+                )
+                .unwrap_or(0.0)
+            })
+        })
         .sum();
-    assert_eq!(completed, 200.0, "every task counted once as completed or cancelled");
+    assert_eq!(
+        completed, 200.0,
+        "every task counted once as completed or cancelled"
+    );
 }

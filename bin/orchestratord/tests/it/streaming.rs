@@ -6,34 +6,66 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_streams_started_tokens_and_end_with_matching_count() {
-    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 2, 2048), ..Default::default() }).await;
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 2, 2048),
+        ..Default::default()
+    })
+    .await;
     let r = s.submit(task("the river", 40)).await;
     assert_eq!(r.status(), 202);
     assert!(r.headers().contains_key("x-correlation-id"));
     let a: serde_json::Value = r.json().await.unwrap();
     let id = a["task_id"].as_str().unwrap().to_string();
-    assert!(a["queue_position"].is_u64() && a["predicted_start_ms"].is_u64() && a["backoff_ms"].is_u64());
+    assert!(
+        a["queue_position"].is_u64()
+            && a["predicted_start_ms"].is_u64()
+            && a["backoff_ms"].is_u64()
+    );
     assert_eq!(a["streams"]["sse"], format!("/v2/tasks/{id}/events"));
 
     let frames = s.events(&id).await;
     let n = names(&frames);
-    let started = n.iter().position(|e| *e == "started").expect("started event");
+    let started = n
+        .iter()
+        .position(|e| *e == "started")
+        .expect("started event");
     assert!(n[..started].iter().all(|e| *e == "queued"), "{n:?}");
     assert_eq!(data(&frames[started])["pool_id"], "p0");
-    let tokens: Vec<_> = frames.iter().filter(|f| f.event.as_deref() == Some("token")).collect();
+    let tokens: Vec<_> = frames
+        .iter()
+        .filter(|f| f.event.as_deref() == Some("token"))
+        .collect();
     assert!(!tokens.is_empty());
     for (k, f) in tokens.iter().enumerate() {
         assert_eq!(data(f)["i"], k as u64, "token indices increase by one");
     }
     assert_eq!(*n.last().unwrap(), "end");
-    assert_eq!(n.iter().filter(|e| **e == "end" || **e == "error").count(), 1);
+    assert_eq!(
+        n.iter().filter(|e| **e == "end" || **e == "error").count(),
+        1
+    );
     let end = data(frames.last().unwrap());
     assert_eq!(end["tokens_out"], tokens.len() as u64);
     assert!(["length", "stop"].contains(&end["finish_reason"].as_str().unwrap()));
     // Frame ids increase (the plain stream leaves out `metrics` frames; the verbose one has them).
-    let ids: Vec<u64> = frames.iter().map(|f| f.id.as_deref().unwrap().parse().unwrap()).collect();
+    let ids: Vec<u64> = frames
+        .iter()
+        .map(|f| f.id.as_deref().unwrap().parse().unwrap())
+        .collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
-    let verbose = s.http.get(format!("{}{}", s.base, a["streams"]["sse_verbose"].as_str().unwrap())).send().await.unwrap().text().await.unwrap();
+    let verbose = s
+        .http
+        .get(format!(
+            "{}{}",
+            s.base,
+            a["streams"]["sse_verbose"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(verbose.contains("event: metrics"), "{verbose}");
     let st = s.status(&id).await;
     assert_eq!(st.tokens_out, tokens.len() as u32);
@@ -47,39 +79,68 @@ async fn submit_streams_started_tokens_and_end_with_matching_count() {
     assert_eq!(s.events(&id).await, frames);
 
     let m = s.metrics().await;
-    assert_eq!(metric_value(&m, "tasks_completed_total", &[("outcome", "end"), ("pool_id", "p0")]), Some(1.0));
-    assert_eq!(metric_value(&m, "tokens_out_total", &[("pool_id", "p0")]), Some(tokens.len() as f64));
+    assert_eq!(
+        metric_value(
+            &m,
+            "tasks_completed_total",
+            &[("outcome", "end"), ("pool_id", "p0")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&m, "tokens_out_total", &[("pool_id", "p0")]),
+        Some(tokens.len() as f64)
+    );
     assert!(metric_value(&m, "latency_first_token_ms_count", &[("pool_id", "p0")]).unwrap() >= 1.0);
     assert!(metric_value(&m, "admission_latency_ms_count", &[]).unwrap() >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_relayed_while_the_engine_is_still_generating() {
-    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 1, 8192), ..Default::default() }).await;
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 8192),
+        ..Default::default()
+    })
+    .await;
     let a = s.submit_ok(task("the", 6000)).await;
     let mut ev = s.open_events(&a.task_id, None).await;
     ev.next_named("token").await.unwrap();
-    assert_eq!(s.engine_slots_busy("p0").await, 1, "first token arrived only after generation ended");
+    assert_eq!(
+        s.engine_slots_busy("p0").await,
+        1,
+        "first token arrived only after generation ended"
+    );
     let end = ev.next_named("end").await.unwrap();
-    assert_eq!(data(&end)["tokens_out"].as_u64().unwrap() > 100, true);
+    assert!(data(&end)["tokens_out"].as_u64().unwrap() > 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_killed_mid_stream_ends_with_worker_reset_and_later_tasks_succeed() {
-    let s = Stack::start(StackOptions { pools_toml: pool_toml("p0", 1, 8192), ..Default::default() }).await;
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 8192),
+        ..Default::default()
+    })
+    .await;
     let pid = s.handoff("p0").pid.unwrap();
     let a = s.submit_ok(task("the", 8000)).await;
     let mut ev = s.open_events(&a.task_id, None).await;
     ev.next_named("token").await.unwrap();
     let killed_at = Instant::now();
-    assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
     let err = tokio::time::timeout(Duration::from_secs(2), ev.next_named("error"))
         .await
         .expect("no error event within 2 s of the engine dying")
         .unwrap();
     assert!(killed_at.elapsed() < Duration::from_secs(2));
     assert_eq!(data(&err)["code"], "WORKER_RESET");
-    assert!(ev.next().await.is_none(), "stream continues after the terminal event");
+    assert!(
+        ev.next().await.is_none(),
+        "stream continues after the terminal event"
+    );
 
     // pool-managerd restarts the engine; orchestratord picks up the new handoff file.
     wait_for("a new engine", Duration::from_secs(30), || async {
@@ -106,16 +167,26 @@ async fn stalled_engine_stream_ends_with_decode_timeout() {
     let a = s.submit_ok(task("the", 8000)).await;
     let mut ev = s.open_events(&a.task_id, None).await;
     ev.next_named("token").await.unwrap();
-    std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
     let err = tokio::time::timeout(Duration::from_secs(5), ev.next_named("error")).await;
-    std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
     let err = err.expect("no error after the engine stalled").unwrap();
     assert_eq!(data(&err)["code"], "DECODE_TIMEOUT");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_failing_before_first_token_is_retried_once_on_another_pool() {
-    let s = Stack::start(StackOptions { pools_toml: pool_toml("real", 1, 2048), ..Default::default() }).await;
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("real", 1, 2048),
+        ..Default::default()
+    })
+    .await;
     let fault = crate::fault_engine::start_dropping_completions().await;
     // More free slots than the real pool: placement picks the faulty one first.
     let file = HandoffFile {
@@ -126,7 +197,10 @@ async fn engine_failing_before_first_token_is_retried_once_on_another_pool() {
         url: fault.url.clone(),
         pool_id: "faulty".into(),
         replica_id: None,
-        model: HandoffModel { id: "tiny".into(), path: None },
+        model: HandoffModel {
+            id: "tiny".into(),
+            path: None,
+        },
         slots_total: 8,
         ctx_max: None,
         device_mask: None,
@@ -139,7 +213,11 @@ async fn engine_failing_before_first_token_is_retried_once_on_another_pool() {
     let frames = s.events(&a.task_id).await;
     let n = names(&frames);
     assert_eq!(n.last(), Some(&"end"), "{n:?}");
-    let started: Vec<_> = frames.iter().filter(|f| f.event.as_deref() == Some("started")).map(|f| data(f)["pool_id"].clone()).collect();
+    let started: Vec<_> = frames
+        .iter()
+        .filter(|f| f.event.as_deref() == Some("started"))
+        .map(|f| data(f)["pool_id"].clone())
+        .collect();
     assert_eq!(started, vec!["faulty", "real"]);
     let st = s.status(&a.task_id).await;
     assert_eq!(st.attempts, 2);

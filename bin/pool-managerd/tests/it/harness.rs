@@ -201,4 +201,3 @@ impl Daemon {
         assert!(ok, "kill -{sig} failed");
     }
 }
-

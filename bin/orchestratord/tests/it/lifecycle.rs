@@ -1,0 +1,152 @@
+use std::time::Duration;
+
+use crate::harness::*;
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_tasks_finish_refuses_new_ones_and_exits_zero() {
+    let mut s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 4096),
+        ..Default::default()
+    })
+    .await;
+    let id = s.submit_ok(task("the", 1000)).await.task_id;
+    let mut ev = s.open_events(&id, None).await;
+    ev.next_named("token").await.unwrap();
+    sigterm(&s.orch);
+    wait_for("admission closed", Duration::from_secs(3), || async {
+        match s
+            .http
+            .post(format!("{}/v2/tasks", s.base))
+            .json(&task("late", 5))
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 503 => Some(()),
+            Ok(_) => None,
+            Err(_) => Some(()), // listener already gone
+        }
+    })
+    .await;
+    let mut last = None;
+    while let Some(f) = ev.next().await {
+        last = Some(f);
+    }
+    let last = last.expect("no frame after SIGTERM");
+    assert_eq!(
+        last.event.as_deref(),
+        Some("end"),
+        "running task was not allowed to finish: {last:?}"
+    );
+    assert_eq!(data(&last)["tokens_out"], 1000);
+    let status = tokio::time::timeout(Duration::from_secs(8), s.orch.wait())
+        .await
+        .expect("no exit within the grace period")
+        .unwrap();
+    assert!(status.success(), "{status:?}\n{}", s.orch_log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_tasks_outliving_the_grace_period_with_an_error_event() {
+    let mut s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 8192),
+        orch_env: vec![("ORCHD_SHUTDOWN_GRACE_MS", "200".into())],
+        ..Default::default()
+    })
+    .await;
+    let running = s.submit_ok(task("the", 8000)).await.task_id;
+    let queued = s.submit_ok(task("queued", 10)).await.task_id;
+    let mut run_ev = s.open_events(&running, None).await;
+    let mut queued_ev = s.open_events(&queued, None).await;
+    run_ev.next_named("token").await.unwrap();
+    sigterm(&s.orch);
+    for ev in [&mut run_ev, &mut queued_ev] {
+        let err = ev
+            .next_named("error")
+            .await
+            .expect("stream ended without a terminal event");
+        assert_eq!(data(&err)["code"], "POOL_UNAVAILABLE");
+        assert_eq!(data(&err)["retriable"], true);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(8), s.orch.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    // pool-managerd is untouched by orchestratord's shutdown.
+    assert!(s.pm.try_wait().unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_and_reload_are_forwarded_to_pool_managerd() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 1024),
+        ..Default::default()
+    })
+    .await;
+    let r = s
+        .http
+        .post(format!("{}/v2/pools/p0/drain", s.base))
+        .json(&serde_json::json!({"deadline_ms": 1000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    wait_for(
+        "pool stopped at pool-managerd",
+        Duration::from_secs(10),
+        || async {
+            let v: serde_json::Value = s
+                .http
+                .get(format!("{}/v2/pools/p0/status", s.pm_base))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["state"] == "stopped").then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "orchestratord no longer ready",
+        Duration::from_secs(5),
+        || async {
+            (reqwest::get(format!("{}/ready", s.base))
+                .await
+                .ok()?
+                .status()
+                == 503)
+                .then_some(())
+        },
+    )
+    .await;
+    let r = s
+        .http
+        .post(format!("{}/v2/pools/p0/reload", s.base))
+        .json(&serde_json::json!({"new_model_ref": tiny_model().display().to_string()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    s.wait_pools_ready(1).await;
+    let id = s.submit_ok(task("after reload", 8)).await.task_id;
+    assert_eq!(names(&s.events(&id).await).last(), Some(&"end"));
+    let bad = s
+        .http
+        .post(format!("{}/v2/pools/p0/drain", s.base))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}

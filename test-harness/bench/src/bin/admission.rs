@@ -1,0 +1,188 @@
+//! Admission throughput and latency of `POST /v2/tasks`, queue only: orchestratord knows one
+//! pool serving the model, but its engine never becomes healthy, so every task stays queued and
+//! no engine work is measured. C concurrent keep-alive clients submit N tasks in total.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use llorch_contracts::{HandoffFile, HandoffModel, ProvisioningMode, HANDOFF_VERSION};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    orchestratord: PathBuf,
+    #[arg(long, default_value_t = 50_000)]
+    tasks: usize,
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+}
+
+const TOKEN: &str = "bench-token-0123456789abcdef";
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = std::env::temp_dir().join(format!("llorch-admission-bench-{}", std::process::id()));
+    let runtime = dir.join("run");
+    std::fs::create_dir_all(&runtime)?;
+    let unreachable_engine = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let file = HandoffFile {
+        version: HANDOFF_VERSION,
+        engine: "llamacpp".into(),
+        engine_version: None,
+        provisioning_mode: ProvisioningMode::External,
+        url: format!("http://127.0.0.1:{unreachable_engine}"),
+        pool_id: "bench".into(),
+        replica_id: None,
+        model: HandoffModel {
+            id: "tiny".into(),
+            path: None,
+        },
+        slots_total: 1,
+        ctx_max: None,
+        device_mask: None,
+        pid: None,
+        started_at_ms: None,
+    };
+    std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut orch = tokio::process::Command::new(&args.orchestratord)
+        .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORCHD_RUNTIME_DIR", &runtime)
+        .env(
+            "ORCHD_ADMISSION_CAPACITY",
+            (args.tasks * 2 + 10_000).to_string(),
+        )
+        .env("LLORCH_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start orchestratord")?;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.clients * 2)
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = http
+            .get(format!("{base}/v2/pools"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        let pools: serde_json::Value = if ok {
+            http.get(format!("{base}/v2/pools"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await?
+                .json()
+                .await?
+        } else {
+            serde_json::Value::Null
+        };
+        if pools["pools"].as_array().is_some_and(|p| !p.is_empty()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("orchestratord did not bind the bench pool");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body =
+        serde_json::json!({"model_ref": "tiny", "prompt": "benchmark prompt", "max_tokens": 16});
+    // Warm-up: connections, allocator.
+    for _ in 0..1000 {
+        let r = http
+            .post(format!("{base}/v2/tasks"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await?;
+        if r.status() != 202 {
+            bail!("warm-up submit answered {}", r.status());
+        }
+    }
+    let per_client = args.tasks / args.clients;
+    let started = Instant::now();
+    let body = Arc::new(body);
+    let mut handles = Vec::new();
+    for _ in 0..args.clients {
+        let http = http.clone();
+        let url = format!("{base}/v2/tasks");
+        let body = body.clone();
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                let t = Instant::now();
+                let r = http
+                    .post(&url)
+                    .bearer_auth(TOKEN)
+                    .json(&*body)
+                    .send()
+                    .await?;
+                let status = r.status();
+                let _ = r.bytes().await?;
+                if status != 202 {
+                    anyhow::bail!("submit answered {status}");
+                }
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::with_capacity(args.tasks);
+    for h in handles {
+        all.extend(h.await??);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let server_count = metrics
+        .lines()
+        .find(|l| l.starts_with("admission_latency_ms_count"))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap_or("?")
+        .to_string();
+    let server_sum = metrics
+        .lines()
+        .find(|l| l.starts_with("admission_latency_ms_sum"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    println!(
+        "admission: {} tasks, {} clients: {:.0} tasks/s; client-side latency p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; server-side mean {:.4} ms over {} admissions",
+        all.len(),
+        args.clients,
+        all.len() as f64 / wall,
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
+        all[all.len() - 1],
+        server_sum / server_count.parse::<f64>().unwrap_or(1.0),
+        server_count
+    );
+    let _ = orch.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
