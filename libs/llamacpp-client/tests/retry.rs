@@ -54,16 +54,27 @@ fn request() -> CompletionRequest {
 async fn connection_closed_before_response_is_retried_once_on_a_fresh_connection() {
     let (url, seen) = server_dropping_first(1).await;
     let http = reqwest::Client::new();
-    let resp = send_completion(&http, &url, None, &request()).await.expect("retry should succeed");
+    let resp = send_completion(&http, &url, None, &request())
+        .await
+        .expect("retry should succeed");
     assert_eq!(resp.status(), 200);
-    assert_eq!(seen.load(Ordering::SeqCst), 2, "exactly one retry on a new connection");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "exactly one retry on a new connection"
+    );
 }
 
 #[tokio::test]
 async fn a_second_failure_is_returned_not_retried_forever() {
     let (url, seen) = server_dropping_first(usize::MAX).await;
     let http = reqwest::Client::new();
-    let err = send_completion(&http, &url, None, &request()).await.unwrap_err();
-    assert!(llamacpp_client::is_retryable_connection_error(&err), "{err:?}");
+    let err = send_completion(&http, &url, None, &request())
+        .await
+        .unwrap_err();
+    assert!(
+        llamacpp_client::is_retryable_connection_error(&err),
+        "{err:?}"
+    );
     assert_eq!(seen.load(Ordering::SeqCst), 2);
 }

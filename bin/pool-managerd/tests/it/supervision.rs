@@ -152,3 +152,47 @@ async fn restarted_daemon_kills_engines_left_behind() {
     assert!(!d.runtime_dir.join("engines/old.a.pid").exists());
     assert!(d.log().contains("killing engine left behind"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_engine_is_killed_and_restarted() {
+    let d = Daemon::start(DaemonOptions {
+        pools_toml: pool_toml("hung", &tiny_model(), 1, 512),
+        ..Default::default()
+    })
+    .await;
+    d.wait_ready("hung").await;
+    let pid = engine_pid(&d, "hung");
+    // SIGSTOP: the process lives but answers nothing — a hang, not a crash.
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let after = d
+        .wait_pool(
+            "hung",
+            "restarted after hang",
+            Duration::from_secs(30),
+            |s| s.ready && s.restart_count == 1,
+        )
+        .await;
+    assert!(
+        after
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("engine hung"),
+        "{after:?}"
+    );
+    assert!(!pid_alive(pid), "hung engine was not killed");
+    let m = d.metrics().await;
+    assert!(
+        metric_value(
+            &m,
+            "pool_health_checks_total",
+            &[("pool_id", "hung"), ("outcome", "fail")]
+        )
+        .unwrap()
+            >= 3.0
+    );
+}
