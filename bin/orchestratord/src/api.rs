@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -32,7 +32,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/pools/{id}/health", get(pool_health))
         .route("/v2/pools/{id}/drain", post(drain))
         .route("/v2/pools/{id}/reload", post(reload))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(
+            state.config.token.clone(),
+            llorch_http::require_token,
+        ));
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -45,13 +48,6 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(middleware::from_fn(llorch_http::correlation_id))
         .with_state(state)
-}
-
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match llorch_http::check_auth(state.config.token.as_ref(), &req) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -160,15 +160,8 @@ impl Config {
                 )))
             }
         };
-        let json_logs = match a.log_format.as_str() {
-            "json" => true,
-            "pretty" => false,
-            other => {
-                return Err(ConfigError::Invalid(format!(
-                    "ORCHD_LOG_FORMAT {other:?} is not one of: pretty, json"
-                )))
-            }
-        };
+        let json_logs = llorch_http::parse_log_format("ORCHD_LOG_FORMAT", &a.log_format)
+            .map_err(ConfigError::Invalid)?;
         if a.admission_capacity == 0 {
             return Err(ConfigError::Invalid(
                 "ORCHD_ADMISSION_CAPACITY must be at least 1".into(),

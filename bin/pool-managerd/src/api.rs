@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
@@ -33,7 +33,10 @@ pub fn router(state: AppState) -> Router {
             any(crate::proxy::engine_proxy),
         )
         .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(
+            state.config.token.clone(),
+            llorch_http::require_token,
+        ));
     Router::new()
         .route("/health", get(health))
         .merge(authed)
@@ -44,13 +47,6 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(middleware::from_fn(llorch_http::correlation_id))
         .with_state(state)
-}
-
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match llorch_http::check_auth(state.config.token.as_ref(), &req) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
 }
 
 async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {

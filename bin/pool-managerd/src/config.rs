@@ -225,15 +225,8 @@ impl Config {
             token.as_ref(),
             args.allow_unauthenticated_loopback,
         )?;
-        let json_logs = match args.log_format.as_str() {
-            "json" => true,
-            "pretty" => false,
-            other => {
-                return Err(ConfigError::Invalid(format!(
-                    "log format {other:?} is not one of: pretty, json"
-                )))
-            }
-        };
+        let json_logs = llorch_http::parse_log_format("POOL_MANAGERD_LOG_FORMAT", &args.log_format)
+            .map_err(ConfigError::Invalid)?;
         let non_zero = |name: &str, v: u64| {
             if v == 0 {
                 Err(ConfigError::Invalid(format!(

@@ -75,6 +75,28 @@ pub fn is_valid_pool_id(id: &str) -> bool {
 }
 
 impl HandoffFile {
+    /// The minimal file an external provisioner writes for an engine it started itself.
+    pub fn external(pool_id: &str, url: &str, model_id: &str, slots_total: u32) -> Self {
+        Self {
+            version: HANDOFF_VERSION,
+            engine: "llamacpp".into(),
+            engine_version: None,
+            provisioning_mode: ProvisioningMode::External,
+            url: url.into(),
+            pool_id: pool_id.into(),
+            replica_id: None,
+            model: HandoffModel {
+                id: model_id.into(),
+                path: None,
+            },
+            slots_total,
+            ctx_max: None,
+            device_mask: None,
+            pid: None,
+            started_at_ms: None,
+        }
+    }
+
     /// Parses and validates a handoff file's bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, HandoffError> {
         let file: HandoffFile =

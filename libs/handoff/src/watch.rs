@@ -197,27 +197,9 @@ fn digest(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llorch_contracts::{HandoffModel, ProvisioningMode, HANDOFF_VERSION};
 
     fn file(id: &str) -> HandoffFile {
-        HandoffFile {
-            version: HANDOFF_VERSION,
-            engine: "llamacpp".into(),
-            engine_version: None,
-            provisioning_mode: ProvisioningMode::External,
-            url: "http://127.0.0.1:1".into(),
-            pool_id: id.into(),
-            replica_id: None,
-            model: HandoffModel {
-                id: "m".into(),
-                path: None,
-            },
-            slots_total: 1,
-            ctx_max: None,
-            device_mask: None,
-            pid: None,
-            started_at_ms: None,
-        }
+        HandoffFile::external(id, "http://127.0.0.1:1", "m", 1)
     }
 
     async fn next(rx: &mut mpsc::Receiver<HandoffEvent>) -> HandoffEvent {

@@ -146,6 +146,28 @@ pub fn check_auth(token: Option<&auth_min::Token>, req: &Request) -> Result<(), 
     })
 }
 
+/// Middleware: `from_fn_with_state(config.token.clone(), require_token)` on the routes that
+/// need the shared token. `None` (explicitly allowed unauthenticated loopback) lets all pass.
+pub async fn require_token(
+    axum::extract::State(token): axum::extract::State<Option<auth_min::Token>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match check_auth(token.as_ref(), &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `pretty` or `json` (true) for the `*_LOG_FORMAT` variables.
+pub fn parse_log_format(variable: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "json" => Ok(true),
+        "pretty" => Ok(false),
+        other => Err(format!("{variable} {other:?} is not one of: pretty, json")),
+    }
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such endpoint")
 }

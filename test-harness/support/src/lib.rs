@@ -160,25 +160,43 @@ impl ExternalEngine {
             .spawn()
             .unwrap();
         let url = format!("http://127.0.0.1:{port}");
-        let probe = reqwest::Client::new();
-        let health = format!("{url}/health");
-        wait_for(
+        wait_http_ok(
             "external llama-server health",
+            &format!("{url}/health"),
             Duration::from_secs(30),
-            || {
-                let probe = probe.clone();
-                let health = health.clone();
-                async move {
-                    probe
-                        .get(health)
-                        .send()
-                        .await
-                        .ok()
-                        .filter(|r| r.status() == 200)
-                }
-            },
         )
         .await;
         ExternalEngine { child, url }
     }
+}
+
+/// A client that sends `Authorization: Bearer <token>` on every request.
+pub fn authed_client(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// Polls `url` (no auth) until it answers 200, or panics after `timeout`.
+pub async fn wait_http_ok(what: &str, url: &str, timeout: Duration) {
+    let probe = reqwest::Client::new();
+    wait_for(what, timeout, || {
+        let probe = probe.clone();
+        let url = url.to_string();
+        async move {
+            probe
+                .get(url)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+        }
+    })
+    .await;
 }

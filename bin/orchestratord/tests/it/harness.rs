@@ -98,15 +98,7 @@ impl Stack {
         ];
         env.extend(opts.orch_env.iter().cloned());
         let orch = spawn(&workspace_binary("orchestratord"), &env, &orch_log);
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(
-            reqwest::header::AUTHORIZATION,
-            format!("Bearer {TOKEN}").parse().unwrap(),
-        );
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .unwrap();
+        let http = authed_client(TOKEN);
         let stack = Stack {
             pm,
             orch,
@@ -117,24 +109,12 @@ impl Stack {
             http,
             _dir: dir,
         };
-        let probe = reqwest::Client::new();
         let path = if opts.no_wait { "health" } else { "ready" };
         let url = format!("{}/{path}", stack.base);
-        wait_for(
+        wait_http_ok(
             "orchestratord ready with a pool",
+            &url,
             Duration::from_secs(30),
-            || {
-                let probe = probe.clone();
-                let url = url.clone();
-                async move {
-                    probe
-                        .get(url)
-                        .send()
-                        .await
-                        .ok()
-                        .filter(|r| r.status() == 200)
-                }
-            },
         )
         .await;
         stack

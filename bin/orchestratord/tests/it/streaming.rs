@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use llorch_contracts::{HandoffFile, HandoffModel, ProvisioningMode, HANDOFF_VERSION};
+use llorch_contracts::HandoffFile;
 
 use crate::harness::*;
 
@@ -189,24 +189,7 @@ async fn engine_failing_before_first_token_is_retried_once_on_another_pool() {
     .await;
     let fault = crate::fault_engine::start_dropping_completions().await;
     // More free slots than the real pool: placement picks the faulty one first.
-    let file = HandoffFile {
-        version: HANDOFF_VERSION,
-        engine: "llamacpp".into(),
-        engine_version: None,
-        provisioning_mode: ProvisioningMode::External,
-        url: fault.url.clone(),
-        pool_id: "faulty".into(),
-        replica_id: None,
-        model: HandoffModel {
-            id: "tiny".into(),
-            path: None,
-        },
-        slots_total: 8,
-        ctx_max: None,
-        device_mask: None,
-        pid: None,
-        started_at_ms: None,
-    };
+    let file = HandoffFile::external("faulty", &fault.url, "tiny", 8);
     llorch_handoff::write_atomic(&s.runtime_dir, &file).unwrap();
     s.wait_pools_ready(2).await;
     let a = s.submit_ok(task("the", 10)).await;

@@ -1,28 +1,11 @@
 use std::time::Duration;
 
-use llorch_contracts::{HandoffFile, HandoffModel, PoolState, ProvisioningMode, HANDOFF_VERSION};
+use llorch_contracts::{HandoffFile, PoolState, ProvisioningMode};
 
 use crate::harness::*;
 
 fn external_file(pool_id: &str, url: &str, slots: u32) -> HandoffFile {
-    HandoffFile {
-        version: HANDOFF_VERSION,
-        engine: "llamacpp".into(),
-        engine_version: Some("external".into()),
-        provisioning_mode: ProvisioningMode::External,
-        url: url.into(),
-        pool_id: pool_id.into(),
-        replica_id: None,
-        model: HandoffModel {
-            id: "tiny".into(),
-            path: None,
-        },
-        slots_total: slots,
-        ctx_max: Some(512),
-        device_mask: None,
-        pid: None,
-        started_at_ms: None,
-    }
+    HandoffFile::external(pool_id, url, "tiny", slots)
 }
 
 /// Writes like a careful provisioner: temporary file, then rename.

@@ -85,17 +85,10 @@ impl Daemon {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(t) = opts.token {
-            headers.insert(
-                reqwest::header::AUTHORIZATION,
-                format!("Bearer {t}").parse().unwrap(),
-            );
-        }
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .unwrap();
+        let http = match opts.token {
+            Some(t) => authed_client(t),
+            None => reqwest::Client::new(),
+        };
         let mut d = Daemon {
             child,
             base: format!("http://127.0.0.1:{port}"),
@@ -104,20 +97,11 @@ impl Daemon {
             log_path,
             http,
         };
-        let base = d.base.clone();
-        let probe = reqwest::Client::new();
-        wait_for("pool-managerd /health", Duration::from_secs(20), || {
-            let probe = probe.clone();
-            let url = format!("{base}/health");
-            async move {
-                probe
-                    .get(url)
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status() == 200)
-            }
-        })
+        wait_http_ok(
+            "pool-managerd /health",
+            &format!("{}/health", d.base),
+            Duration::from_secs(20),
+        )
         .await;
         assert!(
             d.child.try_wait().unwrap().is_none(),

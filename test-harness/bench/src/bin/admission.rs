@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use llorch_contracts::{HandoffFile, HandoffModel, ProvisioningMode, HANDOFF_VERSION};
+use llorch_bench::{free_port, percentile, wait_ok};
+use llorch_contracts::HandoffFile;
 
 #[derive(Parser)]
 struct Args {
@@ -23,43 +24,22 @@ struct Args {
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = std::env::temp_dir().join(format!("llorch-admission-bench-{}", std::process::id()));
     let runtime = dir.join("run");
     std::fs::create_dir_all(&runtime)?;
-    let unreachable_engine = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
-    let file = HandoffFile {
-        version: HANDOFF_VERSION,
-        engine: "llamacpp".into(),
-        engine_version: None,
-        provisioning_mode: ProvisioningMode::External,
-        url: format!("http://127.0.0.1:{unreachable_engine}"),
-        pool_id: "bench".into(),
-        replica_id: None,
-        model: HandoffModel {
-            id: "tiny".into(),
-            path: None,
-        },
-        slots_total: 1,
-        ctx_max: None,
-        device_mask: None,
-        pid: None,
-        started_at_ms: None,
-    };
+    // Nothing listens on this port: the pool is known but never healthy.
+    let unreachable_engine = free_port()?;
+    let file = HandoffFile::external(
+        "bench",
+        &format!("http://127.0.0.1:{unreachable_engine}"),
+        "tiny",
+        1,
+    );
     std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_port()?;
     let mut orch = tokio::process::Command::new(&args.orchestratord)
         .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
         .env("ORCHD_RUNTIME_DIR", &runtime)
@@ -77,26 +57,16 @@ async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.clients * 2)
         .build()?;
+    wait_ok(&http, &format!("{base}/health")).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ok = http
+        let pools: serde_json::Value = http
             .get(format!("{base}/v2/pools"))
             .bearer_auth(TOKEN)
             .send()
-            .await
-            .ok()
-            .map(|r| r.status().is_success())
-            .unwrap_or(false);
-        let pools: serde_json::Value = if ok {
-            http.get(format!("{base}/v2/pools"))
-                .bearer_auth(TOKEN)
-                .send()
-                .await?
-                .json()
-                .await?
-        } else {
-            serde_json::Value::Null
-        };
+            .await?
+            .json()
+            .await?;
         if pools["pools"].as_array().is_some_and(|p| !p.is_empty()) {
             break;
         }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use llorch_contracts::{HandoffFile, HandoffModel, ProvisioningMode, HANDOFF_VERSION};
+use llorch_bench::{free_port, percentile, wait_ok};
+use llorch_contracts::HandoffFile;
 
 #[derive(Parser)]
 struct Args {
@@ -23,32 +24,6 @@ struct Args {
 }
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn wait_ok(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(r) = http.get(url).send().await {
-            if r.status() == 200 {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("{url} not ready within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -80,12 +55,7 @@ async fn main() -> anyhow::Result<()> {
         .spawn()
         .context("start llama-server")?;
     let engine_url = format!("http://127.0.0.1:{engine_port}");
-    wait_ok(
-        &http,
-        &format!("{engine_url}/health"),
-        Duration::from_secs(30),
-    )
-    .await?;
+    wait_ok(&http, &format!("{engine_url}/health")).await?;
 
     let pm_port = free_port()?;
     let mut pm = tokio::process::Command::new(&args.pool_managerd)
@@ -98,29 +68,12 @@ async fn main() -> anyhow::Result<()> {
         .spawn()
         .context("start pool-managerd")?;
     let base = format!("http://127.0.0.1:{pm_port}");
-    wait_ok(&http, &format!("{base}/health"), Duration::from_secs(30)).await?;
+    wait_ok(&http, &format!("{base}/health")).await?;
 
     let mut samples = Vec::with_capacity(args.files);
     for i in 0..args.files {
         let pool_id = format!("bench-{i}");
-        let file = HandoffFile {
-            version: HANDOFF_VERSION,
-            engine: "llamacpp".into(),
-            engine_version: None,
-            provisioning_mode: ProvisioningMode::External,
-            url: engine_url.clone(),
-            pool_id: pool_id.clone(),
-            replica_id: None,
-            model: HandoffModel {
-                id: "tiny".into(),
-                path: None,
-            },
-            slots_total: 1,
-            ctx_max: None,
-            device_mask: None,
-            pid: None,
-            started_at_ms: None,
-        };
+        let file = HandoffFile::external(&pool_id, &engine_url, "tiny", 1);
         let tmp = runtime.join(format!(".{pool_id}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec(&file)?)?;
         let status_url = format!("{base}/v2/pools/{pool_id}/status");

@@ -4,12 +4,13 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use llamacpp_client::sse::SseParser;
-use llorch_contracts::{HandoffFile, HandoffModel, ProvisioningMode, HANDOFF_VERSION};
+use llorch_bench::{free_port, wait_ok};
+use llorch_contracts::HandoffFile;
 
 #[derive(Parser)]
 struct Args {
@@ -32,23 +33,6 @@ struct Sample {
     first_token_ms: f64,
     tokens: u32,
     decode_s: f64,
-}
-
-async fn wait_ok(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if http
-            .get(url)
-            .send()
-            .await
-            .map(|r| r.status() == 200)
-            .unwrap_or(false)
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!("{url} not ready")
 }
 
 /// Reads an SSE response; `token_of` says how many tokens a frame carries.
@@ -100,9 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let runtime = dir.join("run");
     std::fs::create_dir_all(&runtime)?;
     let http = reqwest::Client::new();
-    let eport = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let eport = free_port()?;
     let mut engine = tokio::process::Command::new(&a.engine)
         .args([
             "--model",
@@ -119,28 +101,9 @@ async fn main() -> anyhow::Result<()> {
         .spawn()?;
     let engine_url = format!("http://127.0.0.1:{eport}");
     wait_ok(&http, &format!("{engine_url}/health")).await?;
-    let file = HandoffFile {
-        version: HANDOFF_VERSION,
-        engine: "llamacpp".into(),
-        engine_version: None,
-        provisioning_mode: ProvisioningMode::External,
-        url: engine_url.clone(),
-        pool_id: "bench".into(),
-        replica_id: None,
-        model: HandoffModel {
-            id: "tiny".into(),
-            path: None,
-        },
-        slots_total: 1,
-        ctx_max: None,
-        device_mask: None,
-        pid: None,
-        started_at_ms: None,
-    };
+    let file = HandoffFile::external("bench", &engine_url, "tiny", 1);
     std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
-    let oport = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let oport = free_port()?;
     let mut orch = tokio::process::Command::new(&a.orchestratord)
         .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{oport}"))
         .env("ORCHD_RUNTIME_DIR", &runtime)
