@@ -90,7 +90,7 @@ async fn run(
             _ = cancel.cancelled() => break,
             Some(path) = nrx.recv() => {
                 if is_handoff_path(&path) && path.parent() == Some(state.dir.as_path()) {
-                    state.check(&path, Instant::now()).into_iter().collect()
+                    state.check(&path, Instant::now(), Source::Event).into_iter().collect()
                 } else {
                     Vec::new()
                 }
@@ -103,6 +103,12 @@ async fn run(
             }
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Event,
+    Rescan,
 }
 
 struct DirState {
@@ -133,11 +139,11 @@ impl DirState {
         present
             .iter()
             .chain(gone.iter())
-            .filter_map(|p| self.check(p, now))
+            .filter_map(|p| self.check(p, now, Source::Rescan))
             .collect()
     }
 
-    fn check(&mut self, path: &Path, seen_at: Instant) -> Option<HandoffEvent> {
+    fn check(&mut self, path: &Path, seen_at: Instant, source: Source) -> Option<HandoffEvent> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -151,6 +157,11 @@ impl DirState {
                 return None;
             }
         };
+        // A writer that is not atomic (create, then write) shows an empty file first; its next
+        // event carries the content. The rescan still judges a file that stays empty.
+        if bytes.is_empty() && source == Source::Event {
+            return None;
+        }
         let digest = digest(&bytes);
         if self.known.insert(path.to_path_buf(), digest) == Some(digest) {
             return None;
@@ -252,6 +263,49 @@ mod tests {
             matches!(next(&mut rx).await, HandoffEvent::Removed { path, .. } if path.ends_with("a.json"))
         );
 
+        cancel.cancel();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn non_atomic_writes_are_reported_once_with_their_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let (mut rx, handle) = watch_dir(
+            dir.path().to_path_buf(),
+            Duration::from_secs(3600),
+            cancel.clone(),
+        );
+        // Wait until the watcher runs (past its first rescan) before the slow writes.
+        crate::write_atomic(dir.path(), &file("sentinel")).unwrap();
+        assert!(matches!(next(&mut rx).await, HandoffEvent::Upserted { .. }));
+        // Create-then-write, as `echo > file` does: the empty moment is not an invalid file.
+        for (name, body) in [
+            ("x.json", b"{ not json".to_vec()),
+            ("y.json", serde_json::to_vec(&file("y")).unwrap()),
+        ] {
+            let path = dir.path().join(name);
+            let f = std::fs::File::create(&path).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            std::io::Write::write_all(&mut &f, &body).unwrap();
+            drop(f);
+        }
+        let first = next(&mut rx).await;
+        assert!(
+            matches!(&first, HandoffEvent::Invalid { label, .. } if label == "x"),
+            "{first:?}"
+        );
+        let second = next(&mut rx).await;
+        assert!(
+            matches!(&second, HandoffEvent::Upserted { file, .. } if file.pool_id == "y"),
+            "{second:?}"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), rx.recv())
+                .await
+                .is_err(),
+            "a write was reported twice"
+        );
         cancel.cancel();
         handle.await.unwrap();
     }
