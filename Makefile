@@ -6,6 +6,7 @@ CACHE ?= $(or $(LLORCH_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llama-o
 ENGINE := $(CACHE)/bin/llama-server
 MODEL := $(CACHE)/models/llorch-tiny.gguf
 CARGO ?= cargo
+TARGET := $(or $(CARGO_TARGET_DIR),target)
 
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
@@ -55,14 +56,14 @@ bench-build:
 	$(CARGO) build --release -p pool-managerd -p orchestratord -p llorch-bench
 
 bench-handoff: engine model bench-build
-	target/release/handoff-latency --pool-managerd target/release/pool-managerd \
+	$(TARGET)/release/handoff-latency --pool-managerd $(TARGET)/release/pool-managerd \
 	  --engine $(ENGINE) --model $(MODEL) --files 100
 
 bench-admission: bench-build
-	target/release/admission --orchestratord target/release/orchestratord --tasks 50000 --clients 16
+	$(TARGET)/release/admission --orchestratord $(TARGET)/release/orchestratord --tasks 50000 --clients 16
 
 bench-stream: engine model bench-build
-	target/release/stream --orchestratord target/release/orchestratord \
+	$(TARGET)/release/stream --orchestratord $(TARGET)/release/orchestratord \
 	  --engine $(ENGINE) --model $(MODEL) --runs 20 --tokens 1024
 
 clean-cache:

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 MODE="${1:-demo}"
-BIN="${LLORCH_BIN_DIR:-target/debug}"
+BIN="${LLORCH_BIN_DIR:-${CARGO_TARGET_DIR:-target}/debug}"
 CACHE="${LLORCH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-orch}"
 ENGINE="${LLORCH_ENGINE_BINARY:-$CACHE/bin/llama-server}"
 MODEL="${LLORCH_MODEL:-$CACHE/models/llorch-tiny.gguf}"

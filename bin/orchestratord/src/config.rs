@@ -71,6 +71,9 @@ pub struct Args {
     /// How long finished tasks stay readable (status and SSE replay).
     #[arg(long, env = "ORCHD_TASK_RETENTION_MS", default_value_t = 600_000)]
     pub task_retention_ms: u64,
+    /// Most finished tasks kept (the oldest are forgotten first).
+    #[arg(long, env = "ORCHD_TASK_RETENTION_MAX", default_value_t = 10_000)]
+    pub task_retention_max: usize,
     /// SSE keep-alive comment interval.
     #[arg(long, env = "ORCHD_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
     pub sse_keepalive_ms: u64,
@@ -112,6 +115,7 @@ pub struct Config {
     pub cancel_on_disconnect: bool,
     pub session_ttl: Duration,
     pub task_retention: Duration,
+    pub task_retention_max: usize,
     pub sse_keepalive: Duration,
     pub shutdown_grace: Duration,
     pub token: Option<Token>,
@@ -205,6 +209,7 @@ impl Config {
             cancel_on_disconnect: a.cancel_on_disconnect,
             session_ttl: ms("ORCHD_SESSION_TTL_MS", a.session_ttl_ms)?,
             task_retention: ms("ORCHD_TASK_RETENTION_MS", a.task_retention_ms)?,
+            task_retention_max: a.task_retention_max,
             sse_keepalive: ms("ORCHD_SSE_KEEPALIVE_MS", a.sse_keepalive_ms)?,
             shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
             token,

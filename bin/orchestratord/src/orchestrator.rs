@@ -632,6 +632,27 @@ impl Orchestrator {
         }
     }
 
+    /// Forgets finished tasks past the retention period, and the oldest finished ones beyond
+    /// the retention count, so memory follows the configuration, not the traffic.
+    pub fn purge_finished(&self) {
+        let retention = self.config.task_retention;
+        let mut tasks = self.tasks.write();
+        tasks.retain(|_, t| t.finished_at().is_none_or(|f| f.elapsed() < retention));
+        let mut finished: Vec<(Instant, String)> = tasks
+            .values()
+            .filter_map(|t| t.finished_at().map(|f| (f, t.id.clone())))
+            .collect();
+        let excess = finished
+            .len()
+            .saturating_sub(self.config.task_retention_max);
+        if excess > 0 {
+            finished.sort_unstable();
+            for (_, id) in finished.into_iter().take(excess) {
+                tasks.remove(&id);
+            }
+        }
+    }
+
     /// Forgets finished tasks older than the retention period and expired sessions.
     pub async fn purge_loop(self: Arc<Self>, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -639,8 +660,7 @@ impl Orchestrator {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {
-                    let retention = self.config.task_retention;
-                    self.tasks.write().retain(|_, t| t.finished_at().is_none_or(|f| f.elapsed() < retention));
+                    self.purge_finished();
                     self.sessions.lock().purge(Instant::now().into_std());
                 }
             }

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llamacpp_client::{EngineClient, Health};
-use llorch_contracts::{
-    HandoffFile, HandoffModel, PoolState, PoolStatus, ProvisioningMode, HANDOFF_VERSION,
-};
+use llorch_contracts::{HandoffFile, HandoffModel, PoolStatus, ProvisioningMode, HANDOFF_VERSION};
 use llorch_core::{FailureAction, Supervision, SupervisionPolicy};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -495,11 +493,7 @@ impl Supervisor {
     }
 
     fn publish(&self) {
-        let status = self.status();
-        if status.state == PoolState::Failed {
-            tracing::debug!(pool_id = %status.pool_id, "pool failed");
-        }
-        self.shared.registry.write().upsert(status);
+        self.shared.registry.write().upsert(self.status());
     }
 }
 

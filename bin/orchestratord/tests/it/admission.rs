@@ -450,3 +450,50 @@ async fn sessions_keep_affinity_and_report_turns_until_deleted() {
     assert_eq!(caps["models"][0]["pools"], 2);
     assert_eq!(caps["models"][0]["slots_total"], 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_tasks_beyond_the_retention_count_are_forgotten_oldest_first() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 1024),
+        orch_env: vec![("ORCHD_TASK_RETENTION_MAX", "2".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for k in 0..4 {
+        let id = s.submit_ok(task(&format!("r{k}"), 2)).await.task_id;
+        s.wait_task(&id, Duration::from_secs(10)).await;
+        ids.push(id);
+    }
+    // The purge runs every 5 s.
+    wait_for(
+        "oldest finished tasks forgotten",
+        Duration::from_secs(12),
+        || async {
+            let r = s
+                .http
+                .get(format!("{}/v2/tasks/{}", s.base, ids[1]))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 404).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        s.http
+            .get(format!("{}/v2/tasks/{}", s.base, ids[0]))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    for id in &ids[2..] {
+        assert_eq!(
+            s.status(id).await.task_id,
+            *id,
+            "newest finished tasks are kept"
+        );
+    }
+}
