@@ -32,6 +32,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/pools/{id}/health", get(pool_health))
         .route("/v2/pools/{id}/drain", post(drain))
         .route("/v2/pools/{id}/reload", post(reload))
+        .route("/v2/nodes", get(nodes))
+        .route("/v2/nodes/register", post(register_node))
+        .route("/v2/nodes/{id}/heartbeat", post(heartbeat))
+        .route("/v2/nodes/{id}", axum::routing::delete(deregister_node))
         .route_layer(middleware::from_fn_with_state(
             state.config.token.clone(),
             llorch_http::require_token,
@@ -166,6 +170,7 @@ async fn delete_session(
 }
 
 async fn capabilities(State(orch): State<AppState>) -> Json<serde_json::Value> {
+    let c = &orch.config;
     let mut models: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
     for p in orch.pools.list().into_iter().filter(|p| p.ready()) {
         let m = models.entry(p.model_id.clone()).or_insert_with(|| {
@@ -179,10 +184,9 @@ async fn capabilities(State(orch): State<AppState>) -> Json<serde_json::Value> {
             m["ctx_max"] = ctx.into();
         }
     }
-    let c = &orch.config;
     Json(serde_json::json!({
         "api_version": "v2",
-        "profile": "home",
+        "profile": c.profile.as_str(),
         "models": models.into_values().collect::<Vec<_>>(),
         "limits": {
             "max_tokens": c.max_tokens_cap,
@@ -277,4 +281,90 @@ async fn forward(
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
     Ok((status, Json(body)).into_response())
+}
+
+async fn nodes(State(orch): State<AppState>) -> Json<serde_json::Value> {
+    let nodes: Vec<serde_json::Value> = orch
+        .managers
+        .list()
+        .into_iter()
+        .map(|m| {
+            serde_json::json!({
+                "node_id": m.node_id,
+                "address": m.url,
+                "registered": m.registered,
+                "availability": m.availability,
+                "online": m.availability == crate::cloud_source::Availability::Available,
+                "last_heartbeat_ms_ago": m.last_heartbeat.map(|h| h.elapsed().as_millis() as u64),
+                "pools": m.pools,
+                "gpus": m.gpus,
+                "last_error": m.last_error,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({"nodes": nodes}))
+}
+
+async fn register_node(
+    State(orch): State<AppState>,
+    ApiJson(reg): ApiJson<llorch_contracts::nodes::NodeRegistration>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if orch.config.profile != crate::config::Profile::Cloud || !orch.config.node_registration {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "node registration is off (ORCHD_PROFILE=cloud with ORCHD_NODE_REGISTRATION=true turns it on)",
+        ));
+    }
+    let address = reg.address.trim_end_matches('/');
+    if !(address.starts_with("http://") || address.starts_with("https://")) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidParams,
+            "address must be an http(s) URL",
+        ));
+    }
+    if !llorch_contracts::handoff::is_valid_pool_id(&reg.node_id) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidParams,
+            "node_id must be 1-64 characters of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    orch.managers.register(&reg.node_id, address, reg.gpus);
+    tracing::info!(node_id = %reg.node_id, %address, pools = reg.pools.len(), "node registered");
+    let interval = orch.config.node_heartbeat_timeout / 3;
+    Ok(Json(
+        serde_json::json!({"node_id": reg.node_id, "heartbeat_interval_ms": interval.as_millis() as u64}),
+    ))
+}
+
+async fn heartbeat(
+    State(orch): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    if orch.managers.heartbeat(&id) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("node {id:?} is not registered; register again"),
+        ))
+    }
+}
+
+async fn deregister_node(
+    State(orch): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let pools = orch.managers.deregister(&id).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("node {id:?} is not registered"),
+        )
+    })?;
+    for pool in pools {
+        orch.pools
+            .mark_lost(&pool, format!("node {id} deregistered"));
+        orch.pools.remove(&pool);
+    }
+    tracing::info!(node_id = %id, "node deregistered");
+    Ok(StatusCode::NO_CONTENT)
 }

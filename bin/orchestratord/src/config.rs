@@ -28,6 +28,25 @@ pub struct Args {
         default_value = "/var/lib/llama-orch/runtime"
     )]
     pub runtime_dir: PathBuf,
+    /// CLOUD: comma-separated pool-managerd base URLs to poll.
+    #[arg(long, env = "ORCHD_POOL_MANAGERS", default_value = "")]
+    pub pool_managers: String,
+    /// CLOUD: accept node registration (`POST /v2/nodes/register`) into the poll set.
+    #[arg(long, env = "ORCHD_NODE_REGISTRATION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub node_registration: bool,
+    /// CLOUD: interval of `GET /v2/pools` polls of every pool-managerd.
+    #[arg(long, env = "ORCHD_POOL_POLL_INTERVAL_MS", default_value_t = 1000)]
+    pub pool_poll_interval_ms: u64,
+    /// CLOUD: consecutive good polls before a failed pool-managerd is used again.
+    #[arg(long, env = "ORCHD_POOL_POLL_RECOVERY", default_value_t = 2)]
+    pub pool_poll_recovery: u32,
+    /// CLOUD: a registered node without a heartbeat for this long is offline.
+    #[arg(
+        long,
+        env = "ORCHD_NODE_HEARTBEAT_TIMEOUT_MS",
+        default_value_t = 15_000
+    )]
+    pub node_heartbeat_timeout_ms: u64,
     /// HOME: safety-net rescan interval of the handoff directory.
     #[arg(long, env = "ORCHD_HANDOFF_WATCH_INTERVAL_MS", default_value_t = 1000)]
     pub handoff_watch_interval_ms: u64,
@@ -98,8 +117,30 @@ pub struct Args {
     pub log_format: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Home,
+    Cloud,
+}
+
+impl Profile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Home => "home",
+            Profile::Cloud => "cloud",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub profile: Profile,
+    /// CLOUD: pool-managerd base URLs from configuration.
+    pub pool_managers: Vec<String>,
+    pub node_registration: bool,
+    pub pool_poll_interval: Duration,
+    pub pool_poll_recovery: u32,
+    pub node_heartbeat_timeout: Duration,
     pub bind_addr: SocketAddr,
     pub runtime_dir: PathBuf,
     pub handoff_rescan: Duration,
@@ -142,18 +183,25 @@ fn ms(name: &str, v: u64) -> Result<Duration, ConfigError> {
 
 impl Config {
     pub fn from_args(a: Args) -> Result<Self, ConfigError> {
-        match a.profile.as_str() {
-            "home" => {}
-            "cloud" => {
-                return Err(ConfigError::Invalid(
-                    "ORCHD_PROFILE=cloud is not available in this build yet; use home".into(),
-                ))
-            }
+        let profile = match a.profile.as_str() {
+            "home" => Profile::Home,
+            "cloud" => Profile::Cloud,
             other => {
                 return Err(ConfigError::Invalid(format!(
                     "ORCHD_PROFILE {other:?} is not one of: home, cloud"
                 )))
             }
+        };
+        let pool_managers = parse_managers(&a.pool_managers)?;
+        if profile == Profile::Cloud && pool_managers.is_empty() && !a.node_registration {
+            return Err(ConfigError::Invalid(
+                "ORCHD_PROFILE=cloud needs ORCHD_POOL_MANAGERS (comma-separated pool-managerd URLs) or ORCHD_NODE_REGISTRATION=true".into(),
+            ));
+        }
+        if profile == Profile::Home && (!pool_managers.is_empty() || a.node_registration) {
+            return Err(ConfigError::Invalid(
+                "ORCHD_POOL_MANAGERS and ORCHD_NODE_REGISTRATION need ORCHD_PROFILE=cloud".into(),
+            ));
         }
         let admission_policy = match a.admission_policy.as_str() {
             "reject" => AdmissionPolicy::Reject,
@@ -185,12 +233,26 @@ impl Config {
             )));
         }
         let token = auth_min::load_token(a.api_token.as_deref(), a.api_token_file.as_deref())?;
+        if profile == Profile::Cloud && token.is_none() {
+            return Err(ConfigError::Invalid(
+                "ORCHD_PROFILE=cloud needs a token (LLORCH_API_TOKEN or LLORCH_API_TOKEN_FILE): pool-managerd and nodes authenticate with it".into(),
+            ));
+        }
         auth_min::check_bind(
             a.bind_addr,
             token.as_ref(),
             a.allow_unauthenticated_loopback,
         )?;
         Ok(Config {
+            profile,
+            pool_managers,
+            node_registration: a.node_registration,
+            pool_poll_interval: ms("ORCHD_POOL_POLL_INTERVAL_MS", a.pool_poll_interval_ms)?,
+            pool_poll_recovery: a.pool_poll_recovery.max(1),
+            node_heartbeat_timeout: ms(
+                "ORCHD_NODE_HEARTBEAT_TIMEOUT_MS",
+                a.node_heartbeat_timeout_ms,
+            )?,
             bind_addr: a.bind_addr,
             runtime_dir: a.runtime_dir,
             handoff_rescan: ms(
@@ -215,5 +277,55 @@ impl Config {
             token,
             json_logs,
         })
+    }
+}
+
+fn parse_managers(list: &str) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!(
+                "ORCHD_POOL_MANAGERS entry {url:?} must start with http:// or https://"
+            )));
+        }
+        let url = url.trim_end_matches('/').to_string();
+        if !out.contains(&url) {
+            out.push(url);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(env: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["orchestratord"];
+        argv.extend_from_slice(env);
+        Config::from_args(
+            Args::try_parse_from(argv).map_err(|e| ConfigError::Invalid(e.to_string()))?,
+        )
+    }
+
+    #[test]
+    fn cloud_needs_managers_or_registration_and_a_token() {
+        let token = "--api-token=0123456789abcdef0123";
+        let e = parse(&["--profile=cloud", token]).unwrap_err();
+        assert!(e.to_string().contains("ORCHD_POOL_MANAGERS"), "{e}");
+        let e = parse(&["--profile=cloud", "--pool-managers=http://10.0.0.2:9200"]).unwrap_err();
+        assert!(e.to_string().contains("needs a token"), "{e}");
+        let c = parse(&[
+            "--profile=cloud",
+            token,
+            "--pool-managers=http://a:9200/, http://b:9200,http://a:9200",
+        ])
+        .unwrap();
+        assert_eq!(c.pool_managers, vec!["http://a:9200", "http://b:9200"]);
+        assert!(parse(&["--profile=cloud", token, "--node-registration=true"]).is_ok());
+        assert!(parse(&["--profile=cloud", token, "--pool-managers=ftp://a"]).is_err());
+        let e = parse(&[token, "--pool-managers=http://a:9200"]).unwrap_err();
+        assert!(e.to_string().contains("ORCHD_PROFILE=cloud"), "{e}");
+        assert!(parse(&["--profile=space", token]).is_err());
     }
 }

@@ -66,6 +66,8 @@ impl HomeSource {
             draining: false,
             last_error: None,
             in_flight: 0,
+            manager: None,
+            lost: Default::default(),
         };
         let (healthy, error) = self.probe_one(&entry.pool_id, &entry.url).await;
         self.pools.upsert(PoolEntry {

@@ -3,6 +3,7 @@
 //! task it starts.
 
 pub mod api;
+pub mod cloud_source;
 pub mod config;
 pub mod home_source;
 pub mod metrics;
@@ -41,17 +42,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let probe_http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(1))
-        .pool_idle_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(30))
         .build()?;
-    let source = home_source::HomeSource {
-        pools: orch.pools.clone(),
-        metrics,
-        http: probe_http,
-        dir: orch.config.runtime_dir.clone(),
-        rescan: orch.config.handoff_rescan,
-        probe_interval: orch.config.pool_health_interval,
-    };
-    background.spawn(source.run(root.child_token()));
+    match (orch.config.profile, orch.config.token.clone()) {
+        (config::Profile::Home, _) => {
+            let source = home_source::HomeSource {
+                pools: orch.pools.clone(),
+                metrics,
+                http: probe_http,
+                dir: orch.config.runtime_dir.clone(),
+                rescan: orch.config.handoff_rescan,
+                probe_interval: orch.config.pool_health_interval,
+            };
+            background.spawn(source.run(root.child_token()));
+        }
+        (config::Profile::Cloud, Some(token)) => {
+            // No handoff watcher: in the cloud profile this process opens no pool-managerd path.
+            let source = cloud_source::CloudSource {
+                managers: orch.managers.clone(),
+                pools: orch.pools.clone(),
+                http: probe_http,
+                token,
+                interval: orch.config.pool_poll_interval,
+                recovery: orch.config.pool_poll_recovery,
+                heartbeat_timeout: orch.config.node_heartbeat_timeout,
+            };
+            background.spawn(source.run(root.child_token()));
+        }
+        (config::Profile::Cloud, None) => anyhow::bail!("the cloud profile needs a token"),
+    }
     background.spawn(orch.clone().dispatch_loop(root.child_token()));
     background.spawn(orch.clone().purge_loop(root.child_token()));
 
@@ -62,8 +81,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .map(|t| t.fingerprint().to_string());
     tracing::info!(
         addr = %orch.config.bind_addr,
-        profile = "home",
-        runtime_dir = %orch.config.runtime_dir.display(),
+        profile = orch.config.profile.as_str(),
         policy = orch.config.admission_policy.label(),
         capacity = orch.config.admission_capacity,
         auth = token_fp.as_deref().unwrap_or("none (loopback only)"),

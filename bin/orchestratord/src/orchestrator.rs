@@ -30,6 +30,8 @@ use crate::tasks::Task;
 pub struct Orchestrator {
     pub config: Config,
     pub pools: Arc<PoolTable>,
+    /// CLOUD: the pool-managerd poll set (empty in HOME).
+    pub managers: Arc<crate::cloud_source::Managers>,
     pub metrics: Arc<Metrics>,
     tasks: RwLock<HashMap<String, Arc<Task>>>,
     queue: Mutex<AdmissionQueue<Arc<Task>>>,
@@ -75,6 +77,7 @@ impl Orchestrator {
             .build()?;
         Ok(Self {
             pools: Arc::new(PoolTable::new(wake.clone())),
+            managers: Arc::new(crate::cloud_source::Managers::new(&config.pool_managers)),
             queue: Mutex::new(AdmissionQueue::new(config.admission_capacity)),
             expiries: Mutex::new(BinaryHeap::new()),
             sessions: Mutex::new(SessionTable::new(config.session_ttl)),

@@ -10,13 +10,17 @@ use llorch_core::PoolView;
 use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolEntry {
     pub pool_id: String,
     pub model_id: String,
-    /// Base URL of the engine (HOME: loopback llama-server).
+    /// Base URL of the engine API: HOME, the loopback llama-server; CLOUD, the
+    /// pool-managerd proxy `{manager}/v2/pools/{id}/engine`.
     pub url: String,
+    /// CLOUD: the pool-managerd that owns the pool (requests to it carry the token).
+    pub manager: Option<String>,
     pub slots_total: u32,
     pub ctx_max: Option<u32>,
     pub engine: String,
@@ -29,6 +33,9 @@ pub struct PoolEntry {
     pub last_error: Option<String>,
     /// Requests this orchestrator has in flight on the pool.
     pub in_flight: u32,
+    /// Cancelled when the pool's node is lost: in-flight tasks there end at once.
+    #[serde(skip)]
+    pub lost: CancellationToken,
 }
 
 impl PoolEntry {
@@ -51,11 +58,15 @@ impl PoolTable {
         }
     }
 
-    /// Inserts or replaces a pool's description; keeps its in-flight count.
+    /// Inserts or replaces a pool's description; keeps its in-flight count and, unless the
+    /// pool was lost since, the token its running tasks watch.
     pub fn upsert(&self, mut entry: PoolEntry) {
         let mut pools = self.pools.write();
         if let Some(old) = pools.get(&entry.pool_id) {
             entry.in_flight = old.in_flight;
+            if !old.lost.is_cancelled() {
+                entry.lost = old.lost.clone();
+            }
         }
         pools.insert(entry.pool_id.clone(), entry);
         drop(pools);
@@ -72,6 +83,18 @@ impl PoolTable {
                 drop(pools);
                 self.changed.notify_one();
             }
+        }
+    }
+
+    /// The pool's node is gone: not ready, and tasks running there are ended now rather than
+    /// when their streams time out.
+    pub fn mark_lost(&self, pool_id: &str, error: String) {
+        let mut pools = self.pools.write();
+        if let Some(p) = pools.get_mut(pool_id) {
+            p.healthy = false;
+            p.last_error = Some(error);
+            p.lost.cancel();
+            p.lost = CancellationToken::new();
         }
     }
 
@@ -164,6 +187,8 @@ mod tests {
             draining: false,
             last_error: None,
             in_flight: 0,
+            manager: None,
+            lost: CancellationToken::new(),
         }
     }
 
@@ -183,5 +208,19 @@ mod tests {
         assert_eq!(t.get("a").unwrap().in_flight, 0);
         t.set_health("a", false, Some("down".into()));
         assert!(t.lease("a").is_none());
+    }
+
+    #[test]
+    fn losing_a_pool_fires_its_token_once_and_arms_a_new_one() {
+        let t = Arc::new(PoolTable::new(Arc::new(Notify::new())));
+        t.upsert(entry("a", 1));
+        let watched = t.get("a").unwrap().lost;
+        t.upsert(entry("a", 1));
+        assert!(!watched.is_cancelled());
+        t.mark_lost("a", "node gone".into());
+        assert!(watched.is_cancelled());
+        let p = t.get("a").unwrap();
+        assert!(!p.healthy && !p.lost.is_cancelled());
+        assert_eq!(p.last_error.as_deref(), Some("node gone"));
     }
 }

@@ -179,9 +179,17 @@ async fn stream(
     let url = format!("{}/completion", pool.url);
     let first_timeout = orch.config.first_token_timeout;
     let decode_timeout = orch.config.decode_timeout;
-    let send = llamacpp_client::send_completion(&orch.engine_http, &url, None, &body);
+    // CLOUD: through the pool-managerd proxy, which wants the token.
+    let bearer = pool
+        .manager
+        .as_ref()
+        .and(orch.config.token.as_ref())
+        .map(|t| t.expose());
+    let send = llamacpp_client::send_completion(&orch.engine_http, &url, bearer, &body);
+    let lost = pool.lost.clone();
     let mut resp = tokio::select! {
         _ = task.cancel.cancelled() => return Outcome::Cancelled,
+        _ = lost.cancelled() => return Outcome::BeforeFirstToken("the pool's node was lost".into()),
         r = tokio::time::timeout(first_timeout, send) => match r {
             Err(_) => return Outcome::BeforeFirstToken("engine did not answer in time".into()),
             Ok(Err(e)) => return Outcome::BeforeFirstToken(format!("engine unreachable: {e}")),
@@ -209,6 +217,10 @@ async fn stream(
         };
         let chunk = tokio::select! {
             _ = task.cancel.cancelled() => return Outcome::Cancelled,
+            _ = lost.cancelled() => {
+                let reason = "the pool's node was lost".to_string();
+                return if i == 0 { Outcome::BeforeFirstToken(reason) } else { Outcome::WorkerReset(reason) };
+            }
             c = tokio::time::timeout(wait, resp.chunk()) => c,
         };
         let bytes = match chunk {

@@ -102,6 +102,19 @@ pub struct Args {
         default_value_t = false
     )]
     pub allow_unauthenticated_loopback: bool,
+    /// CLOUD: orchestratord to register with (and heartbeat to). Needs a token.
+    #[arg(long, env = "POOL_MANAGERD_ORCHESTRATORD_URL")]
+    pub orchestratord_url: Option<String>,
+    /// CLOUD: the URL orchestratord reaches this daemon at (default: http://<bind addr>).
+    #[arg(long, env = "POOL_MANAGERD_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// CLOUD: heartbeat interval to orchestratord.
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_HEARTBEAT_INTERVAL_MS",
+        default_value_t = 5000
+    )]
+    pub heartbeat_interval_ms: u64,
     /// Log format: `pretty` or `json`.
     #[arg(long, env = "POOL_MANAGERD_LOG_FORMAT", default_value = "pretty")]
     pub log_format: String,
@@ -173,8 +186,17 @@ pub struct PoolSpec {
 }
 
 /// Validated configuration. Holds the token as [`Token`], whose `Debug` shows a fingerprint.
+/// Node registration with orchestratord (CLOUD).
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub orchestratord_url: String,
+    pub advertise_url: String,
+    pub heartbeat_interval: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub registration: Option<Registration>,
     pub bind_addr: SocketAddr,
     pub runtime_dir: PathBuf,
     pub node_id: String,
@@ -237,7 +259,42 @@ impl Config {
             }
         };
         let pools = validate_pools(file.pools)?;
+        let registration = match &args.orchestratord_url {
+            None => None,
+            Some(url) => {
+                let url = url.trim_end_matches('/').to_string();
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(ConfigError::Invalid(format!(
+                        "POOL_MANAGERD_ORCHESTRATORD_URL {url:?} must start with http:// or https://"
+                    )));
+                }
+                if token.is_none() {
+                    return Err(ConfigError::Invalid(
+                        "POOL_MANAGERD_ORCHESTRATORD_URL needs a token (LLORCH_API_TOKEN or LLORCH_API_TOKEN_FILE)".into(),
+                    ));
+                }
+                let advertise_url = match &args.advertise_url {
+                    Some(a) => a.trim_end_matches('/').to_string(),
+                    None if args.bind_addr.ip().is_unspecified() => {
+                        return Err(ConfigError::Invalid(format!(
+                            "bound to {} (all addresses): set POOL_MANAGERD_ADVERTISE_URL to the URL orchestratord reaches this node at",
+                            args.bind_addr
+                        )))
+                    }
+                    None => format!("http://{}", args.bind_addr),
+                };
+                Some(Registration {
+                    orchestratord_url: url,
+                    advertise_url,
+                    heartbeat_interval: non_zero(
+                        "POOL_MANAGERD_HEARTBEAT_INTERVAL_MS",
+                        args.heartbeat_interval_ms,
+                    )?,
+                })
+            }
+        };
         Ok(Config {
+            registration,
             bind_addr: args.bind_addr,
             runtime_dir: args.runtime_dir,
             node_id: args.node_id.unwrap_or_else(host_name),

@@ -10,6 +10,7 @@ pub mod gpu;
 pub mod handoff_watcher;
 pub mod metrics;
 pub mod proxy;
+pub mod registration;
 pub mod state;
 pub mod supervisor;
 
@@ -102,6 +103,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tasks.spawn(sup.run());
     }
     tasks.spawn(handoff_watcher::HandoffWatcher::new(shared.clone(), root.child_token()).run());
+    if let Some(reg) = shared.config.registration.clone() {
+        tasks.spawn(registration::run(shared.clone(), reg, root.child_token()));
+    }
     if !shared.config.gpu_discovery_interval.is_zero() && shared.gpus.read().mode == "nvml" {
         tasks.spawn(refresh_gpus(shared.clone(), root.child_token()));
     }

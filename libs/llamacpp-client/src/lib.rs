@@ -112,6 +112,11 @@ fn classify(e: reqwest::Error, timeout: Duration) -> EngineError {
     }
 }
 
+/// The cause chain of a request error, without the URL.
+pub fn error_chain(e: &reqwest::Error) -> String {
+    without_url(e)
+}
+
 /// reqwest errors print the URL; keep only the cause chain (URLs are loopback, but the message
 /// reads better without them and never carries query strings into logs).
 fn without_url(e: &reqwest::Error) -> String {

@@ -39,7 +39,7 @@ pub struct StackOptions {
     pub no_wait: bool,
 }
 
-fn spawn(bin: &Path, env: &[(&str, String)], log: &Path) -> Child {
+pub fn spawn(bin: &Path, env: &[(&str, String)], log: &Path) -> Child {
     let file = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new(bin);
     cmd.env_clear()

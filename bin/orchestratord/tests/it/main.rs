@@ -5,6 +5,7 @@
 
 mod admission;
 mod cancel;
+mod cloud;
 mod fault_engine;
 mod harness;
 mod lifecycle;

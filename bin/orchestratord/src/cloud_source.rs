@@ -1,0 +1,291 @@
+//! CLOUD profile pool source: polls `GET /v2/pools` of every pool-managerd (configured in
+//! `ORCHD_POOL_MANAGERS`, or registered through `/v2/nodes/register`) with the token, a
+//! timeout and pooled connections. A manager that fails one poll (error, timeout, 401) is
+//! unavailable at once — within two intervals of going away — and its pools are lost
+//! (running tasks there end now); it is used again only after `ORCHD_POOL_POLL_RECOVERY`
+//! consecutive good polls. A registered node that misses heartbeats is offline.
+//! Never touches any file: pool-managerd is reached over HTTP only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use llorch_contracts::{GpuInfo, PoolsResponse};
+use parking_lot::RwLock;
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::pools::{PoolEntry, PoolTable};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Availability {
+    /// Not polled successfully yet.
+    Unknown,
+    Available,
+    Unavailable,
+}
+
+#[derive(Debug, Clone)]
+pub struct Manager {
+    pub url: String,
+    pub node_id: Option<String>,
+    /// Came through `/v2/nodes/register` (and is expected to heartbeat).
+    pub registered: bool,
+    pub availability: Availability,
+    pub consecutive_ok: u32,
+    pub consecutive_fail: u32,
+    pub last_error: Option<String>,
+    pub last_heartbeat: Option<Instant>,
+    pub gpus: Vec<GpuInfo>,
+    /// Pools this manager reported at its last good poll.
+    pub pools: BTreeSet<String>,
+}
+
+impl Manager {
+    fn new(url: String, registered: bool) -> Self {
+        Self {
+            url,
+            node_id: None,
+            registered,
+            availability: Availability::Unknown,
+            consecutive_ok: 0,
+            consecutive_fail: 0,
+            last_error: None,
+            last_heartbeat: None,
+            gpus: Vec::new(),
+            pools: BTreeSet::new(),
+        }
+    }
+}
+
+/// The poll set, shared with the node-registration endpoints.
+pub struct Managers {
+    inner: RwLock<BTreeMap<String, Manager>>,
+    /// Wakes the poller at once (a node registered).
+    pub poll_now: tokio::sync::Notify,
+}
+
+impl Managers {
+    pub fn new(urls: &[String]) -> Self {
+        let inner = urls
+            .iter()
+            .map(|u| (u.clone(), Manager::new(u.clone(), false)))
+            .collect();
+        Self {
+            inner: RwLock::new(inner),
+            poll_now: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn list(&self) -> Vec<Manager> {
+        self.inner.read().values().cloned().collect()
+    }
+
+    /// Adds (or refreshes) a registered node.
+    pub fn register(&self, node_id: &str, url: &str, gpus: Vec<GpuInfo>) {
+        let mut m = self.inner.write();
+        // A node that re-registers from a new address replaces its old entry.
+        let stale: Vec<String> = m
+            .values()
+            .filter(|x| x.registered && x.node_id.as_deref() == Some(node_id) && x.url != url)
+            .map(|x| x.url.clone())
+            .collect();
+        for s in stale {
+            m.remove(&s);
+        }
+        let e = m
+            .entry(url.to_string())
+            .or_insert_with(|| Manager::new(url.to_string(), true));
+        e.registered = true;
+        e.node_id = Some(node_id.to_string());
+        e.gpus = gpus;
+        e.last_heartbeat = Some(Instant::now());
+        drop(m);
+        self.poll_now.notify_one();
+    }
+
+    /// Returns false for an unknown node (it should register again).
+    pub fn heartbeat(&self, node_id: &str) -> bool {
+        let mut m = self.inner.write();
+        match m
+            .values_mut()
+            .find(|x| x.node_id.as_deref() == Some(node_id))
+        {
+            Some(e) => {
+                e.last_heartbeat = Some(Instant::now());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes a registered node; returns its pools.
+    pub fn deregister(&self, node_id: &str) -> Option<BTreeSet<String>> {
+        let mut m = self.inner.write();
+        let url = m
+            .values()
+            .find(|x| x.registered && x.node_id.as_deref() == Some(node_id))?
+            .url
+            .clone();
+        m.remove(&url).map(|x| x.pools)
+    }
+
+    /// The manager that owns `pool_id`, if any.
+    pub fn owner_of(&self, pool_id: &str) -> Option<String> {
+        self.inner
+            .read()
+            .values()
+            .find(|m| m.pools.contains(pool_id))
+            .map(|m| m.url.clone())
+    }
+}
+
+pub struct CloudSource {
+    pub managers: Arc<Managers>,
+    pub pools: Arc<PoolTable>,
+    pub http: reqwest::Client,
+    pub token: auth_min::Token,
+    pub interval: Duration,
+    pub recovery: u32,
+    pub heartbeat_timeout: Duration,
+}
+
+enum PollResult {
+    Ok(PoolsResponse),
+    Failed(String),
+}
+
+impl CloudSource {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+                _ = self.managers.poll_now.notified() => {}
+            }
+            self.poll_all().await;
+        }
+    }
+
+    async fn poll_all(&self) {
+        let urls: Vec<String> = self.managers.list().into_iter().map(|m| m.url).collect();
+        let results = join_all(urls.iter().map(|u| self.poll(u))).await;
+        for (url, result) in urls.iter().zip(results) {
+            self.apply(url, result);
+        }
+    }
+
+    async fn poll(&self, url: &str) -> PollResult {
+        // The timeout stays inside the interval, so a silent manager is judged by the next tick.
+        let timeout = self.interval.mul_f64(0.8);
+        let resp = self
+            .http
+            .get(format!("{url}/v2/pools"))
+            .bearer_auth(self.token.expose())
+            .timeout(timeout)
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED => {
+                PollResult::Failed("pool-managerd refused our token (401): tokens differ".into())
+            }
+            Ok(r) if !r.status().is_success() => {
+                PollResult::Failed(format!("pool-managerd answered {}", r.status()))
+            }
+            Ok(r) => match r.json::<PoolsResponse>().await {
+                Ok(p) => PollResult::Ok(p),
+                Err(e) => PollResult::Failed(format!("unreadable pool list: {e}")),
+            },
+            Err(e) if e.is_timeout() => {
+                PollResult::Failed(format!("no answer within {} ms", timeout.as_millis()))
+            }
+            Err(e) => {
+                PollResult::Failed(format!("unreachable: {}", llamacpp_client::error_chain(&e)))
+            }
+        }
+    }
+
+    fn apply(&self, url: &str, result: PollResult) {
+        let mut managers = self.managers.inner.write();
+        let Some(m) = managers.get_mut(url) else {
+            return;
+        };
+        let heartbeat_missed = m.registered
+            && m.last_heartbeat
+                .is_none_or(|h| h.elapsed() > self.heartbeat_timeout);
+        let result = match result {
+            PollResult::Ok(_) if heartbeat_missed => {
+                PollResult::Failed("node missed its heartbeats".into())
+            }
+            other => other,
+        };
+        match result {
+            PollResult::Ok(resp) => {
+                m.consecutive_ok += 1;
+                m.consecutive_fail = 0;
+                m.last_error = None;
+                m.node_id = Some(resp.node_id.clone());
+                let usable = match m.availability {
+                    Availability::Available | Availability::Unknown => true,
+                    Availability::Unavailable => m.consecutive_ok >= self.recovery,
+                };
+                if usable && m.availability != Availability::Available {
+                    tracing::info!(manager = %url, node_id = %resp.node_id, "pool-managerd available");
+                    m.availability = Availability::Available;
+                }
+                let listed: BTreeSet<String> =
+                    resp.pools.iter().map(|p| p.pool_id.clone()).collect();
+                for gone in m.pools.difference(&listed) {
+                    self.pools.remove(gone);
+                }
+                let mut owned = BTreeSet::new();
+                for p in resp.pools {
+                    if let Some(existing) = self.pools.get(&p.pool_id) {
+                        if existing.manager.as_deref() != Some(url) {
+                            tracing::warn!(pool_id = %p.pool_id, manager = %url, "pool id already served by another pool-managerd; ignoring this one");
+                            continue;
+                        }
+                    }
+                    owned.insert(p.pool_id.clone());
+                    self.pools.upsert(PoolEntry {
+                        url: format!("{url}/v2/pools/{}/engine", p.pool_id),
+                        manager: Some(url.to_string()),
+                        healthy: usable && p.ready,
+                        draining: p.draining,
+                        last_error: p.last_error.clone(),
+                        model_id: p.model_id,
+                        slots_total: p.slots_total,
+                        ctx_max: p.ctx_max,
+                        engine: p.engine,
+                        engine_version: p.engine_version,
+                        node_id: Some(p.node_id),
+                        device_mask: p.device_mask,
+                        in_flight: 0,
+                        lost: Default::default(),
+                        pool_id: p.pool_id,
+                    });
+                }
+                m.pools = owned;
+                m.gpus = resp.gpus;
+            }
+            PollResult::Failed(error) => {
+                m.consecutive_ok = 0;
+                m.consecutive_fail += 1;
+                if m.availability != Availability::Unavailable {
+                    tracing::warn!(manager = %url, %error, "pool-managerd unavailable; its pools are not used");
+                }
+                m.availability = Availability::Unavailable;
+                for pool in &m.pools {
+                    self.pools
+                        .mark_lost(pool, format!("pool-managerd {url}: {error}"));
+                }
+                m.last_error = Some(error);
+            }
+        }
+    }
+}

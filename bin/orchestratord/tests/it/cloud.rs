@@ -1,0 +1,421 @@
+//! CLOUD profile on loopback: orchestratord polls (or is registered by) separate pool-managerd
+//! processes, each with its own runtime directory and real engines, and reaches engines only
+//! through the authenticated pool-managerd proxy.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+struct Node {
+    child: tokio::process::Child,
+    url: String,
+    runtime_dir: PathBuf,
+}
+
+fn pool_toml_model(id: &str, model_id: &str, slots: u32) -> String {
+    pool_toml(id, slots, 2048).replace("model_id = \"tiny\"", &format!("model_id = \"{model_id}\""))
+}
+
+fn start_node(dir: &std::path::Path, name: &str, pools: &str, extra: &[(&str, String)]) -> Node {
+    let home = dir.join(name);
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("pools.toml"), pools).unwrap();
+    let port = free_port();
+    let runtime_dir = home.join("run");
+    let mut env = vec![
+        ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}")),
+        (
+            "POOL_MANAGERD_CONFIG",
+            home.join("pools.toml").display().to_string(),
+        ),
+        (
+            "POOL_MANAGERD_RUNTIME_DIR",
+            runtime_dir.display().to_string(),
+        ),
+        (
+            "POOL_MANAGERD_ENGINE_BINARY",
+            engine_binary().display().to_string(),
+        ),
+        ("POOL_MANAGERD_NODE_ID", name.to_string()),
+        ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
+        ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
+    ];
+    env.extend(extra.iter().cloned());
+    let child = spawn(
+        &workspace_binary("pool-managerd"),
+        &env,
+        &home.join("pool-managerd.log"),
+    );
+    Node {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        runtime_dir,
+    }
+}
+
+struct Cloud {
+    orch: tokio::process::Child,
+    base: String,
+    http: reqwest::Client,
+    dir: tempfile::TempDir,
+}
+
+fn start_orchestratord(dir: tempfile::TempDir, extra: &[(&str, String)]) -> Cloud {
+    let port = free_port();
+    let mut env = vec![
+        ("ORCHD_PROFILE", "cloud".to_string()),
+        ("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}")),
+        ("ORCHD_POOL_POLL_INTERVAL_MS", "1000".into()),
+        // Deliberately pointed at nothing real: the cloud profile must not read it.
+        (
+            "ORCHD_RUNTIME_DIR",
+            dir.path().join("must-not-be-used").display().to_string(),
+        ),
+    ];
+    env.extend(extra.iter().cloned());
+    let orch = spawn(
+        &workspace_binary("orchestratord"),
+        &env,
+        &dir.path().join("orchestratord.log"),
+    );
+    Cloud {
+        orch,
+        base: format!("http://127.0.0.1:{port}"),
+        http: authed_client(TOKEN),
+        dir,
+    }
+}
+
+impl Cloud {
+    async fn pools(&self) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = match self
+            .http
+            .get(format!("{}/v2/pools", self.base))
+            .send()
+            .await
+        {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => return Vec::new(),
+        };
+        v["pools"].as_array().cloned().unwrap_or_default()
+    }
+
+    async fn wait_ready(&self, ids: &[&str]) {
+        wait_for(
+            &format!("pools {ids:?} ready in orchestratord"),
+            Duration::from_secs(40),
+            || async {
+                let pools = self.pools().await;
+                ids.iter()
+                    .all(|id| {
+                        pools
+                            .iter()
+                            .any(|p| p["pool_id"] == *id && p["healthy"] == true)
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    async fn submit(&self, body: serde_json::Value) -> String {
+        let r = self
+            .http
+            .post(format!("{}/v2/tasks", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+        r.json::<serde_json::Value>().await.unwrap()["task_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn finish(&self, id: &str) -> serde_json::Value {
+        wait_for(
+            &format!("task {id} done"),
+            Duration::from_secs(30),
+            || async {
+                let v: serde_json::Value = self
+                    .http
+                    .get(format!("{}/v2/tasks/{id}", self.base))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                v["finished_at_ms"].is_u64().then_some(v)
+            },
+        )
+        .await
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("orchestratord.log")).unwrap_or_default()
+    }
+}
+
+/// Paths orchestratord holds open right now.
+fn open_paths(pid: u32) -> Vec<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_node(dir.path(), "node-a", &pool_toml("a0", 2, 2048), &[]);
+    let c = start_node(
+        dir.path(),
+        "node-c",
+        &format!(
+            "{}{}",
+            pool_toml("c0", 2, 2048),
+            pool_toml_model("c-only", "tiny-c", 1)
+        ),
+        &[],
+    );
+    let cloud = start_orchestratord(
+        dir,
+        &[("ORCHD_POOL_MANAGERS", format!("{},{}", a.url, c.url))],
+    );
+    cloud.wait_ready(&["a0", "c0", "c-only"]).await;
+    let pid = cloud.orch.id().unwrap();
+
+    let mut ids = Vec::new();
+    for k in 0..8 {
+        ids.push(cloud.submit(task(&format!("burst {k}"), 300)).await);
+    }
+    let only_c = cloud
+        .submit(serde_json::json!({"model_ref": "tiny-c", "prompt": "x", "max_tokens": 5}))
+        .await;
+    let mut used = std::collections::BTreeSet::new();
+    for id in &ids {
+        // While tasks run, orchestratord holds no file under any node's runtime dir.
+        for path in open_paths(pid) {
+            assert!(
+                !path.starts_with(&a.runtime_dir) && !path.starts_with(&c.runtime_dir),
+                "{path:?}"
+            );
+        }
+        let st = cloud.finish(id).await;
+        assert_eq!(st["state"], "completed", "{st}");
+        assert_eq!(st["tokens_out"], 300);
+        used.insert(st["pool_id"].as_str().unwrap().to_string());
+    }
+    assert!(
+        used.contains("a0") && used.contains("c0"),
+        "burst did not use both nodes: {used:?}"
+    );
+    let st = cloud.finish(&only_c).await;
+    assert_eq!(st["pool_id"], "c-only");
+    assert!(
+        !cloud.log().contains("handoff"),
+        "cloud profile touched handoff files:\n{}",
+        cloud.log()
+    );
+    assert!(
+        !cloud.dir.path().join("must-not-be-used").exists(),
+        "cloud profile created the runtime dir"
+    );
+    drop((a, c));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_is_unavailable_within_two_poll_intervals_and_work_moves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = start_node(dir.path(), "node-a", &pool_toml("a0", 1, 8192), &[]);
+    let b = start_node(dir.path(), "node-b", &pool_toml("b0", 1, 8192), &[]);
+    let cloud = start_orchestratord(
+        dir,
+        &[("ORCHD_POOL_MANAGERS", format!("{},{}", a.url, b.url))],
+    );
+    cloud.wait_ready(&["a0", "b0"]).await;
+    // A long task on node a (pinned), streaming when the node dies.
+    let pinned = cloud
+        .submit(
+            serde_json::json!({"model_ref": "tiny", "prompt": "the", "max_tokens": 8000,
+            "placement": {"mode": "pin", "pin_pool_id": "a0"}}),
+        )
+        .await;
+    wait_for("pinned task streaming", Duration::from_secs(10), || async {
+        let v: serde_json::Value = cloud
+            .http
+            .get(format!("{}/v2/tasks/{pinned}", cloud.base))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (v["tokens_out"].as_u64().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    let killed = Instant::now();
+    a.child.start_kill().unwrap();
+    wait_for(
+        "node a's pool unavailable",
+        Duration::from_millis(2500),
+        || async {
+            let pools = cloud.pools().await;
+            pools
+                .iter()
+                .any(|p| p["pool_id"] == "a0" && p["healthy"] == false)
+                .then_some(())
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_millis(2500), "took {took:?}");
+    let st = cloud.finish(&pinned).await;
+    assert_eq!(st["error"]["code"], "WORKER_RESET", "{st}");
+    // New work goes to the surviving node.
+    let id = cloud.submit(task("after the loss", 10)).await;
+    assert_eq!(cloud.finish(&id).await["pool_id"], "b0");
+    let nodes: serde_json::Value = cloud
+        .http
+        .get(format!("{}/v2/nodes", cloud.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let a_node = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["address"] == a.url.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(a_node["online"], false);
+    assert!(
+        a_node["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{a_node}"
+    );
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_managerd_with_another_token_is_refused_and_never_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = start_node(dir.path(), "good", &pool_toml("g0", 1, 2048), &[]);
+    let rogue = start_node(
+        dir.path(),
+        "rogue",
+        &pool_toml("r0", 4, 2048),
+        &[("LLORCH_API_TOKEN", "a-different-token-9876543210".into())],
+    );
+    let cloud = start_orchestratord(
+        dir,
+        &[("ORCHD_POOL_MANAGERS", format!("{},{}", good.url, rogue.url))],
+    );
+    cloud.wait_ready(&["g0"]).await;
+    for k in 0..4 {
+        let id = cloud.submit(task(&format!("t{k}"), 5)).await;
+        assert_eq!(cloud.finish(&id).await["pool_id"], "g0");
+    }
+    assert!(
+        cloud.pools().await.iter().all(|p| p["pool_id"] != "r0"),
+        "rogue pool was bound"
+    );
+    let nodes: serde_json::Value = cloud
+        .http
+        .get(format!("{}/v2/nodes", cloud.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["address"] == rogue.url.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(r["online"], false);
+    assert!(r["last_error"].as_str().unwrap().contains("401"), "{r}");
+    assert!(!cloud.log().contains(TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_register_heartbeat_serve_and_deregister_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = start_orchestratord(dir, &[("ORCHD_NODE_REGISTRATION", "true".into())]);
+    wait_http_ok(
+        "orchestratord health",
+        &format!("{}/health", cloud.base),
+        Duration::from_secs(20),
+    )
+    .await;
+
+    // Registration with the wrong token is refused.
+    let wrong = authed_client("wrong-token-0000000000000000")
+        .post(format!("{}/v2/nodes/register", cloud.base))
+        .json(&serde_json::json!({"node_id": "x", "address": "http://127.0.0.1:1", "gpus": [], "pools": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    let node = start_node(
+        cloud.dir.path(),
+        "node-r",
+        &pool_toml("r0", 1, 2048),
+        &[
+            ("POOL_MANAGERD_ORCHESTRATORD_URL", cloud.base.clone()),
+            ("POOL_MANAGERD_HEARTBEAT_INTERVAL_MS", "300".into()),
+        ],
+    );
+    cloud.wait_ready(&["r0"]).await;
+    let nodes: serde_json::Value = cloud
+        .http
+        .get(format!("{}/v2/nodes", cloud.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let n = &nodes["nodes"][0];
+    assert_eq!(n["node_id"], "node-r");
+    assert_eq!(n["registered"], true);
+    assert_eq!(n["address"], node.url.as_str());
+    assert!(n["last_heartbeat_ms_ago"].as_u64().unwrap() < 5000);
+    let id = cloud.submit(task("registered", 8)).await;
+    assert_eq!(cloud.finish(&id).await["state"], "completed");
+
+    let pid = node.child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    wait_for("node deregistered", Duration::from_secs(10), || async {
+        let v: serde_json::Value = cloud
+            .http
+            .get(format!("{}/v2/nodes", cloud.base))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        v["nodes"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    assert!(cloud.pools().await.is_empty());
+}
