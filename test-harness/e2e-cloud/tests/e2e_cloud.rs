@@ -1,0 +1,312 @@
+//! CLOUD profile end to end, across network namespaces: orchestratord in one, pool-managerd
+//! "GPU nodes" in others, each node with its own runtime directory and real engines. The test
+//! reaches orchestratord over its own link; nothing crosses but authenticated HTTP.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use llorch_e2e_cloud::*;
+
+fn pools_toml(pools: &[(&str, &str, u32)]) -> String {
+    let model = tiny_model();
+    pools
+        .iter()
+        .map(|(id, model_id, slots)| {
+            format!(
+                "[[pools]]\nid = \"{id}\"\nmodel = \"{}\"\nmodel_id = \"{model_id}\"\nslots = {slots}\nctx = 4096\nargs = [\"--threads\", \"1\"]\n",
+                model.display()
+            )
+        })
+        .collect()
+}
+
+struct Cluster {
+    net: Net,
+    orch: Host,
+    nodes: Vec<Host>,
+    orch_idx: usize,
+    node_idx: Vec<usize>,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    /// orchestratord (cloud, polling every node) plus one pool-managerd per `nodes` entry.
+    async fn start(
+        nodes: &[(&[(&str, &str, u32)], Option<&str>)],
+        orch_env: &[(&str, String)],
+    ) -> Cluster {
+        let mut net = Net::new();
+        let orch = net.orchestrator_host();
+        let hosts: Vec<Host> = (1..=nodes.len() as u32)
+            .map(|n| net.node_host(&orch, n))
+            .collect();
+        let managers: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("http://{}:9200", h.addr))
+            .collect();
+        let mut env = vec![
+            ("ORCHD_PROFILE", "cloud".to_string()),
+            ("ORCHD_BIND_ADDR", "0.0.0.0:8080".into()),
+            ("ORCHD_POOL_MANAGERS", managers.join(",")),
+            ("ORCHD_POOL_POLL_INTERVAL_MS", "1000".into()),
+        ];
+        env.extend(orch_env.iter().cloned());
+        let orch_idx = net.spawn_in(
+            &orch.ns,
+            &workspace_binary("orchestratord"),
+            &env,
+            &net.path("orchestratord.log"),
+        );
+        let mut node_idx = Vec::new();
+        for (i, ((pools, token), host)) in nodes.iter().zip(&hosts).enumerate() {
+            node_idx.push(start_node(&mut net, host, i, pools, *token));
+        }
+        let base = format!("http://{}:8080", orch.addr);
+        wait_http_ok(
+            "orchestratord across the link",
+            &format!("{base}/health"),
+            Duration::from_secs(20),
+        )
+        .await;
+        Cluster {
+            net,
+            orch,
+            nodes: hosts,
+            orch_idx,
+            node_idx,
+            base,
+            http: authed_client(TOKEN),
+        }
+    }
+
+    async fn pools(&self) -> Vec<serde_json::Value> {
+        let Ok(r) = self
+            .http
+            .get(format!("{}/v2/pools", self.base))
+            .send()
+            .await
+        else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = r.json().await.unwrap_or_default();
+        v["pools"].as_array().cloned().unwrap_or_default()
+    }
+
+    async fn healthy(&self, id: &str) -> Option<bool> {
+        self.pools()
+            .await
+            .iter()
+            .find(|p| p["pool_id"] == id)
+            .map(|p| p["healthy"] == true)
+    }
+
+    async fn wait_healthy(&self, id: &str, want: bool, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        wait_for(&format!("pool {id} healthy={want}"), within, || async {
+            (self.healthy(id).await == Some(want)).then_some(())
+        })
+        .await;
+        t0.elapsed()
+    }
+
+    async fn submit(&self, body: serde_json::Value) -> String {
+        let r = self
+            .http
+            .post(format!("{}/v2/tasks", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+        r.json::<serde_json::Value>().await.unwrap()["task_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn finish(&self, id: &str, within: Duration) -> serde_json::Value {
+        wait_for(&format!("task {id} finished"), within, || async {
+            let v: serde_json::Value = self
+                .http
+                .get(format!("{}/v2/tasks/{id}", self.base))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            v["finished_at_ms"].is_u64().then_some(v)
+        })
+        .await
+    }
+
+    fn node_runtime(&self, i: usize) -> std::path::PathBuf {
+        self.net.path(&format!("node{i}-run"))
+    }
+}
+
+fn start_node(
+    net: &mut Net,
+    host: &Host,
+    i: usize,
+    pools: &[(&str, &str, u32)],
+    token: Option<&str>,
+) -> usize {
+    std::fs::write(net.path(&format!("node{i}.toml")), pools_toml(pools)).unwrap();
+    let mut env = vec![
+        ("POOL_MANAGERD_BIND_ADDR", format!("{}:9200", host.addr)),
+        (
+            "POOL_MANAGERD_CONFIG",
+            net.path(&format!("node{i}.toml")).display().to_string(),
+        ),
+        (
+            "POOL_MANAGERD_RUNTIME_DIR",
+            net.path(&format!("node{i}-run")).display().to_string(),
+        ),
+        (
+            "POOL_MANAGERD_ENGINE_BINARY",
+            engine_binary().display().to_string(),
+        ),
+        ("POOL_MANAGERD_NODE_ID", format!("node{i}")),
+        ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
+        ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
+    ];
+    if let Some(t) = token {
+        env.push(("LLORCH_API_TOKEN", t.to_string()));
+    }
+    net.spawn_in(
+        &host.ns,
+        &workspace_binary("pool-managerd"),
+        &env,
+        &net.path(&format!("node{i}.log")),
+    )
+}
+
+fn task(prompt: &str, max_tokens: u32) -> serde_json::Value {
+    serde_json::json!({"model_ref": "tiny", "prompt": prompt, "max_tokens": max_tokens})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_handoff_is_seen_within_two_seconds_and_tasks_route_across_nodes() {
+    let c = Cluster::start(
+        &[
+            (&[("a0", "tiny", 2)], None),
+            (&[("b0", "tiny", 2), ("b-only", "tiny-b", 1)], None),
+        ],
+        &[],
+    )
+    .await;
+    // Node b's engine becomes ready when its handoff file appears; orchestratord must see it
+    // within 2 s of that, over HTTP only.
+    let handoff = c.node_runtime(1).join("b0.json");
+    wait_for(
+        "engine ready on node b",
+        Duration::from_secs(40),
+        || async { handoff.exists().then_some(()) },
+    )
+    .await;
+    let seen = c.wait_healthy("b0", true, Duration::from_secs(2)).await;
+    assert!(seen <= Duration::from_secs(2), "{seen:?}");
+    c.wait_healthy("a0", true, Duration::from_secs(40)).await;
+    c.wait_healthy("b-only", true, Duration::from_secs(40))
+        .await;
+
+    let mut ids = Vec::new();
+    for k in 0..8 {
+        ids.push(c.submit(task(&format!("burst {k}"), 400)).await);
+    }
+    let only_b = c
+        .submit(serde_json::json!({"model_ref": "tiny-b", "prompt": "x", "max_tokens": 5}))
+        .await;
+    let mut used = std::collections::BTreeSet::new();
+    for id in &ids {
+        let st = c.finish(id, Duration::from_secs(30)).await;
+        assert_eq!(st["state"], "completed", "{st}");
+        used.insert(st["pool_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(used.len(), 2, "burst used {used:?}");
+    assert_eq!(
+        c.finish(&only_b, Duration::from_secs(30)).await["pool_id"],
+        "b-only"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_and_partitioned_node_become_unavailable_and_the_partition_recovers() {
+    let mut c = Cluster::start(
+        &[(&[("a0", "tiny", 1)], None), (&[("b0", "tiny", 1)], None)],
+        &[],
+    )
+    .await;
+    c.wait_healthy("a0", true, Duration::from_secs(40)).await;
+    c.wait_healthy("b0", true, Duration::from_secs(40)).await;
+
+    // Kill pool-managerd on node a: unavailable within 2.5 s at a 1 s poll interval.
+    let a = c.node_idx[0];
+    c.net.children[a].start_kill().unwrap();
+    let took = c
+        .wait_healthy("a0", false, Duration::from_millis(2500))
+        .await;
+    assert!(took <= Duration::from_millis(2500), "{took:?}");
+    let id = c.submit(task("to the survivor", 10)).await;
+    assert_eq!(
+        c.finish(&id, Duration::from_secs(20)).await["pool_id"],
+        "b0"
+    );
+
+    // Partition node b (link down): its polls time out, it becomes unavailable.
+    c.net.set_link(&c.orch, &c.nodes[1], false);
+    let took = c
+        .wait_healthy("b0", false, Duration::from_millis(2500))
+        .await;
+    assert!(took <= Duration::from_millis(2500), "{took:?}");
+    // No pool now: the task waits in the queue …
+    let waiting = c.submit(task("waits for the link", 10)).await;
+    // … and runs once the link is back and b had its good polls.
+    c.net.set_link(&c.orch, &c.nodes[1], true);
+    c.wait_healthy("b0", true, Duration::from_secs(10)).await;
+    let st = c.finish(&waiting, Duration::from_secs(20)).await;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(st["pool_id"], "b0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_across_the_wire() {
+    let c = Cluster::start(
+        &[
+            (&[("good0", "tiny", 1)], None),
+            (&[("rogue0", "tiny", 4)], Some("another-token-000000000000")),
+        ],
+        &[("ORCHD_NODE_REGISTRATION", "true".into())],
+    )
+    .await;
+    c.wait_healthy("good0", true, Duration::from_secs(40)).await;
+    for k in 0..3 {
+        let id = c.submit(task(&format!("t{k}"), 5)).await;
+        assert_eq!(
+            c.finish(&id, Duration::from_secs(20)).await["pool_id"],
+            "good0"
+        );
+    }
+    assert!(
+        c.pools().await.iter().all(|p| p["pool_id"] != "rogue0"),
+        "pool of a node with another token was used"
+    );
+    let wrong = authed_client("wrong-token-0000000000000000")
+        .post(format!("{}/v2/nodes/register", c.base))
+        .json(&serde_json::json!({"node_id": "intruder", "address": "http://10.0.0.1:9200", "gpus": [], "pools": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let anon = reqwest::Client::new()
+        .get(format!("{}/v2/pools", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anon.status(), 401);
+    let log = std::fs::read_to_string(c.net.path("orchestratord.log")).unwrap();
+    assert!(!log.contains(TOKEN), "token in orchestratord's log");
+    let _ = c.orch_idx;
+}
