@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use llorch_e2e_cloud::*;
 
-fn pools_toml(pools: &[(&str, &str, u32)]) -> String {
+fn pools_toml(pools: &[PoolSpec<'_>]) -> String {
     let model = tiny_model();
     pools
         .iter()
@@ -19,6 +19,11 @@ fn pools_toml(pools: &[(&str, &str, u32)]) -> String {
         })
         .collect()
 }
+
+/// A pool on a node: (pool id, model id, slots).
+type PoolSpec<'a> = (&'a str, &'a str, u32);
+/// A node: its pools, and a token of its own (None: the cluster's).
+type NodeSpec<'a> = (&'a [PoolSpec<'a>], Option<&'a str>);
 
 struct Cluster {
     net: Net,
@@ -32,10 +37,7 @@ struct Cluster {
 
 impl Cluster {
     /// orchestratord (cloud, polling every node) plus one pool-managerd per `nodes` entry.
-    async fn start(
-        nodes: &[(&[(&str, &str, u32)], Option<&str>)],
-        orch_env: &[(&str, String)],
-    ) -> Cluster {
+    async fn start(nodes: &[NodeSpec<'_>], orch_env: &[(&str, String)]) -> Cluster {
         let mut net = Net::new();
         let orch = net.orchestrator_host();
         let hosts: Vec<Host> = (1..=nodes.len() as u32)
@@ -150,7 +152,7 @@ fn start_node(
     net: &mut Net,
     host: &Host,
     i: usize,
-    pools: &[(&str, &str, u32)],
+    pools: &[PoolSpec<'_>],
     token: Option<&str>,
 ) -> usize {
     std::fs::write(net.path(&format!("node{i}.toml")), pools_toml(pools)).unwrap();
