@@ -8,20 +8,20 @@ use std::time::{Duration, Instant};
 use llorch_e2e_cloud::*;
 
 fn pools_toml(pools: &[PoolSpec<'_>]) -> String {
-    let model = tiny_model();
     pools
         .iter()
-        .map(|(id, model_id, slots)| {
+        .map(|(id, model_id, slots, ctx)| {
+            let model = if *model_id == "tiny-slow" { slow_model() } else { tiny_model() };
             format!(
-                "[[pools]]\nid = \"{id}\"\nmodel = \"{}\"\nmodel_id = \"{model_id}\"\nslots = {slots}\nctx = 4096\nargs = [\"--threads\", \"1\"]\n",
+                "[[pools]]\nid = \"{id}\"\nmodel = \"{}\"\nmodel_id = \"{model_id}\"\nslots = {slots}\nctx = {ctx}\nargs = [\"--threads\", \"1\"]\n",
                 model.display()
             )
         })
         .collect()
 }
 
-/// A pool on a node: (pool id, model id, slots).
-type PoolSpec<'a> = (&'a str, &'a str, u32);
+/// A pool on a node: (pool id, model id, slots, ctx).
+type PoolSpec<'a> = (&'a str, &'a str, u32, u32);
 /// A node: its pools, and a token of its own (None: the cluster's).
 type NodeSpec<'a> = (&'a [PoolSpec<'a>], Option<&'a str>);
 
@@ -30,6 +30,7 @@ struct Cluster {
     orch: Host,
     nodes: Vec<Host>,
     orch_idx: usize,
+    orch_env: Vec<(&'static str, String)>,
     node_idx: Vec<usize>,
     base: String,
     http: reqwest::Client,
@@ -37,7 +38,7 @@ struct Cluster {
 
 impl Cluster {
     /// orchestratord (cloud, polling every node) plus one pool-managerd per `nodes` entry.
-    async fn start(nodes: &[NodeSpec<'_>], orch_env: &[(&str, String)]) -> Cluster {
+    async fn start(nodes: &[NodeSpec<'_>], orch_env: &[(&'static str, String)]) -> Cluster {
         let mut net = Net::new();
         let orch = net.orchestrator_host();
         let hosts: Vec<Host> = (1..=nodes.len() as u32)
@@ -60,6 +61,7 @@ impl Cluster {
             &env,
             &net.path("orchestratord.log"),
         );
+        let orch_env = env;
         let mut node_idx = Vec::new();
         for (i, ((pools, token), host)) in nodes.iter().zip(&hosts).enumerate() {
             node_idx.push(start_node(&mut net, host, i, pools, *token));
@@ -76,6 +78,7 @@ impl Cluster {
             orch,
             nodes: hosts,
             orch_idx,
+            orch_env,
             node_idx,
             base,
             http: authed_client(TOKEN),
@@ -143,6 +146,37 @@ impl Cluster {
         .await
     }
 
+    /// Kills orchestratord (SIGKILL: no goodbye to anyone) and starts a fresh one.
+    async fn restart_orchestratord(&mut self) {
+        self.net.children[self.orch_idx].start_kill().unwrap();
+        let _ = self.net.children[self.orch_idx].wait().await;
+        self.orch_idx = self.net.spawn_in(
+            &self.orch.ns,
+            &workspace_binary("orchestratord"),
+            &self.orch_env,
+            &self.net.path("orchestratord-2.log"),
+        );
+        wait_http_ok(
+            "restarted orchestratord",
+            &format!("{}/health", self.base),
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+
+    /// Free slots of a pool as its own pool-managerd reports them (asked inside the node).
+    fn node_slots_free(&self, node: usize, pool: &str) -> Option<u64> {
+        let host = &self.nodes[node];
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &host.ns, "curl", "-sf", "-H"])
+            .arg(format!("Authorization: Bearer {TOKEN}"))
+            .arg(format!("http://{}:9200/v2/pools/{pool}/status", host.addr))
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["slots_free"].as_u64()
+    }
+
     fn node_runtime(&self, i: usize) -> std::path::PathBuf {
         self.net.path(&format!("node{i}-run"))
     }
@@ -193,8 +227,11 @@ fn task(prompt: &str, max_tokens: u32) -> serde_json::Value {
 async fn distributed_handoff_is_seen_within_two_seconds_and_tasks_route_across_nodes() {
     let c = Cluster::start(
         &[
-            (&[("a0", "tiny", 2)], None),
-            (&[("b0", "tiny", 2), ("b-only", "tiny-b", 1)], None),
+            (&[("a0", "tiny", 2, 4096)], None),
+            (
+                &[("b0", "tiny", 2, 4096), ("b-only", "tiny-b", 1, 4096)],
+                None,
+            ),
         ],
         &[],
     )
@@ -237,7 +274,10 @@ async fn distributed_handoff_is_seen_within_two_seconds_and_tasks_route_across_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_and_partitioned_node_become_unavailable_and_the_partition_recovers() {
     let mut c = Cluster::start(
-        &[(&[("a0", "tiny", 1)], None), (&[("b0", "tiny", 1)], None)],
+        &[
+            (&[("a0", "tiny", 1, 4096)], None),
+            (&[("b0", "tiny", 1, 4096)], None),
+        ],
         &[],
     )
     .await;
@@ -277,8 +317,11 @@ async fn killed_node_and_partitioned_node_become_unavailable_and_the_partition_r
 async fn tokens_are_checked_across_the_wire() {
     let c = Cluster::start(
         &[
-            (&[("good0", "tiny", 1)], None),
-            (&[("rogue0", "tiny", 4)], Some("another-token-000000000000")),
+            (&[("good0", "tiny", 1, 4096)], None),
+            (
+                &[("rogue0", "tiny", 4, 4096)],
+                Some("another-token-000000000000"),
+            ),
         ],
         &[("ORCHD_NODE_REGISTRATION", "true".into())],
     )
@@ -311,4 +354,44 @@ async fn tokens_are_checked_across_the_wire() {
     let log = std::fs::read_to_string(c.net.path("orchestratord.log")).unwrap();
     assert!(!log.contains(TOKEN), "token in orchestratord's log");
     let _ = c.orch_idx;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_orchestratord_runs_a_resubmitted_task_once() {
+    let mut c = Cluster::start(&[(&[("a0", "tiny-slow", 1, 4096)], None)], &[]).await;
+    c.wait_healthy("a0", true, Duration::from_secs(40)).await;
+    // Long enough (many seconds on the slow model) that only an abort frees the slot within
+    // the wait below.
+    let body = serde_json::json!({"task_id": "resubmit-1", "model_ref": "tiny-slow", "prompt": "the", "max_tokens": 2000});
+    c.submit(body.clone()).await;
+    wait_for(
+        "task streaming on node a",
+        Duration::from_secs(10),
+        || async { (c.node_slots_free(0, "a0") == Some(0)).then_some(()) },
+    )
+    .await;
+    c.restart_orchestratord().await;
+    // The old request died with the old orchestratord: the engine slot is free again, so the
+    // resubmission cannot run beside a leftover copy of itself. (Finishing on its own takes
+    // over 5 s on the slow model; an abort shows within one.)
+    wait_for(
+        "old request aborted on the engine",
+        Duration::from_secs(1),
+        || async { (c.node_slots_free(0, "a0") == Some(1)).then_some(()) },
+    )
+    .await;
+    c.wait_healthy("a0", true, Duration::from_secs(10)).await;
+    c.submit(body.clone()).await;
+    let again = c
+        .http
+        .post(format!("{}/v2/tasks", c.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 202, "a second resubmission is idempotent");
+    let st = c.finish("resubmit-1", Duration::from_secs(60)).await;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(st["attempts"], 1);
+    assert_eq!(st["tokens_out"], 2000);
 }

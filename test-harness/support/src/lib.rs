@@ -63,6 +63,28 @@ pub fn tiny_model() -> PathBuf {
         .clone()
 }
 
+/// A slower model (384-dim, 6 layers, ~43 MB): a few hundred tokens/s on one core, for tests
+/// that must tell "stopped early" from "finished".
+pub fn slow_model() -> PathBuf {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("llorch-it-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("slow.gguf");
+            let model = tiny_gguf::TinyModel {
+                n_embd: 384,
+                n_layer: 6,
+                n_head: 6,
+                n_ff: 1024,
+                ..tiny_gguf::TinyModel::with_seed(7)
+            };
+            std::fs::write(&path, tiny_gguf::build(&model)).unwrap();
+            path
+        })
+        .clone()
+}
+
 /// A second model file (other seed), for reloads.
 pub fn other_model(dir: &Path) -> PathBuf {
     let path = dir.join("tiny-other.gguf");
