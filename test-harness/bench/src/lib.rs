@@ -2,7 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
+use llamacpp_client::sse::SseParser;
 
 /// A free loopback port (the kernel picks it).
 pub fn free_port() -> anyhow::Result<u16> {
@@ -36,4 +37,74 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
+}
+
+pub struct Sample {
+    pub first_token_ms: f64,
+    pub tokens: u32,
+    pub decode_s: f64,
+}
+
+/// Reads an SSE response; `token_of` says how many tokens a frame carries.
+pub async fn read_stream(
+    mut resp: reqwest::Response,
+    t0: Instant,
+    token_of: impl Fn(&llamacpp_client::sse::SseFrame) -> (u32, bool),
+) -> anyhow::Result<Sample> {
+    let mut parser = SseParser::new();
+    let mut first: Option<Instant> = None;
+    let mut tokens = 0;
+    while let Some(chunk) = resp.chunk().await? {
+        for f in parser.push(&chunk) {
+            let (n, done) = token_of(&f);
+            if n > 0 && first.is_none() {
+                first = Some(Instant::now());
+            }
+            tokens += n;
+            if done {
+                let first = first.context("no token")?;
+                return Ok(Sample {
+                    first_token_ms: first.duration_since(t0).as_secs_f64() * 1000.0,
+                    tokens,
+                    decode_s: first.elapsed().as_secs_f64(),
+                });
+            }
+        }
+    }
+    bail!("stream ended early")
+}
+
+pub fn summary(name: &str, s: &[Sample]) -> (f64, f64) {
+    let mut ft: Vec<f64> = s.iter().map(|x| x.first_token_ms).collect();
+    ft.sort_by(|a, b| a.total_cmp(b));
+    let mut tps: Vec<f64> = s
+        .iter()
+        .map(|x| f64::from(x.tokens.saturating_sub(1)) / x.decode_s)
+        .collect();
+    tps.sort_by(|a, b| a.total_cmp(b));
+    let (ft_med, tps_med) = (ft[ft.len() / 2], tps[tps.len() / 2]);
+    println!("{name:>14}: first token median {ft_med:.2} ms (min {:.2}, max {:.2}); tokens/s median {tps_med:.0}", ft[0], ft[ft.len() - 1]);
+    (ft_med, tps_med)
+}
+
+
+/// Submits a task to orchestratord and reads its event stream to the end.
+pub async fn via_orchestratord(http: &reqwest::Client, base: &str, token: &str, body: &serde_json::Value) -> anyhow::Result<Sample> {
+    let t0 = Instant::now();
+    let admitted: serde_json::Value = http
+        .post(format!("{base}/v2/tasks"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let sse = admitted["streams"]["sse"].as_str().context("no sse url")?;
+    let resp = http.get(format!("{base}{sse}")).bearer_auth(token).send().await?;
+    read_stream(resp, t0, |f| match f.event.as_deref() {
+        Some("token") => (1, false),
+        Some("end") | Some("error") => (0, true),
+        _ => (0, false),
+    })
+    .await
 }

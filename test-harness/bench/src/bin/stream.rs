@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
-use llamacpp_client::sse::SseParser;
-use llorch_bench::{free_port, wait_ok};
+use llorch_bench::{free_port, read_stream, summary, wait_ok};
 use llorch_contracts::HandoffFile;
 
 #[derive(Parser)]
@@ -28,54 +27,6 @@ struct Args {
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
 const PROMPT: &str = "the river and the stone";
-
-struct Sample {
-    first_token_ms: f64,
-    tokens: u32,
-    decode_s: f64,
-}
-
-/// Reads an SSE response; `token_of` says how many tokens a frame carries.
-async fn read_stream(
-    mut resp: reqwest::Response,
-    t0: Instant,
-    token_of: impl Fn(&llamacpp_client::sse::SseFrame) -> (u32, bool),
-) -> anyhow::Result<Sample> {
-    let mut parser = SseParser::new();
-    let mut first: Option<Instant> = None;
-    let mut tokens = 0;
-    while let Some(chunk) = resp.chunk().await? {
-        for f in parser.push(&chunk) {
-            let (n, done) = token_of(&f);
-            if n > 0 && first.is_none() {
-                first = Some(Instant::now());
-            }
-            tokens += n;
-            if done {
-                let first = first.context("no token")?;
-                return Ok(Sample {
-                    first_token_ms: first.duration_since(t0).as_secs_f64() * 1000.0,
-                    tokens,
-                    decode_s: first.elapsed().as_secs_f64(),
-                });
-            }
-        }
-    }
-    bail!("stream ended early")
-}
-
-fn summary(name: &str, s: &[Sample]) -> (f64, f64) {
-    let mut ft: Vec<f64> = s.iter().map(|x| x.first_token_ms).collect();
-    ft.sort_by(|a, b| a.total_cmp(b));
-    let mut tps: Vec<f64> = s
-        .iter()
-        .map(|x| f64::from(x.tokens.saturating_sub(1)) / x.decode_s)
-        .collect();
-    tps.sort_by(|a, b| a.total_cmp(b));
-    let (ft_med, tps_med) = (ft[ft.len() / 2], tps[tps.len() / 2]);
-    println!("{name:>14}: first token median {ft_med:.2} ms (min {:.2}, max {:.2}); tokens/s median {tps_med:.0}", ft[0], ft[ft.len() - 1]);
-    (ft_med, tps_med)
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
