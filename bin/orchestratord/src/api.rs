@@ -238,7 +238,8 @@ async fn drain(
 ) -> Result<Response, ApiError> {
     forward(
         &orch,
-        &format!("/v2/pools/{id}/drain"),
+        &id,
+        "drain",
         serde_json::to_value(req).unwrap_or_default(),
     )
     .await
@@ -251,19 +252,31 @@ async fn reload(
 ) -> Result<Response, ApiError> {
     forward(
         &orch,
-        &format!("/v2/pools/{id}/reload"),
+        &id,
+        "reload",
         serde_json::to_value(req).unwrap_or_default(),
     )
     .await
 }
 
-/// Forwards a control request to pool-managerd and relays its answer (status and body).
+/// Forwards a control request to the pool-managerd that owns the pool (CLOUD) or the local one
+/// (HOME) and relays its answer (status and body).
 async fn forward(
     orch: &Orchestrator,
-    path: &str,
+    pool_id: &str,
+    action: &str,
     body: serde_json::Value,
 ) -> Result<Response, ApiError> {
-    let url = format!("{}{}", orch.config.pool_manager_url, path);
+    let manager = match orch.config.profile {
+        crate::config::Profile::Home => orch.config.pool_manager_url.clone(),
+        crate::config::Profile::Cloud => orch.managers.owner_of(pool_id).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no pool-managerd serves pool {pool_id:?}"),
+            )
+        })?,
+    };
+    let url = format!("{manager}/v2/pools/{pool_id}/{action}");
     // The same shared token authenticates us to pool-managerd; never logged.
     let mut rb = orch
         .control_http
@@ -274,9 +287,13 @@ async fn forward(
         rb = rb.bearer_auth(token.expose());
     }
     let resp = rb.send().await.map_err(|e| {
-        tracing::warn!(error = %e, "pool-managerd unreachable for control request");
-        ApiError::new(ErrorCode::PoolUnavailable, "pool-managerd is unreachable")
-            .with_retry_after(5000)
+        let cause = llamacpp_client::error_chain(&e);
+        tracing::warn!(%manager, error = %cause, "pool-managerd unreachable for control request");
+        ApiError::new(
+            ErrorCode::PoolUnavailable,
+            format!("pool-managerd {manager} is unreachable: {cause}"),
+        )
+        .with_retry_after(5000)
     })?;
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);

@@ -413,6 +413,7 @@ impl Orchestrator {
         task.cancel_with(reason);
         let removed = self.queue.lock().remove(|t| t.id == task.id).is_some();
         if removed {
+            self.positions_dirty.store(true, Ordering::Relaxed);
             self.metrics
                 .tasks_canceled
                 .with_label_values(&["queued"])

@@ -87,9 +87,13 @@ pub fn summary(name: &str, s: &[Sample]) -> (f64, f64) {
     (ft_med, tps_med)
 }
 
-
 /// Submits a task to orchestratord and reads its event stream to the end.
-pub async fn via_orchestratord(http: &reqwest::Client, base: &str, token: &str, body: &serde_json::Value) -> anyhow::Result<Sample> {
+pub async fn via_orchestratord(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<Sample> {
     let t0 = Instant::now();
     let admitted: serde_json::Value = http
         .post(format!("{base}/v2/tasks"))
@@ -100,7 +104,11 @@ pub async fn via_orchestratord(http: &reqwest::Client, base: &str, token: &str, 
         .json()
         .await?;
     let sse = admitted["streams"]["sse"].as_str().context("no sse url")?;
-    let resp = http.get(format!("{base}{sse}")).bearer_auth(token).send().await?;
+    let resp = http
+        .get(format!("{base}{sse}"))
+        .bearer_auth(token)
+        .send()
+        .await?;
     read_stream(resp, t0, |f| match f.event.as_deref() {
         Some("token") => (1, false),
         Some("end") | Some("error") => (0, true),

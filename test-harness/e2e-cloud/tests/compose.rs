@@ -17,7 +17,11 @@ fn compose(args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("docker-compose not found: `make test` installs Debian's docker-compose");
-    assert!(out.status.success(), "docker-compose {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "docker-compose {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -38,19 +42,50 @@ fn vars_with_prefix(text: &str, prefix: &str) -> BTreeSet<String> {
 #[test]
 fn compose_file_is_valid_and_uses_only_real_settings() {
     compose(&["config", "-q"]);
-    let services: Vec<String> = compose(&["config", "--services"]).lines().map(str::to_string).collect();
-    assert_eq!(services, vec!["orchestratord", "pool-managerd-a", "pool-managerd-b"]);
+    let services: Vec<String> = compose(&["config", "--services"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        services,
+        vec!["orchestratord", "pool-managerd-a", "pool-managerd-b"]
+    );
     let resolved = compose(&["config"]);
-    assert_eq!(resolved.matches("healthcheck:").count(), 3, "every service has a healthcheck");
-    assert!(resolved.contains("/run/secrets/llorch_api_token"), "tokens come from a secret file");
-    assert!(!resolved.contains("LLORCH_API_TOKEN:"), "no token value in the compose file");
+    assert_eq!(
+        resolved.matches("healthcheck:").count(),
+        3,
+        "every service has a healthcheck"
+    );
+    assert!(
+        resolved.contains("/run/secrets/llorch_api_token"),
+        "tokens come from a secret file"
+    );
+    assert!(
+        !resolved.contains("LLORCH_API_TOKEN:"),
+        "no token value in the compose file"
+    );
 
-    let target = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-    for (bin, prefix) in [("orchestratord", "ORCHD_"), ("pool-managerd", "POOL_MANAGERD_")] {
-        let help = std::process::Command::new(target.join(bin)).arg("--help").output().unwrap();
+    let target = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    for (bin, prefix) in [
+        ("orchestratord", "ORCHD_"),
+        ("pool-managerd", "POOL_MANAGERD_"),
+    ] {
+        let help = std::process::Command::new(target.join(bin))
+            .arg("--help")
+            .output()
+            .unwrap();
         let known = vars_with_prefix(&String::from_utf8_lossy(&help.stdout), prefix);
         for var in vars_with_prefix(&resolved, prefix) {
-            assert!(known.contains(&var), "{var} in the compose file is not a setting of {bin}");
+            assert!(
+                known.contains(&var),
+                "{var} in the compose file is not a setting of {bin}"
+            );
         }
     }
 }

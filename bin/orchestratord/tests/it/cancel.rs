@@ -106,3 +106,28 @@ async fn disconnect_does_not_cancel_when_configured_off() {
     assert_eq!(st.state, TaskState::Completed);
     assert_eq!(st.tokens_out, 2000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_behind_a_cancelled_one_are_told_their_new_position() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 8192),
+        ..Default::default()
+    })
+    .await;
+    let long = s.submit_ok(task("the", 8000)).await.task_id;
+    wait_for("long task running", Duration::from_secs(10), || async {
+        s.status(&long).await.started_at_ms.map(|_| ())
+    })
+    .await;
+    let first = s.submit_ok(task("first", 5)).await.task_id;
+    let second = s.submit_ok(task("second", 5)).await;
+    assert_eq!(second.queue_position, 1);
+    let mut ev = s.open_events(&second.task_id, None).await;
+    let q = ev.next_named("queued").await.unwrap();
+    assert_eq!(data(&q)["queue_position"], 1);
+    s.cancel(&first).await;
+    let moved = ev.next_named("queued").await.unwrap();
+    assert_eq!(data(&moved)["queue_position"], 0);
+    s.cancel(&long).await;
+    assert!(ev.next_named("end").await.is_some());
+}

@@ -227,6 +227,37 @@ async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
         !cloud.dir.path().join("must-not-be-used").exists(),
         "cloud profile created the runtime dir"
     );
+    // Control goes to the node that owns the pool.
+    let r = cloud
+        .http
+        .post(format!("{}/v2/pools/c0/drain", cloud.base))
+        .json(&serde_json::json!({"deadline_ms": 1000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    let node_http = authed_client(TOKEN);
+    wait_for("c0 stopped on node c", Duration::from_secs(10), || async {
+        let v: serde_json::Value = node_http
+            .get(format!("{}/v2/pools/c0/status", c.url))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (v["state"] == "stopped").then_some(())
+    })
+    .await;
+    let a0: serde_json::Value = node_http
+        .get(format!("{}/v2/pools/a0/status", a.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(a0["state"], "ready", "drain reached the wrong node");
     drop((a, c));
 }
 

@@ -27,7 +27,11 @@ struct Args {
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
 
-fn orchestratord(bin: &PathBuf, port: u16, env: &[(&str, String)]) -> anyhow::Result<tokio::process::Child> {
+fn orchestratord(
+    bin: &PathBuf,
+    port: u16,
+    env: &[(&str, String)],
+) -> anyhow::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(bin);
     cmd.env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
         .env("LLORCH_API_TOKEN", TOKEN)
@@ -67,7 +71,11 @@ async fn main() -> anyhow::Result<()> {
         .spawn()?;
     let home_port = free_port()?;
     let cloud_port = free_port()?;
-    let _home = orchestratord(&a.orchestratord, home_port, &[("ORCHD_RUNTIME_DIR", runtime.display().to_string())])?;
+    let _home = orchestratord(
+        &a.orchestratord,
+        home_port,
+        &[("ORCHD_RUNTIME_DIR", runtime.display().to_string())],
+    )?;
     let _cloud = orchestratord(
         &a.orchestratord,
         cloud_port,
@@ -92,10 +100,18 @@ async fn main() -> anyhow::Result<()> {
             c.push(cs);
         }
     }
-    println!("{} runs of {} tokens each, interleaved, one engine:", a.runs, a.tokens);
+    println!(
+        "{} runs of {} tokens each, interleaved, one engine:",
+        a.runs, a.tokens
+    );
     let (hft, htps) = summary("HOME", &h);
     let (cft, ctps) = summary("CLOUD (proxy)", &c);
-    println!("CLOUD first-token overhead {:.2} ms ({:.2}x); tokens/s ratio {:.1}%", cft - hft, cft / hft, ctps / htps * 100.0);
+    println!(
+        "CLOUD first-token overhead {:.2} ms ({:.2}x); tokens/s ratio {:.1}%",
+        cft - hft,
+        cft / hft,
+        ctps / htps * 100.0
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
