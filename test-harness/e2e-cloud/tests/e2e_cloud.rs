@@ -32,8 +32,7 @@ struct Cluster {
     orch_idx: usize,
     orch_env: Vec<(&'static str, String)>,
     node_idx: Vec<usize>,
-    base: String,
-    http: reqwest::Client,
+    api: OrchClient,
 }
 
 impl Cluster {
@@ -80,26 +79,13 @@ impl Cluster {
             orch_idx,
             orch_env,
             node_idx,
-            base,
-            http: authed_client(TOKEN),
+            api: OrchClient::new(base, TOKEN),
         }
     }
 
-    async fn pools(&self) -> Vec<serde_json::Value> {
-        let Ok(r) = self
-            .http
-            .get(format!("{}/v2/pools", self.base))
-            .send()
-            .await
-        else {
-            return Vec::new();
-        };
-        let v: serde_json::Value = r.json().await.unwrap_or_default();
-        v["pools"].as_array().cloned().unwrap_or_default()
-    }
-
     async fn healthy(&self, id: &str) -> Option<bool> {
-        self.pools()
+        self.api
+            .pools()
             .await
             .iter()
             .find(|p| p["pool_id"] == id)
@@ -115,37 +101,6 @@ impl Cluster {
         t0.elapsed()
     }
 
-    async fn submit(&self, body: serde_json::Value) -> String {
-        let r = self
-            .http
-            .post(format!("{}/v2/tasks", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202, "{:?}", r.text().await);
-        r.json::<serde_json::Value>().await.unwrap()["task_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-
-    async fn finish(&self, id: &str, within: Duration) -> serde_json::Value {
-        wait_for(&format!("task {id} finished"), within, || async {
-            let v: serde_json::Value = self
-                .http
-                .get(format!("{}/v2/tasks/{id}", self.base))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            v["finished_at_ms"].is_u64().then_some(v)
-        })
-        .await
-    }
-
     /// Kills orchestratord (SIGKILL: no goodbye to anyone) and starts a fresh one.
     async fn restart_orchestratord(&mut self) {
         self.net.children[self.orch_idx].start_kill().unwrap();
@@ -158,7 +113,7 @@ impl Cluster {
         );
         wait_http_ok(
             "restarted orchestratord",
-            &format!("{}/health", self.base),
+            &format!("{}/health", self.api.base),
             Duration::from_secs(20),
         )
         .await;
@@ -253,20 +208,21 @@ async fn distributed_handoff_is_seen_within_two_seconds_and_tasks_route_across_n
 
     let mut ids = Vec::new();
     for k in 0..8 {
-        ids.push(c.submit(task(&format!("burst {k}"), 400)).await);
+        ids.push(c.api.submit(task(&format!("burst {k}"), 400)).await);
     }
     let only_b = c
+        .api
         .submit(serde_json::json!({"model_ref": "tiny-b", "prompt": "x", "max_tokens": 5}))
         .await;
     let mut used = std::collections::BTreeSet::new();
     for id in &ids {
-        let st = c.finish(id, Duration::from_secs(30)).await;
+        let st = c.api.finish(id, Duration::from_secs(30)).await;
         assert_eq!(st["state"], "completed", "{st}");
         used.insert(st["pool_id"].as_str().unwrap().to_string());
     }
     assert_eq!(used.len(), 2, "burst used {used:?}");
     assert_eq!(
-        c.finish(&only_b, Duration::from_secs(30)).await["pool_id"],
+        c.api.finish(&only_b, Duration::from_secs(30)).await["pool_id"],
         "b-only"
     );
 }
@@ -291,9 +247,9 @@ async fn killed_node_and_partitioned_node_become_unavailable_and_the_partition_r
         .wait_healthy("a0", false, Duration::from_millis(2500))
         .await;
     assert!(took <= Duration::from_millis(2500), "{took:?}");
-    let id = c.submit(task("to the survivor", 10)).await;
+    let id = c.api.submit(task("to the survivor", 10)).await;
     assert_eq!(
-        c.finish(&id, Duration::from_secs(20)).await["pool_id"],
+        c.api.finish(&id, Duration::from_secs(20)).await["pool_id"],
         "b0"
     );
 
@@ -304,11 +260,11 @@ async fn killed_node_and_partitioned_node_become_unavailable_and_the_partition_r
         .await;
     assert!(took <= Duration::from_millis(2500), "{took:?}");
     // No pool now: the task waits in the queue …
-    let waiting = c.submit(task("waits for the link", 10)).await;
+    let waiting = c.api.submit(task("waits for the link", 10)).await;
     // … and runs once the link is back and b had its good polls.
     c.net.set_link(&c.orch, &c.nodes[1], true);
     c.wait_healthy("b0", true, Duration::from_secs(10)).await;
-    let st = c.finish(&waiting, Duration::from_secs(20)).await;
+    let st = c.api.finish(&waiting, Duration::from_secs(20)).await;
     assert_eq!(st["state"], "completed", "{st}");
     assert_eq!(st["pool_id"], "b0");
 }
@@ -328,25 +284,25 @@ async fn tokens_are_checked_across_the_wire() {
     .await;
     c.wait_healthy("good0", true, Duration::from_secs(40)).await;
     for k in 0..3 {
-        let id = c.submit(task(&format!("t{k}"), 5)).await;
+        let id = c.api.submit(task(&format!("t{k}"), 5)).await;
         assert_eq!(
-            c.finish(&id, Duration::from_secs(20)).await["pool_id"],
+            c.api.finish(&id, Duration::from_secs(20)).await["pool_id"],
             "good0"
         );
     }
     assert!(
-        c.pools().await.iter().all(|p| p["pool_id"] != "rogue0"),
+        c.api.pools().await.iter().all(|p| p["pool_id"] != "rogue0"),
         "pool of a node with another token was used"
     );
     let wrong = authed_client("wrong-token-0000000000000000")
-        .post(format!("{}/v2/nodes/register", c.base))
+        .post(format!("{}/v2/nodes/register", c.api.base))
         .json(&serde_json::json!({"node_id": "intruder", "address": "http://10.0.0.1:9200", "gpus": [], "pools": []}))
         .send()
         .await
         .unwrap();
     assert_eq!(wrong.status(), 401);
     let anon = reqwest::Client::new()
-        .get(format!("{}/v2/pools", c.base))
+        .get(format!("{}/v2/pools", c.api.base))
         .send()
         .await
         .unwrap();
@@ -363,7 +319,7 @@ async fn restarted_orchestratord_runs_a_resubmitted_task_once() {
     // Long enough (many seconds on the slow model) that only an abort frees the slot within
     // the wait below.
     let body = serde_json::json!({"task_id": "resubmit-1", "model_ref": "tiny-slow", "prompt": "the", "max_tokens": 2000});
-    c.submit(body.clone()).await;
+    c.api.submit(body.clone()).await;
     wait_for(
         "task streaming on node a",
         Duration::from_secs(10),
@@ -381,16 +337,17 @@ async fn restarted_orchestratord_runs_a_resubmitted_task_once() {
     )
     .await;
     c.wait_healthy("a0", true, Duration::from_secs(10)).await;
-    c.submit(body.clone()).await;
+    c.api.submit(body.clone()).await;
     let again = c
+        .api
         .http
-        .post(format!("{}/v2/tasks", c.base))
+        .post(format!("{}/v2/tasks", c.api.base))
         .json(&body)
         .send()
         .await
         .unwrap();
     assert_eq!(again.status(), 202, "a second resubmission is idempotent");
-    let st = c.finish("resubmit-1", Duration::from_secs(60)).await;
+    let st = c.api.finish("resubmit-1", Duration::from_secs(60)).await;
     assert_eq!(st["state"], "completed", "{st}");
     assert_eq!(st["attempts"], 1);
     assert_eq!(st["tokens_out"], 2000);

@@ -222,3 +222,89 @@ pub async fn wait_http_ok(what: &str, url: &str, timeout: Duration) {
     })
     .await;
 }
+
+/// A client of orchestratord's API for tests: JSON in, JSON out, with the token.
+pub struct OrchClient {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl OrchClient {
+    pub fn new(base: String, token: &str) -> Self {
+        Self {
+            base,
+            http: authed_client(token),
+        }
+    }
+
+    /// `GET path` as JSON; `Null` when unreachable or not JSON (callers poll).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        match self.http.get(format!("{}{path}", self.base)).send().await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        }
+    }
+
+    pub async fn pools(&self) -> Vec<serde_json::Value> {
+        self.get_json("/v2/pools").await["pools"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub async fn nodes(&self) -> Vec<serde_json::Value> {
+        self.get_json("/v2/nodes").await["nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The node entry with this address.
+    pub async fn node_at(&self, address: &str) -> serde_json::Value {
+        self.nodes()
+            .await
+            .into_iter()
+            .find(|n| n["address"] == address)
+            .unwrap_or_else(|| panic!("no node at {address}"))
+    }
+
+    /// Submits a task (asserting 202) and returns its id.
+    pub async fn submit(&self, body: serde_json::Value) -> String {
+        let r = self
+            .http
+            .post(format!("{}/v2/tasks", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+        r.json::<serde_json::Value>().await.unwrap()["task_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Waits until the task has finished; returns its status.
+    pub async fn finish(&self, id: &str, within: Duration) -> serde_json::Value {
+        wait_for(&format!("task {id} finished"), within, || async {
+            let v = self.get_json(&format!("/v2/tasks/{id}")).await;
+            v["finished_at_ms"].is_u64().then_some(v)
+        })
+        .await
+    }
+
+    /// Waits until every pool in `ids` is bound and healthy.
+    pub async fn wait_healthy(&self, ids: &[&str], within: Duration) {
+        wait_for(&format!("pools {ids:?} healthy"), within, || async {
+            let pools = self.pools().await;
+            ids.iter()
+                .all(|id| {
+                    pools
+                        .iter()
+                        .any(|p| p["pool_id"] == *id && p["healthy"] == true)
+                })
+                .then_some(())
+        })
+        .await;
+    }
+}

@@ -56,8 +56,7 @@ fn start_node(dir: &std::path::Path, name: &str, pools: &str, extra: &[(&str, St
 
 struct Cloud {
     orch: tokio::process::Child,
-    base: String,
-    http: reqwest::Client,
+    api: OrchClient,
     dir: tempfile::TempDir,
 }
 
@@ -81,79 +80,12 @@ fn start_orchestratord(dir: tempfile::TempDir, extra: &[(&str, String)]) -> Clou
     );
     Cloud {
         orch,
-        base: format!("http://127.0.0.1:{port}"),
-        http: authed_client(TOKEN),
+        api: OrchClient::new(format!("http://127.0.0.1:{port}"), TOKEN),
         dir,
     }
 }
 
 impl Cloud {
-    async fn pools(&self) -> Vec<serde_json::Value> {
-        let v: serde_json::Value = match self
-            .http
-            .get(format!("{}/v2/pools", self.base))
-            .send()
-            .await
-        {
-            Ok(r) => r.json().await.unwrap_or_default(),
-            Err(_) => return Vec::new(),
-        };
-        v["pools"].as_array().cloned().unwrap_or_default()
-    }
-
-    async fn wait_ready(&self, ids: &[&str]) {
-        wait_for(
-            &format!("pools {ids:?} ready in orchestratord"),
-            Duration::from_secs(40),
-            || async {
-                let pools = self.pools().await;
-                ids.iter()
-                    .all(|id| {
-                        pools
-                            .iter()
-                            .any(|p| p["pool_id"] == *id && p["healthy"] == true)
-                    })
-                    .then_some(())
-            },
-        )
-        .await;
-    }
-
-    async fn submit(&self, body: serde_json::Value) -> String {
-        let r = self
-            .http
-            .post(format!("{}/v2/tasks", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202, "{:?}", r.text().await);
-        r.json::<serde_json::Value>().await.unwrap()["task_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-
-    async fn finish(&self, id: &str) -> serde_json::Value {
-        wait_for(
-            &format!("task {id} done"),
-            Duration::from_secs(30),
-            || async {
-                let v: serde_json::Value = self
-                    .http
-                    .get(format!("{}/v2/tasks/{id}", self.base))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                v["finished_at_ms"].is_u64().then_some(v)
-            },
-        )
-        .await
-    }
-
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("orchestratord.log")).unwrap_or_default()
     }
@@ -188,14 +120,18 @@ async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
         dir,
         &[("ORCHD_POOL_MANAGERS", format!("{},{}", a.url, c.url))],
     );
-    cloud.wait_ready(&["a0", "c0", "c-only"]).await;
+    cloud
+        .api
+        .wait_healthy(&["a0", "c0", "c-only"], Duration::from_secs(40))
+        .await;
     let pid = cloud.orch.id().unwrap();
 
     let mut ids = Vec::new();
     for k in 0..8 {
-        ids.push(cloud.submit(task(&format!("burst {k}"), 300)).await);
+        ids.push(cloud.api.submit(task(&format!("burst {k}"), 300)).await);
     }
     let only_c = cloud
+        .api
         .submit(serde_json::json!({"model_ref": "tiny-c", "prompt": "x", "max_tokens": 5}))
         .await;
     let mut used = std::collections::BTreeSet::new();
@@ -207,7 +143,7 @@ async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
                 "{path:?}"
             );
         }
-        let st = cloud.finish(id).await;
+        let st = cloud.api.finish(id, Duration::from_secs(30)).await;
         assert_eq!(st["state"], "completed", "{st}");
         assert_eq!(st["tokens_out"], 300);
         used.insert(st["pool_id"].as_str().unwrap().to_string());
@@ -216,7 +152,7 @@ async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
         used.contains("a0") && used.contains("c0"),
         "burst did not use both nodes: {used:?}"
     );
-    let st = cloud.finish(&only_c).await;
+    let st = cloud.api.finish(&only_c, Duration::from_secs(30)).await;
     assert_eq!(st["pool_id"], "c-only");
     assert!(
         !cloud.log().contains("handoff"),
@@ -229,8 +165,9 @@ async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
     );
     // Control goes to the node that owns the pool.
     let r = cloud
+        .api
         .http
-        .post(format!("{}/v2/pools/c0/drain", cloud.base))
+        .post(format!("{}/v2/pools/c0/drain", cloud.api.base))
         .json(&serde_json::json!({"deadline_ms": 1000}))
         .send()
         .await
@@ -270,9 +207,13 @@ async fn killed_node_is_unavailable_within_two_poll_intervals_and_work_moves_on(
         dir,
         &[("ORCHD_POOL_MANAGERS", format!("{},{}", a.url, b.url))],
     );
-    cloud.wait_ready(&["a0", "b0"]).await;
+    cloud
+        .api
+        .wait_healthy(&["a0", "b0"], Duration::from_secs(40))
+        .await;
     // A long task on node a (pinned), streaming when the node dies.
     let pinned = cloud
+        .api
         .submit(
             serde_json::json!({"model_ref": "tiny", "prompt": "the", "max_tokens": 8000,
             "placement": {"mode": "pin", "pin_pool_id": "a0"}}),
@@ -280,8 +221,9 @@ async fn killed_node_is_unavailable_within_two_poll_intervals_and_work_moves_on(
         .await;
     wait_for("pinned task streaming", Duration::from_secs(10), || async {
         let v: serde_json::Value = cloud
+            .api
             .http
-            .get(format!("{}/v2/tasks/{pinned}", cloud.base))
+            .get(format!("{}/v2/tasks/{pinned}", cloud.api.base))
             .send()
             .await
             .ok()?
@@ -297,7 +239,7 @@ async fn killed_node_is_unavailable_within_two_poll_intervals_and_work_moves_on(
         "node a's pool unavailable",
         Duration::from_millis(2500),
         || async {
-            let pools = cloud.pools().await;
+            let pools = cloud.api.pools().await;
             pools
                 .iter()
                 .any(|p| p["pool_id"] == "a0" && p["healthy"] == false)
@@ -307,27 +249,15 @@ async fn killed_node_is_unavailable_within_two_poll_intervals_and_work_moves_on(
     .await;
     let took = killed.elapsed();
     assert!(took <= Duration::from_millis(2500), "took {took:?}");
-    let st = cloud.finish(&pinned).await;
+    let st = cloud.api.finish(&pinned, Duration::from_secs(30)).await;
     assert_eq!(st["error"]["code"], "WORKER_RESET", "{st}");
     // New work goes to the surviving node.
-    let id = cloud.submit(task("after the loss", 10)).await;
-    assert_eq!(cloud.finish(&id).await["pool_id"], "b0");
-    let nodes: serde_json::Value = cloud
-        .http
-        .get(format!("{}/v2/nodes", cloud.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let a_node = nodes["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["address"] == a.url.as_str())
-        .unwrap()
-        .clone();
+    let id = cloud.api.submit(task("after the loss", 10)).await;
+    assert_eq!(
+        cloud.api.finish(&id, Duration::from_secs(30)).await["pool_id"],
+        "b0"
+    );
+    let a_node = cloud.api.node_at(&a.url).await;
     assert_eq!(a_node["online"], false);
     assert!(
         a_node["last_error"]
@@ -353,31 +283,22 @@ async fn pool_managerd_with_another_token_is_refused_and_never_used() {
         dir,
         &[("ORCHD_POOL_MANAGERS", format!("{},{}", good.url, rogue.url))],
     );
-    cloud.wait_ready(&["g0"]).await;
+    cloud
+        .api
+        .wait_healthy(&["g0"], Duration::from_secs(40))
+        .await;
     for k in 0..4 {
-        let id = cloud.submit(task(&format!("t{k}"), 5)).await;
-        assert_eq!(cloud.finish(&id).await["pool_id"], "g0");
+        let id = cloud.api.submit(task(&format!("t{k}"), 5)).await;
+        assert_eq!(
+            cloud.api.finish(&id, Duration::from_secs(30)).await["pool_id"],
+            "g0"
+        );
     }
     assert!(
-        cloud.pools().await.iter().all(|p| p["pool_id"] != "r0"),
+        cloud.api.pools().await.iter().all(|p| p["pool_id"] != "r0"),
         "rogue pool was bound"
     );
-    let nodes: serde_json::Value = cloud
-        .http
-        .get(format!("{}/v2/nodes", cloud.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let r = nodes["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["address"] == rogue.url.as_str())
-        .unwrap()
-        .clone();
+    let r = cloud.api.node_at(&rogue.url).await;
     assert_eq!(r["online"], false);
     assert!(r["last_error"].as_str().unwrap().contains("401"), "{r}");
     assert!(!cloud.log().contains(TOKEN));
@@ -389,14 +310,14 @@ async fn nodes_register_heartbeat_serve_and_deregister_on_shutdown() {
     let cloud = start_orchestratord(dir, &[("ORCHD_NODE_REGISTRATION", "true".into())]);
     wait_http_ok(
         "orchestratord health",
-        &format!("{}/health", cloud.base),
+        &format!("{}/health", cloud.api.base),
         Duration::from_secs(20),
     )
     .await;
 
     // Registration with the wrong token is refused.
     let wrong = authed_client("wrong-token-0000000000000000")
-        .post(format!("{}/v2/nodes/register", cloud.base))
+        .post(format!("{}/v2/nodes/register", cloud.api.base))
         .json(&serde_json::json!({"node_id": "x", "address": "http://127.0.0.1:1", "gpus": [], "pools": []}))
         .send()
         .await
@@ -408,27 +329,26 @@ async fn nodes_register_heartbeat_serve_and_deregister_on_shutdown() {
         "node-r",
         &pool_toml("r0", 1, 2048),
         &[
-            ("POOL_MANAGERD_ORCHESTRATORD_URL", cloud.base.clone()),
+            ("POOL_MANAGERD_ORCHESTRATORD_URL", cloud.api.base.clone()),
             ("POOL_MANAGERD_HEARTBEAT_INTERVAL_MS", "300".into()),
         ],
     );
-    cloud.wait_ready(&["r0"]).await;
-    let nodes: serde_json::Value = cloud
-        .http
-        .get(format!("{}/v2/nodes", cloud.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let n = &nodes["nodes"][0];
+    cloud
+        .api
+        .wait_healthy(&["r0"], Duration::from_secs(40))
+        .await;
+    let nodes = cloud.api.nodes().await;
+    assert_eq!(nodes.len(), 1);
+    let n = &nodes[0];
     assert_eq!(n["node_id"], "node-r");
     assert_eq!(n["registered"], true);
     assert_eq!(n["address"], node.url.as_str());
     assert!(n["last_heartbeat_ms_ago"].as_u64().unwrap() < 5000);
-    let id = cloud.submit(task("registered", 8)).await;
-    assert_eq!(cloud.finish(&id).await["state"], "completed");
+    let id = cloud.api.submit(task("registered", 8)).await;
+    assert_eq!(
+        cloud.api.finish(&id, Duration::from_secs(30)).await["state"],
+        "completed"
+    );
 
     let pid = node.child.id().unwrap().to_string();
     std::process::Command::new("kill")
@@ -436,17 +356,8 @@ async fn nodes_register_heartbeat_serve_and_deregister_on_shutdown() {
         .status()
         .unwrap();
     wait_for("node deregistered", Duration::from_secs(10), || async {
-        let v: serde_json::Value = cloud
-            .http
-            .get(format!("{}/v2/nodes", cloud.base))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        v["nodes"].as_array()?.is_empty().then_some(())
+        cloud.api.nodes().await.is_empty().then_some(())
     })
     .await;
-    assert!(cloud.pools().await.is_empty());
+    assert!(cloud.api.pools().await.is_empty());
 }
