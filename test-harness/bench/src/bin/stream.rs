@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Parser;
-use llorch_bench::{free_port, read_stream, summary, wait_ok};
+use llorch_bench::{free_port, read_stream, summary, via_orchestratord, wait_ok};
 use llorch_contracts::HandoffFile;
 
 #[derive(Parser)]
@@ -86,27 +85,8 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
 
-        let t0 = Instant::now();
-        let admitted: serde_json::Value = http
-            .post(format!("{base}/v2/tasks"))
-            .bearer_auth(TOKEN)
-            .json(&serde_json::json!({"model_ref": "tiny", "prompt": PROMPT, "max_tokens": a.tokens, "seed": run}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let sse = admitted["streams"]["sse"].as_str().context("no sse url")?;
-        let resp = http
-            .get(format!("{base}{sse}"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await?;
-        let o = read_stream(resp, t0, |f| match f.event.as_deref() {
-            Some("token") => (1, false),
-            Some("end") | Some("error") => (0, true),
-            _ => (0, false),
-        })
-        .await?;
+        let body = serde_json::json!({"model_ref": "tiny", "prompt": PROMPT, "max_tokens": a.tokens, "seed": run});
+        let o = via_orchestratord(&http, &base, TOKEN, &body).await?;
         if run >= 2 {
             direct.push(d);
             via.push(o);
