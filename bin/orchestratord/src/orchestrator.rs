@@ -299,7 +299,8 @@ impl Orchestrator {
             );
         }
         let position = admitted.position as u32;
-        let predicted = self.predicted_start_ms(u64::from(position), ahead_tokens);
+        let predicted =
+            self.predicted_start_ms(u64::from(position), ahead_tokens, task.req.max_tokens);
         task.emit(&TaskEvent::Queued {
             queue_position: position,
             predicted_start_ms: predicted,
@@ -340,7 +341,11 @@ impl Orchestrator {
         AdmissionResponse {
             task_id: task.id.clone(),
             queue_position: position,
-            predicted_start_ms: self.predicted_start_ms(u64::from(position), ahead_tokens),
+            predicted_start_ms: self.predicted_start_ms(
+                u64::from(position),
+                ahead_tokens,
+                task.req.max_tokens,
+            ),
             backoff_ms: 0,
             streams: TaskStreams {
                 sse_verbose: format!("{sse}?verbose=true"),
@@ -351,11 +356,11 @@ impl Orchestrator {
 
     /// Predicted start from measured throughput: the work of the `ahead` tasks (with
     /// `ahead_tokens` between them) beyond the free slots, spread over all ready slots.
-    fn predicted_start_ms(&self, ahead: u64, ahead_tokens: u64) -> u64 {
+    fn predicted_start_ms(&self, ahead: u64, ahead_tokens: u64, own_tokens: u32) -> u64 {
         let (free, total) = self.slot_totals();
         self.estimator
             .lock()
-            .predicted_start_ms(ahead, ahead_tokens, free, total)
+            .predicted_start_ms(ahead, ahead_tokens, own_tokens, free, total)
     }
 
     /// Free and total slots over ready pools.
@@ -375,7 +380,13 @@ impl Orchestrator {
                 q.class_weight(Priority::Interactive) + q.class_weight(Priority::Batch),
             )
         };
-        self.predicted_start_ms(depth, tokens).max(1000)
+        // A newcomer is assumed alike to the queue's average task.
+        let own = if depth > 0 {
+            (tokens / depth) as u32
+        } else {
+            0
+        };
+        self.predicted_start_ms(depth, tokens, own).max(1000)
     }
 
     fn update_depth(&self) {
@@ -589,7 +600,13 @@ impl Orchestrator {
         };
         let estimator = self.estimator.lock().clone();
         for (t, pos, ahead_tokens) in changed {
-            let predicted = estimator.predicted_start_ms(u64::from(pos), ahead_tokens, free, total);
+            let predicted = estimator.predicted_start_ms(
+                u64::from(pos),
+                ahead_tokens,
+                t.req.max_tokens,
+                free,
+                total,
+            );
             t.emit(&TaskEvent::Queued {
                 queue_position: pos,
                 predicted_start_ms: predicted,

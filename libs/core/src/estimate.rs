@@ -35,27 +35,36 @@ impl ThroughputEstimator {
         self.tokens_per_s
     }
 
-    /// When a task will start, given the `ahead` tasks before it in the queue (their count and
-    /// the sum of their `max_tokens`): the work of those beyond the slots free now, spread over
-    /// all slots. 0 until a task has been measured.
+    /// When a task will start. `ahead` tasks are queued before it (with `ahead_tokens` of
+    /// `max_tokens` between them), `own_tokens` is its own `max_tokens`, and `free_slots` of
+    /// `total_slots` are idle now. The task needs a slot: it waits for `ahead + 1 - free`
+    /// tasks to finish, spread over all slots, each costing the measured first-token time plus
+    /// its tokens at the measured rate (running tasks are assumed alike to the queued ones).
+    /// 0 until a task has been measured.
     pub fn predicted_start_ms(
         &self,
         ahead: u64,
         ahead_tokens: u64,
+        own_tokens: u32,
         free_slots: u32,
         total_slots: u32,
     ) -> u64 {
         let Some(tps) = self.tokens_per_s else {
             return 0;
         };
-        let waiting = ahead.saturating_sub(u64::from(free_slots));
+        let waiting = (ahead + 1).saturating_sub(u64::from(free_slots));
         if waiting == 0 {
             return 0;
         }
-        // Tasks ahead are assumed alike: the waiting share of their tokens.
-        let tokens = ahead_tokens as f64 * waiting as f64 / ahead as f64;
-        let work = waiting as f64 * self.first_token_ms.unwrap_or(0.0) + tokens * 1000.0 / tps;
-        (work / f64::from(total_slots.max(1))).round().max(0.0) as u64
+        let per_task_tokens = if ahead > 0 {
+            ahead_tokens as f64 / ahead as f64
+        } else {
+            f64::from(own_tokens)
+        };
+        let per_task_ms = self.first_token_ms.unwrap_or(0.0) + per_task_tokens * 1000.0 / tps;
+        (waiting as f64 * per_task_ms / f64::from(total_slots.max(1)))
+            .round()
+            .max(0.0) as u64
     }
 }
 
@@ -64,14 +73,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prediction_is_zero_until_measured_then_follows_the_queue() {
+    fn prediction_is_zero_until_measured_then_follows_the_queue_and_busy_slots() {
         let mut e = ThroughputEstimator::default();
-        assert_eq!(e.predicted_start_ms(2, 200, 0, 1), 0);
-        e.record(1000, 1000.0, 0.0); // 1000 tokens/s
-        assert_eq!(e.predicted_start_ms(2, 200, 0, 1), 200);
-        assert_eq!(e.predicted_start_ms(2, 200, 0, 2), 100);
-        assert_eq!(e.predicted_start_ms(2, 200, 1, 1), 100);
-        assert_eq!(e.predicted_start_ms(0, 0, 0, 1), 0);
-        assert_eq!(e.predicted_start_ms(1, 100, 3, 4), 0);
+        assert_eq!(e.predicted_start_ms(2, 200, 100, 0, 1), 0);
+        e.record(1000, 1000.0, 0.0); // 1000 tokens/s, no first-token time
+                                     // Two queued ahead, no free slot: three tasks of 100 tokens must finish first.
+        assert_eq!(e.predicted_start_ms(2, 200, 100, 0, 1), 300);
+        assert_eq!(e.predicted_start_ms(2, 200, 100, 0, 2), 150);
+        // A free slot takes one of them.
+        assert_eq!(e.predicted_start_ms(2, 200, 100, 1, 1), 200);
+        // First in line behind a busy slot waits for one task like itself.
+        assert_eq!(e.predicted_start_ms(0, 0, 400, 0, 1), 400);
+        // First in line with a free slot starts now.
+        assert_eq!(e.predicted_start_ms(0, 0, 400, 1, 1), 0);
+        assert_eq!(e.predicted_start_ms(1, 100, 100, 3, 4), 0);
     }
 }

@@ -497,3 +497,30 @@ async fn finished_tasks_beyond_the_retention_count_are_forgotten_oldest_first() 
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predicted_start_follows_measured_throughput() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 8192),
+        ..Default::default()
+    })
+    .await;
+    // Before anything ran there is no measurement: no prediction.
+    let long = occupy_the_slot(&s).await;
+    let blind = s.submit_ok(task("blind", 500)).await;
+    assert_eq!(blind.predicted_start_ms, 0);
+    s.cancel(&long).await;
+    s.cancel(&blind.task_id).await;
+    // One measured task, then a queue behind a busy slot: the prediction grows with the work ahead.
+    let measured = s.submit_ok(task("measure", 500)).await.task_id;
+    s.wait_task(&measured, Duration::from_secs(10)).await;
+    let long = occupy_the_slot(&s).await;
+    let first = s.submit_ok(task("first", 2000)).await;
+    let second = s.submit_ok(task("second", 2000)).await;
+    assert!(first.predicted_start_ms > 0, "{first:?}");
+    assert!(
+        second.predicted_start_ms > first.predicted_start_ms,
+        "{first:?} {second:?}"
+    );
+    s.cancel(&long).await;
+}

@@ -94,3 +94,26 @@ async fn sigterm_exits_zero_within_grace_and_no_engine_survives() {
         "handoff file left behind"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_mask_reaches_the_engine_as_cuda_visible_devices() {
+    let toml = pool_toml("masked", &tiny_model(), 1, 512)
+        .replace("slots = 1", "slots = 1\ndevice_mask = \"1,GPU-abc\"");
+    let d = Daemon::start(DaemonOptions {
+        pools_toml: toml,
+        ..Default::default()
+    })
+    .await;
+    let st = d.wait_ready("masked").await;
+    assert_eq!(st.device_mask.as_deref(), Some("1,GPU-abc"));
+    let pid = HandoffFile::parse(&std::fs::read(d.runtime_dir.join("masked.json")).unwrap())
+        .unwrap()
+        .pid
+        .unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+    assert!(
+        vars.contains(&&b"CUDA_VISIBLE_DEVICES=1,GPU-abc"[..]),
+        "engine environment lacks the device mask"
+    );
+}
