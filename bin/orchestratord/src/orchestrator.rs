@@ -381,11 +381,7 @@ impl Orchestrator {
             )
         };
         // A newcomer is assumed alike to the queue's average task.
-        let own = if depth > 0 {
-            (tokens / depth) as u32
-        } else {
-            0
-        };
+        let own = u32::try_from(tokens.checked_div(depth).unwrap_or(0)).unwrap_or(u32::MAX);
         self.predicted_start_ms(depth, tokens, own).max(1000)
     }
 
