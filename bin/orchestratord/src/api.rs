@@ -81,7 +81,24 @@ async fn metrics(State(orch): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        orch.metrics.render(),
+        {
+            let pools: Vec<(String, bool)> = orch
+                .pools
+                .list()
+                .into_iter()
+                .map(|p| (p.pool_id.clone(), p.ready()))
+                .collect();
+            let nodes: Vec<(String, bool)> = orch
+                .managers
+                .list()
+                .into_iter()
+                .map(|m| {
+                    let online = m.availability == crate::cloud_source::Availability::Available;
+                    (m.node_id.unwrap_or(m.url), online)
+                })
+                .collect();
+            orch.metrics.render(&pools, &nodes)
+        },
     )
         .into_response()
 }

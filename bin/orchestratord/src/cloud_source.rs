@@ -144,6 +144,7 @@ impl Managers {
 }
 
 pub struct CloudSource {
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub managers: Arc<Managers>,
     pub pools: Arc<PoolTable>,
     pub http: reqwest::Client,
@@ -159,6 +160,18 @@ enum PollResult {
 }
 
 impl CloudSource {
+    /// A poll of a node checks every pool it serves.
+    fn count_check(&self, pool_id: &str, outcome: &str, ms: f64) {
+        self.metrics
+            .pool_health_checks
+            .with_label_values(&[pool_id, outcome])
+            .inc();
+        self.metrics
+            .pool_health_check_ms
+            .with_label_values(&[pool_id])
+            .observe(ms);
+    }
+
     pub async fn run(self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -174,9 +187,14 @@ impl CloudSource {
 
     async fn poll_all(&self) {
         let urls: Vec<String> = self.managers.list().into_iter().map(|m| m.url).collect();
-        let results = join_all(urls.iter().map(|u| self.poll(u))).await;
-        for (url, result) in urls.iter().zip(results) {
-            self.apply(url, result);
+        let results = join_all(urls.iter().map(|u| async move {
+            let started = std::time::Instant::now();
+            let r = self.poll(u).await;
+            (r, started.elapsed().as_secs_f64() * 1000.0)
+        }))
+        .await;
+        for (url, (result, ms)) in urls.iter().zip(results) {
+            self.apply(url, result, ms);
         }
     }
 
@@ -210,7 +228,7 @@ impl CloudSource {
         }
     }
 
-    fn apply(&self, url: &str, result: PollResult) {
+    fn apply(&self, url: &str, result: PollResult, poll_ms: f64) {
         let mut managers = self.managers.inner.write();
         let Some(m) = managers.get_mut(url) else {
             return;
@@ -269,6 +287,9 @@ impl CloudSource {
                         lost: Default::default(),
                         pool_id: p.pool_id,
                     });
+                }
+                for pool in &owned {
+                    self.count_check(pool, "ok", poll_ms);
                 }
                 m.pools = owned;
                 m.gpus = resp.gpus;

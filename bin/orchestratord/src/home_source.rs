@@ -90,6 +90,15 @@ impl HomeSource {
             .pool_health_check_ms
             .with_label_values(&[pool_id])
             .observe(started.elapsed().as_secs_f64() * 1000.0);
+        let outcome = if matches!(result, Ok(Health::Ok)) {
+            "ok"
+        } else {
+            "fail"
+        };
+        self.metrics
+            .pool_health_checks
+            .with_label_values(&[pool_id, outcome])
+            .inc();
         match result {
             Ok(Health::Ok) => (true, None),
             Ok(Health::Loading) => (false, Some("engine is loading".into())),

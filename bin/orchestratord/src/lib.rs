@@ -59,6 +59,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         (config::Profile::Cloud, Some(token)) => {
             // No handoff watcher: in the cloud profile this process opens no pool-managerd path.
             let source = cloud_source::CloudSource {
+                metrics,
                 managers: orch.managers.clone(),
                 pools: orch.pools.clone(),
                 http: probe_http,

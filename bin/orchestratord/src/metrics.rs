@@ -19,6 +19,9 @@ pub struct Metrics {
     pub decode_ms: HistogramVec,
     pub tokens_out: IntCounterVec,
     pub pool_health_check_ms: HistogramVec,
+    pub pool_health_checks: IntCounterVec,
+    pools_available: IntGaugeVec,
+    node_online: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -75,6 +78,27 @@ impl Metrics {
                 "Duration of engine health probes.",
                 &["pool_id"],
             )?,
+            pool_health_checks: counter(
+                "orchd_pool_health_checks_total",
+                "Pool health checks by orchestratord (HOME: engine /health; CLOUD: pool-managerd polls), by outcome (ok, fail).",
+                &["pool_id", "outcome"],
+            )?,
+            pools_available: {
+                let g = IntGaugeVec::new(
+                    Opts::new("orchd_pools_available", "1 when orchestratord may place work on the pool."),
+                    &["pool_id"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            node_online: {
+                let g = IntGaugeVec::new(
+                    Opts::new("orchd_node_online", "CLOUD: 1 when the pool-managerd node answers polls (and heartbeats, if registered)."),
+                    &["node"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             registry,
         };
         for p in ["interactive", "batch"] {
@@ -83,7 +107,21 @@ impl Metrics {
         Ok(m)
     }
 
-    pub fn render(&self) -> String {
+    /// Text exposition; pool and node gauges are set from their tables first, so a scrape
+    /// always agrees with `GET /v2/pools` and `GET /v2/nodes`.
+    pub fn render(&self, pools: &[(String, bool)], nodes: &[(String, bool)]) -> String {
+        self.pools_available.reset();
+        for (id, ready) in pools {
+            self.pools_available
+                .with_label_values(&[id])
+                .set(i64::from(*ready));
+        }
+        self.node_online.reset();
+        for (node, online) in nodes {
+            self.node_online
+                .with_label_values(&[node])
+                .set(i64::from(*online));
+        }
         let mut buf = Vec::new();
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(%error, "metrics encoding failed");

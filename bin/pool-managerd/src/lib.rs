@@ -96,6 +96,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config,
     });
 
+    for pool in &shared.config.pools {
+        shared.metrics.init_pool(&pool.id);
+    }
     let root = CancellationToken::new();
     let tasks = TaskTracker::new();
     for (spec, rx) in receivers {

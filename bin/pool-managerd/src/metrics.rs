@@ -2,6 +2,7 @@
 //! scrape always agrees with `GET /v2/pools`; counters count real events only.
 
 use llorch_contracts::PoolStatus;
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
@@ -16,6 +17,8 @@ pub struct Metrics {
     pool_ready: GaugeVec,
     slots_total: GaugeVec,
     slots_free: GaugeVec,
+    engine_tokens_per_second: GaugeVec,
+    engine_requests_deferred: GaugeVec,
 }
 
 impl Metrics {
@@ -74,6 +77,22 @@ impl Metrics {
             Opts::new("pool_slots_free", "Idle slots at the last health probe."),
             &["pool_id"],
         )?;
+        let engine_tokens_per_second = GaugeVec::new(
+            Opts::new(
+                "pool_engine_tokens_per_second",
+                "Generation throughput the engine reports (llamacpp:predicted_tokens_seconds).",
+            ),
+            &["pool_id"],
+        )?;
+        let engine_requests_deferred = GaugeVec::new(
+            Opts::new(
+                "pool_engine_requests_deferred",
+                "Requests waiting inside the engine for a slot (llamacpp:requests_deferred); above 0 means the engine is oversubscribed.",
+            ),
+            &["pool_id"],
+        )?;
+        registry.register(Box::new(engine_tokens_per_second.clone()))?;
+        registry.register(Box::new(engine_requests_deferred.clone()))?;
         registry.register(Box::new(handoff_processed.clone()))?;
         registry.register(Box::new(handoff_duration_ms.clone()))?;
         registry.register(Box::new(engine_restarts.clone()))?;
@@ -92,7 +111,41 @@ impl Metrics {
             pool_ready,
             slots_total,
             slots_free,
+            engine_tokens_per_second,
+            engine_requests_deferred,
         })
+    }
+
+    /// Starts a managed pool's counters at 0, so they exist from the first scrape.
+    pub fn init_pool(&self, pool_id: &str) {
+        self.engine_restarts.with_label_values(&[pool_id]).inc_by(0);
+        for outcome in ["ok", "fail"] {
+            self.health_checks
+                .with_label_values(&[pool_id, outcome])
+                .inc_by(0);
+        }
+        for outcome in ["ok", "engine_error", "unavailable"] {
+            self.proxy_requests
+                .with_label_values(&[pool_id, outcome])
+                .inc_by(0);
+        }
+    }
+
+    /// Engine-side numbers read from llama-server's own `/metrics` at a health probe.
+    pub fn record_engine(&self, pool_id: &str, samples: &[(String, f64)]) {
+        for (name, value) in samples {
+            match name.as_str() {
+                "llamacpp:predicted_tokens_seconds" => self
+                    .engine_tokens_per_second
+                    .with_label_values(&[pool_id])
+                    .set(*value),
+                "llamacpp:requests_deferred" => self
+                    .engine_requests_deferred
+                    .with_label_values(&[pool_id])
+                    .set(*value),
+                _ => {}
+            }
+        }
     }
 
     /// Renders the text exposition, with pool gauges taken from `pools`.
@@ -100,6 +153,26 @@ impl Metrics {
         self.pool_ready.reset();
         self.slots_total.reset();
         self.slots_free.reset();
+        // Engine gauges only for pools that still exist.
+        for vec in [
+            &self.engine_tokens_per_second,
+            &self.engine_requests_deferred,
+        ] {
+            for family in vec.collect() {
+                for m in family.get_metric() {
+                    let id = m
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == "pool_id")
+                        .map(|l| l.value().to_string());
+                    if let Some(id) = id {
+                        if !pools.iter().any(|p| p.pool_id == id) {
+                            let _ = vec.remove_label_values(&[&id]);
+                        }
+                    }
+                }
+            }
+        }
         for p in pools {
             let id = p.pool_id.as_str();
             self.pool_ready

@@ -269,6 +269,9 @@ impl Supervisor {
                 if let Ok(slots) = client.slots().await {
                     self.slots_free = slots.iter().filter(|s| !s.is_processing).count() as u32;
                 }
+                if let Ok(samples) = client.metrics().await {
+                    self.shared.metrics.record_engine(&self.spec.id, &samples);
+                }
                 self.publish();
                 Ok(())
             }

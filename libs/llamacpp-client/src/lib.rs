@@ -43,6 +43,24 @@ pub struct Props {
     pub model_path: Option<String>,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_label_less_samples() {
+        let text = "# HELP x y\n# TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred 2\nllamacpp:predicted_tokens_seconds 1234.5\nother{a=\"b\"} 1\n";
+        let s = parse_prometheus_samples(text);
+        assert_eq!(
+            s,
+            vec![
+                ("llamacpp:requests_deferred".to_string(), 2.0),
+                ("llamacpp:predicted_tokens_seconds".to_string(), 1234.5)
+            ]
+        );
+    }
+}
+
 #[derive(Clone)]
 pub struct EngineClient {
     http: reqwest::Client,
@@ -91,6 +109,19 @@ impl EngineClient {
         resp.json::<Vec<Slot>>()
             .await
             .map_err(|e| EngineError::Body(e.to_string()))
+    }
+
+    /// The engine's own Prometheus counters (`--metrics`), as `(name, value)` pairs.
+    pub async fn metrics(&self) -> Result<Vec<(String, f64)>, EngineError> {
+        let resp = self.get("/metrics").await?;
+        if !resp.status().is_success() {
+            return Err(EngineError::Status(resp.status().as_u16()));
+        }
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| EngineError::Body(e.to_string()))?;
+        Ok(parse_prometheus_samples(&text))
     }
 
     pub async fn props(&self) -> Result<Props, EngineError> {
@@ -149,6 +180,19 @@ pub fn is_retryable_connection_error(e: &reqwest::Error) -> bool {
         || text.contains("connection reset")
         || text.contains("broken pipe")
         || text.contains("incomplete message")
+}
+
+/// Label-less samples of a Prometheus text exposition (what llama-server exports).
+pub fn parse_prometheus_samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let name = parts.next()?;
+            let value = parts.next()?.parse().ok()?;
+            Some((name.to_string(), value))
+        })
+        .collect()
 }
 
 /// `POST /completion` body (the fields llama-orch uses).

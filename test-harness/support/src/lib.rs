@@ -308,3 +308,118 @@ impl OrchClient {
         .await;
     }
 }
+
+/// One metric family as a scrape shows it.
+#[derive(Debug, Default, Clone)]
+pub struct Family {
+    pub kind: String,
+    /// Label names of its samples (`le` of histogram buckets left out).
+    pub labels: std::collections::BTreeSet<String>,
+    /// Every (label, value) seen.
+    pub values: std::collections::BTreeSet<(String, String)>,
+}
+
+/// Parses a Prometheus text exposition into families (histogram `_bucket/_sum/_count` samples
+/// folded into their family).
+pub fn parse_exposition(text: &str) -> std::collections::BTreeMap<String, Family> {
+    let mut families: std::collections::BTreeMap<String, Family> = Default::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            if let (Some(name), Some(kind)) = (parts.next(), parts.next()) {
+                families.entry(name.to_string()).or_default().kind = kind.to_string();
+            }
+            continue;
+        }
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (name, labels) = match line.split_once('{') {
+            Some((n, rest)) => (n, rest.rsplit_once('}').map(|(l, _)| l).unwrap_or("")),
+            None => (line.split_whitespace().next().unwrap_or(""), ""),
+        };
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .filter_map(|s| name.strip_suffix(s))
+            .find(|base| families.get(*base).is_some_and(|f| f.kind == "histogram"))
+            .unwrap_or(name)
+            .to_string();
+        let f = families.entry(family).or_default();
+        for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+            if let Some((k, v)) = pair.split_once('=') {
+                let v = v.trim_matches('"').to_string();
+                if k != "le" {
+                    f.labels.insert(k.to_string());
+                    f.values.insert((k.to_string(), v));
+                }
+            }
+        }
+    }
+    families
+}
+
+/// The checked-in metrics lint list (`ci/metrics.lint.json`).
+pub fn metrics_lint() -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../ci/metrics.lint.json");
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// Checks a scrape of `daemon` against the lint list: every exposed family is listed with its
+/// type and label names, enum-like labels stay within their values, and every listed family
+/// (but those of another `profile`) is exposed. Returns the problems found.
+pub fn lint_scrape(daemon: &str, text: &str, profile: &str) -> Vec<String> {
+    let lint = metrics_lint();
+    let listed = lint[daemon].as_array().unwrap();
+    let exposed = parse_exposition(text);
+    let mut problems = Vec::new();
+    for (name, f) in &exposed {
+        let Some(entry) = listed.iter().find(|e| e["name"] == name.as_str()) else {
+            problems.push(format!(
+                "{daemon}: {name} is exposed but not in ci/metrics.lint.json"
+            ));
+            continue;
+        };
+        if entry["type"] != f.kind.as_str() {
+            problems.push(format!(
+                "{daemon}: {name} is a {} but listed as {}",
+                f.kind, entry["type"]
+            ));
+        }
+        let want: std::collections::BTreeSet<String> = entry["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_string())
+            .collect();
+        if !f.labels.is_empty() && f.labels != want {
+            problems.push(format!(
+                "{daemon}: {name} has labels {:?}, listed {:?}",
+                f.labels, want
+            ));
+        }
+        if let Some(values) = entry["values"].as_object() {
+            for (label, value) in &f.values {
+                if let Some(allowed) = values.get(label) {
+                    if !allowed
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|a| a == value.as_str())
+                    {
+                        problems.push(format!(
+                            "{daemon}: {name}{{{label}={value:?}}} is not an allowed value"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for entry in listed {
+        let name = entry["name"].as_str().unwrap();
+        let other_profile = entry["profile"].as_str().is_some_and(|p| p != profile);
+        if !other_profile && !exposed.contains_key(name) {
+            problems.push(format!("{daemon}: {name} is listed but not exposed"));
+        }
+    }
+    problems
+}

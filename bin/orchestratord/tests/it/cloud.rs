@@ -163,6 +163,32 @@ async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
         !cloud.dir.path().join("must-not-be-used").exists(),
         "cloud profile created the runtime dir"
     );
+    // Cloud metrics follow the lint list too, node gauges included.
+    let text = reqwest::get(format!("{}/metrics", cloud.api.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let problems: Vec<String> = lint_scrape("orchestratord", &text, "cloud")
+        .into_iter()
+        .filter(|p| !p.ends_with("is listed but not exposed"))
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(
+        metric_value(&text, "orchd_node_online", &[("node", "node-a")]),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(
+            &text,
+            "orchd_pool_health_checks_total",
+            &[("pool_id", "c0"), ("outcome", "ok")]
+        )
+        .unwrap()
+            >= 1.0
+    );
     // Control goes to the node that owns the pool.
     let r = cloud
         .api

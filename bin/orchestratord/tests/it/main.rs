@@ -9,5 +9,6 @@ mod cloud;
 mod fault_engine;
 mod harness;
 mod lifecycle;
+mod metrics_lint;
 mod random;
 mod streaming;
