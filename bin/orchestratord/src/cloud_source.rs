@@ -199,11 +199,19 @@ impl CloudSource {
     }
 
     async fn poll(&self, url: &str) -> PollResult {
+        let span = tracing::info_span!("pool_health_check", manager = %url);
+        tracing::Instrument::instrument(self.poll_manager(url, &span), span.clone()).await
+    }
+
+    async fn poll_manager(&self, url: &str, span: &tracing::Span) -> PollResult {
+        let mut headers = reqwest::header::HeaderMap::new();
+        llorch_observability::inject(span, &mut headers);
         // The timeout stays inside the interval, so a silent manager is judged by the next tick.
         let timeout = self.interval.mul_f64(0.8);
         let resp = self
             .http
             .get(format!("{url}/v2/pools"))
+            .headers(headers)
             .bearer_auth(self.token.expose())
             .timeout(timeout)
             .send()

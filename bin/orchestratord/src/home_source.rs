@@ -79,6 +79,11 @@ impl HomeSource {
     }
 
     async fn probe_one(&self, pool_id: &str, url: &str) -> (bool, Option<String>) {
+        let span = tracing::info_span!("pool_health_check", pool_id);
+        tracing::Instrument::instrument(self.probe_engine(pool_id, url), span).await
+    }
+
+    async fn probe_engine(&self, pool_id: &str, url: &str) -> (bool, Option<String>) {
         let client = EngineClient::new(
             self.http.clone(),
             url,

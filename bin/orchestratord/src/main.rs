@@ -12,7 +12,8 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    llorch_http::init_logging(config.json_logs);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let _telemetry = llorch_observability::init("orchestratord", host.trim(), config.json_logs);
     match orchestratord::run(config, llorch_http::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -181,6 +181,13 @@ impl Orchestrator {
     /// `POST /v2/tasks`.
     pub fn admit(self: &Arc<Self>, mut req: TaskRequest) -> Result<AdmissionResponse, ApiError> {
         let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "admission",
+            task_id = tracing::field::Empty,
+            session_id = req.session_id.as_deref(),
+            model = %req.model_ref
+        );
+        let _entered = span.enter();
         self.validate(&req)
             .map_err(|e| self.reject("invalid_params", e))?;
         if !self.is_accepting() {
@@ -247,7 +254,9 @@ impl Orchestrator {
                 let (position, ahead_tokens) = self.ahead_of(&id);
                 return Ok(self.admission_response(&existing, position, ahead_tokens));
             }
-            let task = Arc::new(Task::new(id.clone(), req, Instant::now()));
+            span.record("task_id", id.as_str());
+            let trace = llorch_observability::capture(&span);
+            let task = Arc::new(Task::new(id.clone(), req, Instant::now(), trace));
             let mut queue = self.queue.lock();
             if priority == Priority::Interactive && queue.depth(Priority::Batch) > 0 {
                 // Every queued batch task moves back one place.
@@ -495,6 +504,9 @@ impl Orchestrator {
                 })
             };
             let Some((task, pool_id)) = picked else { break };
+            let placement = tracing::info_span!("placement", task_id = %task.id, %pool_id);
+            llorch_observability::adopt(&placement, &task.trace);
+            let _placement = placement.entered();
             self.positions_dirty.store(true, Ordering::Relaxed);
             match self.pools.lease(&pool_id) {
                 Some(lease) => {

@@ -68,7 +68,19 @@ pub async fn run(orch: Arc<Orchestrator>, task: Arc<Task>, lease: SlotLease) {
 
     let dispatched = Instant::now();
     let mut first_token: Option<Instant> = None;
-    let outcome = stream(&orch, &task, &pool, &mut first_token).await;
+    let span = tracing::info_span!(
+        "dispatch",
+        task_id = %task.id,
+        pool_id = %pool_id,
+        session_id = task.req.session_id.as_deref(),
+        attempt
+    );
+    llorch_observability::adopt(&span, &task.trace);
+    let outcome = tracing::Instrument::instrument(
+        stream(&orch, &task, &pool, &mut first_token, &span),
+        span.clone(),
+    )
+    .await;
     let tokens_out = task.status(None).tokens_out;
     match outcome {
         Outcome::Done {
@@ -163,6 +175,7 @@ async fn stream(
     task: &Task,
     pool: &PoolEntry,
     first_token: &mut Option<Instant>,
+    span: &tracing::Span,
 ) -> Outcome {
     let req = &task.req;
     let body = CompletionRequest {
@@ -185,7 +198,10 @@ async fn stream(
         .as_ref()
         .and(orch.config.token.as_ref())
         .map(|t| t.expose());
-    let send = llamacpp_client::send_completion(&orch.engine_http, &url, bearer, &body);
+    // W3C traceparent: pool-managerd's engine_proxy span continues this dispatch span.
+    let mut headers = reqwest::header::HeaderMap::new();
+    llorch_observability::inject(span, &mut headers);
+    let send = llamacpp_client::send_completion(&orch.engine_http, &url, bearer, &headers, &body);
     let lost = pool.lost.clone();
     let mut resp = tokio::select! {
         _ = task.cancel.cancelled() => return Outcome::Cancelled,

@@ -60,6 +60,8 @@ struct StreamState {
     done: bool,
     verbose: bool,
     _guard: SubscriberGuard,
+    /// Lives as long as the stream: the span's duration is the subscription's.
+    _span: tracing::Span,
 }
 
 pub async fn events(
@@ -83,7 +85,10 @@ pub async fn events(
                 ApiError::new(ErrorCode::InvalidParams, "Last-Event-ID must be a frame id")
             })?,
     };
+    let span = tracing::info_span!("sse_stream", task_id = %task.id, from_frame = next);
+    llorch_observability::adopt(&span, &task.trace);
     let state = StreamState {
+        _span: span,
         rx: task.watch_frames(),
         _guard: SubscriberGuard::new(orch.clone(), task.clone()),
         task,

@@ -29,6 +29,9 @@ pub struct Task {
     pub deadline: Option<Instant>,
     /// Cancelled when the task must stop (client cancel, disconnect, shutdown).
     pub cancel: CancellationToken,
+    /// Trace context of the task's `admission` span: placement, dispatch and SSE spans hang
+    /// below it, so one task is one trace.
+    pub trace: llorch_observability::TraceContext,
     inner: Mutex<TaskInner>,
     frames_tx: watch::Sender<u64>,
     subscribers: AtomicUsize,
@@ -62,7 +65,12 @@ pub fn now_ms() -> u64 {
 }
 
 impl Task {
-    pub fn new(id: String, req: TaskRequest, now: Instant) -> Self {
+    pub fn new(
+        id: String,
+        req: TaskRequest,
+        now: Instant,
+        trace: llorch_observability::TraceContext,
+    ) -> Self {
         let deadline = req
             .deadline_ms
             .map(|ms| now + std::time::Duration::from_millis(ms));
@@ -73,6 +81,7 @@ impl Task {
             submitted_ms: now_ms(),
             deadline,
             cancel: CancellationToken::new(),
+            trace,
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
                 frames: Vec::new(),
@@ -272,7 +281,7 @@ mod tests {
             "model_ref": "m", "prompt": "p", "max_tokens": 3
         }))
         .unwrap();
-        Task::new("t".into(), req, Instant::now())
+        Task::new("t".into(), req, Instant::now(), Default::default())
     }
 
     #[test]

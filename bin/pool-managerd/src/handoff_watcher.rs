@@ -58,7 +58,10 @@ impl HandoffWatcher {
                     path,
                     file,
                     seen_at,
-                } => self.upserted(&path, file, seen_at).await,
+                } => {
+                    let span = tracing::info_span!("handoff_processing", pool_id = %file.pool_id);
+                    tracing::Instrument::instrument(self.upserted(&path, file, seen_at), span).await
+                }
                 HandoffEvent::Invalid { path, label, error } => {
                     tracing::warn!(path = %path.display(), %error, "ignoring invalid handoff file");
                     self.count(&label, "invalid");

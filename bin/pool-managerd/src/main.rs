@@ -12,7 +12,8 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    llorch_http::init_logging(config.json_logs);
+    let _telemetry =
+        llorch_observability::init("pool-managerd", &config.node_id.clone(), config.json_logs);
     match pool_managerd::run(config, llorch_http::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -64,11 +64,14 @@ pub async fn engine_proxy(
         }
         rb.send()
     };
-    let upstream = match send().await {
+    let span = tracing::info_span!("engine_proxy", pool_id = %id, path = %path);
+    let upstream = match tracing::Instrument::instrument(send(), span.clone()).await {
         Ok(r) => r,
         Err(e) if llamacpp_client::is_retryable_connection_error(&e) => {
             tracing::debug!(pool_id = %id, "engine closed the connection before answering; retrying once");
-            send().await.map_err(|e| unreachable_engine(&id, &e))?
+            tracing::Instrument::instrument(send(), span.clone())
+                .await
+                .map_err(|e| unreachable_engine(&id, &e))?
         }
         Err(e) => return Err(unreachable_engine(&id, &e)),
     };

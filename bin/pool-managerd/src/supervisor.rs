@@ -253,6 +253,11 @@ impl Supervisor {
 
     /// Health + slots probe of a running engine.
     async fn probe(&mut self, url: &str) -> Result<(), String> {
+        let span = tracing::info_span!("health_check", pool_id = %self.spec.id);
+        tracing::Instrument::instrument(self.probe_engine(url), span).await
+    }
+
+    async fn probe_engine(&mut self, url: &str) -> Result<(), String> {
         let client = EngineClient::new(
             self.shared.probe_http.clone(),
             url,
@@ -373,6 +378,13 @@ impl Supervisor {
                     .with_label_values(&[&self.spec.id])
                     .inc();
                 tracing::warn!(pool_id = %self.spec.id, %error, restart_count = self.sup.restart_count(), delay_ms = delay.as_millis() as u64, "engine failed; restarting");
+                // Open for the backoff wait: its duration is the restart delay actually served.
+                let _restart = tracing::info_span!(
+                    "engine_restart",
+                    pool_id = %self.spec.id,
+                    restart_count = self.sup.restart_count(),
+                    delay_ms = delay.as_millis() as u64
+                );
                 let wake = tokio::time::sleep(delay);
                 tokio::pin!(wake);
                 loop {

@@ -1,5 +1,5 @@
 //! HTTP pieces shared by orchestratord and pool-managerd, so both speak the same envelope,
-//! correlation ids and auth rules (DESIGN §3, §5).
+//! correlation ids, trace context and auth rules (DESIGN §3, §5).
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -127,6 +127,9 @@ pub async fn correlation_id(mut req: Request, next: Next) -> Response {
     let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     req.headers_mut().insert(CORRELATION_HEADER, value.clone());
     let span = tracing::info_span!("request", correlation_id = %id, method = %req.method(), path = %req.uri().path());
+    // A caller's W3C `traceparent` (the other daemon, or a client) makes this request part of
+    // its trace.
+    llorch_observability::set_parent_from(&span, req.headers());
     let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
     resp.headers_mut().insert(CORRELATION_HEADER, value);
     resp
@@ -192,27 +195,6 @@ pub async fn shutdown_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-/// `tracing` to stderr, JSON lines or human-readable (ANSI only on a terminal); filter from
-/// `RUST_LOG`, default `info`.
-pub fn init_logging(json: bool) {
-    use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init();
-    } else {
-        builder.init();
     }
 }
 

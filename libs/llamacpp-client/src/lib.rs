@@ -246,10 +246,11 @@ pub async fn send_completion(
     http: &reqwest::Client,
     url: &str,
     bearer: Option<&str>,
+    headers: &reqwest::header::HeaderMap,
     body: &CompletionRequest,
 ) -> Result<reqwest::Response, reqwest::Error> {
     let send = || {
-        let mut rb = http.post(url).json(body);
+        let mut rb = http.post(url).headers(headers.clone()).json(body);
         if let Some(token) = bearer {
             rb = rb.bearer_auth(token);
         }

@@ -54,7 +54,7 @@ fn request() -> CompletionRequest {
 async fn connection_closed_before_response_is_retried_once_on_a_fresh_connection() {
     let (url, seen) = server_dropping_first(1).await;
     let http = reqwest::Client::new();
-    let resp = send_completion(&http, &url, None, &request())
+    let resp = send_completion(&http, &url, None, &Default::default(), &request())
         .await
         .expect("retry should succeed");
     assert_eq!(resp.status(), 200);
@@ -69,7 +69,7 @@ async fn connection_closed_before_response_is_retried_once_on_a_fresh_connection
 async fn a_second_failure_is_returned_not_retried_forever() {
     let (url, seen) = server_dropping_first(usize::MAX).await;
     let http = reqwest::Client::new();
-    let err = send_completion(&http, &url, None, &request())
+    let err = send_completion(&http, &url, None, &Default::default(), &request())
         .await
         .unwrap_err();
     assert!(
