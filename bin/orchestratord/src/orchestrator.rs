@@ -416,7 +416,7 @@ impl Orchestrator {
                 .tasks_completed
                 .with_label_values(&[&outcome, &pool])
                 .inc();
-            tracing::info!(task_id = %task.id, pool_id = %pool, outcome, "task finished");
+            tracing::info!(task_id = %task.id, pool_id = %pool, session_id = task.req.session_id.as_deref(), outcome, "task finished");
         }
     }
 

@@ -130,7 +130,22 @@ pub async fn correlation_id(mut req: Request, next: Next) -> Response {
     // A caller's W3C `traceparent` (the other daemon, or a client) makes this request part of
     // its trace.
     llorch_observability::set_parent_from(&span, req.headers());
-    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    let started = std::time::Instant::now();
+    let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    let status = resp.status().as_u16();
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, latency_ms, outcome = "error", "request finished");
+        } else {
+            tracing::debug!(
+                status,
+                latency_ms,
+                outcome = if status < 400 { "ok" } else { "rejected" },
+                "request finished"
+            );
+        }
+    });
     resp.headers_mut().insert(CORRELATION_HEADER, value);
     resp
 }

@@ -86,7 +86,7 @@ pub fn init(service: &'static str, node_id: &str, json: bool) -> Telemetry {
         fmt.json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .boxed()
     } else {
         fmt.boxed()

@@ -150,3 +150,65 @@ async fn drain_and_reload_are_forwarded_to_pool_managerd() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_correlation_and_task_fields_and_never_the_token() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 1024),
+        orch_env: vec![
+            ("ORCHD_LOG_FORMAT", "json".into()),
+            (
+                "RUST_LOG",
+                "info,orchestratord=debug,llorch_http=debug".into(),
+            ),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let r = s
+        .http
+        .post(format!("{}/v2/tasks", s.base))
+        .header("x-correlation-id", "corr-json-1")
+        .json(&serde_json::json!({"task_id": "json-task-1", "model_ref": "tiny", "prompt": "x", "max_tokens": 3, "session_id": "sess-9"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    s.wait_task("json-task-1", Duration::from_secs(10)).await;
+    let log = s.orch_log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(!lines.is_empty(), "no JSON log lines:\n{log}");
+    let request_lines: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| {
+            l["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|sp| sp["correlation_id"] == "corr-json-1"))
+        })
+        .collect();
+    assert!(
+        request_lines
+            .iter()
+            .any(|l| l["message"] == "request finished"
+                && l["latency_ms"].is_number()
+                && l["outcome"] == "ok"),
+        "{request_lines:?}"
+    );
+    assert!(
+        request_lines
+            .iter()
+            .any(|l| l["message"] == "task admitted"),
+        "admission line lacks the request's correlation_id"
+    );
+    let finished = lines
+        .iter()
+        .find(|l| l["message"] == "task finished" && l["task_id"] == "json-task-1")
+        .expect("task finished line");
+    assert_eq!(finished["pool_id"], "p0");
+    assert_eq!(finished["outcome"], "end");
+    assert!(lines.iter().all(|l| l["target"].is_string()));
+    assert!(!log.contains(TOKEN));
+}
