@@ -118,6 +118,9 @@ use tracing_subscriber::Layer as _;
 
 /// Adds `traceparent` for `span` to outgoing request headers (no-op when tracing is off).
 pub fn inject(span: &tracing::Span, headers: &mut axum::http::HeaderMap) {
+    if span.is_disabled() {
+        return;
+    }
     let cx = span.context();
     TraceContextPropagator::new()
         .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
@@ -145,10 +148,15 @@ impl std::fmt::Debug for TraceContext {
 
 /// The trace context of `span`, for children created after it closes.
 pub fn capture(span: &tracing::Span) -> TraceContext {
+    if span.is_disabled() {
+        return TraceContext::default();
+    }
     TraceContext(span.context())
 }
 
 /// Makes `span` a child of `cx` in the exported trace.
 pub fn adopt(span: &tracing::Span, cx: &TraceContext) {
-    let _ = span.set_parent(cx.0.clone());
+    if !span.is_disabled() {
+        let _ = span.set_parent(cx.0.clone());
+    }
 }

@@ -551,6 +551,23 @@ async fn one_task_is_one_trace_across_both_daemons() {
             "{s:?}"
         );
     }
+    // A crashed engine's restart is traced on the node too.
+    let handoff = llorch_contracts::HandoffFile::parse(
+        &std::fs::read(node.runtime_dir.join("t0.json")).unwrap(),
+    )
+    .unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &handoff.pid.unwrap().to_string()])
+        .status()
+        .unwrap();
+    wait_for("engine_restart span", Duration::from_secs(15), || async {
+        spans
+            .lock()
+            .iter()
+            .any(|s| s.name == "engine_restart" && s.service == "pool-managerd")
+            .then_some(())
+    })
+    .await;
     for s in &got {
         for (k, v) in &s.attrs {
             assert!(
