@@ -350,10 +350,13 @@ async fn register_node(
         ));
     }
     let address = reg.address.trim_end_matches('/');
-    if !(address.starts_with("http://") || address.starts_with("https://")) {
+    if !address.starts_with("http://") {
         return Err(ApiError::new(
             ErrorCode::InvalidParams,
-            "address must be an http(s) URL",
+            format!(
+                "address must be an http:// URL ({})",
+                crate::config::TLS_NOTE
+            ),
         ));
     }
     if !llorch_contracts::handoff::is_valid_pool_id(&reg.node_id) {

@@ -224,11 +224,9 @@ impl Config {
                 "ORCHD_MAX_TOKENS_CAP must be at least 1".into(),
             ));
         }
-        if !(a.pool_manager_url.starts_with("http://")
-            || a.pool_manager_url.starts_with("https://"))
-        {
+        if !a.pool_manager_url.starts_with("http://") {
             return Err(ConfigError::Invalid(format!(
-                "ORCHD_POOL_MANAGER_URL {:?} must start with http:// or https://",
+                "ORCHD_POOL_MANAGER_URL {:?} must start with http:// ({TLS_NOTE})",
                 a.pool_manager_url
             )));
         }
@@ -280,12 +278,17 @@ impl Config {
     }
 }
 
+/// This build speaks plain HTTP between the daemons; https URLs are refused at startup
+/// rather than failing at the first request.
+pub const TLS_NOTE: &str =
+    "this build has no TLS client: keep daemon-to-daemon traffic on a private network or behind a TLS-terminating proxy on each end";
+
 fn parse_managers(list: &str) -> Result<Vec<String>, ConfigError> {
     let mut out = Vec::new();
     for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        if !url.starts_with("http://") {
             return Err(ConfigError::Invalid(format!(
-                "ORCHD_POOL_MANAGERS entry {url:?} must start with http:// or https://"
+                "ORCHD_POOL_MANAGERS entry {url:?} must start with http:// ({TLS_NOTE})"
             )));
         }
         let url = url.trim_end_matches('/').to_string();
@@ -324,6 +327,8 @@ mod tests {
         assert_eq!(c.pool_managers, vec!["http://a:9200", "http://b:9200"]);
         assert!(parse(&["--profile=cloud", token, "--node-registration=true"]).is_ok());
         assert!(parse(&["--profile=cloud", token, "--pool-managers=ftp://a"]).is_err());
+        let e = parse(&["--profile=cloud", token, "--pool-managers=https://a:9200"]).unwrap_err();
+        assert!(e.to_string().contains("no TLS client"), "{e}");
         let e = parse(&[token, "--pool-managers=http://a:9200"]).unwrap_err();
         assert!(e.to_string().contains("ORCHD_PROFILE=cloud"), "{e}");
         assert!(parse(&["--profile=space", token]).is_err());

@@ -263,9 +263,9 @@ impl Config {
             None => None,
             Some(url) => {
                 let url = url.trim_end_matches('/').to_string();
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                if !url.starts_with("http://") {
                     return Err(ConfigError::Invalid(format!(
-                        "POOL_MANAGERD_ORCHESTRATORD_URL {url:?} must start with http:// or https://"
+                        "POOL_MANAGERD_ORCHESTRATORD_URL {url:?} must start with http:// (this build has no TLS client: keep daemon-to-daemon traffic on a private network or behind a TLS-terminating proxy)"
                     )));
                 }
                 if token.is_none() {

@@ -118,9 +118,9 @@ impl HandoffFile {
                 self.pool_id
             )));
         }
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+        if !self.url.starts_with("http://") {
             return Err(HandoffError::Invalid(format!(
-                "url {:?} must start with http:// or https://",
+                "url {:?} must start with http:// (engines are reached over plain HTTP)",
                 self.url
             )));
         }
