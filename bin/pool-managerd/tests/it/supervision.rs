@@ -90,7 +90,7 @@ async fn killed_engine_is_restarted_and_the_other_pool_is_never_disturbed() {
             "pool_engine_restarts_total",
             &[("pool_id", "bystander")]
         ),
-        None
+        Some(0.0)
     );
 }
 
