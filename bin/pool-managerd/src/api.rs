@@ -5,14 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
-use futures_util::TryStreamExt;
 use llorch_contracts::{DrainRequest, ErrorCode, PoolsResponse, ReloadRequest};
 pub use llorch_http::{ApiError, ApiJson};
 use tokio::sync::oneshot;
@@ -154,38 +152,4 @@ async fn reload(
             "reload did not finish in time",
         )),
     }
-}
-
-/// Headers never forwarded between client and engine (hop-by-hop, and our own credentials).
-pub fn is_unforwarded_header(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "authorization"
-            | "host"
-            | "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "content-length"
-    )
-}
-
-pub fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    for (name, value) in from {
-        if !is_unforwarded_header(name) {
-            to.append(name.clone(), value.clone());
-        }
-    }
-}
-
-pub fn method_allows_body(m: &Method) -> bool {
-    !matches!(*m, Method::GET | Method::HEAD)
-}
-
-pub fn stream_body(resp: reqwest::Response) -> Body {
-    Body::from_stream(resp.bytes_stream().map_err(std::io::Error::other))
 }

@@ -19,17 +19,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::state::Shared;
 
-struct ExternalPool {
-    cancel: CancellationToken,
-}
-
 pub struct HandoffWatcher {
     shared: Arc<Shared>,
     /// Pool registered by each handoff file path (external pools only).
     registered_by: HashMap<PathBuf, String>,
     /// Paths we deleted ourselves after ingesting (auto-delete): their removal retires nothing.
     auto_deleted: HashSet<PathBuf>,
-    external: HashMap<String, ExternalPool>,
+    /// Probe task of each external pool, by pool id.
+    external: HashMap<String, CancellationToken>,
     probes: TaskTracker,
     cancel: CancellationToken,
 }
@@ -71,7 +68,7 @@ impl HandoffWatcher {
         }
         let _ = watcher.await;
         for (_, pool) in self.external.drain() {
-            pool.cancel.cancel();
+            pool.cancel();
         }
         self.probes.close();
         self.probes.wait().await;
@@ -118,7 +115,7 @@ impl HandoffWatcher {
             return;
         };
         if let Some(pool) = self.external.remove(&pool_id) {
-            pool.cancel.cancel();
+            pool.cancel();
         }
         self.shared.registry.write().remove(&pool_id);
         self.count(&pool_id, "retired");
@@ -127,7 +124,7 @@ impl HandoffWatcher {
 
     async fn register_external(&mut self, file: &HandoffFile) {
         if let Some(old) = self.external.remove(&file.pool_id) {
-            old.cancel.cancel();
+            old.cancel();
         }
         let mut status = PoolStatus {
             pool_id: file.pool_id.clone(),
@@ -158,12 +155,7 @@ impl HandoffWatcher {
         probe_external(&self.shared, &client, &mut status).await;
         self.shared.registry.write().upsert(status.clone());
         let cancel = self.cancel.child_token();
-        self.external.insert(
-            file.pool_id.clone(),
-            ExternalPool {
-                cancel: cancel.clone(),
-            },
-        );
+        self.external.insert(file.pool_id.clone(), cancel.clone());
         let shared = self.shared.clone();
         self.probes.spawn(async move {
             let mut tick = tokio::time::interval(shared.config.health_interval);

@@ -6,11 +6,12 @@
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName, Method};
 use axum::response::Response;
+use futures_util::TryStreamExt;
 use llorch_contracts::{ErrorCode, PoolState};
 
-use crate::api::{copy_headers, method_allows_body, stream_body, ApiError, AppState};
+use crate::api::{ApiError, AppState};
 
 pub async fn engine_proxy(
     State(state): State<AppState>,
@@ -95,4 +96,38 @@ fn unreachable_engine(id: &str, e: &reqwest::Error) -> ApiError {
         format!("engine of pool {id:?} is unreachable"),
     )
     .with_retry_after(1000)
+}
+
+/// Headers never forwarded between client and engine (hop-by-hop, and our own credentials).
+fn is_unforwarded_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "authorization"
+            | "host"
+            | "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+    )
+}
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for (name, value) in from {
+        if !is_unforwarded_header(name) {
+            to.append(name.clone(), value.clone());
+        }
+    }
+}
+
+fn method_allows_body(m: &Method) -> bool {
+    !matches!(*m, Method::GET | Method::HEAD)
+}
+
+fn stream_body(resp: reqwest::Response) -> Body {
+    Body::from_stream(resp.bytes_stream().map_err(std::io::Error::other))
 }

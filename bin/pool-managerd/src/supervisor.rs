@@ -49,7 +49,6 @@ pub struct Supervisor {
     commands: mpsc::Receiver<Command>,
     cancel: CancellationToken,
     url: Option<String>,
-    pid: Option<u32>,
     slots_free: u32,
     instance: u64,
 }
@@ -75,7 +74,6 @@ impl Supervisor {
             commands,
             cancel,
             url: None,
-            pid: None,
             slots_free: 0,
             instance: 0,
         }
@@ -177,7 +175,6 @@ impl Supervisor {
     fn became_ready(&mut self, engine: &EngineProcess) {
         self.sup.on_ready(Instant::now().into_std());
         self.url = Some(engine.url.clone());
-        self.pid = Some(engine.pid);
         self.slots_free = self.spec.slots;
         let file = HandoffFile {
             version: HANDOFF_VERSION,
@@ -318,7 +315,6 @@ impl Supervisor {
         engine.stop(self.shared.config.shutdown_grace).await;
         self.sup.on_stopped();
         self.url = None;
-        self.pid = None;
         self.publish();
         if self.cancel.is_cancelled() {
             Next::Exit
@@ -364,7 +360,6 @@ impl Supervisor {
     async fn failure(&mut self, error: String) -> Next {
         llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
         self.url = None;
-        self.pid = None;
         let jitter: f64 = rand::random();
         let action = self
             .sup

@@ -139,18 +139,13 @@ fn classify(e: reqwest::Error, timeout: Duration) -> EngineError {
     if e.is_timeout() {
         EngineError::Timeout(timeout)
     } else {
-        EngineError::Unreachable(without_url(&e))
+        EngineError::Unreachable(error_chain(&e))
     }
 }
 
-/// The cause chain of a request error, without the URL.
+/// The cause chain of a request error, without the URL (reqwest prints it; the message reads
+/// better without, and never carries query strings into logs).
 pub fn error_chain(e: &reqwest::Error) -> String {
-    without_url(e)
-}
-
-/// reqwest errors print the URL; keep only the cause chain (URLs are loopback, but the message
-/// reads better without them and never carries query strings into logs).
-fn without_url(e: &reqwest::Error) -> String {
     let mut msg = String::new();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -175,7 +170,7 @@ pub fn is_retryable_connection_error(e: &reqwest::Error) -> bool {
     if !e.is_request() {
         return false;
     }
-    let text = without_url(e).to_ascii_lowercase();
+    let text = error_chain(e).to_ascii_lowercase();
     text.contains("connection closed")
         || text.contains("connection reset")
         || text.contains("broken pipe")
