@@ -43,8 +43,6 @@ pub struct Orchestrator {
     pub engine_http: reqwest::Client,
     pub control_http: reqwest::Client,
     accepting: AtomicBool,
-    /// Some queued task's position changed since the last `queued` updates went out.
-    positions_dirty: AtomicBool,
     /// Owner of every task runner.
     pub runners: TaskTracker,
 }
@@ -84,7 +82,6 @@ impl Orchestrator {
             estimator: Mutex::new(ThroughputEstimator::default()),
             tasks: RwLock::new(HashMap::new()),
             accepting: AtomicBool::new(true),
-            positions_dirty: AtomicBool::new(false),
             runners: TaskTracker::new(),
             wake,
             engine_http,
@@ -258,10 +255,6 @@ impl Orchestrator {
             let trace = llorch_observability::capture(&span);
             let task = Arc::new(Task::new(id.clone(), req, Instant::now(), trace));
             let mut queue = self.queue.lock();
-            if priority == Priority::Interactive && queue.depth(Priority::Batch) > 0 {
-                // Every queued batch task moves back one place.
-                self.positions_dirty.store(true, Ordering::Relaxed);
-            }
             let weight = u64::from(task.req.max_tokens);
             match queue.admit(task.clone(), priority, weight, self.config.admission_policy) {
                 Ok(a) => {
@@ -293,7 +286,6 @@ impl Orchestrator {
             .lock()
             .push(Expiry::of(&task, self.config.max_queue_wait));
         if let Some(dropped) = admitted.dropped {
-            self.positions_dirty.store(true, Ordering::Relaxed);
             tracing::info!(task_id = %dropped.id, "queue full: dropped oldest queued batch task");
             self.finish(
                 &dropped,
@@ -429,7 +421,6 @@ impl Orchestrator {
         task.cancel_with(reason);
         let removed = self.queue.lock().remove(|t| t.id == task.id).is_some();
         if removed {
-            self.positions_dirty.store(true, Ordering::Relaxed);
             self.metrics
                 .tasks_canceled
                 .with_label_values(&["queued"])
@@ -447,14 +438,14 @@ impl Orchestrator {
         // queue churns (each pass is linear in the queue length).
         const POSITION_INTERVAL: Duration = Duration::from_millis(50);
         let mut last_publish = Instant::now() - POSITION_INTERVAL;
+        let mut published_reorders = 0;
         loop {
             self.dispatch_ready();
             let mut next = self.expire_queued();
-            if self.positions_dirty.load(Ordering::Relaxed) {
+            if self.queue.lock().reorders() != published_reorders {
                 let due = last_publish + POSITION_INTERVAL;
                 if Instant::now() >= due {
-                    self.positions_dirty.store(false, Ordering::Relaxed);
-                    self.publish_positions();
+                    published_reorders = self.publish_positions();
                     last_publish = Instant::now();
                 } else {
                     next = Some(next.map_or(due, |n| n.min(due)));
@@ -507,7 +498,6 @@ impl Orchestrator {
             let placement = tracing::info_span!("placement", task_id = %task.id, %pool_id);
             llorch_observability::adopt(&placement, &task.trace);
             let _placement = placement.entered();
-            self.positions_dirty.store(true, Ordering::Relaxed);
             match self.pools.lease(&pool_id) {
                 Some(lease) => {
                     self.update_depth();
@@ -529,7 +519,6 @@ impl Orchestrator {
 
     /// Puts a task that failed before its first token back at the front of the queue.
     pub fn requeue(&self, task: Arc<Task>) {
-        self.positions_dirty.store(true, Ordering::Relaxed);
         let priority = task.req.priority;
         let weight = u64::from(task.req.max_tokens);
         self.expiries
@@ -586,15 +575,16 @@ impl Orchestrator {
             self.finish(t, TaskEvent::Error(event));
         }
         if !expired.is_empty() {
-            self.positions_dirty.store(true, Ordering::Relaxed);
             self.update_depth();
         }
         next
     }
 
-    fn publish_positions(&self) {
+    /// Sends `queued` updates to tasks whose position changed; returns the queue's reorder
+    /// count they reflect.
+    fn publish_positions(&self) -> u64 {
         let (free, total) = self.slot_totals();
-        let changed: Vec<(Arc<Task>, u32, u64)> = {
+        let (changed, reorders): (Vec<(Arc<Task>, u32, u64)>, u64) = {
             let queue = self.queue.lock();
             let mut ahead_tokens = 0;
             let mut out = Vec::new();
@@ -604,7 +594,7 @@ impl Orchestrator {
                 }
                 ahead_tokens += w;
             }
-            out
+            (out, queue.reorders())
         };
         let estimator = self.estimator.lock().clone();
         for (t, pos, ahead_tokens) in changed {
@@ -620,6 +610,7 @@ impl Orchestrator {
                 predicted_start_ms: predicted,
             });
         }
+        reorders
     }
 
     /// Shutdown, first step: refuse new tasks and end every queued one.

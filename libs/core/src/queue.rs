@@ -43,6 +43,9 @@ pub struct AdmissionQueue<T> {
     interactive: VecDeque<(T, u64)>,
     batch: VecDeque<(T, u64)>,
     weights: [u64; 2],
+    /// Bumped whenever an entry's position may have changed (not on a plain append at the
+    /// back), so position updates are sent only when there is something to tell.
+    reorders: u64,
 }
 
 fn idx(p: Priority) -> usize {
@@ -59,6 +62,7 @@ impl<T> AdmissionQueue<T> {
             interactive: VecDeque::new(),
             batch: VecDeque::new(),
             weights: [0, 0],
+            reorders: 0,
         }
     }
 
@@ -81,6 +85,11 @@ impl<T> AdmissionQueue<T> {
         }
     }
 
+    /// Changes whenever some entry's position may have moved.
+    pub fn reorders(&self) -> u64 {
+        self.reorders
+    }
+
     /// Sum of the weights queued in a class.
     pub fn class_weight(&self, p: Priority) -> u64 {
         self.weights[idx(p)]
@@ -95,6 +104,7 @@ impl<T> AdmissionQueue<T> {
 
     fn taken(&mut self, p: Priority, (item, weight): (T, u64)) -> T {
         self.weights[idx(p)] -= weight;
+        self.reorders += 1;
         item
     }
 
@@ -124,6 +134,9 @@ impl<T> AdmissionQueue<T> {
                 },
             }
         }
+        if priority == Priority::Interactive && !self.batch.is_empty() {
+            self.reorders += 1; // every queued batch entry moves back one place
+        }
         self.class(priority).push_back((item, weight));
         self.weights[idx(priority)] += weight;
         let position = match priority {
@@ -138,6 +151,7 @@ impl<T> AdmissionQueue<T> {
     pub fn requeue_front(&mut self, item: T, priority: Priority, weight: u64) {
         self.class(priority).push_front((item, weight));
         self.weights[idx(priority)] += weight;
+        self.reorders += 1;
     }
 
     /// Removes the first entry matching `pred`.
@@ -208,6 +222,29 @@ mod tests {
         let order: Vec<_> =
             std::iter::from_fn(|| q.take_first(|_| Some(())).map(|(i, _)| i)).collect();
         assert_eq!(order, vec![2, 4, 1, 3]);
+    }
+
+    #[test]
+    fn reorders_change_only_when_a_position_may_move() {
+        let mut q = AdmissionQueue::new(10);
+        q.admit(1, Batch, 1, AdmissionPolicy::Reject).unwrap();
+        q.admit(2, Batch, 1, AdmissionPolicy::Reject).unwrap();
+        let r = q.reorders();
+        assert_eq!(r, 0, "appends move nobody");
+        q.admit(3, Interactive, 1, AdmissionPolicy::Reject).unwrap();
+        assert!(
+            q.reorders() > r,
+            "an interactive entry moves the batch ones back"
+        );
+        let r = q.reorders();
+        q.remove(|x| *x == 1);
+        assert!(q.reorders() > r);
+        let r = q.reorders();
+        q.take_first(|_| Some(()));
+        assert!(q.reorders() > r);
+        let r = q.reorders();
+        q.requeue_front(9, Batch, 1);
+        assert!(q.reorders() > r);
     }
 
     #[test]
