@@ -358,17 +358,10 @@ impl Orchestrator {
     /// Predicted start from measured throughput: the work of the `ahead` tasks (with
     /// `ahead_tokens` between them) beyond the free slots, spread over all ready slots.
     fn predicted_start_ms(&self, ahead: u64, ahead_tokens: u64, own_tokens: u32) -> u64 {
-        let (free, total) = self.slot_totals();
+        let (free, total) = self.pools.slot_totals();
         self.estimator
             .lock()
             .predicted_start_ms(ahead, ahead_tokens, own_tokens, free, total)
-    }
-
-    /// Free and total slots over ready pools.
-    fn slot_totals(&self) -> (u32, u32) {
-        let views = self.pools.views();
-        let ready = views.iter().filter(|v| v.ready && !v.draining);
-        ready.fold((0, 0), |(f, t), v| (f + v.free_slots(), t + v.slots_total))
     }
 
     /// Suggested client backoff when the queue is full: the predicted wait of a task at the
@@ -583,7 +576,7 @@ impl Orchestrator {
     /// Sends `queued` updates to tasks whose position changed; returns the queue's reorder
     /// count they reflect.
     fn publish_positions(&self) -> u64 {
-        let (free, total) = self.slot_totals();
+        let (free, total) = self.pools.slot_totals();
         let (changed, reorders): (Vec<(Arc<Task>, u32, u64)>, u64) = {
             let queue = self.queue.lock();
             let mut ahead_tokens = 0;

@@ -126,6 +126,20 @@ impl PoolTable {
             .collect()
     }
 
+    /// Free and total slots over ready pools (no copies: this is on the admission path).
+    pub fn slot_totals(&self) -> (u32, u32) {
+        self.pools
+            .read()
+            .values()
+            .filter(|p| p.ready())
+            .fold((0, 0), |(f, t), p| {
+                (
+                    f + p.slots_total.saturating_sub(p.in_flight),
+                    t + p.slots_total,
+                )
+            })
+    }
+
     /// True when some known pool (ready or not) serves `model`.
     pub fn serves(&self, model: &str) -> bool {
         self.pools.read().values().any(|p| p.model_id == model)

@@ -225,6 +225,8 @@ async fn stream(
     }
     let mut parser = SseParser::new();
     let mut i: u32 = 0;
+    // Looked up once: the loop below runs per token.
+    let tokens_out = orch.metrics.tokens_out.with_label_values(&[&pool.pool_id]);
     loop {
         let wait = if i == 0 {
             first_timeout
@@ -280,10 +282,7 @@ async fn stream(
                     *first_token = Some(Instant::now());
                 }
                 task.emit(&TaskEvent::Token { t: c.content, i });
-                orch.metrics
-                    .tokens_out
-                    .with_label_values(&[&pool.pool_id])
-                    .inc();
+                tokens_out.inc();
                 i += 1;
             }
             if c.stop {
