@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -35,23 +34,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/nodes", get(nodes))
         .route("/v2/nodes/register", post(register_node))
         .route("/v2/nodes/{id}/heartbeat", post(heartbeat))
-        .route("/v2/nodes/{id}", axum::routing::delete(deregister_node))
-        .route_layer(middleware::from_fn_with_state(
-            state.config.token.clone(),
-            llorch_http::require_token,
-        ));
-    Router::new()
+        .route("/v2/nodes/{id}", axum::routing::delete(deregister_node));
+    let public = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .merge(authed)
-        .fallback(llorch_http::not_found)
-        .method_not_allowed_fallback(llorch_http::method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(
-            state.config.max_body_bytes,
-        ))
-        .layer(middleware::from_fn(llorch_http::correlation_id))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    llorch_http::assemble(
+        public,
+        authed,
+        state.config.token.clone(),
+        state.config.max_body_bytes,
+    )
+    .with_state(state)
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
-use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
@@ -30,21 +29,15 @@ pub fn router(state: AppState) -> Router {
             "/v2/pools/{id}/engine/{*path}",
             any(crate::proxy::engine_proxy),
         )
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(
-            state.config.token.clone(),
-            llorch_http::require_token,
-        ));
-    Router::new()
-        .route("/health", get(health))
-        .merge(authed)
-        .fallback(llorch_http::not_found)
-        .method_not_allowed_fallback(llorch_http::method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(
-            state.config.max_body_bytes,
-        ))
-        .layer(middleware::from_fn(llorch_http::correlation_id))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    let public = Router::new().route("/health", get(health));
+    llorch_http::assemble(
+        public,
+        authed,
+        state.config.token.clone(),
+        state.config.max_body_bytes,
+    )
+    .with_state(state)
 }
 
 async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {

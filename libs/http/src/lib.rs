@@ -186,6 +186,23 @@ pub fn parse_log_format(variable: &str, value: &str) -> Result<bool, String> {
     }
 }
 
+/// The one way both daemons assemble their API: `public` routes open, `authed` routes behind
+/// the shared token, envelope answers for unknown routes and methods, the body limit, and the
+/// correlation-id layer outermost.
+pub fn assemble<S: Clone + Send + Sync + 'static>(
+    public: axum::Router<S>,
+    authed: axum::Router<S>,
+    token: Option<auth_min::Token>,
+    max_body_bytes: usize,
+) -> axum::Router<S> {
+    public
+        .merge(authed.route_layer(axum::middleware::from_fn_with_state(token, require_token)))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(correlation_id))
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such endpoint")
 }
