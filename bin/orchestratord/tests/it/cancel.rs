@@ -48,11 +48,11 @@ async fn cancelled_queued_task_never_reaches_the_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_running_task_ends_cancelled_and_frees_the_engine_slot_within_a_second() {
     let s = Stack::start(StackOptions {
-        pools_toml: pool_toml("p0", 1, 8192),
+        pools_toml: pool_toml_for(&slow_model(), "p0", 1, 4096),
         ..Default::default()
     })
     .await;
-    let id = s.submit_ok(task("the", 8000)).await.task_id;
+    let id = s.submit_ok(task("the", 2000)).await.task_id;
     let mut ev = s.open_events(&id, None).await;
     ev.next_named("token").await.unwrap();
     assert_eq!(s.engine_slots_busy("p0").await, 1);
@@ -71,11 +71,11 @@ async fn cancelled_running_task_ends_cancelled_and_frees_the_engine_slot_within_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_the_last_event_stream_cancels_the_task_and_frees_the_slot() {
     let s = Stack::start(StackOptions {
-        pools_toml: pool_toml("p0", 1, 8192),
+        pools_toml: pool_toml_for(&slow_model(), "p0", 1, 4096),
         ..Default::default()
     })
     .await;
-    let id = s.submit_ok(task("the", 8000)).await.task_id;
+    let id = s.submit_ok(task("the", 2000)).await.task_id;
     let mut first = s.open_events(&id, None).await;
     let mut second = s.open_events(&id, None).await;
     first.next_named("token").await.unwrap();

@@ -14,9 +14,15 @@ use tokio::process::{Child, Command};
 pub const TOKEN: &str = "orchd-test-token-7d2e9f01a4b3";
 
 pub fn pool_toml(id: &str, slots: u32, ctx: u32) -> String {
+    pool_toml_for(&tiny_model(), id, slots, ctx)
+}
+
+/// A pool of `model`, served as model id `tiny` (the slow model generates a few hundred
+/// tokens/s: for tests that must tell an abort from a natural end).
+pub fn pool_toml_for(model: &Path, id: &str, slots: u32, ctx: u32) -> String {
     format!(
         "[[pools]]\nid = \"{id}\"\nmodel = \"{}\"\nmodel_id = \"tiny\"\nslots = {slots}\nctx = {ctx}\nargs = [\"--threads\", \"1\"]\n",
-        tiny_model().display()
+        model.display()
     )
 }
 

@@ -81,7 +81,8 @@ async fn streamed_completion_through_proxy_arrives_while_engine_still_generating
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_aborts_the_upstream_generation() {
     let d = Daemon::start(DaemonOptions {
-        pools_toml: pool_toml("abort", &tiny_model(), 1, 8192),
+        // The slow model: finishing 2000 tokens takes seconds, an abort shows within one.
+        pools_toml: pool_toml("abort", &slow_model(), 1, 4096),
         ..Default::default()
     })
     .await;
@@ -90,7 +91,7 @@ async fn client_disconnect_aborts_the_upstream_generation() {
         .http
         .post(format!("{}/v2/pools/abort/engine/completion", d.base))
         .json(&serde_json::json!({
-            "prompt": "the", "n_predict": 8000, "ignore_eos": true, "stream": true
+            "prompt": "the", "n_predict": 2000, "ignore_eos": true, "stream": true
         }))
         .send()
         .await
@@ -101,7 +102,7 @@ async fn client_disconnect_aborts_the_upstream_generation() {
     drop(body);
     wait_for(
         "engine slot to go idle after client disconnect",
-        Duration::from_secs(3),
+        Duration::from_secs(1),
         || {
             let url = engine_url.clone();
             async move { (busy_slots(&url).await == 0).then_some(()) }
