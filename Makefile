@@ -11,7 +11,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins demo up lint test bench bench-build bench-handoff bench-admission bench-stream bench-cloud clean-cache
+.PHONY: help deps engine model build bins demo up lint test bench bench-build bench-handoff bench-admission bench-stream bench-cloud bench-relay-cpu clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -50,7 +50,7 @@ test: engine model lint
 	$(CARGO) test --workspace
 	@$(MAKE) --no-print-directory demo
 
-bench: bench-handoff bench-admission bench-stream bench-cloud
+bench: bench-handoff bench-admission bench-stream bench-cloud bench-relay-cpu
 
 bench-build:
 	$(CARGO) build --release -p pool-managerd -p orchestratord -p llorch-bench
@@ -72,3 +72,8 @@ clean-cache:
 bench-cloud: engine model bench-build
 	$(TARGET)/release/cloud-vs-home --orchestratord $(TARGET)/release/orchestratord \
 	  --pool-managerd $(TARGET)/release/pool-managerd --engine $(ENGINE) --model $(MODEL) --runs 20 --tokens 1024
+
+bench-relay-cpu: engine model bench-build
+	$(TARGET)/release/relay-cpu --orchestratord $(TARGET)/release/orchestratord \
+	  --pool-managerd $(TARGET)/release/pool-managerd --engine $(ENGINE) --model $(MODEL) \
+	  --rounds 5 --streams 4 --tokens 512

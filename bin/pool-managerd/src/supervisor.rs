@@ -231,18 +231,17 @@ impl Supervisor {
                         }
                     }
                 }
-                cmd = self.commands.recv() => match cmd {
-                    Some(Command::Drain { deadline, reply }) => {
+                cmd = next_command(&mut self.commands) => match cmd {
+                    Command::Drain { deadline, reply } => {
                         self.sup.on_drain();
                         llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
                         self.publish();
                         let _ = reply.send(Ok(()));
                         return self.drain(engine, deadline).await;
                     }
-                    Some(Command::Reload { model_path, reply }) => {
+                    Command::Reload { model_path, reply } => {
                         engine = self.reload(engine, model_path, reply).await;
                     }
-                    None => {}
                 }
             }
         }
@@ -386,15 +385,14 @@ impl Supervisor {
                     tokio::select! {
                         _ = self.cancel.cancelled() => return Next::Exit,
                         _ = &mut wake => return Next::Start,
-                        cmd = self.commands.recv() => match cmd {
-                            Some(Command::Reload { model_path, reply }) => return self.reload_from_idle(model_path, reply).await,
-                            Some(Command::Drain { reply, .. }) => {
+                        cmd = next_command(&mut self.commands) => match cmd {
+                            Command::Reload { model_path, reply } => return self.reload_from_idle(model_path, reply).await,
+                            Command::Drain { reply, .. } => {
                                 self.sup.on_stopped();
                                 self.publish();
                                 let _ = reply.send(Ok(()));
                                 return Next::Idle;
                             }
-                            None => {}
                         }
                     }
                 }
@@ -412,17 +410,16 @@ impl Supervisor {
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return Next::Exit,
-                cmd = self.commands.recv() => match cmd {
-                    Some(Command::Reload { model_path, reply }) => {
+                cmd = next_command(&mut self.commands) => match cmd {
+                    Command::Reload { model_path, reply } => {
                         let next = self.reload_from_idle(model_path, reply).await;
                         if !matches!(next, Next::Idle) {
                             return next;
                         }
                     }
-                    Some(Command::Drain { reply, .. }) => {
+                    Command::Drain { reply, .. } => {
                         let _ = reply.send(Ok(()));
                     }
-                    None => {}
                 }
             }
         }
@@ -504,6 +501,15 @@ impl Supervisor {
 
     fn publish(&self) {
         self.shared.registry.write().upsert(self.status());
+    }
+}
+
+/// The next operator command. Once every sender is gone this never resolves, so a closed
+/// channel cannot turn a `select!` over it into a busy loop.
+async fn next_command(commands: &mut mpsc::Receiver<Command>) -> Command {
+    match commands.recv().await {
+        Some(command) => command,
+        None => std::future::pending().await,
     }
 }
 

@@ -2,14 +2,15 @@
 //! (missed events, filesystems without inotify). Each distinct content of a file is reported
 //! once (content digest), so rescans never repeat an event.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use llorch_contracts::handoff::{is_valid_pool_id, HandoffError};
 use llorch_contracts::HandoffFile;
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,31 @@ pub fn watch_dir(
     (rx, handle)
 }
 
+/// What the `notify` callback passes to the loop.
+enum Wake {
+    /// An event that may have changed what this path says.
+    Path(PathBuf),
+    /// The kernel dropped events (queue overflow): only a full rescan is exact.
+    Rescan,
+}
+
+/// Whether an event can change what a handoff file says: create, data modification, close
+/// after write, rename in or out, removal. Reading a file raises open, access and
+/// close-without-write events on the same watch; reacting to those would make every read
+/// trigger the next one (and two daemons watching one directory would wake each other).
+fn may_change_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        // A backend that cannot tell the kind: judge the file.
+        EventKind::Any => true,
+        EventKind::Other => false,
+    }
+}
+
 async fn run(
     dir: PathBuf,
     rescan: Duration,
@@ -57,11 +83,14 @@ async fn run(
     if let Err(error) = std::fs::create_dir_all(&dir) {
         tracing::warn!(%error, dir = %dir.display(), "cannot create handoff directory");
     }
-    let (ntx, mut nrx) = mpsc::unbounded_channel::<PathBuf>();
+    let (ntx, mut nrx) = mpsc::unbounded_channel::<Wake>();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res {
+        let Ok(event) = res else { return };
+        if event.need_rescan() {
+            let _ = ntx.send(Wake::Rescan);
+        } else if may_change_content(&event.kind) {
             for path in event.paths {
-                let _ = ntx.send(path);
+                let _ = ntx.send(Wake::Path(path));
             }
         }
     });
@@ -82,26 +111,71 @@ async fn run(
     let mut state = DirState {
         dir,
         known: HashMap::new(),
+        empty: HashSet::new(),
     };
     let mut tick = tokio::time::interval(rescan);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let events = tokio::select! {
+        let work = tokio::select! {
             _ = cancel.cancelled() => break,
-            Some(path) = nrx.recv() => {
-                if is_handoff_path(&path) && path.parent() == Some(state.dir.as_path()) {
-                    state.check(&path, Instant::now(), Source::Event).into_iter().collect()
-                } else {
-                    Vec::new()
+            Some(first) = nrx.recv() => {
+                // Everything already queued is judged in one pass: a burst of events on one
+                // file reads it once.
+                let mut work = Work::default();
+                work.add(first, &state.dir);
+                while let Ok(more) = nrx.try_recv() {
+                    work.add(more, &state.dir);
                 }
+                work
             }
-            _ = tick.tick() => state.rescan(),
+            _ = tick.tick() => Work { rescan: true, ..Work::default() },
+        };
+        if work.is_empty() {
+            continue;
+        }
+        // File reads block: they run on the blocking pool, not on an async worker.
+        let done = tokio::task::spawn_blocking(move || {
+            let events = state.apply(&work);
+            (state, events)
+        })
+        .await;
+        let events;
+        (state, events) = match done {
+            Ok(done) => done,
+            Err(error) => {
+                tracing::error!(%error, "handoff directory scan failed; watcher stopped");
+                return;
+            }
         };
         for event in events {
             if tx.send(event).await.is_err() {
                 return;
             }
         }
+    }
+}
+
+/// One pass of the loop: the paths events named, or a whole-directory rescan.
+#[derive(Default)]
+struct Work {
+    paths: BTreeSet<PathBuf>,
+    rescan: bool,
+}
+
+impl Work {
+    fn add(&mut self, wake: Wake, dir: &Path) {
+        match wake {
+            Wake::Rescan => self.rescan = true,
+            Wake::Path(path) => {
+                if is_handoff_path(&path) && path.parent() == Some(dir) {
+                    self.paths.insert(path);
+                }
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.rescan && self.paths.is_empty()
     }
 }
 
@@ -115,9 +189,22 @@ struct DirState {
     dir: PathBuf,
     /// Digest of the last content reported per path.
     known: HashMap<PathBuf, u64>,
+    /// Paths the last rescan found empty.
+    empty: HashSet<PathBuf>,
 }
 
 impl DirState {
+    fn apply(&mut self, work: &Work) -> Vec<HandoffEvent> {
+        if work.rescan {
+            return self.rescan();
+        }
+        let now = Instant::now();
+        work.paths
+            .iter()
+            .filter_map(|p| self.check(p, now, Source::Event))
+            .collect()
+    }
+
     fn rescan(&mut self) -> Vec<HandoffEvent> {
         let now = Instant::now();
         let mut present = Vec::new();
@@ -147,6 +234,7 @@ impl DirState {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.empty.remove(path);
                 return self.known.remove(path).map(|_| HandoffEvent::Removed {
                     path: path.to_path_buf(),
                     seen_at,
@@ -157,10 +245,16 @@ impl DirState {
                 return None;
             }
         };
-        // A writer that is not atomic (create, then write) shows an empty file first; its next
-        // event carries the content. The rescan still judges a file that stays empty.
-        if bytes.is_empty() && source == Source::Event {
-            return None;
+        // A writer that is not atomic (create or truncate, then write) shows an empty file
+        // first; its next event carries the content. A file is judged empty only when two
+        // rescans in a row found it so, since a rescan can also land in that moment.
+        if bytes.is_empty() {
+            let judged = source == Source::Rescan && !self.empty.insert(path.to_path_buf());
+            if !judged {
+                return None;
+            }
+        } else {
+            self.empty.remove(path);
         }
         let digest = digest(&bytes);
         if self.known.insert(path.to_path_buf(), digest) == Some(digest) {
@@ -244,8 +338,10 @@ mod tests {
             serde_json::to_vec(&changed).unwrap(),
         )
         .unwrap();
+        let ev = next(&mut rx).await;
         assert!(
-            matches!(next(&mut rx).await, HandoffEvent::Upserted { file, .. } if file.slots_total == 3)
+            matches!(&ev, HandoffEvent::Upserted { file, .. } if file.slots_total == 3),
+            "{ev:?}"
         );
 
         std::fs::write(dir.path().join("b.json"), b"{oops").unwrap();
@@ -310,6 +406,36 @@ mod tests {
         handle.await.unwrap();
     }
 
+    #[test]
+    fn only_events_that_can_change_a_file_wake_the_watcher() {
+        use notify::event::{CreateKind, DataChange, MetadataKind, RemoveKind, RenameMode};
+        let wakes = [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+            EventKind::Remove(RemoveKind::File),
+        ];
+        for kind in wakes {
+            assert!(may_change_content(&kind), "{kind:?} must wake the watcher");
+        }
+        // What a reader of the file (this daemon or its neighbour) raises.
+        let quiet = [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+        ];
+        for kind in quiet {
+            assert!(
+                !may_change_content(&kind),
+                "{kind:?} must not wake the watcher"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn rescan_alone_finds_files_without_duplicates() {
         let dir = tempfile::tempdir().unwrap();
@@ -317,6 +443,7 @@ mod tests {
         let mut state = DirState {
             dir: dir.path().to_path_buf(),
             known: HashMap::new(),
+            empty: HashSet::new(),
         };
         let first = state.rescan();
         assert_eq!(first.len(), 1);
@@ -327,5 +454,13 @@ mod tests {
             [HandoffEvent::Removed { .. }]
         ));
         assert!(state.rescan().is_empty());
+        // An empty file may be a writer's moment between truncate and write: it is judged
+        // only when the next rescan finds it empty still.
+        std::fs::write(dir.path().join("e.json"), b"").unwrap();
+        assert!(state.rescan().is_empty(), "an empty moment was judged");
+        assert!(matches!(
+            state.rescan().as_slice(),
+            [HandoffEvent::Invalid { label, .. }] if label == "e"
+        ));
     }
 }

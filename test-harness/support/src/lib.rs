@@ -141,6 +141,43 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// CPU time (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Duration {
+    static TICKS_PER_S: OnceLock<u64> = OnceLock::new();
+    let ticks_per_s = *TICKS_PER_S.get_or_init(|| {
+        let out = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    });
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+    // stime 15 of the whole line.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 1000 / ticks_per_s)
+}
+
+/// Watches the processes `pids` for `window` and returns the share of one core each used
+/// over it (1.0 = a whole core).
+pub async fn cpu_shares(pids: &[u32], window: Duration) -> Vec<f64> {
+    let before: Vec<Duration> = pids.iter().map(|p| cpu_time(*p)).collect();
+    let started = Instant::now();
+    // A measurement window, not a wait for a condition.
+    tokio::time::sleep(window).await;
+    let wall = started.elapsed().as_secs_f64();
+    pids.iter()
+        .zip(before)
+        .map(|(p, b)| (cpu_time(*p) - b).as_secs_f64() / wall)
+        .collect()
+}
+
 /// Value of a metric sample line `name{labels} value`, if present.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()

@@ -8,6 +8,7 @@ mod cancel;
 mod cloud;
 mod fault_engine;
 mod harness;
+mod idle;
 mod lifecycle;
 mod metrics_lint;
 mod random;

@@ -8,6 +8,7 @@ mod config;
 mod control;
 mod handoff;
 mod harness;
+mod idle;
 mod lifecycle;
 mod proxy;
 mod supervision;

@@ -1,0 +1,275 @@
+//! CPU time per relayed token. One pool-managerd runs one engine (tiny model, 4 slots); in
+//! front of it an orchestratord HOME (reads the handoff file, calls the engine on loopback) and
+//! an orchestratord CLOUD (polls pool-managerd, calls the engine through its authenticated
+//! proxy); the third path calls pool-managerd's proxy directly. Each round sends `streams`
+//! concurrent streams of `tokens` tokens down one path, rounds interleaved, and divides the CPU
+//! time each daemon used over the round (`/proc/<pid>/stat`) by the tokens relayed. Each
+//! daemon's idle CPU over a window of the same length is printed beside it.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use llorch_bench::{free_port, read_stream, via_orchestratord, wait_ok};
+use llorch_test_support::cpu_time;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    orchestratord: PathBuf,
+    #[arg(long)]
+    pool_managerd: PathBuf,
+    #[arg(long)]
+    engine: PathBuf,
+    #[arg(long)]
+    model: PathBuf,
+    /// Measured rounds per path (one warm-up round each is dropped).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    #[arg(long, default_value_t = 512)]
+    tokens: u32,
+    /// Length of the idle measurement before the load.
+    #[arg(long, default_value_t = 10)]
+    idle_s: u64,
+}
+
+const TOKEN: &str = "bench-token-0123456789abcdef";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Home,
+    Cloud,
+    Proxy,
+}
+
+const PATHS: [Path; 3] = [Path::Home, Path::Cloud, Path::Proxy];
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Home => "orchestratord HOME",
+            Path::Cloud => "orchestratord CLOUD",
+            Path::Proxy => "pool-managerd proxy",
+        }
+    }
+}
+
+/// The three daemons, in the order of `Path`: HOME, CLOUD, pool-managerd.
+struct Daemons {
+    pids: [u32; 3],
+    home: String,
+    cloud: String,
+    pm: String,
+}
+
+impl Daemons {
+    fn cpu(&self) -> [Duration; 3] {
+        self.pids.map(cpu_time)
+    }
+
+    /// The daemon a path's tokens are charged to.
+    fn charged(&self, path: Path) -> usize {
+        match path {
+            Path::Home => 0,
+            Path::Cloud => 1,
+            Path::Proxy => 2,
+        }
+    }
+}
+
+fn spawn(bin: &PathBuf, env: &[(&str, String)]) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.env("LLORCH_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
+}
+
+/// One stream through pool-managerd's proxy straight to the engine; returns its tokens.
+async fn via_proxy(
+    http: &reqwest::Client,
+    pm: &str,
+    tokens: u32,
+    seed: u64,
+) -> anyhow::Result<u32> {
+    let t0 = Instant::now();
+    let resp = http
+        .post(format!("{pm}/v2/pools/bench/engine/completion"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({
+            "prompt": "the river and the stone", "n_predict": tokens, "stream": true, "seed": seed
+        }))
+        .send()
+        .await?;
+    let sample = read_stream(resp, t0, |f| {
+        let v: serde_json::Value = serde_json::from_str(&f.data).unwrap_or_default();
+        let n = u32::from(v["content"].as_str().is_some_and(|c| !c.is_empty()));
+        (n, v["stop"] == true)
+    })
+    .await?;
+    Ok(sample.tokens)
+}
+
+/// One round: `streams` concurrent streams down `path`; returns the tokens relayed.
+async fn round(d: &Daemons, a: &Args, path: Path, round: usize) -> anyhow::Result<u32> {
+    let http = reqwest::Client::new();
+    let mut set = tokio::task::JoinSet::new();
+    for s in 0..a.streams {
+        let http = http.clone();
+        let seed = (round * a.streams + s) as u64;
+        let tokens = a.tokens;
+        let base = match path {
+            Path::Home => d.home.clone(),
+            Path::Cloud => d.cloud.clone(),
+            Path::Proxy => d.pm.clone(),
+        };
+        set.spawn(async move {
+            if path == Path::Proxy {
+                return via_proxy(&http, &base, tokens, seed).await;
+            }
+            let body = serde_json::json!({
+                "model_ref": "tiny", "prompt": "the river and the stone", "max_tokens": tokens, "seed": seed
+            });
+            Ok(via_orchestratord(&http, &base, TOKEN, &body).await?.tokens)
+        });
+    }
+    let mut total = 0;
+    while let Some(r) = set.join_next().await {
+        total += r??;
+    }
+    Ok(total)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let dir = std::env::temp_dir().join(format!("llorch-relay-cpu-{}", std::process::id()));
+    let runtime = dir.join("run");
+    std::fs::create_dir_all(&runtime)?;
+    std::fs::write(
+        dir.join("pools.toml"),
+        format!(
+            "[[pools]]\nid = \"bench\"\nmodel = \"{}\"\nmodel_id = \"tiny\"\nslots = {}\nctx = {}\nargs = [\"--threads\", \"1\"]\n",
+            a.model.display(),
+            a.streams,
+            a.streams as u32 * (a.tokens + 64),
+        ),
+    )?;
+    let (pm_port, home_port, cloud_port) = (free_port()?, free_port()?, free_port()?);
+    let pm = spawn(
+        &a.pool_managerd,
+        &[
+            ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}")),
+            (
+                "POOL_MANAGERD_CONFIG",
+                dir.join("pools.toml").display().to_string(),
+            ),
+            ("POOL_MANAGERD_RUNTIME_DIR", runtime.display().to_string()),
+            (
+                "POOL_MANAGERD_ENGINE_BINARY",
+                a.engine.display().to_string(),
+            ),
+        ],
+    )?;
+    let home = spawn(
+        &a.orchestratord,
+        &[
+            ("ORCHD_BIND_ADDR", format!("127.0.0.1:{home_port}")),
+            ("ORCHD_RUNTIME_DIR", runtime.display().to_string()),
+        ],
+    )?;
+    let cloud = spawn(
+        &a.orchestratord,
+        &[
+            ("ORCHD_BIND_ADDR", format!("127.0.0.1:{cloud_port}")),
+            ("ORCHD_PROFILE", "cloud".into()),
+            ("ORCHD_POOL_MANAGERS", format!("http://127.0.0.1:{pm_port}")),
+        ],
+    )?;
+    let d = Daemons {
+        pids: [
+            home.id().context("HOME orchestratord exited")?,
+            cloud.id().context("CLOUD orchestratord exited")?,
+            pm.id().context("pool-managerd exited")?,
+        ],
+        home: format!("http://127.0.0.1:{home_port}"),
+        cloud: format!("http://127.0.0.1:{cloud_port}"),
+        pm: format!("http://127.0.0.1:{pm_port}"),
+    };
+    let http = reqwest::Client::new();
+    wait_ok(&http, &format!("{}/ready", d.home)).await?;
+    wait_ok(&http, &format!("{}/ready", d.cloud)).await?;
+
+    // Idle first: nothing submitted, every periodic job at its default interval.
+    let before = d.cpu();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(a.idle_s)).await;
+    let idle_wall = t0.elapsed().as_secs_f64();
+    let after = d.cpu();
+    let idle: Vec<f64> = (0..3)
+        .map(|i| (after[i] - before[i]).as_secs_f64() / idle_wall * 100.0)
+        .collect();
+
+    // Per path and round: CPU of every daemon over the round, and the tokens relayed.
+    let mut per_token: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut others: Vec<Vec<[f64; 3]>> = vec![Vec::new(); 3];
+    let mut walls: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for r in 0..=a.rounds {
+        for (p, path) in PATHS.iter().enumerate() {
+            let before = d.cpu();
+            let t0 = Instant::now();
+            let tokens = round(&d, &a, *path, r).await?;
+            let wall = t0.elapsed().as_secs_f64();
+            let after = d.cpu();
+            if r == 0 {
+                continue; // warm-up
+            }
+            let us: [f64; 3] = std::array::from_fn(|i| {
+                (after[i] - before[i]).as_secs_f64() * 1e6 / f64::from(tokens)
+            });
+            per_token[p].push(us[d.charged(*path)]);
+            others[p].push(us);
+            walls[p].push(wall);
+        }
+    }
+
+    println!(
+        "{} rounds per path (1 warm-up dropped), {} concurrent streams x {} tokens, one engine with {} slots",
+        a.rounds, a.streams, a.tokens, a.streams
+    );
+    println!(
+        "idle over {idle_wall:.1} s before the load: HOME {:.2}% of a core, CLOUD {:.2}%, pool-managerd {:.2}%",
+        idle[0], idle[1], idle[2]
+    );
+    println!("| path | CPU per token (median) | min | max | round wall (median) | pool-managerd CPU per token during it |");
+    println!("|---|---|---|---|---|---|");
+    for (p, path) in PATHS.iter().enumerate() {
+        let v = &per_token[p];
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(0.0, f64::max);
+        let pm_us = median(others[p].iter().map(|u| u[2]).collect());
+        println!(
+            "| {} | {:.1} µs | {min:.1} µs | {max:.1} µs | {:.2} s | {pm_us:.1} µs |",
+            path.name(),
+            median(v.clone()),
+            median(walls[p].clone()),
+        );
+    }
+    drop((home, cloud, pm));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
