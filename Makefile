@@ -76,4 +76,4 @@ bench-cloud: engine model bench-build
 bench-relay-cpu: engine model bench-build
 	$(TARGET)/release/relay-cpu --orchestratord $(TARGET)/release/orchestratord \
 	  --pool-managerd $(TARGET)/release/pool-managerd --engine $(ENGINE) --model $(MODEL) \
-	  --rounds 5 --streams 4 --tokens 512
+	  --rounds 20 --streams 4 --tokens 512

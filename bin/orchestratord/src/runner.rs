@@ -267,16 +267,21 @@ async fn stream(
             Ok(Ok(Some(b))) => b,
         };
         for frame in parser.push(&bytes) {
-            let value: serde_json::Value = match serde_json::from_str(&frame.data) {
-                Ok(v) => v,
-                Err(_) => continue,
+            // Straight into the typed chunk: this runs once per token.
+            let c = match serde_json::from_str::<CompletionChunk>(&frame.data) {
+                Ok(c) => c,
+                Err(_) => {
+                    let value: serde_json::Value =
+                        serde_json::from_str(&frame.data).unwrap_or_default();
+                    match value.get("error") {
+                        Some(err) => return Outcome::EngineRefused(format!("engine error: {err}")),
+                        None => continue,
+                    }
+                }
             };
-            if let Some(err) = value.get("error") {
+            if let Some(err) = &c.error {
                 return Outcome::EngineRefused(format!("engine error: {err}"));
             }
-            let Ok(c) = serde_json::from_value::<CompletionChunk>(value) else {
-                continue;
-            };
             if !c.content.is_empty() {
                 if first_token.is_none() {
                     *first_token = Some(Instant::now());

@@ -223,6 +223,9 @@ pub struct CompletionChunk {
     pub tokens_predicted: Option<u32>,
     #[serde(default)]
     pub timings: Option<Timings>,
+    /// Set when the engine reports a failure in the stream instead of a token.
+    #[serde(default)]
+    pub error: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -3,8 +3,10 @@
 //! an orchestratord CLOUD (polls pool-managerd, calls the engine through its authenticated
 //! proxy); the third path calls pool-managerd's proxy directly. Each round sends `streams`
 //! concurrent streams of `tokens` tokens down one path, rounds interleaved, and divides the CPU
-//! time each daemon used over the round (`/proc/<pid>/stat`) by the tokens relayed. Each
-//! daemon's idle CPU over a window of the same length is printed beside it.
+//! time each daemon used over the round by the tokens relayed. CPU time is the sum of
+//! `/proc/<pid>/task/*/schedstat` (nanoseconds on a CPU, every thread): `/proc/<pid>/stat`
+//! counts 10 ms ticks, too coarse for a round. Each daemon's idle CPU over a window before the
+//! load is printed beside it.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -13,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use llorch_bench::{free_port, read_stream, via_orchestratord, wait_ok};
-use llorch_test_support::cpu_time;
 
 #[derive(Parser)]
 struct Args {
@@ -26,7 +27,7 @@ struct Args {
     #[arg(long)]
     model: PathBuf,
     /// Measured rounds per path (one warm-up round each is dropped).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 20)]
     rounds: usize,
     #[arg(long, default_value_t = 4)]
     streams: usize,
@@ -81,10 +82,21 @@ impl Daemons {
     }
 }
 
+/// Time every thread of `pid` has spent on a CPU so far.
+fn cpu_time(pid: u32) -> Duration {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten();
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
 fn spawn(bin: &PathBuf, env: &[(&str, String)]) -> anyhow::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(bin);
     cmd.env("LLORCH_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .kill_on_drop(true);
     for (k, v) in env {
