@@ -379,20 +379,16 @@ impl Supervisor {
                     restart_count = self.sup.restart_count(),
                     delay_ms = delay.as_millis() as u64
                 );
-                let wake = tokio::time::sleep(delay);
-                tokio::pin!(wake);
-                loop {
-                    tokio::select! {
-                        _ = self.cancel.cancelled() => return Next::Exit,
-                        _ = &mut wake => return Next::Start,
-                        cmd = next_command(&mut self.commands) => match cmd {
-                            Command::Reload { model_path, reply } => return self.reload_from_idle(model_path, reply).await,
-                            Command::Drain { reply, .. } => {
-                                self.sup.on_stopped();
-                                self.publish();
-                                let _ = reply.send(Ok(()));
-                                return Next::Idle;
-                            }
+                tokio::select! {
+                    _ = self.cancel.cancelled() => Next::Exit,
+                    _ = tokio::time::sleep(delay) => Next::Start,
+                    cmd = next_command(&mut self.commands) => match cmd {
+                        Command::Reload { model_path, reply } => self.reload_from_idle(model_path, reply).await,
+                        Command::Drain { reply, .. } => {
+                            self.sup.on_stopped();
+                            self.publish();
+                            let _ = reply.send(Ok(()));
+                            Next::Idle
                         }
                     }
                 }

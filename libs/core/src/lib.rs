@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod breaker;
 pub mod estimate;
+pub mod expiry;
 pub mod placement;
 pub mod queue;
 pub mod registry;
@@ -15,6 +16,7 @@ pub mod supervision;
 pub use backoff::Backoff;
 pub use breaker::CircuitBreaker;
 pub use estimate::ThroughputEstimator;
+pub use expiry::ExpiryHeap;
 pub use placement::{place, Decision, PlacementRequest, PoolView};
 pub use queue::{AdmissionPolicy, AdmissionQueue, Admitted, QueueFull};
 pub use registry::Registry;
