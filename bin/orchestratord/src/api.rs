@@ -14,7 +14,7 @@ use llorch_contracts::tasks::TaskRequest;
 use llorch_contracts::{DrainRequest, ErrorCode, ErrorEnvelope, ReloadRequest};
 use llorch_http::{ApiError, ApiJson, ApiPath};
 
-use crate::orchestrator::Orchestrator;
+use crate::state::Orchestrator;
 
 pub type AppState = Arc<Orchestrator>;
 

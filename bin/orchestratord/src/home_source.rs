@@ -6,18 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use llamacpp_client::{EngineClient, Health};
+use llamacpp_client::Health;
 use llorch_contracts::HandoffFile;
 use llorch_handoff::HandoffEvent;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::pools::{PoolEntry, PoolTable};
 
-pub struct HomeSource {
+pub(crate) struct HomeSource {
     pub pools: Arc<PoolTable>,
     pub metrics: Arc<Metrics>,
-    pub http: reqwest::Client,
+    pub engine: Arc<dyn Engine>,
     pub dir: std::path::PathBuf,
     pub rescan: Duration,
     pub probe_interval: Duration,
@@ -84,13 +85,11 @@ impl HomeSource {
     }
 
     async fn probe_engine(&self, pool_id: &str, url: &str) -> (bool, Option<String>) {
-        let client = EngineClient::new(
-            self.http.clone(),
-            url,
-            self.probe_interval.min(Duration::from_secs(2)),
-        );
         let started = std::time::Instant::now();
-        let result = client.health().await;
+        let result = self
+            .engine
+            .health(url, self.probe_interval.min(Duration::from_secs(2)))
+            .await;
         self.metrics
             .pool_health_check_ms
             .with_label_values(&[pool_id])

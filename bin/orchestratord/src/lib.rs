@@ -2,16 +2,22 @@
 //! pools and streams tokens over SSE. `run` wires config → state → tasks → HTTP and owns every
 //! task it starts.
 
-pub mod api;
-pub mod cloud_source;
+mod admission;
+mod api;
+mod cloud_source;
 pub mod config;
-pub mod home_source;
-pub mod metrics;
-pub mod orchestrator;
-pub mod pools;
-pub mod runner;
-pub mod sse;
-pub mod tasks;
+mod dispatcher;
+mod engine;
+mod home_source;
+mod metrics;
+mod pools;
+mod retention;
+mod runner;
+mod sse;
+mod state;
+mod tasks;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::orchestrator::Orchestrator;
+use crate::state::Orchestrator;
 
 /// Runs until `shutdown` resolves; then stops admitting, lets running tasks finish within the
 /// grace period, ends the rest with an error event, and returns.
@@ -36,20 +42,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             )
         })?;
     let metrics = Arc::new(metrics::Metrics::new()?);
-    let orch = Arc::new(Orchestrator::new(config, metrics.clone())?);
+    let engine = Arc::new(engine::HttpEngine::new()?);
+    let orch = Arc::new(Orchestrator::new(config, metrics.clone(), engine)?);
     let root = CancellationToken::new();
     let background = TaskTracker::new();
 
-    let probe_http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(1))
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build()?;
     match (orch.config.profile, orch.config.token.clone()) {
         (config::Profile::Home, _) => {
             let source = home_source::HomeSource {
                 pools: orch.pools.clone(),
                 metrics,
-                http: probe_http,
+                engine: orch.engine.clone(),
                 dir: orch.config.runtime_dir.clone(),
                 rescan: orch.config.handoff_rescan,
                 probe_interval: orch.config.pool_health_interval,
@@ -62,7 +65,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 metrics,
                 managers: orch.managers.clone(),
                 pools: orch.pools.clone(),
-                http: probe_http,
+                http: reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(1))
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build()?,
                 token,
                 interval: orch.config.pool_poll_interval,
                 recovery: orch.config.pool_poll_recovery,
@@ -72,8 +78,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
         (config::Profile::Cloud, None) => anyhow::bail!("the cloud profile needs a token"),
     }
-    background.spawn(orch.clone().dispatch_loop(root.child_token()));
-    background.spawn(orch.clone().purge_loop(root.child_token()));
+    background.spawn(dispatcher::run(orch.clone(), root.child_token()));
+    background.spawn(retention::run(orch.clone(), root.child_token()));
 
     let token_fp = orch
         .config

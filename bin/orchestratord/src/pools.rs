@@ -167,12 +167,6 @@ pub struct SlotLease {
     pool_id: String,
 }
 
-impl SlotLease {
-    pub fn pool_id(&self) -> &str {
-        &self.pool_id
-    }
-}
-
 impl Drop for SlotLease {
     fn drop(&mut self) {
         if let Some(p) = self.table.pools.write().get_mut(&self.pool_id) {

@@ -1,28 +1,35 @@
-//! Runs one task on one pool: `POST {engine}/completion` with `stream: true`, relaying each
-//! chunk as a `token` event the moment it arrives. The slot lease is held for exactly the life
-//! of this function (a drop guard), so the dispatcher never exceeds a pool's slots.
+//! One attempt of one task on one pool: send the completion, relay each chunk as a `token`
+//! event the moment it arrives, and return what happened as an `Outcome`. The runner touches
+//! nothing but the task's own event log; the dispatcher applies the outcome (finish, requeue,
+//! estimator) in one place.
 //!
-//! Failure rules (DESIGN §3): the engine failing before the first token → retried once on
-//! another pool; after it → `WORKER_RESET`; no chunk within the timeout → `DECODE_TIMEOUT`;
-//! cancel → the engine request is dropped (llama-server stops generating) and `CANCELLED`.
+//! Failure rules (DESIGN §3): no answer, or a broken stream, before the first token →
+//! `BeforeFirstToken` (the dispatcher retries once elsewhere); after it → `WorkerReset`; no chunk
+//! within the first-token or decode timeout → `DecodeTimeout`; cancel → the engine request is
+//! dropped (llama-server stops generating) and `Cancelled`.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
+use futures_util::StreamExt;
 use llamacpp_client::sse::SseParser;
 use llamacpp_client::{CompletionChunk, CompletionRequest};
 use llorch_contracts::tasks::TaskEvent;
-use llorch_contracts::{ErrorCode, ErrorEnvelope};
+use prometheus::IntCounter;
+use tokio::time::Instant;
 
-use crate::orchestrator::Orchestrator;
-use crate::pools::{PoolEntry, SlotLease};
+use crate::engine::{Answer, CompletionCall, Engine};
+use crate::pools::PoolEntry;
 use crate::tasks::Task;
 
-enum Outcome {
+#[derive(Debug)]
+pub(crate) enum Outcome {
     Done {
         finish_reason: String,
+        /// The engine's own decode time.
         decode_ms: u64,
         engine_tokens: Option<u32>,
+        /// When the first token arrived (none for an empty generation).
+        first_token: Option<Instant>,
     },
     Cancelled,
     /// Nothing reached the client yet: safe to try another pool.
@@ -32,276 +39,138 @@ enum Outcome {
     EngineRefused(String),
 }
 
-pub async fn run(orch: Arc<Orchestrator>, task: Arc<Task>, lease: SlotLease) {
-    let pool_id = lease.pool_id().to_string();
-    let Some(pool) = orch.pools.get(&pool_id) else {
-        drop(lease);
-        orch.requeue(task);
-        return;
-    };
-    if task.cancel.is_cancelled() {
-        orch.metrics
-            .tasks_canceled
-            .with_label_values(&["running"])
-            .inc();
-        orch.finish(&task, TaskEvent::Error(task.cancel_reason()));
-        return;
-    }
-    let (attempt, queue_time_ms) = task.start_attempt(&pool_id);
-    orch.metrics
-        .tasks_started
-        .with_label_values(&[&pool_id])
-        .inc();
-    if let Some(session) = &task.req.session_id {
-        orch.sessions
-            .lock()
-            .record_turn(session, &pool_id, tokio::time::Instant::now().into_std());
-    }
-    task.emit(&TaskEvent::Started {
-        pool_id: pool_id.clone(),
-        node_id: pool.node_id.clone(),
-        engine: pool.engine.clone(),
-        engine_version: pool.engine_version.clone(),
-        queue_time_ms,
-    });
-    tracing::debug!(task_id = %task.id, pool_id = %pool_id, attempt, "task dispatched");
+/// What a runner needs, borrowed from the orchestrator: it reads, it never writes back.
+pub(crate) struct Runner<'a> {
+    pub engine: &'a dyn Engine,
+    /// CLOUD: the token for pool-managerd's proxy.
+    pub token: Option<&'a str>,
+    pub first_token_timeout: Duration,
+    pub decode_timeout: Duration,
+    /// `orchd_tokens_out_total` of this pool, looked up once: the loop below runs per token.
+    pub tokens_out: IntCounter,
+}
 
-    let dispatched = Instant::now();
-    let mut first_token: Option<Instant> = None;
-    let span = tracing::info_span!(
-        "dispatch",
-        task_id = %task.id,
-        pool_id = %pool_id,
-        session_id = task.req.session_id.as_deref(),
-        attempt
-    );
-    llorch_observability::adopt(&span, &task.trace);
-    let outcome = tracing::Instrument::instrument(
-        stream(&orch, &task, &pool, &mut first_token, &span),
-        span.clone(),
-    )
-    .await;
-    let tokens_out = task.status(None).tokens_out;
-    match outcome {
-        Outcome::Done {
-            finish_reason,
-            decode_ms,
-            engine_tokens,
-        } => {
-            let first = first_token.map(|f| f.duration_since(dispatched).as_secs_f64() * 1000.0);
-            let decode_wall = first_token.map(|f| f.elapsed()).unwrap_or_default();
-            if let Some(ft) = first {
-                orch.metrics
-                    .first_token_ms
-                    .with_label_values(&[&pool_id])
-                    .observe(ft);
-                orch.metrics
-                    .decode_ms
-                    .with_label_values(&[&pool_id])
-                    .observe(decode_wall.as_secs_f64() * 1000.0);
-                orch.estimator
-                    .lock()
-                    .record(tokens_out, decode_wall.as_secs_f64() * 1000.0, ft);
+impl Runner<'_> {
+    pub async fn run(&self, task: &Task, pool: &PoolEntry, span: &tracing::Span) -> Outcome {
+        let req = &task.req;
+        let body = CompletionRequest {
+            prompt: req.prompt.clone(),
+            n_predict: req.max_tokens,
+            stream: true,
+            cache_prompt: true,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed,
+            stop: req.stop.clone(),
+        };
+        // W3C traceparent: pool-managerd's engine_proxy span continues this dispatch span.
+        let mut headers = reqwest::header::HeaderMap::new();
+        llorch_observability::inject(span, &mut headers);
+        let call = CompletionCall {
+            base_url: &pool.url,
+            bearer: pool.manager.as_ref().and(self.token),
+            headers,
+            body: &body,
+        };
+        let lost = pool.lost.clone();
+        let send = self.engine.completion(call);
+        let answer = tokio::select! {
+            _ = task.cancel.cancelled() => return Outcome::Cancelled,
+            _ = lost.cancelled() => return Outcome::BeforeFirstToken("the pool's node was lost".into()),
+            r = tokio::time::timeout(self.first_token_timeout, send) => match r {
+                Err(_) => return Outcome::BeforeFirstToken("engine did not answer in time".into()),
+                Ok(Err(e)) => return Outcome::BeforeFirstToken(e),
+                Ok(Ok(a)) => a,
+            },
+        };
+        let mut stream = match answer {
+            Answer::Stream(s) => s,
+            Answer::Refused { status, body } => {
+                return Outcome::EngineRefused(format!(
+                    "engine refused the request ({status}): {}",
+                    body.chars().take(300).collect::<String>()
+                ))
             }
-            let tps = if decode_wall.as_secs_f64() > 0.0 {
-                f64::from(tokens_out) / decode_wall.as_secs_f64()
+            Answer::Failed { status } => {
+                return Outcome::BeforeFirstToken(format!("engine answered {status}"))
+            }
+        };
+        let mut parser = SseParser::new();
+        let mut i: u32 = 0;
+        let mut first_token = None;
+        loop {
+            let wait = if i == 0 {
+                self.first_token_timeout
             } else {
-                0.0
+                self.decode_timeout
             };
-            task.emit(&TaskEvent::Metrics(serde_json::json!({
-                "first_token_ms": first.map(|f| f.round() as u64),
-                "tokens_per_s": (tps * 10.0).round() / 10.0,
-                "engine_tokens": engine_tokens,
-            })));
-            orch.finish(
-                &task,
-                TaskEvent::End {
-                    tokens_out,
-                    decode_time_ms: decode_wall.as_millis() as u64,
-                    decode_ms,
-                    finish_reason,
-                },
-            );
-        }
-        Outcome::Cancelled => {
-            orch.metrics
-                .tasks_canceled
-                .with_label_values(&["running"])
-                .inc();
-            orch.finish(&task, TaskEvent::Error(task.cancel_reason()));
-        }
-        Outcome::BeforeFirstToken(reason) if attempt < 2 && orch.is_accepting() => {
-            tracing::warn!(task_id = %task.id, pool_id = %pool_id, %reason, "engine failed before the first token; retrying once");
-            task.requeued(&pool_id);
-            drop(lease);
-            orch.requeue(task);
-        }
-        Outcome::BeforeFirstToken(reason) | Outcome::WorkerReset(reason) => {
-            tracing::warn!(task_id = %task.id, pool_id = %pool_id, %reason, "engine failed during the task");
-            orch.finish(
-                &task,
-                TaskEvent::Error(
-                    ErrorEnvelope::new(
-                        ErrorCode::WorkerReset,
-                        format!("engine of pool {pool_id} failed: {reason}"),
-                    )
-                    .with_retry_after_ms(1000)
-                    .with_engine("llamacpp"),
-                ),
-            );
-        }
-        Outcome::DecodeTimeout(reason) => {
-            tracing::warn!(task_id = %task.id, pool_id = %pool_id, %reason, "engine stream stalled");
-            orch.finish(
-                &task,
-                TaskEvent::Error(
-                    ErrorEnvelope::new(ErrorCode::DecodeTimeout, reason).with_engine("llamacpp"),
-                ),
-            );
-        }
-        Outcome::EngineRefused(reason) => {
-            orch.finish(
-                &task,
-                TaskEvent::Error(
-                    ErrorEnvelope::new(ErrorCode::InvalidParams, reason).with_engine("llamacpp"),
-                ),
-            );
+            let broken = |reason: String| {
+                if i == 0 {
+                    Outcome::BeforeFirstToken(reason)
+                } else {
+                    Outcome::WorkerReset(reason)
+                }
+            };
+            let chunk = tokio::select! {
+                _ = task.cancel.cancelled() => return Outcome::Cancelled,
+                _ = lost.cancelled() => return broken("the pool's node was lost".into()),
+                c = tokio::time::timeout(wait, stream.next()) => c,
+            };
+            let bytes = match chunk {
+                Err(_) => {
+                    return Outcome::DecodeTimeout(format!(
+                        "no output from the engine for {} ms",
+                        wait.as_millis()
+                    ));
+                }
+                Ok(Some(Err(e))) => return broken(format!("stream broken: {e}")),
+                Ok(None) => return broken("engine closed the stream before the end".into()),
+                Ok(Some(Ok(b))) => b,
+            };
+            for frame in parser.push(&bytes) {
+                let c = match parse_chunk(&frame.data) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => continue,
+                    Err(refused) => return Outcome::EngineRefused(refused),
+                };
+                if !c.content.is_empty() {
+                    first_token.get_or_insert_with(Instant::now);
+                    task.emit(&TaskEvent::Token { t: c.content, i });
+                    self.tokens_out.inc();
+                    i += 1;
+                }
+                if c.stop {
+                    let finish_reason = match c.stop_type.as_deref() {
+                        Some("limit") => "length",
+                        _ => "stop",
+                    };
+                    let timings = c.timings.unwrap_or_default();
+                    return Outcome::Done {
+                        finish_reason: finish_reason.into(),
+                        decode_ms: timings.predicted_ms.unwrap_or(0.0).round() as u64,
+                        engine_tokens: c.tokens_predicted.or(timings.predicted_n),
+                        first_token,
+                    };
+                }
+            }
         }
     }
 }
 
-async fn stream(
-    orch: &Orchestrator,
-    task: &Task,
-    pool: &PoolEntry,
-    first_token: &mut Option<Instant>,
-    span: &tracing::Span,
-) -> Outcome {
-    let req = &task.req;
-    let body = CompletionRequest {
-        prompt: req.prompt.clone(),
-        n_predict: req.max_tokens,
-        stream: true,
-        cache_prompt: true,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        seed: req.seed,
-        stop: req.stop.clone(),
-    };
-    let url = format!("{}/completion", pool.url);
-    let first_timeout = orch.config.first_token_timeout;
-    let decode_timeout = orch.config.decode_timeout;
-    // CLOUD: through the pool-managerd proxy, which wants the token.
-    let bearer = pool
-        .manager
-        .as_ref()
-        .and(orch.config.token.as_ref())
-        .map(|t| t.expose());
-    // W3C traceparent: pool-managerd's engine_proxy span continues this dispatch span.
-    let mut headers = reqwest::header::HeaderMap::new();
-    llorch_observability::inject(span, &mut headers);
-    let send = llamacpp_client::send_completion(&orch.engine_http, &url, bearer, &headers, &body);
-    let lost = pool.lost.clone();
-    let mut resp = tokio::select! {
-        _ = task.cancel.cancelled() => return Outcome::Cancelled,
-        _ = lost.cancelled() => return Outcome::BeforeFirstToken("the pool's node was lost".into()),
-        r = tokio::time::timeout(first_timeout, send) => match r {
-            Err(_) => return Outcome::BeforeFirstToken("engine did not answer in time".into()),
-            Ok(Err(e)) => return Outcome::BeforeFirstToken(format!("engine unreachable: {e}")),
-            Ok(Ok(r)) => r,
+/// One `data:` frame of the engine's stream: a chunk, nothing to use (`None`), or the engine's
+/// error report (`Err`). Parsed straight into the typed chunk: this runs once per token.
+fn parse_chunk(data: &str) -> Result<Option<CompletionChunk>, String> {
+    match serde_json::from_str::<CompletionChunk>(data) {
+        Ok(c) => match &c.error {
+            Some(err) => Err(format!("engine error: {err}")),
+            None => Ok(Some(c)),
         },
-    };
-    let status = resp.status();
-    if status.is_client_error() {
-        let text = resp.text().await.unwrap_or_default();
-        return Outcome::EngineRefused(format!(
-            "engine refused the request ({status}): {}",
-            text.chars().take(300).collect::<String>()
-        ));
-    }
-    if !status.is_success() {
-        return Outcome::BeforeFirstToken(format!("engine answered {status}"));
-    }
-    let mut parser = SseParser::new();
-    let mut i: u32 = 0;
-    // Looked up once: the loop below runs per token.
-    let tokens_out = orch.metrics.tokens_out.with_label_values(&[&pool.pool_id]);
-    loop {
-        let wait = if i == 0 {
-            first_timeout
-        } else {
-            decode_timeout
-        };
-        let chunk = tokio::select! {
-            _ = task.cancel.cancelled() => return Outcome::Cancelled,
-            _ = lost.cancelled() => {
-                let reason = "the pool's node was lost".to_string();
-                return if i == 0 { Outcome::BeforeFirstToken(reason) } else { Outcome::WorkerReset(reason) };
-            }
-            c = tokio::time::timeout(wait, resp.chunk()) => c,
-        };
-        let bytes = match chunk {
-            Err(_) => {
-                return Outcome::DecodeTimeout(format!(
-                    "no output from the engine for {} ms",
-                    wait.as_millis()
-                ));
-            }
-            Ok(Err(e)) => {
-                let reason = format!("stream broken: {e}");
-                return if i == 0 {
-                    Outcome::BeforeFirstToken(reason)
-                } else {
-                    Outcome::WorkerReset(reason)
-                };
-            }
-            Ok(Ok(None)) => {
-                let reason = "engine closed the stream before the end".to_string();
-                return if i == 0 {
-                    Outcome::BeforeFirstToken(reason)
-                } else {
-                    Outcome::WorkerReset(reason)
-                };
-            }
-            Ok(Ok(Some(b))) => b,
-        };
-        for frame in parser.push(&bytes) {
-            // Straight into the typed chunk: this runs once per token.
-            let c = match serde_json::from_str::<CompletionChunk>(&frame.data) {
-                Ok(c) => c,
-                Err(_) => {
-                    let value: serde_json::Value =
-                        serde_json::from_str(&frame.data).unwrap_or_default();
-                    match value.get("error") {
-                        Some(err) => return Outcome::EngineRefused(format!("engine error: {err}")),
-                        None => continue,
-                    }
-                }
-            };
-            if let Some(err) = &c.error {
-                return Outcome::EngineRefused(format!("engine error: {err}"));
-            }
-            if !c.content.is_empty() {
-                if first_token.is_none() {
-                    *first_token = Some(Instant::now());
-                }
-                task.emit(&TaskEvent::Token { t: c.content, i });
-                tokens_out.inc();
-                i += 1;
-            }
-            if c.stop {
-                let finish_reason = match c.stop_type.as_deref() {
-                    Some("limit") => "length",
-                    Some("eos") | Some("word") => "stop",
-                    _ => "stop",
-                };
-                let timings = c.timings.unwrap_or_default();
-                return Outcome::Done {
-                    finish_reason: finish_reason.into(),
-                    decode_ms: timings.predicted_ms.unwrap_or(0.0).round() as u64,
-                    engine_tokens: c.tokens_predicted.or(timings.predicted_n),
-                };
+        Err(_) => {
+            let value: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+            match value.get("error") {
+                Some(err) => Err(format!("engine error: {err}")),
+                None => Ok(None),
             }
         }
     }

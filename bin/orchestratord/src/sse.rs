@@ -17,7 +17,7 @@ use llorch_http::{ApiError, ApiPath};
 use serde::Deserialize;
 
 use crate::api::AppState;
-use crate::orchestrator::Orchestrator;
+use crate::state::Orchestrator;
 use crate::tasks::{Frame, Task};
 
 #[derive(Debug, Deserialize)]

@@ -228,10 +228,6 @@ impl Task {
         self.inner.lock().retry_avoid.clone()
     }
 
-    pub fn attempts(&self) -> u32 {
-        self.inner.lock().attempts
-    }
-
     pub fn pool_id(&self) -> Option<String> {
         self.inner.lock().pool_id.clone()
     }

@@ -1,0 +1,354 @@
+//! Admission: validate a request, answer a resubmission idempotently, queue the task under the
+//! queue policy, tell it its position. Also the ways out of the queue that are not a dispatch:
+//! a client's cancel, and shutdown.
+
+use std::sync::Arc;
+
+use llorch_contracts::tasks::{
+    AdmissionResponse, PlacementMode, Priority, TaskEvent, TaskRequest, TaskStreams,
+};
+use llorch_contracts::{ErrorCode, ErrorEnvelope};
+use llorch_http::ApiError;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::state::{priority_label, Orchestrator};
+use crate::tasks::Task;
+
+const ID_MAX: usize = 128;
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= ID_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidParams, msg)
+}
+
+fn shutting_down() -> ErrorEnvelope {
+    ErrorEnvelope::new(ErrorCode::PoolUnavailable, "orchestratord is shutting down")
+        .with_retry_after_ms(5000)
+}
+
+fn validate(config: &Config, req: &TaskRequest) -> Result<(), ApiError> {
+    if let Some(id) = &req.task_id {
+        if !valid_id(id) {
+            return Err(invalid(
+                "task_id must be 1-128 characters of A-Z a-z 0-9 - _ . :",
+            ));
+        }
+    }
+    if let Some(id) = &req.session_id {
+        if !valid_id(id) {
+            return Err(invalid(
+                "session_id must be 1-128 characters of A-Z a-z 0-9 - _ . :",
+            ));
+        }
+    }
+    if req.model_ref.trim().is_empty() {
+        return Err(invalid("model_ref must not be empty"));
+    }
+    if req.prompt.is_empty() {
+        return Err(invalid("prompt must not be empty"));
+    }
+    if req.max_tokens == 0 || req.max_tokens > config.max_tokens_cap {
+        return Err(invalid(format!(
+            "max_tokens must be between 1 and {}",
+            config.max_tokens_cap
+        )));
+    }
+    if let Some(engine) = &req.engine {
+        if engine != "llamacpp" {
+            return Err(invalid(format!(
+                "engine {engine:?} is not supported (llamacpp)"
+            )));
+        }
+    }
+    if let Some(t) = req.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(invalid("temperature must be between 0 and 2"));
+        }
+    }
+    if let Some(p) = req.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(invalid("top_p must be in (0, 1]"));
+        }
+    }
+    if req.top_k.is_some_and(|k| k > 1000) {
+        return Err(invalid("top_k must be at most 1000"));
+    }
+    if req.stop.len() > 16 || req.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(invalid(
+            "stop takes at most 16 non-empty strings of at most 256 bytes",
+        ));
+    }
+    if req.deadline_ms == Some(0) {
+        return Err(invalid("deadline_ms must be greater than 0"));
+    }
+    if let Some(p) = &req.placement {
+        if p.mode == PlacementMode::Pin && p.pin_pool_id.as_deref().is_none_or(str::is_empty) {
+            return Err(invalid("placement.mode pin needs placement.pin_pool_id"));
+        }
+    }
+    Ok(())
+}
+
+impl Orchestrator {
+    fn reject(&self, reason: &str, error: ApiError) -> ApiError {
+        self.metrics
+            .tasks_rejected
+            .with_label_values(&[reason])
+            .inc();
+        tracing::info!(reason, code = %error.0.code, "task rejected");
+        error
+    }
+
+    /// `POST /v2/tasks`.
+    pub fn admit(&self, mut req: TaskRequest) -> Result<AdmissionResponse, ApiError> {
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "admission",
+            task_id = tracing::field::Empty,
+            session_id = req.session_id.as_deref(),
+            model = %req.model_ref
+        );
+        let _entered = span.enter();
+        validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
+        let id = req
+            .task_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        req.task_id = Some(id.clone());
+        if !self.pools.serves(&req.model_ref) {
+            return Err(self.reject(
+                "model_not_available",
+                ApiError::new(
+                    ErrorCode::ModelNotAvailable,
+                    format!("no pool serves model {:?}", req.model_ref),
+                )
+                .with_retry_after(5000),
+            ));
+        }
+        if let Some(p) = req
+            .placement
+            .as_ref()
+            .filter(|p| p.mode == PlacementMode::Pin)
+        {
+            let pin = p.pin_pool_id.clone().unwrap_or_default();
+            let serves = self
+                .pools
+                .get(&pin)
+                .is_some_and(|e| e.model_id == req.model_ref);
+            if !serves && !p.allow_fallback {
+                return Err(self.reject(
+                    "pool_unavailable",
+                    ApiError::new(
+                        ErrorCode::PoolUnavailable,
+                        format!(
+                            "pinned pool {pin:?} does not serve model {:?} now",
+                            req.model_ref
+                        ),
+                    )
+                    .with_retry_after(5000),
+                ));
+            }
+        }
+        let priority = req.priority;
+        let (task, admitted, ahead_tokens) = {
+            let mut tasks = self.tasks.write();
+            if let Some(existing) = tasks.get(&id) {
+                if existing.req != req {
+                    return Err(self.reject(
+                        "conflict",
+                        ApiError::new(
+                            ErrorCode::Conflict,
+                            format!("task_id {id:?} exists with a different request"),
+                        ),
+                    ));
+                }
+                let existing = existing.clone();
+                drop(tasks);
+                let (position, ahead_tokens) = self.ahead_of(&id);
+                return Ok(self.admission_response(&existing, position, ahead_tokens));
+            }
+            let mut queue = self.queue.lock();
+            // Checked under the queue lock that shutdown empties the queue under: no task is
+            // queued after that.
+            if !queue.accepting {
+                drop(queue);
+                drop(tasks);
+                return Err(self.reject("shutting_down", ApiError::from(shutting_down())));
+            }
+            span.record("task_id", id.as_str());
+            let trace = llorch_observability::capture(&span);
+            let task = Arc::new(Task::new(id.clone(), req, Instant::now(), trace));
+            let weight = u64::from(task.req.max_tokens);
+            match queue
+                .tasks
+                .admit(task.clone(), priority, weight, self.config.admission_policy)
+            {
+                Ok(a) => {
+                    tasks.insert(id.clone(), task.clone());
+                    queue.schedule_expiry(&task, self.config.max_queue_wait);
+                    let mut ahead_tokens = queue.tasks.class_weight(Priority::Interactive);
+                    if priority == Priority::Batch {
+                        ahead_tokens += queue.tasks.class_weight(Priority::Batch);
+                    }
+                    (task, a, ahead_tokens - weight)
+                }
+                Err(full) => {
+                    drop(queue);
+                    drop(tasks);
+                    let backoff = self.backoff_ms();
+                    return Err(self.reject(
+                        "queue_full",
+                        ApiError::new(
+                            ErrorCode::AdmissionReject,
+                            format!("queue is full ({} tasks)", full.capacity),
+                        )
+                        .with_retry_after(backoff)
+                        .with_policy_label(self.config.admission_policy.label()),
+                    ));
+                }
+            }
+        };
+        if let Some(dropped) = admitted.dropped {
+            tracing::info!(task_id = %dropped.id, "queue full: dropped oldest queued batch task");
+            self.finish(
+                &dropped,
+                TaskEvent::Error(
+                    ErrorEnvelope::new(
+                        ErrorCode::QueueFullDropLru,
+                        "dropped from a full queue for a newer task",
+                    )
+                    .with_retry_after_ms(self.backoff_ms())
+                    .with_policy_label("drop-lru"),
+                ),
+            );
+        }
+        let position = admitted.position as u32;
+        let predicted =
+            self.predicted_start_ms(u64::from(position), ahead_tokens, task.req.max_tokens);
+        task.emit(&TaskEvent::Queued {
+            queue_position: position,
+            predicted_start_ms: predicted,
+        });
+        self.metrics
+            .tasks_enqueued
+            .with_label_values(&[priority_label(priority)])
+            .inc();
+        self.update_depth();
+        self.metrics
+            .admission_latency_ms
+            .observe(started.elapsed().as_secs_f64() * 1000.0);
+        tracing::debug!(task_id = %id, position, "task admitted");
+        self.wake.notify_one();
+        Ok(self.admission_response(&task, position, ahead_tokens))
+    }
+
+    /// Queue position of a task and the `max_tokens` queued ahead of it (0, 0 once dispatched).
+    fn ahead_of(&self, id: &str) -> (u32, u64) {
+        let queue = self.queue.lock();
+        let mut tokens = 0;
+        for (pos, (t, w)) in queue.tasks.iter_weighted().enumerate() {
+            if t.id == id {
+                return (pos as u32, tokens);
+            }
+            tokens += w;
+        }
+        (0, 0)
+    }
+
+    fn admission_response(
+        &self,
+        task: &Task,
+        position: u32,
+        ahead_tokens: u64,
+    ) -> AdmissionResponse {
+        let sse = format!("/v2/tasks/{}/events", task.id);
+        AdmissionResponse {
+            task_id: task.id.clone(),
+            queue_position: position,
+            predicted_start_ms: self.predicted_start_ms(
+                u64::from(position),
+                ahead_tokens,
+                task.req.max_tokens,
+            ),
+            backoff_ms: 0,
+            streams: TaskStreams {
+                sse_verbose: format!("{sse}?verbose=true"),
+                sse,
+            },
+        }
+    }
+
+    /// Suggested client backoff when the queue is full: the predicted wait of a task at the
+    /// back of the queue, at least one second.
+    fn backoff_ms(&self) -> u64 {
+        let (depth, tokens) = {
+            let q = self.queue.lock();
+            (
+                q.tasks.len() as u64,
+                q.tasks.class_weight(Priority::Interactive) + q.tasks.class_weight(Priority::Batch),
+            )
+        };
+        // A newcomer is assumed alike to the queue's average task.
+        let own = u32::try_from(tokens.checked_div(depth).unwrap_or(0)).unwrap_or(u32::MAX);
+        self.predicted_start_ms(depth, tokens, own).max(1000)
+    }
+
+    /// Cancels a task: a queued one is removed and ends at once; a running one is ended by its
+    /// runner, which aborts the engine request.
+    pub fn cancel(&self, task: &Arc<Task>, reason: ErrorEnvelope) {
+        if task.is_terminal() {
+            return;
+        }
+        task.cancel_with(reason);
+        let removed = self
+            .queue
+            .lock()
+            .tasks
+            .remove(|t| t.id == task.id)
+            .is_some();
+        if removed {
+            self.metrics
+                .tasks_canceled
+                .with_label_values(&["queued"])
+                .inc();
+            self.finish(task, TaskEvent::Error(task.cancel_reason()));
+            self.update_depth();
+            self.wake.notify_one();
+        }
+    }
+
+    /// Shutdown, first step: refuse new tasks and end every queued one.
+    pub fn stop_admitting(&self) {
+        let queued: Vec<Arc<Task>> = {
+            let mut q = self.queue.lock();
+            q.accepting = false;
+            std::iter::from_fn(|| q.tasks.take_first(|_| Some(())).map(|(t, ())| t)).collect()
+        };
+        for t in queued {
+            self.finish(&t, TaskEvent::Error(shutting_down()));
+        }
+        self.update_depth();
+    }
+
+    /// Shutdown, last step: end running tasks that did not finish within the grace period.
+    pub fn cancel_running(&self) {
+        let running: Vec<Arc<Task>> = self
+            .tasks
+            .read()
+            .values()
+            .filter(|t| !t.is_terminal())
+            .cloned()
+            .collect();
+        for t in running {
+            t.cancel_with(shutting_down());
+        }
+    }
+}

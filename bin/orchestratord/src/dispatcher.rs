@@ -1,0 +1,381 @@
+//! The dispatcher: whenever capacity may have appeared it places queued tasks (placement →
+//! slot lease → runner), ends queued tasks whose deadline or longest queue wait passed, tells
+//! queued tasks their new positions, and applies each runner's `Outcome` (finish, requeue,
+//! estimator) — the one place a task's attempt ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use llorch_contracts::tasks::TaskEvent;
+use llorch_contracts::{ErrorCode, ErrorEnvelope};
+use llorch_core::{place, Decision, PlacementRequest};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::pools::{PoolEntry, SlotLease};
+use crate::runner::{Outcome, Runner};
+use crate::state::{expiry_of, Orchestrator, Queue};
+use crate::tasks::Task;
+
+/// Position updates are coalesced: at most one pass per interval, however fast the queue
+/// churns (each pass is linear in the queue length).
+pub(crate) const POSITION_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Runs until `cancel`.
+pub(crate) async fn run(orch: Arc<Orchestrator>, cancel: CancellationToken) {
+    let mut last_publish = Instant::now() - POSITION_INTERVAL;
+    let mut published_reorders = 0;
+    loop {
+        orch.dispatch_ready();
+        let mut next = orch.expire_queued();
+        if orch.queue.lock().tasks.reorders() != published_reorders {
+            let due = last_publish + POSITION_INTERVAL;
+            if Instant::now() >= due {
+                published_reorders = orch.publish_positions();
+                last_publish = Instant::now();
+            } else {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        let sleep = tokio::time::sleep_until(
+            next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = orch.wake.notified() => {}
+            _ = sleep => {}
+        }
+    }
+}
+
+/// One attempt in flight: what `apply` needs to judge its outcome.
+struct Attempt {
+    task: Arc<Task>,
+    pool_id: String,
+    number: u32,
+    dispatched: Instant,
+}
+
+impl Orchestrator {
+    fn dispatch_ready(self: &Arc<Self>) {
+        loop {
+            let views = self.pools.views();
+            if !views
+                .iter()
+                .any(|v| v.ready && !v.draining && v.free_slots() > 0)
+            {
+                break; // nothing can be placed: skip the queue walk
+            }
+            let now = Instant::now().into_std();
+            let picked = {
+                let sessions = self.sessions.lock();
+                let mut queue = self.queue.lock();
+                queue.tasks.take_first(|t| {
+                    let avoid = t.retry_avoid();
+                    let session_pool = t
+                        .req
+                        .session_id
+                        .as_deref()
+                        .and_then(|s| sessions.affinity(s, now));
+                    let req = PlacementRequest {
+                        model: &t.req.model_ref,
+                        placement: t.req.placement.as_ref(),
+                        session_pool,
+                        retry_avoid: avoid.as_deref(),
+                    };
+                    match place(&views, &req) {
+                        Decision::Place(pool) => Some(pool),
+                        Decision::Wait => None,
+                    }
+                })
+            };
+            let Some((task, pool_id)) = picked else { break };
+            let placement = tracing::info_span!("placement", task_id = %task.id, %pool_id);
+            llorch_observability::adopt(&placement, &task.trace);
+            let _placement = placement.entered();
+            let leased = self
+                .pools
+                .lease(&pool_id)
+                .and_then(|lease| Some((self.pools.get(&pool_id)?, lease)));
+            let Some((pool, lease)) = leased else {
+                // The pool changed under us; try again on the next wake.
+                let mut q = self.queue.lock();
+                q.tasks.requeue_front(
+                    task.clone(),
+                    task.req.priority,
+                    u64::from(task.req.max_tokens),
+                );
+                break;
+            };
+            self.update_depth();
+            self.start(task, pool, lease);
+        }
+    }
+
+    /// Starts an attempt of `task` on `pool`, holding `lease` until the runner is done.
+    fn start(self: &Arc<Self>, task: Arc<Task>, pool: PoolEntry, lease: SlotLease) {
+        if task.cancel.is_cancelled() {
+            drop(lease);
+            self.metrics
+                .tasks_canceled
+                .with_label_values(&["running"])
+                .inc();
+            self.finish(&task, TaskEvent::Error(task.cancel_reason()));
+            return;
+        }
+        let pool_id = pool.pool_id.clone();
+        let (number, queue_time_ms) = task.start_attempt(&pool_id);
+        self.metrics
+            .tasks_started
+            .with_label_values(&[&pool_id])
+            .inc();
+        if let Some(session) = &task.req.session_id {
+            self.sessions
+                .lock()
+                .record_turn(session, &pool_id, Instant::now().into_std());
+        }
+        task.emit(&TaskEvent::Started {
+            pool_id: pool_id.clone(),
+            node_id: pool.node_id.clone(),
+            engine: pool.engine.clone(),
+            engine_version: pool.engine_version.clone(),
+            queue_time_ms,
+        });
+        tracing::debug!(task_id = %task.id, pool_id = %pool_id, attempt = number, "task dispatched");
+        let span = tracing::info_span!(
+            "dispatch",
+            task_id = %task.id,
+            pool_id = %pool_id,
+            session_id = task.req.session_id.as_deref(),
+            attempt = number
+        );
+        llorch_observability::adopt(&span, &task.trace);
+        let attempt = Attempt {
+            task,
+            pool_id,
+            number,
+            dispatched: Instant::now(),
+        };
+        let orch = self.clone();
+        self.runners.spawn(async move {
+            let runner = Runner {
+                engine: orch.engine.as_ref(),
+                token: orch.config.token.as_ref().map(|t| t.expose()),
+                first_token_timeout: orch.config.first_token_timeout,
+                decode_timeout: orch.config.decode_timeout,
+                tokens_out: orch.metrics.tokens_out.with_label_values(&[&pool.pool_id]),
+            };
+            let outcome = tracing::Instrument::instrument(
+                runner.run(&attempt.task, &pool, &span),
+                span.clone(),
+            )
+            .await;
+            // The slot is free before the outcome is applied: a retry may take it.
+            drop(lease);
+            orch.apply(attempt, outcome);
+        });
+    }
+
+    /// Ends an attempt: the one place a runner's outcome changes the orchestrator's state.
+    fn apply(&self, attempt: Attempt, outcome: Outcome) {
+        let Attempt {
+            task,
+            pool_id,
+            number,
+            dispatched,
+        } = attempt;
+        let tokens_out = task.status(None).tokens_out;
+        let worker_reset = |reason: &str| {
+            ErrorEnvelope::new(
+                ErrorCode::WorkerReset,
+                format!("engine of pool {pool_id} failed: {reason}"),
+            )
+            .with_retry_after_ms(1000)
+            .with_engine("llamacpp")
+        };
+        match outcome {
+            Outcome::Done {
+                finish_reason,
+                decode_ms,
+                engine_tokens,
+                first_token,
+            } => {
+                let first_ms =
+                    first_token.map(|f| f.duration_since(dispatched).as_secs_f64() * 1000.0);
+                let decode_wall = first_token.map(|f| f.elapsed()).unwrap_or_default();
+                if let Some(ft) = first_ms {
+                    self.metrics
+                        .first_token_ms
+                        .with_label_values(&[&pool_id])
+                        .observe(ft);
+                    self.metrics
+                        .decode_ms
+                        .with_label_values(&[&pool_id])
+                        .observe(decode_wall.as_secs_f64() * 1000.0);
+                    self.estimator.lock().record(
+                        tokens_out,
+                        decode_wall.as_secs_f64() * 1000.0,
+                        ft,
+                    );
+                }
+                let tps = if decode_wall.as_secs_f64() > 0.0 {
+                    f64::from(tokens_out) / decode_wall.as_secs_f64()
+                } else {
+                    0.0
+                };
+                task.emit(&TaskEvent::Metrics(serde_json::json!({
+                    "first_token_ms": first_ms.map(|f| f.round() as u64),
+                    "tokens_per_s": (tps * 10.0).round() / 10.0,
+                    "engine_tokens": engine_tokens,
+                })));
+                self.finish(
+                    &task,
+                    TaskEvent::End {
+                        tokens_out,
+                        decode_time_ms: decode_wall.as_millis() as u64,
+                        decode_ms,
+                        finish_reason,
+                    },
+                );
+            }
+            Outcome::Cancelled => {
+                self.metrics
+                    .tasks_canceled
+                    .with_label_values(&["running"])
+                    .inc();
+                self.finish(&task, TaskEvent::Error(task.cancel_reason()));
+            }
+            Outcome::BeforeFirstToken(reason) if number < 2 => {
+                tracing::warn!(task_id = %task.id, pool_id = %pool_id, %reason, "engine failed before the first token; retrying once");
+                task.requeued(&pool_id);
+                if let Err(task) = self.requeue(task) {
+                    self.finish(&task, TaskEvent::Error(worker_reset(&reason)));
+                }
+            }
+            Outcome::BeforeFirstToken(reason) | Outcome::WorkerReset(reason) => {
+                tracing::warn!(task_id = %task.id, pool_id = %pool_id, %reason, "engine failed during the task");
+                self.finish(&task, TaskEvent::Error(worker_reset(&reason)));
+            }
+            Outcome::DecodeTimeout(reason) => {
+                tracing::warn!(task_id = %task.id, pool_id = %pool_id, %reason, "engine stream stalled");
+                self.finish(
+                    &task,
+                    TaskEvent::Error(
+                        ErrorEnvelope::new(ErrorCode::DecodeTimeout, reason)
+                            .with_engine("llamacpp"),
+                    ),
+                );
+            }
+            Outcome::EngineRefused(reason) => {
+                self.finish(
+                    &task,
+                    TaskEvent::Error(
+                        ErrorEnvelope::new(ErrorCode::InvalidParams, reason)
+                            .with_engine("llamacpp"),
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Puts a task that failed before its first token back at the front of the queue; gives
+    /// it back when the queue no longer takes tasks (shutdown).
+    fn requeue(&self, task: Arc<Task>) -> Result<(), Arc<Task>> {
+        {
+            let mut q = self.queue.lock();
+            if !q.accepting {
+                return Err(task);
+            }
+            q.schedule_expiry(&task, self.config.max_queue_wait);
+            let (priority, weight) = (task.req.priority, u64::from(task.req.max_tokens));
+            q.tasks.requeue_front(task, priority, weight);
+        }
+        self.update_depth();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Ends queued tasks past their deadline (DEADLINE_UNMET) or past the longest queue wait
+    /// (POOL_UNAVAILABLE). Returns the next instant something expires.
+    fn expire_queued(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let max_wait = self.config.max_queue_wait;
+        let (expired, next) = {
+            let mut q = self.queue.lock();
+            let Queue {
+                tasks, expiries, ..
+            } = &mut *q;
+            let mut expired = Vec::new();
+            for t in expiries.pop_due(now.into_std()) {
+                if t.is_terminal() {
+                    continue;
+                }
+                if let Some(t) = tasks.remove(|q| Arc::ptr_eq(q, &t)) {
+                    expired.push(t);
+                }
+            }
+            // Entries of tasks that left the queue early stay until their time; rebuild when
+            // they dominate, so memory follows the queue, not the traffic.
+            expiries.compact_if_bloated(
+                tasks.len(),
+                1024,
+                tasks
+                    .iter()
+                    .map(|t| (expiry_of(t, max_wait).into_std(), t.clone())),
+            );
+            (expired, expiries.next_at().map(Instant::from_std))
+        };
+        for t in &expired {
+            let event = if t.deadline.is_some_and(|d| d <= now) {
+                ErrorEnvelope::new(
+                    ErrorCode::DeadlineUnmet,
+                    "the task could not start before its deadline",
+                )
+            } else {
+                ErrorEnvelope::new(
+                    ErrorCode::PoolUnavailable,
+                    "no pool could take the task in time",
+                )
+                .with_retry_after_ms(5000)
+            };
+            self.finish(t, TaskEvent::Error(event));
+        }
+        if !expired.is_empty() {
+            self.update_depth();
+        }
+        next
+    }
+
+    /// Sends `queued` updates to tasks whose position changed; returns the queue's reorder
+    /// count they reflect.
+    fn publish_positions(&self) -> u64 {
+        let (free, total) = self.pools.slot_totals();
+        let (changed, reorders): (Vec<(Arc<Task>, u32, u64)>, u64) = {
+            let queue = self.queue.lock();
+            let mut ahead_tokens = 0;
+            let mut out = Vec::new();
+            for (pos, (t, w)) in queue.tasks.iter_weighted().enumerate() {
+                if t.last_position() != Some(pos as u32) {
+                    out.push((t.clone(), pos as u32, ahead_tokens));
+                }
+                ahead_tokens += w;
+            }
+            (out, queue.tasks.reorders())
+        };
+        let estimator = self.estimator.lock().clone();
+        for (t, pos, ahead_tokens) in changed {
+            let predicted = estimator.predicted_start_ms(
+                u64::from(pos),
+                ahead_tokens,
+                t.req.max_tokens,
+                free,
+                total,
+            );
+            t.emit(&TaskEvent::Queued {
+                queue_position: pos,
+                predicted_start_ms: predicted,
+            });
+        }
+        reorders
+    }
+}

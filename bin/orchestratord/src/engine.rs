@@ -1,0 +1,117 @@
+//! How orchestratord reaches an engine: a streamed completion and a health probe. This is the
+//! IO seam of the data path: `HttpEngine` speaks HTTP to llama-server (HOME) or to
+//! pool-managerd's authenticated proxy (CLOUD); the in-process tests put a scripted engine
+//! here to drive the runner and dispatcher on tokio's paused clock.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
+use llamacpp_client::{CompletionRequest, EngineClient, Health};
+
+/// The body of a completion as it arrives, chunk by chunk.
+pub(crate) type ByteStream = BoxStream<'static, Result<Bytes, String>>;
+
+/// One completion request to the engine behind `base_url`.
+pub(crate) struct CompletionCall<'a> {
+    pub base_url: &'a str,
+    /// CLOUD: the token pool-managerd's proxy wants.
+    pub bearer: Option<&'a str>,
+    /// Trace context (`traceparent`) for the hop.
+    pub headers: reqwest::header::HeaderMap,
+    pub body: &'a CompletionRequest,
+}
+
+/// How the engine answered a completion request.
+pub(crate) enum Answer {
+    /// 2xx: the streamed body.
+    Stream(ByteStream),
+    /// 4xx: the engine refused this request (not worth retrying elsewhere).
+    Refused { status: u16, body: String },
+    /// Any other status.
+    Failed { status: u16 },
+}
+
+pub(crate) trait Engine: Send + Sync + 'static {
+    /// Sends a completion request; `Err` when no answer came (unreachable, reset).
+    fn completion<'a>(&'a self, call: CompletionCall<'a>) -> BoxFuture<'a, Result<Answer, String>>;
+
+    /// `GET {base_url}/health` within `timeout`.
+    fn health<'a>(
+        &'a self,
+        base_url: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Health, String>>;
+}
+
+/// The real engine: HTTP with reqwest.
+pub(crate) struct HttpEngine {
+    /// Completions: no overall timeout (streams are long), short idle pool.
+    streams: reqwest::Client,
+    probes: reqwest::Client,
+}
+
+impl HttpEngine {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            streams: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .pool_idle_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .build()?,
+            probes: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build()?,
+        })
+    }
+}
+
+impl Engine for HttpEngine {
+    fn completion<'a>(&'a self, call: CompletionCall<'a>) -> BoxFuture<'a, Result<Answer, String>> {
+        async move {
+            let url = format!("{}/completion", call.base_url);
+            let resp = llamacpp_client::send_completion(
+                &self.streams,
+                &url,
+                call.bearer,
+                &call.headers,
+                call.body,
+            )
+            .await
+            .map_err(|e| format!("engine unreachable: {e}"))?;
+            let status = resp.status();
+            if status.is_client_error() {
+                let body = resp.text().await.unwrap_or_default();
+                return Ok(Answer::Refused {
+                    status: status.as_u16(),
+                    body,
+                });
+            }
+            if !status.is_success() {
+                return Ok(Answer::Failed {
+                    status: status.as_u16(),
+                });
+            }
+            let stream = resp.bytes_stream().map(|r| r.map_err(|e| e.to_string()));
+            Ok(Answer::Stream(stream.boxed()))
+        }
+        .boxed()
+    }
+
+    fn health<'a>(
+        &'a self,
+        base_url: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Health, String>> {
+        async move {
+            EngineClient::new(self.probes.clone(), base_url, timeout)
+                .health()
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .boxed()
+    }
+}

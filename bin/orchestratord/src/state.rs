@@ -1,0 +1,155 @@
+//! The state every room of orchestratord shares, and the few operations on it that more than
+//! one room needs (look a task up, end a task, publish queue depth, predict a start). Rooms:
+//! `admission` (new tasks in), `dispatcher` (queued tasks out to runners, and each runner's
+//! `Outcome` applied), `runner` (one attempt on one engine), `retention` (finished tasks and
+//! sessions forgotten).
+//!
+//! Locks (parking_lot, never held across `.await`): `tasks` → `queue`; `sessions` → `queue`;
+//! a task's own lock is innermost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use llorch_contracts::tasks::{Priority, TaskEvent};
+use llorch_core::{AdmissionQueue, ExpiryHeap, SessionTable, ThroughputEstimator};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::pools::PoolTable;
+use crate::tasks::Task;
+
+pub(crate) struct Orchestrator {
+    pub config: Config,
+    pub pools: Arc<PoolTable>,
+    /// CLOUD: the pool-managerd poll set (empty in HOME).
+    pub managers: Arc<crate::cloud_source::Managers>,
+    pub metrics: Arc<Metrics>,
+    pub tasks: RwLock<HashMap<String, Arc<Task>>>,
+    pub queue: Mutex<Queue>,
+    pub sessions: Mutex<SessionTable>,
+    pub estimator: Mutex<ThroughputEstimator>,
+    /// Wakes the dispatcher: capacity may have appeared, or the queue changed.
+    pub wake: Arc<Notify>,
+    /// How runners and probes reach engines (HTTP; a scripted engine in tests).
+    pub engine: Arc<dyn Engine>,
+    pub control_http: reqwest::Client,
+    /// Owner of every task runner.
+    pub runners: TaskTracker,
+}
+
+/// The queue, when its tasks expire, and whether it takes new tasks: one lock, so a task can
+/// never slip in after shutdown emptied the queue.
+pub(crate) struct Queue {
+    pub tasks: AdmissionQueue<Arc<Task>>,
+    pub expiries: ExpiryHeap<Arc<Task>>,
+    pub accepting: bool,
+}
+
+impl Queue {
+    /// Queues `task`'s expiry: its deadline or its longest queue wait, whichever is first.
+    pub fn schedule_expiry(&mut self, task: &Arc<Task>, max_wait: Duration) {
+        self.expiries
+            .push(expiry_of(task, max_wait).into_std(), task.clone());
+    }
+}
+
+pub(crate) fn expiry_of(task: &Task, max_wait: Duration) -> Instant {
+    let limit = task.submitted_at + max_wait;
+    task.deadline.map_or(limit, |d| d.min(limit))
+}
+
+impl Orchestrator {
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        engine: Arc<dyn Engine>,
+    ) -> anyhow::Result<Self> {
+        let wake = Arc::new(Notify::new());
+        let control_http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self {
+            pools: Arc::new(PoolTable::new(wake.clone())),
+            managers: Arc::new(crate::cloud_source::Managers::new(&config.pool_managers)),
+            queue: Mutex::new(Queue {
+                tasks: AdmissionQueue::new(config.admission_capacity),
+                expiries: ExpiryHeap::new(),
+                accepting: true,
+            }),
+            sessions: Mutex::new(SessionTable::new(config.session_ttl)),
+            estimator: Mutex::new(ThroughputEstimator::default()),
+            tasks: RwLock::new(HashMap::new()),
+            runners: TaskTracker::new(),
+            wake,
+            engine,
+            control_http,
+            metrics,
+            config,
+        })
+    }
+
+    pub fn task(&self, id: &str) -> Option<Arc<Task>> {
+        self.tasks.read().get(id).cloned()
+    }
+
+    pub fn queue_position(&self, id: &str) -> Option<u32> {
+        self.queue
+            .lock()
+            .tasks
+            .position(|t| t.id == id)
+            .map(|p| p as u32)
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.queue.lock().accepting
+    }
+
+    /// Appends a terminal event (once) and counts the outcome.
+    pub fn finish(&self, task: &Task, event: TaskEvent) {
+        let outcome = match &event {
+            TaskEvent::End { .. } => "end".to_string(),
+            TaskEvent::Error(e) => e.code.as_str().to_string(),
+            _ => return,
+        };
+        if task.emit(&event) {
+            let pool = task.pool_id().unwrap_or_else(|| "none".into());
+            self.metrics
+                .tasks_completed
+                .with_label_values(&[&outcome, &pool])
+                .inc();
+            tracing::info!(task_id = %task.id, pool_id = %pool, session_id = task.req.session_id.as_deref(), outcome, "task finished");
+        }
+    }
+
+    pub fn update_depth(&self) {
+        let q = self.queue.lock();
+        let m = &self.metrics.queue_depth;
+        m.with_label_values(&["interactive"])
+            .set(q.tasks.depth(Priority::Interactive) as i64);
+        m.with_label_values(&["batch"])
+            .set(q.tasks.depth(Priority::Batch) as i64);
+    }
+
+    /// Predicted start from measured throughput: the work of the `ahead` tasks (with
+    /// `ahead_tokens` between them) beyond the free slots, spread over all ready slots.
+    pub fn predicted_start_ms(&self, ahead: u64, ahead_tokens: u64, own_tokens: u32) -> u64 {
+        let (free, total) = self.pools.slot_totals();
+        self.estimator
+            .lock()
+            .predicted_start_ms(ahead, ahead_tokens, own_tokens, free, total)
+    }
+}
+
+pub(crate) fn priority_label(p: Priority) -> &'static str {
+    match p {
+        Priority::Interactive => "interactive",
+        Priority::Batch => "batch",
+    }
+}

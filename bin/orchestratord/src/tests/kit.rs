@@ -1,0 +1,277 @@
+//! In-process test layer: the real orchestrator (admission, dispatcher, runner, retention) in
+//! the test's own runtime, with a scripted engine in place of HTTP, so tests run on tokio's
+//! paused clock and every bound is asserted exactly. The scripted engine is a fault-timing
+//! double only: every behaviour here also has a test against the real `llama-server` in
+//! `tests/it`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use llamacpp_client::Health;
+use llorch_contracts::tasks::TaskRequest;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Args, Config};
+use crate::engine::{Answer, CompletionCall, Engine};
+use crate::metrics::Metrics;
+use crate::pools::PoolEntry;
+use crate::state::Orchestrator;
+use crate::tasks::Task;
+
+/// One step of a scripted completion stream; each waits `after` (virtual time) first.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// A chunk carrying one token.
+    Token(Duration, &'static str),
+    /// The final chunk (`stop: true`) with this `stop_type` (`limit`, `eos`).
+    Stop(Duration, &'static str),
+    /// The stream goes silent and stays open.
+    Stall,
+    /// The connection closes without the final chunk.
+    Close(Duration),
+    /// The stream breaks with a transport error.
+    Break(Duration),
+    /// A chunk in which the engine reports an error.
+    EngineError(Duration),
+}
+
+/// How the scripted engine answers one completion request.
+#[derive(Debug, Clone)]
+pub enum Script {
+    Stream(Vec<Step>),
+    /// The request is never answered.
+    NoAnswer,
+    /// The connection is refused at once.
+    Unreachable,
+    /// An HTTP status without a stream (4xx refused, 5xx failed).
+    Status(u16),
+}
+
+/// `n` tokens, one every `every`, then the final chunk after one more `every`.
+pub fn tokens(n: usize, every: Duration) -> Script {
+    let mut steps: Vec<Step> = (0..n).map(|_| Step::Token(every, "tok")).collect();
+    steps.push(Step::Stop(every, "limit"));
+    Script::Stream(steps)
+}
+
+#[derive(Default)]
+pub struct ScriptedEngine {
+    /// Scripts for the next calls, in order; when empty, `fallback`.
+    scripts: Mutex<VecDeque<Script>>,
+    fallback: Mutex<Option<Script>>,
+    /// Base URL of every completion call, in order.
+    calls: Mutex<Vec<String>>,
+    /// Streams a runner holds right now (dropping the stream aborts the request).
+    open: Arc<AtomicUsize>,
+}
+
+impl ScriptedEngine {
+    pub fn push(&self, script: Script) {
+        self.scripts.lock().push_back(script);
+    }
+
+    pub fn always(&self, script: Script) {
+        *self.fallback.lock() = Some(script);
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().clone()
+    }
+
+    pub fn open_streams(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn data(json: serde_json::Value) -> Bytes {
+    Bytes::from(format!("data: {json}\n\n"))
+}
+
+impl Engine for ScriptedEngine {
+    fn completion<'a>(&'a self, call: CompletionCall<'a>) -> BoxFuture<'a, Result<Answer, String>> {
+        self.calls.lock().push(call.base_url.to_string());
+        let script = self
+            .scripts
+            .lock()
+            .pop_front()
+            .or_else(|| self.fallback.lock().clone())
+            .unwrap_or(Script::NoAnswer);
+        let open = self.open.clone();
+        async move {
+            let steps = match script {
+                Script::NoAnswer => std::future::pending().await,
+                Script::Unreachable => return Err("engine unreachable: connection refused".into()),
+                Script::Status(status) if (400..500).contains(&status) => {
+                    return Ok(Answer::Refused {
+                        status,
+                        body: "scripted refusal".into(),
+                    })
+                }
+                Script::Status(status) => return Ok(Answer::Failed { status }),
+                Script::Stream(steps) => steps,
+            };
+            open.fetch_add(1, Ordering::SeqCst);
+            let guard = OpenGuard(open);
+            let stream = futures_util::stream::unfold(
+                (steps.into_iter(), guard),
+                |(mut steps, guard)| async move {
+                    let item = match steps.next()? {
+                        Step::Token(after, t) => {
+                            tokio::time::sleep(after).await;
+                            Ok(data(serde_json::json!({"content": t, "stop": false})))
+                        }
+                        Step::Stop(after, kind) => {
+                            tokio::time::sleep(after).await;
+                            Ok(data(serde_json::json!({
+                                "content": "", "stop": true, "stop_type": kind,
+                                "tokens_predicted": 0, "timings": {"predicted_ms": 1.0}
+                            })))
+                        }
+                        Step::Stall => std::future::pending().await,
+                        Step::Close(after) => {
+                            tokio::time::sleep(after).await;
+                            return None;
+                        }
+                        Step::Break(after) => {
+                            tokio::time::sleep(after).await;
+                            Err("connection reset by peer".to_string())
+                        }
+                        Step::EngineError(after) => {
+                            tokio::time::sleep(after).await;
+                            Ok(data(
+                                serde_json::json!({"error": {"code": 500, "message": "scripted"}}),
+                            ))
+                        }
+                    };
+                    Some((item, (steps, guard)))
+                },
+            );
+            Ok(Answer::Stream(stream.boxed()))
+        }
+        .boxed()
+    }
+
+    fn health<'a>(
+        &'a self,
+        _base_url: &'a str,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<Health, String>> {
+        async { Ok(Health::Ok) }.boxed()
+    }
+}
+
+/// The orchestrator with its dispatcher and retention running on the test's runtime.
+pub struct Harness {
+    pub orch: Arc<Orchestrator>,
+    pub engine: Arc<ScriptedEngine>,
+    cancel: CancellationToken,
+}
+
+impl Harness {
+    /// `flags` are orchestratord's command-line flags (`--decode-timeout-ms=500`, ...).
+    pub fn start(flags: &[&str]) -> Harness {
+        let mut argv = vec!["orchestratord", "--api-token=inprocess-test-token-0123"];
+        argv.extend_from_slice(flags);
+        let config = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
+        let engine = Arc::new(ScriptedEngine::default());
+        let orch = Arc::new(
+            Orchestrator::new(config, Arc::new(Metrics::new().unwrap()), engine.clone()).unwrap(),
+        );
+        // Both end when the harness drops (its token is cancelled).
+        let cancel = CancellationToken::new();
+        tokio::spawn(crate::dispatcher::run(orch.clone(), cancel.child_token()));
+        tokio::spawn(crate::retention::run(orch.clone(), cancel.child_token()));
+        Harness {
+            orch,
+            engine,
+            cancel,
+        }
+    }
+
+    /// A ready pool serving model `tiny` at `http://{id}` with `slots` slots.
+    pub fn add_pool(&self, id: &str, slots: u32) {
+        self.orch.pools.upsert(pool(id, slots));
+    }
+
+    /// Admits a task (panics on refusal); `body` is a `/v2/tasks` request.
+    pub fn submit(&self, body: serde_json::Value) -> Arc<Task> {
+        let req: TaskRequest = serde_json::from_value(body).unwrap();
+        let id = self.orch.admit(req).unwrap().task_id;
+        self.orch.task(&id).unwrap()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub fn pool(id: &str, slots: u32) -> PoolEntry {
+    PoolEntry {
+        pool_id: id.into(),
+        model_id: "tiny".into(),
+        url: format!("http://{id}"),
+        manager: None,
+        slots_total: slots,
+        ctx_max: None,
+        engine: "llamacpp".into(),
+        engine_version: None,
+        node_id: None,
+        device_mask: None,
+        healthy: true,
+        draining: false,
+        last_error: None,
+        in_flight: 0,
+        lost: CancellationToken::new(),
+    }
+}
+
+pub fn task(max_tokens: u32) -> serde_json::Value {
+    serde_json::json!({"model_ref": "tiny", "prompt": "p", "max_tokens": max_tokens})
+}
+
+/// Waits for the task's terminal frame; returns its event name, its data, and when it came.
+pub async fn terminal(task: &Task) -> (&'static str, serde_json::Value, Instant) {
+    let mut rx = task.watch_frames();
+    loop {
+        let (frames, done) = task.frames_from(0);
+        if done {
+            let last = frames.last().unwrap();
+            return (
+                last.event,
+                serde_json::from_str(&last.data).unwrap(),
+                Instant::now(),
+            );
+        }
+        rx.changed().await.unwrap();
+    }
+}
+
+/// Names of the task's frames so far.
+pub fn names(task: &Task) -> Vec<&'static str> {
+    task.frames_from(0).0.iter().map(|f| f.event).collect()
+}
+
+/// Lets every task that can run, run, without moving the clock.
+pub async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}

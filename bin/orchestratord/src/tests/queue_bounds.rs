@@ -1,0 +1,287 @@
+//! Bounds of queued tasks and of what outlives them: deadlines, the longest queue wait,
+//! position updates, drop-lru, retention, sessions, and the shutdown race.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use llorch_contracts::{ErrorCode, ErrorEnvelope};
+use tokio::time::Instant;
+
+use super::kit::*;
+use crate::dispatcher::POSITION_INTERVAL;
+use crate::retention::PURGE_INTERVAL;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// A harness whose only slot is taken by a task that runs for `busy`.
+async fn busy_harness(flags: &[&str], busy: Duration) -> Harness {
+    let h = Harness::start(flags);
+    h.add_pool("a", 1);
+    h.engine.push(Script::Stream(vec![
+        Step::Token(MS, "x"),
+        Step::Stop(busy, "limit"),
+    ]));
+    h.submit(task(1));
+    settle().await;
+    assert_eq!(h.engine.calls().len(), 1, "the busy task did not start");
+    h
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_task_past_its_deadline_ends_with_deadline_unmet_exactly_at_the_deadline() {
+    let h = busy_harness(&[], Duration::from_secs(60)).await;
+    let t0 = Instant::now();
+    let task = h.submit(serde_json::json!({
+        "model_ref": "tiny", "prompt": "p", "max_tokens": 5, "deadline_ms": 500
+    }));
+    let (name, data, at) = terminal(&task).await;
+    assert_eq!(
+        (name, data["code"].as_str()),
+        ("error", Some("DEADLINE_UNMET"))
+    );
+    assert_eq!(at - t0, 500 * MS);
+    assert_eq!(
+        h.engine.calls().len(),
+        1,
+        "the expired task reached an engine"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_queued_longer_than_the_longest_queue_wait_ends_with_pool_unavailable_exactly_then()
+{
+    let h = busy_harness(&["--max-queue-wait-ms=2000"], Duration::from_secs(60)).await;
+    let t0 = Instant::now();
+    let task = h.submit(task(5));
+    let (name, data, at) = terminal(&task).await;
+    assert_eq!(
+        (name, data["code"].as_str()),
+        ("error", Some("POOL_UNAVAILABLE"))
+    );
+    assert_eq!(data["retriable"], true);
+    assert_eq!(at - t0, 2000 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_passing_while_the_task_runs_does_not_end_it() {
+    let h = Harness::start(&[]);
+    h.add_pool("a", 1);
+    h.engine.push(tokens(10, 100 * MS));
+    let task = h.submit(serde_json::json!({
+        "model_ref": "tiny", "prompt": "p", "max_tokens": 10, "deadline_ms": 50
+    }));
+    let (name, _, _) = terminal(&task).await;
+    assert_eq!(name, "end", "a started task was expired");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_task_starts_the_instant_the_slot_ahead_of_it_frees() {
+    let h = busy_harness(&[], 300 * MS).await;
+    let t0 = Instant::now();
+    h.engine.push(tokens(1, MS));
+    let task = h.submit(task(1));
+    let (name, _, at) = terminal(&task).await;
+    assert_eq!(name, "end");
+    // The first task ends at 301 ms; this one then needs its 1 ms token and 1 ms final chunk.
+    assert_eq!(at - t0, 303 * MS);
+    assert_eq!(task.status(None).queue_time_ms, Some(301));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_queued_task_ends_at_once_and_never_reaches_an_engine() {
+    let h = busy_harness(&[], Duration::from_secs(60)).await;
+    let task = h.submit(task(5));
+    tokio::time::sleep(10 * MS).await;
+    let at_cancel = Instant::now();
+    h.orch.cancel(
+        &task,
+        ErrorEnvelope::new(ErrorCode::Cancelled, "cancelled by the client"),
+    );
+    let (name, data, at) = terminal(&task).await;
+    assert_eq!((name, data["code"].as_str()), ("error", Some("CANCELLED")));
+    assert_eq!(at, at_cancel);
+    assert_eq!(h.engine.calls().len(), 1);
+    assert_eq!(h.orch.queue_position(&task.id), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn position_updates_come_at_once_then_at_most_one_per_interval() {
+    let h = busy_harness(&[], Duration::from_secs(60)).await;
+    let queued: Vec<_> = (0..4).map(|_| h.submit(task(5))).collect();
+    let last = queued.last().unwrap().clone();
+    let updates = |t: &crate::tasks::Task| -> Vec<u64> {
+        t.frames_from(0)
+            .0
+            .iter()
+            .filter(|f| f.event == "queued")
+            .map(|f| {
+                serde_json::from_str::<serde_json::Value>(&f.data).unwrap()["queue_position"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(updates(&last), [3]);
+    let cancel = |t: &Arc<crate::tasks::Task>| {
+        h.orch
+            .cancel(t, ErrorEnvelope::new(ErrorCode::Cancelled, "client"))
+    };
+    // The first change after a quiet interval is told at once.
+    tokio::time::sleep(POSITION_INTERVAL).await;
+    cancel(&queued[0]);
+    settle().await;
+    assert_eq!(updates(&last), [3, 2]);
+    // A second change right after waits for the interval, to the millisecond.
+    let second = Instant::now();
+    cancel(&queued[1]);
+    tokio::time::sleep(POSITION_INTERVAL - MS).await;
+    assert_eq!(updates(&last), [3, 2], "updated before the interval");
+    tokio::time::sleep(MS).await;
+    settle().await;
+    assert_eq!(updates(&last), [3, 2, 1]);
+    assert_eq!(Instant::now() - second, POSITION_INTERVAL);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_drop_lru_queue_ends_its_oldest_batch_task_at_once_for_a_newcomer() {
+    let h = busy_harness(
+        &["--admission-capacity=2", "--admission-policy=drop-lru"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let batch = |n: u32| serde_json::json!({"model_ref": "tiny", "prompt": "p", "max_tokens": n, "priority": "batch"});
+    let oldest = h.submit(batch(5));
+    let _second = h.submit(batch(6));
+    let t0 = Instant::now();
+    let _newcomer = h.submit(task(7));
+    let (name, data, at) = terminal(&oldest).await;
+    assert_eq!(
+        (name, data["code"].as_str()),
+        ("error", Some("QUEUE_FULL_DROP_LRU"))
+    );
+    assert_eq!(at, t0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_task_is_forgotten_after_retention_within_one_purge_interval() {
+    let h = Harness::start(&["--task-retention-ms=10000"]);
+    h.add_pool("a", 1);
+    h.engine.push(tokens(1, MS));
+    let task = h.submit(task(1));
+    let (_, _, finished) = terminal(&task).await;
+    let id = task.id.clone();
+    drop(task);
+    tokio::time::sleep_until(finished + Duration::from_millis(10_000) - MS).await;
+    assert!(
+        h.orch.task(&id).is_some(),
+        "forgotten before the retention period"
+    );
+    // The purge runs every PURGE_INTERVAL: the task is gone by the first run after retention.
+    tokio::time::sleep(PURGE_INTERVAL + MS).await;
+    assert!(
+        h.orch.task(&id).is_none(),
+        "kept past retention + one purge interval"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_oldest_finished_tasks_beyond_the_retention_count_are_forgotten_at_the_next_purge() {
+    let h = Harness::start(&["--task-retention-max=2"]);
+    h.add_pool("a", 3);
+    h.engine.always(tokens(1, MS));
+    let tasks: Vec<_> = (0..3).map(|_| h.submit(task(1))).collect();
+    for (k, t) in tasks.iter().enumerate() {
+        terminal(t).await;
+        tokio::time::sleep(MS * (k as u32 + 1)).await;
+    }
+    tokio::time::sleep(PURGE_INTERVAL).await;
+    let kept: Vec<bool> = tasks.iter().map(|t| h.orch.task(&t.id).is_some()).collect();
+    assert_eq!(kept.iter().filter(|k| **k).count(), 2, "{kept:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_keeps_its_pool_for_its_ttl_after_the_last_turn_and_not_a_millisecond_longer() {
+    let h = Harness::start(&["--session-ttl-ms=1000"]);
+    h.add_pool("a", 2);
+    h.add_pool("b", 1);
+    h.engine.always(tokens(1, MS));
+    let turn = || {
+        h.submit(serde_json::json!({
+            "model_ref": "tiny", "prompt": "p", "max_tokens": 1, "session_id": "s1"
+        }))
+    };
+    // Most free slots: the first turn goes to a.
+    let first = turn();
+    let turn_at = Instant::now();
+    terminal(&first).await;
+    assert_eq!(first.pool_id().as_deref(), Some("a"));
+    // A pool with more free slots appears; within the TTL the session still goes to a.
+    h.add_pool("c", 5);
+    tokio::time::sleep_until(turn_at + 999 * MS).await;
+    let second = turn();
+    let second_at = Instant::now();
+    terminal(&second).await;
+    assert_eq!(
+        second.pool_id().as_deref(),
+        Some("a"),
+        "affinity lost within the TTL"
+    );
+    // The TTL counts from the last turn: exactly then, placement is free again.
+    tokio::time::sleep_until(second_at + 1000 * MS).await;
+    let third = turn();
+    terminal(&third).await;
+    assert_eq!(
+        third.pool_id().as_deref(),
+        Some("c"),
+        "affinity outlived the TTL"
+    );
+}
+
+#[test]
+fn no_task_is_queued_after_shutdown_emptied_the_queue() {
+    // A real race on real threads: admissions from two threads while shutdown runs. Every
+    // task admitted must have its terminal event (none left queued), and admissions after
+    // shutdown are refused.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for _ in 0..20 {
+            let h = Arc::new(Harness::start(&["--admission-capacity=100000"]));
+            h.add_pool("a", 1);
+            h.orch.pools.set_health("a", false, None); // nothing dispatches: all stay queued
+            let admitters: Vec<_> = (0..2)
+                .map(|_| {
+                    let h = h.clone();
+                    std::thread::spawn(move || {
+                        let mut admitted = Vec::new();
+                        for _ in 0..2000 {
+                            let req = serde_json::from_value(task(1)).unwrap();
+                            if let Ok(a) = h.orch.admit(req) {
+                                admitted.push(a.task_id);
+                            }
+                        }
+                        admitted
+                    })
+                })
+                .collect();
+            std::thread::yield_now();
+            h.orch.stop_admitting();
+            let admitted: Vec<String> = admitters
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect();
+            for id in &admitted {
+                assert!(
+                    h.orch.task(id).unwrap().is_terminal(),
+                    "task {id} was queued after shutdown emptied the queue"
+                );
+            }
+            let late = serde_json::from_value(task(1)).unwrap();
+            let e = h.orch.admit(late).unwrap_err();
+            assert_eq!(e.0.code, ErrorCode::PoolUnavailable);
+        }
+    });
+}
