@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use futures_util::future::{join_all, BoxFuture};
+use futures_util::FutureExt;
 use llorch_contracts::{GpuInfo, PoolsResponse};
 use parking_lot::RwLock;
 use serde::Serialize;
@@ -42,6 +43,9 @@ pub struct Manager {
     pub gpus: Vec<GpuInfo>,
     /// Pools this manager reported at its last good poll.
     pub pools: BTreeSet<String>,
+    /// Pool ids it reports that another manager already serves (logged once, when they
+    /// start to conflict).
+    conflicting: BTreeSet<String>,
 }
 
 impl Manager {
@@ -57,6 +61,7 @@ impl Manager {
             last_heartbeat: None,
             gpus: Vec::new(),
             pools: BTreeSet::new(),
+            conflicting: BTreeSet::new(),
         }
     }
 }
@@ -143,12 +148,57 @@ impl Managers {
     }
 }
 
-pub struct CloudSource {
+/// How orchestratord asks a pool-managerd for its pools: the IO seam of the CLOUD poller
+/// (HTTP here; a scripted node in the in-process tests). The caller bounds the time.
+pub(crate) trait NodeApi: Send + Sync + 'static {
+    fn pools<'a>(
+        &'a self,
+        base_url: &'a str,
+        headers: reqwest::header::HeaderMap,
+    ) -> BoxFuture<'a, Result<PoolsResponse, String>>;
+}
+
+/// `GET {manager}/v2/pools` with the token.
+pub(crate) struct HttpNodes {
+    pub http: reqwest::Client,
+    pub token: auth_min::Token,
+}
+
+impl NodeApi for HttpNodes {
+    fn pools<'a>(
+        &'a self,
+        base_url: &'a str,
+        headers: reqwest::header::HeaderMap,
+    ) -> BoxFuture<'a, Result<PoolsResponse, String>> {
+        async move {
+            let resp = self
+                .http
+                .get(format!("{base_url}/v2/pools"))
+                .headers(headers)
+                .bearer_auth(self.token.expose())
+                .send()
+                .await
+                .map_err(|e| format!("unreachable: {}", llamacpp_client::error_chain(&e)))?;
+            match resp.status() {
+                reqwest::StatusCode::UNAUTHORIZED => {
+                    Err("pool-managerd refused our token (401): tokens differ".into())
+                }
+                s if !s.is_success() => Err(format!("pool-managerd answered {s}")),
+                _ => resp
+                    .json::<PoolsResponse>()
+                    .await
+                    .map_err(|e| format!("unreadable pool list: {e}")),
+            }
+        }
+        .boxed()
+    }
+}
+
+pub(crate) struct CloudSource {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub managers: Arc<Managers>,
     pub pools: Arc<PoolTable>,
-    pub http: reqwest::Client,
-    pub token: auth_min::Token,
+    pub nodes: Arc<dyn NodeApi>,
     pub interval: Duration,
     pub recovery: u32,
     pub heartbeat_timeout: Duration,
@@ -208,31 +258,10 @@ impl CloudSource {
         llorch_observability::inject(span, &mut headers);
         // The timeout stays inside the interval, so a silent manager is judged by the next tick.
         let timeout = self.interval.mul_f64(0.8);
-        let resp = self
-            .http
-            .get(format!("{url}/v2/pools"))
-            .headers(headers)
-            .bearer_auth(self.token.expose())
-            .timeout(timeout)
-            .send()
-            .await;
-        match resp {
-            Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED => {
-                PollResult::Failed("pool-managerd refused our token (401): tokens differ".into())
-            }
-            Ok(r) if !r.status().is_success() => {
-                PollResult::Failed(format!("pool-managerd answered {}", r.status()))
-            }
-            Ok(r) => match r.json::<PoolsResponse>().await {
-                Ok(p) => PollResult::Ok(p),
-                Err(e) => PollResult::Failed(format!("unreadable pool list: {e}")),
-            },
-            Err(e) if e.is_timeout() => {
-                PollResult::Failed(format!("no answer within {} ms", timeout.as_millis()))
-            }
-            Err(e) => {
-                PollResult::Failed(format!("unreachable: {}", llamacpp_client::error_chain(&e)))
-            }
+        match tokio::time::timeout(timeout, self.nodes.pools(url, headers)).await {
+            Ok(Ok(p)) => PollResult::Ok(p),
+            Ok(Err(error)) => PollResult::Failed(error),
+            Err(_) => PollResult::Failed(format!("no answer within {} ms", timeout.as_millis())),
         }
     }
 
@@ -270,10 +299,14 @@ impl CloudSource {
                     self.pools.remove(gone);
                 }
                 let mut owned = BTreeSet::new();
+                let mut conflicting = BTreeSet::new();
                 for p in resp.pools {
                     if let Some(existing) = self.pools.get(&p.pool_id) {
                         if existing.manager.as_deref() != Some(url) {
-                            tracing::warn!(pool_id = %p.pool_id, manager = %url, "pool id already served by another pool-managerd; ignoring this one");
+                            if !m.conflicting.contains(&p.pool_id) {
+                                tracing::warn!(pool_id = %p.pool_id, manager = %url, "pool id already served by another pool-managerd; ignoring this one");
+                            }
+                            conflicting.insert(p.pool_id);
                             continue;
                         }
                     }
@@ -300,6 +333,7 @@ impl CloudSource {
                     self.count_check(pool, "ok", poll_ms);
                 }
                 m.pools = owned;
+                m.conflicting = conflicting;
                 m.gpus = resp.gpus;
             }
             PollResult::Failed(error) => {

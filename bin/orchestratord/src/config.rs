@@ -246,7 +246,12 @@ impl Config {
             pool_managers,
             node_registration: a.node_registration,
             pool_poll_interval: ms("ORCHD_POOL_POLL_INTERVAL_MS", a.pool_poll_interval_ms)?,
-            pool_poll_recovery: a.pool_poll_recovery.max(1),
+            pool_poll_recovery: llorch_http::at_least(
+                "ORCHD_POOL_POLL_RECOVERY",
+                a.pool_poll_recovery,
+                1,
+            )
+            .map_err(ConfigError::Invalid)?,
             node_heartbeat_timeout: ms(
                 "ORCHD_NODE_HEARTBEAT_TIMEOUT_MS",
                 a.node_heartbeat_timeout_ms,
@@ -262,7 +267,8 @@ impl Config {
             admission_capacity: a.admission_capacity,
             admission_policy,
             max_tokens_cap: a.max_tokens_cap,
-            max_body_bytes: a.max_body_bytes.max(1024),
+            max_body_bytes: llorch_http::at_least("ORCHD_MAX_BODY_BYTES", a.max_body_bytes, 1024)
+                .map_err(ConfigError::Invalid)?,
             max_queue_wait: ms("ORCHD_MAX_QUEUE_WAIT_MS", a.max_queue_wait_ms)?,
             first_token_timeout: ms("ORCHD_FIRST_TOKEN_TIMEOUT_MS", a.first_token_timeout_ms)?,
             decode_timeout: ms("ORCHD_DECODE_TIMEOUT_MS", a.decode_timeout_ms)?,
@@ -332,5 +338,33 @@ mod tests {
         let e = parse(&[token, "--pool-managers=http://a:9200"]).unwrap_err();
         assert!(e.to_string().contains("ORCHD_PROFILE=cloud"), "{e}");
         assert!(parse(&["--profile=space", token]).is_err());
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_with_the_variable_name_not_clamped() {
+        let token = "--api-token=0123456789abcdef0123";
+        for (flag, name) in [
+            (
+                "--max-body-bytes=10",
+                "ORCHD_MAX_BODY_BYTES must be at least 1024 (got 10)",
+            ),
+            (
+                "--pool-poll-recovery=0",
+                "ORCHD_POOL_POLL_RECOVERY must be at least 1",
+            ),
+            (
+                "--decode-timeout-ms=0",
+                "ORCHD_DECODE_TIMEOUT_MS must be greater than 0",
+            ),
+        ] {
+            let e = parse(&[token, flag]).unwrap_err();
+            assert!(e.to_string().contains(name), "{flag}: {e}");
+        }
+        assert_eq!(
+            parse(&[token, "--max-body-bytes=1024"])
+                .unwrap()
+                .max_body_bytes,
+            1024
+        );
     }
 }

@@ -65,11 +65,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 metrics,
                 managers: orch.managers.clone(),
                 pools: orch.pools.clone(),
-                http: reqwest::Client::builder()
-                    .connect_timeout(Duration::from_secs(1))
-                    .pool_idle_timeout(Duration::from_secs(30))
-                    .build()?,
-                token,
+                nodes: Arc::new(cloud_source::HttpNodes {
+                    http: reqwest::Client::builder()
+                        .connect_timeout(Duration::from_secs(1))
+                        .pool_idle_timeout(Duration::from_secs(30))
+                        .build()?,
+                    token,
+                }),
                 interval: orch.config.pool_poll_interval,
                 recovery: orch.config.pool_poll_recovery,
                 heartbeat_timeout: orch.config.node_heartbeat_timeout,

@@ -311,6 +311,33 @@ mod tests {
         assert_eq!(parsed, serde_json::json!({"t": "a", "i": 0}));
     }
 
+    proptest::proptest! {
+        /// The hand-written frames of the hot path (`token`, `queued`) are byte for byte what
+        /// serde writes for the same event.
+        #[test]
+        fn fast_path_frames_equal_their_serde_form(
+            text in ".*",
+            i in proptest::prelude::any::<u32>(),
+            position in proptest::prelude::any::<u32>(),
+            predicted in proptest::prelude::any::<u64>(),
+        ) {
+            let t = task();
+            let events = [
+                TaskEvent::Token { t: text.clone(), i },
+                TaskEvent::Queued { queue_position: position, predicted_start_ms: predicted },
+            ];
+            for event in &events {
+                proptest::prop_assert!(t.emit(event));
+            }
+            let (frames, _) = t.frames_from(0);
+            for (frame, event) in frames.iter().zip(&events) {
+                let serde_form = serde_json::to_string(event).unwrap();
+                let framed = format!("{{\"event\":\"{}\",\"data\":{}}}", frame.event, frame.data);
+                proptest::prop_assert_eq!(framed, serde_form);
+            }
+        }
+    }
+
     #[test]
     fn replay_starts_after_the_given_id() {
         let t = task();

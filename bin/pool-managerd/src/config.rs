@@ -307,7 +307,12 @@ impl Config {
             auto_delete_handoff: args.auto_delete_handoff,
             gpu_discovery_interval: Duration::from_millis(args.gpu_discovery_interval_ms),
             health_interval: non_zero("POOL_MANAGERD_HEALTH_INTERVAL_MS", args.health_interval_ms)?,
-            max_probe_failures: args.max_probe_failures.max(1),
+            max_probe_failures: llorch_http::at_least(
+                "POOL_MANAGERD_MAX_PROBE_FAILURES",
+                args.max_probe_failures,
+                1,
+            )
+            .map_err(ConfigError::Invalid)?,
             engine_start_timeout: non_zero(
                 "POOL_MANAGERD_ENGINE_START_TIMEOUT_MS",
                 args.engine_start_timeout_ms,
@@ -318,7 +323,12 @@ impl Config {
                 args.restart_backoff_max_ms,
             )?,
             shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
-            max_body_bytes: args.max_body_bytes.max(1024),
+            max_body_bytes: llorch_http::at_least(
+                "POOL_MANAGERD_MAX_BODY_BYTES",
+                args.max_body_bytes,
+                1024,
+            )
+            .map_err(ConfigError::Invalid)?,
             token,
             json_logs,
         })
@@ -437,6 +447,26 @@ mod tests {
             reason: e.to_string(),
         })?;
         validate_pools(file.pools)
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_with_the_variable_name_not_clamped() {
+        for (flag, name) in [
+            (
+                "--max-body-bytes=100",
+                "POOL_MANAGERD_MAX_BODY_BYTES must be at least 1024 (got 100)",
+            ),
+            (
+                "--max-probe-failures=0",
+                "POOL_MANAGERD_MAX_PROBE_FAILURES must be at least 1",
+            ),
+        ] {
+            let args =
+                Args::try_parse_from(["pool-managerd", "--allow-unauthenticated-loopback", flag])
+                    .unwrap();
+            let e = Config::from_args(args).unwrap_err();
+            assert!(e.to_string().contains(name), "{flag}: {e}");
+        }
     }
 
     #[test]

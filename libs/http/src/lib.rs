@@ -186,6 +186,20 @@ pub fn parse_log_format(variable: &str, value: &str) -> Result<bool, String> {
     }
 }
 
+/// `value` unless it is below `min`: out-of-range settings are refused with the variable's
+/// name, never clamped silently.
+pub fn at_least<T: PartialOrd + std::fmt::Display>(
+    variable: &str,
+    value: T,
+    min: T,
+) -> Result<T, String> {
+    if value < min {
+        Err(format!("{variable} must be at least {min} (got {value})"))
+    } else {
+        Ok(value)
+    }
+}
+
 /// The one way both daemons assemble their API: `public` routes open, `authed` routes behind
 /// the shared token, envelope answers for unknown routes and methods, the body limit, and the
 /// correlation-id layer outermost.

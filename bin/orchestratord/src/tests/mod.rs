@@ -4,6 +4,7 @@
 //! `tests/it` prove the same behaviours end to end on the real engine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cloud_bounds;
 mod kit;
 mod queue_bounds;
 mod router;

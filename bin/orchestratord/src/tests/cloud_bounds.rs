@@ -1,0 +1,163 @@
+//! Bounds of the CLOUD poller: a node that goes away is unusable within two poll intervals,
+//! comes back only after the configured number of good polls, and a registered node that
+//! stops heartbeating is dropped at the first poll past the timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::kit::*;
+
+const MS: Duration = Duration::from_millis(1);
+const INTERVAL: Duration = Duration::from_millis(1000);
+
+/// A CLOUD orchestrator polling `http://n1` (pool `p1`) every second; returns when the first
+/// poll made `p1` usable. Polls run at start + k × INTERVAL.
+async fn cloud(extra: &[&str]) -> (Harness, Arc<ScriptedNodes>, Instant) {
+    let mut flags = vec![
+        "--profile=cloud",
+        "--pool-managers=http://n1",
+        "--pool-poll-interval-ms=1000",
+    ];
+    flags.extend_from_slice(extra);
+    let h = Harness::start(&flags);
+    let nodes = Arc::new(ScriptedNodes::default());
+    nodes.set("http://n1", Node::Up(vec!["p1"]));
+    let start = Instant::now();
+    h.poll(nodes.clone());
+    settle().await;
+    assert!(usable(&h, "p1"), "first poll did not bind the pool");
+    (h, nodes, start)
+}
+
+/// Steps the clock to `at` and lets the poll due then finish.
+async fn at(t: Instant) {
+    tokio::time::sleep_until(t).await;
+    settle().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusing_node_is_unusable_at_the_next_poll_within_two_intervals_of_going_down() {
+    let (h, nodes, start) = cloud(&[]).await;
+    // Down just after a poll: the worst case for a refusal.
+    at(start + MS).await;
+    nodes.set("http://n1", Node::Down);
+    at(start + INTERVAL - MS).await;
+    assert!(usable(&h, "p1"), "judged before the next poll");
+    at(start + INTERVAL).await;
+    assert!(!usable(&h, "p1"), "still used after a failed poll");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_node_is_unusable_when_its_poll_times_out_at_eight_tenths_of_an_interval() {
+    let (h, nodes, start) = cloud(&[]).await;
+    at(start + MS).await;
+    nodes.set("http://n1", Node::Hang);
+    let poll = start + INTERVAL;
+    at(poll + INTERVAL.mul_f64(0.8) - MS).await;
+    assert!(usable(&h, "p1"), "judged before the poll timed out");
+    at(poll + INTERVAL.mul_f64(0.8)).await;
+    assert!(!usable(&h, "p1"));
+    // Worst case from going silent: under two intervals.
+    assert!(Instant::now() - (start + MS) < 2 * INTERVAL);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_task_on_a_node_that_fails_a_poll_ends_with_worker_reset_at_that_poll() {
+    let (h, nodes, start) = cloud(&[]).await;
+    h.engine.push(tokens(1000, 10 * MS));
+    let task = h.submit(task(1000));
+    at(start + 100 * MS).await;
+    nodes.set("http://n1", Node::Down);
+    let (name, data, when) = terminal(&task).await;
+    assert_eq!(
+        (name, data["code"].as_str()),
+        ("error", Some("WORKER_RESET"))
+    );
+    assert_eq!(when, start + INTERVAL);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_back_from_failure_is_used_only_after_the_configured_number_of_good_polls() {
+    let (h, nodes, start) = cloud(&["--pool-poll-recovery=3"]).await;
+    nodes.set("http://n1", Node::Down);
+    at(start + INTERVAL).await;
+    assert!(!usable(&h, "p1"));
+    nodes.set("http://n1", Node::Up(vec!["p1"]));
+    at(start + 2 * INTERVAL).await;
+    assert!(!usable(&h, "p1"), "used after 1 good poll of 3");
+    at(start + 3 * INTERVAL).await;
+    assert!(!usable(&h, "p1"), "used after 2 good polls of 3");
+    at(start + 4 * INTERVAL).await;
+    assert!(usable(&h, "p1"), "not used after 3 good polls");
+}
+
+#[tokio::test(start_paused = true)]
+async fn polls_run_at_the_configured_interval_and_no_faster() {
+    let (_h, nodes, start) = cloud(&[]).await;
+    at(start + 10 * INTERVAL - MS).await;
+    assert_eq!(nodes.polls(), 10, "polls at 0, 1 s, ... 9 s");
+    at(start + 10 * INTERVAL).await;
+    assert_eq!(nodes.polls(), 11);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registered_node_that_stops_heartbeating_is_dropped_at_the_first_poll_past_the_timeout() {
+    let h = Harness::start(&[
+        "--profile=cloud",
+        "--node-registration=true",
+        "--pool-poll-interval-ms=1000",
+        "--node-heartbeat-timeout-ms=2500",
+    ]);
+    let nodes = Arc::new(ScriptedNodes::default());
+    nodes.set("http://n2", Node::Up(vec!["p2"]));
+    let start = Instant::now();
+    h.poll(nodes.clone());
+    settle().await;
+    h.orch.managers.register("n2", "http://n2", Vec::new());
+    settle().await;
+    assert!(usable(&h, "p2"), "registration did not poll at once");
+    let registered = Instant::now();
+    // Polls at start + 1 s, 2 s: within the timeout. At 3 s the last heartbeat (at 0) is
+    // 3 s old, past 2.5 s.
+    at(start + 2 * INTERVAL).await;
+    assert!(usable(&h, "p2"));
+    at(start + 3 * INTERVAL).await;
+    assert!(
+        !usable(&h, "p2"),
+        "a node without heartbeats was still used"
+    );
+    assert_eq!(registered, start);
+    // A heartbeat brings it back after the recovery polls (2 by default).
+    assert!(h.orch.managers.heartbeat("n2"));
+    at(start + 4 * INTERVAL).await;
+    assert!(!usable(&h, "p2"));
+    at(start + 5 * INTERVAL).await;
+    assert!(usable(&h, "p2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_id_reported_by_a_second_node_is_ignored_and_the_first_keeps_it() {
+    let h = Harness::start(&[
+        "--profile=cloud",
+        "--pool-managers=http://n1,http://n3",
+        "--pool-poll-interval-ms=1000",
+    ]);
+    let nodes = Arc::new(ScriptedNodes::default());
+    nodes.set("http://n1", Node::Up(vec!["p1"]));
+    nodes.set("http://n3", Node::Up(vec!["p1", "p3"]));
+    let log = LogCapture::default();
+    let _log = tracing::subscriber::set_default(log.subscriber());
+    let start = Instant::now();
+    h.poll(nodes.clone());
+    for k in 0..3 {
+        at(start + k * INTERVAL).await;
+        let p1 = h.orch.pools.get("p1").unwrap();
+        assert_eq!(p1.manager.as_deref(), Some("http://n1"));
+        assert!(usable(&h, "p3"));
+    }
+    assert_eq!(h.orch.managers.owner_of("p1").as_deref(), Some("http://n1"));
+    // Three polls saw the conflict; it is logged once, when it began.
+    assert_eq!(log.count("already served by another pool-managerd"), 1);
+}
