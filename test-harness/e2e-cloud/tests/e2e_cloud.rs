@@ -309,7 +309,6 @@ async fn tokens_are_checked_across_the_wire() {
     assert_eq!(anon.status(), 401);
     let log = std::fs::read_to_string(c.net.path("orchestratord.log")).unwrap();
     assert!(!log.contains(TOKEN), "token in orchestratord's log");
-    let _ = c.orch_idx;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

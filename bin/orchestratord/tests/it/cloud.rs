@@ -225,7 +225,9 @@ async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_node_is_unavailable_within_two_poll_intervals_and_work_moves_on() {
+async fn killed_node_is_unavailable_within_2500_ms_at_a_1_s_poll_interval_and_work_moves_on() {
+    // End to end on real processes, with slack for two busy cores; the exact bound (the next
+    // poll, under two intervals) is asserted on paused time in `src/tests/cloud_bounds.rs`.
     let dir = tempfile::tempdir().unwrap();
     let mut a = start_node(dir.path(), "node-a", &pool_toml("a0", 1, 8192), &[]);
     let b = start_node(dir.path(), "node-b", &pool_toml("b0", 1, 8192), &[]);
