@@ -193,11 +193,6 @@ impl EngineProcess {
         signal_group(self.pid, libc::SIGKILL);
         let _ = std::fs::remove_file(&self.record);
     }
-
-    /// Kills at once (a hung engine).
-    pub async fn kill(self) {
-        self.stop(Duration::ZERO).await;
-    }
 }
 
 pub fn describe_exit(status: std::process::ExitStatus) -> String {

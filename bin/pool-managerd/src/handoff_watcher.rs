@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use llamacpp_client::{EngineClient, Health};
+use llamacpp_client::Health;
 use llorch_contracts::{HandoffFile, PoolState, PoolStatus, ProvisioningMode};
 use llorch_handoff::HandoffEvent;
 use tokio::time::Instant;
@@ -147,12 +147,7 @@ impl HandoffWatcher {
             provisioning_mode: ProvisioningMode::External,
             url: Some(file.url.clone()),
         };
-        let client = EngineClient::new(
-            self.shared.probe_http.clone(),
-            file.url.clone(),
-            Duration::from_secs(1),
-        );
-        probe_external(&self.shared, &client, &mut status).await;
+        probe_external(&self.shared, &mut status).await;
         self.shared.registry.write().upsert(status.clone());
         let cancel = self.cancel.child_token();
         self.external.insert(file.pool_id.clone(), cancel.clone());
@@ -165,7 +160,7 @@ impl HandoffWatcher {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tick.tick() => {
-                        probe_external(&shared, &client, &mut status).await;
+                        probe_external(&shared, &mut status).await;
                         if cancel.is_cancelled() {
                             break;
                         }
@@ -188,15 +183,19 @@ impl HandoffWatcher {
 }
 
 /// One health (+ slots) probe of an external engine, applied to its status.
-async fn probe_external(shared: &Shared, client: &EngineClient, status: &mut PoolStatus) {
+async fn probe_external(shared: &Shared, status: &mut PoolStatus) {
     let m = &shared.metrics.health_checks;
-    match client.health().await {
+    let Some(url) = status.url.clone() else {
+        return;
+    };
+    let timeout = Duration::from_secs(1);
+    match shared.probe.health(&url, timeout).await {
         Ok(Health::Ok) => {
             m.with_label_values(&[&status.pool_id, "ok"]).inc();
             status.state = PoolState::Ready;
             status.live = true;
             status.last_error = None;
-            status.slots_free = match client.slots().await {
+            status.slots_free = match shared.probe.slots(&url, timeout).await {
                 Ok(slots) => slots.iter().filter(|s| !s.is_processing).count() as u32,
                 Err(_) => status.slots_total,
             };

@@ -2,17 +2,20 @@
 //! and owns every task it starts: one root cancellation token, one tracker, drain with a
 //! deadline.
 
-pub mod api;
+mod api;
 pub mod config;
-pub mod engine_binary;
-pub mod engine_process;
-pub mod gpu;
-pub mod handoff_watcher;
-pub mod metrics;
-pub mod proxy;
-pub mod registration;
-pub mod state;
-pub mod supervisor;
+mod engine_binary;
+mod engine_process;
+mod gpu;
+mod handoff_watcher;
+mod launcher;
+mod metrics;
+mod proxy;
+mod registration;
+mod state;
+mod supervisor;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -89,6 +92,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         engine_version,
         registry: RwLock::new(Registry::new()),
         metrics: metrics::Metrics::new()?,
+        launcher: Arc::new(launcher::ProcessLauncher),
+        probe: Arc::new(launcher::HttpProbe {
+            http: probe_http.clone(),
+        }),
+        jitter: rand::random,
         probe_http,
         proxy_http,
         gpus: RwLock::new(discovery),

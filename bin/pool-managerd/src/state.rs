@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use llorch_contracts::PoolStatus;
 use llorch_core::Registry;
@@ -10,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::gpu::Discovery;
+use crate::launcher::{Launcher, Probe};
 use crate::metrics::Metrics;
 use crate::supervisor::Command;
 
@@ -20,8 +22,14 @@ pub struct Shared {
     pub engine_version: String,
     pub registry: RwLock<Registry>,
     pub metrics: Metrics,
-    /// Short-timeout client for probes.
+    /// Short-timeout client for the control plane (registration, heartbeats).
     pub probe_http: reqwest::Client,
+    /// How engines are started and stopped (child processes; scripted in tests).
+    pub launcher: Arc<dyn Launcher>,
+    /// How engines are probed (HTTP; scripted in tests).
+    pub probe: Arc<dyn Probe>,
+    /// Jitter in `[0, 1)` for restart backoff (random; fixed in tests).
+    pub jitter: fn() -> f64,
     /// Client for the streaming engine proxy: no overall timeout, connect timeout only.
     pub proxy_http: reqwest::Client,
     pub gpus: RwLock<Discovery>,

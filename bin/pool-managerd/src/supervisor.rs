@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use llamacpp_client::{EngineClient, Health};
+use llamacpp_client::Health;
 use llorch_contracts::{HandoffFile, HandoffModel, PoolStatus, ProvisioningMode, HANDOFF_VERSION};
 use llorch_core::{FailureAction, Supervision, SupervisionPolicy};
 use tokio::sync::{mpsc, oneshot};
@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolSpec;
-use crate::engine_process::{self, EngineProcess, SpawnRequest};
+use crate::engine_process::{self, SpawnRequest};
+use crate::launcher::{EngineInfo, RunningEngine};
 use crate::state::Shared;
 
 pub enum Command {
@@ -31,7 +32,7 @@ pub enum Command {
 
 enum Next {
     Start,
-    Watch(Box<EngineProcess>),
+    Watch(Box<dyn RunningEngine>),
     Failure(String),
     Idle,
     Exit,
@@ -90,14 +91,14 @@ impl Supervisor {
                     let (path, id) = (self.spec.model_path.clone(), self.spec.model_id.clone());
                     match self.start(&path, &id).await {
                         Ok(engine) => {
-                            self.became_ready(&engine);
-                            Next::Watch(Box::new(engine))
+                            self.became_ready(engine.info());
+                            Next::Watch(engine)
                         }
                         Err(StartError::Cancelled) => Next::Exit,
                         Err(StartError::Failed(e)) => Next::Failure(e),
                     }
                 }
-                Next::Watch(engine) => self.watch(*engine).await,
+                Next::Watch(engine) => self.watch(engine).await,
                 Next::Failure(error) => self.failure(error).await,
                 Next::Idle => self.idle().await,
                 Next::Exit => break,
@@ -115,7 +116,7 @@ impl Supervisor {
         &mut self,
         model_path: &Path,
         model_id: &str,
-    ) -> Result<EngineProcess, StartError> {
+    ) -> Result<Box<dyn RunningEngine>, StartError> {
         let shared = self.shared.clone();
         let Some(binary) = shared.engine_binary.as_deref() else {
             return Err(StartError::Failed("no engine binary configured".into()));
@@ -126,21 +127,19 @@ impl Supervisor {
         } else {
             ".a"
         };
-        let mut engine = engine_process::spawn(SpawnRequest {
-            binary,
-            runtime_dir: &shared.config.runtime_dir,
-            spec: &self.spec,
-            model_path,
-            model_id,
-            instance,
-        })
-        .map_err(|e| StartError::Failed(format!("cannot spawn {}: {e}", binary.display())))?;
-        tracing::info!(pool_id = %self.spec.id, pid = engine.pid, port = engine.port, model_id, "engine spawned");
-        let client = EngineClient::new(
-            shared.probe_http.clone(),
-            engine.url.clone(),
-            Duration::from_secs(2),
-        );
+        let mut engine = shared
+            .launcher
+            .spawn(SpawnRequest {
+                binary,
+                runtime_dir: &shared.config.runtime_dir,
+                spec: &self.spec,
+                model_path,
+                model_id,
+                instance,
+            })
+            .map_err(|e| StartError::Failed(format!("cannot spawn {}: {e}", binary.display())))?;
+        let info = engine.info().clone();
+        tracing::info!(pool_id = %self.spec.id, pid = info.pid, port = info.port, model_id, "engine spawned");
         let deadline = Instant::now() + shared.config.engine_start_timeout;
         loop {
             tokio::select! {
@@ -148,22 +147,18 @@ impl Supervisor {
                     engine.stop(shared.config.shutdown_grace).await;
                     return Err(StartError::Cancelled);
                 }
-                exit = engine.child.wait() => {
-                    let how = match exit {
-                        Ok(s) => engine_process::describe_exit(s),
-                        Err(e) => e.to_string(),
-                    };
+                how = engine.exited() => {
                     let detail = self.log_tail();
                     engine.stop(Duration::ZERO).await;
                     return Err(StartError::Failed(format!("{how} before becoming healthy{detail}")));
                 }
                 _ = tokio::time::sleep(Duration::from_millis(25)) => {}
             }
-            if let Ok(Health::Ok) = client.health().await {
+            if let Ok(Health::Ok) = shared.probe.health(&info.url, Duration::from_secs(2)).await {
                 return Ok(engine);
             }
             if Instant::now() >= deadline {
-                engine.kill().await;
+                engine.stop(Duration::ZERO).await;
                 return Err(StartError::Failed(format!(
                     "engine did not become healthy within {} ms",
                     shared.config.engine_start_timeout.as_millis()
@@ -172,7 +167,7 @@ impl Supervisor {
         }
     }
 
-    fn became_ready(&mut self, engine: &EngineProcess) {
+    fn became_ready(&mut self, engine: &EngineInfo) {
         self.sup.on_ready(Instant::now().into_std());
         self.url = Some(engine.url.clone());
         self.slots_free = self.spec.slots;
@@ -201,7 +196,7 @@ impl Supervisor {
         tracing::info!(pool_id = %self.spec.id, url = %engine.url, restart_count = self.sup.restart_count(), "pool ready");
     }
 
-    async fn watch(&mut self, mut engine: EngineProcess) -> Next {
+    async fn watch(&mut self, mut engine: Box<dyn RunningEngine>) -> Next {
         let grace = self.shared.config.shutdown_grace;
         let mut probe = tokio::time::interval(self.shared.config.health_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -214,19 +209,16 @@ impl Supervisor {
                     engine.stop(grace).await;
                     return Next::Exit;
                 }
-                exit = engine.child.wait() => {
-                    let how = match exit {
-                        Ok(s) => engine_process::describe_exit(s),
-                        Err(e) => e.to_string(),
-                    };
+                how = engine.exited() => {
                     engine.stop(Duration::ZERO).await;
                     return Next::Failure(how);
                 }
                 _ = probe.tick() => {
-                    if let Err(error) = self.probe(&engine.url).await {
+                    let url = engine.info().url.clone();
+                    if let Err(error) = self.probe(&url).await {
                         if self.sup.on_probe_failed() {
                             tracing::warn!(pool_id = %self.spec.id, %error, "engine hung; killing it");
-                            engine.kill().await;
+                            engine.stop(Duration::ZERO).await;
                             return Next::Failure(format!("engine hung: health probes failing ({error})"));
                         }
                     }
@@ -254,23 +246,21 @@ impl Supervisor {
     }
 
     async fn probe_engine(&mut self, url: &str) -> Result<(), String> {
-        let client = EngineClient::new(
-            self.shared.probe_http.clone(),
-            url,
-            self.shared
-                .config
-                .health_interval
-                .min(Duration::from_secs(2)),
-        );
+        let timeout = self
+            .shared
+            .config
+            .health_interval
+            .min(Duration::from_secs(2));
+        let probe = &self.shared.probe;
         let m = &self.shared.metrics.health_checks;
-        match client.health().await {
+        match probe.health(url, timeout).await {
             Ok(Health::Ok) => {
                 m.with_label_values(&[&self.spec.id, "ok"]).inc();
                 self.sup.on_probe_ok(Instant::now().into_std());
-                if let Ok(slots) = client.slots().await {
+                if let Ok(slots) = probe.slots(url, timeout).await {
                     self.slots_free = slots.iter().filter(|s| !s.is_processing).count() as u32;
                 }
-                if let Ok(samples) = client.metrics().await {
+                if let Ok(samples) = probe.metrics(url, timeout).await {
                     self.shared.metrics.record_engine(&self.spec.id, &samples);
                 }
                 self.publish();
@@ -282,21 +272,17 @@ impl Supervisor {
             }
             Err(e) => {
                 m.with_label_values(&[&self.spec.id, "fail"]).inc();
-                Err(e.to_string())
+                Err(e)
             }
         }
     }
 
-    async fn drain(&mut self, engine: EngineProcess, deadline: Duration) -> Next {
-        let client = EngineClient::new(
-            self.shared.probe_http.clone(),
-            engine.url.clone(),
-            Duration::from_secs(1),
-        );
+    async fn drain(&mut self, engine: Box<dyn RunningEngine>, deadline: Duration) -> Next {
+        let url = engine.info().url.clone();
         let until = Instant::now() + deadline;
         tracing::info!(pool_id = %self.spec.id, deadline_ms = deadline.as_millis() as u64, "draining pool");
         loop {
-            let busy = match client.slots().await {
+            let busy = match self.shared.probe.slots(&url, Duration::from_secs(1)).await {
                 Ok(slots) => slots.iter().filter(|s| s.is_processing).count(),
                 Err(_) => 0,
             };
@@ -326,17 +312,17 @@ impl Supervisor {
     /// keeps the old engine (rollback).
     async fn reload(
         &mut self,
-        old: EngineProcess,
+        old: Box<dyn RunningEngine>,
         model_path: PathBuf,
         reply: oneshot::Sender<Result<PoolStatus, String>>,
-    ) -> EngineProcess {
+    ) -> Box<dyn RunningEngine> {
         let model_id = model_id_of(&model_path, &self.spec.model_id);
         tracing::info!(pool_id = %self.spec.id, model = %model_path.display(), "reloading pool");
         match self.start(&model_path, &model_id).await {
             Ok(new) => {
                 self.spec.model_path = model_path;
                 self.spec.model_id = model_id;
-                self.became_ready(&new);
+                self.became_ready(new.info());
                 old.stop(self.shared.config.shutdown_grace).await;
                 let _ = reply.send(Ok(self.status()));
                 new
@@ -359,7 +345,7 @@ impl Supervisor {
     async fn failure(&mut self, error: String) -> Next {
         llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
         self.url = None;
-        let jitter: f64 = rand::random();
+        let jitter = (self.shared.jitter)();
         let action = self
             .sup
             .on_failure(Instant::now().into_std(), error.clone(), jitter);
@@ -433,9 +419,9 @@ impl Supervisor {
             Ok(engine) => {
                 self.spec.model_path = model_path;
                 self.spec.model_id = model_id;
-                self.became_ready(&engine);
+                self.became_ready(engine.info());
                 let _ = reply.send(Ok(self.status()));
-                Next::Watch(Box::new(engine))
+                Next::Watch(engine)
             }
             Err(StartError::Cancelled) => {
                 let _ = reply.send(Err("daemon is shutting down".into()));

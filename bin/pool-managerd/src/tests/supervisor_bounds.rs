@@ -1,0 +1,240 @@
+//! Supervision bounds, each at its exact virtual instant (jitter fixed at 0: a restart waits
+//! half its backoff ceiling).
+
+use std::time::Duration;
+
+use llorch_contracts::PoolState;
+use tokio::sync::oneshot;
+
+use super::kit::*;
+use crate::supervisor::Command;
+
+const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
+
+/// Crashes `after` its spawn, having been healthy at 100 ms.
+fn crashes(after: Duration) -> EngineScript {
+    EngineScript {
+        exits_after: Some(after),
+        ..healthy()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_is_ready_when_its_engine_answers_health_and_its_handoff_file_is_written() {
+    let s = Supervised::start(&[], vec![healthy()]);
+    s.until("ready", |p| p.ready).await;
+    let spawned = s.engines.spawned();
+    assert_eq!(s.status().state, PoolState::Ready);
+    let file =
+        llorch_contracts::HandoffFile::parse(&std::fs::read(s.runtime_dir.join("p.json")).unwrap())
+            .unwrap();
+    assert_eq!(file.url, spawned[0].url);
+    assert_eq!(spawned.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_engine_is_restarted_after_half_the_backoff_ceiling_and_delays_double() {
+    let s = Supervised::start(
+        &[
+            "--restart-backoff-ms=1000",
+            "--restart-backoff-max-ms=60000",
+        ],
+        vec![crashes(S), crashes(S), crashes(S), crashes(S)],
+    );
+    s.until("fifth engine spawned", |p| p.restart_count == 4 && p.ready)
+        .await;
+    let spawned = s.engines.spawned();
+    let gaps: Vec<Duration> = spawned
+        .windows(2)
+        .map(|w| w[1].at - w[0].gone_at.unwrap())
+        .collect();
+    assert_eq!(gaps, [500 * MS, 1000 * MS, 2000 * MS, 4000 * MS]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_restart_delay_stops_growing_at_the_configured_maximum() {
+    let s = Supervised::start(
+        &["--restart-backoff-ms=1000", "--restart-backoff-max-ms=2000"],
+        vec![crashes(S), crashes(S), crashes(S), crashes(S)],
+    );
+    s.until("fifth engine spawned", |p| p.restart_count == 4 && p.ready)
+        .await;
+    let spawned = s.engines.spawned();
+    let gaps: Vec<Duration> = spawned
+        .windows(2)
+        .map(|w| w[1].at - w[0].gone_at.unwrap())
+        .collect();
+    // Ceilings 1 s, 2 s, then capped at 2 s; jitter 0 waits half of each.
+    assert_eq!(gaps, [500 * MS, 1000 * MS, 1000 * MS, 1000 * MS]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fifth_failure_within_five_minutes_opens_the_circuit_and_nothing_restarts() {
+    let s = Supervised::start(&["--restart-backoff-ms=1000"], Vec::new());
+    s.engines.always(crashes(S));
+    let failed_at = s.until("failed", |p| p.state == PoolState::Failed).await;
+    assert_eq!(s.engines.spawned().len(), 5);
+    assert!(!s.status().ready && !s.status().live);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(
+        s.engines.spawned().len(),
+        5,
+        "restarted with the circuit open"
+    );
+    assert_eq!(s.status().state, PoolState::Failed);
+    // All five failures fell within the 5-minute window.
+    assert!(failed_at - s.engines.spawned()[0].at < Duration::from_secs(300));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_engine_is_killed_when_its_third_probe_in_a_row_times_out() {
+    let interval = Duration::from_millis(1000);
+    // Ready at 100 ms; probes every second from then (1.1 s, 2.1 s, ...), each hung probe
+    // waits its whole timeout (the interval, at most 2 s). The hang begins just before the
+    // probe at 2.1 s: probes at 2.1, 3.1 and 4.1 s fail, the third at 5.1 s.
+    let s = Supervised::start(
+        &["--health-interval-ms=1000", "--max-probe-failures=3"],
+        vec![EngineScript {
+            hangs_after: Some(Duration::from_millis(2050)),
+            ..healthy()
+        }],
+    );
+    s.until("restarted", |p| p.restart_count == 1).await;
+    let spawned = s.engines.spawned();
+    let hung = &spawned[0];
+    let ready = hung.at + 100 * MS;
+    assert_eq!(hung.stop_began.unwrap(), ready + 5 * interval);
+    assert!(s.status().last_error.unwrap().contains("engine hung"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_engine_that_never_becomes_healthy_is_killed_exactly_at_the_start_timeout() {
+    let s = Supervised::start(
+        &["--engine-start-timeout-ms=5000"],
+        vec![EngineScript::default()],
+    );
+    s.until("restart after start timeout", |p| p.restart_count == 1)
+        .await;
+    let first = &s.engines.spawned()[0];
+    assert_eq!(first.stop_began.unwrap() - first.at, 5000 * MS);
+    assert!(s
+        .status()
+        .last_error
+        .unwrap()
+        .contains("did not become healthy within 5000 ms"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_gives_an_engine_that_ignores_sigterm_exactly_the_grace_then_kills_it() {
+    let s = Supervised::start(
+        &["--shutdown-grace-ms=3000"],
+        vec![EngineScript {
+            ignores_sigterm: true,
+            ..healthy()
+        }],
+    );
+    s.until("ready", |p| p.ready).await;
+    s.cancel.cancel();
+    s.done.await.unwrap();
+    let e = &s.engines.spawned()[0];
+    assert_eq!(e.gone_at.unwrap() - e.stop_began.unwrap(), 3000 * MS);
+    assert_eq!(s.shared.pool("p").unwrap().state, PoolState::Stopped);
+    assert!(
+        !s.runtime_dir.join("p.json").exists(),
+        "handoff file left behind"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_waits_for_a_busy_slot_until_its_deadline_then_stops_the_engine() {
+    let s = Supervised::start(
+        &[],
+        vec![EngineScript {
+            busy_until: Some(Duration::from_secs(3600)),
+            ..healthy()
+        }],
+    );
+    s.until("ready", |p| p.ready).await;
+    let (reply, answer) = oneshot::channel();
+    let asked = tokio::time::Instant::now();
+    s.commands
+        .send(Command::Drain {
+            deadline: Duration::from_millis(2000),
+            reply,
+        })
+        .await
+        .unwrap();
+    answer.await.unwrap().unwrap();
+    s.until("stopped", |p| p.state == PoolState::Stopped).await;
+    let e = &s.engines.spawned()[0];
+    assert_eq!(e.stop_began.unwrap() - asked, 2000 * MS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_of_an_idle_engine_stops_it_at_once() {
+    let s = Supervised::start(&[], vec![healthy()]);
+    s.until("ready", |p| p.ready).await;
+    let (reply, answer) = oneshot::channel();
+    let asked = tokio::time::Instant::now();
+    s.commands
+        .send(Command::Drain {
+            deadline: Duration::from_secs(60),
+            reply,
+        })
+        .await
+        .unwrap();
+    answer.await.unwrap().unwrap();
+    s.until("stopped", |p| p.state == PoolState::Stopped).await;
+    assert_eq!(s.engines.spawned()[0].stop_began.unwrap(), asked);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_whose_engine_fails_to_start_keeps_the_old_engine_serving() {
+    let s = Supervised::start(
+        &[],
+        vec![
+            healthy(),
+            EngineScript {
+                exits_after: Some(50 * MS),
+                ..Default::default()
+            },
+        ],
+    );
+    s.until("ready", |p| p.ready).await;
+    let (reply, answer) = oneshot::channel();
+    s.commands
+        .send(Command::Reload {
+            model_path: s.runtime_dir.join("other.gguf"),
+            reply,
+        })
+        .await
+        .unwrap();
+    let error = answer.await.unwrap().unwrap_err();
+    assert!(error.contains("before becoming healthy"), "{error}");
+    let st = s.status();
+    assert!(st.ready, "old engine not kept: {st:?}");
+    assert_eq!(st.url.as_deref(), Some(s.engines.spawned()[0].url.as_str()));
+    assert!(st.last_error.unwrap().contains("rolled back"));
+    assert!(
+        s.engines.spawned()[0].stop_began.is_none(),
+        "old engine stopped"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_starts_over_after_a_minute_of_health() {
+    let s = Supervised::start(
+        &["--restart-backoff-ms=1000", "--health-interval-ms=1000"],
+        vec![crashes(S), crashes(S), crashes(Duration::from_secs(120))],
+    );
+    s.until("fourth engine ready", |p| p.restart_count == 3 && p.ready)
+        .await;
+    let spawned = s.engines.spawned();
+    let gaps: Vec<Duration> = spawned
+        .windows(2)
+        .map(|w| w[1].at - w[0].gone_at.unwrap())
+        .collect();
+    // 0.5 s, 1 s, then — after two healthy minutes — back to 0.5 s instead of 2 s.
+    assert_eq!(gaps, [500 * MS, 1000 * MS, 500 * MS]);
+}
