@@ -115,7 +115,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     tasks.spawn(handoff_watcher::HandoffWatcher::new(shared.clone(), root.child_token()).run());
     if let Some(reg) = shared.config.registration.clone() {
-        tasks.spawn(registration::run(shared.clone(), reg, root.child_token()));
+        if let Some(token) = shared.config.token.clone() {
+            let plane = Arc::new(registration::HttpControlPlane {
+                http: shared.probe_http.clone(),
+                base: reg.orchestratord_url.clone(),
+                token,
+            });
+            tasks.spawn(registration::run(
+                shared.clone(),
+                reg,
+                plane,
+                root.child_token(),
+            ));
+        }
     }
     if !shared.config.gpu_discovery_interval.is_zero() && shared.gpus.read().mode == "nvml" {
         tasks.spawn(refresh_gpus(shared.clone(), root.child_token()));

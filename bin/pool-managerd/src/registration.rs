@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use llorch_contracts::nodes::{NodeHeartbeat, NodeRegistration};
 use llorch_core::Backoff;
 use tokio_util::sync::CancellationToken;
@@ -13,11 +15,73 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Registration;
 use crate::state::Shared;
 
-pub async fn run(shared: Arc<Shared>, reg: Registration, cancel: CancellationToken) {
-    let Some(token) = shared.config.token.clone() else {
-        return; // config validation guarantees a token; nothing to do without one
-    };
-    let http = shared.probe_http.clone();
+/// How this node speaks to orchestratord's node endpoints: the IO seam of registration (HTTP
+/// with the token here; scripted in the in-process tests). Each answers the HTTP status, or
+/// why there was none.
+pub(crate) trait ControlPlane: Send + Sync + 'static {
+    fn register<'a>(&'a self, body: &'a NodeRegistration) -> BoxFuture<'a, Result<u16, String>>;
+    fn heartbeat<'a>(
+        &'a self,
+        node_id: &'a str,
+        body: &'a NodeHeartbeat,
+    ) -> BoxFuture<'a, Result<u16, String>>;
+    fn deregister<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<u16, String>>;
+}
+
+pub(crate) struct HttpControlPlane {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: auth_min::Token,
+}
+
+impl HttpControlPlane {
+    async fn send(&self, rb: reqwest::RequestBuilder, timeout: Duration) -> Result<u16, String> {
+        rb.bearer_auth(self.token.expose())
+            .timeout(timeout)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .map_err(|e| llamacpp_client::error_chain(&e))
+    }
+}
+
+impl ControlPlane for HttpControlPlane {
+    fn register<'a>(&'a self, body: &'a NodeRegistration) -> BoxFuture<'a, Result<u16, String>> {
+        let rb = self
+            .http
+            .post(format!("{}/v2/nodes/register", self.base))
+            .json(body);
+        self.send(rb, Duration::from_secs(5)).boxed()
+    }
+
+    fn heartbeat<'a>(
+        &'a self,
+        node_id: &'a str,
+        body: &'a NodeHeartbeat,
+    ) -> BoxFuture<'a, Result<u16, String>> {
+        let rb = self
+            .http
+            .post(format!("{}/v2/nodes/{node_id}/heartbeat", self.base))
+            .json(body);
+        self.send(rb, Duration::from_secs(5)).boxed()
+    }
+
+    fn deregister<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<u16, String>> {
+        let rb = self
+            .http
+            .delete(format!("{}/v2/nodes/{node_id}", self.base));
+        self.send(rb, Duration::from_secs(2)).boxed()
+    }
+}
+
+/// Registers, heartbeats every interval, registers again at once after a 404, retries with
+/// backoff while orchestratord is down, deregisters when `cancel` fires.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    reg: Registration,
+    plane: Arc<dyn ControlPlane>,
+    cancel: CancellationToken,
+) {
     let node_id = shared.config.node_id.clone();
     let base = reg.orchestratord_url.clone();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
@@ -27,59 +91,44 @@ pub async fn run(shared: Arc<Shared>, reg: Registration, cancel: CancellationTok
             let body = NodeHeartbeat {
                 pools: shared.pools(),
             };
-            let r = http
-                .post(format!("{base}/v2/nodes/{node_id}/heartbeat"))
-                .bearer_auth(token.expose())
-                .timeout(Duration::from_secs(5))
-                .json(&body)
-                .send()
-                .await;
-            match r {
-                Ok(r) if r.status().is_success() => reg.heartbeat_interval,
-                Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
+            match plane.heartbeat(&node_id, &body).await {
+                Ok(s) if (200..300).contains(&s) => reg.heartbeat_interval,
+                Ok(404) => {
                     tracing::warn!(orchestratord = %base, "orchestratord forgot this node; registering again");
                     registered = false;
                     Duration::ZERO
                 }
-                Ok(r) => {
-                    tracing::warn!(orchestratord = %base, status = %r.status(), "heartbeat refused");
+                Ok(status) => {
+                    tracing::warn!(orchestratord = %base, status, "heartbeat refused");
                     reg.heartbeat_interval
                 }
-                Err(e) => {
-                    tracing::warn!(orchestratord = %base, error = %llamacpp_client::error_chain(&e), "heartbeat failed");
+                Err(error) => {
+                    tracing::warn!(orchestratord = %base, %error, "heartbeat failed");
                     reg.heartbeat_interval
                 }
             }
         } else {
-            let gpus = shared.gpus.read().gpus.clone();
             let body = NodeRegistration {
                 node_id: node_id.clone(),
                 address: reg.advertise_url.clone(),
-                gpus,
+                gpus: shared.gpus.read().gpus.clone(),
                 pools: shared.pools(),
             };
-            let r = http
-                .post(format!("{base}/v2/nodes/register"))
-                .bearer_auth(token.expose())
-                .timeout(Duration::from_secs(5))
-                .json(&body)
-                .send()
-                .await;
-            match r {
-                Ok(r) if r.status().is_success() => {
+            match plane.register(&body).await {
+                Ok(s) if (200..300).contains(&s) => {
                     tracing::info!(orchestratord = %base, advertise = %reg.advertise_url, "registered with orchestratord");
                     registered = true;
                     backoff.reset();
                     reg.heartbeat_interval
                 }
-                Ok(r) => {
-                    let delay = backoff.next_delay(rand::random());
-                    tracing::warn!(orchestratord = %base, status = %r.status(), retry_ms = delay.as_millis() as u64, "registration refused");
+                Ok(status) => {
+                    let delay = backoff.next_delay((shared.jitter)());
+                    tracing::warn!(orchestratord = %base, status, retry_ms = delay.as_millis() as u64, "registration refused");
                     delay
                 }
-                Err(e) => {
-                    let delay = backoff.next_delay(rand::random());
-                    tracing::warn!(orchestratord = %base, error = %llamacpp_client::error_chain(&e), retry_ms = delay.as_millis() as u64, "orchestratord unreachable; will retry registration");
+                Err(error) => {
+                    let delay = backoff.next_delay((shared.jitter)());
+                    tracing::warn!(orchestratord = %base, %error, retry_ms = delay.as_millis() as u64, "orchestratord unreachable; will retry registration");
                     delay
                 }
             }
@@ -90,20 +139,12 @@ pub async fn run(shared: Arc<Shared>, reg: Registration, cancel: CancellationTok
         }
     }
     if registered {
-        let r = http
-            .delete(format!("{base}/v2/nodes/{node_id}"))
-            .bearer_auth(token.expose())
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await;
-        match r {
-            Ok(r) if r.status().is_success() => {
+        match plane.deregister(&node_id).await {
+            Ok(s) if (200..300).contains(&s) => {
                 tracing::info!(orchestratord = %base, "deregistered from orchestratord")
             }
-            Ok(r) => tracing::warn!(status = %r.status(), "deregistration refused"),
-            Err(e) => {
-                tracing::warn!(error = %llamacpp_client::error_chain(&e), "deregistration failed")
-            }
+            Ok(status) => tracing::warn!(status, "deregistration refused"),
+            Err(error) => tracing::warn!(%error, "deregistration failed"),
         }
     }
 }

@@ -234,70 +234,94 @@ pub struct Supervised {
     _dir: tempfile::TempDir,
 }
 
+/// The daemon's shared state for one pool `p` (2 slots) on scripted engines, jitter fixed at
+/// 0, in a temporary home; `flags` are pool-managerd's flags.
+pub struct Built {
+    pub shared: Arc<Shared>,
+    pub engines: Arc<Engines>,
+    pub commands: (mpsc::Sender<Command>, mpsc::Receiver<Command>),
+    pub runtime_dir: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn build(flags: &[&str]) -> Built {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.gguf");
+    std::fs::write(&model, b"GGUF").unwrap();
+    let pools = dir.path().join("pools.toml");
+    std::fs::write(
+        &pools,
+        format!(
+            "[[pools]]\nid = \"p\"\nmodel = \"{}\"\nmodel_id = \"tiny\"\nslots = 2\nctx = 1024\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let runtime_dir = dir.path().join("run");
+    std::fs::create_dir_all(&runtime_dir).unwrap();
+    let config_flag = format!("--config={}", pools.display());
+    let runtime_flag = format!("--runtime-dir={}", runtime_dir.display());
+    let mut argv = vec![
+        "pool-managerd",
+        "--node-id=test-node",
+        config_flag.as_str(),
+        runtime_flag.as_str(),
+    ];
+    if !flags.iter().any(|f| f.starts_with("--api-token")) {
+        argv.push("--allow-unauthenticated-loopback");
+    }
+    argv.extend_from_slice(flags);
+    let config = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
+    let engines = Arc::new(Engines::default());
+    let scripted = Scripted(engines.clone());
+    let (tx, rx) = mpsc::channel(8);
+    let shared = Arc::new(Shared {
+        engine_binary: Some(PathBuf::from("scripted-llama-server")),
+        engine_version: "scripted".into(),
+        registry: RwLock::new(Registry::new()),
+        metrics: crate::metrics::Metrics::new().unwrap(),
+        probe_http: reqwest::Client::new(),
+        launcher: Arc::new(scripted.clone()),
+        probe: Arc::new(scripted),
+        jitter: || 0.0,
+        proxy_http: reqwest::Client::new(),
+        gpus: RwLock::new(crate::gpu::Discovery {
+            mode: "cpu-only",
+            gpus: Vec::new(),
+            reason: Some("scripted".into()),
+        }),
+        supervisors: [("p".to_string(), tx.clone())].into_iter().collect(),
+        config,
+    });
+    Built {
+        shared,
+        engines,
+        commands: (tx, rx),
+        runtime_dir,
+        dir,
+    }
+}
+
 impl Supervised {
-    /// `flags`: pool-managerd's flags (`--health-interval-ms=1000`, ...); `scripts`: the
-    /// engines of the first spawns, in order (later ones are healthy).
+    /// Pool `p` supervised on scripted engines: `scripts` are the engines of the first spawns,
+    /// in order (later ones are healthy).
     pub fn start(flags: &[&str], scripts: Vec<EngineScript>) -> Supervised {
-        let dir = tempfile::tempdir().unwrap();
-        let model = dir.path().join("m.gguf");
-        std::fs::write(&model, b"GGUF").unwrap();
-        let pools = dir.path().join("pools.toml");
-        std::fs::write(
-            &pools,
-            format!(
-                "[[pools]]\nid = \"p\"\nmodel = \"{}\"\nmodel_id = \"tiny\"\nslots = 2\nctx = 1024\n",
-                model.display()
-            ),
-        )
-        .unwrap();
-        let runtime_dir = dir.path().join("run");
-        std::fs::create_dir_all(&runtime_dir).unwrap();
-        let config_flag = format!("--config={}", pools.display());
-        let runtime_flag = format!("--runtime-dir={}", runtime_dir.display());
-        let mut argv = vec![
-            "pool-managerd",
-            "--allow-unauthenticated-loopback",
-            "--node-id=test-node",
-            config_flag.as_str(),
-            runtime_flag.as_str(),
-        ];
-        argv.extend_from_slice(flags);
-        let config = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
-        let spec = config.pools[0].clone();
-        let engines = Arc::new(Engines::default());
+        let b = build(flags);
         for s in scripts {
-            engines.push(s);
+            b.engines.push(s);
         }
-        let scripted = Scripted(engines.clone());
-        let (tx, rx) = mpsc::channel(8);
-        let shared = Arc::new(Shared {
-            engine_binary: Some(PathBuf::from("scripted-llama-server")),
-            engine_version: "scripted".into(),
-            registry: RwLock::new(Registry::new()),
-            metrics: crate::metrics::Metrics::new().unwrap(),
-            probe_http: reqwest::Client::new(),
-            launcher: Arc::new(scripted.clone()),
-            probe: Arc::new(scripted),
-            jitter: || 0.0,
-            proxy_http: reqwest::Client::new(),
-            gpus: RwLock::new(crate::gpu::Discovery {
-                mode: "cpu-only",
-                gpus: Vec::new(),
-                reason: Some("scripted".into()),
-            }),
-            supervisors: [("p".to_string(), tx.clone())].into_iter().collect(),
-            config,
-        });
+        let spec = b.shared.config.pools[0].clone();
+        let (tx, rx) = b.commands;
         let cancel = CancellationToken::new();
-        let done = tokio::spawn(Supervisor::new(shared.clone(), spec, rx, cancel.clone()).run());
+        let done = tokio::spawn(Supervisor::new(b.shared.clone(), spec, rx, cancel.clone()).run());
         Supervised {
-            shared,
-            engines,
+            shared: b.shared,
+            engines: b.engines,
             commands: tx,
             cancel,
             done,
-            runtime_dir,
-            _dir: dir,
+            runtime_dir: b.runtime_dir,
+            _dir: b.dir,
         }
     }
 

@@ -5,4 +5,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod kit;
+mod registration_bounds;
 mod supervisor_bounds;
