@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use llamacpp_client::sse::SseParser;
+use llorch_client::OrchClient;
+use llorch_contracts::tasks::{Priority, TaskEvent, TaskRequest};
+use llorch_contracts::{DrainRequest, ReloadRequest};
 
 #[derive(Parser)]
 #[command(name = "llorch", version, about = "llama-orch client")]
@@ -66,34 +68,9 @@ enum Cmd {
     },
 }
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: Option<String>,
-}
-
-impl Client {
-    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.request(method, format!("{}{}", self.base, path));
-        match &self.token {
-            Some(t) => rb.bearer_auth(t),
-            None => rb,
-        }
-    }
-
-    async fn json(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<serde_json::Value> {
-        let resp = rb.send().await.context("orchestratord unreachable")?;
-        let status = resp.status();
-        let body: serde_json::Value = if status == reqwest::StatusCode::NO_CONTENT {
-            serde_json::json!({"status": "ok"})
-        } else {
-            resp.json().await.unwrap_or(serde_json::Value::Null)
-        };
-        if !status.is_success() {
-            bail!("{status}: {}", body);
-        }
-        Ok(body)
-    }
+/// Prints any answer as pretty JSON.
+fn print<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 #[tokio::main]
@@ -109,14 +86,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         (None, None) => None,
     };
-    let c = Client {
-        http: reqwest::Client::new(),
-        base: cli.url.trim_end_matches('/').to_string(),
-        token,
-    };
-    use reqwest::Method;
-    let print =
-        |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    let c = OrchClient::new(&cli.url, token.as_deref());
     match cli.cmd {
         Cmd::Submit {
             model,
@@ -127,33 +97,36 @@ async fn main() -> anyhow::Result<()> {
             seed,
             temperature,
         } => {
-            let body = serde_json::json!({
-                "model_ref": model, "prompt": prompt, "max_tokens": max_tokens, "priority": priority,
-                "session_id": session, "seed": seed, "temperature": temperature,
-            });
-            submit(&c, body).await?;
+            let priority = match priority.as_str() {
+                "interactive" => Priority::Interactive,
+                "batch" => Priority::Batch,
+                other => bail!("--priority {other:?} is not one of: interactive, batch"),
+            };
+            let req = TaskRequest {
+                priority,
+                session_id: session,
+                seed,
+                temperature,
+                ..TaskRequest::new(model, prompt, max_tokens)
+            };
+            submit(&c, &req).await?;
         }
-        Cmd::Pools => print(c.json(c.req(Method::GET, "/v2/pools")).await?),
-        Cmd::Task { id } => print(
-            c.json(c.req(Method::GET, &format!("/v2/tasks/{id}")))
-                .await?,
-        ),
-        Cmd::Cancel { id } => print(
-            c.json(c.req(Method::POST, &format!("/v2/tasks/{id}/cancel")))
-                .await?,
-        ),
-        Cmd::Capabilities => print(c.json(c.req(Method::GET, "/v2/meta/capabilities")).await?),
-        Cmd::Drain { pool, deadline_ms } => print(
-            c.json(
-                c.req(Method::POST, &format!("/v2/pools/{pool}/drain"))
-                    .json(&serde_json::json!({"deadline_ms": deadline_ms})),
-            )
-            .await?,
-        ),
+        Cmd::Pools => print(&c.pools().await?),
+        Cmd::Task { id } => print(&c.task(&id).await?),
+        Cmd::Cancel { id } => {
+            c.cancel(&id).await?;
+            eprintln!("task {id}: cancel requested");
+        }
+        Cmd::Capabilities => print(&c.capabilities().await?),
+        Cmd::Drain { pool, deadline_ms } => {
+            print(&c.drain(&pool, &DrainRequest { deadline_ms }).await?)
+        }
         Cmd::Reload { pool, model } => print(
-            c.json(
-                c.req(Method::POST, &format!("/v2/pools/{pool}/reload"))
-                    .json(&serde_json::json!({"new_model_ref": model})),
+            &c.reload(
+                &pool,
+                &ReloadRequest {
+                    new_model_ref: model,
+                },
             )
             .await?,
         ),
@@ -161,62 +134,45 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn submit(c: &Client, body: serde_json::Value) -> anyhow::Result<()> {
+async fn submit(c: &OrchClient, req: &TaskRequest) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let admitted = c
-        .json(c.req(reqwest::Method::POST, "/v2/tasks").json(&body))
-        .await?;
-    let id = admitted["task_id"]
-        .as_str()
-        .context("no task_id in answer")?
-        .to_string();
-    let sse = admitted["streams"]["sse"]
-        .as_str()
-        .context("no stream URL in answer")?;
-    let mut resp = c
-        .req(reqwest::Method::GET, sse)
-        .send()
-        .await
-        .context("open event stream")?;
-    if !resp.status().is_success() {
-        bail!("event stream: {}", resp.status());
-    }
-    let mut parser = SseParser::new();
+    let admitted = c.submit(req).await?;
+    let id = admitted.task_id;
+    let mut events = c.events(&id, None).await.context("open event stream")?;
     let mut stdout = std::io::stdout();
     let mut first_token: Option<f64> = None;
     let mut queue_ms = 0u64;
-    while let Some(chunk) = resp.chunk().await? {
-        for f in parser.push(&chunk) {
-            let data: serde_json::Value = serde_json::from_str(&f.data).unwrap_or_default();
-            match f.event.as_deref() {
-                Some("started") => queue_ms = data["queue_time_ms"].as_u64().unwrap_or(0),
-                Some("token") => {
-                    first_token.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1000.0);
-                    write!(stdout, "{}", data["t"].as_str().unwrap_or(""))?;
-                    stdout.flush()?;
-                }
-                Some("end") => {
-                    let n = data["tokens_out"].as_u64().unwrap_or(0);
-                    let decode = data["decode_time_ms"].as_u64().unwrap_or(0);
-                    let tps = if decode > 0 {
-                        n as f64 * 1000.0 / decode as f64
-                    } else {
-                        0.0
-                    };
-                    writeln!(stdout)?;
-                    eprintln!(
-                        "task {id}: queue {queue_ms} ms · first token {:.1} ms · {n} tokens in {decode} ms · {tps:.0} tokens/s · finish {}",
-                        first_token.unwrap_or(0.0),
-                        data["finish_reason"].as_str().unwrap_or("?")
-                    );
-                    return Ok(());
-                }
-                Some("error") => {
-                    writeln!(stdout)?;
-                    bail!("task {id} failed: {} {}", data["code"], data["message"]);
-                }
-                _ => {}
+    while let Some((_, event)) = events.next().await {
+        match event {
+            TaskEvent::Started { queue_time_ms, .. } => queue_ms = queue_time_ms,
+            TaskEvent::Token { t, .. } => {
+                first_token.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1000.0);
+                write!(stdout, "{t}")?;
+                stdout.flush()?;
             }
+            TaskEvent::End {
+                tokens_out,
+                decode_time_ms,
+                finish_reason,
+                ..
+            } => {
+                let tps = if decode_time_ms > 0 {
+                    f64::from(tokens_out) * 1000.0 / decode_time_ms as f64
+                } else {
+                    0.0
+                };
+                writeln!(stdout)?;
+                eprintln!(
+                    "task {id}: queue {queue_ms} ms · first token {:.1} ms · {tokens_out} tokens in {decode_time_ms} ms · {tps:.0} tokens/s · finish {finish_reason}",
+                    first_token.unwrap_or(0.0),
+                );
+                return Ok(());
+            }
+            TaskEvent::Error(e) => {
+                writeln!(stdout)?;
+                bail!("task {id} failed: {} {}", e.code, e.message);
+            }
+            TaskEvent::Queued { .. } | TaskEvent::Metrics(_) => {}
         }
     }
     bail!("task {id}: stream ended without a terminal event")

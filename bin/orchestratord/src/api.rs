@@ -10,10 +10,15 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use llorch_contracts::meta::{
+    Availability, Capabilities, HealthResponse, Limits, ModelCapability, NodeRegistered, NodeView,
+    NodesResponse, OrchPoolsResponse, ReadyResponse, SessionResponse, VersionResponse,
+};
 use llorch_contracts::tasks::TaskRequest;
 use llorch_contracts::{DrainRequest, ErrorCode, ErrorEnvelope, ReloadRequest};
 use llorch_http::{ApiError, ApiJson, ApiPath};
 
+use crate::pools::PoolEntry;
 use crate::state::Orchestrator;
 
 pub type AppState = Arc<Orchestrator>;
@@ -48,11 +53,14 @@ pub fn router(state: AppState) -> Router {
     .with_state(state)
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+async fn health() -> Json<HealthResponse> {
+    Json(HealthResponse {
+        status: "ok".into(),
+        node_id: None,
+    })
 }
 
-async fn ready(State(orch): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn ready(State(orch): State<AppState>) -> Result<Json<ReadyResponse>, ApiError> {
     let ready_pools = orch.pools.list().iter().filter(|p| p.ready()).count();
     if !orch.is_accepting() {
         return Err(
@@ -64,9 +72,10 @@ async fn ready(State(orch): State<AppState>) -> Result<Json<serde_json::Value>, 
             ApiError::new(ErrorCode::PoolUnavailable, "no pool is ready").with_retry_after(1000),
         );
     }
-    Ok(Json(
-        serde_json::json!({"status": "ready", "pools_ready": ready_pools}),
-    ))
+    Ok(Json(ReadyResponse {
+        status: "ready".into(),
+        pools_ready: ready_pools,
+    }))
 }
 
 async fn metrics(State(orch): State<AppState>) -> Response {
@@ -87,7 +96,7 @@ async fn metrics(State(orch): State<AppState>) -> Response {
                 .list()
                 .into_iter()
                 .map(|m| {
-                    let online = m.availability == crate::cloud_source::Availability::Available;
+                    let online = m.availability == Availability::Available;
                     (m.node_id.unwrap_or(m.url), online)
                 })
                 .collect();
@@ -156,13 +165,13 @@ async fn session(
         .as_deref()
         .and_then(|p| orch.pools.get(p))
         .is_some_and(|p| p.ready());
-    Ok(Json(serde_json::json!({
-        "session_id": id,
-        "ttl_ms_remaining": info.ttl_remaining.as_millis() as u64,
-        "turns": info.turns,
-        "kv_warmth": warm,
-        "last_pool_id": info.last_pool_id,
-    }))
+    Ok(Json(SessionResponse {
+        session_id: id,
+        ttl_ms_remaining: info.ttl_remaining.as_millis() as u64,
+        turns: info.turns,
+        kv_warmth: warm,
+        last_pool_id: info.last_pool_id,
+    })
     .into_response())
 }
 
@@ -180,44 +189,48 @@ async fn delete_session(
     }
 }
 
-async fn capabilities(State(orch): State<AppState>) -> Json<serde_json::Value> {
+async fn capabilities(State(orch): State<AppState>) -> Json<Capabilities> {
     let c = &orch.config;
-    let mut models: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    let mut models: std::collections::BTreeMap<String, ModelCapability> = Default::default();
     for p in orch.pools.list().into_iter().filter(|p| p.ready()) {
-        let m = models.entry(p.model_id.clone()).or_insert_with(|| {
-            serde_json::json!({"model_id": p.model_id, "pools": 0, "slots_total": 0, "ctx_max": 0, "engine": p.engine})
-        });
-        m["pools"] = (m["pools"].as_u64().unwrap_or(0) + 1).into();
-        m["slots_total"] =
-            (m["slots_total"].as_u64().unwrap_or(0) + u64::from(p.slots_total)).into();
-        let ctx = u64::from(p.ctx_max.unwrap_or(0));
-        if ctx > m["ctx_max"].as_u64().unwrap_or(0) {
-            m["ctx_max"] = ctx.into();
-        }
+        let m = models
+            .entry(p.model_id.clone())
+            .or_insert_with(|| ModelCapability {
+                model_id: p.model_id.clone(),
+                pools: 0,
+                slots_total: 0,
+                ctx_max: 0,
+                engine: p.engine.clone(),
+            });
+        m.pools += 1;
+        m.slots_total += p.slots_total;
+        m.ctx_max = m.ctx_max.max(p.ctx_max.unwrap_or(0));
     }
-    Json(serde_json::json!({
-        "api_version": "v2",
-        "profile": c.profile.as_str(),
-        "models": models.into_values().collect::<Vec<_>>(),
-        "limits": {
-            "max_tokens": c.max_tokens_cap,
-            "max_body_bytes": c.max_body_bytes,
-            "queue_capacity": c.admission_capacity,
-            "admission_policy": c.admission_policy.label(),
+    Json(Capabilities {
+        api_version: "v2".into(),
+        profile: c.profile.as_str().into(),
+        models: models.into_values().collect(),
+        limits: Limits {
+            max_tokens: c.max_tokens_cap,
+            max_body_bytes: c.max_body_bytes,
+            queue_capacity: c.admission_capacity,
+            admission_policy: c.admission_policy.label().into(),
         },
-    }))
+    })
 }
 
-async fn version() -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "service": "orchestratord",
-        "version": env!("CARGO_PKG_VERSION"),
-        "api_version": "v2",
-    }))
+async fn version() -> Json<VersionResponse> {
+    Json(VersionResponse {
+        service: "orchestratord".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        api_version: "v2".into(),
+    })
 }
 
-async fn pools(State(orch): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({"pools": orch.pools.list()}))
+async fn pools(State(orch): State<AppState>) -> Json<OrchPoolsResponse> {
+    Json(OrchPoolsResponse {
+        pools: orch.pools.list().iter().map(PoolEntry::wire).collect(),
+    })
 }
 
 async fn pool_health(
@@ -228,18 +241,7 @@ async fn pool_health(
         .pools
         .get(&id)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no pool {id:?}")))?;
-    Ok(Json(serde_json::json!({
-        "pool_id": p.pool_id,
-        "live": p.healthy,
-        "ready": p.ready(),
-        "draining": p.draining,
-        "slots_total": p.slots_total,
-        "slots_free": p.slots_total.saturating_sub(p.in_flight),
-        "in_flight": p.in_flight,
-        "model_id": p.model_id,
-        "last_error": p.last_error,
-    }))
-    .into_response())
+    Ok(Json(p.health()).into_response())
 }
 
 async fn drain(
@@ -247,13 +249,7 @@ async fn drain(
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<DrainRequest>,
 ) -> Result<Response, ApiError> {
-    forward(
-        &orch,
-        &id,
-        "drain",
-        serde_json::to_value(req).unwrap_or_default(),
-    )
-    .await
+    forward(&orch, &id, "drain", &req).await
 }
 
 async fn reload(
@@ -261,22 +257,16 @@ async fn reload(
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<ReloadRequest>,
 ) -> Result<Response, ApiError> {
-    forward(
-        &orch,
-        &id,
-        "reload",
-        serde_json::to_value(req).unwrap_or_default(),
-    )
-    .await
+    forward(&orch, &id, "reload", &req).await
 }
 
 /// Forwards a control request to the pool-managerd that owns the pool (CLOUD) or the local one
 /// (HOME) and relays its answer (status and body).
-async fn forward(
+async fn forward<B: serde::Serialize>(
     orch: &Orchestrator,
     pool_id: &str,
     action: &str,
-    body: serde_json::Value,
+    body: &B,
 ) -> Result<Response, ApiError> {
     let manager = match orch.config.profile {
         crate::config::Profile::Home => orch.config.pool_manager_url.clone(),
@@ -292,7 +282,7 @@ async fn forward(
     let mut rb = orch
         .control_http
         .post(&url)
-        .json(&body)
+        .json(body)
         .timeout(Duration::from_secs(300));
     if let Some(token) = &orch.config.token {
         rb = rb.bearer_auth(token.expose());
@@ -307,36 +297,35 @@ async fn forward(
         .with_retry_after(5000)
     })?;
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-    Ok((status, Json(body)).into_response())
+    // pool-managerd's own typed answer (pool status or the envelope), relayed as it came.
+    let body = resp.bytes().await.unwrap_or_default();
+    Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn nodes(State(orch): State<AppState>) -> Json<serde_json::Value> {
-    let nodes: Vec<serde_json::Value> = orch
+async fn nodes(State(orch): State<AppState>) -> Json<NodesResponse> {
+    let nodes = orch
         .managers
         .list()
         .into_iter()
-        .map(|m| {
-            serde_json::json!({
-                "node_id": m.node_id,
-                "address": m.url,
-                "registered": m.registered,
-                "availability": m.availability,
-                "online": m.availability == crate::cloud_source::Availability::Available,
-                "last_heartbeat_ms_ago": m.last_heartbeat.map(|h| h.elapsed().as_millis() as u64),
-                "pools": m.pools,
-                "gpus": m.gpus,
-                "last_error": m.last_error,
-            })
+        .map(|m| NodeView {
+            online: m.availability == Availability::Available,
+            last_heartbeat_ms_ago: m.last_heartbeat.map(|h| h.elapsed().as_millis() as u64),
+            node_id: m.node_id,
+            address: m.url,
+            registered: m.registered,
+            availability: m.availability,
+            pools: m.pools.into_iter().collect(),
+            gpus: m.gpus,
+            last_error: m.last_error,
         })
         .collect();
-    Json(serde_json::json!({"nodes": nodes}))
+    Json(NodesResponse { nodes })
 }
 
 async fn register_node(
     State(orch): State<AppState>,
     ApiJson(reg): ApiJson<llorch_contracts::nodes::NodeRegistration>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<NodeRegistered>, ApiError> {
     if orch.config.profile != crate::config::Profile::Cloud || !orch.config.node_registration {
         return Err(ApiError::new(
             ErrorCode::Conflict,
@@ -362,9 +351,10 @@ async fn register_node(
     orch.managers.register(&reg.node_id, address, reg.gpus);
     tracing::info!(node_id = %reg.node_id, %address, pools = reg.pools.len(), "node registered");
     let interval = orch.config.node_heartbeat_timeout / 3;
-    Ok(Json(
-        serde_json::json!({"node_id": reg.node_id, "heartbeat_interval_ms": interval.as_millis() as u64}),
-    ))
+    Ok(Json(NodeRegistered {
+        node_id: reg.node_id,
+        heartbeat_interval_ms: interval.as_millis() as u64,
+    }))
 }
 
 async fn heartbeat(

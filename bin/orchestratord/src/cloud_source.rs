@@ -12,22 +12,13 @@ use std::time::Duration;
 
 use futures_util::future::{join_all, BoxFuture};
 use futures_util::FutureExt;
+use llorch_contracts::meta::Availability;
 use llorch_contracts::{GpuInfo, PoolsResponse};
 use parking_lot::RwLock;
-use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::pools::{PoolEntry, PoolTable};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Availability {
-    /// Not polled successfully yet.
-    Unknown,
-    Available,
-    Unavailable,
-}
 
 #[derive(Debug, Clone)]
 pub struct Manager {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use llorch_contracts::tasks::TaskEvent;
+use llorch_contracts::tasks::{TaskEvent, TaskMetrics};
 use llorch_contracts::{ErrorCode, ErrorEnvelope};
 use llorch_core::{place, Decision, PlacementRequest};
 use tokio::time::Instant;
@@ -223,11 +223,11 @@ impl Orchestrator {
                 } else {
                     0.0
                 };
-                task.emit(&TaskEvent::Metrics(serde_json::json!({
-                    "first_token_ms": first_ms.map(|f| f.round() as u64),
-                    "tokens_per_s": (tps * 10.0).round() / 10.0,
-                    "engine_tokens": engine_tokens,
-                })));
+                task.emit(&TaskEvent::Metrics(TaskMetrics {
+                    first_token_ms: first_ms.map(|f| f.round() as u64),
+                    tokens_per_s: (tps * 10.0).round() / 10.0,
+                    engine_tokens,
+                }));
                 self.finish(
                     &task,
                     TaskEvent::End {

@@ -6,13 +6,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use llorch_contracts::meta::{OrchPool, PoolHealth};
 use llorch_core::PoolView;
 use parking_lot::RwLock;
-use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct PoolEntry {
     pub pool_id: String,
     pub model_id: String,
@@ -34,13 +34,47 @@ pub struct PoolEntry {
     /// Requests this orchestrator has in flight on the pool.
     pub in_flight: u32,
     /// Cancelled when the pool's node is lost: in-flight tasks there end at once.
-    #[serde(skip)]
     pub lost: CancellationToken,
 }
 
 impl PoolEntry {
     pub fn ready(&self) -> bool {
         self.healthy && !self.draining
+    }
+
+    /// What `GET /v2/pools` shows of it.
+    pub fn wire(&self) -> OrchPool {
+        OrchPool {
+            pool_id: self.pool_id.clone(),
+            model_id: self.model_id.clone(),
+            url: self.url.clone(),
+            manager: self.manager.clone(),
+            slots_total: self.slots_total,
+            ctx_max: self.ctx_max,
+            engine: self.engine.clone(),
+            engine_version: self.engine_version.clone(),
+            node_id: self.node_id.clone(),
+            device_mask: self.device_mask.clone(),
+            healthy: self.healthy,
+            draining: self.draining,
+            last_error: self.last_error.clone(),
+            in_flight: self.in_flight,
+        }
+    }
+
+    /// What `GET /v2/pools/{id}/health` shows of it.
+    pub fn health(&self) -> PoolHealth {
+        PoolHealth {
+            pool_id: self.pool_id.clone(),
+            live: self.healthy,
+            ready: self.ready(),
+            draining: self.draining,
+            slots_total: self.slots_total,
+            slots_free: self.slots_total.saturating_sub(self.in_flight),
+            in_flight: self.in_flight,
+            model_id: self.model_id.clone(),
+            last_error: self.last_error.clone(),
+        }
     }
 }
 

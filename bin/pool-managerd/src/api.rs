@@ -10,6 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
+use llorch_contracts::meta::HealthResponse;
 use llorch_contracts::{DrainRequest, ErrorCode, PoolsResponse, ReloadRequest};
 pub use llorch_http::{ApiError, ApiJson};
 use tokio::sync::oneshot;
@@ -40,8 +41,11 @@ pub fn router(state: AppState) -> Router {
     .with_state(state)
 }
 
-async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok", "node_id": state.config.node_id}))
+async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
+    Json(HealthResponse {
+        status: "ok".into(),
+        node_id: Some(state.config.node_id.clone()),
+    })
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

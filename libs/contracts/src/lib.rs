@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod handoff;
+pub mod meta;
 pub mod nodes;
 pub mod pools;
 pub mod tasks;

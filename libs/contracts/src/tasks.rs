@@ -86,6 +86,32 @@ pub struct TaskRequest {
     pub placement: Option<Placement>,
 }
 
+impl TaskRequest {
+    /// A completion of `max_tokens` tokens for `prompt` on `model_ref`; every other field at
+    /// its default (interactive, auto placement, the engine's sampling defaults).
+    pub fn new(model_ref: impl Into<String>, prompt: impl Into<String>, max_tokens: u32) -> Self {
+        Self {
+            task_id: None,
+            session_id: None,
+            workload: Workload::default(),
+            model_ref: model_ref.into(),
+            engine: None,
+            prompt: prompt.into(),
+            max_tokens,
+            priority: Priority::default(),
+            deadline_ms: None,
+            ctx: None,
+            seed: None,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            stop: Vec::new(),
+            determinism: None,
+            placement: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskStreams {
     pub sse: String,
@@ -99,6 +125,17 @@ pub struct AdmissionResponse {
     pub predicted_start_ms: u64,
     pub backoff_ms: u64,
     pub streams: TaskStreams,
+}
+
+/// The `metrics` event (verbose streams): how the task ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskMetrics {
+    /// From dispatch to the first token.
+    pub first_token_ms: Option<u64>,
+    pub tokens_per_s: f64,
+    /// The engine's own count of generated tokens (can exceed `tokens_out` when byte-fallback
+    /// tokens are merged into one piece).
+    pub engine_tokens: Option<u32>,
 }
 
 /// One SSE event; the variant name is the SSE `event:` field, the payload its `data:`.
@@ -122,7 +159,7 @@ pub enum TaskEvent {
         t: String,
         i: u32,
     },
-    Metrics(serde_json::Value),
+    Metrics(TaskMetrics),
     End {
         tokens_out: u32,
         decode_time_ms: u64,

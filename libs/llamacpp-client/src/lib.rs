@@ -1,6 +1,6 @@
 //! A small client for the llama-server endpoints llama-orch uses (DESIGN §7).
 
-pub mod sse;
+pub use llorch_sse as sse;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use llamacpp_client::sse::SseParser;
+use llorch_client::{OrchClient, SseFrame, SseParser};
 
 /// A free loopback port (the kernel picks it).
 pub fn free_port() -> anyhow::Result<u16> {
@@ -49,7 +49,7 @@ pub struct Sample {
 pub async fn read_stream(
     mut resp: reqwest::Response,
     t0: Instant,
-    token_of: impl Fn(&llamacpp_client::sse::SseFrame) -> (u32, bool),
+    token_of: impl Fn(&SseFrame) -> (u32, bool),
 ) -> anyhow::Result<Sample> {
     let mut parser = SseParser::new();
     let mut first: Option<Instant> = None;
@@ -95,17 +95,11 @@ pub async fn via_orchestratord(
     body: &serde_json::Value,
 ) -> anyhow::Result<Sample> {
     let t0 = Instant::now();
-    let admitted: serde_json::Value = http
-        .post(format!("{base}/v2/tasks"))
-        .bearer_auth(token)
-        .json(body)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let sse = admitted["streams"]["sse"].as_str().context("no sse url")?;
+    let client = OrchClient::new(base, Some(token));
+    let req = serde_json::from_value(body.clone())?;
+    let admitted = client.submit(&req).await?;
     let resp = http
-        .get(format!("{base}{sse}"))
+        .get(format!("{base}{}", admitted.streams.sse))
         .bearer_auth(token)
         .send()
         .await?;

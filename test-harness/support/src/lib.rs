@@ -260,17 +260,20 @@ pub async fn wait_http_ok(what: &str, url: &str, timeout: Duration) {
     .await;
 }
 
-/// A client of orchestratord's API for tests: JSON in, JSON out, with the token.
+/// A client of orchestratord's API for tests: the typed `llorch_client::OrchClient` (`typed`)
+/// plus JSON-in, JSON-out helpers for polling and for bodies a typed client cannot send.
 pub struct OrchClient {
     pub base: String,
     pub http: reqwest::Client,
+    pub typed: llorch_client::OrchClient,
 }
 
 impl OrchClient {
     pub fn new(base: String, token: &str) -> Self {
         Self {
-            base,
+            typed: llorch_client::OrchClient::new(&base, Some(token)),
             http: authed_client(token),
+            base,
         }
     }
 
@@ -333,13 +336,9 @@ impl OrchClient {
     /// Waits until every pool in `ids` is bound and healthy.
     pub async fn wait_healthy(&self, ids: &[&str], within: Duration) {
         wait_for(&format!("pools {ids:?} healthy"), within, || async {
-            let pools = self.pools().await;
+            let pools = self.typed.pools().await.ok()?.pools;
             ids.iter()
-                .all(|id| {
-                    pools
-                        .iter()
-                        .any(|p| p["pool_id"] == *id && p["healthy"] == true)
-                })
+                .all(|id| pools.iter().any(|p| p.pool_id == *id && p.healthy))
                 .then_some(())
         })
         .await;

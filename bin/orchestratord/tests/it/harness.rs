@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use llamacpp_client::sse::{SseFrame, SseParser};
+use llorch_client::{SseFrame, SseParser};
 use llorch_contracts::tasks::{AdmissionResponse, TaskStatus};
 use llorch_contracts::HandoffFile;
 pub use llorch_test_support::*;

@@ -1,0 +1,223 @@
+//! Typed client of orchestratord's HTTP API. Requests and answers are the contract types of
+//! `llorch-contracts`, so a contract change breaks the build of every client, not a user.
+//! Used by the `llorch` CLI, the test harnesses and the benchmarks.
+
+use llorch_contracts::meta::{Capabilities, NodesResponse, OrchPoolsResponse, SessionResponse};
+use llorch_contracts::tasks::{AdmissionResponse, TaskEvent, TaskRequest, TaskStatus};
+use llorch_contracts::{DrainRequest, ErrorEnvelope, PoolStatus, ReloadRequest};
+pub use llorch_sse::{SseFrame, SseParser};
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("orchestratord unreachable: {0}")]
+    Unreachable(String),
+    /// orchestratord answered with its error envelope.
+    #[error("{status} {}: {}", .error.code, .error.message)]
+    Api { status: u16, error: ErrorEnvelope },
+    /// An answer that is neither the expected body nor the envelope.
+    #[error("unexpected answer {status}: {body}")]
+    Unexpected { status: u16, body: String },
+}
+
+#[derive(Clone)]
+pub struct OrchClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl OrchClient {
+    /// `base` like `http://127.0.0.1:8080`; `token` is sent as `Authorization: Bearer`.
+    pub fn new(base: &str, token: Option<&str>) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_string(),
+            token: token.map(str::to_string),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// A request to `path` with the token; for calls this client has no method for.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorEnvelope>(&body) {
+            Ok(error) => ClientError::Api { status, error },
+            Err(_) => ClientError::Unexpected { status, body },
+        })
+    }
+
+    async fn typed<T: DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(rb).await?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected {
+            status,
+            body: format!("{e}: {}", String::from_utf8_lossy(&body)),
+        })
+    }
+
+    /// `POST /v2/tasks`.
+    pub async fn submit(&self, req: &TaskRequest) -> Result<AdmissionResponse, ClientError> {
+        self.typed(self.request(reqwest::Method::POST, "/v2/tasks").json(req))
+            .await
+    }
+
+    /// `GET /v2/tasks/{id}`.
+    pub async fn task(&self, id: &str) -> Result<TaskStatus, ClientError> {
+        self.typed(self.request(reqwest::Method::GET, &format!("/v2/tasks/{id}")))
+            .await
+    }
+
+    /// `POST /v2/tasks/{id}/cancel`.
+    pub async fn cancel(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.request(reqwest::Method::POST, &format!("/v2/tasks/{id}/cancel")))
+            .await
+            .map(drop)
+    }
+
+    /// `GET /v2/tasks/{id}/events`, from the frame after `last_event_id` when given.
+    pub async fn events(
+        &self,
+        id: &str,
+        last_event_id: Option<u64>,
+    ) -> Result<EventStream, ClientError> {
+        let mut rb = self.request(reqwest::Method::GET, &format!("/v2/tasks/{id}/events"));
+        if let Some(last) = last_event_id {
+            rb = rb.header("last-event-id", last.to_string());
+        }
+        Ok(EventStream {
+            resp: self.send(rb).await?,
+            parser: SseParser::new(),
+            pending: Default::default(),
+        })
+    }
+
+    /// `GET /v2/sessions/{id}`.
+    pub async fn session(&self, id: &str) -> Result<SessionResponse, ClientError> {
+        self.typed(self.request(reqwest::Method::GET, &format!("/v2/sessions/{id}")))
+            .await
+    }
+
+    /// `GET /v2/pools`.
+    pub async fn pools(&self) -> Result<OrchPoolsResponse, ClientError> {
+        self.typed(self.request(reqwest::Method::GET, "/v2/pools"))
+            .await
+    }
+
+    /// `GET /v2/nodes`.
+    pub async fn nodes(&self) -> Result<NodesResponse, ClientError> {
+        self.typed(self.request(reqwest::Method::GET, "/v2/nodes"))
+            .await
+    }
+
+    /// `GET /v2/meta/capabilities`.
+    pub async fn capabilities(&self) -> Result<Capabilities, ClientError> {
+        self.typed(self.request(reqwest::Method::GET, "/v2/meta/capabilities"))
+            .await
+    }
+
+    /// `POST /v2/pools/{id}/drain` (forwarded to the pool's pool-managerd).
+    pub async fn drain(&self, pool: &str, req: &DrainRequest) -> Result<PoolStatus, ClientError> {
+        let path = format!("/v2/pools/{pool}/drain");
+        self.typed(self.request(reqwest::Method::POST, &path).json(req))
+            .await
+    }
+
+    /// `POST /v2/pools/{id}/reload` (forwarded to the pool's pool-managerd).
+    pub async fn reload(&self, pool: &str, req: &ReloadRequest) -> Result<PoolStatus, ClientError> {
+        let path = format!("/v2/pools/{pool}/reload");
+        self.typed(self.request(reqwest::Method::POST, &path).json(req))
+            .await
+    }
+}
+
+/// A task's event stream.
+pub struct EventStream {
+    resp: reqwest::Response,
+    parser: SseParser,
+    pending: std::collections::VecDeque<SseFrame>,
+}
+
+impl EventStream {
+    /// The next raw frame; `None` when the stream ended (or broke).
+    pub async fn frame(&mut self) -> Option<SseFrame> {
+        loop {
+            if let Some(f) = self.pending.pop_front() {
+                return Some(f);
+            }
+            let chunk = self.resp.chunk().await.ok()??;
+            self.pending.extend(self.parser.push(&chunk));
+        }
+    }
+
+    /// The next event with its frame id; `None` when the stream ended. Frames that are not a
+    /// known event (keep-alive comments never are frames) are skipped.
+    pub async fn next(&mut self) -> Option<(u64, TaskEvent)> {
+        loop {
+            let f = self.frame().await?;
+            if let Some(event) = decode(&f) {
+                let id = f.id.as_deref().and_then(|i| i.parse().ok()).unwrap_or(0);
+                return Some((id, event));
+            }
+        }
+    }
+}
+
+/// The typed event of a frame (`event:` names the variant, `data:` its payload).
+pub fn decode(f: &SseFrame) -> Option<TaskEvent> {
+    let name = serde_json::to_string(f.event.as_deref()?).ok()?;
+    serde_json::from_str(&format!("{{\"event\":{name},\"data\":{}}}", f.data)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_decode_into_their_typed_events() {
+        let f = SseFrame {
+            event: Some("token".into()),
+            id: Some("3".into()),
+            data: r#"{"t":"hi","i":2}"#.into(),
+        };
+        assert_eq!(
+            decode(&f),
+            Some(TaskEvent::Token {
+                t: "hi".into(),
+                i: 2
+            })
+        );
+        let unknown = SseFrame {
+            event: Some("nope".into()),
+            id: None,
+            data: "{}".into(),
+        };
+        assert_eq!(decode(&unknown), None);
+    }
+}
