@@ -10,6 +10,7 @@ mod gpu;
 mod handoff_watcher;
 mod launcher;
 mod metrics;
+mod pools_file;
 mod proxy;
 mod registration;
 mod state;

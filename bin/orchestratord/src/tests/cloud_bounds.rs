@@ -7,7 +7,103 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+
 use super::kit::*;
+
+/// How a scripted pool-managerd answers `GET /v2/pools`.
+#[derive(Debug, Clone)]
+pub enum Node {
+    /// Answers at once with these ready pools (model `tiny`, 1 slot each).
+    Up(Vec<&'static str>),
+    /// The connection is refused at once.
+    Down,
+    /// Never answers.
+    Hang,
+}
+
+/// Scripted pool-managerds for the CLOUD poller, by base URL; polls are counted.
+#[derive(Default)]
+pub struct ScriptedNodes {
+    nodes: Mutex<std::collections::HashMap<String, Node>>,
+    polls: AtomicUsize,
+}
+
+impl ScriptedNodes {
+    pub fn set(&self, url: &str, node: Node) {
+        self.nodes.lock().insert(url.to_string(), node);
+    }
+
+    pub fn polls(&self) -> usize {
+        self.polls.load(Ordering::SeqCst)
+    }
+}
+
+impl crate::cloud_source::NodeApi for ScriptedNodes {
+    fn pools<'a>(
+        &'a self,
+        base_url: &'a str,
+        _headers: reqwest::header::HeaderMap,
+    ) -> BoxFuture<'a, Result<llorch_contracts::PoolsResponse, String>> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        let node = self
+            .nodes
+            .lock()
+            .get(base_url)
+            .cloned()
+            .unwrap_or(Node::Down);
+        let node_id = base_url.trim_start_matches("http://").to_string();
+        async move {
+            match node {
+                Node::Down => Err("unreachable: connection refused".into()),
+                Node::Hang => std::future::pending().await,
+                Node::Up(pools) => Ok(llorch_contracts::PoolsResponse {
+                    node_id: node_id.clone(),
+                    gpu_discovery: "none".into(),
+                    gpus: Vec::new(),
+                    pools: pools
+                        .into_iter()
+                        .map(|id| pool_status(id, &node_id))
+                        .collect(),
+                }),
+            }
+        }
+        .boxed()
+    }
+}
+
+fn pool_status(id: &str, node_id: &str) -> llorch_contracts::PoolStatus {
+    llorch_contracts::PoolStatus {
+        pool_id: id.into(),
+        node_id: node_id.into(),
+        state: llorch_contracts::PoolState::Ready,
+        live: true,
+        ready: true,
+        draining: false,
+        slots_total: 1,
+        slots_free: 1,
+        engine: "llamacpp".into(),
+        engine_version: None,
+        model_id: "tiny".into(),
+        device_mask: None,
+        ctx_max: None,
+        vram_total_bytes: None,
+        vram_free_bytes: None,
+        restart_count: 0,
+        last_error: None,
+        provisioning_mode: llorch_contracts::ProvisioningMode::Managed,
+        url: None,
+    }
+}
+
+/// Whether the orchestrator would place on `pool` now.
+pub fn usable(h: &Harness, pool: &str) -> bool {
+    h.orch.pools.get(pool).is_some_and(|p| p.ready())
+}
 
 const MS: Duration = Duration::from_millis(1);
 const INTERVAL: Duration = Duration::from_millis(1000);

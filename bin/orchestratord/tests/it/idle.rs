@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use llorch_contracts::HandoffFile;
 
+use crate::cloud::{start_node, start_orchestratord};
 use crate::harness::*;
 
 pub const IDLE_WINDOW: Duration = Duration::from_secs(10);
@@ -37,6 +38,30 @@ async fn home_orchestratord_idle_for_10s_uses_under_5_percent_of_a_core() {
     assert!(
         shares[1] < IDLE_CPU_MAX,
         "idle pool-managerd beside HOME orchestratord used {:.1}% of a core",
+        shares[1] * 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_orchestratord_idle_for_10s_uses_under_5_percent_of_a_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), "node-a", &pool_toml("a0", 1, 1024), &[]);
+    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", node.url.clone())]);
+    cloud
+        .api
+        .wait_healthy(&["a0"], Duration::from_secs(40))
+        .await;
+
+    let pids = [cloud.orch.id().unwrap(), node.child.id().unwrap()];
+    let shares = cpu_shares(&pids, IDLE_WINDOW).await;
+    assert!(
+        shares[0] < IDLE_CPU_MAX,
+        "idle CLOUD orchestratord used {:.1}% of a core over {IDLE_WINDOW:?}",
+        shares[0] * 100.0
+    );
+    assert!(
+        shares[1] < IDLE_CPU_MAX,
+        "idle polled pool-managerd used {:.1}% of a core",
         shares[1] * 100.0
     );
 }

@@ -12,4 +12,6 @@ mod idle;
 mod lifecycle;
 mod metrics_lint;
 mod random;
+mod sessions;
 mod streaming;
+mod trace;
