@@ -46,8 +46,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Process tests start real engines and daemons: at most TEST_THREADS tests of a binary run at
+# once, so a 2-core machine runs them without timing flakes (exact bounds are asserted on
+# paused time in process, where parallelism cannot matter).
+TEST_THREADS ?= 2
+
 test: engine model lint
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 	@$(MAKE) --no-print-directory demo
 
 bench: bench-handoff bench-admission bench-stream bench-cloud bench-relay-cpu
