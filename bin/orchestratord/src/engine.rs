@@ -50,6 +50,8 @@ pub(crate) trait Engine: Send + Sync + 'static {
 pub(crate) struct HttpEngine {
     /// Completions: no overall timeout (streams are long), short idle pool.
     streams: reqwest::Client,
+    /// The one retry of a completion whose pooled connection the engine had closed.
+    fresh: reqwest::Client,
     probes: reqwest::Client,
 }
 
@@ -61,6 +63,7 @@ impl HttpEngine {
                 .pool_idle_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
                 .build()?,
+            fresh: llamacpp_client::fresh_connection_client()?,
             probes: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(1))
                 .pool_idle_timeout(Duration::from_secs(30))
@@ -75,13 +78,14 @@ impl Engine for HttpEngine {
             let url = format!("{}/completion", call.base_url);
             let resp = llamacpp_client::send_completion(
                 &self.streams,
+                &self.fresh,
                 &url,
                 call.bearer,
                 &call.headers,
                 call.body,
             )
             .await
-            .map_err(|e| format!("engine unreachable: {e}"))?;
+            .map_err(|e| format!("engine unreachable: {}", llamacpp_client::error_chain(&e)))?;
             let status = resp.status();
             if status.is_client_error() {
                 let body = resp.text().await.unwrap_or_default();

@@ -238,24 +238,36 @@ pub struct Timings {
     pub predicted_n: Option<u32>,
 }
 
+/// A client that never reuses a connection: for the one retry of [`send_completion`].
+pub fn fresh_connection_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .pool_max_idle_per_host(0)
+        .tcp_nodelay(true)
+        .build()
+}
+
 /// Sends a completion request; a connection the engine closed before answering (or refused)
-/// is retried once on a fresh connection (DESIGN §7). `url` is the full endpoint URL.
+/// is retried once on a fresh connection (DESIGN §7): through `fresh`, a client that keeps no
+/// idle connections ([`fresh_connection_client`]), since a retry through `http`'s pool can meet
+/// another connection the engine has closed. `url` is the full endpoint URL.
 pub async fn send_completion(
     http: &reqwest::Client,
+    fresh: &reqwest::Client,
     url: &str,
     bearer: Option<&str>,
     headers: &reqwest::header::HeaderMap,
     body: &CompletionRequest,
 ) -> Result<reqwest::Response, reqwest::Error> {
-    let send = || {
-        let mut rb = http.post(url).headers(headers.clone()).json(body);
+    let send = |client: &reqwest::Client| {
+        let mut rb = client.post(url).headers(headers.clone()).json(body);
         if let Some(token) = bearer {
             rb = rb.bearer_auth(token);
         }
         rb.send()
     };
-    match send().await {
-        Err(e) if is_retryable_connection_error(&e) => send().await,
+    match send(http).await {
+        Err(e) if is_retryable_connection_error(&e) => send(fresh).await,
         other => other,
     }
 }

@@ -66,7 +66,15 @@ async fn randomized_run_of_200_tasks_ends_each_task_exactly_once() {
     }
     for id in &ids {
         let st = s.wait_task(id, Duration::from_secs(60)).await;
-        assert!(st.attempts <= 1, "{id} dispatched {} times", st.attempts);
+        if st.attempts > 1 {
+            let log = s.orch_log();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(id.as_str())).collect();
+            panic!(
+                "{id} dispatched {} times ({st:?}):\n{}",
+                st.attempts,
+                lines.join("\n")
+            );
+        }
         // Replaying the whole log: exactly one terminal event, and it is last.
         let frames = s.events(id).await;
         let n = names(&frames);
