@@ -215,23 +215,7 @@ mod tests {
     use super::*;
 
     fn entry(id: &str, slots: u32) -> PoolEntry {
-        PoolEntry {
-            pool_id: id.into(),
-            model_id: "m".into(),
-            url: "http://127.0.0.1:1".into(),
-            slots_total: slots,
-            ctx_max: None,
-            engine: "llamacpp".into(),
-            engine_version: None,
-            node_id: None,
-            device_mask: None,
-            healthy: true,
-            draining: false,
-            last_error: None,
-            in_flight: 0,
-            manager: None,
-            lost: CancellationToken::new(),
-        }
+        crate::tests::kit::pool(id, slots)
     }
 
     #[test]

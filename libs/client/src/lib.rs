@@ -176,6 +176,16 @@ impl EventStream {
         }
     }
 
+    /// The next raw frame whose event is `name`.
+    pub async fn frame_named(&mut self, name: &str) -> Option<SseFrame> {
+        while let Some(f) = self.frame().await {
+            if f.event.as_deref() == Some(name) {
+                return Some(f);
+            }
+        }
+        None
+    }
+
     /// The next event with its frame id; `None` when the stream ended. Frames that are not a
     /// known event (keep-alive comments never are frames) are skipped.
     pub async fn next(&mut self) -> Option<(u64, TaskEvent)> {

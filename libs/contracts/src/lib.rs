@@ -1,11 +1,11 @@
 //! Wire types of llama-orch. Serde only: no IO, no logic beyond (de)serialisation and the one
 //! table that maps an error code to its HTTP status.
 
-pub mod error;
+mod error;
 pub mod handoff;
 pub mod meta;
 pub mod nodes;
-pub mod pools;
+mod pools;
 pub mod tasks;
 
 pub use error::{ErrorCode, ErrorEnvelope};

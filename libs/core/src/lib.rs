@@ -3,15 +3,15 @@
 //! randomness (`jitter` in `[0, 1)`) as arguments: no clock reads, no IO, so everything is
 //! unit- and property-tested deterministically.
 
-pub mod backoff;
-pub mod breaker;
-pub mod estimate;
-pub mod expiry;
-pub mod placement;
-pub mod queue;
-pub mod registry;
-pub mod sessions;
-pub mod supervision;
+mod backoff;
+mod breaker;
+mod estimate;
+mod expiry;
+mod placement;
+mod queue;
+mod registry;
+mod sessions;
+mod supervision;
 
 pub use backoff::Backoff;
 pub use breaker::CircuitBreaker;

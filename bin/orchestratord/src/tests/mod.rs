@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cloud_bounds;
-mod kit;
+pub(crate) mod kit;
 mod queue_bounds;
 mod router;
 mod runner_bounds;

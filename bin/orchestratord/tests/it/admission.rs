@@ -180,7 +180,7 @@ async fn full_queue_with_drop_lru_ends_the_oldest_batch_task_and_admits_the_new_
     let mut oldest_events = s.open_events(&oldest, None).await;
     let newer = s.submit_ok(batch("newer", 10)).await.task_id;
     let newest = s.submit_ok(task("newest", 10)).await.task_id;
-    let err = oldest_events.next_named("error").await.unwrap();
+    let err = oldest_events.frame_named("error").await.unwrap();
     assert_eq!(data(&err)["code"], "QUEUE_FULL_DROP_LRU");
     assert_eq!(data(&err)["policy_label"], "drop-lru");
     assert!(s.cancel(&long).await == 204);

@@ -54,10 +54,10 @@ async fn cancelled_running_task_ends_cancelled_and_frees_the_engine_slot_within_
     .await;
     let id = s.submit_ok(task("the", 2000)).await.task_id;
     let mut ev = s.open_events(&id, None).await;
-    ev.next_named("token").await.unwrap();
+    ev.frame_named("token").await.unwrap();
     assert_eq!(s.engine_slots_busy("p0").await, 1);
     assert_eq!(s.cancel(&id).await, 204);
-    let err = ev.next_named("error").await.unwrap();
+    let err = ev.frame_named("error").await.unwrap();
     assert_eq!(data(&err)["code"], "CANCELLED");
     wait_slot_idle(&s, Duration::from_secs(1)).await;
     assert_eq!(s.status(&id).await.state, TaskState::Cancelled);
@@ -78,11 +78,11 @@ async fn closing_the_last_event_stream_cancels_the_task_and_frees_the_slot() {
     let id = s.submit_ok(task("the", 2000)).await.task_id;
     let mut first = s.open_events(&id, None).await;
     let mut second = s.open_events(&id, None).await;
-    first.next_named("token").await.unwrap();
-    second.next_named("token").await.unwrap();
+    first.frame_named("token").await.unwrap();
+    second.frame_named("token").await.unwrap();
     drop(first);
     // One subscriber is still there: the task keeps running.
-    second.next_named("token").await.unwrap();
+    second.frame_named("token").await.unwrap();
     assert_eq!(s.status(&id).await.state, TaskState::Running);
     drop(second);
     let st = s.wait_task(&id, Duration::from_secs(2)).await;
@@ -100,7 +100,7 @@ async fn disconnect_does_not_cancel_when_configured_off() {
     .await;
     let id = s.submit_ok(task("the", 2000)).await.task_id;
     let mut ev = s.open_events(&id, None).await;
-    ev.next_named("token").await.unwrap();
+    ev.frame_named("token").await.unwrap();
     drop(ev);
     let st = s.wait_task(&id, Duration::from_secs(10)).await;
     assert_eq!(st.state, TaskState::Completed);
@@ -123,11 +123,11 @@ async fn tasks_behind_a_cancelled_one_are_told_their_new_position() {
     let second = s.submit_ok(task("second", 5)).await;
     assert_eq!(second.queue_position, 1);
     let mut ev = s.open_events(&second.task_id, None).await;
-    let q = ev.next_named("queued").await.unwrap();
+    let q = ev.frame_named("queued").await.unwrap();
     assert_eq!(data(&q)["queue_position"], 1);
     s.cancel(&first).await;
-    let moved = ev.next_named("queued").await.unwrap();
+    let moved = ev.frame_named("queued").await.unwrap();
     assert_eq!(data(&moved)["queue_position"], 0);
     s.cancel(&long).await;
-    assert!(ev.next_named("end").await.is_some());
+    assert!(ev.frame_named("end").await.is_some());
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use llorch_client::{SseFrame, SseParser};
+use llorch_client::SseFrame;
 use llorch_contracts::tasks::{AdmissionResponse, TaskStatus};
 use llorch_contracts::HandoffFile;
 pub use llorch_test_support::*;
@@ -198,24 +198,17 @@ impl Stack {
     }
 
     pub async fn open_events(&self, id: &str, last_event_id: Option<u64>) -> EventStream {
-        let mut rb = self.http.get(format!("{}/v2/tasks/{id}/events", self.base));
-        if let Some(l) = last_event_id {
-            rb = rb.header("last-event-id", l.to_string());
-        }
-        let resp = rb.send().await.unwrap();
-        assert_eq!(resp.status(), 200);
-        EventStream {
-            resp,
-            parser: SseParser::new(),
-            pending: Default::default(),
-        }
+        llorch_client::OrchClient::new(&self.base, Some(TOKEN))
+            .events(id, last_event_id)
+            .await
+            .unwrap()
     }
 
     /// All frames of a task's stream, through its terminal frame.
     pub async fn events(&self, id: &str) -> Vec<SseFrame> {
         let mut s = self.open_events(id, None).await;
         let mut out = Vec::new();
-        while let Some(f) = s.next().await {
+        while let Some(f) = s.frame().await {
             out.push(f);
         }
         out
@@ -250,34 +243,7 @@ impl Stack {
     }
 }
 
-pub struct EventStream {
-    resp: reqwest::Response,
-    parser: SseParser,
-    pending: std::collections::VecDeque<SseFrame>,
-}
-
-impl EventStream {
-    /// The next frame, or None when the stream ended.
-    pub async fn next(&mut self) -> Option<SseFrame> {
-        loop {
-            if let Some(f) = self.pending.pop_front() {
-                return Some(f);
-            }
-            let chunk = self.resp.chunk().await.ok()??;
-            self.pending.extend(self.parser.push(&chunk));
-        }
-    }
-
-    /// The next frame whose event is `name`.
-    pub async fn next_named(&mut self, name: &str) -> Option<SseFrame> {
-        while let Some(f) = self.next().await {
-            if f.event.as_deref() == Some(name) {
-                return Some(f);
-            }
-        }
-        None
-    }
-}
+pub use llorch_client::EventStream;
 
 pub fn data(f: &SseFrame) -> serde_json::Value {
     serde_json::from_str(&f.data).unwrap()

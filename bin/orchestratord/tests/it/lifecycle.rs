@@ -20,7 +20,7 @@ async fn sigterm_lets_running_tasks_finish_refuses_new_ones_and_exits_zero() {
     .await;
     let id = s.submit_ok(task("the", 1000)).await.task_id;
     let mut ev = s.open_events(&id, None).await;
-    ev.next_named("token").await.unwrap();
+    ev.frame_named("token").await.unwrap();
     sigterm(&s.orch);
     wait_for("admission closed", Duration::from_secs(3), || async {
         match s
@@ -37,7 +37,7 @@ async fn sigterm_lets_running_tasks_finish_refuses_new_ones_and_exits_zero() {
     })
     .await;
     let mut last = None;
-    while let Some(f) = ev.next().await {
+    while let Some(f) = ev.frame().await {
         last = Some(f);
     }
     let last = last.expect("no frame after SIGTERM");
@@ -66,11 +66,11 @@ async fn sigterm_ends_tasks_outliving_the_grace_period_with_an_error_event() {
     let queued = s.submit_ok(task("queued", 10)).await.task_id;
     let mut run_ev = s.open_events(&running, None).await;
     let mut queued_ev = s.open_events(&queued, None).await;
-    run_ev.next_named("token").await.unwrap();
+    run_ev.frame_named("token").await.unwrap();
     sigterm(&s.orch);
     for ev in [&mut run_ev, &mut queued_ev] {
         let err = ev
-            .next_named("error")
+            .frame_named("error")
             .await
             .expect("stream ended without a terminal event");
         assert_eq!(data(&err)["code"], "POOL_UNAVAILABLE");

@@ -48,7 +48,7 @@ async fn randomized_run_of_200_tasks_ends_each_task_exactly_once() {
                 // Subscribe, then disconnect after the first event.
                 2 => {
                     let mut ev = s.open_events(&id, None).await;
-                    ev.next().await;
+                    ev.frame().await;
                 }
                 // Watch to the end.
                 _ => {

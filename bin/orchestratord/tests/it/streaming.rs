@@ -74,7 +74,7 @@ async fn submit_streams_started_tokens_and_end_with_matching_count() {
 
     // Last-Event-ID replay, and a second subscriber sees the same frames.
     let mut resumed = s.open_events(&id, Some(3)).await;
-    let first = resumed.next().await.unwrap();
+    let first = resumed.frame().await.unwrap();
     assert_eq!(first.id.as_deref(), Some("4"));
     assert_eq!(s.events(&id).await, frames);
 
@@ -104,13 +104,13 @@ async fn tokens_are_relayed_while_the_engine_is_still_generating() {
     .await;
     let a = s.submit_ok(task("the", 6000)).await;
     let mut ev = s.open_events(&a.task_id, None).await;
-    ev.next_named("token").await.unwrap();
+    ev.frame_named("token").await.unwrap();
     assert_eq!(
         s.engine_slots_busy("p0").await,
         1,
         "first token arrived only after generation ended"
     );
-    let end = ev.next_named("end").await.unwrap();
+    let end = ev.frame_named("end").await.unwrap();
     assert!(data(&end)["tokens_out"].as_u64().unwrap() > 100);
 }
 
@@ -124,21 +124,21 @@ async fn engine_killed_mid_stream_ends_with_worker_reset_and_later_tasks_succeed
     let pid = s.handoff("p0").pid.unwrap();
     let a = s.submit_ok(task("the", 8000)).await;
     let mut ev = s.open_events(&a.task_id, None).await;
-    ev.next_named("token").await.unwrap();
+    ev.frame_named("token").await.unwrap();
     let killed_at = Instant::now();
     assert!(std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()
         .unwrap()
         .success());
-    let err = tokio::time::timeout(Duration::from_secs(2), ev.next_named("error"))
+    let err = tokio::time::timeout(Duration::from_secs(2), ev.frame_named("error"))
         .await
         .expect("no error event within 2 s of the engine dying")
         .unwrap();
     assert!(killed_at.elapsed() < Duration::from_secs(2));
     assert_eq!(data(&err)["code"], "WORKER_RESET");
     assert!(
-        ev.next().await.is_none(),
+        ev.frame().await.is_none(),
         "stream continues after the terminal event"
     );
 
@@ -166,12 +166,12 @@ async fn stalled_engine_stream_ends_with_decode_timeout() {
     let pid = s.handoff("p0").pid.unwrap().to_string();
     let a = s.submit_ok(task("the", 8000)).await;
     let mut ev = s.open_events(&a.task_id, None).await;
-    ev.next_named("token").await.unwrap();
+    ev.frame_named("token").await.unwrap();
     std::process::Command::new("kill")
         .args(["-STOP", &pid])
         .status()
         .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(5), ev.next_named("error")).await;
+    let err = tokio::time::timeout(Duration::from_secs(5), ev.frame_named("error")).await;
     std::process::Command::new("kill")
         .args(["-CONT", &pid])
         .status()
