@@ -1,5 +1,5 @@
 //! The HTTP surface in process (tower `oneshot`, no socket): unknown routes, wrong methods and
-//! the envelope they answer with.
+//! the envelope they answer with; an event stream whose last subscriber leaves.
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -7,6 +7,7 @@ use tower::ServiceExt;
 
 use super::kit::*;
 
+const MS: std::time::Duration = std::time::Duration::from_millis(1);
 const TOKEN: &str = "inprocess-test-token-0123";
 
 async fn call(h: &Harness, method: &str, path: &str) -> (StatusCode, serde_json::Value) {
@@ -50,4 +51,42 @@ async fn a_wrong_method_answers_405_method_not_allowed_in_the_envelope() {
             "{method} {path}: {body}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_subscriber_leaving_cancels_a_running_task_and_frees_its_slot_at_that_instant() {
+    use futures_util::StreamExt;
+    let h = Harness::start(&[]);
+    h.add_pool("a", 1);
+    h.engine.push(tokens(1000, 10 * MS));
+    let task = h.submit(task(1000));
+    let app = crate::api::router(h.orch.clone());
+    let req = Request::builder()
+        .uri(format!("/v2/tasks/{}/events", task.id))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::empty())
+        .unwrap();
+    let mut body = app
+        .oneshot(req)
+        .await
+        .unwrap()
+        .into_body()
+        .into_data_stream();
+    // Read until a token has streamed, then go away.
+    let mut seen = String::new();
+    while !seen.contains("event: token") {
+        let chunk = body.next().await.unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let left_at = tokio::time::Instant::now();
+    drop(body);
+    let (name, data, at) = terminal(&task).await;
+    assert_eq!((name, data["code"].as_str()), ("error", Some("CANCELLED")));
+    assert_eq!(at, left_at);
+    assert_eq!(h.engine.open_streams(), 0, "engine request not aborted");
+    assert_eq!(
+        h.orch.pools.get("a").unwrap().in_flight,
+        0,
+        "slot not freed"
+    );
 }
