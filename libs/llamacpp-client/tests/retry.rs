@@ -25,15 +25,20 @@ async fn server_dropping_first(n: usize) -> (String, Arc<AtomicUsize>) {
                 drop(sock); // closed before a response
                 continue;
             }
-            let body = r#"{"content":"ok","stop":true}"#;
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            sock.write_all(resp.as_bytes()).await.unwrap();
+            answer_ok(&mut sock).await;
         }
     });
     (url, seen)
+}
+
+/// A complete, keep-alive 200 answer with a final completion chunk.
+async fn answer_ok(sock: &mut tokio::net::TcpStream) {
+    let body = r#"{"content":"ok","stop":true}"#;
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(resp.as_bytes()).await.unwrap();
 }
 
 fn request() -> CompletionRequest {
@@ -128,12 +133,7 @@ async fn server_with_one_request_per_connection() -> (String, Arc<AtomicUsize>) 
                 if !read_request(&mut sock).await {
                     return;
                 }
-                let body = r#"{"content":"ok","stop":true}"#;
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                sock.write_all(resp.as_bytes()).await.unwrap();
+                answer_ok(&mut sock).await;
                 // The next request on this connection gets no answer: closed.
                 let _ = read_request(&mut sock).await;
             });

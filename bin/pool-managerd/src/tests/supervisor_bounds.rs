@@ -20,6 +20,15 @@ fn crashes(after: Duration) -> EngineScript {
     }
 }
 
+/// From each engine's exit to the next spawn.
+fn restart_gaps(s: &Supervised) -> Vec<Duration> {
+    s.engines
+        .spawned()
+        .windows(2)
+        .map(|w| w[1].at - w[0].gone_at.unwrap())
+        .collect()
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_pool_is_ready_when_its_engine_answers_health_and_its_handoff_file_is_written() {
     let s = Supervised::start(&[], vec![healthy()]);
@@ -44,11 +53,7 @@ async fn a_crashed_engine_is_restarted_after_half_the_backoff_ceiling_and_delays
     );
     s.until("fifth engine spawned", |p| p.restart_count == 4 && p.ready)
         .await;
-    let spawned = s.engines.spawned();
-    let gaps: Vec<Duration> = spawned
-        .windows(2)
-        .map(|w| w[1].at - w[0].gone_at.unwrap())
-        .collect();
+    let gaps = restart_gaps(&s);
     assert_eq!(gaps, [500 * MS, 1000 * MS, 2000 * MS, 4000 * MS]);
 }
 
@@ -60,11 +65,7 @@ async fn the_restart_delay_stops_growing_at_the_configured_maximum() {
     );
     s.until("fifth engine spawned", |p| p.restart_count == 4 && p.ready)
         .await;
-    let spawned = s.engines.spawned();
-    let gaps: Vec<Duration> = spawned
-        .windows(2)
-        .map(|w| w[1].at - w[0].gone_at.unwrap())
-        .collect();
+    let gaps = restart_gaps(&s);
     // Ceilings 1 s, 2 s, then capped at 2 s; jitter 0 waits half of each.
     assert_eq!(gaps, [500 * MS, 1000 * MS, 1000 * MS, 1000 * MS]);
 }
@@ -230,11 +231,7 @@ async fn backoff_starts_over_after_a_minute_of_health() {
     );
     s.until("fourth engine ready", |p| p.restart_count == 3 && p.ready)
         .await;
-    let spawned = s.engines.spawned();
-    let gaps: Vec<Duration> = spawned
-        .windows(2)
-        .map(|w| w[1].at - w[0].gone_at.unwrap())
-        .collect();
+    let gaps = restart_gaps(&s);
     // 0.5 s, 1 s, then — after two healthy minutes — back to 0.5 s instead of 2 s.
     assert_eq!(gaps, [500 * MS, 1000 * MS, 500 * MS]);
 }
