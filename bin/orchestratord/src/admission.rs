@@ -123,6 +123,11 @@ impl Orchestrator {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         req.task_id = Some(id.clone());
+        // A resubmission is answered before any other check (model, pin, capacity, shutdown):
+        // a client retrying a submission whose answer it lost learns about its task.
+        if let Some(existing) = self.task(&id) {
+            return self.answer_existing(&existing, &req);
+        }
         if !self.pools.serves(&req.model_ref) {
             return Err(self.reject(
                 "model_not_available",
@@ -160,20 +165,10 @@ impl Orchestrator {
         let priority = req.priority;
         let (task, admitted, ahead_tokens) = {
             let mut tasks = self.tasks.write();
-            if let Some(existing) = tasks.get(&id) {
-                if existing.req != req {
-                    return Err(self.reject(
-                        "conflict",
-                        ApiError::new(
-                            ErrorCode::Conflict,
-                            format!("task_id {id:?} exists with a different request"),
-                        ),
-                    ));
-                }
-                let existing = existing.clone();
+            // Checked again under the lock: two first submissions of one id may race here.
+            if let Some(existing) = tasks.get(&id).cloned() {
                 drop(tasks);
-                let (position, ahead_tokens) = self.ahead_of(&id);
-                return Ok(self.admission_response(&existing, position, ahead_tokens));
+                return self.answer_existing(&existing, &req);
             }
             let mut queue = self.queue.lock();
             // Checked under the queue lock that shutdown empties the queue under: no task is
@@ -248,6 +243,25 @@ impl Orchestrator {
         tracing::debug!(task_id = %id, position, "task admitted");
         self.wake.notify_one();
         Ok(self.admission_response(&task, position, ahead_tokens))
+    }
+
+    /// The answer to a resubmitted `task_id`: the existing task, or 409 for another body.
+    fn answer_existing(
+        &self,
+        existing: &Task,
+        req: &TaskRequest,
+    ) -> Result<AdmissionResponse, ApiError> {
+        if existing.req != *req {
+            return Err(self.reject(
+                "conflict",
+                ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("task_id {:?} exists with a different request", existing.id),
+                ),
+            ));
+        }
+        let (position, ahead_tokens) = self.ahead_of(&existing.id);
+        Ok(self.admission_response(existing, position, ahead_tokens))
     }
 
     /// Queue position of a task and the `max_tokens` queued ahead of it (0, 0 once dispatched).

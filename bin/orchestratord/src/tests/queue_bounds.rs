@@ -285,3 +285,33 @@ fn no_task_is_queued_after_shutdown_emptied_the_queue() {
         }
     });
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_resubmission_answers_the_existing_task_before_the_model_check_and_after_shutdown() {
+    let h = Harness::start(&[]);
+    h.add_pool("a", 1);
+    let body = serde_json::json!({
+        "task_id": "t-1", "model_ref": "tiny", "prompt": "p", "max_tokens": 5
+    });
+    let first = h.submit(body.clone());
+    // The only pool goes away: a new task for the model is refused...
+    h.orch.pools.remove("a");
+    let other = serde_json::from_value(task(5)).unwrap();
+    let e = h.orch.admit(other).unwrap_err();
+    assert_eq!(e.0.code, ErrorCode::ModelNotAvailable);
+    // ...but the resubmission learns about its task, even after shutdown began.
+    h.orch.stop_admitting();
+    let again = h
+        .orch
+        .admit(serde_json::from_value(body.clone()).unwrap())
+        .unwrap();
+    assert_eq!(again.task_id, first.id);
+    // Another body under the same id is a conflict, not a refusal for the model.
+    let mut changed = body;
+    changed["max_tokens"] = 6.into();
+    let e = h
+        .orch
+        .admit(serde_json::from_value(changed).unwrap())
+        .unwrap_err();
+    assert_eq!(e.0.code, ErrorCode::Conflict);
+}
