@@ -128,12 +128,18 @@ impl Orchestrator {
         if let Some(existing) = self.task(&id) {
             return self.answer_existing(&existing, &req);
         }
-        if !self.pools.serves(&req.model_ref) {
+        if !self
+            .pools
+            .admissible(&req.model_ref, Instant::now(), self.config.model_memory)
+        {
             return Err(self.reject(
                 "model_not_available",
                 ApiError::new(
                     ErrorCode::ModelNotAvailable,
-                    format!("no pool serves model {:?}", req.model_ref),
+                    format!(
+                        "no pool serves model {:?} (none did recently, or every one failed)",
+                        req.model_ref
+                    ),
                 )
                 .with_retry_after(5000),
             ));

@@ -13,12 +13,12 @@ use std::time::Duration;
 use futures_util::future::{join_all, BoxFuture};
 use futures_util::FutureExt;
 use llorch_contracts::meta::Availability;
-use llorch_contracts::{GpuInfo, PoolsResponse};
+use llorch_contracts::{GpuInfo, PoolState, PoolsResponse};
 use parking_lot::RwLock;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::pools::{PoolEntry, PoolTable};
+use crate::pools::{PoolEntry, PoolPhase, PoolTable};
 
 #[derive(Debug, Clone)]
 pub struct Manager {
@@ -302,7 +302,13 @@ impl CloudSource {
                         }
                     }
                     owned.insert(p.pool_id.clone());
+                    let phase = match p.state {
+                        PoolState::Ready | PoolState::Draining => PoolPhase::Serving,
+                        PoolState::Starting | PoolState::Restarting => PoolPhase::Restarting,
+                        PoolState::Failed | PoolState::Stopped => PoolPhase::Failed,
+                    };
                     self.pools.upsert(PoolEntry {
+                        phase,
                         url: format!("{url}/v2/pools/{}/engine", p.pool_id),
                         manager: Some(url.to_string()),
                         healthy: usable && p.ready,

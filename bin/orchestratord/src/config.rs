@@ -75,6 +75,11 @@ pub struct Args {
     /// Longest a queued task waits for a pool before it fails with POOL_UNAVAILABLE.
     #[arg(long, env = "ORCHD_MAX_QUEUE_WAIT_MS", default_value_t = 300_000)]
     pub max_queue_wait_ms: u64,
+    /// How long a model stays admissible after its last pool went away (its tasks queue
+    /// meanwhile); after that, and at once when every pool serving it failed, new tasks for it
+    /// get 503 MODEL_NOT_AVAILABLE. A restarting pool keeps its model admissible throughout.
+    #[arg(long, env = "ORCHD_MODEL_MEMORY_MS", default_value_t = 30_000)]
+    pub model_memory_ms: u64,
     /// Time allowed from dispatch to the first token (prompt processing included).
     #[arg(long, env = "ORCHD_FIRST_TOKEN_TIMEOUT_MS", default_value_t = 120_000)]
     pub first_token_timeout_ms: u64,
@@ -151,6 +156,7 @@ pub struct Config {
     pub max_tokens_cap: u32,
     pub max_body_bytes: usize,
     pub max_queue_wait: Duration,
+    pub model_memory: Duration,
     pub first_token_timeout: Duration,
     pub decode_timeout: Duration,
     pub cancel_on_disconnect: bool,
@@ -270,6 +276,7 @@ impl Config {
             max_body_bytes: llorch_http::at_least("ORCHD_MAX_BODY_BYTES", a.max_body_bytes, 1024)
                 .map_err(ConfigError::Invalid)?,
             max_queue_wait: ms("ORCHD_MAX_QUEUE_WAIT_MS", a.max_queue_wait_ms)?,
+            model_memory: Duration::from_millis(a.model_memory_ms),
             first_token_timeout: ms("ORCHD_FIRST_TOKEN_TIMEOUT_MS", a.first_token_timeout_ms)?,
             decode_timeout: ms("ORCHD_DECODE_TIMEOUT_MS", a.decode_timeout_ms)?,
             cancel_on_disconnect: a.cancel_on_disconnect,

@@ -25,7 +25,14 @@ pub(crate) const POSITION_INTERVAL: Duration = Duration::from_millis(50);
 pub(crate) async fn run(orch: Arc<Orchestrator>, cancel: CancellationToken) {
     let mut last_publish = Instant::now() - POSITION_INTERVAL;
     let mut published_reorders = 0;
+    let mut pool_generation = orch.pools.generation();
     loop {
+        // Only when pools changed: the pass is linear in the queue.
+        let generation = orch.pools.generation();
+        if generation != pool_generation {
+            pool_generation = generation;
+            orch.end_inadmissible();
+        }
         orch.dispatch_ready();
         let mut next = orch.expire_queued();
         if orch.queue.lock().tasks.reorders() != published_reorders {
@@ -344,6 +351,45 @@ impl Orchestrator {
             self.update_depth();
         }
         next
+    }
+
+    /// Ends queued tasks whose model is no longer admissible (every pool serving it failed,
+    /// or none served it within the memory window) rather than letting them wait out the
+    /// longest queue wait.
+    fn end_inadmissible(&self) {
+        let now = Instant::now();
+        let memory = self.config.model_memory;
+        let mut verdicts: std::collections::HashMap<String, bool> = Default::default();
+        let ended: Vec<Arc<Task>> = {
+            let mut q = self.queue.lock();
+            let mut ended = Vec::new();
+            while let Some(t) = q.tasks.remove(|t| {
+                !*verdicts
+                    .entry(t.req.model_ref.clone())
+                    .or_insert_with(|| self.pools.admissible(&t.req.model_ref, now, memory))
+            }) {
+                ended.push(t);
+            }
+            ended
+        };
+        for t in &ended {
+            self.finish(
+                t,
+                TaskEvent::Error(
+                    ErrorEnvelope::new(
+                        ErrorCode::PoolUnavailable,
+                        format!(
+                            "no pool can serve model {:?}: every pool serving it failed",
+                            t.req.model_ref
+                        ),
+                    )
+                    .with_retry_after_ms(5000),
+                ),
+            );
+        }
+        if !ended.is_empty() {
+            self.update_depth();
+        }
     }
 
     /// Sends `queued` updates to tasks whose position changed; returns the queue's reorder

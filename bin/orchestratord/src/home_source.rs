@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use llamacpp_client::Health;
-use llorch_contracts::HandoffFile;
+use llorch_contracts::{HandoffFile, PoolState};
 use llorch_handoff::HandoffEvent;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::pools::{PoolEntry, PoolTable};
+use crate::pools::{PoolEntry, PoolPhase, PoolTable};
 
 pub(crate) struct HomeSource {
     pub pools: Arc<PoolTable>,
@@ -53,6 +53,11 @@ impl HomeSource {
     }
 
     async fn bind(&self, file: HandoffFile) {
+        let phase = match file.state {
+            None | Some(PoolState::Ready) => PoolPhase::Serving,
+            Some(PoolState::Starting | PoolState::Restarting) => PoolPhase::Restarting,
+            Some(PoolState::Failed | PoolState::Stopped | PoolState::Draining) => PoolPhase::Failed,
+        };
         let entry = PoolEntry {
             pool_id: file.pool_id.clone(),
             model_id: file.model.id.clone(),
@@ -69,7 +74,18 @@ impl HomeSource {
             in_flight: 0,
             manager: None,
             lost: Default::default(),
+            phase,
         };
+        if phase != PoolPhase::Serving {
+            // Its engine is gone: nothing to probe until the file says it serves again.
+            let error = format!("engine {}", phase.as_str());
+            self.pools.upsert(PoolEntry {
+                last_error: Some(error),
+                ..entry
+            });
+            tracing::info!(pool_id = %file.pool_id, phase = phase.as_str(), "pool not serving (handoff file)");
+            return;
+        }
         let (healthy, error) = self.probe_one(&entry.pool_id, &entry.url).await;
         self.pools.upsert(PoolEntry {
             healthy,
@@ -111,7 +127,12 @@ impl HomeSource {
     }
 
     async fn probe_all(&self) {
-        let pools = self.pools.list();
+        let pools: Vec<PoolEntry> = self
+            .pools
+            .list()
+            .into_iter()
+            .filter(|p| p.phase == PoolPhase::Serving)
+            .collect();
         let results = join_all(pools.iter().map(|p| self.probe_one(&p.pool_id, &p.url))).await;
         for (p, (healthy, error)) in pools.iter().zip(results) {
             if p.healthy && !healthy {

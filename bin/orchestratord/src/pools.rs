@@ -3,13 +3,16 @@
 //! `set_health` and `remove`; the dispatcher reads `views` and takes `SlotLease`s, which give
 //! the slot back when dropped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use llorch_contracts::meta::{OrchPool, PoolHealth};
 use llorch_core::PoolView;
 use parking_lot::RwLock;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
@@ -35,6 +38,7 @@ pub struct PoolEntry {
     pub in_flight: u32,
     /// Cancelled when the pool's node is lost: in-flight tasks there end at once.
     pub lost: CancellationToken,
+    pub phase: PoolPhase,
 }
 
 impl PoolEntry {
@@ -59,6 +63,7 @@ impl PoolEntry {
             draining: self.draining,
             last_error: self.last_error.clone(),
             in_flight: self.in_flight,
+            phase: self.phase.as_str().into(),
         }
     }
 
@@ -78,8 +83,33 @@ impl PoolEntry {
     }
 }
 
+/// Where a pool is in its life, as its source reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolPhase {
+    /// The engine serves (whether it is healthy right now is `PoolEntry::healthy`).
+    Serving,
+    /// The engine is being restarted (or started): the pool comes back, its work queues.
+    Restarting,
+    /// The circuit opened (or the pool stopped for good): its work is refused.
+    Failed,
+}
+
+impl PoolPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolPhase::Serving => "serving",
+            PoolPhase::Restarting => "restarting",
+            PoolPhase::Failed => "failed",
+        }
+    }
+}
+
 pub struct PoolTable {
     pools: RwLock<BTreeMap<String, PoolEntry>>,
+    /// When the last pool serving a model went away, per model (for the memory window).
+    gone: RwLock<HashMap<String, Instant>>,
+    /// Bumped whenever a pool appears, goes, or changes phase or health.
+    generation: AtomicU64,
     /// Woken whenever capacity may have appeared (new pool, health back, slot released).
     pub changed: Arc<Notify>,
 }
@@ -88,8 +118,39 @@ impl PoolTable {
     pub fn new(changed: Arc<Notify>) -> Self {
         Self {
             pools: RwLock::new(BTreeMap::new()),
+            gone: RwLock::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             changed,
         }
+    }
+
+    /// Changes whenever what `admissible` answers may have changed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether tasks for `model` may queue: some pool serves it or will again (restarting),
+    /// or its last pool went away less than `memory` ago. A model whose every pool failed, or
+    /// that no pool served within `memory`, is not admissible.
+    pub fn admissible(&self, model: &str, now: Instant, memory: Duration) -> bool {
+        let pools = self.pools.read();
+        let mut known = false;
+        for p in pools.values().filter(|p| p.model_id == model) {
+            if p.phase != PoolPhase::Failed {
+                return true;
+            }
+            known = true;
+        }
+        !known
+            && self
+                .gone
+                .read()
+                .get(model)
+                .is_some_and(|at| now.saturating_duration_since(*at) < memory)
     }
 
     /// Inserts or replaces a pool's description; keeps its in-flight count and, unless the
@@ -104,6 +165,7 @@ impl PoolTable {
         }
         pools.insert(entry.pool_id.clone(), entry);
         drop(pools);
+        self.bump();
         self.changed.notify_one();
     }
 
@@ -113,8 +175,9 @@ impl PoolTable {
             let was = p.healthy;
             p.healthy = healthy;
             p.last_error = error;
-            if healthy && !was {
+            if healthy != was {
                 drop(pools);
+                self.bump();
                 self.changed.notify_one();
             }
         }
@@ -130,10 +193,22 @@ impl PoolTable {
             p.lost.cancel();
             p.lost = CancellationToken::new();
         }
+        drop(pools);
+        self.bump();
     }
 
     pub fn remove(&self, pool_id: &str) -> Option<PoolEntry> {
-        self.pools.write().remove(pool_id)
+        let mut pools = self.pools.write();
+        let removed = pools.remove(pool_id)?;
+        if !pools.values().any(|p| p.model_id == removed.model_id) {
+            self.gone
+                .write()
+                .insert(removed.model_id.clone(), Instant::now());
+        }
+        drop(pools);
+        self.bump();
+        self.changed.notify_one();
+        Some(removed)
     }
 
     pub fn get(&self, pool_id: &str) -> Option<PoolEntry> {
@@ -172,11 +247,6 @@ impl PoolTable {
                     t + p.slots_total,
                 )
             })
-    }
-
-    /// True when some known pool (ready or not) serves `model`.
-    pub fn serves(&self, model: &str) -> bool {
-        self.pools.read().values().any(|p| p.model_id == model)
     }
 
     /// Takes a slot on `pool_id` if it is ready and has one free.

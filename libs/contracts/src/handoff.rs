@@ -44,6 +44,12 @@ pub struct HandoffFile {
     pub pid: Option<u32>,
     #[serde(default)]
     pub started_at_ms: Option<u64>,
+    /// Absent while the engine serves. pool-managerd rewrites its file with `restarting` while
+    /// it restarts a crashed engine (the pool comes back: queue its work) and `failed` when the
+    /// circuit opened (it will not: refuse its work); it deletes the file when the pool is
+    /// retired (drain, shutdown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<crate::PoolState>,
 }
 
 /// Why a handoff file was refused.
@@ -94,6 +100,7 @@ impl HandoffFile {
             device_mask: None,
             pid: None,
             started_at_ms: None,
+            state: None,
         }
     }
 
@@ -156,6 +163,7 @@ mod tests {
             device_mask: None,
             pid: None,
             started_at_ms: None,
+            state: None,
         }
     }
 

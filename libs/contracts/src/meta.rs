@@ -94,6 +94,8 @@ pub struct OrchPool {
     pub last_error: Option<String>,
     /// Tasks this orchestratord runs there now.
     pub in_flight: u32,
+    /// `serving`, `restarting` (its work queues) or `failed` (its work is refused).
+    pub phase: String,
 }
 
 /// `GET /v2/pools` of orchestratord.

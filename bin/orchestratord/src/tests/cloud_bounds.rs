@@ -20,6 +20,8 @@ use super::kit::*;
 pub enum Node {
     /// Answers at once with these ready pools (model `tiny`, 1 slot each).
     Up(Vec<&'static str>),
+    /// Answers at once with these pools in these states.
+    Pools(Vec<(&'static str, llorch_contracts::PoolState)>),
     /// The connection is refused at once.
     Down,
     /// Never answers.
@@ -67,7 +69,16 @@ impl crate::cloud_source::NodeApi for ScriptedNodes {
                     gpus: Vec::new(),
                     pools: pools
                         .into_iter()
-                        .map(|id| pool_status(id, &node_id))
+                        .map(|id| pool_status(id, &node_id, llorch_contracts::PoolState::Ready))
+                        .collect(),
+                }),
+                Node::Pools(pools) => Ok(llorch_contracts::PoolsResponse {
+                    node_id: node_id.clone(),
+                    gpu_discovery: "none".into(),
+                    gpus: Vec::new(),
+                    pools: pools
+                        .into_iter()
+                        .map(|(id, state)| pool_status(id, &node_id, state))
                         .collect(),
                 }),
             }
@@ -76,13 +87,18 @@ impl crate::cloud_source::NodeApi for ScriptedNodes {
     }
 }
 
-fn pool_status(id: &str, node_id: &str) -> llorch_contracts::PoolStatus {
+fn pool_status(
+    id: &str,
+    node_id: &str,
+    state: llorch_contracts::PoolState,
+) -> llorch_contracts::PoolStatus {
+    let ready = state == llorch_contracts::PoolState::Ready;
     llorch_contracts::PoolStatus {
         pool_id: id.into(),
         node_id: node_id.into(),
-        state: llorch_contracts::PoolState::Ready,
-        live: true,
-        ready: true,
+        state,
+        live: ready,
+        ready,
         draining: false,
         slots_total: 1,
         slots_free: 1,
@@ -256,4 +272,36 @@ async fn a_pool_id_reported_by_a_second_node_is_ignored_and_the_first_keeps_it()
     assert_eq!(h.orch.managers.owner_of("p1").as_deref(), Some("http://n1"));
     // Three polls saw the conflict; it is logged once, when it began.
     assert_eq!(log.count("already served by another pool-managerd"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tasks_for_a_restarting_cloud_pool_queue_and_a_failed_one_is_refused_at_the_next_poll() {
+    use llorch_contracts::PoolState;
+    let (h, nodes, start) = cloud(&[]).await;
+    nodes.set(
+        "http://n1",
+        Node::Pools(vec![("p1", PoolState::Restarting)]),
+    );
+    at(start + INTERVAL).await;
+    assert!(!usable(&h, "p1"));
+    let queued = h.submit(task(1));
+    nodes.set("http://n1", Node::Pools(vec![("p1", PoolState::Failed)]));
+    at(start + 2 * INTERVAL).await;
+    let (name, data, when) = terminal(&queued).await;
+    assert_eq!(
+        (name, data["code"].as_str()),
+        ("error", Some("POOL_UNAVAILABLE"))
+    );
+    assert_eq!(when, start + 2 * INTERVAL);
+    let e = h
+        .orch
+        .admit(serde_json::from_value(task(1)).unwrap())
+        .unwrap_err();
+    assert_eq!(e.0.code, llorch_contracts::ErrorCode::ModelNotAvailable);
+    // Back to ready: admitted and served again.
+    nodes.set("http://n1", Node::Up(vec!["p1"]));
+    at(start + 3 * INTERVAL).await;
+    h.engine.push(tokens(1, MS));
+    let served = h.submit(task(1));
+    assert_eq!(terminal(&served).await.0, "end");
 }

@@ -255,6 +255,7 @@ pub fn pool(id: &str, slots: u32) -> PoolEntry {
         last_error: None,
         in_flight: 0,
         lost: CancellationToken::new(),
+        phase: crate::pools::PoolPhase::Serving,
     }
 }
 

@@ -294,8 +294,10 @@ async fn a_resubmission_answers_the_existing_task_before_the_model_check_and_aft
         "task_id": "t-1", "model_ref": "tiny", "prompt": "p", "max_tokens": 5
     });
     let first = h.submit(body.clone());
-    // The only pool goes away: a new task for the model is refused...
-    h.orch.pools.remove("a");
+    // The only pool fails: a new task for the model is refused...
+    h.orch
+        .pools
+        .upsert(with_phase("a", crate::pools::PoolPhase::Failed, false));
     let other = serde_json::from_value(task(5)).unwrap();
     let e = h.orch.admit(other).unwrap_err();
     assert_eq!(e.0.code, ErrorCode::ModelNotAvailable);
@@ -314,4 +316,80 @@ async fn a_resubmission_answers_the_existing_task_before_the_model_check_and_aft
         .admit(serde_json::from_value(changed).unwrap())
         .unwrap_err();
     assert_eq!(e.0.code, ErrorCode::Conflict);
+}
+
+fn with_phase(id: &str, phase: crate::pools::PoolPhase, healthy: bool) -> crate::pools::PoolEntry {
+    crate::pools::PoolEntry {
+        phase,
+        healthy,
+        ..pool(id, 1)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_for_a_restarting_pool_queues_and_starts_the_instant_the_pool_serves_again() {
+    use crate::pools::PoolPhase;
+    let h = Harness::start(&[]);
+    h.orch
+        .pools
+        .upsert(with_phase("a", PoolPhase::Restarting, false));
+    h.engine.push(tokens(1, MS));
+    let task = h.submit(task(1));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(names(&task), ["queued"]);
+    let back = Instant::now();
+    h.orch
+        .pools
+        .upsert(with_phase("a", PoolPhase::Serving, true));
+    let (name, _, at) = terminal(&task).await;
+    assert_eq!(name, "end");
+    assert_eq!(
+        at - back,
+        2 * MS,
+        "not dispatched the instant the pool served"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_every_pool_of_a_model_fails_its_queued_tasks_end_at_once_and_new_ones_get_503() {
+    use crate::pools::PoolPhase;
+    let h = Harness::start(&[]);
+    h.orch
+        .pools
+        .upsert(with_phase("a", PoolPhase::Restarting, false));
+    let queued = h.submit(task(1));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let failed_at = Instant::now();
+    h.orch
+        .pools
+        .upsert(with_phase("a", PoolPhase::Failed, false));
+    let (name, data, at) = terminal(&queued).await;
+    assert_eq!(
+        (name, data["code"].as_str()),
+        ("error", Some("POOL_UNAVAILABLE"))
+    );
+    assert_eq!(at, failed_at, "waited instead of ending");
+    let e = h
+        .orch
+        .admit(serde_json::from_value(task(1)).unwrap())
+        .unwrap_err();
+    assert_eq!(e.0.code, ErrorCode::ModelNotAvailable);
+    assert_eq!(e.0.retry_after_ms, Some(5000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_whose_last_pool_went_away_stays_admissible_for_exactly_the_memory_window() {
+    let h = Harness::start(&["--model-memory-ms=10000"]);
+    h.add_pool("a", 1);
+    let gone = Instant::now();
+    h.orch.pools.remove("a");
+    tokio::time::sleep_until(gone + Duration::from_millis(10_000) - MS).await;
+    let admitted = h.orch.admit(serde_json::from_value(task(1)).unwrap());
+    assert!(admitted.is_ok(), "refused within the window");
+    tokio::time::sleep(MS).await;
+    let e = h
+        .orch
+        .admit(serde_json::from_value(task(1)).unwrap())
+        .unwrap_err();
+    assert_eq!(e.0.code, ErrorCode::ModelNotAvailable);
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llamacpp_client::Health;
-use llorch_contracts::{HandoffFile, HandoffModel, PoolStatus, ProvisioningMode, HANDOFF_VERSION};
+use llorch_contracts::{
+    HandoffFile, HandoffModel, PoolState, PoolStatus, ProvisioningMode, HANDOFF_VERSION,
+};
 use llorch_core::{FailureAction, Supervision, SupervisionPolicy};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -54,6 +56,8 @@ pub struct Supervisor {
     commands: mpsc::Receiver<Command>,
     cancel: CancellationToken,
     url: Option<String>,
+    /// The handoff file this pool last published (none once retired).
+    handoff: Option<HandoffFile>,
     slots_free: u32,
     instance: u64,
 }
@@ -81,6 +85,7 @@ impl Supervisor {
             url: None,
             slots_free: 0,
             instance: 0,
+            handoff: None,
         }
     }
 
@@ -108,7 +113,7 @@ impl Supervisor {
                 Next::Exit => break,
             };
         }
-        llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
+        self.retire_handoff();
         self.sup.on_stopped();
         self.url = None;
         self.publish();
@@ -192,10 +197,9 @@ impl Supervisor {
             device_mask: self.spec.device_mask.clone(),
             pid: Some(engine.pid),
             started_at_ms: Some(llorch_handoff::now_ms()),
+            state: None,
         };
-        if let Err(error) = llorch_handoff::write_atomic(&self.shared.config.runtime_dir, &file) {
-            tracing::error!(pool_id = %self.spec.id, %error, "cannot write handoff file");
-        }
+        self.publish_handoff(file);
         self.publish();
         tracing::info!(pool_id = %self.spec.id, url = %engine.url, restart_count = self.sup.restart_count(), "pool ready");
     }
@@ -230,7 +234,7 @@ impl Supervisor {
                 cmd = next_command(&mut self.commands) => match cmd {
                     Command::Drain { deadline, reply } => {
                         self.sup.on_drain();
-                        llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
+                        self.retire_handoff();
                         self.publish();
                         let _ = reply.send(Ok(()));
                         return self.drain(engine, deadline).await;
@@ -282,12 +286,17 @@ impl Supervisor {
     }
 
     async fn failure(&mut self, error: String) -> Next {
-        llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
         self.url = None;
         let jitter = (self.shared.jitter)();
         let action = self
             .sup
             .on_failure(Instant::now().into_std(), error.clone(), jitter);
+        // Consumers of the handoff file learn whether the pool comes back.
+        match action {
+            FailureAction::RestartAfter(_) => self.mark_handoff(PoolState::Restarting),
+            FailureAction::GiveUp => self.mark_handoff(PoolState::Failed),
+            FailureAction::Stop => self.retire_handoff(),
+        }
         self.publish();
         match action {
             FailureAction::RestartAfter(delay) => {
@@ -391,6 +400,28 @@ impl Supervisor {
             provisioning_mode: ProvisioningMode::Managed,
             url: self.url.clone(),
         }
+    }
+
+    fn publish_handoff(&mut self, file: HandoffFile) {
+        if let Err(error) = llorch_handoff::write_atomic(&self.shared.config.runtime_dir, &file) {
+            tracing::error!(pool_id = %self.spec.id, %error, "cannot write handoff file");
+        }
+        self.handoff = Some(file);
+    }
+
+    /// Rewrites the published handoff file with `state` (a pool that never served has none:
+    /// nothing to tell).
+    fn mark_handoff(&mut self, state: PoolState) {
+        if let Some(mut file) = self.handoff.take() {
+            file.state = Some(state);
+            self.publish_handoff(file);
+        }
+    }
+
+    /// The pool is retired (drain, shutdown): its handoff file goes.
+    fn retire_handoff(&mut self) {
+        self.handoff = None;
+        llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
     }
 
     fn publish(&self) {

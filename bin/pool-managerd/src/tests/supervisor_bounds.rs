@@ -235,3 +235,39 @@ async fn backoff_starts_over_after_a_minute_of_health() {
     // 0.5 s, 1 s, then — after two healthy minutes — back to 0.5 s instead of 2 s.
     assert_eq!(gaps, [500 * MS, 1000 * MS, 500 * MS]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_handoff_file_says_restarting_during_a_restart_failed_when_the_circuit_opens_and_goes_on_drain(
+) {
+    let handoff_state = |s: &Supervised| {
+        std::fs::read(s.runtime_dir.join("p.json"))
+            .ok()
+            .map(|b| llorch_contracts::HandoffFile::parse(&b).unwrap().state)
+    };
+    let s = Supervised::start(&["--restart-backoff-ms=1000"], Vec::new());
+    s.engines.always(crashes(S));
+    s.until("ready", |p| p.ready).await;
+    assert_eq!(
+        handoff_state(&s),
+        Some(None),
+        "a serving pool's file carries no state"
+    );
+    s.until("restarting", |p| p.state == PoolState::Restarting)
+        .await;
+    assert_eq!(handoff_state(&s), Some(Some(PoolState::Restarting)));
+    s.until("failed", |p| p.state == PoolState::Failed).await;
+    assert_eq!(handoff_state(&s), Some(Some(PoolState::Failed)));
+
+    let d = Supervised::start(&[], vec![healthy()]);
+    d.until("ready", |p| p.ready).await;
+    let (reply, answer) = oneshot::channel();
+    d.commands
+        .send(Command::Drain {
+            deadline: Duration::from_secs(1),
+            reply,
+        })
+        .await
+        .unwrap();
+    answer.await.unwrap().unwrap();
+    assert_eq!(handoff_state(&d), None, "a drained pool's file was kept");
+}
