@@ -254,6 +254,9 @@ impl Orchestrator {
             }
             Outcome::BeforeFirstToken(reason) if number < 2 => {
                 tracing::warn!(task_id = %task.id, pool_id = %pool_id, %reason, "engine failed before the first token; retrying once");
+                // No more work there until its source says it is healthy again (the next probe
+                // or poll, or its restart): the retry goes elsewhere or waits for it.
+                self.pools.set_health(&pool_id, false, Some(reason.clone()));
                 task.requeued(&pool_id);
                 if let Err(task) = self.requeue(task) {
                     self.finish(&task, TaskEvent::Error(worker_reset(&reason)));

@@ -93,19 +93,28 @@ async fn an_open_stream_without_a_first_token_ends_with_decode_timeout_exactly_a
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_engine_that_never_answers_is_tried_twice_and_the_task_ends_with_worker_reset_at_twice_the_first_token_timeout(
-) {
+async fn an_engine_that_never_answers_is_marked_unhealthy_and_the_retry_waits_for_its_health() {
     let h = Harness::start(&["--first-token-timeout-ms=1000"]);
     h.add_pool("a", 1);
     h.engine.always(Script::NoAnswer);
     let t0 = Instant::now();
     let task = h.submit(task(10));
+    // The first attempt times out at 1 s: the pool takes no work until a probe says healthy.
+    tokio::time::sleep(1500 * MS).await;
+    assert!(!h.orch.pools.get("a").unwrap().healthy);
+    assert_eq!(
+        h.engine.calls().len(),
+        1,
+        "retried on a pool known to be failing"
+    );
+    h.orch.pools.set_health("a", true, None);
     let (name, data, at) = terminal(&task).await;
     assert_eq!(
         (name, data["code"].as_str()),
         ("error", Some("WORKER_RESET"))
     );
-    assert_eq!(at - t0, 2000 * MS);
+    // The retry started when the pool was healthy again and timed out 1 s later.
+    assert_eq!(at - t0, 2500 * MS);
     assert_eq!(h.engine.calls().len(), 2);
     assert_eq!(task.status(None).attempts, 2);
 }
@@ -137,6 +146,13 @@ async fn a_server_error_before_the_first_token_is_retried_and_a_second_failure_e
     h.engine.push(Script::Status(503));
     h.engine.push(Script::Unreachable);
     let task = h.submit(task(2));
+    tokio::time::sleep(100 * MS).await;
+    assert_eq!(
+        h.engine.calls().len(),
+        1,
+        "retried on a pool known to be failing"
+    );
+    h.orch.pools.set_health("a", true, None); // the next probe finds it up
     let (name, data, _) = terminal(&task).await;
     assert_eq!(
         (name, data["code"].as_str()),

@@ -12,6 +12,7 @@ mod idle;
 mod lifecycle;
 mod metrics_lint;
 mod random;
+mod restart;
 mod sessions;
 mod streaming;
 mod trace;

@@ -1,0 +1,120 @@
+//! A pool whose engine restarts keeps its model: submissions queue instead of 503, and run
+//! after the restart; a pool whose circuit opens makes its model unavailable at once. Real
+//! engines, HOME profile.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+fn kill(pid: u32) {
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_killed_while_clients_submit_gets_no_503_and_tasks_submitted_meanwhile_complete() {
+    let s = Arc::new(
+        Stack::start(StackOptions {
+            pools_toml: pool_toml("p0", 2, 4096),
+            ..Default::default()
+        })
+        .await,
+    );
+    let pid = s.handoff("p0").pid.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed_at: Arc<parking_lot::Mutex<Option<Instant>>> = Default::default();
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (s, stop, killed_at) = (s.clone(), stop.clone(), killed_at.clone());
+            tokio::spawn(async move {
+                // (task id, submitted after the kill)
+                let mut mine = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let body = serde_json::json!({
+                        "task_id": format!("c{c}-{n}"), "model_ref": "tiny",
+                        "prompt": format!("client {c} task {n}"), "max_tokens": 16
+                    });
+                    let after_kill = killed_at.lock().is_some();
+                    let r = s.submit(body.clone()).await;
+                    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+                    // The same submission again (a client that lost the answer) is the same task.
+                    let again = s.submit_ok(body).await;
+                    assert_eq!(again.task_id, format!("c{c}-{n}"));
+                    mine.push((again.task_id, after_kill));
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                mine
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    *killed_at.lock() = Some(Instant::now());
+    kill(pid);
+    // Keep submitting through the restart until a new engine serves, and a little after.
+    wait_for("a new engine", Duration::from_secs(30), || async {
+        let f = std::fs::read(s.runtime_dir.join("p0.json")).ok()?;
+        let h = llorch_contracts::HandoffFile::parse(&f).ok()?;
+        (h.pid != Some(pid) && h.state.is_none()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut during = 0;
+    for c in clients {
+        for (id, after_kill) in c.await.unwrap() {
+            let st = s.wait_task(&id, Duration::from_secs(60)).await;
+            let frames = s.events(&id).await;
+            let n = names(&frames);
+            let terminals = n.iter().filter(|e| **e == "end" || **e == "error").count();
+            assert_eq!(terminals, 1, "{id}: {n:?}");
+            if after_kill {
+                during += 1;
+                assert_eq!(
+                    n.last(),
+                    Some(&"end"),
+                    "{id} submitted after the kill: {st:?}"
+                );
+            }
+        }
+    }
+    assert!(during > 0, "no submission happened during the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_circuit_opens_ends_its_queued_tasks_and_its_model_gets_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.gguf");
+    std::fs::copy(tiny_model(), &model).unwrap();
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml_for(&model, "p0", 1, 1024),
+        ..Default::default()
+    })
+    .await;
+    let pid = s.handoff("p0").pid.unwrap();
+    // From now on every start fails: the model file is garbage.
+    std::fs::write(&model, b"GGUF not a model any more").unwrap();
+    kill(pid);
+    // Restarting: a new task is admitted and queues.
+    let queued = s.submit_ok(task("waits for the restart", 8)).await.task_id;
+    let killed = Instant::now();
+    let st = s.wait_task(&queued, Duration::from_secs(60)).await;
+    assert_eq!(st.error.unwrap().code.as_str(), "POOL_UNAVAILABLE");
+    // Ended when the circuit opened (five quick failures), not after the 5-minute queue wait.
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        killed.elapsed()
+    );
+    let r = s.submit(task("after the circuit opened", 8)).await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "MODEL_NOT_AVAILABLE");
+}
