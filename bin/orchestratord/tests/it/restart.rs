@@ -1,11 +1,12 @@
 //! A pool whose engine restarts keeps its model: submissions queue instead of 503, and run
 //! after the restart; a pool whose circuit opens makes its model unavailable at once. Real
-//! engines, HOME profile.
+//! engines, HOME and CLOUD.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cloud::{start_node, start_orchestratord};
 use crate::harness::*;
 
 fn kill(pid: u32) {
@@ -117,4 +118,115 @@ async fn a_pool_whose_circuit_opens_ends_its_queued_tasks_and_its_model_gets_503
     assert!(r.headers().contains_key("retry-after"));
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["code"], "MODEL_NOT_AVAILABLE");
+}
+
+/// The engine pid of `pool` on a CLOUD node, from the node's own handoff file.
+fn node_engine(node: &crate::cloud::Node, pool: &str) -> (Option<u32>, bool) {
+    std::fs::read(node.runtime_dir.join(format!("{pool}.json")))
+        .ok()
+        .and_then(|b| llorch_contracts::HandoffFile::parse(&b).ok())
+        .map(|h| (h.pid, h.state.is_none()))
+        .unwrap_or((None, false))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_engine_killed_while_clients_submit_gets_no_503_and_tasks_submitted_meanwhile_complete(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(
+        dir.path(),
+        "node-a",
+        &pool_toml("a0", 2, 4096),
+        &[("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into())],
+    );
+    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", node.url.clone())]);
+    cloud
+        .api
+        .wait_healthy(&["a0"], Duration::from_secs(40))
+        .await;
+    let pid = node_engine(&node, "a0").0.unwrap();
+    let mut submitted = Vec::new();
+    let mut killed = false;
+    let started = Instant::now();
+    let mut restarted_at: Option<Instant> = None;
+    let mut n = 0;
+    // Submit (and resubmit) every 50 ms: before the kill, through the restart, and 500 ms past it.
+    while restarted_at.is_none_or(|r| r.elapsed() < Duration::from_millis(500)) {
+        assert!(started.elapsed() < Duration::from_secs(60), "no restart");
+        if !killed && started.elapsed() > Duration::from_millis(300) {
+            kill(pid);
+            killed = true;
+        }
+        let body = serde_json::json!({
+            "task_id": format!("t-{n}"), "model_ref": "tiny", "prompt": format!("task {n}"),
+            "max_tokens": 16
+        });
+        let id = cloud.api.submit(body.clone()).await;
+        assert_eq!(
+            cloud.api.submit(body).await,
+            id,
+            "resubmission is the same task"
+        );
+        submitted.push((id, killed));
+        n += 1;
+        if killed && restarted_at.is_none() {
+            let (new_pid, serving) = node_engine(&node, "a0");
+            if serving && new_pid.is_some_and(|p| p != pid) {
+                restarted_at = Some(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut during = 0;
+    for (id, after_kill) in &submitted {
+        let st = cloud.api.finish(id, Duration::from_secs(60)).await;
+        if *after_kill {
+            during += 1;
+            assert_eq!(
+                st["state"], "completed",
+                "{id} submitted after the kill: {st}"
+            );
+        }
+    }
+    assert!(during > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_pool_whose_circuit_opens_ends_its_queued_tasks_and_its_model_gets_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.gguf");
+    std::fs::copy(tiny_model(), &model).unwrap();
+    let node = start_node(
+        dir.path(),
+        "node-a",
+        &pool_toml_for(&model, "a0", 1, 1024),
+        &[("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into())],
+    );
+    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", node.url.clone())]);
+    cloud
+        .api
+        .wait_healthy(&["a0"], Duration::from_secs(40))
+        .await;
+    let pid = node_engine(&node, "a0").0.unwrap();
+    std::fs::write(&model, b"GGUF not a model any more").unwrap();
+    kill(pid);
+    let queued = cloud.api.submit(task("waits for the restart", 8)).await;
+    let killed = Instant::now();
+    let st = cloud.api.finish(&queued, Duration::from_secs(60)).await;
+    assert_eq!(st["error"]["code"], "POOL_UNAVAILABLE", "{st}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        killed.elapsed()
+    );
+    let r = cloud
+        .api
+        .http
+        .post(format!("{}/v2/tasks", cloud.api.base))
+        .json(&task("after the circuit opened", 8))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
 }
