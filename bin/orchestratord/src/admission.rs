@@ -204,7 +204,7 @@ impl Orchestrator {
                 Err(full) => {
                     drop(queue);
                     drop(tasks);
-                    let backoff = self.backoff_ms();
+                    let backoff = self.backoff_ms(&task.req.model_ref);
                     return Err(self.reject(
                         "queue_full",
                         ApiError::new(
@@ -226,14 +226,18 @@ impl Orchestrator {
                         ErrorCode::QueueFullDropLru,
                         "dropped from a full queue for a newer task",
                     )
-                    .with_retry_after_ms(self.backoff_ms())
+                    .with_retry_after_ms(self.backoff_ms(&task.req.model_ref))
                     .with_policy_label("drop-lru"),
                 ),
             );
         }
         let position = admitted.position as u32;
-        let predicted =
-            self.predicted_start_ms(u64::from(position), ahead_tokens, task.req.max_tokens);
+        let predicted = self.predicted_start_ms(
+            &task.req.model_ref,
+            u64::from(position),
+            ahead_tokens,
+            task.req.max_tokens,
+        );
         task.emit(&TaskEvent::Queued {
             queue_position: position,
             predicted_start_ms: predicted,
@@ -294,6 +298,7 @@ impl Orchestrator {
             task_id: task.id.clone(),
             queue_position: position,
             predicted_start_ms: self.predicted_start_ms(
+                &task.req.model_ref,
                 u64::from(position),
                 ahead_tokens,
                 task.req.max_tokens,
@@ -308,7 +313,7 @@ impl Orchestrator {
 
     /// Suggested client backoff when the queue is full: the predicted wait of a task at the
     /// back of the queue, at least one second.
-    fn backoff_ms(&self) -> u64 {
+    fn backoff_ms(&self, model: &str) -> u64 {
         let (depth, tokens) = {
             let q = self.queue.lock();
             (
@@ -318,7 +323,7 @@ impl Orchestrator {
         };
         // A newcomer is assumed alike to the queue's average task.
         let own = u32::try_from(tokens.checked_div(depth).unwrap_or(0)).unwrap_or(u32::MAX);
-        self.predicted_start_ms(depth, tokens, own).max(1000)
+        self.predicted_start_ms(model, depth, tokens, own).max(1000)
     }
 
     /// Cancels a task: a queued one is removed and ends at once; a running one is ended by its

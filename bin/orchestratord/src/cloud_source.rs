@@ -309,6 +309,7 @@ impl CloudSource {
                     };
                     self.pools.upsert(PoolEntry {
                         phase,
+                        restarting_since: None,
                         url: format!("{url}/v2/pools/{}/engine", p.pool_id),
                         manager: Some(url.to_string()),
                         healthy: usable && p.ready,

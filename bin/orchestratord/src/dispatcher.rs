@@ -412,6 +412,7 @@ impl Orchestrator {
             (out, queue.tasks.reorders())
         };
         let estimator = self.estimator.lock().clone();
+        let now = Instant::now();
         for (t, pos, ahead_tokens) in changed {
             let predicted = estimator.predicted_start_ms(
                 u64::from(pos),
@@ -419,7 +420,7 @@ impl Orchestrator {
                 t.req.max_tokens,
                 free,
                 total,
-            );
+            ) + self.pools.restart_wait_ms(&t.req.model_ref, now);
             t.emit(&TaskEvent::Queued {
                 queue_position: pos,
                 predicted_start_ms: predicted,

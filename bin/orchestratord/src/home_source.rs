@@ -75,6 +75,7 @@ impl HomeSource {
             manager: None,
             lost: Default::default(),
             phase,
+            restarting_since: None,
         };
         if phase != PoolPhase::Serving {
             // Its engine is gone: nothing to probe until the file says it serves again.

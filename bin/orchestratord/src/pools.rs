@@ -39,6 +39,8 @@ pub struct PoolEntry {
     /// Cancelled when the pool's node is lost: in-flight tasks there end at once.
     pub lost: CancellationToken,
     pub phase: PoolPhase,
+    /// Since when it has been restarting (kept across updates of a restarting pool).
+    pub restarting_since: Option<Instant>,
 }
 
 impl PoolEntry {
@@ -110,6 +112,8 @@ pub struct PoolTable {
     gone: RwLock<HashMap<String, Instant>>,
     /// Bumped whenever a pool appears, goes, or changes phase or health.
     generation: AtomicU64,
+    /// How long the last restarts took, smoothed (ms); `None` until one was seen end.
+    restart_ms: RwLock<Option<f64>>,
     /// Woken whenever capacity may have appeared (new pool, health back, slot released).
     pub changed: Arc<Notify>,
 }
@@ -120,6 +124,7 @@ impl PoolTable {
             pools: RwLock::new(BTreeMap::new()),
             gone: RwLock::new(HashMap::new()),
             generation: AtomicU64::new(0),
+            restart_ms: RwLock::new(None),
             changed,
         }
     }
@@ -131,6 +136,28 @@ impl PoolTable {
 
     fn bump(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How much longer `model` waits for a restart before any pool can take its work: 0 when a
+    /// pool serving it is ready, or none restarts, or no restart was measured yet; otherwise
+    /// the measured restart time left for the pool that started restarting first.
+    pub fn restart_wait_ms(&self, model: &str, now: Instant) -> u64 {
+        let Some(typical) = *self.restart_ms.read() else {
+            return 0;
+        };
+        let pools = self.pools.read();
+        let serving = pools.values().filter(|p| p.model_id == model);
+        if serving.clone().any(PoolEntry::ready) {
+            return 0;
+        }
+        serving
+            .filter_map(|p| p.restarting_since)
+            .map(|since| {
+                let elapsed = now.saturating_duration_since(since).as_secs_f64() * 1000.0;
+                (typical - elapsed).max(0.0).round() as u64
+            })
+            .min()
+            .unwrap_or(0)
     }
 
     /// Whether tasks for `model` may queue: some pool serves it or will again (restarting),
@@ -157,11 +184,24 @@ impl PoolTable {
     /// pool was lost since, the token its running tasks watch.
     pub fn upsert(&self, mut entry: PoolEntry) {
         let mut pools = self.pools.write();
-        if let Some(old) = pools.get(&entry.pool_id) {
+        let old = pools.get(&entry.pool_id);
+        let was_restarting = old.and_then(|o| o.restarting_since);
+        if let Some(old) = old {
             entry.in_flight = old.in_flight;
             if !old.lost.is_cancelled() {
                 entry.lost = old.lost.clone();
             }
+        }
+        let now = Instant::now();
+        entry.restarting_since = match entry.phase {
+            PoolPhase::Restarting => Some(was_restarting.unwrap_or(now)),
+            _ => None,
+        };
+        if let (Some(since), PoolPhase::Serving) = (was_restarting, entry.phase) {
+            // A restart ended: learn how long restarts take.
+            let took = now.saturating_duration_since(since).as_secs_f64() * 1000.0;
+            let mut r = self.restart_ms.write();
+            *r = Some(r.map_or(took, |prev| 0.7 * prev + 0.3 * took));
         }
         pools.insert(entry.pool_id.clone(), entry);
         drop(pools);

@@ -139,11 +139,20 @@ impl Orchestrator {
 
     /// Predicted start from measured throughput: the work of the `ahead` tasks (with
     /// `ahead_tokens` between them) beyond the free slots, spread over all ready slots.
-    pub fn predicted_start_ms(&self, ahead: u64, ahead_tokens: u64, own_tokens: u32) -> u64 {
+    /// A restart of the model's pools in progress adds the measured restart time left.
+    pub fn predicted_start_ms(
+        &self,
+        model: &str,
+        ahead: u64,
+        ahead_tokens: u64,
+        own_tokens: u32,
+    ) -> u64 {
         let (free, total) = self.pools.slot_totals();
-        self.estimator
-            .lock()
-            .predicted_start_ms(ahead, ahead_tokens, own_tokens, free, total)
+        let queue =
+            self.estimator
+                .lock()
+                .predicted_start_ms(ahead, ahead_tokens, own_tokens, free, total);
+        queue + self.pools.restart_wait_ms(model, Instant::now())
     }
 }
 

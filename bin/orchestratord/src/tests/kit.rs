@@ -256,6 +256,7 @@ pub fn pool(id: &str, slots: u32) -> PoolEntry {
         in_flight: 0,
         lost: CancellationToken::new(),
         phase: crate::pools::PoolPhase::Serving,
+        restarting_since: None,
     }
 }
 

@@ -393,3 +393,29 @@ async fn a_model_whose_last_pool_went_away_stays_admissible_for_exactly_the_memo
         .unwrap_err();
     assert_eq!(e.0.code, ErrorCode::ModelNotAvailable);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_task_queued_during_a_restart_is_told_the_measured_restart_time_left() {
+    use crate::pools::PoolPhase;
+    let h = Harness::start(&[]);
+    h.add_pool("a", 1);
+    // A first restart of 4 s teaches how long restarts take.
+    h.orch
+        .pools
+        .upsert(with_phase("a", PoolPhase::Restarting, false));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    h.orch
+        .pools
+        .upsert(with_phase("a", PoolPhase::Serving, true));
+    // The next restart: a task queued 1 s into it is told 3 s.
+    h.orch
+        .pools
+        .upsert(with_phase("a", PoolPhase::Restarting, false));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let req = serde_json::from_value(task(1)).unwrap();
+    let admitted = h.orch.admit(req).unwrap();
+    assert_eq!(admitted.predicted_start_ms, 3000);
+    let t = h.orch.task(&admitted.task_id).unwrap();
+    let queued: serde_json::Value = serde_json::from_str(&t.frames_from(0).0[0].data).unwrap();
+    assert_eq!(queued["predicted_start_ms"], 3000);
+}
