@@ -129,14 +129,16 @@ fn node_engine(node: &crate::cloud::Node, pool: &str) -> (Option<u32>, bool) {
         .unwrap_or((None, false))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cloud_engine_killed_while_clients_submit_gets_no_503_and_tasks_submitted_meanwhile_complete(
-) {
-    let dir = tempfile::tempdir().unwrap();
+/// One node (pool `a0`, restart backoff 200 ms) polled by a CLOUD orchestratord; returns them
+/// and the engine's pid once the pool is healthy.
+async fn cloud_with_one_pool(
+    dir: tempfile::TempDir,
+    pools: &str,
+) -> (crate::cloud::Node, crate::cloud::Cloud, u32) {
     let node = start_node(
         dir.path(),
         "node-a",
-        &pool_toml("a0", 2, 4096),
+        pools,
         &[("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into())],
     );
     let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", node.url.clone())]);
@@ -145,6 +147,14 @@ async fn cloud_engine_killed_while_clients_submit_gets_no_503_and_tasks_submitte
         .wait_healthy(&["a0"], Duration::from_secs(40))
         .await;
     let pid = node_engine(&node, "a0").0.unwrap();
+    (node, cloud, pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_engine_killed_while_clients_submit_gets_no_503_and_tasks_submitted_meanwhile_complete(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, cloud, pid) = cloud_with_one_pool(dir, &pool_toml("a0", 2, 4096)).await;
     let mut submitted = Vec::new();
     let mut killed = false;
     let started = Instant::now();
@@ -196,18 +206,8 @@ async fn cloud_pool_whose_circuit_opens_ends_its_queued_tasks_and_its_model_gets
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model.gguf");
     std::fs::copy(tiny_model(), &model).unwrap();
-    let node = start_node(
-        dir.path(),
-        "node-a",
-        &pool_toml_for(&model, "a0", 1, 1024),
-        &[("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into())],
-    );
-    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", node.url.clone())]);
-    cloud
-        .api
-        .wait_healthy(&["a0"], Duration::from_secs(40))
-        .await;
-    let pid = node_engine(&node, "a0").0.unwrap();
+    let pools = pool_toml_for(&model, "a0", 1, 1024);
+    let (_node, cloud, pid) = cloud_with_one_pool(dir, &pools).await;
     std::fs::write(&model, b"GGUF not a model any more").unwrap();
     kill(pid);
     let queued = cloud.api.submit(task("waits for the restart", 8)).await;
