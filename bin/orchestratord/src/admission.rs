@@ -86,6 +86,14 @@ fn validate(config: &Config, req: &TaskRequest) -> Result<(), ApiError> {
             "stop takes at most 16 non-empty strings of at most 256 bytes",
         ));
     }
+    if let Some(ctx) = req.ctx {
+        if ctx < req.max_tokens {
+            return Err(invalid(format!(
+                "ctx ({ctx}) must hold max_tokens ({})",
+                req.max_tokens
+            )));
+        }
+    }
     if req.deadline_ms == Some(0) {
         return Err(invalid("deadline_ms must be greater than 0"));
     }
@@ -143,6 +151,20 @@ impl Orchestrator {
                 )
                 .with_retry_after(5000),
             ));
+        }
+        if let Some(ctx) = req.ctx {
+            // Refused now rather than queued for a pool that can never take it.
+            if let Some(largest) = self.pools.largest_ctx(&req.model_ref) {
+                if ctx > largest {
+                    return Err(self.reject(
+                        "invalid_params",
+                        invalid(format!(
+                            "ctx {ctx} exceeds the largest per-slot context of model {:?} ({largest})",
+                            req.model_ref
+                        )),
+                    ));
+                }
+            }
         }
         if let Some(p) = req
             .placement

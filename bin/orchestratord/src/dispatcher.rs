@@ -89,6 +89,7 @@ impl Orchestrator {
                         placement: t.req.placement.as_ref(),
                         session_pool,
                         retry_avoid: avoid.as_deref(),
+                        min_ctx: t.req.ctx,
                     };
                     match place(&views, &req) {
                         Decision::Place(pool) => Some(pool),

@@ -138,6 +138,21 @@ impl PoolTable {
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// The largest per-slot context among the model's pools that are not failed; `None` when
+    /// some such pool does not report its context (then no request can be judged too large),
+    /// or the model has no such pool.
+    pub fn largest_ctx(&self, model: &str) -> Option<u32> {
+        let pools = self.pools.read();
+        let mut largest = None;
+        for p in pools
+            .values()
+            .filter(|p| p.model_id == model && p.phase != PoolPhase::Failed)
+        {
+            largest = Some(largest.unwrap_or(0).max(p.ctx_max?));
+        }
+        largest
+    }
+
     /// How much longer `model` waits for a restart before any pool can take its work: 0 when a
     /// pool serving it is ready, or none restarts, or no restart was measured yet; otherwise
     /// the measured restart time left for the pool that started restarting first.
@@ -271,6 +286,7 @@ impl PoolTable {
                 slots_total: p.slots_total,
                 in_flight: p.in_flight,
                 vram_free_bytes: None,
+                ctx_max: p.ctx_max,
             })
             .collect()
     }

@@ -15,6 +15,8 @@ pub struct PoolView {
     /// Requests this orchestrator has in flight on the pool.
     pub in_flight: u32,
     pub vram_free_bytes: Option<u64>,
+    /// Per-slot context (tokens), when known.
+    pub ctx_max: Option<u32>,
 }
 
 impl PoolView {
@@ -31,6 +33,9 @@ pub struct PlacementRequest<'a> {
     pub session_pool: Option<&'a str>,
     /// A pool to stay away from when any other is free (it just failed this task).
     pub retry_avoid: Option<&'a str>,
+    /// The context the task needs (`ctx`): only pools whose per-slot context holds it (or is
+    /// unknown) qualify.
+    pub min_ctx: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,11 +45,23 @@ pub enum Decision {
     Wait,
 }
 
+/// Whether the pool's per-slot context holds `ctx` (an unknown context is given the benefit).
+pub fn fits(v: &PoolView, ctx: Option<u32>) -> bool {
+    match (ctx, v.ctx_max) {
+        (Some(need), Some(have)) => have >= need,
+        _ => true,
+    }
+}
+
 pub fn place(pools: &[PoolView], req: &PlacementRequest<'_>) -> Decision {
     let default = Placement::default();
     let p = req.placement.unwrap_or(&default);
     let usable = |v: &&PoolView| {
-        v.model_id == req.model && v.ready && !v.draining && !p.avoid_pools.contains(&v.pool_id)
+        v.model_id == req.model
+            && v.ready
+            && !v.draining
+            && !p.avoid_pools.contains(&v.pool_id)
+            && fits(v, req.min_ctx)
     };
     let mut candidates: Vec<&PoolView> = pools.iter().filter(usable).collect();
     if p.mode == PlacementMode::Pin {
@@ -108,6 +125,7 @@ mod tests {
             slots_total: total,
             in_flight: busy,
             vram_free_bytes: None,
+            ctx_max: None,
         }
     }
 
@@ -116,6 +134,31 @@ mod tests {
             model,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_task_needing_more_context_than_a_pool_has_goes_elsewhere_or_waits() {
+        let small = PoolView {
+            ctx_max: Some(512),
+            ..pool("a", "m", 4, 0)
+        };
+        let large = PoolView {
+            ctx_max: Some(4096),
+            ..pool("b", "m", 1, 0)
+        };
+        let need = |c| PlacementRequest {
+            min_ctx: Some(c),
+            ..req("m")
+        };
+        assert_eq!(
+            place(&[small.clone(), large.clone()], &need(1024)),
+            Decision::Place("b".into())
+        );
+        assert_eq!(
+            place(&[small.clone(), large], &need(512)),
+            Decision::Place("a".into())
+        );
+        assert_eq!(place(&[small], &need(1024)), Decision::Wait);
     }
 
     #[test]
@@ -235,7 +278,8 @@ mod tests {
     }
 
     proptest! {
-        /// A placed pool always serves the model, is ready, not draining, and has a free slot.
+        /// A placed pool always serves the model, is ready, not draining, has a free slot and
+        /// holds the requested context.
         #[test]
         fn placement_respects_hard_constraints(spec in proptest::collection::vec((0u8..3, any::<bool>(), any::<bool>(), 1u32..4, 0u32..5), 0..8)) {
             let pools: Vec<PoolView> = spec.iter().enumerate().map(|(i, (m, ready, draining, total, busy))| PoolView {
@@ -246,13 +290,16 @@ mod tests {
                 slots_total: *total,
                 in_flight: *busy,
                 vram_free_bytes: None,
+                ctx_max: Some(512 * (1 + i as u32 % 3)),
             }).collect();
-            match place(&pools, &req("m0")) {
+            let request = PlacementRequest { min_ctx: Some(1024), ..req("m0") };
+            let ok = |v: &PoolView| v.model_id == "m0" && v.ready && !v.draining && v.free_slots() > 0 && v.ctx_max >= Some(1024);
+            match place(&pools, &request) {
                 Decision::Place(id) => {
                     let v = pools.iter().find(|p| p.pool_id == id).unwrap();
-                    prop_assert!(v.model_id == "m0" && v.ready && !v.draining && v.free_slots() > 0);
+                    prop_assert!(ok(v));
                 }
-                Decision::Wait => prop_assert!(!pools.iter().any(|v| v.model_id == "m0" && v.ready && !v.draining && v.free_slots() > 0)),
+                Decision::Wait => prop_assert!(!pools.iter().any(ok)),
             }
         }
     }

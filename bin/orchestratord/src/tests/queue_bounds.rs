@@ -419,3 +419,32 @@ async fn a_task_queued_during_a_restart_is_told_the_measured_restart_time_left()
     let queued: serde_json::Value = serde_json::from_str(&t.frames_from(0).0[0].data).unwrap();
     assert_eq!(queued["predicted_start_ms"], 3000);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_task_asking_for_more_context_than_any_pool_has_is_refused_and_a_fitting_one_goes_to_the_pool_that_holds_it(
+) {
+    let h = Harness::start(&[]);
+    h.orch.pools.upsert(crate::pools::PoolEntry {
+        ctx_max: Some(512),
+        ..pool("small", 4)
+    });
+    h.orch.pools.upsert(crate::pools::PoolEntry {
+        ctx_max: Some(2048),
+        ..pool("large", 1)
+    });
+    let with_ctx = |ctx: u32| {
+        serde_json::from_value(serde_json::json!({
+            "model_ref": "tiny", "prompt": "p", "max_tokens": 8, "ctx": ctx
+        }))
+        .unwrap()
+    };
+    let e = h.orch.admit(with_ctx(4096)).unwrap_err();
+    assert_eq!(e.0.code, ErrorCode::InvalidParams);
+    assert!(e.0.message.contains("(2048)"), "{}", e.0.message);
+    h.engine.always(tokens(1, MS));
+    let id = h.orch.admit(with_ctx(1024)).unwrap().task_id;
+    let t = h.orch.task(&id).unwrap();
+    assert_eq!(terminal(&t).await.0, "end");
+    // Most free slots would pick `small`; only `large` holds 1024 tokens.
+    assert_eq!(t.pool_id().as_deref(), Some("large"));
+}
