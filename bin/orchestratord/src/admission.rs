@@ -115,8 +115,18 @@ impl Orchestrator {
         error
     }
 
-    /// `POST /v2/tasks`.
-    pub fn admit(&self, mut req: TaskRequest) -> Result<AdmissionResponse, ApiError> {
+    /// Admits a task submitted without a correlation id (its task id serves as one).
+    #[cfg(test)]
+    pub fn admit(&self, req: TaskRequest) -> Result<AdmissionResponse, ApiError> {
+        self.admit_with(req, None)
+    }
+
+    /// `POST /v2/tasks`, with the request's `X-Correlation-Id`.
+    pub fn admit_with(
+        &self,
+        mut req: TaskRequest,
+        correlation_id: Option<String>,
+    ) -> Result<AdmissionResponse, ApiError> {
         let started = std::time::Instant::now();
         let span = tracing::info_span!(
             "admission",
@@ -208,7 +218,14 @@ impl Orchestrator {
             }
             span.record("task_id", id.as_str());
             let trace = llorch_observability::capture(&span);
-            let task = Arc::new(Task::new(id.clone(), req, Instant::now(), trace));
+            let correlation_id = correlation_id.unwrap_or_else(|| id.clone());
+            let task = Arc::new(Task::new(
+                id.clone(),
+                req,
+                Instant::now(),
+                trace,
+                correlation_id,
+            ));
             let weight = u64::from(task.req.max_tokens);
             match queue
                 .tasks

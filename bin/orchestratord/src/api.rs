@@ -108,6 +108,7 @@ async fn metrics(State(orch): State<AppState>) -> Response {
 
 async fn submit(
     State(orch): State<AppState>,
+    headers: axum::http::HeaderMap,
     body: Result<ApiJson<TaskRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
     let ApiJson(req) = body.inspect_err(|e| {
@@ -122,7 +123,12 @@ async fn submit(
             .inc();
         tracing::info!(reason, message = %e.0.message, "task rejected");
     })?;
-    let admitted = orch.admit(req)?;
+    // Set (echoed or made) by the correlation layer before any handler runs.
+    let correlation_id = headers
+        .get(llorch_http::CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let admitted = orch.admit_with(req, correlation_id)?;
     Ok((StatusCode::ACCEPTED, Json(admitted)).into_response())
 }
 
@@ -247,17 +253,19 @@ async fn pool_health(
 async fn drain(
     State(orch): State<AppState>,
     ApiPath(id): ApiPath<String>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<DrainRequest>,
 ) -> Result<Response, ApiError> {
-    forward(&orch, &id, "drain", &req).await
+    forward(&orch, &id, "drain", &req, &headers).await
 }
 
 async fn reload(
     State(orch): State<AppState>,
     ApiPath(id): ApiPath<String>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ReloadRequest>,
 ) -> Result<Response, ApiError> {
-    forward(&orch, &id, "reload", &req).await
+    forward(&orch, &id, "reload", &req, &headers).await
 }
 
 /// Forwards a control request to the pool-managerd that owns the pool (CLOUD) or the local one
@@ -267,6 +275,7 @@ async fn forward<B: serde::Serialize>(
     pool_id: &str,
     action: &str,
     body: &B,
+    headers: &axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let manager = match orch.config.profile {
         crate::config::Profile::Home => orch.config.pool_manager_url.clone(),
@@ -286,6 +295,10 @@ async fn forward<B: serde::Serialize>(
         .timeout(Duration::from_secs(300));
     if let Some(token) = &orch.config.token {
         rb = rb.bearer_auth(token.expose());
+    }
+    // The caller's correlation id goes on to pool-managerd, so both logs join.
+    if let Some(id) = headers.get(llorch_http::CORRELATION_HEADER) {
+        rb = rb.header(llorch_http::CORRELATION_HEADER, id.as_bytes());
     }
     let resp = rb.send().await.map_err(|e| {
         let cause = llamacpp_client::error_chain(&e);

@@ -67,6 +67,9 @@ impl Runner<'_> {
         // W3C traceparent: pool-managerd's engine_proxy span continues this dispatch span.
         let mut headers = reqwest::header::HeaderMap::new();
         llorch_observability::inject(span, &mut headers);
+        if let Ok(id) = reqwest::header::HeaderValue::from_str(&task.correlation_id) {
+            headers.insert(llorch_http::CORRELATION_HEADER, id);
+        }
         let call = CompletionCall {
             base_url: &pool.url,
             bearer: pool.manager.as_ref().and(self.token),

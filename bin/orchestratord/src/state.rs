@@ -124,7 +124,7 @@ impl Orchestrator {
                 .tasks_completed
                 .with_label_values(&[&outcome, &pool])
                 .inc();
-            tracing::info!(task_id = %task.id, pool_id = %pool, session_id = task.req.session_id.as_deref(), outcome, "task finished");
+            tracing::info!(task_id = %task.id, pool_id = %pool, session_id = task.req.session_id.as_deref(), correlation_id = %task.correlation_id, outcome, "task finished");
         }
     }
 

@@ -32,6 +32,9 @@ pub struct Task {
     /// Trace context of the task's `admission` span: placement, dispatch and SSE spans hang
     /// below it, so one task is one trace.
     pub trace: llorch_observability::TraceContext,
+    /// The submitting request's `X-Correlation-Id` (the task id when it had none): sent on
+    /// every request made for the task, so both daemons' logs of it can be joined.
+    pub correlation_id: String,
     inner: Mutex<TaskInner>,
     frames_tx: watch::Sender<u64>,
     subscribers: AtomicUsize,
@@ -70,6 +73,7 @@ impl Task {
         req: TaskRequest,
         now: Instant,
         trace: llorch_observability::TraceContext,
+        correlation_id: String,
     ) -> Self {
         let deadline = req
             .deadline_ms
@@ -82,6 +86,7 @@ impl Task {
             deadline,
             cancel: CancellationToken::new(),
             trace,
+            correlation_id,
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
                 frames: Vec::new(),
@@ -277,7 +282,13 @@ mod tests {
             "model_ref": "m", "prompt": "p", "max_tokens": 3
         }))
         .unwrap();
-        Task::new("t".into(), req, Instant::now(), Default::default())
+        Task::new(
+            "t".into(),
+            req,
+            Instant::now(),
+            Default::default(),
+            "t".into(),
+        )
     }
 
     #[test]

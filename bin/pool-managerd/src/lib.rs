@@ -100,6 +100,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         jitter: rand::random,
         probe_http,
         proxy_http,
+        proxy_fresh: llamacpp_client::fresh_connection_client()?,
         gpus: RwLock::new(discovery),
         supervisors,
         config,

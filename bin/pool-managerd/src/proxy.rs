@@ -70,12 +70,23 @@ pub async fn engine_proxy(
         Ok(r) => r,
         Err(e) if llamacpp_client::is_retryable_connection_error(&e) => {
             tracing::debug!(pool_id = %id, "engine closed the connection before answering; retrying once");
-            tracing::Instrument::instrument(send(), span.clone())
+            // On a new connection: the pool may hold more the engine has closed.
+            let mut rb = state
+                .proxy_fresh
+                .request(parts.method.clone(), &target)
+                .headers(headers.clone());
+            if method_allows_body(&parts.method) {
+                rb = rb.body(body.clone());
+            }
+            tracing::Instrument::instrument(rb.send(), span.clone())
                 .await
                 .map_err(|e| unreachable_engine(&id, &e))?
         }
         Err(e) => return Err(unreachable_engine(&id, &e)),
     };
+    // One line per proxied request, in the request's span: its correlation id joins this
+    // node's log with orchestratord's.
+    tracing::info!(pool_id = %id, path = %path, status = upstream.status().as_u16(), "engine request proxied");
     counter(if upstream.status().is_server_error() {
         "engine_error"
     } else {

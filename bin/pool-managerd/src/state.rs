@@ -32,6 +32,8 @@ pub struct Shared {
     pub jitter: fn() -> f64,
     /// Client for the streaming engine proxy: no overall timeout, connect timeout only.
     pub proxy_http: reqwest::Client,
+    /// The proxy's one retry, on a new connection (it keeps none idle).
+    pub proxy_fresh: reqwest::Client,
     pub gpus: RwLock<Discovery>,
     /// Command channel of each managed pool's supervisor.
     pub supervisors: HashMap<String, mpsc::Sender<Command>>,

@@ -195,3 +195,69 @@ async fn one_task_is_one_trace_across_both_daemons() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tasks_correlation_id_is_in_both_daemons_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(
+        dir.path(),
+        "node-a",
+        &pool_toml("a0", 1, 1024),
+        &[("POOL_MANAGERD_LOG_FORMAT", "json".into())],
+    );
+    let pm_log = dir.path().join("node-a/pool-managerd.log");
+    let cloud = start_orchestratord(
+        dir,
+        &[
+            ("ORCHD_POOL_MANAGERS", node.url.clone()),
+            ("ORCHD_LOG_FORMAT", "json".into()),
+        ],
+    );
+    cloud
+        .api
+        .wait_healthy(&["a0"], Duration::from_secs(40))
+        .await;
+    let correlation = "corr-join-7f3a91";
+    let r = cloud
+        .api
+        .http
+        .post(format!("{}/v2/tasks", cloud.api.base))
+        .header("x-correlation-id", correlation)
+        .json(&task("joined logs", 4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cloud.api.finish(&id, Duration::from_secs(30)).await;
+    // Lines of a JSON log that carry the correlation id (in a field or an enclosing span).
+    let lines_with = |path: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.to_string().contains(correlation))
+            .collect()
+    };
+    let orch = wait_for("orchestratord's line", Duration::from_secs(5), || async {
+        let lines = lines_with(&cloud.dir.path().join("orchestratord.log"));
+        lines
+            .iter()
+            .any(|l| l["message"] == "task finished" && l.to_string().contains(&id))
+            .then_some(lines)
+    })
+    .await;
+    assert!(!orch.is_empty());
+    let pm = wait_for("pool-managerd's line", Duration::from_secs(5), || async {
+        let lines = lines_with(&pm_log);
+        lines
+            .iter()
+            .any(|l| l["message"] == "engine request proxied")
+            .then_some(lines)
+    })
+    .await;
+    assert!(!pm.is_empty());
+}

@@ -285,6 +285,7 @@ pub fn build(flags: &[&str]) -> Built {
         probe: Arc::new(scripted),
         jitter: || 0.0,
         proxy_http: reqwest::Client::new(),
+        proxy_fresh: reqwest::Client::new(),
         gpus: RwLock::new(crate::gpu::Discovery {
             mode: "cpu-only",
             gpus: Vec::new(),
