@@ -310,6 +310,7 @@ impl CloudSource {
                     self.pools.upsert(PoolEntry {
                         phase,
                         restarting_since: None,
+                        vram_free_bytes: p.vram_free_bytes,
                         url: format!("{url}/v2/pools/{}/engine", p.pool_id),
                         manager: Some(url.to_string()),
                         healthy: usable && p.ready,

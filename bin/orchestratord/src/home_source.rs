@@ -76,6 +76,7 @@ impl HomeSource {
             lost: Default::default(),
             phase,
             restarting_since: None,
+            vram_free_bytes: None,
         };
         if phase != PoolPhase::Serving {
             // Its engine is gone: nothing to probe until the file says it serves again.

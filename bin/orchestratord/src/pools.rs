@@ -41,6 +41,9 @@ pub struct PoolEntry {
     pub phase: PoolPhase,
     /// Since when it has been restarting (kept across updates of a restarting pool).
     pub restarting_since: Option<Instant>,
+    /// Free memory of the pool's GPUs as its node last reported it (CLOUD polls; HOME has no
+    /// report yet). Placement breaks ties between equally free pools by it.
+    pub vram_free_bytes: Option<u64>,
 }
 
 impl PoolEntry {
@@ -66,6 +69,7 @@ impl PoolEntry {
             last_error: self.last_error.clone(),
             in_flight: self.in_flight,
             phase: self.phase.as_str().into(),
+            vram_free_bytes: self.vram_free_bytes,
         }
     }
 
@@ -285,7 +289,7 @@ impl PoolTable {
                 draining: p.draining,
                 slots_total: p.slots_total,
                 in_flight: p.in_flight,
-                vram_free_bytes: None,
+                vram_free_bytes: p.vram_free_bytes,
                 ctx_max: p.ctx_max,
             })
             .collect()

@@ -96,6 +96,8 @@ pub struct OrchPool {
     pub in_flight: u32,
     /// `serving`, `restarting` (its work queues) or `failed` (its work is refused).
     pub phase: String,
+    /// Free GPU memory of the pool as its node reported it (CLOUD).
+    pub vram_free_bytes: Option<u64>,
 }
 
 /// `GET /v2/pools` of orchestratord.

@@ -22,6 +22,8 @@ pub enum Node {
     Up(Vec<&'static str>),
     /// Answers at once with these pools in these states.
     Pools(Vec<(&'static str, llorch_contracts::PoolState)>),
+    /// Answers at once with these ready pools and their free GPU memory.
+    Vram(Vec<(&'static str, u64)>),
     /// The connection is refused at once.
     Down,
     /// Never answers.
@@ -70,6 +72,18 @@ impl crate::cloud_source::NodeApi for ScriptedNodes {
                     pools: pools
                         .into_iter()
                         .map(|id| pool_status(id, &node_id, llorch_contracts::PoolState::Ready))
+                        .collect(),
+                }),
+                Node::Vram(pools) => Ok(llorch_contracts::PoolsResponse {
+                    node_id: node_id.clone(),
+                    gpu_discovery: "nvml".into(),
+                    gpus: Vec::new(),
+                    pools: pools
+                        .into_iter()
+                        .map(|(id, free)| llorch_contracts::PoolStatus {
+                            vram_free_bytes: Some(free),
+                            ..pool_status(id, &node_id, llorch_contracts::PoolState::Ready)
+                        })
                         .collect(),
                 }),
                 Node::Pools(pools) => Ok(llorch_contracts::PoolsResponse {
@@ -304,4 +318,39 @@ async fn tasks_for_a_restarting_cloud_pool_queue_and_a_failed_one_is_refused_at_
     h.engine.push(tokens(1, MS));
     let served = h.submit(task(1));
     assert_eq!(terminal(&served).await.0, "end");
+}
+
+#[tokio::test(start_paused = true)]
+async fn between_equally_free_cloud_pools_the_one_with_more_free_gpu_memory_takes_the_task() {
+    let h = Harness::start(&[
+        "--profile=cloud",
+        "--pool-managers=http://n1",
+        "--pool-poll-interval-ms=1000",
+    ]);
+    let nodes = Arc::new(ScriptedNodes::default());
+    // `a` sorts first by id; `b` reports more free memory.
+    nodes.set(
+        "http://n1",
+        Node::Vram(vec![("a", 1 << 30), ("b", 8 << 30)]),
+    );
+    h.poll(nodes.clone());
+    settle().await;
+    assert_eq!(
+        h.orch.pools.get("b").unwrap().vram_free_bytes,
+        Some(8 << 30)
+    );
+    h.engine.always(tokens(1, MS));
+    let t = h.submit(task(1));
+    assert_eq!(terminal(&t).await.0, "end");
+    assert_eq!(t.pool_id().as_deref(), Some("b"));
+    // The figures change at the next poll, and so does the choice.
+    nodes.set(
+        "http://n1",
+        Node::Vram(vec![("a", 8 << 30), ("b", 1 << 30)]),
+    );
+    tokio::time::sleep(INTERVAL).await;
+    settle().await;
+    let t = h.submit(task(1));
+    assert_eq!(terminal(&t).await.0, "end");
+    assert_eq!(t.pool_id().as_deref(), Some("a"));
 }

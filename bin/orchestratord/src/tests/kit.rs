@@ -257,6 +257,7 @@ pub fn pool(id: &str, slots: u32) -> PoolEntry {
         lost: CancellationToken::new(),
         phase: crate::pools::PoolPhase::Serving,
         restarting_since: None,
+        vram_free_bytes: None,
     }
 }
 
