@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use llorch_contracts::tasks::{
-    AdmissionResponse, PlacementMode, Priority, TaskEvent, TaskRequest, TaskStreams,
+    AdmissionResponse, Determinism, PlacementMode, Priority, TaskEvent, TaskRequest, TaskStreams,
 };
 use llorch_contracts::{ErrorCode, ErrorEnvelope};
 use llorch_http::ApiError;
@@ -94,6 +94,11 @@ fn validate(config: &Config, req: &TaskRequest) -> Result<(), ApiError> {
             )));
         }
     }
+    if req.determinism == Some(Determinism::Strict) && req.seed.is_none() {
+        return Err(invalid(
+            "determinism strict needs a seed (the same seed, prompt and sampling parameters reproduce the output)",
+        ));
+    }
     if req.deadline_ms == Some(0) {
         return Err(invalid("deadline_ms must be greater than 0"));
     }
@@ -160,6 +165,18 @@ impl Orchestrator {
                     ),
                 )
                 .with_retry_after(5000),
+            ));
+        }
+        if req.determinism == Some(Determinism::Strict)
+            && !self.pools.has_single_slot_pool(&req.model_ref)
+        {
+            // Never run best-effort in its place.
+            return Err(self.reject(
+                "invalid_params",
+                invalid(format!(
+                    "determinism strict needs a single-slot pool (slots = 1) serving model {:?}; none does",
+                    req.model_ref
+                )),
             ));
         }
         if let Some(ctx) = req.ctx {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use llorch_contracts::tasks::{TaskEvent, TaskMetrics};
+use llorch_contracts::tasks::{Determinism, TaskEvent, TaskMetrics};
 use llorch_contracts::{ErrorCode, ErrorEnvelope};
 use llorch_core::{place, Decision, PlacementRequest};
 use tokio::time::Instant;
@@ -90,6 +90,7 @@ impl Orchestrator {
                         session_pool,
                         retry_avoid: avoid.as_deref(),
                         min_ctx: t.req.ctx,
+                        single_slot: t.req.determinism == Some(Determinism::Strict),
                     };
                     match place(&views, &req) {
                         Decision::Place(pool) => Some(pool),

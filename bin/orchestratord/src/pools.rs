@@ -157,6 +157,15 @@ impl PoolTable {
         largest
     }
 
+    /// Whether a pool with a single slot (and not failed) serves `model`: where a strict task
+    /// can run.
+    pub fn has_single_slot_pool(&self, model: &str) -> bool {
+        self.pools
+            .read()
+            .values()
+            .any(|p| p.model_id == model && p.slots_total == 1 && p.phase != PoolPhase::Failed)
+    }
+
     /// How much longer `model` waits for a restart before any pool can take its work: 0 when a
     /// pool serving it is ready, or none restarts, or no restart was measured yet; otherwise
     /// the measured restart time left for the pool that started restarting first.

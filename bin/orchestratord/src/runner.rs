@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use llamacpp_client::sse::SseParser;
 use llamacpp_client::{CompletionChunk, CompletionRequest};
-use llorch_contracts::tasks::TaskEvent;
+use llorch_contracts::tasks::{Determinism, TaskEvent};
 use prometheus::IntCounter;
 use tokio::time::Instant;
 
@@ -57,7 +57,9 @@ impl Runner<'_> {
             prompt: req.prompt.clone(),
             n_predict: req.max_tokens,
             stream: true,
-            cache_prompt: true,
+            // A strict task recomputes its prompt: a cached prefix from another request must
+            // not change its numerics.
+            cache_prompt: req.determinism != Some(Determinism::Strict),
             temperature: req.temperature,
             top_p: req.top_p,
             top_k: req.top_k,

@@ -36,6 +36,9 @@ pub struct PlacementRequest<'a> {
     /// The context the task needs (`ctx`): only pools whose per-slot context holds it (or is
     /// unknown) qualify.
     pub min_ctx: Option<u32>,
+    /// `determinism: strict`: only single-slot pools qualify (no batching with other requests,
+    /// whose presence changes llama.cpp's numerics).
+    pub single_slot: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +65,7 @@ pub fn place(pools: &[PoolView], req: &PlacementRequest<'_>) -> Decision {
             && !v.draining
             && !p.avoid_pools.contains(&v.pool_id)
             && fits(v, req.min_ctx)
+            && (!req.single_slot || v.slots_total == 1)
     };
     let mut candidates: Vec<&PoolView> = pools.iter().filter(usable).collect();
     if p.mode == PlacementMode::Pin {
@@ -159,6 +163,21 @@ mod tests {
             Decision::Place("a".into())
         );
         assert_eq!(place(&[small], &need(1024)), Decision::Wait);
+    }
+
+    #[test]
+    fn a_strict_task_goes_only_to_a_single_slot_pool() {
+        let wide = pool("a", "m", 4, 0);
+        let single = pool("b", "m", 1, 0);
+        let strict = PlacementRequest {
+            single_slot: true,
+            ..req("m")
+        };
+        assert_eq!(
+            place(&[wide.clone(), single], &strict),
+            Decision::Place("b".into())
+        );
+        assert_eq!(place(&[wide], &strict), Decision::Wait);
     }
 
     #[test]

@@ -448,3 +448,16 @@ async fn a_task_asking_for_more_context_than_any_pool_has_is_refused_and_a_fitti
     // Most free slots would pick `small`; only `large` holds 1024 tokens.
     assert_eq!(t.pool_id().as_deref(), Some("large"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_strict_task_is_refused_when_no_single_slot_pool_serves_its_model() {
+    let h = Harness::start(&[]);
+    h.add_pool("wide", 4);
+    let strict = serde_json::from_value(serde_json::json!({
+        "model_ref": "tiny", "prompt": "p", "max_tokens": 4, "seed": 1, "determinism": "strict"
+    }))
+    .unwrap();
+    let e = h.orch.admit(strict).unwrap_err();
+    assert_eq!(e.0.code, ErrorCode::InvalidParams);
+    assert!(e.0.message.contains("single-slot"), "{}", e.0.message);
+}

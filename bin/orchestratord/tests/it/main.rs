@@ -6,6 +6,7 @@
 mod admission;
 mod cancel;
 mod cloud;
+mod determinism;
 mod fault_engine;
 mod harness;
 mod idle;
