@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures_util::future::{join_all, BoxFuture};
 use futures_util::FutureExt;
 use llorch_contracts::meta::Availability;
-use llorch_contracts::{GpuInfo, PoolState, PoolsResponse};
+use llorch_contracts::{GpuInfo, PoolsResponse};
 use parking_lot::RwLock;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -302,13 +302,8 @@ impl CloudSource {
                         }
                     }
                     owned.insert(p.pool_id.clone());
-                    let phase = match p.state {
-                        PoolState::Ready | PoolState::Draining => PoolPhase::Serving,
-                        PoolState::Starting | PoolState::Restarting => PoolPhase::Restarting,
-                        PoolState::Failed | PoolState::Stopped => PoolPhase::Failed,
-                    };
                     self.pools.upsert(PoolEntry {
-                        phase,
+                        phase: PoolPhase::of(Some(p.state)),
                         restarting_since: None,
                         vram_free_bytes: p.vram_free_bytes,
                         url: format!("{url}/v2/pools/{}/engine", p.pool_id),

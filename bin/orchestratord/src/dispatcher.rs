@@ -102,11 +102,7 @@ impl Orchestrator {
             let placement = tracing::info_span!("placement", task_id = %task.id, %pool_id);
             llorch_observability::adopt(&placement, &task.trace);
             let _placement = placement.entered();
-            let leased = self
-                .pools
-                .lease(&pool_id)
-                .and_then(|lease| Some((self.pools.get(&pool_id)?, lease)));
-            let Some((pool, lease)) = leased else {
+            let Some((pool, lease)) = self.pools.lease(&pool_id) else {
                 // The pool changed under us; try again on the next wake.
                 let mut q = self.queue.lock();
                 q.tasks.requeue_front(

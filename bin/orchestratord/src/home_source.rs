@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use llamacpp_client::Health;
-use llorch_contracts::{HandoffFile, PoolState};
+use llorch_contracts::HandoffFile;
 use llorch_handoff::HandoffEvent;
 use tokio_util::sync::CancellationToken;
 
@@ -53,11 +53,7 @@ impl HomeSource {
     }
 
     async fn bind(&self, file: HandoffFile) {
-        let phase = match file.state {
-            None | Some(PoolState::Ready) => PoolPhase::Serving,
-            Some(PoolState::Starting | PoolState::Restarting) => PoolPhase::Restarting,
-            Some(PoolState::Failed | PoolState::Stopped | PoolState::Draining) => PoolPhase::Failed,
-        };
+        let phase = PoolPhase::of(file.state);
         let entry = PoolEntry {
             pool_id: file.pool_id.clone(),
             model_id: file.model.id.clone(),

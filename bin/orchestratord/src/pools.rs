@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llorch_contracts::meta::{OrchPool, PoolHealth};
+use llorch_contracts::PoolState;
 use llorch_core::PoolView;
 use parking_lot::RwLock;
 use tokio::sync::Notify;
@@ -101,6 +102,15 @@ pub enum PoolPhase {
 }
 
 impl PoolPhase {
+    /// The phase a reported pool state means (a handoff file without a state serves).
+    pub fn of(state: Option<PoolState>) -> Self {
+        match state {
+            None | Some(PoolState::Ready | PoolState::Draining) => PoolPhase::Serving,
+            Some(PoolState::Starting | PoolState::Restarting) => PoolPhase::Restarting,
+            Some(PoolState::Failed | PoolState::Stopped) => PoolPhase::Failed,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             PoolPhase::Serving => "serving",
@@ -114,7 +124,8 @@ pub struct PoolTable {
     pools: RwLock<BTreeMap<String, PoolEntry>>,
     /// When the last pool serving a model went away, per model (for the memory window).
     gone: RwLock<HashMap<String, Instant>>,
-    /// Bumped whenever a pool appears, goes, or changes phase or health.
+    /// Bumped whenever what `admissible` answers may change: a pool appears, goes, or changes
+    /// phase or model (not on health, nor on a poll that changes nothing of that).
     generation: AtomicU64,
     /// How long the last restarts took, smoothed (ms); `None` until one was seen end.
     restart_ms: RwLock<Option<f64>>,
@@ -138,8 +149,11 @@ impl PoolTable {
         self.generation.load(Ordering::SeqCst)
     }
 
+    /// Admissibility may have changed: the dispatcher wakes to end queued tasks of a model
+    /// that became inadmissible.
     fn bump(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_one();
     }
 
     /// The largest per-slot context among the model's pools that are not failed; `None` when
@@ -214,6 +228,8 @@ impl PoolTable {
         let mut pools = self.pools.write();
         let old = pools.get(&entry.pool_id);
         let was_restarting = old.and_then(|o| o.restarting_since);
+        let admissibility_may_change =
+            old.is_none_or(|o| o.phase != entry.phase || o.model_id != entry.model_id);
         if let Some(old) = old {
             entry.in_flight = old.in_flight;
             if !old.lost.is_cancelled() {
@@ -233,7 +249,9 @@ impl PoolTable {
         }
         pools.insert(entry.pool_id.clone(), entry);
         drop(pools);
-        self.bump();
+        if admissibility_may_change {
+            self.bump();
+        }
         self.changed.notify_one();
     }
 
@@ -243,9 +261,8 @@ impl PoolTable {
             let was = p.healthy;
             p.healthy = healthy;
             p.last_error = error;
-            if healthy != was {
+            if healthy && !was {
                 drop(pools);
-                self.bump();
                 self.changed.notify_one();
             }
         }
@@ -261,8 +278,6 @@ impl PoolTable {
             p.lost.cancel();
             p.lost = CancellationToken::new();
         }
-        drop(pools);
-        self.bump();
     }
 
     pub fn remove(&self, pool_id: &str) -> Option<PoolEntry> {
@@ -275,7 +290,6 @@ impl PoolTable {
         }
         drop(pools);
         self.bump();
-        self.changed.notify_one();
         Some(removed)
     }
 
@@ -318,18 +332,22 @@ impl PoolTable {
             })
     }
 
-    /// Takes a slot on `pool_id` if it is ready and has one free.
-    pub fn lease(self: &Arc<Self>, pool_id: &str) -> Option<SlotLease> {
+    /// Takes a slot on `pool_id` if it is ready and has one free; returns the pool as it is
+    /// then, with the lease.
+    pub fn lease(self: &Arc<Self>, pool_id: &str) -> Option<(PoolEntry, SlotLease)> {
         let mut pools = self.pools.write();
         let p = pools.get_mut(pool_id)?;
         if !p.ready() || p.in_flight >= p.slots_total {
             return None;
         }
         p.in_flight += 1;
-        Some(SlotLease {
-            table: self.clone(),
-            pool_id: pool_id.to_string(),
-        })
+        Some((
+            p.clone(),
+            SlotLease {
+                table: self.clone(),
+                pool_id: pool_id.to_string(),
+            },
+        ))
     }
 }
 
