@@ -308,7 +308,7 @@ impl Orchestrator {
             .observe(started.elapsed().as_secs_f64() * 1000.0);
         tracing::debug!(task_id = %id, position, "task admitted");
         self.wake.notify_one();
-        Ok(self.admission_response(&task, position, ahead_tokens))
+        Ok(admission_response(&task, position, predicted))
     }
 
     /// The answer to a resubmitted `task_id`: the existing task, or 409 for another body.
@@ -327,7 +327,13 @@ impl Orchestrator {
             ));
         }
         let (position, ahead_tokens) = self.ahead_of(&existing.id);
-        Ok(self.admission_response(existing, position, ahead_tokens))
+        let predicted = self.predicted_start_ms(
+            &existing.req.model_ref,
+            u64::from(position),
+            ahead_tokens,
+            existing.req.max_tokens,
+        );
+        Ok(admission_response(existing, position, predicted))
     }
 
     /// Queue position of a task and the `max_tokens` queued ahead of it (0, 0 once dispatched).
@@ -341,30 +347,6 @@ impl Orchestrator {
             tokens += w;
         }
         (0, 0)
-    }
-
-    fn admission_response(
-        &self,
-        task: &Task,
-        position: u32,
-        ahead_tokens: u64,
-    ) -> AdmissionResponse {
-        let sse = format!("/v2/tasks/{}/events", task.id);
-        AdmissionResponse {
-            task_id: task.id.clone(),
-            queue_position: position,
-            predicted_start_ms: self.predicted_start_ms(
-                &task.req.model_ref,
-                u64::from(position),
-                ahead_tokens,
-                task.req.max_tokens,
-            ),
-            backoff_ms: 0,
-            streams: TaskStreams {
-                sse_verbose: format!("{sse}?verbose=true"),
-                sse,
-            },
-        }
     }
 
     /// Suggested client backoff when the queue is full: the predicted wait of a task at the
@@ -431,5 +413,20 @@ impl Orchestrator {
         for t in running {
             t.cancel_with(shutting_down());
         }
+    }
+}
+
+/// The `202` answer: where the task stands and where its events stream.
+fn admission_response(task: &Task, position: u32, predicted_start_ms: u64) -> AdmissionResponse {
+    let sse = format!("/v2/tasks/{}/events", task.id);
+    AdmissionResponse {
+        task_id: task.id.clone(),
+        queue_position: position,
+        predicted_start_ms,
+        backoff_ms: 0,
+        streams: TaskStreams {
+            sse_verbose: format!("{sse}?verbose=true"),
+            sse,
+        },
     }
 }
