@@ -186,17 +186,25 @@ async fn a_finished_task_is_forgotten_after_retention_within_one_purge_interval(
 
 #[tokio::test(start_paused = true)]
 async fn the_oldest_finished_tasks_beyond_the_retention_count_are_forgotten_at_the_next_purge() {
+    let start = Instant::now();
     let h = Harness::start(&["--task-retention-max=2"]);
-    h.add_pool("a", 3);
+    h.add_pool("a", 1);
     h.engine.always(tokens(1, MS));
-    let tasks: Vec<_> = (0..3).map(|_| h.submit(task(1))).collect();
-    for (k, t) in tasks.iter().enumerate() {
-        terminal(t).await;
-        tokio::time::sleep(MS * (k as u32 + 1)).await;
+    // One after another, so they finish at distinct instants (2, 4 and 6 ms).
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let t = h.submit(task(1));
+        terminal(&t).await;
+        tasks.push(t);
     }
-    tokio::time::sleep(PURGE_INTERVAL).await;
-    let kept: Vec<bool> = tasks.iter().map(|t| h.orch.task(&t.id).is_some()).collect();
-    assert_eq!(kept.iter().filter(|k| **k).count(), 2, "{kept:?}");
+    let kept =
+        |h: &Harness| -> Vec<bool> { tasks.iter().map(|t| h.orch.task(&t.id).is_some()).collect() };
+    // The purge runs at start and every PURGE_INTERVAL after.
+    tokio::time::sleep_until(start + PURGE_INTERVAL - MS).await;
+    assert_eq!(kept(&h), [true, true, true], "purged before the next run");
+    tokio::time::sleep(MS).await;
+    settle().await;
+    assert_eq!(kept(&h), [false, true, true], "not the oldest that went");
 }
 
 #[tokio::test(start_paused = true)]
