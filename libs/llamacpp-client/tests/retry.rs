@@ -41,6 +41,19 @@ async fn answer_ok(sock: &mut tokio::net::TcpStream) {
     sock.write_all(resp.as_bytes()).await.unwrap();
 }
 
+/// `send_completion` of [`request`] through `http`, with a fresh-connection client for the retry.
+async fn complete(http: &reqwest::Client, url: &str) -> Result<reqwest::Response, reqwest::Error> {
+    send_completion(
+        http,
+        &fresh_connection_client().unwrap(),
+        url,
+        None,
+        &Default::default(),
+        &request(),
+    )
+    .await
+}
+
 fn request() -> CompletionRequest {
     CompletionRequest {
         prompt: "x".into(),
@@ -59,16 +72,7 @@ fn request() -> CompletionRequest {
 async fn connection_closed_before_response_is_retried_once_on_a_fresh_connection() {
     let (url, seen) = server_dropping_first(1).await;
     let http = reqwest::Client::new();
-    let resp = send_completion(
-        &http,
-        &fresh_connection_client().unwrap(),
-        &url,
-        None,
-        &Default::default(),
-        &request(),
-    )
-    .await
-    .expect("retry should succeed");
+    let resp = complete(&http, &url).await.expect("retry should succeed");
     assert_eq!(resp.status(), 200);
     assert_eq!(
         seen.load(Ordering::SeqCst),
@@ -81,16 +85,7 @@ async fn connection_closed_before_response_is_retried_once_on_a_fresh_connection
 async fn a_second_failure_is_returned_not_retried_forever() {
     let (url, seen) = server_dropping_first(usize::MAX).await;
     let http = reqwest::Client::new();
-    let err = send_completion(
-        &http,
-        &fresh_connection_client().unwrap(),
-        &url,
-        None,
-        &Default::default(),
-        &request(),
-    )
-    .await
-    .unwrap_err();
+    let err = complete(&http, &url).await.unwrap_err();
     assert!(
         llamacpp_client::is_retryable_connection_error(&err),
         "{err:?}"
@@ -155,16 +150,9 @@ async fn the_retry_uses_a_new_connection_even_when_the_pool_holds_more_closed_on
     b.unwrap().text().await.unwrap();
     assert_eq!(connections.load(Ordering::SeqCst), 2);
     // The first try meets one of them closed; a pooled retry would meet the other.
-    let resp = send_completion(
-        &http,
-        &fresh_connection_client().unwrap(),
-        &url,
-        None,
-        &Default::default(),
-        &request(),
-    )
-    .await
-    .expect("the retry on a new connection should succeed");
+    let resp = complete(&http, &url)
+        .await
+        .expect("the retry on a new connection should succeed");
     assert_eq!(resp.status(), 200);
     assert_eq!(
         connections.load(Ordering::SeqCst),

@@ -130,6 +130,15 @@ where
     }
 }
 
+/// Sends `signal` (`-KILL`, `-STOP`, ...) to process `pid` with kill(1); panics when it fails.
+pub fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid} failed");
+}
+
 /// True while a process with this pid exists and is not a zombie.
 pub fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -9,14 +9,6 @@ use std::time::{Duration, Instant};
 use crate::cloud::{start_node, start_orchestratord};
 use crate::harness::*;
 
-fn kill(pid: u32) {
-    assert!(std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_killed_while_clients_submit_gets_no_503_and_tasks_submitted_meanwhile_complete() {
     let s = Arc::new(
@@ -57,7 +49,7 @@ async fn engine_killed_while_clients_submit_gets_no_503_and_tasks_submitted_mean
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     *killed_at.lock() = Some(Instant::now());
-    kill(pid);
+    signal(pid, "-KILL");
     // Keep submitting through the restart until a new engine serves, and a little after.
     wait_for("a new engine", Duration::from_secs(30), || async {
         let f = std::fs::read(s.runtime_dir.join("p0.json")).ok()?;
@@ -101,7 +93,7 @@ async fn a_pool_whose_circuit_opens_ends_its_queued_tasks_and_its_model_gets_503
     let pid = s.handoff("p0").pid.unwrap();
     // From now on every start fails: the model file is garbage.
     std::fs::write(&model, b"GGUF not a model any more").unwrap();
-    kill(pid);
+    signal(pid, "-KILL");
     // Restarting: a new task is admitted and queues.
     let queued = s.submit_ok(task("waits for the restart", 8)).await.task_id;
     let killed = Instant::now();
@@ -164,7 +156,7 @@ async fn cloud_engine_killed_while_clients_submit_gets_no_503_and_tasks_submitte
     while restarted_at.is_none_or(|r| r.elapsed() < Duration::from_millis(500)) {
         assert!(started.elapsed() < Duration::from_secs(60), "no restart");
         if !killed && started.elapsed() > Duration::from_millis(300) {
-            kill(pid);
+            signal(pid, "-KILL");
             killed = true;
         }
         let body = serde_json::json!({
@@ -209,7 +201,7 @@ async fn cloud_pool_whose_circuit_opens_ends_its_queued_tasks_and_its_model_gets
     let pools = pool_toml_for(&model, "a0", 1, 1024);
     let (_node, cloud, pid) = cloud_with_one_pool(dir, &pools).await;
     std::fs::write(&model, b"GGUF not a model any more").unwrap();
-    kill(pid);
+    signal(pid, "-KILL");
     let queued = cloud.api.submit(task("waits for the restart", 8)).await;
     let killed = Instant::now();
     let st = cloud.api.finish(&queued, Duration::from_secs(60)).await;

@@ -126,11 +126,7 @@ async fn engine_killed_mid_stream_ends_with_worker_reset_and_later_tasks_succeed
     let mut ev = s.open_events(&a.task_id, None).await;
     ev.frame_named("token").await.unwrap();
     let killed_at = Instant::now();
-    assert!(std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal(pid, "-KILL");
     let err = tokio::time::timeout(Duration::from_secs(2), ev.frame_named("error"))
         .await
         .expect("no error event within 2 s of the engine dying")

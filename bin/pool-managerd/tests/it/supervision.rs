@@ -4,14 +4,6 @@ use llorch_contracts::{PoolState, PoolStatus};
 
 use crate::harness::*;
 
-fn kill9(pid: u32) {
-    assert!(std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
-
 fn engine_pid(d: &Daemon, id: &str) -> u32 {
     let bytes = std::fs::read(d.runtime_dir.join(format!("{id}.json"))).unwrap();
     llorch_contracts::HandoffFile::parse(&bytes)
@@ -39,7 +31,7 @@ async fn killed_engine_is_restarted_and_the_other_pool_is_never_disturbed() {
     let bystander_pid = engine_pid(&d, "bystander");
 
     // Watch the bystander on every poll while the victim dies and comes back.
-    kill9(victim_pid);
+    signal(victim_pid, "-KILL");
     let saw_not_ready = std::cell::Cell::new(false);
     let after: PoolStatus = wait_for(
         "victim restarted and ready",
@@ -163,11 +155,7 @@ async fn hung_engine_is_killed_and_restarted() {
     d.wait_ready("hung").await;
     let pid = engine_pid(&d, "hung");
     // SIGSTOP: the process lives but answers nothing — a hang, not a crash.
-    assert!(std::process::Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal(pid, "-STOP");
     let after = d
         .wait_pool(
             "hung",
