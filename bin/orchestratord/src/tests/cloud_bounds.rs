@@ -62,40 +62,32 @@ impl crate::cloud_source::NodeApi for ScriptedNodes {
             .unwrap_or(Node::Down);
         let node_id = base_url.trim_start_matches("http://").to_string();
         async move {
-            match node {
-                Node::Down => Err("unreachable: connection refused".into()),
+            use llorch_contracts::PoolState::Ready;
+            let pools = match node {
+                Node::Down => return Err("unreachable: connection refused".into()),
                 Node::Hang => std::future::pending().await,
-                Node::Up(pools) => Ok(llorch_contracts::PoolsResponse {
-                    node_id: node_id.clone(),
-                    gpu_discovery: "none".into(),
-                    gpus: Vec::new(),
-                    pools: pools
-                        .into_iter()
-                        .map(|id| pool_status(id, &node_id, llorch_contracts::PoolState::Ready))
-                        .collect(),
-                }),
-                Node::Vram(pools) => Ok(llorch_contracts::PoolsResponse {
-                    node_id: node_id.clone(),
-                    gpu_discovery: "nvml".into(),
-                    gpus: Vec::new(),
-                    pools: pools
-                        .into_iter()
-                        .map(|(id, free)| llorch_contracts::PoolStatus {
-                            vram_free_bytes: Some(free),
-                            ..pool_status(id, &node_id, llorch_contracts::PoolState::Ready)
-                        })
-                        .collect(),
-                }),
-                Node::Pools(pools) => Ok(llorch_contracts::PoolsResponse {
-                    node_id: node_id.clone(),
-                    gpu_discovery: "none".into(),
-                    gpus: Vec::new(),
-                    pools: pools
-                        .into_iter()
-                        .map(|(id, state)| pool_status(id, &node_id, state))
-                        .collect(),
-                }),
-            }
+                Node::Up(ids) => ids
+                    .into_iter()
+                    .map(|id| pool_status(id, &node_id, Ready))
+                    .collect(),
+                Node::Pools(states) => states
+                    .into_iter()
+                    .map(|(id, state)| pool_status(id, &node_id, state))
+                    .collect(),
+                Node::Vram(frees) => frees
+                    .into_iter()
+                    .map(|(id, free)| llorch_contracts::PoolStatus {
+                        vram_free_bytes: Some(free),
+                        ..pool_status(id, &node_id, Ready)
+                    })
+                    .collect(),
+            };
+            Ok(llorch_contracts::PoolsResponse {
+                node_id,
+                gpu_discovery: "none".into(),
+                gpus: Vec::new(),
+                pools,
+            })
         }
         .boxed()
     }
