@@ -282,6 +282,16 @@ pub async fn terminal(task: &Task) -> (&'static str, serde_json::Value, Instant)
     }
 }
 
+/// How the task ended (`end`, or its error's code) and when.
+pub async fn outcome(task: &Task) -> (String, Instant) {
+    let (name, data, at) = terminal(task).await;
+    let code = match name {
+        "end" => "end",
+        _ => data["code"].as_str().unwrap_or("?"),
+    };
+    (code.to_string(), at)
+}
+
 /// Names of the task's frames so far.
 pub fn names(task: &Task) -> Vec<&'static str> {
     task.frames_from(0).0.iter().map(|f| f.event).collect()

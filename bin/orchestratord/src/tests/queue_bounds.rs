@@ -34,11 +34,8 @@ async fn a_queued_task_past_its_deadline_ends_with_deadline_unmet_exactly_at_the
     let task = h.submit(serde_json::json!({
         "model_ref": "tiny", "prompt": "p", "max_tokens": 5, "deadline_ms": 500
     }));
-    let (name, data, at) = terminal(&task).await;
-    assert_eq!(
-        (name, data["code"].as_str()),
-        ("error", Some("DEADLINE_UNMET"))
-    );
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "DEADLINE_UNMET");
     assert_eq!(at - t0, 500 * MS);
     assert_eq!(
         h.engine.calls().len(),
@@ -97,8 +94,8 @@ async fn a_cancelled_queued_task_ends_at_once_and_never_reaches_an_engine() {
         &task,
         ErrorEnvelope::new(ErrorCode::Cancelled, "cancelled by the client"),
     );
-    let (name, data, at) = terminal(&task).await;
-    assert_eq!((name, data["code"].as_str()), ("error", Some("CANCELLED")));
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "CANCELLED");
     assert_eq!(at, at_cancel);
     assert_eq!(h.engine.calls().len(), 1);
     assert_eq!(h.orch.queue_position(&task.id), None);
@@ -154,11 +151,8 @@ async fn a_full_drop_lru_queue_ends_its_oldest_batch_task_at_once_for_a_newcomer
     let _second = h.submit(batch(6));
     let t0 = Instant::now();
     let _newcomer = h.submit(task(7));
-    let (name, data, at) = terminal(&oldest).await;
-    assert_eq!(
-        (name, data["code"].as_str()),
-        ("error", Some("QUEUE_FULL_DROP_LRU"))
-    );
+    let (code, at) = outcome(&oldest).await;
+    assert_eq!(code, "QUEUE_FULL_DROP_LRU");
     assert_eq!(at, t0);
 }
 
@@ -371,11 +365,8 @@ async fn when_every_pool_of_a_model_fails_its_queued_tasks_end_at_once_and_new_o
     h.orch
         .pools
         .upsert(with_phase("a", PoolPhase::Failed, false));
-    let (name, data, at) = terminal(&queued).await;
-    assert_eq!(
-        (name, data["code"].as_str()),
-        ("error", Some("POOL_UNAVAILABLE"))
-    );
+    let (code, at) = outcome(&queued).await;
+    assert_eq!(code, "POOL_UNAVAILABLE");
     assert_eq!(at, failed_at, "waited instead of ending");
     let e = h
         .orch

@@ -43,8 +43,8 @@ async fn cancel_of_a_running_task_aborts_the_engine_stream_and_frees_the_slot_at
         &task,
         llorch_contracts::ErrorEnvelope::new(llorch_contracts::ErrorCode::Cancelled, "client"),
     );
-    let (name, data, at) = terminal(&task).await;
-    assert_eq!((name, data["code"].as_str()), ("error", Some("CANCELLED")));
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "CANCELLED");
     assert_eq!(at, cancelled_at, "cancel took virtual time");
     assert_eq!(h.engine.open_streams(), 0, "engine request not aborted");
     assert_eq!(
@@ -67,11 +67,8 @@ async fn a_stream_stalled_after_tokens_ends_with_decode_timeout_exactly_decode_t
     ]));
     let t0 = Instant::now();
     let task = h.submit(task(10));
-    let (name, data, at) = terminal(&task).await;
-    assert_eq!(
-        (name, data["code"].as_str()),
-        ("error", Some("DECODE_TIMEOUT"))
-    );
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "DECODE_TIMEOUT");
     assert_eq!(at - t0, 20 * MS + 700 * MS);
     assert_eq!(h.engine.open_streams(), 0);
 }
@@ -84,11 +81,8 @@ async fn an_open_stream_without_a_first_token_ends_with_decode_timeout_exactly_a
     h.engine.push(Script::Stream(vec![Step::Stall]));
     let t0 = Instant::now();
     let task = h.submit(task(10));
-    let (name, data, at) = terminal(&task).await;
-    assert_eq!(
-        (name, data["code"].as_str()),
-        ("error", Some("DECODE_TIMEOUT"))
-    );
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "DECODE_TIMEOUT");
     assert_eq!(at - t0, 1500 * MS);
 }
 
@@ -108,11 +102,8 @@ async fn an_engine_that_never_answers_is_marked_unhealthy_and_the_retry_waits_fo
         "retried on a pool known to be failing"
     );
     h.orch.pools.set_health("a", true, None);
-    let (name, data, at) = terminal(&task).await;
-    assert_eq!(
-        (name, data["code"].as_str()),
-        ("error", Some("WORKER_RESET"))
-    );
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "WORKER_RESET");
     // The retry started when the pool was healthy again and timed out 1 s later.
     assert_eq!(at - t0, 2500 * MS);
     assert_eq!(h.engine.calls().len(), 2);
@@ -153,11 +144,8 @@ async fn a_server_error_before_the_first_token_is_retried_and_a_second_failure_e
         "retried on a pool known to be failing"
     );
     h.orch.pools.set_health("a", true, None); // the next probe finds it up
-    let (name, data, _) = terminal(&task).await;
-    assert_eq!(
-        (name, data["code"].as_str()),
-        ("error", Some("WORKER_RESET"))
-    );
+    let (code, _) = outcome(&task).await;
+    assert_eq!(code, "WORKER_RESET");
     assert_eq!(h.engine.calls().len(), 2);
 }
 
@@ -172,11 +160,8 @@ async fn a_stream_broken_after_the_first_token_ends_with_worker_reset_without_a_
     ]));
     let t0 = Instant::now();
     let task = h.submit(task(10));
-    let (name, data, at) = terminal(&task).await;
-    assert_eq!(
-        (name, data["code"].as_str()),
-        ("error", Some("WORKER_RESET"))
-    );
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "WORKER_RESET");
     assert_eq!(at - t0, 4 * MS);
     assert_eq!(
         h.engine.calls().len(),
@@ -193,11 +178,8 @@ async fn an_engine_refusal_ends_the_task_with_invalid_params_without_a_retry() {
     h.add_pool("b", 1);
     h.engine.push(Script::Status(400));
     let task = h.submit(task(10));
-    let (name, data, _) = terminal(&task).await;
-    assert_eq!(
-        (name, data["code"].as_str()),
-        ("error", Some("INVALID_PARAMS"))
-    );
+    let (code, _) = outcome(&task).await;
+    assert_eq!(code, "INVALID_PARAMS");
     assert_eq!(h.engine.calls().len(), 1);
 }
 
@@ -230,11 +212,8 @@ async fn a_lost_node_ends_its_running_task_with_worker_reset_at_that_instant() {
     tokio::time::sleep(25 * MS).await;
     let lost_at = Instant::now();
     h.orch.pools.mark_lost("a", "node gone".into());
-    let (name, data, at) = terminal(&task).await;
-    assert_eq!(
-        (name, data["code"].as_str()),
-        ("error", Some("WORKER_RESET"))
-    );
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "WORKER_RESET");
     assert_eq!(at, lost_at);
     assert_eq!(h.engine.open_streams(), 0);
 }
