@@ -178,13 +178,7 @@ pub enum ConfigError {
 }
 
 fn ms(name: &str, v: u64) -> Result<Duration, ConfigError> {
-    if v == 0 {
-        Err(ConfigError::Invalid(format!(
-            "{name} must be greater than 0"
-        )))
-    } else {
-        Ok(Duration::from_millis(v))
-    }
+    llorch_http::positive_ms(name, v).map_err(ConfigError::Invalid)
 }
 
 impl Config {

@@ -184,15 +184,8 @@ impl Config {
         )?;
         let json_logs = llorch_http::parse_log_format("POOL_MANAGERD_LOG_FORMAT", &args.log_format)
             .map_err(ConfigError::Invalid)?;
-        let non_zero = |name: &str, v: u64| {
-            if v == 0 {
-                Err(ConfigError::Invalid(format!(
-                    "{name} must be greater than 0"
-                )))
-            } else {
-                Ok(Duration::from_millis(v))
-            }
-        };
+        let non_zero =
+            |name: &str, v: u64| llorch_http::positive_ms(name, v).map_err(ConfigError::Invalid);
         let pools = validate_pools(file.pools)?;
         let registration = match &args.orchestratord_url {
             None => None,

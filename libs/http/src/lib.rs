@@ -200,6 +200,15 @@ pub fn at_least<T: PartialOrd + std::fmt::Display>(
     }
 }
 
+/// A `*_MS` setting that must be positive, as a `Duration`.
+pub fn positive_ms(variable: &str, value: u64) -> Result<std::time::Duration, String> {
+    if value == 0 {
+        Err(format!("{variable} must be greater than 0"))
+    } else {
+        Ok(std::time::Duration::from_millis(value))
+    }
+}
+
 /// The one way both daemons assemble their API: `public` routes open, `authed` routes behind
 /// the shared token, envelope answers for unknown routes and methods, the body limit, and the
 /// correlation-id layer outermost.
