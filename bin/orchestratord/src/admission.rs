@@ -17,7 +17,7 @@ use crate::tasks::Task;
 
 const ID_MAX: usize = 128;
 
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= ID_MAX
         && id
@@ -129,9 +129,30 @@ impl Orchestrator {
     /// `POST /v2/tasks`, with the request's `X-Correlation-Id`.
     pub fn admit_with(
         &self,
-        mut req: TaskRequest,
+        req: TaskRequest,
         correlation_id: Option<String>,
     ) -> Result<AdmissionResponse, ApiError> {
+        validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
+        self.enqueue(req, correlation_id, None).map(|(_, a)| a)
+    }
+
+    /// An OpenAI request, validated by its route: `req` holds what queueing and placement read
+    /// (model, priority, session, deadline, `max_tokens`), `job` what the engine gets.
+    pub fn admit_openai(
+        &self,
+        req: TaskRequest,
+        job: crate::openai::Job,
+        correlation_id: Option<String>,
+    ) -> Result<Arc<Task>, ApiError> {
+        self.enqueue(req, correlation_id, Some(job)).map(|(t, _)| t)
+    }
+
+    fn enqueue(
+        &self,
+        mut req: TaskRequest,
+        correlation_id: Option<String>,
+        openai: Option<crate::openai::Job>,
+    ) -> Result<(Arc<Task>, AdmissionResponse), ApiError> {
         let started = std::time::Instant::now();
         let span = tracing::info_span!(
             "admission",
@@ -140,7 +161,6 @@ impl Orchestrator {
             model = %req.model_ref
         );
         let _entered = span.enter();
-        validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
         let id = req
             .task_id
             .clone()
@@ -242,6 +262,7 @@ impl Orchestrator {
                 Instant::now(),
                 trace,
                 correlation_id,
+                openai,
             ));
             let weight = u64::from(task.req.max_tokens);
             match queue
@@ -300,7 +321,7 @@ impl Orchestrator {
         });
         self.metrics
             .tasks_enqueued
-            .with_label_values(&[priority_label(priority)])
+            .with_label_values(&[priority_label(priority), task.api()])
             .inc();
         self.update_depth();
         self.metrics
@@ -308,15 +329,16 @@ impl Orchestrator {
             .observe(started.elapsed().as_secs_f64() * 1000.0);
         tracing::debug!(task_id = %id, position, "task admitted");
         self.wake.notify_one();
-        Ok(admission_response(&task, position, predicted))
+        let answer = admission_response(&task, position, predicted);
+        Ok((task, answer))
     }
 
     /// The answer to a resubmitted `task_id`: the existing task, or 409 for another body.
     fn answer_existing(
         &self,
-        existing: &Task,
+        existing: &Arc<Task>,
         req: &TaskRequest,
-    ) -> Result<AdmissionResponse, ApiError> {
+    ) -> Result<(Arc<Task>, AdmissionResponse), ApiError> {
         if existing.req != *req {
             return Err(self.reject(
                 "conflict",
@@ -333,7 +355,7 @@ impl Orchestrator {
             ahead_tokens,
             existing.req.max_tokens,
         );
-        Ok(admission_response(existing, position, predicted))
+        Ok((existing.clone(), admission_response(existing, position, predicted)))
     }
 
     /// Queue position of a task and the `max_tokens` queued ahead of it (0, 0 once dispatched).

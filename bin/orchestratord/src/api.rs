@@ -43,7 +43,9 @@ pub fn router(state: AppState) -> Router {
     let public = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        // OpenAI's routes answer (auth included) in OpenAI's error shape.
+        .nest("/v1", crate::openai::router(&state));
     llorch_http::assemble(
         public,
         authed,

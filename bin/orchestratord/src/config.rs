@@ -69,6 +69,10 @@ pub struct Args {
     /// Largest `max_tokens` a task may ask for.
     #[arg(long, env = "ORCHD_MAX_TOKENS_CAP", default_value_t = 8192)]
     pub max_tokens_cap: u32,
+    /// Generation limit of an OpenAI request that sets neither `max_tokens` nor
+    /// `max_completion_tokens` (at most ORCHD_MAX_TOKENS_CAP).
+    #[arg(long, env = "ORCHD_OPENAI_DEFAULT_MAX_TOKENS", default_value_t = 1024)]
+    pub openai_default_max_tokens: u32,
     /// Largest request body.
     #[arg(long, env = "ORCHD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -154,6 +158,7 @@ pub struct Config {
     pub admission_capacity: usize,
     pub admission_policy: AdmissionPolicy,
     pub max_tokens_cap: u32,
+    pub openai_default_max_tokens: u32,
     pub max_body_bytes: usize,
     pub max_queue_wait: Duration,
     pub model_memory: Duration,
@@ -224,6 +229,12 @@ impl Config {
                 "ORCHD_MAX_TOKENS_CAP must be at least 1".into(),
             ));
         }
+        if a.openai_default_max_tokens == 0 || a.openai_default_max_tokens > a.max_tokens_cap {
+            return Err(ConfigError::Invalid(format!(
+                "ORCHD_OPENAI_DEFAULT_MAX_TOKENS must be between 1 and ORCHD_MAX_TOKENS_CAP ({}), got {}",
+                a.max_tokens_cap, a.openai_default_max_tokens
+            )));
+        }
         if !a.pool_manager_url.starts_with("http://") {
             return Err(ConfigError::Invalid(format!(
                 "ORCHD_POOL_MANAGER_URL {:?} must start with http:// ({TLS_NOTE})",
@@ -267,6 +278,7 @@ impl Config {
             admission_capacity: a.admission_capacity,
             admission_policy,
             max_tokens_cap: a.max_tokens_cap,
+            openai_default_max_tokens: a.openai_default_max_tokens,
             max_body_bytes: llorch_http::at_least("ORCHD_MAX_BODY_BYTES", a.max_body_bytes, 1024)
                 .map_err(ConfigError::Invalid)?,
             max_queue_wait: ms("ORCHD_MAX_QUEUE_WAIT_MS", a.max_queue_wait_ms)?,

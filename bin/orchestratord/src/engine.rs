@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
-use llamacpp_client::{CompletionRequest, EngineClient, Health};
+use llamacpp_client::{EngineClient, Health};
 
 /// The body of a completion as it arrives, chunk by chunk.
 pub(crate) type ByteStream = BoxStream<'static, Result<Bytes, String>>;
@@ -17,11 +17,14 @@ pub(crate) type ByteStream = BoxStream<'static, Result<Bytes, String>>;
 /// One completion request to the engine behind `base_url`.
 pub(crate) struct CompletionCall<'a> {
     pub base_url: &'a str,
+    /// `/completion` (llama-server's own) or an OpenAI route (`/v1/chat/completions`, ...).
+    pub path: &'a str,
     /// CLOUD: the token pool-managerd's proxy wants.
     pub bearer: Option<&'a str>,
     /// Trace context (`traceparent`) for the hop.
     pub headers: reqwest::header::HeaderMap,
-    pub body: &'a CompletionRequest,
+    /// The JSON body.
+    pub body: Bytes,
 }
 
 /// How the engine answered a completion request.
@@ -75,7 +78,7 @@ impl HttpEngine {
 impl Engine for HttpEngine {
     fn completion<'a>(&'a self, call: CompletionCall<'a>) -> BoxFuture<'a, Result<Answer, String>> {
         async move {
-            let url = format!("{}/completion", call.base_url);
+            let url = format!("{}{}", call.base_url, call.path);
             let resp = llamacpp_client::send_completion(
                 &self.streams,
                 &self.fresh,

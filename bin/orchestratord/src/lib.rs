@@ -10,6 +10,7 @@ mod dispatcher;
 mod engine;
 mod home_source;
 mod metrics;
+mod openai;
 mod pools;
 mod retention;
 mod runner;

@@ -48,14 +48,14 @@ impl Metrics {
                 Ok(h)
             };
         let m = Self {
-            tasks_enqueued: counter("tasks_enqueued_total", "Tasks admitted to the queue.", &["priority"])?,
+            tasks_enqueued: counter("tasks_enqueued_total", "Tasks admitted to the queue, by priority and API (v2, openai).", &["priority", "api"])?,
             tasks_started: counter("tasks_started_total", "Tasks dispatched to a pool (retries count again).", &["pool_id"])?,
             tasks_canceled: counter("tasks_canceled_total", "Tasks cancelled, by stage (queued, running).", &["stage"])?,
             tasks_rejected: counter("tasks_rejected_total", "Submissions refused, by reason.", &["reason"])?,
             tasks_completed: counter(
                 "tasks_completed_total",
-                "Tasks that reached their terminal event, by outcome (end or the error code) and pool (none when never dispatched).",
-                &["outcome", "pool_id"],
+                "Tasks that reached their terminal event, by outcome (end or the error code), pool (none when never dispatched) and API (v2, openai).",
+                &["outcome", "pool_id", "api"],
             )?,
             queue_depth: {
                 let g = IntGaugeVec::new(Opts::new("queue_depth", "Tasks waiting in the queue."), &["priority"])?;

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use llamacpp_client::sse::SseParser;
 use llamacpp_client::{CompletionChunk, CompletionRequest};
@@ -18,6 +19,7 @@ use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::engine::{Answer, CompletionCall, Engine};
+use crate::openai::Piece;
 use crate::pools::PoolEntry;
 use crate::tasks::Task;
 
@@ -52,19 +54,16 @@ pub(crate) struct Runner<'a> {
 
 impl Runner<'_> {
     pub async fn run(&self, task: &Task, pool: &PoolEntry, span: &tracing::Span) -> Outcome {
-        let req = &task.req;
-        let body = CompletionRequest {
-            prompt: req.prompt.clone(),
-            n_predict: req.max_tokens,
-            stream: true,
-            // A strict task recomputes its prompt: a cached prefix from another request must
-            // not change its numerics.
-            cache_prompt: req.determinism != Some(Determinism::Strict),
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            seed: req.seed,
-            stop: req.stop.clone(),
+        let (path, body, mut decoder) = match &task.openai {
+            Some(job) => (
+                job.route.path(),
+                job.body.clone(),
+                Decoder::OpenAi(crate::openai::Decoder::new(job)),
+            ),
+            None => match native_body(task) {
+                Ok(body) => ("/completion", body, Decoder::Native),
+                Err(e) => return Outcome::EngineRefused(e),
+            },
         };
         // W3C traceparent: pool-managerd's engine_proxy span continues this dispatch span.
         let mut headers = reqwest::header::HeaderMap::new();
@@ -74,9 +73,10 @@ impl Runner<'_> {
         }
         let call = CompletionCall {
             base_url: &pool.url,
+            path,
             bearer: pool.manager.as_ref().and(self.token),
             headers,
-            body: &body,
+            body,
         };
         let lost = pool.lost.clone();
         let send = self.engine.completion(call);
@@ -130,35 +130,100 @@ impl Runner<'_> {
                     ));
                 }
                 Ok(Some(Err(e))) => return broken(format!("stream broken: {e}")),
-                Ok(None) => return broken("engine closed the stream before the end".into()),
+                Ok(None) => {
+                    return match decoder.at_end() {
+                        Some((finish_reason, decode_ms, engine_tokens)) => Outcome::Done {
+                            finish_reason,
+                            decode_ms,
+                            engine_tokens,
+                            first_token,
+                        },
+                        None => broken("engine closed the stream before the end".into()),
+                    }
+                }
                 Ok(Some(Ok(b))) => b,
             };
             for frame in parser.push(&bytes) {
-                let c = match parse_chunk(&frame.data) {
-                    Ok(Some(c)) => c,
-                    Ok(None) => continue,
+                let piece = match decoder.decode(&frame.data) {
+                    Ok(p) => p,
                     Err(refused) => return Outcome::EngineRefused(refused),
                 };
-                if !c.content.is_empty() {
+                if let Some(t) = piece.token {
                     first_token.get_or_insert_with(Instant::now);
-                    task.emit(&TaskEvent::Token { t: c.content, i });
+                    task.emit(&TaskEvent::Token { t, i });
                     self.tokens_out.inc();
                     i += 1;
                 }
-                if c.stop {
-                    let finish_reason = match c.stop_type.as_deref() {
-                        Some("limit") => "length",
-                        _ => "stop",
-                    };
-                    let timings = c.timings.unwrap_or_default();
+                if let Some((finish_reason, decode_ms, engine_tokens)) = piece.done {
                     return Outcome::Done {
-                        finish_reason: finish_reason.into(),
-                        decode_ms: timings.predicted_ms.unwrap_or(0.0).round() as u64,
-                        engine_tokens: c.tokens_predicted.or(timings.predicted_n),
+                        finish_reason,
+                        decode_ms,
+                        engine_tokens,
                         first_token,
                     };
                 }
             }
+        }
+    }
+}
+
+/// llama-server's own `/completion` body for a `/v2` task.
+fn native_body(task: &Task) -> Result<Bytes, String> {
+    let req = &task.req;
+    let body = CompletionRequest {
+        prompt: req.prompt.clone(),
+        n_predict: req.max_tokens,
+        stream: true,
+        // A strict task recomputes its prompt: a cached prefix from another request must not
+        // change its numerics.
+        cache_prompt: req.determinism != Some(Determinism::Strict),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        seed: req.seed,
+        stop: req.stop.clone(),
+    };
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .map_err(|e| format!("cannot encode the engine request: {e}"))
+}
+
+/// How the engine's stream is read: llama-server's own chunks, or an OpenAI route's.
+enum Decoder<'a> {
+    Native,
+    OpenAi(crate::openai::Decoder<'a>),
+}
+
+impl Decoder<'_> {
+    fn decode(&mut self, data: &str) -> Result<Piece, String> {
+        match self {
+            Decoder::OpenAi(d) => d.decode(data),
+            Decoder::Native => Ok(match parse_chunk(data)? {
+                None => Piece::default(),
+                Some(c) => Piece {
+                    token: (!c.content.is_empty()).then_some(c.content),
+                    done: c.stop.then(|| {
+                        let finish_reason = match c.stop_type.as_deref() {
+                            Some("limit") => "length",
+                            _ => "stop",
+                        };
+                        let timings = c.timings.unwrap_or_default();
+                        (
+                            finish_reason.to_string(),
+                            timings.predicted_ms.unwrap_or(0.0).round() as u64,
+                            c.tokens_predicted.or(timings.predicted_n),
+                        )
+                    }),
+                },
+            }),
+        }
+    }
+
+    /// The stream closed by itself: whether that was the end of the generation.
+    fn at_end(&self) -> Option<(String, u64, Option<u32>)> {
+        match self {
+            Decoder::OpenAi(d) => d.at_end(),
+            Decoder::Native => None,
         }
     }
 }

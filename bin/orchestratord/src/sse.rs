@@ -27,13 +27,15 @@ pub struct EventsQuery {
     verbose: bool,
 }
 
-struct SubscriberGuard {
+/// Counts a subscriber of a task while it lives; the last one to go cancels the unfinished task
+/// (unless `ORCHD_CANCEL_ON_DISCONNECT=false`).
+pub(crate) struct SubscriberGuard {
     orch: Arc<Orchestrator>,
     task: Arc<Task>,
 }
 
 impl SubscriberGuard {
-    fn new(orch: Arc<Orchestrator>, task: Arc<Task>) -> Self {
+    pub fn new(orch: Arc<Orchestrator>, task: Arc<Task>) -> Self {
         task.add_subscriber();
         Self { orch, task }
     }

@@ -122,7 +122,7 @@ impl Orchestrator {
             let pool = task.pool_id().unwrap_or_else(|| "none".into());
             self.metrics
                 .tasks_completed
-                .with_label_values(&[&outcome, &pool])
+                .with_label_values(&[&outcome, &pool, task.api()])
                 .inc();
             tracing::info!(task_id = %task.id, pool_id = %pool, session_id = task.req.session_id.as_deref(), correlation_id = %task.correlation_id, outcome, "task finished");
         }

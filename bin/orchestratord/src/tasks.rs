@@ -35,6 +35,8 @@ pub struct Task {
     /// The submitting request's `X-Correlation-Id` (the task id when it had none): sent on
     /// every request made for the task, so both daemons' logs of it can be joined.
     pub correlation_id: String,
+    /// An OpenAI request: the engine route and body, and the engine's choices as they arrive.
+    pub openai: Option<crate::openai::Job>,
     inner: Mutex<TaskInner>,
     frames_tx: watch::Sender<u64>,
     subscribers: AtomicUsize,
@@ -74,6 +76,7 @@ impl Task {
         now: Instant,
         trace: llorch_observability::TraceContext,
         correlation_id: String,
+        openai: Option<crate::openai::Job>,
     ) -> Self {
         let deadline = req
             .deadline_ms
@@ -87,6 +90,7 @@ impl Task {
             cancel: CancellationToken::new(),
             trace,
             correlation_id,
+            openai,
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
                 frames: Vec::new(),
@@ -106,6 +110,15 @@ impl Task {
             }),
             frames_tx: watch::channel(0).0,
             subscribers: AtomicUsize::new(0),
+        }
+    }
+
+    /// Which API submitted the task: the `api` label of its metrics.
+    pub fn api(&self) -> &'static str {
+        if self.openai.is_some() {
+            "openai"
+        } else {
+            "v2"
         }
     }
 
@@ -288,6 +301,7 @@ mod tests {
             Instant::now(),
             Default::default(),
             "t".into(),
+            None,
         )
     }
 

@@ -5,6 +5,7 @@ mod error;
 pub mod handoff;
 pub mod meta;
 pub mod nodes;
+pub mod openai;
 mod pools;
 pub mod tasks;
 

@@ -247,7 +247,7 @@ pub fn fresh_connection_client() -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
-/// Sends a completion request; a connection the engine closed before answering (or refused)
+/// Sends a completion request (`body`: its JSON); a connection the engine closed before answering (or refused)
 /// is retried once on a fresh connection (DESIGN §7): through `fresh`, a client that keeps no
 /// idle connections ([`fresh_connection_client`]), since a retry through `http`'s pool can meet
 /// another connection the engine has closed. `url` is the full endpoint URL.
@@ -257,10 +257,14 @@ pub async fn send_completion(
     url: &str,
     bearer: Option<&str>,
     headers: &reqwest::header::HeaderMap,
-    body: &CompletionRequest,
+    body: bytes::Bytes,
 ) -> Result<reqwest::Response, reqwest::Error> {
     let send = |client: &reqwest::Client| {
-        let mut rb = client.post(url).headers(headers.clone()).json(body);
+        let mut rb = client
+            .post(url)
+            .headers(headers.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
         if let Some(token) = bearer {
             rb = rb.bearer_auth(token);
         }

@@ -49,7 +49,7 @@ async fn complete(http: &reqwest::Client, url: &str) -> Result<reqwest::Response
         url,
         None,
         &Default::default(),
-        &request(),
+        serde_json::to_vec(&request()).unwrap().into(),
     )
     .await
 }

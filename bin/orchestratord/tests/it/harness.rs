@@ -234,12 +234,26 @@ impl Stack {
         slots.iter().filter(|s| s["is_processing"] == true).count()
     }
 
+    /// The task's status once it has ended; on timeout, panics with its last status and every
+    /// orchestratord log line that names it.
     pub async fn wait_task(&self, id: &str, timeout: Duration) -> TaskStatus {
-        wait_for(&format!("task {id} terminal"), timeout, || async move {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
             let s = self.status(id).await;
-            s.finished_at_ms.is_some().then_some(s)
-        })
-        .await
+            if s.finished_at_ms.is_some() {
+                return s;
+            }
+            if std::time::Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&self.orch_log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains(id)).collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for task {id} to end; last status \
+                     {s:?}; its orchestratord log lines:\n{}",
+                    lines.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

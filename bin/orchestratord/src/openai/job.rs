@@ -1,0 +1,410 @@
+//! What an OpenAI task carries beside its `/v2` event log: the engine request (an OpenAI route
+//! of llama-server and the allowlisted body) and the `ChunkLog`, where the runner appends each
+//! choice object the engine streams (deltas, tool calls, reasoning text: llama-server shapes
+//! them) for the OpenAI responder to relay or gather. Content pieces also become `token`
+//! events, so the task reads the same in `GET /v2/tasks/{id}` and in the metrics.
+
+use bytes::Bytes;
+use llorch_contracts::openai::Usage;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+/// Which OpenAI route of the engine a task goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    Chat,
+    Completions,
+}
+
+impl Route {
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Chat => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+        }
+    }
+
+    /// `object` of a streamed chunk.
+    pub fn chunk_object(self) -> &'static str {
+        match self {
+            Route::Chat => "chat.completion.chunk",
+            Route::Completions => "text_completion",
+        }
+    }
+
+    /// `object` of a whole answer.
+    pub fn object(self) -> &'static str {
+        match self {
+            Route::Chat => "chat.completion",
+            Route::Completions => "text_completion",
+        }
+    }
+
+    /// The generated text a choice object carries (`delta.content` or `text`).
+    fn content(self, choice: &serde_json::Value) -> Option<&str> {
+        match self {
+            Route::Chat => choice.get("delta")?.get("content")?.as_str(),
+            Route::Completions => choice.get("text")?.as_str(),
+        }
+    }
+}
+
+pub(crate) struct Job {
+    pub route: Route,
+    /// The engine request body: allowlisted fields, streaming on, usage asked for.
+    pub body: Bytes,
+    /// `created` of every chunk and of the answer (Unix seconds at admission).
+    pub created: u64,
+    /// The model as the client named it.
+    pub model: String,
+    pub log: ChunkLog,
+}
+
+#[derive(Default)]
+struct LogInner {
+    choices: Vec<serde_json::Value>,
+    usage: Option<Usage>,
+}
+
+/// The engine's choice objects in arrival order, and the usage it reported.
+pub(crate) struct ChunkLog {
+    inner: Mutex<LogInner>,
+    /// The number of choices logged, for followers.
+    count: watch::Sender<usize>,
+}
+
+impl Default for ChunkLog {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(LogInner::default()),
+            count: watch::channel(0).0,
+        }
+    }
+}
+
+impl ChunkLog {
+    fn push(&self, choice: serde_json::Value) {
+        let n = {
+            let mut inner = self.inner.lock();
+            // A retry before the first token streams the opening role delta again: keep one.
+            if !inner.choices.is_empty() && is_bare_role_delta(&choice) {
+                return;
+            }
+            inner.choices.push(choice);
+            inner.choices.len()
+        };
+        self.count.send_replace(n);
+    }
+
+    /// Choices from index `from` on.
+    pub fn from(&self, from: usize) -> Vec<serde_json::Value> {
+        let inner = self.inner.lock();
+        inner.choices.get(from..).unwrap_or_default().to_vec()
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.inner.lock().usage.clone()
+    }
+
+    pub fn watch(&self) -> watch::Receiver<usize> {
+        self.count.subscribe()
+    }
+}
+
+fn is_bare_role_delta(choice: &serde_json::Value) -> bool {
+    choice
+        .get("delta")
+        .and_then(|d| d.as_object())
+        .is_some_and(|d| {
+            d.iter()
+                .all(|(k, v)| k == "role" || (k == "content" && v.is_null()))
+        })
+        && choice.get("finish_reason").is_none_or(|f| f.is_null())
+}
+
+/// What one `data:` frame of the engine's stream meant.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Piece {
+    /// Generated text (a `token` event).
+    pub token: Option<String>,
+    /// The generation ended: finish reason, decode time, the engine's token count.
+    pub done: Option<(String, u64, Option<u32>)>,
+}
+
+/// Reads an engine's OpenAI stream into the task's `ChunkLog`.
+pub(crate) struct Decoder<'a> {
+    job: &'a Job,
+    finish_reason: Option<String>,
+    decode_ms: u64,
+    completion_tokens: Option<u32>,
+}
+
+impl<'a> Decoder<'a> {
+    pub fn new(job: &'a Job) -> Self {
+        Self {
+            job,
+            finish_reason: None,
+            decode_ms: 0,
+            completion_tokens: None,
+        }
+    }
+
+    fn done(&self) -> Option<(String, u64, Option<u32>)> {
+        self.finish_reason
+            .clone()
+            .map(|f| (f, self.decode_ms, self.completion_tokens))
+    }
+
+    /// One `data:` payload; `Err` is the engine's own error report.
+    pub fn decode(&mut self, data: &str) -> Result<Piece, String> {
+        if data.trim() == "[DONE]" {
+            // A stream that ends without a finish reason stopped by itself.
+            let done = self.done().unwrap_or_else(|| {
+                (
+                    "stop".to_string(),
+                    self.decode_ms,
+                    self.completion_tokens,
+                )
+            });
+            return Ok(Piece {
+                token: None,
+                done: Some(done),
+            });
+        }
+        let Ok(mut value) = serde_json::from_str::<serde_json::Value>(data) else {
+            return Ok(Piece::default());
+        };
+        if let Some(err) = value.get("error") {
+            return Err(format!("engine error: {err}"));
+        }
+        if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
+            if let Ok(u) = serde_json::from_value::<Usage>(usage.clone()) {
+                self.completion_tokens = Some(u.completion_tokens);
+                self.job.log.inner.lock().usage = Some(u);
+            }
+        }
+        if let Some(ms) = value
+            .get("timings")
+            .and_then(|t| t.get("predicted_ms"))
+            .and_then(|v| v.as_f64())
+        {
+            self.decode_ms = ms.round() as u64;
+        }
+        let mut piece = Piece::default();
+        let choice = value
+            .get_mut("choices")
+            .and_then(|c| c.as_array_mut())
+            .and_then(|c| (!c.is_empty()).then(|| c.swap_remove(0)));
+        if let Some(mut choice) = choice {
+            if let Some(reason) = choice.get("finish_reason").and_then(|f| f.as_str()) {
+                self.finish_reason = Some(reason.to_string());
+            }
+            piece.token = self
+                .job
+                .route
+                .content(&choice)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            if let Some(obj) = choice.as_object_mut() {
+                obj.insert("index".into(), 0.into());
+            }
+            self.job.log.push(choice);
+        }
+        Ok(piece)
+    }
+
+    /// The stream closed: done when a finish reason was seen.
+    pub fn at_end(&self) -> Option<(String, u64, Option<u32>)> {
+        self.done()
+    }
+}
+
+/// The whole answer of a non-streamed request, gathered from the logged choices.
+pub(crate) fn gather(route: Route, choices: &[serde_json::Value]) -> serde_json::Value {
+    let finish_reason = choices
+        .iter()
+        .rev()
+        .find_map(|c| c.get("finish_reason").filter(|f| !f.is_null()).cloned())
+        .unwrap_or(serde_json::Value::Null);
+    match route {
+        Route::Completions => {
+            let text: String = choices.iter().filter_map(|c| route.content(c)).collect();
+            serde_json::json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason
+            })
+        }
+        Route::Chat => {
+            let mut content: Option<String> = None;
+            let mut reasoning: Option<String> = None;
+            let mut tool_calls: Vec<serde_json::Value> = Vec::new();
+            for delta in choices.iter().filter_map(|c| c.get("delta")) {
+                if let Some(t) = delta.get("content").and_then(|v| v.as_str()) {
+                    content.get_or_insert_with(String::new).push_str(t);
+                }
+                if let Some(t) = delta.get("reasoning_content").and_then(|v| v.as_str()) {
+                    reasoning.get_or_insert_with(String::new).push_str(t);
+                }
+                for call in delta
+                    .get("tool_calls")
+                    .and_then(|v| v.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    merge_tool_call(&mut tool_calls, call);
+                }
+            }
+            let mut message = serde_json::json!({"role": "assistant", "content": content});
+            if let Some(r) = reasoning {
+                message["reasoning_content"] = r.into();
+            }
+            if !tool_calls.is_empty() {
+                message["tool_calls"] = tool_calls.into();
+            }
+            serde_json::json!({
+                "index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason
+            })
+        }
+    }
+}
+
+/// Folds one streamed tool-call fragment into the calls gathered so far: fragments of one call
+/// share an `index`; `id`, `type` and the function name come once, `arguments` in pieces.
+fn merge_tool_call(calls: &mut Vec<serde_json::Value>, fragment: &serde_json::Value) {
+    let index = fragment
+        .get("index")
+        .and_then(|i| i.as_u64())
+        .unwrap_or(calls.len() as u64);
+    let pos = calls
+        .iter()
+        .position(|c| c.get("index").and_then(|i| i.as_u64()) == Some(index));
+    let Some(pos) = pos else {
+        let mut call = fragment.clone();
+        if let Some(f) = call.get_mut("function") {
+            if f.get("arguments").is_none_or(|a| a.is_null()) {
+                f["arguments"] = "".into();
+            }
+        }
+        call["index"] = index.into();
+        calls.push(call);
+        return;
+    };
+    let call = &mut calls[pos];
+    for key in ["id", "type"] {
+        if let Some(v) = fragment.get(key).filter(|v| !v.is_null()) {
+            call[key] = v.clone();
+        }
+    }
+    if let Some(f) = fragment.get("function") {
+        if let Some(name) = f.get("name").filter(|v| !v.is_null()) {
+            call["function"]["name"] = name.clone();
+        }
+        if let Some(args) = f.get("arguments").and_then(|v| v.as_str()) {
+            let mut joined = call["function"]["arguments"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            joined.push_str(args);
+            call["function"]["arguments"] = joined.into();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(route: Route) -> Job {
+        Job {
+            route,
+            body: Bytes::new(),
+            created: 0,
+            model: "m".into(),
+            log: ChunkLog::default(),
+        }
+    }
+
+    #[test]
+    fn a_chat_stream_logs_its_choices_and_ends_at_done_with_the_engines_usage() {
+        let j = job(Route::Chat);
+        let mut d = Decoder::new(&j);
+        let frames = [
+            json!({"choices":[{"index":3,"delta":{"role":"assistant","content":null},"finish_reason":null}]}),
+            json!({"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}),
+            json!({"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":null}]}),
+            json!({"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}),
+            json!({"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9},
+                   "timings":{"predicted_ms":12.4}}),
+        ];
+        let tokens: Vec<Option<String>> = frames
+            .iter()
+            .map(|f| d.decode(&f.to_string()).unwrap().token)
+            .collect();
+        assert_eq!(
+            tokens,
+            vec![None, Some("Hel".into()), Some("lo".into()), None, None]
+        );
+        let end = d.decode("[DONE]").unwrap();
+        assert_eq!(end.done, Some(("length".into(), 12, Some(2))));
+        let logged = j.log.from(0);
+        assert_eq!(logged.len(), 4);
+        assert_eq!(logged[0]["index"], 0, "the engine's index is replaced");
+        assert_eq!(j.log.usage().unwrap().prompt_tokens, 7);
+        let answer = gather(Route::Chat, &logged);
+        assert_eq!(answer["message"]["content"], "Hello");
+        assert_eq!(answer["message"]["role"], "assistant");
+        assert_eq!(answer["finish_reason"], "length");
+    }
+
+    #[test]
+    fn an_engine_error_in_the_stream_is_reported() {
+        let j = job(Route::Completions);
+        let mut d = Decoder::new(&j);
+        let e = d
+            .decode(r#"{"error":{"code":500,"message":"boom"}}"#)
+            .unwrap_err();
+        assert!(e.contains("boom"), "{e}");
+        assert!(d.at_end().is_none());
+    }
+
+    #[test]
+    fn a_repeated_opening_role_delta_is_logged_once() {
+        let j = job(Route::Chat);
+        let mut d = Decoder::new(&j);
+        let role = json!({"choices":[{"delta":{"role":"assistant","content":null},"finish_reason":null}]});
+        d.decode(&role.to_string()).unwrap();
+        d.decode(&role.to_string()).unwrap();
+        assert_eq!(j.log.from(0).len(), 1);
+    }
+
+    #[test]
+    fn tool_call_fragments_are_gathered_by_index() {
+        let choices = vec![
+            json!({"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]}}),
+            json!({"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}}),
+            json!({"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Oslo\"}"}}]}}),
+            json!({"delta":{"tool_calls":[{"index":1,"id":"call_2","type":"function","function":{"name":"now"}}]}}),
+            json!({"delta":{},"finish_reason":"tool_calls"}),
+        ];
+        let answer = gather(Route::Chat, &choices);
+        let calls = answer["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0]["id"], "call_1");
+        assert_eq!(calls[0]["function"]["arguments"], "{\"city\":\"Oslo\"}");
+        assert_eq!(calls[1]["function"]["name"], "now");
+        assert_eq!(calls[1]["function"]["arguments"], "");
+        assert_eq!(answer["message"]["content"], serde_json::Value::Null);
+        assert_eq!(answer["finish_reason"], "tool_calls");
+    }
+
+    #[test]
+    fn completions_gather_their_text() {
+        let choices = vec![
+            json!({"text":"a","finish_reason":null}),
+            json!({"text":"b","finish_reason":"stop"}),
+        ];
+        let answer = gather(Route::Completions, &choices);
+        assert_eq!(answer["text"], "ab");
+        assert_eq!(answer["finish_reason"], "stop");
+    }
+}

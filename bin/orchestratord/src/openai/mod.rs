@@ -1,0 +1,411 @@
+//! The OpenAI-compatible front (DESIGN §3): `/v1/models`, `/v1/chat/completions`,
+//! `/v1/completions`. An OpenAI request is a task: it is admitted, queued, placed and
+//! cancelled like a `/v2` one (visible in `GET /v2/tasks/{id}` under its `chatcmpl-…`/`cmpl-…`
+//! id); only its engine request (llama-server's own OpenAI route, allowlisted fields) and its
+//! answer differ. Streams are OpenAI's wire: `data:` chunks, `data: [DONE]` last, queue
+//! position and keep-alives as comments.
+
+mod job;
+mod wire;
+
+pub(crate) use job::{Decoder, Job, Piece};
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use llorch_contracts::openai::{
+    ChatRequest, Chunk, Completion, CompletionRequest, Model, ModelList, Usage,
+};
+use llorch_contracts::ErrorCode;
+use llorch_http::ApiPath;
+
+use crate::api::AppState;
+use crate::pools::PoolPhase;
+use crate::sse::SubscriberGuard;
+use crate::state::Orchestrator;
+use crate::tasks::Task;
+use job::{gather, ChunkLog, Route};
+use wire::{OaError, OaJson};
+
+const TASK_HEADER: &str = "x-llorch-task-id";
+
+/// The `/v1` routes, with their own auth answer and unknown-route answers in OpenAI's shape.
+pub(crate) fn router(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/models", get(models))
+        .route("/models/{id}", get(model))
+        .route("/chat/completions", post(chat))
+        .route("/completions", post(completions))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.config.token.clone(),
+            wire::require_key,
+        ))
+        .fallback(wire::not_found)
+        .method_not_allowed_fallback(wire::method_not_allowed)
+}
+
+fn unix_now() -> u64 {
+    crate::tasks::now_ms() / 1000
+}
+
+/// Model ids served now: by a pool that is serving or restarting (not failed).
+fn served_models(orch: &Orchestrator) -> Vec<String> {
+    let mut ids: Vec<String> = orch
+        .pools
+        .list()
+        .into_iter()
+        .filter(|p| p.phase != PoolPhase::Failed)
+        .map(|p| p.model_id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+fn model_entry(id: String) -> Model {
+    Model {
+        id,
+        object: "model".into(),
+        created: 0,
+        owned_by: "llama-orch".into(),
+    }
+}
+
+async fn models(State(orch): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: served_models(&orch).into_iter().map(model_entry).collect(),
+    })
+}
+
+async fn model(
+    State(orch): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Model>, OaError> {
+    if served_models(&orch).contains(&id) {
+        Ok(Json(model_entry(id)))
+    } else {
+        Err(OaError::model_not_found(&id))
+    }
+}
+
+async fn chat(
+    State(orch): State<AppState>,
+    headers: HeaderMap,
+    body: Result<OaJson<ChatRequest>, OaError>,
+) -> Result<Response, OaError> {
+    let OaJson(req) = body.inspect_err(|e| rejected(&orch, e))?;
+    let prepared = (|| {
+        wire::messages(&req.messages)?;
+        let mut body = serde_json::Map::new();
+        body.insert("messages".into(), req.messages.clone().into());
+        if let Some(f) = &req.response_format {
+            if !f.get("type").is_some_and(|t| t.is_string()) {
+                return Err(OaError::invalid(
+                    "response_format",
+                    "response_format must be an object with a type",
+                ));
+            }
+            body.insert("response_format".into(), f.clone());
+        }
+        if let Some(tools) = &req.tools {
+            if tools.iter().any(|t| !t.is_object()) {
+                return Err(OaError::invalid("tools", "tools must be a list of objects"));
+            }
+            body.insert("tools".into(), tools.clone().into());
+        }
+        if let Some(choice) = &req.tool_choice {
+            if !(choice.is_string() || choice.is_object()) {
+                return Err(OaError::invalid(
+                    "tool_choice",
+                    "tool_choice must be a string or an object",
+                ));
+            }
+            body.insert("tool_choice".into(), choice.clone());
+        }
+        let max_tokens = wire::sampling(&orch.config, &req.sampling, &mut body)?;
+        Ok((body, max_tokens))
+    })();
+    let (body, max_tokens) = prepared.inspect_err(|e| rejected(&orch, e))?;
+    run(
+        &orch,
+        &headers,
+        Route::Chat,
+        &req.model,
+        &req.sampling,
+        body,
+        max_tokens,
+    )
+    .await
+}
+
+async fn completions(
+    State(orch): State<AppState>,
+    headers: HeaderMap,
+    body: Result<OaJson<CompletionRequest>, OaError>,
+) -> Result<Response, OaError> {
+    let OaJson(req) = body.inspect_err(|e| rejected(&orch, e))?;
+    let prepared = (|| {
+        let prompt = wire::prompt(&req.prompt)?;
+        let mut body = serde_json::Map::new();
+        body.insert("prompt".into(), prompt.into());
+        let max_tokens = wire::sampling(&orch.config, &req.sampling, &mut body)?;
+        Ok((body, max_tokens))
+    })();
+    let (body, max_tokens) = prepared.inspect_err(|e| rejected(&orch, e))?;
+    run(
+        &orch,
+        &headers,
+        Route::Completions,
+        &req.model,
+        &req.sampling,
+        body,
+        max_tokens,
+    )
+    .await
+}
+
+/// A refused request: counted and logged like a `/v2` refusal.
+fn rejected(orch: &Orchestrator, e: &OaError) {
+    let reason = if e.body().error.code.as_deref() == Some("payload_too_large") {
+        "payload_too_large"
+    } else {
+        "invalid_params"
+    };
+    orch.metrics
+        .tasks_rejected
+        .with_label_values(&[reason])
+        .inc();
+    tracing::info!(reason, message = %e.body().error.message, api = "openai", "task rejected");
+}
+
+/// Admits the task and answers: a stream of chunks, or the whole answer once it ends.
+async fn run(
+    orch: &Arc<Orchestrator>,
+    headers: &HeaderMap,
+    route: Route,
+    model: &str,
+    sampling: &llorch_contracts::openai::Sampling,
+    body: serde_json::Map<String, serde_json::Value>,
+    max_tokens: u32,
+) -> Result<Response, OaError> {
+    if model.trim().is_empty() {
+        let e = OaError::invalid("model", "model must not be empty");
+        rejected(orch, &e);
+        return Err(e);
+    }
+    let queueing = wire::queueing(headers, sampling.user.as_deref())
+        .inspect_err(|e| rejected(orch, e))?;
+    let prefix = match route {
+        Route::Chat => "chatcmpl",
+        Route::Completions => "cmpl",
+    };
+    let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    let req = wire::task_request(id, model, max_tokens, sampling, queueing);
+    let body = serde_json::to_vec(&serde_json::Value::Object(body))
+        .map_err(|e| OaError::new(500, format!("cannot encode the engine request: {e}")))?;
+    let job = Job {
+        route,
+        body: body.into(),
+        created: unix_now(),
+        model: model.to_string(),
+        log: ChunkLog::default(),
+    };
+    let correlation_id = headers
+        .get(llorch_http::CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let task = orch
+        .admit_openai(req, job, correlation_id)
+        .map_err(|e| {
+            let unknown = e.0.code == ErrorCode::ModelNotAvailable
+                && !orch.pools.list().iter().any(|p| p.model_id == model);
+            if unknown {
+                OaError::model_not_found(model)
+            } else {
+                OaError::from(e)
+            }
+        })?;
+    let task_header = HeaderValue::from_str(&task.id).ok();
+    let mut resp = if sampling.stream {
+        let include_usage = sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
+        stream(orch, task, include_usage).into_response()
+    } else {
+        whole(orch, task).await?.into_response()
+    };
+    if let Some(v) = task_header {
+        resp.headers_mut().insert(TASK_HEADER, v);
+    }
+    Ok(resp)
+}
+
+/// The job of a task admitted by this module (always present).
+fn job_of(task: &Task) -> Result<&Job, OaError> {
+    task.openai
+        .as_ref()
+        .ok_or_else(|| OaError::new(500, "task has no OpenAI request"))
+}
+
+fn usage_of(task: &Task, log: &ChunkLog) -> Usage {
+    log.usage().unwrap_or_else(|| {
+        let out = task.status(None).tokens_out;
+        Usage {
+            prompt_tokens: 0,
+            completion_tokens: out,
+            total_tokens: out,
+        }
+    })
+}
+
+/// Non-stream: waits for the task's end (a client that disconnects drops this future, and
+/// the guard cancels the task), then answers with everything at once.
+async fn whole(orch: &Arc<Orchestrator>, task: Arc<Task>) -> Result<Json<Completion>, OaError> {
+    let _guard = SubscriberGuard::new(orch.clone(), task.clone());
+    let mut frames = task.watch_frames();
+    while !task.is_terminal() {
+        if frames.changed().await.is_err() {
+            break;
+        }
+    }
+    let status = task.status(None);
+    if let Some(e) = status.error {
+        return Err(e.into());
+    }
+    let job = job_of(&task)?;
+    let choices = job.log.from(0);
+    Ok(Json(Completion {
+        id: task.id.clone(),
+        object: job.route.object().into(),
+        created: job.created,
+        model: job.model.clone(),
+        choices: vec![gather(job.route, &choices)],
+        usage: usage_of(&task, &job.log),
+    }))
+}
+
+struct Relay {
+    orch: Arc<Orchestrator>,
+    task: Arc<Task>,
+    include_usage: bool,
+    next_frame: u64,
+    next_choice: usize,
+    frames: tokio::sync::watch::Receiver<u64>,
+    choices: tokio::sync::watch::Receiver<usize>,
+    pending: std::collections::VecDeque<Event>,
+    done: bool,
+    _guard: SubscriberGuard,
+}
+
+impl Relay {
+    fn chunk(&self, job: &Job, choices: Vec<serde_json::Value>, usage: Option<Usage>) -> Event {
+        let chunk = Chunk {
+            id: self.task.id.clone(),
+            object: job.route.chunk_object().into(),
+            created: job.created,
+            model: job.model.clone(),
+            choices,
+            usage,
+        };
+        Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
+    }
+
+    /// Moves whatever is new (queue positions, choices, the end) into `pending`; false when
+    /// nothing was.
+    fn collect(&mut self, job: &Job) -> bool {
+        // Frames first: every choice a terminal frame follows was logged before it.
+        let (frames, terminal) = self.task.frames_from(self.next_frame);
+        if let Some(last) = frames.last() {
+            self.next_frame = last.id + 1;
+        }
+        let choices = job.log.from(self.next_choice);
+        let mut any = !frames.is_empty() || !choices.is_empty();
+        for f in frames.iter().filter(|f| f.event == "queued") {
+            let position = serde_json::from_str::<serde_json::Value>(&f.data)
+                .ok()
+                .and_then(|v| v.get("queue_position").and_then(|p| p.as_u64()))
+                .unwrap_or(0);
+            self.pending
+                .push_back(Event::default().comment(format!("queued position={position}")));
+        }
+        self.next_choice += choices.len();
+        for c in choices {
+            let event = self.chunk(job, vec![c], None);
+            self.pending.push_back(event);
+        }
+        if terminal {
+            any = true;
+            self.done = true;
+            match self.task.status(None).error {
+                Some(e) => {
+                    let error = OaError::from(e);
+                    let data = serde_json::to_string(error.body()).unwrap_or_default();
+                    self.pending.push_back(Event::default().data(data));
+                }
+                None => {
+                    if self.include_usage {
+                        let usage = usage_of(&self.task, &job.log);
+                        let event = self.chunk(job, Vec::new(), Some(usage));
+                        self.pending.push_back(event);
+                    }
+                    self.pending.push_back(Event::default().data("[DONE]"));
+                }
+            }
+        }
+        any
+    }
+}
+
+/// Stream: chunks as the engine produces them; the queue position as comments while waiting;
+/// `[DONE]` last, or one error chunk and the end of the stream. Dropping the stream (the client
+/// went away) cancels the task.
+fn stream(orch: &Arc<Orchestrator>, task: Arc<Task>, include_usage: bool) -> Response {
+    let Some(choices) = task.openai.as_ref().map(|j| j.log.watch()) else {
+        return OaError::new(500, "task has no OpenAI request").into_response();
+    };
+    let relay = Relay {
+        orch: orch.clone(),
+        frames: task.watch_frames(),
+        choices,
+        _guard: SubscriberGuard::new(orch.clone(), task.clone()),
+        task,
+        include_usage,
+        next_frame: 0,
+        next_choice: 0,
+        pending: Default::default(),
+        done: false,
+    };
+    let keepalive = relay.orch.config.sse_keepalive;
+    let events = futures_util::stream::unfold(relay, |mut r| async move {
+        loop {
+            if let Some(e) = r.pending.pop_front() {
+                return Some((Ok::<Event, Infallible>(e), r));
+            }
+            if r.done {
+                return None;
+            }
+            let task = r.task.clone();
+            let Some(job) = task.openai.as_ref() else {
+                return None;
+            };
+            if r.collect(job) {
+                continue;
+            }
+            tokio::select! {
+                c = r.frames.changed() => if c.is_err() { return None },
+                c = r.choices.changed() => if c.is_err() { return None },
+            }
+        }
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
+        .into_response()
+}

@@ -1,0 +1,443 @@
+//! The OpenAI wire at the edge: its error shape, its JSON extractor, its auth answer, the
+//! llama-orch headers (priority, session, deadline), and the checks and allowlist that turn a
+//! client's request into a task and an engine body.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use llorch_contracts::openai::{ErrorBody, ErrorResponse, Prompt, Sampling};
+use llorch_contracts::tasks::{Priority, TaskRequest};
+use llorch_contracts::{ErrorCode, ErrorEnvelope};
+use llorch_http::ApiError;
+use sha2::Digest;
+
+use crate::config::Config;
+
+/// A failure on an OpenAI route: OpenAI's `{"error": {...}}` with the status of its code.
+#[derive(Debug)]
+pub(crate) struct OaError {
+    status: StatusCode,
+    body: ErrorResponse,
+    retry_after_ms: Option<u64>,
+}
+
+impl OaError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let kind = match status.as_u16() {
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        Self {
+            status,
+            body: ErrorResponse {
+                error: ErrorBody {
+                    message: message.into(),
+                    kind: kind.into(),
+                    param: None,
+                    code: None,
+                },
+            },
+            retry_after_ms: None,
+        }
+    }
+
+    /// 400 `invalid_request_error` about `param`.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::new(400, message).param(param)
+    }
+
+    pub fn param(mut self, param: &str) -> Self {
+        self.body.error.param = Some(param.into());
+        self
+    }
+
+    pub fn code(mut self, code: &str) -> Self {
+        self.body.error.code = Some(code.into());
+        self
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(404, format!("The model `{model}` does not exist"))
+            .param("model")
+            .code("model_not_found")
+    }
+
+    pub fn body(&self) -> &ErrorResponse {
+        &self.body
+    }
+}
+
+/// The OpenAI form of a llama-orch error: same status and retry hint; `code` is ours in lower
+/// case, with OpenAI's own names where it has one.
+impl From<ErrorEnvelope> for OaError {
+    fn from(e: ErrorEnvelope) -> Self {
+        let code = match e.code {
+            ErrorCode::Unauthorized => "invalid_api_key".to_string(),
+            ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru => "queue_full".to_string(),
+            other => other.as_str().to_ascii_lowercase(),
+        };
+        let mut out = OaError::new(e.code.http_status(), e.message).code(&code);
+        out.retry_after_ms = e.retry_after_ms;
+        out
+    }
+}
+
+impl From<ApiError> for OaError {
+    fn from(e: ApiError) -> Self {
+        e.0.into()
+    }
+}
+
+impl IntoResponse for OaError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(&self.body)).into_response();
+        let headers = resp.headers_mut();
+        if let Some(ms) = self.retry_after_ms {
+            let secs = ms.div_ceil(1000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                headers.insert(header::RETRY_AFTER, v);
+            }
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// `Json` whose rejections are OpenAI errors: 400 for a malformed body, 413 over the limit.
+pub(crate) struct OaJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for OaJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = OaError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(OaJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> OaError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        OaError::new(413, "request body is too large").code("payload_too_large")
+    } else {
+        OaError::new(400, r.body_text())
+    }
+}
+
+/// Middleware: the shared Bearer token, refused in OpenAI's shape (`invalid_api_key`).
+pub(crate) async fn require_key(
+    axum::extract::State(token): axum::extract::State<Option<auth_min::Token>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match llorch_http::check_auth(token.as_ref(), &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => OaError::from(e).into_response(),
+    }
+}
+
+pub(crate) async fn not_found(req: Request) -> OaError {
+    OaError::new(
+        404,
+        format!("Invalid URL ({} {})", req.method(), req.uri().path()),
+    )
+}
+
+pub(crate) async fn method_not_allowed(req: Request) -> OaError {
+    OaError::new(
+        405,
+        format!("Method {} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+/// What the `X-Llorch-*` headers (and `user`) ask of queueing.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Queueing {
+    pub priority: Priority,
+    pub session_id: Option<String>,
+    pub deadline_ms: Option<u64>,
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, OaError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| OaError::invalid(name, format!("{name} must be visible ASCII")))
+        })
+        .transpose()
+}
+
+/// `X-Llorch-Priority: interactive|batch`, `X-Llorch-Session`, `X-Llorch-Deadline-Ms`; without
+/// a session header, `user` keys the session (hashed when it is not a valid session id).
+pub(crate) fn queueing(headers: &HeaderMap, user: Option<&str>) -> Result<Queueing, OaError> {
+    const PRIORITY: &str = "X-Llorch-Priority";
+    const SESSION: &str = "X-Llorch-Session";
+    const DEADLINE: &str = "X-Llorch-Deadline-Ms";
+    let priority = match header_str(headers, PRIORITY)? {
+        None | Some("interactive") => Priority::Interactive,
+        Some("batch") => Priority::Batch,
+        Some(other) => {
+            return Err(OaError::invalid(
+                PRIORITY,
+                format!("{PRIORITY} {other:?} is not one of: interactive, batch"),
+            ))
+        }
+    };
+    let session_id = match header_str(headers, SESSION)? {
+        Some(s) if crate::admission::valid_id(s) => Some(s.to_string()),
+        Some(_) => {
+            return Err(OaError::invalid(
+                SESSION,
+                format!("{SESSION} must be 1-128 characters of A-Z a-z 0-9 - _ . :"),
+            ))
+        }
+        None => user.filter(|u| !u.is_empty()).map(|u| {
+            if crate::admission::valid_id(u) {
+                u.to_string()
+            } else {
+                format!("user-{}", &hex::encode(sha2::Sha256::digest(u.as_bytes()))[..32])
+            }
+        }),
+    };
+    let deadline_ms = match header_str(headers, DEADLINE)? {
+        None => None,
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Some(ms),
+            _ => {
+                return Err(OaError::invalid(
+                    DEADLINE,
+                    format!("{DEADLINE} must be a positive number of milliseconds"),
+                ))
+            }
+        },
+    };
+    Ok(Queueing {
+        priority,
+        session_id,
+        deadline_ms,
+    })
+}
+
+fn range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), OaError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) => Err(OaError::invalid(
+            param,
+            format!("{param} must be between {lo} and {hi}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks the shared fields and writes the allowlisted ones into the engine body; returns the
+/// generation limit.
+pub(crate) fn sampling(
+    config: &Config,
+    s: &Sampling,
+    body: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<u32, OaError> {
+    if s.n.is_some_and(|n| n != 1) {
+        return Err(OaError::invalid(
+            "n",
+            "n must be 1: one choice per request (send several requests for several choices)",
+        ));
+    }
+    let (param, asked) = match (s.max_completion_tokens, s.max_tokens) {
+        (Some(n), _) => ("max_completion_tokens", Some(n)),
+        (None, n) => ("max_tokens", n),
+    };
+    let max_tokens = asked.unwrap_or(config.openai_default_max_tokens);
+    if max_tokens == 0 || max_tokens > config.max_tokens_cap {
+        return Err(OaError::invalid(
+            param,
+            format!("{param} must be between 1 and {}", config.max_tokens_cap),
+        ));
+    }
+    range("temperature", s.temperature, 0.0, 2.0)?;
+    range("presence_penalty", s.presence_penalty, -2.0, 2.0)?;
+    range("frequency_penalty", s.frequency_penalty, -2.0, 2.0)?;
+    range("min_p", s.min_p, 0.0, 1.0)?;
+    if s.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(OaError::invalid("top_p", "top_p must be in (0, 1]"));
+    }
+    if s.top_k.is_some_and(|k| k > 1000) {
+        return Err(OaError::invalid("top_k", "top_k must be at most 1000"));
+    }
+    let stop = s.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > 16 || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(OaError::invalid(
+            "stop",
+            "stop takes at most 16 non-empty strings of at most 256 bytes",
+        ));
+    }
+    if s.stream_options.is_some() && !s.stream {
+        return Err(OaError::invalid(
+            "stream_options",
+            "stream_options is only allowed when stream is true",
+        ));
+    }
+    body.insert("max_tokens".into(), max_tokens.into());
+    body.insert("stream".into(), true.into());
+    body.insert(
+        "stream_options".into(),
+        serde_json::json!({"include_usage": true}),
+    );
+    let mut put = |k: &str, v: Option<serde_json::Value>| {
+        if let Some(v) = v {
+            body.insert(k.into(), v);
+        }
+    };
+    put("temperature", s.temperature.map(Into::into));
+    put("top_p", s.top_p.map(Into::into));
+    put("top_k", s.top_k.map(Into::into));
+    put("min_p", s.min_p.map(Into::into));
+    put("seed", s.seed.map(Into::into));
+    put("presence_penalty", s.presence_penalty.map(Into::into));
+    put("frequency_penalty", s.frequency_penalty.map(Into::into));
+    put("stop", (!stop.is_empty()).then(|| stop.into()));
+    Ok(max_tokens)
+}
+
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
+
+/// `messages`: a non-empty list of objects, each with a known `role`.
+pub(crate) fn messages(messages: &[serde_json::Value]) -> Result<(), OaError> {
+    if messages.is_empty() {
+        return Err(OaError::invalid("messages", "messages must not be empty"));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(|r| r.as_str());
+        if !role.is_some_and(|r| ROLES.contains(&r)) {
+            return Err(OaError::invalid(
+                &format!("messages[{i}].role"),
+                format!("messages[{i}].role must be one of: {}", ROLES.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The one prompt of `/v1/completions`.
+pub(crate) fn prompt(prompt: &Prompt) -> Result<&str, OaError> {
+    let p = match prompt {
+        Prompt::One(p) => p.as_str(),
+        Prompt::Many(v) if v.len() == 1 => v[0].as_str(),
+        Prompt::Many(_) => {
+            return Err(OaError::invalid(
+                "prompt",
+                "prompt takes one string per request",
+            ))
+        }
+    };
+    if p.is_empty() {
+        return Err(OaError::invalid("prompt", "prompt must not be empty"));
+    }
+    Ok(p)
+}
+
+/// What queueing and placement read of an OpenAI task.
+pub(crate) fn task_request(
+    id: String,
+    model: &str,
+    max_tokens: u32,
+    s: &Sampling,
+    q: Queueing,
+) -> TaskRequest {
+    let mut req = TaskRequest::new(model, "", max_tokens);
+    req.task_id = Some(id);
+    req.priority = q.priority;
+    req.session_id = q.session_id;
+    req.deadline_ms = q.deadline_ms;
+    req.seed = s.seed;
+    req.temperature = s.temperature;
+    req.top_p = s.top_p;
+    req.top_k = s.top_k;
+    req
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn headers_set_priority_session_and_deadline() {
+        let q = queueing(
+            &headers(&[
+                ("x-llorch-priority", "batch"),
+                ("x-llorch-session", "s-1"),
+                ("x-llorch-deadline-ms", "2500"),
+            ]),
+            Some("ignored when the header is set"),
+        )
+        .unwrap();
+        assert_eq!(
+            q,
+            Queueing {
+                priority: Priority::Batch,
+                session_id: Some("s-1".into()),
+                deadline_ms: Some(2500)
+            }
+        );
+    }
+
+    #[test]
+    fn user_keys_the_session_when_no_header_does() {
+        let plain = queueing(&HeaderMap::new(), Some("alice")).unwrap();
+        assert_eq!(plain.session_id.as_deref(), Some("alice"));
+        let mail = queueing(&HeaderMap::new(), Some("alice@example.org")).unwrap();
+        let id = mail.session_id.unwrap();
+        assert!(id.starts_with("user-") && crate::admission::valid_id(&id), "{id}");
+        assert_eq!(queueing(&HeaderMap::new(), None).unwrap().session_id, None);
+    }
+
+    #[test]
+    fn bad_headers_name_themselves() {
+        for (h, v) in [
+            ("x-llorch-priority", "urgent"),
+            ("x-llorch-session", "no spaces allowed"),
+            ("x-llorch-deadline-ms", "0"),
+            ("x-llorch-deadline-ms", "soon"),
+        ] {
+            let e = queueing(&headers(&[(h, v)]), None).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert_eq!(
+                e.body.error.param.as_deref().map(str::to_ascii_lowercase),
+                Some(h.to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn error_codes_map_to_openai_types() {
+        let e = OaError::from(ErrorEnvelope::new(ErrorCode::AdmissionReject, "full"));
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(e.body.error.kind, "rate_limit_error");
+        assert_eq!(e.body.error.code.as_deref(), Some("queue_full"));
+        let e = OaError::from(ErrorEnvelope::new(ErrorCode::Unauthorized, "no"));
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(e.body.error.code.as_deref(), Some("invalid_api_key"));
+        let e = OaError::from(ErrorEnvelope::new(ErrorCode::PoolUnavailable, "gone"));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.body.error.kind, "server_error");
+    }
+}
