@@ -355,7 +355,10 @@ impl Orchestrator {
             ahead_tokens,
             existing.req.max_tokens,
         );
-        Ok((existing.clone(), admission_response(existing, position, predicted)))
+        Ok((
+            existing.clone(),
+            admission_response(existing, position, predicted),
+        ))
     }
 
     /// Queue position of a task and the `max_tokens` queued ahead of it (0, 0 once dispatched).

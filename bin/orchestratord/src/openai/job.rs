@@ -159,13 +159,9 @@ impl<'a> Decoder<'a> {
     pub fn decode(&mut self, data: &str) -> Result<Piece, String> {
         if data.trim() == "[DONE]" {
             // A stream that ends without a finish reason stopped by itself.
-            let done = self.done().unwrap_or_else(|| {
-                (
-                    "stop".to_string(),
-                    self.decode_ms,
-                    self.completion_tokens,
-                )
-            });
+            let done = self
+                .done()
+                .unwrap_or_else(|| ("stop".to_string(), self.decode_ms, self.completion_tokens));
             return Ok(Piece {
                 token: None,
                 done: Some(done),
@@ -371,7 +367,8 @@ mod tests {
     fn a_repeated_opening_role_delta_is_logged_once() {
         let j = job(Route::Chat);
         let mut d = Decoder::new(&j);
-        let role = json!({"choices":[{"delta":{"role":"assistant","content":null},"finish_reason":null}]});
+        let role =
+            json!({"choices":[{"delta":{"role":"assistant","content":null},"finish_reason":null}]});
         d.decode(&role.to_string()).unwrap();
         d.decode(&role.to_string()).unwrap();
         assert_eq!(j.log.from(0).len(), 1);

@@ -200,8 +200,8 @@ async fn run(
         rejected(orch, &e);
         return Err(e);
     }
-    let queueing = wire::queueing(headers, sampling.user.as_deref())
-        .inspect_err(|e| rejected(orch, e))?;
+    let queueing =
+        wire::queueing(headers, sampling.user.as_deref()).inspect_err(|e| rejected(orch, e))?;
     let prefix = match route {
         Route::Chat => "chatcmpl",
         Route::Completions => "cmpl",
@@ -221,17 +221,15 @@ async fn run(
         .get(llorch_http::CORRELATION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let task = orch
-        .admit_openai(req, job, correlation_id)
-        .map_err(|e| {
-            let unknown = e.0.code == ErrorCode::ModelNotAvailable
-                && !orch.pools.list().iter().any(|p| p.model_id == model);
-            if unknown {
-                OaError::model_not_found(model)
-            } else {
-                OaError::from(e)
-            }
-        })?;
+    let task = orch.admit_openai(req, job, correlation_id).map_err(|e| {
+        let unknown = e.0.code == ErrorCode::ModelNotAvailable
+            && !orch.pools.list().iter().any(|p| p.model_id == model);
+        if unknown {
+            OaError::model_not_found(model)
+        } else {
+            OaError::from(e)
+        }
+    })?;
     let task_header = HeaderValue::from_str(&task.id).ok();
     let mut resp = if sampling.stream {
         let include_usage = sampling
@@ -393,9 +391,7 @@ fn stream(orch: &Arc<Orchestrator>, task: Arc<Task>, include_usage: bool) -> Res
                 return None;
             }
             let task = r.task.clone();
-            let Some(job) = task.openai.as_ref() else {
-                return None;
-            };
+            let job = task.openai.as_ref()?;
             if r.collect(job) {
                 continue;
             }

@@ -158,7 +158,11 @@ pub(crate) async fn not_found(req: Request) -> OaError {
 pub(crate) async fn method_not_allowed(req: Request) -> OaError {
     OaError::new(
         405,
-        format!("Method {} is not allowed on {}", req.method(), req.uri().path()),
+        format!(
+            "Method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        ),
     )
 }
 
@@ -208,7 +212,10 @@ pub(crate) fn queueing(headers: &HeaderMap, user: Option<&str>) -> Result<Queuei
             if crate::admission::valid_id(u) {
                 u.to_string()
             } else {
-                format!("user-{}", &hex::encode(sha2::Sha256::digest(u.as_bytes()))[..32])
+                format!(
+                    "user-{}",
+                    &hex::encode(sha2::Sha256::digest(u.as_bytes()))[..32]
+                )
             }
         }),
     };
@@ -310,7 +317,14 @@ pub(crate) fn sampling(
     Ok(max_tokens)
 }
 
-const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 /// `messages`: a non-empty list of objects, each with a known `role`.
 pub(crate) fn messages(messages: &[serde_json::Value]) -> Result<(), OaError> {
@@ -406,7 +420,10 @@ mod tests {
         assert_eq!(plain.session_id.as_deref(), Some("alice"));
         let mail = queueing(&HeaderMap::new(), Some("alice@example.org")).unwrap();
         let id = mail.session_id.unwrap();
-        assert!(id.starts_with("user-") && crate::admission::valid_id(&id), "{id}");
+        assert!(
+            id.starts_with("user-") && crate::admission::valid_id(&id),
+            "{id}"
+        );
         assert_eq!(queueing(&HeaderMap::new(), None).unwrap().session_id, None);
     }
 

@@ -12,6 +12,7 @@ mod harness;
 mod idle;
 mod lifecycle;
 mod metrics_lint;
+mod openai;
 mod random;
 mod restart;
 mod sessions;
