@@ -351,3 +351,44 @@ async fn restarted_orchestratord_runs_a_resubmitted_task_once() {
     assert_eq!(st["attempts"], 1);
     assert_eq!(st["tokens_out"], 2000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_chat_stream_runs_through_the_nodes_proxy() {
+    let c = Cluster::start(&[(&[("a0", "tiny", 1, 4096)], None)], &[]).await;
+    c.wait_healthy("a0", true, Duration::from_secs(40)).await;
+    let resp = c
+        .api
+        .http
+        .post(format!("{}/v1/chat/completions", c.api.base))
+        .json(&serde_json::json!({
+            "model": "tiny", "messages": [{"role": "user", "content": "Across the wire"}],
+            "max_tokens": 16, "stream": true, "stream_options": {"include_usage": true}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-llorch-task-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let text = resp.text().await.unwrap();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(!content.is_empty(), "{text}");
+    assert!(chunks.last().unwrap()["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    let st = c.api.finish(&id, Duration::from_secs(10)).await;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(st["pool_id"], "a0");
+}
