@@ -306,6 +306,7 @@ impl CloudSource {
                         phase: PoolPhase::of(Some(p.state)),
                         restarting_since: None,
                         vram_free_bytes: p.vram_free_bytes,
+                        embeddings: p.embeddings,
                         url: format!("{url}/v2/pools/{}/engine", p.pool_id),
                         manager: Some(url.to_string()),
                         healthy: usable && p.ready,

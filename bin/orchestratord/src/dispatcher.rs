@@ -91,6 +91,10 @@ impl Orchestrator {
                         retry_avoid: avoid.as_deref(),
                         min_ctx: t.req.ctx,
                         single_slot: t.req.determinism == Some(Determinism::Strict),
+                        embeddings: t
+                            .openai
+                            .as_ref()
+                            .is_some_and(|j| j.route == crate::openai::Route::Embeddings),
                     };
                     match place(&views, &req) {
                         Decision::Place(pool) => Some(pool),

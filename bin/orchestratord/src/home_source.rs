@@ -73,6 +73,7 @@ impl HomeSource {
             phase,
             restarting_since: None,
             vram_free_bytes: None,
+            embeddings: file.embeddings,
         };
         if phase != PoolPhase::Serving {
             // Its engine is gone: nothing to probe until the file says it serves again.

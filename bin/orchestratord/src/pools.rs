@@ -45,6 +45,8 @@ pub struct PoolEntry {
     /// Free memory of the pool's GPUs as its node last reported it (CLOUD polls; HOME has no
     /// report yet). Placement breaks ties between equally free pools by it.
     pub vram_free_bytes: Option<u64>,
+    /// The engine serves `/v1/embeddings`.
+    pub embeddings: bool,
 }
 
 impl PoolEntry {
@@ -314,6 +316,7 @@ impl PoolTable {
                 in_flight: p.in_flight,
                 vram_free_bytes: p.vram_free_bytes,
                 ctx_max: p.ctx_max,
+                embeddings: p.embeddings,
             })
             .collect()
     }

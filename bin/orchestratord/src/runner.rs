@@ -19,7 +19,7 @@ use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::engine::{Answer, CompletionCall, Engine};
-use crate::openai::Piece;
+use crate::openai::{Piece, Route};
 use crate::pools::PoolEntry;
 use crate::tasks::Task;
 
@@ -101,6 +101,13 @@ impl Runner<'_> {
                 return Outcome::BeforeFirstToken(format!("engine answered {status}"))
             }
         };
+        if let Some(job) = task
+            .openai
+            .as_ref()
+            .filter(|j| j.route == Route::Embeddings)
+        {
+            return self.whole_answer(task, job, stream, &lost).await;
+        }
         let mut parser = SseParser::new();
         let mut i: u32 = 0;
         let mut first_token = None;
@@ -163,6 +170,47 @@ impl Runner<'_> {
                     };
                 }
             }
+        }
+    }
+}
+
+impl Runner<'_> {
+    /// A request the engine answers at once (embeddings): the whole body within the
+    /// first-token timeout, logged for the responder.
+    async fn whole_answer(
+        &self,
+        task: &Task,
+        job: &crate::openai::Job,
+        mut stream: crate::engine::ByteStream,
+        lost: &tokio_util::sync::CancellationToken,
+    ) -> Outcome {
+        let read = async {
+            let mut body = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                body.extend_from_slice(&chunk?);
+            }
+            Ok::<_, String>(body)
+        };
+        let body = tokio::select! {
+            _ = task.cancel.cancelled() => return Outcome::Cancelled,
+            _ = lost.cancelled() => return Outcome::BeforeFirstToken("the pool's node was lost".into()),
+            r = tokio::time::timeout(self.first_token_timeout, read) => match r {
+                Err(_) => return Outcome::DecodeTimeout(format!(
+                    "no answer from the engine for {} ms",
+                    self.first_token_timeout.as_millis()
+                )),
+                Ok(Err(e)) => return Outcome::BeforeFirstToken(format!("answer broken: {e}")),
+                Ok(Ok(b)) => b,
+            },
+        };
+        match job.log.whole(&body) {
+            Ok(()) => Outcome::Done {
+                finish_reason: "stop".into(),
+                decode_ms: 0,
+                engine_tokens: None,
+                first_token: None,
+            },
+            Err(e) => Outcome::EngineRefused(e),
         }
     }
 }

@@ -78,6 +78,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
         .args(["--n-gpu-layers", &req.spec.gpu_layers.to_string()])
         .args(["--alias", req.model_id])
         .arg("--metrics")
+        .args(req.spec.embeddings.then_some("--embeddings"))
         .args(&req.spec.extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))

@@ -146,6 +146,7 @@ impl HandoffWatcher {
             last_error: None,
             provisioning_mode: ProvisioningMode::External,
             url: Some(file.url.clone()),
+            embeddings: file.embeddings,
         };
         probe_external(&self.shared, &mut status).await;
         self.shared.registry.write().upsert(status.clone());

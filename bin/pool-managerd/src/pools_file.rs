@@ -52,6 +52,10 @@ pub struct PoolSection {
     /// Extra llama-server arguments, e.g. ["--threads", "1"].
     #[serde(default)]
     pub args: Vec<String>,
+    /// Serve `/v1/embeddings` (llama-server `--embeddings`; a model without pooling metadata
+    /// also needs `--pooling` in `args`).
+    #[serde(default)]
+    pub embeddings: bool,
 }
 
 fn default_slots() -> u32 {
@@ -74,6 +78,7 @@ pub struct PoolSpec {
     pub gpu_layers: u32,
     pub port: Option<u16>,
     pub extra_args: Vec<String>,
+    pub embeddings: bool,
 }
 
 pub(crate) fn read_pools_file(path: &Path) -> Result<PoolsFile, ConfigError> {
@@ -165,6 +170,7 @@ pub(crate) fn validate_pools(sections: Vec<PoolSection>) -> Result<Vec<PoolSpec>
             gpu_layers: p.gpu_layers,
             port: p.port,
             extra_args: p.args,
+            embeddings: p.embeddings,
         });
     }
     Ok(specs)

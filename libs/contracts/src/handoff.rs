@@ -50,6 +50,9 @@ pub struct HandoffFile {
     /// retired (drain, shutdown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<crate::PoolState>,
+    /// The engine serves `/v1/embeddings` (llama-server `--embeddings`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub embeddings: bool,
 }
 
 /// Why a handoff file was refused.
@@ -101,6 +104,7 @@ impl HandoffFile {
             pid: None,
             started_at_ms: None,
             state: None,
+            embeddings: false,
         }
     }
 
@@ -164,6 +168,7 @@ mod tests {
             pid: None,
             started_at_ms: None,
             state: None,
+            embeddings: false,
         }
     }
 

@@ -162,12 +162,18 @@ pub struct Embedding {
     pub embedding: serde_json::Value,
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddingUsage {
+    pub prompt_tokens: u32,
+    pub total_tokens: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmbeddingResponse {
     pub object: String,
     pub data: Vec<Embedding>,
     pub model: String,
-    pub usage: Usage,
+    pub usage: EmbeddingUsage,
 }
 
 /// One entry of `GET /v1/models`.

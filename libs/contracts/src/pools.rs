@@ -58,6 +58,9 @@ pub struct PoolStatus {
     /// Engine base URL (loopback for managed engines).
     #[serde(default)]
     pub url: Option<String>,
+    /// The engine serves `/v1/embeddings`.
+    #[serde(default)]
+    pub embeddings: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

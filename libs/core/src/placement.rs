@@ -17,6 +17,8 @@ pub struct PoolView {
     pub vram_free_bytes: Option<u64>,
     /// Per-slot context (tokens), when known.
     pub ctx_max: Option<u32>,
+    /// The engine serves embeddings.
+    pub embeddings: bool,
 }
 
 impl PoolView {
@@ -39,6 +41,8 @@ pub struct PlacementRequest<'a> {
     /// `determinism: strict`: only single-slot pools qualify (no batching with other requests,
     /// whose presence changes llama.cpp's numerics).
     pub single_slot: bool,
+    /// An embeddings request: only pools that serve embeddings qualify.
+    pub embeddings: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +70,7 @@ pub fn place(pools: &[PoolView], req: &PlacementRequest<'_>) -> Decision {
             && !p.avoid_pools.contains(&v.pool_id)
             && fits(v, req.min_ctx)
             && (!req.single_slot || v.slots_total == 1)
+            && (!req.embeddings || v.embeddings)
     };
     let mut candidates: Vec<&PoolView> = pools.iter().filter(usable).collect();
     if p.mode == PlacementMode::Pin {
@@ -130,7 +135,31 @@ mod tests {
             in_flight: busy,
             vram_free_bytes: None,
             ctx_max: None,
+            embeddings: false,
         }
+    }
+
+    #[test]
+    fn embeddings_requests_go_only_to_pools_that_serve_embeddings() {
+        let plain = pool("plain", "m", 2, 0);
+        let embed = PoolView {
+            embeddings: true,
+            ..pool("embed", "m", 1, 0)
+        };
+        let wants = PlacementRequest {
+            embeddings: true,
+            ..req("m")
+        };
+        assert_eq!(place(std::slice::from_ref(&plain), &wants), Decision::Wait);
+        assert_eq!(
+            place(&[plain.clone(), embed.clone()], &wants),
+            Decision::Place("embed".into())
+        );
+        // A completion may still run on a pool that also serves embeddings.
+        assert_eq!(
+            place(std::slice::from_ref(&embed), &req("m")),
+            Decision::Place("embed".into())
+        );
     }
 
     fn req(model: &str) -> PlacementRequest<'_> {
@@ -310,9 +339,10 @@ mod tests {
                 in_flight: *busy,
                 vram_free_bytes: None,
                 ctx_max: Some(512 * (1 + i as u32 % 3)),
+                embeddings: i % 2 == 0,
             }).collect();
-            let request = PlacementRequest { min_ctx: Some(1024), ..req("m0") };
-            let ok = |v: &PoolView| v.model_id == "m0" && v.ready && !v.draining && v.free_slots() > 0 && v.ctx_max >= Some(1024);
+            let request = PlacementRequest { min_ctx: Some(1024), embeddings: true, ..req("m0") };
+            let ok = |v: &PoolView| v.model_id == "m0" && v.ready && !v.draining && v.free_slots() > 0 && v.ctx_max >= Some(1024) && v.embeddings;
             match place(&pools, &request) {
                 Decision::Place(id) => {
                     let v = pools.iter().find(|p| p.pool_id == id).unwrap();

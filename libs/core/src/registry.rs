@@ -96,6 +96,7 @@ mod tests {
             last_error: None,
             provisioning_mode: ProvisioningMode::Managed,
             url: None,
+            embeddings: false,
         }
     }
 

@@ -387,7 +387,12 @@ async fn an_openai_chat_stream_runs_through_the_nodes_proxy() {
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert!(!content.is_empty(), "{text}");
-    assert!(chunks.last().unwrap()["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        chunks.last().unwrap()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     let st = c.api.finish(&id, Duration::from_secs(10)).await;
     assert_eq!(st["state"], "completed", "{st}");
     assert_eq!(st["pool_id"], "a0");

@@ -14,6 +14,8 @@ use tokio::sync::watch;
 pub(crate) enum Route {
     Chat,
     Completions,
+    /// Not streamed: the engine's whole answer is logged as one entry.
+    Embeddings,
 }
 
 impl Route {
@@ -21,6 +23,7 @@ impl Route {
         match self {
             Route::Chat => "/v1/chat/completions",
             Route::Completions => "/v1/completions",
+            Route::Embeddings => "/v1/embeddings",
         }
     }
 
@@ -28,7 +31,7 @@ impl Route {
     pub fn chunk_object(self) -> &'static str {
         match self {
             Route::Chat => "chat.completion.chunk",
-            Route::Completions => "text_completion",
+            Route::Completions | Route::Embeddings => "text_completion",
         }
     }
 
@@ -37,6 +40,7 @@ impl Route {
         match self {
             Route::Chat => "chat.completion",
             Route::Completions => "text_completion",
+            Route::Embeddings => "list",
         }
     }
 
@@ -45,6 +49,7 @@ impl Route {
         match self {
             Route::Chat => choice.get("delta")?.get("content")?.as_str(),
             Route::Completions => choice.get("text")?.as_str(),
+            Route::Embeddings => None,
         }
     }
 }
@@ -108,6 +113,24 @@ impl ChunkLog {
 
     pub fn watch(&self) -> watch::Receiver<usize> {
         self.count.subscribe()
+    }
+
+    /// Logs an engine's whole (not streamed) answer and its usage; `Err` for a body that is
+    /// not JSON or reports an error.
+    pub fn whole(&self, body: &[u8]) -> Result<(), String> {
+        let value: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| format!("engine answered a body that is not JSON: {e}"))?;
+        if let Some(err) = value.get("error") {
+            return Err(format!("engine error: {err}"));
+        }
+        if let Some(u) = value
+            .get("usage")
+            .and_then(|u| serde_json::from_value::<Usage>(u.clone()).ok())
+        {
+            self.inner.lock().usage = Some(u);
+        }
+        self.push(value);
+        Ok(())
     }
 }
 
@@ -223,6 +246,7 @@ pub(crate) fn gather(route: Route, choices: &[serde_json::Value]) -> serde_json:
         .find_map(|c| c.get("finish_reason").filter(|f| !f.is_null()).cloned())
         .unwrap_or(serde_json::Value::Null);
     match route {
+        Route::Embeddings => choices.first().cloned().unwrap_or_default(),
         Route::Completions => {
             let text: String = choices.iter().filter_map(|c| route.content(c)).collect();
             serde_json::json!({

@@ -1,5 +1,5 @@
 //! The OpenAI-compatible front (DESIGN §3): `/v1/models`, `/v1/chat/completions`,
-//! `/v1/completions`. An OpenAI request is a task: it is admitted, queued, placed and
+//! `/v1/completions`, `/v1/embeddings`. An OpenAI request is a task: it is admitted, queued, placed and
 //! cancelled like a `/v2` one (visible in `GET /v2/tasks/{id}` under its `chatcmpl-…`/`cmpl-…`
 //! id); only its engine request (llama-server's own OpenAI route, allowlisted fields) and its
 //! answer differ. Streams are OpenAI's wire: `data:` chunks, `data: [DONE]` last, queue
@@ -8,7 +8,7 @@
 mod job;
 mod wire;
 
-pub(crate) use job::{Decoder, Job, Piece};
+pub(crate) use job::{Decoder, Job, Piece, Route};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,7 +20,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use llorch_contracts::openai::{
-    ChatRequest, Chunk, Completion, CompletionRequest, Model, ModelList, Usage,
+    ChatRequest, Chunk, Completion, CompletionRequest, Embedding, EmbeddingRequest,
+    EmbeddingResponse, EmbeddingUsage, Model, ModelList, Usage,
 };
 use llorch_contracts::ErrorCode;
 use llorch_http::ApiPath;
@@ -30,7 +31,7 @@ use crate::pools::PoolPhase;
 use crate::sse::SubscriberGuard;
 use crate::state::Orchestrator;
 use crate::tasks::Task;
-use job::{gather, ChunkLog, Route};
+use job::{gather, ChunkLog};
 use wire::{OaError, OaJson};
 
 const TASK_HEADER: &str = "x-llorch-task-id";
@@ -42,6 +43,7 @@ pub(crate) fn router(state: &AppState) -> Router<AppState> {
         .route("/models/{id}", get(model))
         .route("/chat/completions", post(chat))
         .route("/completions", post(completions))
+        .route("/embeddings", post(embeddings))
         .route_layer(axum::middleware::from_fn_with_state(
             state.config.token.clone(),
             wire::require_key,
@@ -195,19 +197,57 @@ async fn run(
     body: serde_json::Map<String, serde_json::Value>,
     max_tokens: u32,
 ) -> Result<Response, OaError> {
+    let task = admit(
+        orch,
+        headers,
+        route,
+        model,
+        sampling.user.as_deref(),
+        body,
+        |id, q| wire::task_request(id, model, max_tokens, sampling, q),
+    )?;
+    let task_header = HeaderValue::from_str(&task.id).ok();
+    let mut resp = if sampling.stream {
+        let include_usage = sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
+        stream(orch, task, include_usage).into_response()
+    } else {
+        whole(orch, task).await?.into_response()
+    };
+    if let Some(v) = task_header {
+        resp.headers_mut().insert(TASK_HEADER, v);
+    }
+    Ok(resp)
+}
+
+/// Makes the task of an OpenAI request and admits it: `req` builds its queueing view from its
+/// id and the `X-Llorch-*` headers.
+fn admit(
+    orch: &Arc<Orchestrator>,
+    headers: &HeaderMap,
+    route: Route,
+    model: &str,
+    user: Option<&str>,
+    body: serde_json::Map<String, serde_json::Value>,
+    req: impl FnOnce(String, wire::Queueing) -> llorch_contracts::tasks::TaskRequest,
+) -> Result<Arc<Task>, OaError> {
     if model.trim().is_empty() {
         let e = OaError::invalid("model", "model must not be empty");
         rejected(orch, &e);
         return Err(e);
     }
-    let queueing =
-        wire::queueing(headers, sampling.user.as_deref()).inspect_err(|e| rejected(orch, e))?;
+    let queueing = wire::queueing(headers, user).inspect_err(|e| rejected(orch, e))?;
     let prefix = match route {
         Route::Chat => "chatcmpl",
         Route::Completions => "cmpl",
+        Route::Embeddings => "embd",
     };
-    let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
-    let req = wire::task_request(id, model, max_tokens, sampling, queueing);
+    let req = req(
+        format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+        queueing,
+    );
     let body = serde_json::to_vec(&serde_json::Value::Object(body))
         .map_err(|e| OaError::new(500, format!("cannot encode the engine request: {e}")))?;
     let job = Job {
@@ -221,7 +261,7 @@ async fn run(
         .get(llorch_http::CORRELATION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let task = orch.admit_openai(req, job, correlation_id).map_err(|e| {
+    orch.admit_openai(req, job, correlation_id).map_err(|e| {
         let unknown = e.0.code == ErrorCode::ModelNotAvailable
             && !orch.pools.list().iter().any(|p| p.model_id == model);
         if unknown {
@@ -229,17 +269,65 @@ async fn run(
         } else {
             OaError::from(e)
         }
-    })?;
+    })
+}
+
+async fn embeddings(
+    State(orch): State<AppState>,
+    headers: HeaderMap,
+    body: Result<OaJson<EmbeddingRequest>, OaError>,
+) -> Result<Response, OaError> {
+    let OaJson(req) = body.inspect_err(|e| rejected(&orch, e))?;
+    let checked = (|| {
+        let input = wire::embedding_input(&req.input)?;
+        let pools = orch.pools.list();
+        let serving = pools
+            .iter()
+            .filter(|p| p.model_id == req.model && p.phase != PoolPhase::Failed);
+        if serving.clone().next().is_some() && !serving.clone().any(|p| p.embeddings) {
+            return Err(OaError::invalid(
+                "model",
+                format!(
+                    "model {:?} is not served by a pool with embeddings = true",
+                    req.model
+                ),
+            ));
+        }
+        let mut body = serde_json::Map::new();
+        body.insert("input".into(), input);
+        body.insert(
+            "encoding_format".into(),
+            serde_json::to_value(req.encoding_format).unwrap_or_default(),
+        );
+        Ok(body)
+    })();
+    let body = checked.inspect_err(|e| rejected(&orch, e))?;
+    let task = admit(
+        &orch,
+        &headers,
+        Route::Embeddings,
+        &req.model,
+        req.user.as_deref(),
+        body,
+        |id, q| wire::task_request(id, &req.model, 1, &Default::default(), q),
+    )?;
     let task_header = HeaderValue::from_str(&task.id).ok();
-    let mut resp = if sampling.stream {
-        let include_usage = sampling
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage);
-        stream(orch, task, include_usage).into_response()
-    } else {
-        whole(orch, task).await?.into_response()
-    };
+    let answer = ended(&orch, &task).await?;
+    let data: Vec<Embedding> = answer
+        .get("data")
+        .and_then(|d| serde_json::from_value(d.clone()).ok())
+        .ok_or_else(|| OaError::new(502, "the engine's answer holds no embeddings"))?;
+    let usage = job_of(&task)?.log.usage().unwrap_or_default();
+    let mut resp = Json(EmbeddingResponse {
+        object: "list".into(),
+        data,
+        model: req.model.clone(),
+        usage: EmbeddingUsage {
+            prompt_tokens: usage.prompt_tokens,
+            total_tokens: usage.total_tokens,
+        },
+    })
+    .into_response();
     if let Some(v) = task_header {
         resp.headers_mut().insert(TASK_HEADER, v);
     }
@@ -264,9 +352,9 @@ fn usage_of(task: &Task, log: &ChunkLog) -> Usage {
     })
 }
 
-/// Non-stream: waits for the task's end (a client that disconnects drops this future, and
-/// the guard cancels the task), then answers with everything at once.
-async fn whole(orch: &Arc<Orchestrator>, task: Arc<Task>) -> Result<Json<Completion>, OaError> {
+/// Waits for the task's end (a client that disconnects drops this future, and the guard
+/// cancels the task); its error, or the gathered answer of its route.
+async fn ended(orch: &Arc<Orchestrator>, task: &Arc<Task>) -> Result<serde_json::Value, OaError> {
     let _guard = SubscriberGuard::new(orch.clone(), task.clone());
     let mut frames = task.watch_frames();
     while !task.is_terminal() {
@@ -274,18 +362,23 @@ async fn whole(orch: &Arc<Orchestrator>, task: Arc<Task>) -> Result<Json<Complet
             break;
         }
     }
-    let status = task.status(None);
-    if let Some(e) = status.error {
+    if let Some(e) = task.status(None).error {
         return Err(e.into());
     }
+    let job = job_of(task)?;
+    Ok(gather(job.route, &job.log.from(0)))
+}
+
+/// Non-stream: everything at once, when the task has ended.
+async fn whole(orch: &Arc<Orchestrator>, task: Arc<Task>) -> Result<Json<Completion>, OaError> {
+    let choice = ended(orch, &task).await?;
     let job = job_of(&task)?;
-    let choices = job.log.from(0);
     Ok(Json(Completion {
         id: task.id.clone(),
         object: job.route.object().into(),
         created: job.created,
         model: job.model.clone(),
-        choices: vec![gather(job.route, &choices)],
+        choices: vec![choice],
         usage: usage_of(&task, &job.log),
     }))
 }

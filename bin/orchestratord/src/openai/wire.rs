@@ -8,7 +8,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use llorch_contracts::openai::{ErrorBody, ErrorResponse, Prompt, Sampling};
+use llorch_contracts::openai::{EmbeddingInput, ErrorBody, ErrorResponse, Prompt, Sampling};
 use llorch_contracts::tasks::{Priority, TaskRequest};
 use llorch_contracts::{ErrorCode, ErrorEnvelope};
 use llorch_http::ApiError;
@@ -359,6 +359,27 @@ pub(crate) fn prompt(prompt: &Prompt) -> Result<&str, OaError> {
         return Err(OaError::invalid("prompt", "prompt must not be empty"));
     }
     Ok(p)
+}
+
+/// Most inputs one embeddings request may carry.
+const EMBEDDING_INPUTS_MAX: usize = 2048;
+
+/// `input` of `/v1/embeddings`: a non-empty string, or a list of 1..=2048 of them.
+pub(crate) fn embedding_input(input: &EmbeddingInput) -> Result<serde_json::Value, OaError> {
+    let all: Vec<&String> = match input {
+        EmbeddingInput::One(s) => vec![s],
+        EmbeddingInput::Many(v) => v.iter().collect(),
+    };
+    if all.is_empty() || all.len() > EMBEDDING_INPUTS_MAX {
+        return Err(OaError::invalid(
+            "input",
+            format!("input takes 1 to {EMBEDDING_INPUTS_MAX} strings"),
+        ));
+    }
+    if all.iter().any(|s| s.is_empty()) {
+        return Err(OaError::invalid("input", "input strings must not be empty"));
+    }
+    serde_json::to_value(input).map_err(|e| OaError::new(500, e.to_string()))
 }
 
 /// What queueing and placement read of an OpenAI task.

@@ -119,6 +119,7 @@ fn pool_status(
         last_error: None,
         provisioning_mode: llorch_contracts::ProvisioningMode::Managed,
         url: None,
+        embeddings: false,
     }
 }
 

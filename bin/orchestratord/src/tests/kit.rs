@@ -258,6 +258,7 @@ pub fn pool(id: &str, slots: u32) -> PoolEntry {
         phase: crate::pools::PoolPhase::Serving,
         restarting_since: None,
         vram_free_bytes: None,
+        embeddings: false,
     }
 }
 

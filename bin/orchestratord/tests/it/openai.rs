@@ -560,3 +560,68 @@ async fn chat_streams_beyond_the_slots_all_complete_and_interactive_ones_go_firs
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_come_from_embedding_pools_as_floats_or_base64_of_the_same_vector() {
+    use base64::Engine as _;
+    let embedding_pool = format!(
+        "[[pools]]\nid = \"e0\"\nmodel = \"{}\"\nmodel_id = \"tiny-embed\"\nslots = 2\nctx = 2048\nembeddings = true\nargs = [\"--threads\", \"1\", \"--pooling\", \"mean\"]\n",
+        tiny_model().display()
+    );
+    let s = Stack::start(StackOptions {
+        pools_toml: format!("{}{embedding_pool}", pool_toml("p0", 1, 2048)),
+        ..Default::default()
+    })
+    .await;
+    s.wait_pools_ready(2).await;
+    assert!(s.handoff("e0").embeddings && !s.handoff("p0").embeddings);
+    let ask = |format: &str| {
+        serde_json::json!({
+            "model": "tiny-embed", "input": ["first text", "second text"],
+            "encoding_format": format
+        })
+    };
+    let r = s.oa_post("/embeddings", &ask("float"), &[]).await;
+    assert_eq!(r.status(), 200);
+    let id = task_id(&r);
+    let floats: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(floats["object"], "list");
+    assert_eq!(floats["model"], "tiny-embed");
+    assert!(floats["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    let data = floats["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    let r = s.oa_post("/embeddings", &ask("base64"), &[]).await;
+    let encoded: serde_json::Value = r.json().await.unwrap();
+    for (i, (f, b)) in data
+        .iter()
+        .zip(encoded["data"].as_array().unwrap())
+        .enumerate()
+    {
+        assert_eq!(f["index"], i);
+        assert_eq!(f["object"], "embedding");
+        let from_floats: Vec<f32> = f["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b["embedding"].as_str().unwrap())
+            .unwrap();
+        let from_base64: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert!(from_floats.len() > 8);
+        assert_eq!(from_floats, from_base64);
+    }
+    // An embeddings request is a task, placed on the embedding pool.
+    let st = s.status(&id).await;
+    assert_eq!(st.state, TaskState::Completed);
+    assert_eq!(st.pool_id.as_deref(), Some("e0"));
+    // A model no embedding pool serves is refused at once.
+    let mut wrong = ask("float");
+    wrong["model"] = "tiny".into();
+    let r = s.oa_post("/embeddings", &wrong, &[]).await;
+    assert_oa_error(r, 400, "invalid_request_error", None).await;
+}

@@ -198,6 +198,7 @@ impl Supervisor {
             pid: Some(engine.pid),
             started_at_ms: Some(llorch_handoff::now_ms()),
             state: None,
+            embeddings: self.spec.embeddings,
         };
         self.publish_handoff(file);
         self.publish();
@@ -399,6 +400,7 @@ impl Supervisor {
             last_error: self.sup.last_error().map(str::to_string),
             provisioning_mode: ProvisioningMode::Managed,
             url: self.url.clone(),
+            embeddings: self.spec.embeddings,
         }
     }
 
