@@ -1,5 +1,6 @@
 //! `llorch`: a small client of orchestratord. `llorch submit` prints tokens as they stream and
-//! a one-line summary on stderr.
+//! a one-line summary on stderr; `llorch chat` is a streaming chat console over the
+//! OpenAI-compatible route (one line of stdin is one user turn; history is kept).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use llorch_client::OrchClient;
+use llorch_contracts::openai::{ChatRequest, Sampling};
 use llorch_contracts::tasks::{Priority, TaskEvent, TaskRequest};
 use llorch_contracts::{DrainRequest, ReloadRequest};
 
@@ -46,6 +48,26 @@ enum Cmd {
         #[arg(long)]
         temperature: Option<f32>,
     },
+    /// Chat with a model: each line of stdin is a turn, answers stream to stdout. `/exit` or
+    /// end of input quits.
+    Chat {
+        #[arg(long)]
+        model: String,
+        /// Session id (KV-cache affinity across turns); a new one by default.
+        #[arg(long)]
+        session: Option<String>,
+        /// A system message opening the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: u32,
+        #[arg(long)]
+        temperature: Option<f32>,
+    },
+    /// Models served now (`/v1/models`).
+    Models,
+    /// Nodes (CLOUD: pool-managerds) and their availability.
+    Nodes,
     /// Pools as orchestratord sees them.
     Pools,
     /// One task's status.
@@ -111,6 +133,23 @@ async fn main() -> anyhow::Result<()> {
             };
             submit(&c, &req).await?;
         }
+        Cmd::Chat {
+            model,
+            session,
+            system,
+            max_tokens,
+            temperature,
+        } => {
+            let session = session.unwrap_or_else(new_session_id);
+            let settings = ChatSettings {
+                model,
+                max_tokens,
+                temperature,
+            };
+            chat(&c, &settings, &session, system).await?;
+        }
+        Cmd::Models => print(&c.models().await?),
+        Cmd::Nodes => print(&c.nodes().await?),
         Cmd::Pools => print(&c.pools().await?),
         Cmd::Task { id } => print(&c.task(&id).await?),
         Cmd::Cancel { id } => {
@@ -176,4 +215,129 @@ async fn submit(c: &OrchClient, req: &TaskRequest) -> anyhow::Result<()> {
         }
     }
     bail!("task {id}: stream ended without a terminal event")
+}
+
+/// A session id of this process: time and pid, enough to be unique on one client.
+fn new_session_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("chat-{nanos:x}-{:x}", std::process::id())
+}
+
+struct ChatSettings {
+    model: String,
+    max_tokens: u32,
+    temperature: Option<f32>,
+}
+
+/// The chat console: reads turns from stdin until `/exit` or end of input; a failed turn is
+/// reported and left out of the history, and makes the exit status non-zero.
+async fn chat(
+    c: &OrchClient,
+    settings: &ChatSettings,
+    session: &str,
+    system: Option<String>,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    use tokio::io::AsyncBufReadExt;
+    let interactive = std::io::stdin().is_terminal();
+    eprintln!("session {session} · model {}", settings.model);
+    let mut messages: Vec<serde_json::Value> = system
+        .map(|s| serde_json::json!({"role": "system", "content": s}))
+        .into_iter()
+        .collect();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut failed = 0;
+    let mut turn = 0;
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next_line().await.context("read stdin")? else {
+            break;
+        };
+        let line = line.trim();
+        if line == "/exit" || line == "/quit" {
+            break;
+        }
+        if line.is_empty() {
+            continue;
+        }
+        turn += 1;
+        messages.push(serde_json::json!({"role": "user", "content": line}));
+        match chat_turn(c, settings, session, &messages).await {
+            Ok((reply, summary)) => {
+                eprintln!("turn {turn} · {summary}");
+                messages.push(serde_json::json!({"role": "assistant", "content": reply}));
+            }
+            Err(e) => {
+                eprintln!("turn {turn} failed: {e:#}");
+                messages.pop();
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {turn} turns failed");
+    }
+    Ok(())
+}
+
+/// One turn: streams the answer to stdout; returns it and a one-line summary.
+async fn chat_turn(
+    c: &OrchClient,
+    settings: &ChatSettings,
+    session: &str,
+    messages: &[serde_json::Value],
+) -> anyhow::Result<(String, String)> {
+    let req = ChatRequest {
+        model: settings.model.clone(),
+        messages: messages.to_vec(),
+        sampling: Sampling {
+            max_tokens: Some(settings.max_tokens),
+            temperature: settings.temperature,
+            ..Default::default()
+        },
+        response_format: None,
+        tools: None,
+        tool_choice: None,
+    };
+    let t0 = Instant::now();
+    let mut stream = c.chat_stream(&req, Some(session)).await?;
+    let mut stdout = std::io::stdout();
+    let mut reply = String::new();
+    let mut first_token: Option<f64> = None;
+    let mut finish = String::from("none");
+    let mut usage = None;
+    while let Some(piece) = stream.next().await? {
+        if let Some(t) = piece.content.filter(|t| !t.is_empty()) {
+            first_token.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1000.0);
+            write!(stdout, "{t}")?;
+            stdout.flush()?;
+            reply.push_str(&t);
+        }
+        if let Some(f) = piece.finish_reason {
+            finish = f;
+        }
+        if piece.usage.is_some() {
+            usage = piece.usage;
+        }
+    }
+    writeln!(stdout)?;
+    let tokens = usage
+        .map(|u| {
+            format!(
+                "{} prompt + {} completion tokens",
+                u.prompt_tokens, u.completion_tokens
+            )
+        })
+        .unwrap_or_else(|| "usage unknown".into());
+    let summary = format!(
+        "task {} · first token {:.1} ms · {tokens} · finish {finish}",
+        stream.task_id.as_deref().unwrap_or("?"),
+        first_token.unwrap_or(0.0)
+    );
+    Ok((reply, summary))
 }

@@ -3,6 +3,7 @@
 //! Used by the `llorch` CLI, the test harnesses and the benchmarks.
 
 use llorch_contracts::meta::{Capabilities, NodesResponse, OrchPoolsResponse, SessionResponse};
+use llorch_contracts::openai::{ChatRequest, ErrorBody, ErrorResponse, ModelList, Usage};
 use llorch_contracts::tasks::{AdmissionResponse, TaskEvent, TaskRequest, TaskStatus};
 use llorch_contracts::{DrainRequest, ErrorEnvelope, PoolStatus, ReloadRequest};
 pub use llorch_sse::{SseFrame, SseParser};
@@ -15,6 +16,9 @@ pub enum ClientError {
     /// orchestratord answered with its error envelope.
     #[error("{status} {}: {}", .error.code, .error.message)]
     Api { status: u16, error: ErrorEnvelope },
+    /// An OpenAI route answered with OpenAI's error shape (over HTTP, or as a stream chunk).
+    #[error("{status} {}: {}", .error.kind, .error.message)]
+    OpenAi { status: u16, error: ErrorBody },
     /// An answer that is neither the expected body nor the envelope.
     #[error("unexpected answer {status}: {body}")]
     Unexpected { status: u16, body: String },
@@ -60,6 +64,12 @@ impl OrchClient {
         }
         let status = resp.status().as_u16();
         let body = resp.text().await.unwrap_or_default();
+        if let Ok(e) = serde_json::from_str::<ErrorResponse>(&body) {
+            return Err(ClientError::OpenAi {
+                status,
+                error: e.error,
+            });
+        }
         Err(match serde_json::from_str::<ErrorEnvelope>(&body) {
             Ok(error) => ClientError::Api { status, error },
             Err(_) => ClientError::Unexpected { status, body },
@@ -154,6 +164,108 @@ impl OrchClient {
         let path = format!("/v2/pools/{pool}/reload");
         self.typed(self.request(reqwest::Method::POST, &path).json(req))
             .await
+    }
+}
+
+impl OrchClient {
+    /// `GET /v1/models`.
+    pub async fn models(&self) -> Result<ModelList, ClientError> {
+        self.typed(self.request(reqwest::Method::GET, "/v1/models"))
+            .await
+    }
+
+    /// `POST /v1/chat/completions`, streamed (`stream` is set here, with usage asked for);
+    /// `session` goes in `X-Llorch-Session`.
+    pub async fn chat_stream(
+        &self,
+        req: &ChatRequest,
+        session: Option<&str>,
+    ) -> Result<ChatStream, ClientError> {
+        let mut req = req.clone();
+        req.sampling.stream = true;
+        req.sampling.stream_options = Some(llorch_contracts::openai::StreamOptions {
+            include_usage: true,
+        });
+        let mut rb = self
+            .request(reqwest::Method::POST, "/v1/chat/completions")
+            .json(&req);
+        if let Some(s) = session {
+            rb = rb.header("x-llorch-session", s);
+        }
+        let resp = self.send(rb).await?;
+        let task_id = resp
+            .headers()
+            .get("x-llorch-task-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok(ChatStream {
+            resp,
+            parser: SseParser::new(),
+            pending: Default::default(),
+            task_id,
+        })
+    }
+}
+
+/// One chunk of a chat stream, as far as a console needs it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatPiece {
+    pub content: Option<String>,
+    pub finish_reason: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+/// A streamed chat answer.
+pub struct ChatStream {
+    resp: reqwest::Response,
+    parser: SseParser,
+    pending: std::collections::VecDeque<SseFrame>,
+    /// The task the request became (`GET /v2/tasks/{id}`).
+    pub task_id: Option<String>,
+}
+
+impl ChatStream {
+    /// The next chunk; `Ok(None)` after `[DONE]`. An error chunk, or a stream that ends
+    /// without `[DONE]`, is an `Err`.
+    pub async fn next(&mut self) -> Result<Option<ChatPiece>, ClientError> {
+        loop {
+            while let Some(f) = self.pending.pop_front() {
+                if f.data == "[DONE]" {
+                    return Ok(None);
+                }
+                let v: serde_json::Value =
+                    serde_json::from_str(&f.data).map_err(|e| ClientError::Unexpected {
+                        status: 200,
+                        body: format!("{e}: {}", f.data),
+                    })?;
+                if let Ok(e) = serde_json::from_value::<ErrorResponse>(v.clone()) {
+                    return Err(ClientError::OpenAi {
+                        status: 200,
+                        error: e.error,
+                    });
+                }
+                let choice = &v["choices"][0];
+                return Ok(Some(ChatPiece {
+                    content: choice["delta"]["content"].as_str().map(str::to_string),
+                    finish_reason: choice["finish_reason"].as_str().map(str::to_string),
+                    usage: serde_json::from_value(v["usage"].clone()).ok(),
+                }));
+            }
+            let chunk = self
+                .resp
+                .chunk()
+                .await
+                .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+            match chunk {
+                Some(c) => self.pending.extend(self.parser.push(&c)),
+                None => {
+                    return Err(ClientError::Unexpected {
+                        status: 200,
+                        body: "the stream ended without [DONE]".into(),
+                    })
+                }
+            }
+        }
     }
 }
 
