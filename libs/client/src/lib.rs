@@ -229,7 +229,7 @@ impl ChatStream {
     /// without `[DONE]`, is an `Err`.
     pub async fn next(&mut self) -> Result<Option<ChatPiece>, ClientError> {
         loop {
-            while let Some(f) = self.pending.pop_front() {
+            if let Some(f) = self.pending.pop_front() {
                 if f.data == "[DONE]" {
                     return Ok(None);
                 }
