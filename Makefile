@@ -11,7 +11,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins demo up lint test bench bench-build bench-handoff bench-admission bench-stream bench-cloud bench-relay-cpu clean-cache
+.PHONY: help deps engine model build bins demo up lint test bench bench-build bench-handoff bench-admission bench-stream bench-openai bench-cloud bench-relay-cpu clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -55,7 +55,7 @@ test: engine model lint
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 	@$(MAKE) --no-print-directory demo
 
-bench: bench-handoff bench-admission bench-stream bench-cloud bench-relay-cpu
+bench: bench-handoff bench-admission bench-stream bench-openai bench-cloud bench-relay-cpu
 
 bench-build:
 	$(CARGO) build --release -p pool-managerd -p orchestratord -p llorch-bench
@@ -70,6 +70,10 @@ bench-admission: bench-build
 bench-stream: engine model bench-build
 	$(TARGET)/release/stream --orchestratord $(TARGET)/release/orchestratord \
 	  --engine $(ENGINE) --model $(MODEL) --runs 20 --tokens 1024
+
+bench-openai: engine model bench-build
+	$(TARGET)/release/openai-stream --orchestratord $(TARGET)/release/orchestratord \
+	  --engine $(ENGINE) --model $(MODEL) --rounds 20 --concurrency 4 --tokens 512
 
 clean-cache:
 	rm -rf $(CACHE)
