@@ -160,6 +160,9 @@ impl Runner<'_> {
                     task.emit(&TaskEvent::Token { t, i });
                     self.tokens_out.inc();
                     i += 1;
+                } else if piece.logged {
+                    // A choice without text (role, tool-call fragment): wake its relay.
+                    task.poke();
                 }
                 if let Some((finish_reason, decode_ms, engine_tokens)) = piece.done {
                     return Outcome::Done {
@@ -250,6 +253,7 @@ impl Decoder<'_> {
                 None => Piece::default(),
                 Some(c) => Piece {
                     token: (!c.content.is_empty()).then_some(c.content),
+                    logged: false,
                     done: c.stop.then(|| {
                         let finish_reason = match c.stop_type.as_deref() {
                             Some("limit") => "length",

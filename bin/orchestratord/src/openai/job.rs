@@ -6,8 +6,11 @@
 
 use bytes::Bytes;
 use llorch_contracts::openai::Usage;
+use std::borrow::Cow;
+
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 /// Which OpenAI route of the engine a task goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,52 +70,55 @@ pub(crate) struct Job {
 
 #[derive(Default)]
 struct LogInner {
-    choices: Vec<serde_json::Value>,
+    /// Each choice as the engine wrote it (raw JSON: relayed without re-encoding).
+    choices: Vec<Box<RawValue>>,
     usage: Option<Usage>,
 }
 
-/// The engine's choice objects in arrival order, and the usage it reported.
+/// The engine's choice objects in arrival order, and the usage it reported. Followers are
+/// woken through the task's own frame watch (the runner emits a `token` event, or pokes the
+/// watch for a choice without text), so a relay waits on one channel.
+#[derive(Default)]
 pub(crate) struct ChunkLog {
     inner: Mutex<LogInner>,
-    /// The number of choices logged, for followers.
-    count: watch::Sender<usize>,
-}
-
-impl Default for ChunkLog {
-    fn default() -> Self {
-        Self {
-            inner: Mutex::new(LogInner::default()),
-            count: watch::channel(0).0,
-        }
-    }
 }
 
 impl ChunkLog {
-    fn push(&self, choice: serde_json::Value) {
-        let n = {
-            let mut inner = self.inner.lock();
-            // A retry before the first token streams the opening role delta again: keep one.
-            if !inner.choices.is_empty() && is_bare_role_delta(&choice) {
-                return;
-            }
-            inner.choices.push(choice);
-            inner.choices.len()
-        };
-        self.count.send_replace(n);
+    /// Appends a choice; `bare_role` marks an opening role delta, dropped when one is logged
+    /// already (a retry before the first token streams it again). False when dropped.
+    fn push(&self, choice: Box<RawValue>, bare_role: bool) -> bool {
+        let mut inner = self.inner.lock();
+        if bare_role && !inner.choices.is_empty() {
+            return false;
+        }
+        inner.choices.push(choice);
+        true
     }
 
-    /// Choices from index `from` on.
+    /// Choices from index `from` on, parsed.
     pub fn from(&self, from: usize) -> Vec<serde_json::Value> {
         let inner = self.inner.lock();
-        inner.choices.get(from..).unwrap_or_default().to_vec()
+        inner
+            .choices
+            .get(from..)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| serde_json::from_str(c.get()).ok())
+            .collect()
+    }
+
+    /// Calls `f` with each choice's JSON from index `from` on (no copies); returns the next
+    /// index.
+    pub fn for_each_from(&self, from: usize, mut f: impl FnMut(&str)) -> usize {
+        let inner = self.inner.lock();
+        for c in inner.choices.get(from..).unwrap_or_default() {
+            f(c.get());
+        }
+        inner.choices.len().max(from)
     }
 
     pub fn usage(&self) -> Option<Usage> {
         self.inner.lock().usage.clone()
-    }
-
-    pub fn watch(&self) -> watch::Receiver<usize> {
-        self.count.subscribe()
     }
 
     /// Logs an engine's whole (not streamed) answer and its usage; `Err` for a body that is
@@ -129,20 +135,49 @@ impl ChunkLog {
         {
             self.inner.lock().usage = Some(u);
         }
-        self.push(value);
+        let raw = serde_json::value::to_raw_value(&value).map_err(|e| e.to_string())?;
+        self.push(raw, false);
         Ok(())
     }
 }
 
-fn is_bare_role_delta(choice: &serde_json::Value) -> bool {
-    choice
-        .get("delta")
-        .and_then(|d| d.as_object())
-        .is_some_and(|d| {
-            d.iter()
-                .all(|(k, v)| k == "role" || (k == "content" && v.is_null()))
-        })
-        && choice.get("finish_reason").is_none_or(|f| f.is_null())
+/// One chunk of an engine's OpenAI stream, borrowed from its text: only what the decoder
+/// reads is parsed; choices stay raw.
+#[derive(Deserialize)]
+struct EngineChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<&'a RawValue>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    timings: Option<EngineTimings>,
+    #[serde(default, borrow)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct EngineTimings {
+    #[serde(default)]
+    predicted_ms: Option<f64>,
+}
+
+/// What the decoder reads of a choice: its text and finish reason.
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default, borrow)]
+    delta: Option<DeltaView<'a>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DeltaView<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default)]
+    role: Option<String>,
 }
 
 /// What one `data:` frame of the engine's stream meant.
@@ -152,6 +187,8 @@ pub(crate) struct Piece {
     pub token: Option<String>,
     /// The generation ended: finish reason, decode time, the engine's token count.
     pub done: Option<(String, u64, Option<u32>)>,
+    /// A choice was logged (followers must be woken even without text).
+    pub logged: bool,
 }
 
 /// Reads an engine's OpenAI stream into the task's `ChunkLog`.
@@ -188,46 +225,42 @@ impl<'a> Decoder<'a> {
             return Ok(Piece {
                 token: None,
                 done: Some(done),
+                logged: false,
             });
         }
-        let Ok(mut value) = serde_json::from_str::<serde_json::Value>(data) else {
+        let Ok(chunk) = serde_json::from_str::<EngineChunk<'_>>(data) else {
             return Ok(Piece::default());
         };
-        if let Some(err) = value.get("error") {
-            return Err(format!("engine error: {err}"));
+        if let Some(err) = chunk.error {
+            return Err(format!("engine error: {}", err.get()));
         }
-        if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
-            if let Ok(u) = serde_json::from_value::<Usage>(usage.clone()) {
-                self.completion_tokens = Some(u.completion_tokens);
-                self.job.log.inner.lock().usage = Some(u);
-            }
+        if let Some(u) = chunk.usage {
+            self.completion_tokens = Some(u.completion_tokens);
+            self.job.log.inner.lock().usage = Some(u);
         }
-        if let Some(ms) = value
-            .get("timings")
-            .and_then(|t| t.get("predicted_ms"))
-            .and_then(|v| v.as_f64())
-        {
+        if let Some(ms) = chunk.timings.and_then(|t| t.predicted_ms) {
             self.decode_ms = ms.round() as u64;
         }
         let mut piece = Piece::default();
-        let choice = value
-            .get_mut("choices")
-            .and_then(|c| c.as_array_mut())
-            .and_then(|c| (!c.is_empty()).then(|| c.swap_remove(0)));
-        if let Some(mut choice) = choice {
-            if let Some(reason) = choice.get("finish_reason").and_then(|f| f.as_str()) {
-                self.finish_reason = Some(reason.to_string());
+        // One choice per request (`n` is always 1), whose index is 0.
+        if let Some(raw) = chunk.choices.first() {
+            let view: ChoiceView<'_> = serde_json::from_str(raw.get())
+                .map_err(|e| format!("engine sent a choice that is not one: {e}"))?;
+            if let Some(reason) = &view.finish_reason {
+                self.finish_reason = Some(reason.clone());
             }
-            piece.token = self
-                .job
-                .route
-                .content(&choice)
-                .filter(|t| !t.is_empty())
-                .map(str::to_string);
-            if let Some(obj) = choice.as_object_mut() {
-                obj.insert("index".into(), 0.into());
-            }
-            self.job.log.push(choice);
+            let text = match (self.job.route, &view.delta) {
+                (Route::Chat, Some(d)) => d.content.as_deref(),
+                (Route::Completions, _) => view.text.as_deref(),
+                _ => None,
+            };
+            piece.token = text.filter(|t| !t.is_empty()).map(str::to_string);
+            // The opening delta: a role and nothing else.
+            let bare_role = view.delta.as_ref().is_some_and(|d| {
+                d.role.is_some() && d.content.as_deref().is_none_or(str::is_empty)
+            }) && view.finish_reason.is_none()
+                && !raw.get().contains("\"tool_calls\"");
+            piece.logged = self.job.log.push((*raw).to_owned(), bare_role);
         }
         Ok(piece)
     }
@@ -349,26 +382,30 @@ mod tests {
         let j = job(Route::Chat);
         let mut d = Decoder::new(&j);
         let frames = [
-            json!({"choices":[{"index":3,"delta":{"role":"assistant","content":null},"finish_reason":null}]}),
+            json!({"choices":[{"index":0,"delta":{"role":"assistant","content":null},"finish_reason":null}]}),
             json!({"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}),
             json!({"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":null}]}),
             json!({"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}),
             json!({"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9},
                    "timings":{"predicted_ms":12.4}}),
         ];
-        let tokens: Vec<Option<String>> = frames
+        let pieces: Vec<Piece> = frames
             .iter()
-            .map(|f| d.decode(&f.to_string()).unwrap().token)
+            .map(|f| d.decode(&f.to_string()).unwrap())
             .collect();
+        let tokens: Vec<Option<String>> = pieces.iter().map(|p| p.token.clone()).collect();
         assert_eq!(
             tokens,
             vec![None, Some("Hel".into()), Some("lo".into()), None, None]
         );
+        // Every choice is logged (the relay is woken for the text-less ones too).
+        let logged: Vec<bool> = pieces.iter().map(|p| p.logged).collect();
+        assert_eq!(logged, vec![true, true, true, true, false]);
         let end = d.decode("[DONE]").unwrap();
         assert_eq!(end.done, Some(("length".into(), 12, Some(2))));
         let logged = j.log.from(0);
         assert_eq!(logged.len(), 4);
-        assert_eq!(logged[0]["index"], 0, "the engine's index is replaced");
+        assert_eq!(logged[1]["delta"]["content"], "Hel");
         assert_eq!(j.log.usage().unwrap().prompt_tokens, 7);
         let answer = gather(Route::Chat, &logged);
         assert_eq!(answer["message"]["content"], "Hello");

@@ -387,24 +387,25 @@ struct Relay {
     orch: Arc<Orchestrator>,
     task: Arc<Task>,
     include_usage: bool,
+    /// `{"id":…,"object":…,"created":…,"model":…,"choices":[` of every chunk, written once.
+    prefix: String,
     next_frame: u64,
     next_choice: usize,
     frames: tokio::sync::watch::Receiver<u64>,
-    choices: tokio::sync::watch::Receiver<usize>,
     pending: std::collections::VecDeque<Event>,
     done: bool,
     _guard: SubscriberGuard,
 }
 
 impl Relay {
-    fn chunk(&self, job: &Job, choices: Vec<serde_json::Value>, usage: Option<Usage>) -> Event {
+    fn usage_chunk(&self, job: &Job) -> Event {
         let chunk = Chunk {
             id: self.task.id.clone(),
             object: job.route.chunk_object().into(),
             created: job.created,
             model: job.model.clone(),
-            choices,
-            usage,
+            choices: Vec::new(),
+            usage: Some(usage_of(&self.task, &job.log)),
         };
         Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
     }
@@ -413,12 +414,9 @@ impl Relay {
     /// nothing was.
     fn collect(&mut self, job: &Job) -> bool {
         // Frames first: every choice a terminal frame follows was logged before it.
-        let (frames, terminal) = self.task.frames_from(self.next_frame);
-        if let Some(last) = frames.last() {
-            self.next_frame = last.id + 1;
-        }
-        let choices = job.log.from(self.next_choice);
-        let mut any = !frames.is_empty() || !choices.is_empty();
+        let (frames, next, terminal) = self.task.frames_except_tokens(self.next_frame);
+        let mut any = next != self.next_frame;
+        self.next_frame = next;
         for f in frames.iter().filter(|f| f.event == "queued") {
             let position = serde_json::from_str::<serde_json::Value>(&f.data)
                 .ok()
@@ -427,11 +425,13 @@ impl Relay {
             self.pending
                 .push_back(Event::default().comment(format!("queued position={position}")));
         }
-        self.next_choice += choices.len();
-        for c in choices {
-            let event = self.chunk(job, vec![c], None);
-            self.pending.push_back(event);
-        }
+        let (prefix, pending) = (&self.prefix, &mut self.pending);
+        let next_choice = job.log.for_each_from(self.next_choice, |c| {
+            let data = format!("{prefix}{c}]}}");
+            pending.push_back(Event::default().data(data));
+        });
+        any |= next_choice != self.next_choice;
+        self.next_choice = next_choice;
         if terminal {
             any = true;
             self.done = true;
@@ -443,8 +443,7 @@ impl Relay {
                 }
                 None => {
                     if self.include_usage {
-                        let usage = usage_of(&self.task, &job.log);
-                        let event = self.chunk(job, Vec::new(), Some(usage));
+                        let event = self.usage_chunk(job);
                         self.pending.push_back(event);
                     }
                     self.pending.push_back(Event::default().data("[DONE]"));
@@ -455,20 +454,32 @@ impl Relay {
     }
 }
 
+/// The fixed start of every chunk of `task`: id, object, created and model, then `choices`.
+fn chunk_prefix(task: &Task, job: &Job) -> String {
+    let text = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    format!(
+        "{{\"id\":{},\"object\":\"{}\",\"created\":{},\"model\":{},\"choices\":[",
+        text(&task.id),
+        job.route.chunk_object(),
+        job.created,
+        text(&job.model)
+    )
+}
+
 /// Stream: chunks as the engine produces them; the queue position as comments while waiting;
 /// `[DONE]` last, or one error chunk and the end of the stream. Dropping the stream (the client
 /// went away) cancels the task.
 fn stream(orch: &Arc<Orchestrator>, task: Arc<Task>, include_usage: bool) -> Response {
-    let Some(choices) = task.openai.as_ref().map(|j| j.log.watch()) else {
+    let Some(prefix) = task.openai.as_ref().map(|j| chunk_prefix(&task, j)) else {
         return OaError::new(500, "task has no OpenAI request").into_response();
     };
     let relay = Relay {
         orch: orch.clone(),
         frames: task.watch_frames(),
-        choices,
         _guard: SubscriberGuard::new(orch.clone(), task.clone()),
         task,
         include_usage,
+        prefix,
         next_frame: 0,
         next_choice: 0,
         pending: Default::default(),
@@ -485,12 +496,13 @@ fn stream(orch: &Arc<Orchestrator>, task: Arc<Task>, include_usage: bool) -> Res
             }
             let task = r.task.clone();
             let job = task.openai.as_ref()?;
+            // Marks the watch seen before reading, so nothing logged after the read is missed.
+            r.frames.borrow_and_update();
             if r.collect(job) {
                 continue;
             }
-            tokio::select! {
-                c = r.frames.changed() => if c.is_err() { return None },
-                c = r.choices.changed() => if c.is_err() { return None },
+            if r.frames.changed().await.is_err() {
+                return None;
             }
         }
     });
