@@ -70,9 +70,10 @@ pub struct Args {
     #[arg(long, env = "ORCHD_MAX_TOKENS_CAP", default_value_t = 8192)]
     pub max_tokens_cap: u32,
     /// Generation limit of an OpenAI request that sets neither `max_tokens` nor
-    /// `max_completion_tokens` (at most ORCHD_MAX_TOKENS_CAP).
-    #[arg(long, env = "ORCHD_OPENAI_DEFAULT_MAX_TOKENS", default_value_t = 1024)]
-    pub openai_default_max_tokens: u32,
+    /// `max_completion_tokens` (at most ORCHD_MAX_TOKENS_CAP; default 1024, or the cap when
+    /// that is lower).
+    #[arg(long, env = "ORCHD_OPENAI_DEFAULT_MAX_TOKENS")]
+    pub openai_default_max_tokens: Option<u32>,
     /// Largest request body.
     #[arg(long, env = "ORCHD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -229,12 +230,16 @@ impl Config {
                 "ORCHD_MAX_TOKENS_CAP must be at least 1".into(),
             ));
         }
-        if a.openai_default_max_tokens == 0 || a.openai_default_max_tokens > a.max_tokens_cap {
-            return Err(ConfigError::Invalid(format!(
-                "ORCHD_OPENAI_DEFAULT_MAX_TOKENS must be between 1 and ORCHD_MAX_TOKENS_CAP ({}), got {}",
-                a.max_tokens_cap, a.openai_default_max_tokens
-            )));
-        }
+        let openai_default_max_tokens = match a.openai_default_max_tokens {
+            None => a.max_tokens_cap.min(1024),
+            Some(n) if n == 0 || n > a.max_tokens_cap => {
+                return Err(ConfigError::Invalid(format!(
+                    "ORCHD_OPENAI_DEFAULT_MAX_TOKENS must be between 1 and ORCHD_MAX_TOKENS_CAP ({}), got {n}",
+                    a.max_tokens_cap
+                )))
+            }
+            Some(n) => n,
+        };
         if !a.pool_manager_url.starts_with("http://") {
             return Err(ConfigError::Invalid(format!(
                 "ORCHD_POOL_MANAGER_URL {:?} must start with http:// ({TLS_NOTE})",
@@ -278,7 +283,7 @@ impl Config {
             admission_capacity: a.admission_capacity,
             admission_policy,
             max_tokens_cap: a.max_tokens_cap,
-            openai_default_max_tokens: a.openai_default_max_tokens,
+            openai_default_max_tokens,
             max_body_bytes: llorch_http::at_least("ORCHD_MAX_BODY_BYTES", a.max_body_bytes, 1024)
                 .map_err(ConfigError::Invalid)?,
             max_queue_wait: ms("ORCHD_MAX_QUEUE_WAIT_MS", a.max_queue_wait_ms)?,
@@ -328,6 +333,27 @@ mod tests {
         Config::from_args(
             Args::try_parse_from(argv).map_err(|e| ConfigError::Invalid(e.to_string()))?,
         )
+    }
+
+    #[test]
+    fn openai_default_limit_follows_the_cap_unless_set() {
+        let token = "--api-token=0123456789abcdef0123";
+        assert_eq!(parse(&[token]).unwrap().openai_default_max_tokens, 1024);
+        let low = parse(&[token, "--max-tokens-cap=512"]).unwrap();
+        assert_eq!(low.openai_default_max_tokens, 512);
+        let set = parse(&[token, "--openai-default-max-tokens=64"]).unwrap();
+        assert_eq!(set.openai_default_max_tokens, 64);
+        let e = parse(&[
+            token,
+            "--max-tokens-cap=512",
+            "--openai-default-max-tokens=600",
+        ])
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("ORCHD_OPENAI_DEFAULT_MAX_TOKENS"),
+            "{e}"
+        );
+        assert!(parse(&[token, "--openai-default-max-tokens=0"]).is_err());
     }
 
     #[test]

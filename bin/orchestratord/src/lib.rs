@@ -89,8 +89,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .token
         .as_ref()
         .map(|t| t.fingerprint().to_string());
+    // The bound address (the port the kernel chose, when configured as 0).
+    let local = listener.local_addr().unwrap_or(orch.config.bind_addr);
     tracing::info!(
-        addr = %orch.config.bind_addr,
+        addr = %local,
         profile = orch.config.profile.as_str(),
         policy = orch.config.admission_policy.label(),
         capacity = orch.config.admission_capacity,

@@ -140,8 +140,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .token
         .as_ref()
         .map(|t| t.fingerprint().to_string());
+    // The bound address (the port the kernel chose, when configured as 0).
+    let local = listener.local_addr().unwrap_or(shared.config.bind_addr);
     tracing::info!(
-        addr = %shared.config.bind_addr,
+        addr = %local,
         node_id = %shared.config.node_id,
         pools = shared.config.pools.len(),
         auth = token_fp.as_deref().unwrap_or("none (loopback only)"),

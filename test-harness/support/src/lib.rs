@@ -201,6 +201,34 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         .and_then(|v| v.parse().ok())
 }
 
+/// The address a daemon started on port 0 logged as bound (the `addr=HOST:PORT` field of its
+/// `marker` line), polled from its log file until `timeout`. Binding port 0 leaves the choice to
+/// the kernel: a port picked in advance can be taken by any outgoing connection before the
+/// daemon binds it. Panics with the log when the daemon exits or the line never comes.
+pub async fn logged_addr(child: &mut Child, log: &Path, marker: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("the daemon exited ({status}) before {marker:?}; the log:\n{text}");
+        }
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let found = text.lines().filter(|l| l.contains(marker)).find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .map(|a| a.trim_matches('"').to_string())
+        });
+        if let Some(addr) = found {
+            return addr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {marker:?} line within {timeout:?}; the log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A llama-server started by the test itself (an "external provisioner").
 pub struct ExternalEngine {
     pub child: Child,

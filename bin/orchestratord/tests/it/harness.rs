@@ -69,12 +69,11 @@ impl Stack {
         let runtime_dir = dir.path().join("run");
         let config = dir.path().join("pools.toml");
         std::fs::write(&config, &opts.pools_toml).unwrap();
-        let pm_port = free_port();
-        let orch_port = free_port();
-        let pm = spawn(
+        let pm_log = dir.path().join("pool-managerd.log");
+        let mut pm = spawn(
             &workspace_binary("pool-managerd"),
             &[
-                ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}")),
+                ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".into()),
                 ("POOL_MANAGERD_CONFIG", config.display().to_string()),
                 (
                     "POOL_MANAGERD_RUNTIME_DIR",
@@ -88,28 +87,45 @@ impl Stack {
                 ("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into()),
                 ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
             ],
-            &dir.path().join("pool-managerd.log"),
+            &pm_log,
+        );
+        let pm_base = format!(
+            "http://{}",
+            logged_addr(
+                &mut pm,
+                &pm_log,
+                "pool-managerd listening",
+                Duration::from_secs(30)
+            )
+            .await
         );
         let orch_log = dir.path().join("orchestratord.log");
         let mut env = vec![
-            ("ORCHD_BIND_ADDR", format!("127.0.0.1:{orch_port}")),
+            ("ORCHD_BIND_ADDR", "127.0.0.1:0".to_string()),
             ("ORCHD_RUNTIME_DIR", runtime_dir.display().to_string()),
-            (
-                "ORCHD_POOL_MANAGER_URL",
-                format!("http://127.0.0.1:{pm_port}"),
-            ),
+            ("ORCHD_POOL_MANAGER_URL", pm_base.clone()),
             ("ORCHD_HANDOFF_WATCH_INTERVAL_MS", "500".into()),
             ("ORCHD_POOL_HEALTH_INTERVAL_MS", "200".into()),
             ("ORCHD_SHUTDOWN_GRACE_MS", "3000".into()),
         ];
         env.extend(opts.orch_env.iter().cloned());
-        let orch = spawn(&workspace_binary("orchestratord"), &env, &orch_log);
+        let mut orch = spawn(&workspace_binary("orchestratord"), &env, &orch_log);
+        let base = format!(
+            "http://{}",
+            logged_addr(
+                &mut orch,
+                &orch_log,
+                "orchestratord listening",
+                Duration::from_secs(30)
+            )
+            .await
+        );
         let http = authed_client(TOKEN);
         let stack = Stack {
             pm,
             orch,
-            base: format!("http://127.0.0.1:{orch_port}"),
-            pm_base: format!("http://127.0.0.1:{pm_port}"),
+            base,
+            pm_base,
             runtime_dir,
             orch_log,
             http,
@@ -117,12 +133,24 @@ impl Stack {
         };
         let path = if opts.no_wait { "health" } else { "ready" };
         let url = format!("{}/{path}", stack.base);
-        wait_http_ok(
-            "orchestratord ready with a pool",
-            &url,
-            Duration::from_secs(30),
-        )
-        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let probe = reqwest::Client::new();
+        while !probe
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            if std::time::Instant::now() >= deadline {
+                panic!(
+                    "orchestratord not {path} within 30 s\n--- orchestratord log:\n{}\n--- pool-managerd log:\n{}",
+                    stack.orch_log(),
+                    std::fs::read_to_string(stack.runtime_dir.with_file_name("pool-managerd.log"))
+                        .unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         stack
     }
 
