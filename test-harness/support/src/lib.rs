@@ -201,8 +201,8 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         .and_then(|v| v.parse().ok())
 }
 
-/// The address a daemon started on port 0 logged as bound (the `addr=HOST:PORT` field of its
-/// `marker` line), polled from its log file until `timeout`. Binding port 0 leaves the choice to
+/// The address a daemon started on port 0 logged as bound (the `addr` field of its `marker`
+/// line, pretty or JSON), polled from its log file until `timeout`. Binding port 0 leaves the choice to
 /// the kernel: a port picked in advance can be taken by any outgoing connection before the
 /// daemon binds it. Panics with the log when the daemon exits or the line never comes.
 pub async fn logged_addr(child: &mut Child, log: &Path, marker: &str, timeout: Duration) -> String {
@@ -213,10 +213,13 @@ pub async fn logged_addr(child: &mut Child, log: &Path, marker: &str, timeout: D
             panic!("the daemon exited ({status}) before {marker:?}; the log:\n{text}");
         }
         let text = std::fs::read_to_string(log).unwrap_or_default();
+        // `addr=HOST:PORT` (pretty logs) or `"addr":"HOST:PORT"` (JSON logs).
         let found = text.lines().filter(|l| l.contains(marker)).find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .map(|a| a.trim_matches('"').to_string())
+            let (_, rest) = l
+                .split_once("addr=")
+                .or_else(|| l.split_once("\"addr\":\""))?;
+            let end = rest.find(['"', ' ', ',']).unwrap_or(rest.len());
+            Some(rest[..end].to_string())
         });
         if let Some(addr) = found {
             return addr;
