@@ -30,6 +30,33 @@ pub async fn wait_ok(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     bail!("{url} not ready within 30 s")
 }
 
+/// A HOME orchestratord in front of one external engine: writes the engine's handoff file
+/// (pool `bench`, model `tiny`) into `runtime` and starts `binary` on a free port with `token`;
+/// returns the child and its base URL once it is ready.
+pub async fn home_orchestratord(
+    http: &reqwest::Client,
+    binary: &std::path::Path,
+    runtime: &std::path::Path,
+    engine_url: &str,
+    slots: u32,
+    token: &str,
+) -> anyhow::Result<(tokio::process::Child, String)> {
+    let file = llorch_contracts::HandoffFile::external("bench", engine_url, "tiny", slots);
+    std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
+    let port = free_port()?;
+    let child = tokio::process::Command::new(binary)
+        .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORCHD_RUNTIME_DIR", runtime)
+        .env("LLORCH_API_TOKEN", token)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ok(http, &format!("{base}/ready")).await?;
+    Ok((child, base))
+}
+
 /// Nearest-rank percentile of sorted samples.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

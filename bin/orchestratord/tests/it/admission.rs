@@ -35,18 +35,7 @@ async fn three_times_more_tasks_than_slots_all_complete_without_oversubscribing_
     let mut samples = 0;
     loop {
         for url in &engines {
-            let m = reqwest::get(format!("{url}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            assert_eq!(
-                metric_value(&m, "llamacpp:requests_deferred", &[]),
-                Some(0.0),
-                "engine queued a request: orchestratord oversubscribed it"
-            );
-            assert!(metric_value(&m, "llamacpp:requests_processing", &[]).unwrap() <= 2.0);
+            Stack::assert_engine_not_oversubscribed(url, 2).await;
             samples += 1;
         }
         let mut done = 0;

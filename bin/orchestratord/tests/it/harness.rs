@@ -251,6 +251,33 @@ impl Stack {
             .unwrap()
     }
 
+    /// One sample of an engine's own metrics: it never queued a request itself (nothing
+    /// deferred) and never runs more than `slots` at once; orchestratord must not oversubscribe
+    /// it.
+    pub async fn assert_engine_not_oversubscribed(engine_url: &str, slots: u32) {
+        let m = reqwest::get(format!("{engine_url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            metric_value(&m, "llamacpp:requests_deferred", &[]),
+            Some(0.0),
+            "engine queued a request: orchestratord oversubscribed it"
+        );
+        assert!(metric_value(&m, "llamacpp:requests_processing", &[]).unwrap() <= f64::from(slots));
+    }
+
+    /// `GET path` on orchestratord with the token.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn engine_slots_busy(&self, pool: &str) -> usize {
         let url = self.handoff(pool).url;
         let slots: Vec<serde_json::Value> = reqwest::get(format!("{url}/slots"))

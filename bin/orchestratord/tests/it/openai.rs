@@ -237,31 +237,13 @@ async fn whole_answers_completions_and_models_have_openais_shape() {
         .collect();
     assert!(!text.is_empty());
 
-    let models: serde_json::Value = s
-        .http
-        .get(format!("{}/v1/models", s.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: serde_json::Value = s.get("/v1/models").await.json().await.unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "tiny");
     assert_eq!(models["data"][0]["object"], "model");
-    let one = s
-        .http
-        .get(format!("{}/v1/models/tiny", s.base))
-        .send()
-        .await
-        .unwrap();
+    let one = s.get("/v1/models/tiny").await;
     assert_eq!(one.status(), 200);
-    let none = s
-        .http
-        .get(format!("{}/v1/models/nope", s.base))
-        .send()
-        .await
-        .unwrap();
+    let none = s.get("/v1/models/nope").await;
     assert_eq!(none.status(), 404);
     let e: serde_json::Value = none.json().await.unwrap();
     assert_eq!(e["error"]["code"], "model_not_found");
@@ -339,20 +321,10 @@ async fn each_error_has_openais_shape_and_status() {
     assert_oa_error(r, 413, "invalid_request_error", Some("payload_too_large")).await;
     let r = s.http.get(&url).send().await.unwrap();
     assert_oa_error(r, 405, "invalid_request_error", None).await;
-    let r = s
-        .http
-        .get(format!("{}/v1/no/such/route", s.base))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/v1/no/such/route").await;
     assert_oa_error(r, 404, "invalid_request_error", None).await;
     // /v2 keeps its own envelope.
-    let r = s
-        .http
-        .get(format!("{}/v2/tasks/none", s.base))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get("/v2/tasks/none").await;
     assert_eq!(r.status(), 404);
     let e: serde_json::Value = r.json().await.unwrap();
     assert_eq!(e["code"], "NOT_FOUND");
@@ -498,18 +470,7 @@ async fn chat_streams_beyond_the_slots_all_complete_and_interactive_ones_go_firs
         })
         .collect();
     while !streams.iter().all(|h| h.is_finished()) {
-        let m = reqwest::get(format!("{engine}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        assert_eq!(
-            metric_value(&m, "llamacpp:requests_deferred", &[]),
-            Some(0.0),
-            "the engine queued a request: orchestratord oversubscribed it"
-        );
-        assert!(metric_value(&m, "llamacpp:requests_processing", &[]).unwrap() <= 2.0);
+        Stack::assert_engine_not_oversubscribed(&engine, 2).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for h in streams {

@@ -10,9 +10,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use llorch_bench::{free_port, percentile, wait_ok};
+use llorch_bench::{free_port, home_orchestratord, percentile, wait_ok};
 use llorch_client::SseParser;
-use llorch_contracts::HandoffFile;
 
 #[derive(Parser)]
 struct Args {
@@ -149,19 +148,15 @@ async fn main() -> anyhow::Result<()> {
         .spawn()?;
     let engine_url = format!("http://127.0.0.1:{eport}");
     wait_ok(&http, &format!("{engine_url}/health")).await?;
-    let file = HandoffFile::external("bench", &engine_url, "tiny", a.concurrency);
-    std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
-    let oport = free_port()?;
-    let mut orch = tokio::process::Command::new(&a.orchestratord)
-        .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{oport}"))
-        .env("ORCHD_RUNTIME_DIR", &runtime)
-        .env("LLORCH_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let base = format!("http://127.0.0.1:{oport}");
-    wait_ok(&http, &format!("{base}/ready")).await?;
+    let (mut orch, base) = home_orchestratord(
+        &http,
+        &a.orchestratord,
+        &runtime,
+        &engine_url,
+        a.concurrency,
+        TOKEN,
+    )
+    .await?;
 
     let direct_url = format!("{engine_url}/v1/chat/completions");
     let via_url = format!("{base}/v1/chat/completions");

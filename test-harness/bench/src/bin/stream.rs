@@ -7,8 +7,9 @@ use std::process::Stdio;
 use std::time::Instant;
 
 use clap::Parser;
-use llorch_bench::{free_port, read_stream, summary, via_orchestratord, wait_ok};
-use llorch_contracts::HandoffFile;
+use llorch_bench::{
+    free_port, home_orchestratord, read_stream, summary, via_orchestratord, wait_ok,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -51,19 +52,8 @@ async fn main() -> anyhow::Result<()> {
         .spawn()?;
     let engine_url = format!("http://127.0.0.1:{eport}");
     wait_ok(&http, &format!("{engine_url}/health")).await?;
-    let file = HandoffFile::external("bench", &engine_url, "tiny", 1);
-    std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
-    let oport = free_port()?;
-    let mut orch = tokio::process::Command::new(&a.orchestratord)
-        .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{oport}"))
-        .env("ORCHD_RUNTIME_DIR", &runtime)
-        .env("LLORCH_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let base = format!("http://127.0.0.1:{oport}");
-    wait_ok(&http, &format!("{base}/ready")).await?;
+    let (mut orch, base) =
+        home_orchestratord(&http, &a.orchestratord, &runtime, &engine_url, 1, TOKEN).await?;
 
     let mut direct = Vec::new();
     let mut via = Vec::new();
