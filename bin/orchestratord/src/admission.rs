@@ -187,6 +187,24 @@ impl Orchestrator {
                 .with_retry_after(5000),
             ));
         }
+        let embeddings = openai
+            .as_ref()
+            .is_some_and(|j| j.route == crate::openai::Route::Embeddings);
+        if self.pools.serves_kind(&req.model_ref, embeddings) == Some(false) {
+            // Refused now rather than queued for a pool that can never take it.
+            let (kind, declared) = if embeddings {
+                ("embeddings", "embeddings = true")
+            } else {
+                ("generation", "embeddings = false")
+            };
+            return Err(self.reject(
+                "invalid_params",
+                invalid(format!(
+                    "model {:?} has no pool for {kind} (pools with {declared})",
+                    req.model_ref
+                )),
+            ));
+        }
         if req.determinism == Some(Determinism::Strict)
             && !self.pools.has_single_slot_pool(&req.model_ref)
         {

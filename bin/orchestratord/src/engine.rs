@@ -31,7 +31,8 @@ pub(crate) struct CompletionCall<'a> {
 pub(crate) enum Answer {
     /// 2xx: the streamed body.
     Stream(ByteStream),
-    /// 4xx: the engine refused this request (not worth retrying elsewhere).
+    /// 4xx, or 500/501 with an error body: the engine refused this request (not worth retrying
+    /// elsewhere, and no sign of a sick engine).
     Refused { status: u16, body: String },
     /// Any other status.
     Failed { status: u16 },
@@ -95,6 +96,23 @@ impl Engine for HttpEngine {
                 return Ok(Answer::Refused {
                     status: status.as_u16(),
                     body,
+                });
+            }
+            if matches!(status.as_u16(), 500 | 501) {
+                // llama-server answers 500/501 with an error body to a request it cannot serve
+                // (a chat template refusing the messages, an unsupported route): an answer about
+                // this request, not a sick engine.
+                let body = resp.text().await.unwrap_or_default();
+                let about_request = serde_json::from_str::<serde_json::Value>(&body)
+                    .is_ok_and(|v| v.get("error").is_some());
+                if about_request {
+                    return Ok(Answer::Refused {
+                        status: status.as_u16(),
+                        body,
+                    });
+                }
+                return Ok(Answer::Failed {
+                    status: status.as_u16(),
                 });
             }
             if !status.is_success() {

@@ -173,6 +173,18 @@ impl PoolTable {
         largest
     }
 
+    /// Whether some pool (not failed) of `model` takes this kind of work (`embeddings` or
+    /// generation); `None` when no such pool serves the model at all.
+    pub fn serves_kind(&self, model: &str, embeddings: bool) -> Option<bool> {
+        let pools = self.pools.read();
+        let mut serving = pools
+            .values()
+            .filter(|p| p.model_id == model && p.phase != PoolPhase::Failed)
+            .peekable();
+        serving.peek()?;
+        Some(serving.any(|p| p.embeddings == embeddings))
+    }
+
     /// Whether a pool with a single slot (and not failed) serves `model`: where a strict task
     /// can run.
     pub fn has_single_slot_pool(&self, model: &str) -> bool {

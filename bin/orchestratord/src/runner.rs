@@ -117,8 +117,10 @@ impl Runner<'_> {
             } else {
                 self.decode_timeout
             };
+            // Retried elsewhere only while the client has seen nothing of this attempt.
+            let relayed = i > 0 || decoder.relayed();
             let broken = |reason: String| {
-                if i == 0 {
+                if !relayed {
                     Outcome::BeforeFirstToken(reason)
                 } else {
                     Outcome::WorkerReset(reason)
@@ -268,6 +270,13 @@ impl Decoder<'_> {
                     }),
                 },
             }),
+        }
+    }
+
+    fn relayed(&self) -> bool {
+        match self {
+            Decoder::OpenAi(d) => d.relayed(),
+            Decoder::Native => false,
         }
     }
 

@@ -41,7 +41,8 @@ pub struct PlacementRequest<'a> {
     /// `determinism: strict`: only single-slot pools qualify (no batching with other requests,
     /// whose presence changes llama.cpp's numerics).
     pub single_slot: bool,
-    /// An embeddings request: only pools that serve embeddings qualify.
+    /// An embeddings request: only pools that serve embeddings qualify (and those take no
+    /// generation: llama-server started for embeddings may refuse completions).
     pub embeddings: bool,
 }
 
@@ -70,7 +71,7 @@ pub fn place(pools: &[PoolView], req: &PlacementRequest<'_>) -> Decision {
             && !p.avoid_pools.contains(&v.pool_id)
             && fits(v, req.min_ctx)
             && (!req.single_slot || v.slots_total == 1)
-            && (!req.embeddings || v.embeddings)
+            && v.embeddings == req.embeddings
     };
     let mut candidates: Vec<&PoolView> = pools.iter().filter(usable).collect();
     if p.mode == PlacementMode::Pin {
@@ -140,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn embeddings_requests_go_only_to_pools_that_serve_embeddings() {
+    fn embeddings_and_generation_go_only_to_their_own_pools() {
         let plain = pool("plain", "m", 2, 0);
         let embed = PoolView {
             embeddings: true,
@@ -155,10 +156,14 @@ mod tests {
             place(&[plain.clone(), embed.clone()], &wants),
             Decision::Place("embed".into())
         );
-        // A completion may still run on a pool that also serves embeddings.
+        // A generation never goes to an embeddings pool.
+        assert_eq!(
+            place(&[embed.clone(), plain.clone()], &req("m")),
+            Decision::Place("plain".into())
+        );
         assert_eq!(
             place(std::slice::from_ref(&embed), &req("m")),
-            Decision::Place("embed".into())
+            Decision::Wait
         );
     }
 

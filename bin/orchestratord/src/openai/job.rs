@@ -194,6 +194,9 @@ pub(crate) struct Piece {
 /// Reads an engine's OpenAI stream into the task's `ChunkLog`.
 pub(crate) struct Decoder<'a> {
     job: &'a Job,
+    /// Something beyond the opening role delta reached the log (and so the client): a retry
+    /// elsewhere would repeat it.
+    relayed: bool,
     finish_reason: Option<String>,
     decode_ms: u64,
     completion_tokens: Option<u32>,
@@ -203,6 +206,7 @@ impl<'a> Decoder<'a> {
     pub fn new(job: &'a Job) -> Self {
         Self {
             job,
+            relayed: false,
             finish_reason: None,
             decode_ms: 0,
             completion_tokens: None,
@@ -261,8 +265,15 @@ impl<'a> Decoder<'a> {
             }) && view.finish_reason.is_none()
                 && !raw.get().contains("\"tool_calls\"");
             piece.logged = self.job.log.push((*raw).to_owned(), bare_role);
+            self.relayed |= piece.logged && !bare_role;
         }
         Ok(piece)
+    }
+
+    /// Whether output beyond the opening role delta was logged for the client (text, tool-call
+    /// fragments, reasoning): after that, a broken stream must not be retried elsewhere.
+    pub fn relayed(&self) -> bool {
+        self.relayed
     }
 
     /// The stream closed: done when a finish reason was seen.
@@ -323,42 +334,50 @@ pub(crate) fn gather(route: Route, choices: &[serde_json::Value]) -> serde_json:
 /// Folds one streamed tool-call fragment into the calls gathered so far: fragments of one call
 /// share an `index`; `id`, `type` and the function name come once, `arguments` in pieces.
 fn merge_tool_call(calls: &mut Vec<serde_json::Value>, fragment: &serde_json::Value) {
-    let index = fragment
+    // Only objects are merged: the engine's output is not trusted to be well formed.
+    let Some(frag) = fragment.as_object() else {
+        return;
+    };
+    let index = frag
         .get("index")
         .and_then(|i| i.as_u64())
         .unwrap_or(calls.len() as u64);
     let pos = calls
         .iter()
         .position(|c| c.get("index").and_then(|i| i.as_u64()) == Some(index));
-    let Some(pos) = pos else {
-        let mut call = fragment.clone();
-        if let Some(f) = call.get_mut("function") {
-            if f.get("arguments").is_none_or(|a| a.is_null()) {
-                f["arguments"] = "".into();
-            }
-        }
-        call["index"] = index.into();
-        calls.push(call);
+    let pos = pos.unwrap_or_else(|| {
+        calls.push(serde_json::json!({"index": index, "function": {"arguments": ""}}));
+        calls.len() - 1
+    });
+    let Some(call) = calls.get_mut(pos).and_then(|c| c.as_object_mut()) else {
         return;
     };
-    let call = &mut calls[pos];
     for key in ["id", "type"] {
-        if let Some(v) = fragment.get(key).filter(|v| !v.is_null()) {
-            call[key] = v.clone();
+        if let Some(v) = frag.get(key).filter(|v| !v.is_null()) {
+            call.insert(key.into(), v.clone());
         }
     }
-    if let Some(f) = fragment.get("function") {
-        if let Some(name) = f.get("name").filter(|v| !v.is_null()) {
-            call["function"]["name"] = name.clone();
-        }
-        if let Some(args) = f.get("arguments").and_then(|v| v.as_str()) {
-            let mut joined = call["function"]["arguments"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            joined.push_str(args);
-            call["function"]["arguments"] = joined.into();
-        }
+    let Some(f) = frag.get("function").and_then(|f| f.as_object()) else {
+        return;
+    };
+    let Some(target) = call
+        .entry("function")
+        .or_insert_with(|| serde_json::json!({}))
+        .as_object_mut()
+    else {
+        return;
+    };
+    if let Some(name) = f.get("name").filter(|v| !v.is_null()) {
+        target.insert("name".into(), name.clone());
+    }
+    if let Some(args) = f.get("arguments").and_then(|v| v.as_str()) {
+        let mut joined = target
+            .get("arguments")
+            .and_then(|a| a.as_str())
+            .unwrap_or_default()
+            .to_string();
+        joined.push_str(args);
+        target.insert("arguments".into(), joined.into());
     }
 }
 
@@ -414,6 +433,26 @@ mod tests {
     }
 
     #[test]
+    fn only_output_beyond_the_opening_role_delta_counts_as_relayed() {
+        let j = job(Route::Chat);
+        let mut d = Decoder::new(&j);
+        d.decode(&json!({"choices":[{"delta":{"role":"assistant","content":null}}]}).to_string())
+            .unwrap();
+        assert!(
+            !d.relayed(),
+            "a retry may still happen after the role delta"
+        );
+        let call =
+            json!({"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"f"}}]}}]});
+        let piece = d.decode(&call.to_string()).unwrap();
+        assert!(piece.token.is_none() && piece.logged);
+        assert!(
+            d.relayed(),
+            "a tool-call fragment reached the client: no retry elsewhere"
+        );
+    }
+
+    #[test]
     fn an_engine_error_in_the_stream_is_reported() {
         let j = job(Route::Completions);
         let mut d = Decoder::new(&j);
@@ -453,6 +492,19 @@ mod tests {
         assert_eq!(calls[1]["function"]["arguments"], "");
         assert_eq!(answer["message"]["content"], serde_json::Value::Null);
         assert_eq!(answer["finish_reason"], "tool_calls");
+    }
+
+    #[test]
+    fn malformed_tool_call_fragments_are_skipped_not_fatal() {
+        let choices = vec![
+            json!({"delta":{"tool_calls":["not an object", {"index":0,"function":"a string"}]}}),
+            json!({"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{}"}}]}}),
+        ];
+        let answer = gather(Route::Chat, &choices);
+        let calls = answer["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0]["function"]["name"], "f");
+        assert_eq!(calls[0]["function"]["arguments"], "{}");
     }
 
     #[test]

@@ -40,7 +40,8 @@ const TASK_HEADER: &str = "x-llorch-task-id";
 pub(crate) fn router(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/models", get(models))
-        .route("/models/{id}", get(model))
+        // Model ids may hold slashes (`org/model`).
+        .route("/models/{*id}", get(model))
         .route("/chat/completions", post(chat))
         .route("/completions", post(completions))
         .route("/embeddings", post(embeddings))
@@ -184,7 +185,9 @@ fn rejected(orch: &Orchestrator, e: &OaError) {
         .tasks_rejected
         .with_label_values(&[reason])
         .inc();
-    tracing::info!(reason, message = %e.body().error.message, api = "openai", "task rejected");
+    // The message may quote the client's text (a malformed body): only the parameter is logged.
+    let param = e.body().error.param.as_deref().unwrap_or("body");
+    tracing::info!(reason, param, api = "openai", "task rejected");
 }
 
 /// Admits the task and answers: a stream of chunks, or the whole answer once it ends.
@@ -214,7 +217,11 @@ async fn run(
             .is_some_and(|o| o.include_usage);
         stream(orch, task, include_usage).into_response()
     } else {
-        whole(orch, task).await?.into_response()
+        // A failed task's answer names it too.
+        match whole(orch, task).await {
+            Ok(answer) => answer.into_response(),
+            Err(e) => e.into_response(),
+        }
     };
     if let Some(v) = task_header {
         resp.headers_mut().insert(TASK_HEADER, v);
@@ -280,19 +287,6 @@ async fn embeddings(
     let OaJson(req) = body.inspect_err(|e| rejected(&orch, e))?;
     let checked = (|| {
         let input = wire::embedding_input(&req.input)?;
-        let pools = orch.pools.list();
-        let serving = pools
-            .iter()
-            .filter(|p| p.model_id == req.model && p.phase != PoolPhase::Failed);
-        if serving.clone().next().is_some() && !serving.clone().any(|p| p.embeddings) {
-            return Err(OaError::invalid(
-                "model",
-                format!(
-                    "model {:?} is not served by a pool with embeddings = true",
-                    req.model
-                ),
-            ));
-        }
         let mut body = serde_json::Map::new();
         body.insert("input".into(), input);
         body.insert(
@@ -312,7 +306,16 @@ async fn embeddings(
         |id, q| wire::task_request(id, &req.model, 1, &Default::default(), q),
     )?;
     let task_header = HeaderValue::from_str(&task.id).ok();
-    let answer = ended(&orch, &task).await?;
+    let answer = match ended(&orch, &task).await {
+        Ok(a) => a,
+        Err(e) => {
+            let mut resp = e.into_response();
+            if let Some(v) = task_header {
+                resp.headers_mut().insert(TASK_HEADER, v);
+            }
+            return Ok(resp);
+        }
+    };
     let data: Vec<Embedding> = answer
         .get("data")
         .and_then(|d| serde_json::from_value(d.clone()).ok())

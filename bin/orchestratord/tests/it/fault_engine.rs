@@ -1,6 +1,7 @@
-//! Fault injection only: a "engine" that answers `GET /health` and `GET /slots` like
+//! Fault injection only: an "engine" that answers `GET /health` and `GET /slots` like
 //! llama-server but drops every completion request before answering (an engine dying before
-//! its first token). Never used for a happy path.
+//! its first token), or answers each one with llama-server's 500 and an error body (a request
+//! it cannot serve, e.g. a chat template refusing the messages). Never used for a happy path.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -17,6 +18,18 @@ impl Drop for FaultEngine {
 }
 
 pub async fn start_dropping_completions() -> FaultEngine {
+    start(None).await
+}
+
+pub async fn start_refusing_completions() -> FaultEngine {
+    start(Some(
+        r#"{"error":{"code":500,"message":"the chat template refused the messages","type":"server_error"}}"#,
+    ))
+    .await
+}
+
+/// `refusal`: the 500 body every completion gets (none: the connection is dropped).
+async fn start(refusal: Option<&'static str>) -> FaultEngine {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let task = tokio::spawn(async move {
@@ -28,16 +41,17 @@ pub async fn start_dropping_completions() -> FaultEngine {
                 let mut buf = vec![0u8; 4096];
                 let n = sock.read(&mut buf).await.unwrap_or(0);
                 let head = String::from_utf8_lossy(&buf[..n]);
-                let body = if head.starts_with("GET /health") {
-                    Some(r#"{"status":"ok"}"#)
+                let answer = if head.starts_with("GET /health") {
+                    Some(("200 OK", r#"{"status":"ok"}"#))
                 } else if head.starts_with("GET /slots") {
-                    Some(r#"[{"id":0,"is_processing":false}]"#)
+                    Some(("200 OK", r#"[{"id":0,"is_processing":false}]"#))
                 } else {
-                    None // completion: drop the connection without a word
+                    // A completion: refused, or dropped without a word.
+                    refusal.map(|b| ("500 Internal Server Error", b))
                 };
-                if let Some(b) = body {
+                if let Some((status, b)) = answer {
                     let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
                         b.len()
                     );
                     let _ = sock.write_all(resp.as_bytes()).await;

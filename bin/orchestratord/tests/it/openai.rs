@@ -585,4 +585,34 @@ async fn embeddings_come_from_embedding_pools_as_floats_or_base64_of_the_same_ve
     wrong["model"] = "tiny".into();
     let r = s.oa_post("/embeddings", &wrong, &[]).await;
     assert_oa_error(r, 400, "invalid_request_error", None).await;
+    // And a generation for a model only embeddings pools serve.
+    let mut generation = chat("x", 4, false);
+    generation["model"] = "tiny-embed".into();
+    let r = s.oa_post("/chat/completions", &generation, &[]).await;
+    assert_oa_error(r, 400, "invalid_request_error", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_refusing_a_request_fails_it_and_stays_healthy() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("real", 1, 2048),
+        ..Default::default()
+    })
+    .await;
+    let fault = crate::fault_engine::start_refusing_completions().await;
+    let file = llorch_contracts::HandoffFile::external("refusing", &fault.url, "picky", 1);
+    llorch_handoff::write_atomic(&s.runtime_dir, &file).unwrap();
+    s.wait_pools_ready(2).await;
+    let mut req = chat("x", 4, false);
+    req["model"] = "picky".into();
+    let r = s.oa_post("/chat/completions", &req, &[]).await;
+    let id = task_id(&r);
+    assert_oa_error(r, 400, "invalid_request_error", Some("invalid_params")).await;
+    let st = s.status(&id).await;
+    assert_eq!(st.attempts, 1, "a refusal is not retried: {st:?}");
+    assert!(st.error.unwrap().message.contains("template refused"));
+    // The request's fault, not the engine's: the pool stays healthy for the next one.
+    let pool = s.get("/v2/pools/refusing/health").await;
+    let health: serde_json::Value = pool.json().await.unwrap();
+    assert_eq!(health["ready"], true, "{health}");
 }
