@@ -50,6 +50,23 @@ pub(crate) trait Engine: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Health, String>>;
 }
 
+/// The most of an engine's error body that is read (the rest is dropped with the connection).
+const ERROR_BODY_MAX: usize = 4096;
+
+/// At most `cap` bytes of a body (lossy UTF-8); the read is bounded in size here and in time by
+/// the caller's timeout and cancel.
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> String {
+    let mut body = Vec::new();
+    while body.len() < cap {
+        match resp.chunk().await {
+            Ok(Some(c)) => body.extend_from_slice(&c),
+            _ => break,
+        }
+    }
+    body.truncate(cap);
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 /// The real engine: HTTP with reqwest.
 pub(crate) struct HttpEngine {
     /// Completions: no overall timeout (streams are long), short idle pool.
@@ -92,7 +109,7 @@ impl Engine for HttpEngine {
             .map_err(|e| format!("engine unreachable: {}", llamacpp_client::error_chain(&e)))?;
             let status = resp.status();
             if status.is_client_error() {
-                let body = resp.text().await.unwrap_or_default();
+                let body = read_capped(resp, ERROR_BODY_MAX).await;
                 return Ok(Answer::Refused {
                     status: status.as_u16(),
                     body,
@@ -102,7 +119,7 @@ impl Engine for HttpEngine {
                 // llama-server answers 500/501 with an error body to a request it cannot serve
                 // (a chat template refusing the messages, an unsupported route): an answer about
                 // this request, not a sick engine.
-                let body = resp.text().await.unwrap_or_default();
+                let body = read_capped(resp, ERROR_BODY_MAX).await;
                 let about_request = serde_json::from_str::<serde_json::Value>(&body)
                     .is_ok_and(|v| v.get("error").is_some());
                 if about_request {

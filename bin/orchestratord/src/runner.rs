@@ -23,6 +23,9 @@ use crate::openai::{Piece, Route};
 use crate::pools::PoolEntry;
 use crate::tasks::Task;
 
+/// The longest SSE frame accepted from an engine (a token chunk is well under 1 KiB).
+const ENGINE_FRAME_MAX: usize = 1024 * 1024;
+
 #[derive(Debug)]
 pub(crate) enum Outcome {
     Done {
@@ -108,15 +111,14 @@ impl Runner<'_> {
         {
             return self.whole_answer(task, job, stream, &lost).await;
         }
-        let mut parser = SseParser::new();
+        let mut parser = SseParser::with_max_frame(ENGINE_FRAME_MAX);
         let mut i: u32 = 0;
         let mut first_token = None;
+        // Only progress (a token, or other output the client sees) moves the deadline: chunks
+        // of comments or empty data keep nothing alive.
+        let mut wait = self.first_token_timeout;
+        let mut deadline = Instant::now() + wait;
         loop {
-            let wait = if i == 0 {
-                self.first_token_timeout
-            } else {
-                self.decode_timeout
-            };
             // Retried elsewhere only while the client has seen nothing of this attempt.
             let relayed = i > 0 || decoder.relayed();
             let broken = |reason: String| {
@@ -129,7 +131,7 @@ impl Runner<'_> {
             let chunk = tokio::select! {
                 _ = task.cancel.cancelled() => return Outcome::Cancelled,
                 _ = lost.cancelled() => return broken("the pool's node was lost".into()),
-                c = tokio::time::timeout(wait, stream.next()) => c,
+                c = tokio::time::timeout_at(deadline, stream.next()) => c,
             };
             let bytes = match chunk {
                 Err(_) => {
@@ -152,19 +154,35 @@ impl Runner<'_> {
                 }
                 Ok(Some(Ok(b))) => b,
             };
-            for frame in parser.push(&bytes) {
+            let frames = match parser.try_push(&bytes) {
+                Ok(frames) => frames,
+                Err(e) => return broken(format!("engine stream refused: {e}")),
+            };
+            for frame in frames {
                 let piece = match decoder.decode(&frame.data) {
                     Ok(p) => p,
                     Err(refused) => return Outcome::EngineRefused(refused),
                 };
+                let mut progress = false;
                 if let Some(t) = piece.token {
+                    if i >= task.req.max_tokens {
+                        // The engine overran the limit it was given: the task is complete.
+                        return Outcome::Done {
+                            finish_reason: "length".into(),
+                            decode_ms: 0,
+                            engine_tokens: Some(i),
+                            first_token,
+                        };
+                    }
                     first_token.get_or_insert_with(Instant::now);
                     task.emit(&TaskEvent::Token { t, i });
                     self.tokens_out.inc();
                     i += 1;
+                    progress = true;
                 } else if piece.logged {
                     // A choice without text (role, tool-call fragment): wake its relay.
                     task.poke();
+                    progress = decoder.relayed();
                 }
                 if let Some((finish_reason, decode_ms, engine_tokens)) = piece.done {
                     return Outcome::Done {
@@ -173,6 +191,10 @@ impl Runner<'_> {
                         engine_tokens,
                         first_token,
                     };
+                }
+                if progress {
+                    wait = self.decode_timeout;
+                    deadline = Instant::now() + wait;
                 }
             }
         }

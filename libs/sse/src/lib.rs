@@ -10,9 +10,28 @@ pub struct SseFrame {
     pub data: String,
 }
 
+/// A frame grew past the parser's limit before it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameTooLarge {
+    pub max: usize,
+}
+
+impl std::fmt::Display for FrameTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an SSE frame exceeded {} bytes", self.max)
+    }
+}
+
+impl std::error::Error for FrameTooLarge {}
+
+/// Scans each byte once (a frame end split across pushes is found by rescanning at most three
+/// bytes) and moves the buffer once per push, so feeding a stream costs time linear in its size.
 #[derive(Debug, Default)]
 pub struct SseParser {
     buf: Vec<u8>,
+    /// Bytes at the start of `buf` already searched for a frame end.
+    scanned: usize,
+    max_frame: Option<usize>,
 }
 
 impl SseParser {
@@ -20,18 +39,51 @@ impl SseParser {
         Self::default()
     }
 
+    /// A parser that refuses a frame longer than `max` bytes ([`SseParser::try_push`]): for
+    /// streams from peers that are not trusted to end their frames.
+    pub fn with_max_frame(max: usize) -> Self {
+        Self {
+            max_frame: Some(max),
+            ..Self::default()
+        }
+    }
+
     /// Feeds bytes; returns the frames completed by them. Comment-only frames (keep-alives)
-    /// are skipped.
+    /// are skipped. Without a frame limit this never fails.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<SseFrame> {
+        self.try_push(bytes).unwrap_or_default()
+    }
+
+    /// [`SseParser::push`], or `FrameTooLarge` once a frame (complete or not) is longer than
+    /// the limit; the buffer is dropped then.
+    pub fn try_push(&mut self, bytes: &[u8]) -> Result<Vec<SseFrame>, FrameTooLarge> {
         self.buf.extend_from_slice(bytes);
         let mut frames = Vec::new();
-        while let Some((end, sep)) = find_frame_end(&self.buf) {
-            let raw: Vec<u8> = self.buf.drain(..end + sep).collect();
-            if let Some(f) = parse_frame(&raw[..end]) {
+        let mut start = 0;
+        let mut from = self.scanned.saturating_sub(3);
+        while let Some((end, sep)) = find_frame_end(&self.buf, from.max(start)) {
+            self.check(end - start)?;
+            if let Some(f) = parse_frame(&self.buf[start..end]) {
                 frames.push(f);
             }
+            start = end + sep;
+            from = start;
         }
-        frames
+        self.buf.drain(..start);
+        self.scanned = self.buf.len();
+        self.check(self.buf.len())?;
+        Ok(frames)
+    }
+
+    fn check(&mut self, len: usize) -> Result<(), FrameTooLarge> {
+        match self.max_frame {
+            Some(max) if len > max => {
+                self.buf.clear();
+                self.scanned = 0;
+                Err(FrameTooLarge { max })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Bytes of an incomplete frame still buffered.
@@ -40,13 +92,15 @@ impl SseParser {
     }
 }
 
-fn find_frame_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
+/// The first frame end (`\n\n` or `\r\n\r\n`) at or after `from`: its index and length.
+fn find_frame_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
     while i < buf.len() {
-        if buf[i..].starts_with(b"\r\n\r\n") {
+        let rest = &buf[i..];
+        if rest.starts_with(b"\r\n\r\n") {
             return Some((i, 4));
         }
-        if buf[i..].starts_with(b"\n\n") {
+        if rest.starts_with(b"\n\n") {
             return Some((i, 2));
         }
         i += 1;
@@ -104,5 +158,35 @@ mod tests {
             assert_eq!(frames[1].data, "a\nb");
             assert_eq!(p.pending(), 0);
         }
+    }
+
+    #[test]
+    fn a_stream_fed_one_byte_at_a_time_gives_the_same_frames() {
+        let stream = "data: one\r\n\r\n: ping\n\nevent: e\ndata: two\n\ndata: three\n\n";
+        let mut p = SseParser::new();
+        let frames: Vec<SseFrame> = stream
+            .as_bytes()
+            .iter()
+            .flat_map(|b| p.push(std::slice::from_ref(b)))
+            .collect();
+        let data: Vec<&str> = frames.iter().map(|f| f.data.as_str()).collect();
+        assert_eq!(data, ["one", "two", "three"]);
+        assert_eq!(frames[1].event.as_deref(), Some("e"));
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_is_refused_whether_it_ended_or_not() {
+        let mut p = SseParser::with_max_frame(16);
+        assert_eq!(p.try_push(b"data: short\n\n").unwrap().len(), 1);
+        // Unterminated and growing past the limit.
+        assert!(p.try_push(b"data: 0123456").unwrap().is_empty());
+        assert_eq!(p.try_push(b"789abcdef"), Err(FrameTooLarge { max: 16 }));
+        assert_eq!(p.pending(), 0);
+        // Complete but too long, in one push.
+        let mut p = SseParser::with_max_frame(16);
+        assert!(p.try_push(b"data: 0123456789abcdef\n\n").is_err());
+        // Without a limit, any size passes.
+        let big = format!("data: {}\n\n", "x".repeat(100_000));
+        assert_eq!(SseParser::new().push(big.as_bytes())[0].data.len(), 100_000);
     }
 }

@@ -41,6 +41,10 @@ pub enum Step {
     Break(Duration),
     /// A chunk in which the engine reports an error.
     EngineError(Duration),
+    /// A chunk holding only an SSE comment (no data, no progress).
+    Comment(Duration),
+    /// This many bytes of one frame that never ends.
+    Unterminated(Duration, usize),
 }
 
 /// How the scripted engine answers one completion request.
@@ -151,6 +155,16 @@ impl Engine for ScriptedEngine {
                         Step::Break(after) => {
                             tokio::time::sleep(after).await;
                             Err("connection reset by peer".to_string())
+                        }
+                        Step::Comment(after) => {
+                            tokio::time::sleep(after).await;
+                            Ok(Bytes::from_static(b": ping\n\n"))
+                        }
+                        Step::Unterminated(after, n) => {
+                            tokio::time::sleep(after).await;
+                            let mut b = b"data: ".to_vec();
+                            b.resize(n, b'x');
+                            Ok(Bytes::from(b))
                         }
                         Step::EngineError(after) => {
                             tokio::time::sleep(after).await;

@@ -252,3 +252,57 @@ async fn a_pool_whose_engine_turns_unhealthy_takes_no_task_until_it_is_healthy_a
     // Dispatched at once; the 1 ms token and the 1 ms final chunk follow.
     assert_eq!(at - healthy_at, 2 * MS);
 }
+
+#[tokio::test(start_paused = true)]
+async fn comments_from_a_stalled_engine_do_not_keep_its_task_alive() {
+    let h = Harness::start(&["--decode-timeout-ms=700"]);
+    h.add_pool("a", 1);
+    let mut steps = vec![Step::Token(10 * MS, "x")];
+    steps.extend((0..100).map(|_| Step::Comment(100 * MS)));
+    h.engine.push(Script::Stream(steps));
+    let t0 = Instant::now();
+    let task = h.submit(task(10));
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "DECODE_TIMEOUT");
+    // Measured from the last token, not from the last comment.
+    assert_eq!(at - t0, 10 * MS + 700 * MS);
+    assert_eq!(h.engine.open_streams(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_engine_that_overruns_max_tokens_is_cut_off_at_max_tokens() {
+    let h = Harness::start(&[]);
+    h.add_pool("a", 1);
+    h.engine.push(tokens(50, 10 * MS));
+    let task = h.submit(task(3));
+    let (name, data, _) = terminal(&task).await;
+    assert_eq!(name, "end", "{data}");
+    assert_eq!(data["tokens_out"], 3);
+    assert_eq!(data["finish_reason"], "length");
+    assert_eq!(
+        h.engine.open_streams(),
+        0,
+        "the engine stream was not dropped"
+    );
+    assert_eq!(h.orch.pools.get("a").unwrap().in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_engine_frame_that_never_ends_is_refused_at_one_mebibyte() {
+    let h = Harness::start(&[]);
+    h.add_pool("a", 1);
+    let mut steps = vec![Step::Token(10 * MS, "x")];
+    // 64 KiB pieces of one frame: refused once it passes 1 MiB, not buffered for ever.
+    steps.extend((0..40).map(|_| Step::Unterminated(MS, 64 * 1024)));
+    h.engine.push(Script::Stream(steps));
+    let t0 = Instant::now();
+    let task = h.submit(task(10));
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "WORKER_RESET");
+    assert_eq!(at - t0, 10 * MS + 17 * MS, "ended with the 17th piece");
+    let st = task.status(None);
+    assert!(
+        st.error.as_ref().unwrap().message.contains("exceeded"),
+        "{st:?}"
+    );
+}
