@@ -94,6 +94,10 @@ pub struct Args {
     /// Cancel a task when its last SSE subscriber disconnects.
     #[arg(long, env = "ORCHD_CANCEL_ON_DISCONNECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub cancel_on_disconnect: bool,
+    /// How long a task whose last `/v2` event subscriber left waits for one to come back
+    /// (resuming with `Last-Event-ID`) before it is cancelled; 0 cancels at once.
+    #[arg(long, env = "ORCHD_DISCONNECT_GRACE_MS", default_value_t = 15_000)]
+    pub disconnect_grace_ms: u64,
     /// Session TTL (KV affinity).
     #[arg(long, env = "ORCHD_SESSION_TTL_MS", default_value_t = 600_000)]
     pub session_ttl_ms: u64,
@@ -166,6 +170,7 @@ pub struct Config {
     pub first_token_timeout: Duration,
     pub decode_timeout: Duration,
     pub cancel_on_disconnect: bool,
+    pub disconnect_grace: Duration,
     pub session_ttl: Duration,
     pub task_retention: Duration,
     pub task_retention_max: usize,
@@ -291,6 +296,7 @@ impl Config {
             first_token_timeout: ms("ORCHD_FIRST_TOKEN_TIMEOUT_MS", a.first_token_timeout_ms)?,
             decode_timeout: ms("ORCHD_DECODE_TIMEOUT_MS", a.decode_timeout_ms)?,
             cancel_on_disconnect: a.cancel_on_disconnect,
+            disconnect_grace: Duration::from_millis(a.disconnect_grace_ms),
             session_ttl: ms("ORCHD_SESSION_TTL_MS", a.session_ttl_ms)?,
             task_retention: ms("ORCHD_TASK_RETENTION_MS", a.task_retention_ms)?,
             task_retention_max: a.task_retention_max,

@@ -1,12 +1,14 @@
 //! `GET /v2/tasks/{id}/events`: the task's frames as SSE. Replays from `Last-Event-ID` (or the
 //! start), then follows new frames until the terminal one. Several subscribers may watch one
-//! task. When the last subscriber goes away before the end, the task is cancelled (unless
+//! task. When the last subscriber goes away before the end, the task is cancelled after
+//! `ORCHD_DISCONNECT_GRACE_MS` unless one comes back (or never, with
 //! `ORCHD_CANCEL_ON_DISCONNECT=false`) — a drop guard does it, so every way a connection ends
 //! is covered.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
@@ -27,31 +29,75 @@ pub struct EventsQuery {
     verbose: bool,
 }
 
-/// Counts a subscriber of a task while it lives; the last one to go cancels the unfinished task
-/// (unless `ORCHD_CANCEL_ON_DISCONNECT=false`).
+/// Counts a subscriber of a task while it lives. When the last one goes and the task has not
+/// ended, it is cancelled (unless `ORCHD_CANCEL_ON_DISCONNECT=false`): after `grace` — a
+/// subscriber that comes back within it (a reconnect with `Last-Event-ID`) keeps the task — or
+/// at once for a zero grace.
 pub(crate) struct SubscriberGuard {
     orch: Arc<Orchestrator>,
     task: Arc<Task>,
+    grace: Duration,
 }
 
 impl SubscriberGuard {
+    /// A `/v2` event subscriber: `ORCHD_DISCONNECT_GRACE_MS` to come back.
     pub fn new(orch: Arc<Orchestrator>, task: Arc<Task>) -> Self {
+        let grace = orch.config.disconnect_grace;
+        Self::with_grace(orch, task, grace)
+    }
+
+    /// A client that cannot come back (an OpenAI request): its task ends when it leaves.
+    pub fn without_grace(orch: Arc<Orchestrator>, task: Arc<Task>) -> Self {
+        Self::with_grace(orch, task, Duration::ZERO)
+    }
+
+    fn with_grace(orch: Arc<Orchestrator>, task: Arc<Task>, grace: Duration) -> Self {
         task.add_subscriber();
-        Self { orch, task }
+        Self { orch, task, grace }
     }
 }
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
-        let last = self.task.remove_subscriber();
-        if last && self.orch.config.cancel_on_disconnect && !self.task.is_terminal() {
-            tracing::info!(task_id = %self.task.id, "last subscriber disconnected; cancelling task");
-            self.orch.cancel(
-                &self.task,
-                ErrorEnvelope::new(ErrorCode::Cancelled, "the last subscriber disconnected"),
-            );
+        let Some(departure) = self.task.remove_subscriber() else {
+            return;
+        };
+        if !self.orch.config.cancel_on_disconnect || self.task.is_terminal() {
+            return;
         }
+        if self.grace.is_zero() {
+            abandon(&self.orch, &self.task);
+            return;
+        }
+        let (orch, task, grace) = (self.orch.clone(), self.task.clone(), self.grace);
+        // Tracked with the runners: it ends with its task at the latest, as they do.
+        self.orch.runners.spawn(async move {
+            let expiry = tokio::time::sleep(grace);
+            tokio::pin!(expiry);
+            let mut frames = task.watch_frames();
+            loop {
+                tokio::select! {
+                    _ = &mut expiry => break,
+                    changed = frames.changed() => {
+                        if changed.is_err() || task.is_terminal() {
+                            return;
+                        }
+                    }
+                }
+            }
+            if task.still_abandoned(departure) && !task.is_terminal() {
+                abandon(&orch, &task);
+            }
+        });
     }
+}
+
+fn abandon(orch: &Orchestrator, task: &Arc<Task>) {
+    tracing::info!(task_id = %task.id, "last subscriber gone; cancelling task");
+    orch.cancel(
+        task,
+        ErrorEnvelope::new(ErrorCode::Cancelled, "the last subscriber disconnected"),
+    );
 }
 
 struct StreamState {

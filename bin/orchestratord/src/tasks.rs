@@ -40,6 +40,9 @@ pub struct Task {
     inner: Mutex<TaskInner>,
     frames_tx: watch::Sender<u64>,
     subscribers: AtomicUsize,
+    /// Bumped each time the last subscriber leaves: a grace timer cancels only if no
+    /// subscriber came and went since it started.
+    departures: AtomicUsize,
 }
 
 struct TaskInner {
@@ -110,6 +113,7 @@ impl Task {
             }),
             frames_tx: watch::channel(0).0,
             subscribers: AtomicUsize::new(0),
+            departures: AtomicUsize::new(0),
         }
     }
 
@@ -234,9 +238,16 @@ impl Task {
         self.subscribers.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Returns true when this was the last subscriber.
-    pub fn remove_subscriber(&self) -> bool {
-        self.subscribers.fetch_sub(1, Ordering::SeqCst) == 1
+    /// `Some(departure)` when this was the last subscriber: the number of that departure.
+    pub fn remove_subscriber(&self) -> Option<usize> {
+        (self.subscribers.fetch_sub(1, Ordering::SeqCst) == 1)
+            .then(|| self.departures.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Whether nobody subscribed since `departure` (and nobody is subscribed now).
+    pub fn still_abandoned(&self, departure: usize) -> bool {
+        self.subscribers.load(Ordering::SeqCst) == 0
+            && self.departures.load(Ordering::SeqCst) == departure
     }
 
     /// Marks a dispatch to `pool_id`; returns the attempt number (1 = first).

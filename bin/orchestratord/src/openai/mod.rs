@@ -358,7 +358,7 @@ fn usage_of(task: &Task, log: &ChunkLog) -> Usage {
 /// Waits for the task's end (a client that disconnects drops this future, and the guard
 /// cancels the task); its error, or the gathered answer of its route.
 async fn ended(orch: &Arc<Orchestrator>, task: &Arc<Task>) -> Result<serde_json::Value, OaError> {
-    let _guard = SubscriberGuard::new(orch.clone(), task.clone());
+    let _guard = SubscriberGuard::without_grace(orch.clone(), task.clone());
     let mut frames = task.watch_frames();
     while !task.is_terminal() {
         if frames.changed().await.is_err() {
@@ -479,7 +479,7 @@ fn stream(orch: &Arc<Orchestrator>, task: Arc<Task>, include_usage: bool) -> Res
     let relay = Relay {
         orch: orch.clone(),
         frames: task.watch_frames(),
-        _guard: SubscriberGuard::new(orch.clone(), task.clone()),
+        _guard: SubscriberGuard::without_grace(orch.clone(), task.clone()),
         task,
         include_usage,
         prefix,

@@ -7,5 +7,6 @@
 mod cloud_bounds;
 pub(crate) mod kit;
 mod queue_bounds;
+mod resume_bounds;
 mod router;
 mod runner_bounds;

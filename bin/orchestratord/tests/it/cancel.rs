@@ -69,9 +69,10 @@ async fn cancelled_running_task_ends_cancelled_and_frees_the_engine_slot_within_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closing_the_last_event_stream_cancels_the_task_and_frees_the_slot() {
+async fn closing_the_last_event_stream_cancels_the_task_after_the_grace_and_frees_the_slot() {
     let s = Stack::start(StackOptions {
         pools_toml: pool_toml_for(&slow_model(), "p0", 1, 4096),
+        orch_env: vec![("ORCHD_DISCONNECT_GRACE_MS", "300".into())],
         ..Default::default()
     })
     .await;
@@ -130,4 +131,40 @@ async fn tasks_behind_a_cancelled_one_are_told_their_new_position() {
     assert_eq!(data(&moved)["queue_position"], 0);
     s.cancel(&long).await;
     assert!(ev.frame_named("end").await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_back_within_the_grace_resumes_with_last_event_id_and_the_task_completes() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml_for(&slow_model(), "p0", 1, 4096),
+        orch_env: vec![("ORCHD_DISCONNECT_GRACE_MS", "5000".into())],
+        ..Default::default()
+    })
+    .await;
+    let id = s.submit_ok(task("the", 1500)).await.task_id;
+    let mut ev = s.open_events(&id, None).await;
+    let mut last = 0;
+    for _ in 0..3 {
+        let f = ev.frame_named("token").await.unwrap();
+        last = f.id.unwrap().parse::<u64>().unwrap();
+    }
+    drop(ev);
+    // The client is away for a moment (a dropped connection, a proxy's idle timeout).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.status(&id).await.state, TaskState::Running);
+    let mut back = s.open_events(&id, Some(last)).await;
+    let first = back.frame().await.unwrap();
+    assert_eq!(
+        first.id.unwrap().parse::<u64>().unwrap(),
+        last + 1,
+        "replay starts after the last seen frame"
+    );
+    let mut terminal = None;
+    while let Some(f) = back.frame().await {
+        terminal = f.event.clone();
+    }
+    assert_eq!(terminal.as_deref(), Some("end"));
+    let st = s.status(&id).await;
+    assert_eq!(st.state, TaskState::Completed);
+    assert_eq!(st.tokens_out, 1500);
 }
