@@ -357,7 +357,7 @@ impl Orchestrator {
         existing: &Arc<Task>,
         req: &TaskRequest,
     ) -> Result<(Arc<Task>, AdmissionResponse), ApiError> {
-        if existing.req != *req {
+        if !existing.same_request(req) {
             return Err(self.reject(
                 "conflict",
                 ApiError::new(

@@ -60,7 +60,7 @@ impl Runner<'_> {
         let (path, body, mut decoder) = match &task.openai {
             Some(job) => (
                 job.route.path(),
-                job.body.clone(),
+                job.body(),
                 Decoder::OpenAi(crate::openai::Decoder::new(job)),
             ),
             None => match native_body(task) {
@@ -246,7 +246,7 @@ impl Runner<'_> {
 fn native_body(task: &Task) -> Result<Bytes, String> {
     let req = &task.req;
     let body = CompletionRequest {
-        prompt: req.prompt.clone(),
+        prompt: task.prompt(),
         n_predict: req.max_tokens,
         stream: true,
         // A strict task recomputes its prompt: a cached prefix from another request must not

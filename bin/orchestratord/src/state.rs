@@ -119,6 +119,7 @@ impl Orchestrator {
             _ => return,
         };
         if task.emit(&event) {
+            task.release_inputs();
             let pool = task.pool_id().unwrap_or_else(|| "none".into());
             self.metrics
                 .tasks_completed

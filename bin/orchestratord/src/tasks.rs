@@ -23,7 +23,13 @@ pub struct Frame {
 
 pub struct Task {
     pub id: String,
+    /// The request as submitted, except its prompt (held in `prompt` until the task ends).
     pub req: TaskRequest,
+    /// SHA-256 of the whole request as submitted: answers an idempotent resubmission after
+    /// the prompt is gone.
+    digest: [u8; 32],
+    /// The prompt, dropped when the task ends: a finished task keeps no input.
+    prompt: Mutex<String>,
     pub submitted_at: Instant,
     pub submitted_ms: u64,
     pub deadline: Option<Instant>,
@@ -65,6 +71,13 @@ struct TaskInner {
     retry_avoid: Option<String>,
 }
 
+/// SHA-256 of a request's JSON form (serde writes fields in declaration order).
+fn request_digest(req: &TaskRequest) -> [u8; 32] {
+    use sha2::Digest;
+    let bytes = serde_json::to_vec(req).unwrap_or_default();
+    sha2::Sha256::digest(&bytes).into()
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -75,18 +88,22 @@ pub fn now_ms() -> u64 {
 impl Task {
     pub fn new(
         id: String,
-        req: TaskRequest,
+        mut req: TaskRequest,
         now: Instant,
         trace: llorch_observability::TraceContext,
         correlation_id: String,
         openai: Option<crate::openai::Job>,
     ) -> Self {
+        let digest = request_digest(&req);
+        let prompt = std::mem::take(&mut req.prompt);
         let deadline = req
             .deadline_ms
             .map(|ms| now + std::time::Duration::from_millis(ms));
         Self {
             id,
             req,
+            digest,
+            prompt: Mutex::new(prompt),
             submitted_at: now,
             submitted_ms: now_ms(),
             deadline,
@@ -114,6 +131,25 @@ impl Task {
             frames_tx: watch::channel(0).0,
             subscribers: AtomicUsize::new(0),
             departures: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether `req` (as submitted) is the request this task was admitted with.
+    pub fn same_request(&self, req: &TaskRequest) -> bool {
+        request_digest(req) == self.digest
+    }
+
+    /// The prompt (empty once the task ended).
+    pub fn prompt(&self) -> String {
+        self.prompt.lock().clone()
+    }
+
+    /// Drops what the task was given to work on (its prompt, an OpenAI body): called once it
+    /// ended, so retained tasks cost their event log and little else.
+    pub fn release_inputs(&self) {
+        *self.prompt.lock() = String::new();
+        if let Some(job) = &self.openai {
+            job.release();
         }
     }
 

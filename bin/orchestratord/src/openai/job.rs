@@ -57,10 +57,32 @@ impl Route {
     }
 }
 
+impl Job {
+    pub fn new(route: Route, body: Bytes, created: u64, model: String) -> Self {
+        Self {
+            route,
+            body: Mutex::new(body),
+            created,
+            model,
+            log: ChunkLog::default(),
+        }
+    }
+
+    pub fn body(&self) -> Bytes {
+        self.body.lock().clone()
+    }
+
+    /// Drops the request body (the task ended).
+    pub fn release(&self) {
+        *self.body.lock() = Bytes::new();
+    }
+}
+
 pub(crate) struct Job {
     pub route: Route,
-    /// The engine request body: allowlisted fields, streaming on, usage asked for.
-    pub body: Bytes,
+    /// The engine request body: allowlisted fields, streaming on, usage asked for; emptied
+    /// when the task ends.
+    body: Mutex<Bytes>,
     /// `created` of every chunk and of the answer (Unix seconds at admission).
     pub created: u64,
     /// The model as the client named it.
@@ -387,13 +409,7 @@ mod tests {
     use serde_json::json;
 
     fn job(route: Route) -> Job {
-        Job {
-            route,
-            body: Bytes::new(),
-            created: 0,
-            model: "m".into(),
-            log: ChunkLog::default(),
-        }
+        Job::new(route, Bytes::new(), 0, "m".into())
     }
 
     #[test]

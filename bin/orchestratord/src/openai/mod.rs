@@ -257,13 +257,7 @@ fn admit(
     );
     let body = serde_json::to_vec(&serde_json::Value::Object(body))
         .map_err(|e| OaError::new(500, format!("cannot encode the engine request: {e}")))?;
-    let job = Job {
-        route,
-        body: body.into(),
-        created: unix_now(),
-        model: model.to_string(),
-        log: ChunkLog::default(),
-    };
+    let job = Job::new(route, body.into(), unix_now(), model.to_string());
     let correlation_id = headers
         .get(llorch_http::CORRELATION_HEADER)
         .and_then(|v| v.to_str().ok())

@@ -460,3 +460,37 @@ async fn a_strict_task_is_refused_when_no_single_slot_pool_serves_its_model() {
     assert_eq!(e.0.code, ErrorCode::InvalidParams);
     assert!(e.0.message.contains("single-slot"), "{}", e.0.message);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_task_keeps_no_prompt_and_still_answers_its_resubmission() {
+    let h = Harness::start(&[]);
+    let body = serde_json::json!({
+        "task_id": "big-1", "model_ref": "tiny", "prompt": "p".repeat(900_000), "max_tokens": 4
+    });
+    h.add_pool("a", 1);
+    let task = h.submit(body.clone());
+    assert_eq!(task.prompt().len(), 900_000);
+    h.orch.cancel(
+        &task,
+        llorch_contracts::ErrorEnvelope::new(llorch_contracts::ErrorCode::Cancelled, "client"),
+    );
+    assert!(task.is_terminal());
+    assert_eq!(
+        task.prompt().len(),
+        0,
+        "a finished task still holds its prompt"
+    );
+    // The digest still tells the same request from another one.
+    let again = h
+        .orch
+        .admit(serde_json::from_value(body.clone()).unwrap())
+        .unwrap();
+    assert_eq!(again.task_id, "big-1");
+    let mut other = body;
+    other["prompt"] = "q".repeat(900_000).into();
+    let e = h
+        .orch
+        .admit(serde_json::from_value(other).unwrap())
+        .unwrap_err();
+    assert_eq!(e.0.code, llorch_contracts::ErrorCode::Conflict);
+}

@@ -11,6 +11,7 @@ mod fault_engine;
 mod harness;
 mod idle;
 mod lifecycle;
+mod memory;
 mod metrics_lint;
 mod openai;
 mod random;
