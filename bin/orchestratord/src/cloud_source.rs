@@ -37,6 +37,8 @@ pub struct Manager {
     /// Pool ids it reports that another manager already serves (logged once, when they
     /// start to conflict).
     conflicting: BTreeSet<String>,
+    /// Pools it reports that fail validation (ignored; logged once, when they appear).
+    invalid: BTreeSet<String>,
 }
 
 impl Manager {
@@ -46,6 +48,7 @@ impl Manager {
             node_id: None,
             registered,
             availability: Availability::Unknown,
+            invalid: BTreeSet::new(),
             consecutive_ok: 0,
             consecutive_fail: 0,
             last_error: None,
@@ -149,6 +152,25 @@ pub(crate) trait NodeApi: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<PoolsResponse, String>>;
 }
 
+/// The largest pool list a node may answer with (a few hundred pools fit in well under 1 MiB).
+const POLL_BODY_MAX: usize = 4 * 1024 * 1024;
+
+/// A body of at most `cap` bytes; more is an error (the node is not trusted to be small).
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| format!("pool list broken: {e}"))?
+    {
+        if body.len() + chunk.len() > cap {
+            return Err(format!("pool list over {} MiB", cap / (1024 * 1024)));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// `GET {manager}/v2/pools` with the token.
 pub(crate) struct HttpNodes {
     pub http: reqwest::Client,
@@ -175,10 +197,11 @@ impl NodeApi for HttpNodes {
                     Err("pool-managerd refused our token (401): tokens differ".into())
                 }
                 s if !s.is_success() => Err(format!("pool-managerd answered {s}")),
-                _ => resp
-                    .json::<PoolsResponse>()
-                    .await
-                    .map_err(|e| format!("unreadable pool list: {e}")),
+                _ => {
+                    let body = read_capped(resp, POLL_BODY_MAX).await?;
+                    serde_json::from_slice::<PoolsResponse>(&body)
+                        .map_err(|e| format!("unreadable pool list: {e}"))
+                }
             }
         }
         .boxed()
@@ -284,14 +307,31 @@ impl CloudSource {
                     tracing::info!(manager = %url, node_id = %resp.node_id, "pool-managerd available");
                     m.availability = Availability::Available;
                 }
-                let listed: BTreeSet<String> =
-                    resp.pools.iter().map(|p| p.pool_id.clone()).collect();
+                let mut invalid = BTreeSet::new();
+                let pools: Vec<_> = resp
+                    .pools
+                    .into_iter()
+                    .filter(|p| match p.validate() {
+                        Ok(()) => true,
+                        Err(reason) => {
+                            // Shown as sent, escaped and cut: it came from the network.
+                            let shown: String = format!("{:?}", p.pool_id).chars().take(80).collect();
+                            if !m.invalid.contains(&p.pool_id) {
+                                tracing::warn!(pool_id = %shown, manager = %url, %reason, "node reported an invalid pool; ignoring it");
+                            }
+                            invalid.insert(p.pool_id.clone());
+                            false
+                        }
+                    })
+                    .collect();
+                m.invalid = invalid;
+                let listed: BTreeSet<String> = pools.iter().map(|p| p.pool_id.clone()).collect();
                 for gone in m.pools.difference(&listed) {
                     self.pools.remove(gone);
                 }
                 let mut owned = BTreeSet::new();
                 let mut conflicting = BTreeSet::new();
-                for p in resp.pools {
+                for p in pools {
                     if let Some(existing) = self.pools.get(&p.pool_id) {
                         if existing.manager.as_deref() != Some(url) {
                             if !m.conflicting.contains(&p.pool_id) {

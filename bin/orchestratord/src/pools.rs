@@ -341,8 +341,8 @@ impl PoolTable {
             .filter(|p| p.ready())
             .fold((0, 0), |(f, t), p| {
                 (
-                    f + p.slots_total.saturating_sub(p.in_flight),
-                    t + p.slots_total,
+                    f.saturating_add(p.slots_total.saturating_sub(p.in_flight)),
+                    t.saturating_add(p.slots_total),
                 )
             })
     }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-use llorch_contracts::handoff::is_valid_pool_id;
+use llorch_contracts::handoff::{is_valid_pool_id, SLOTS_MAX};
 use serde::Deserialize;
 
 use crate::config::ConfigError;
@@ -117,8 +117,8 @@ pub(crate) fn validate_pools(sections: Vec<PoolSection>) -> Result<Vec<PoolSpec>
                 p.model.display()
             )));
         }
-        if p.slots == 0 || p.slots > 256 {
-            return Err(fail("slots must be between 1 and 256".into()));
+        if p.slots == 0 || p.slots > SLOTS_MAX {
+            return Err(fail(format!("slots must be between 1 and {SLOTS_MAX}")));
         }
         if p.ctx < 64 {
             return Err(fail("ctx must be at least 64 tokens".into()));

@@ -5,6 +5,10 @@ use serde::{Deserialize, Serialize};
 
 pub const HANDOFF_VERSION: u32 = 1;
 
+/// Most slots one pool may have (llama-server `--parallel`): pools file, handoff files and
+/// node reports are held to it.
+pub const SLOTS_MAX: u32 = 256;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProvisioningMode {
@@ -135,8 +139,10 @@ impl HandoffFile {
                 self.url
             )));
         }
-        if self.slots_total == 0 {
-            return Err(HandoffError::Invalid("slots_total must be > 0".into()));
+        if self.slots_total == 0 || self.slots_total > SLOTS_MAX {
+            return Err(HandoffError::Invalid(format!(
+                "slots_total must be between 1 and {SLOTS_MAX}"
+            )));
         }
         if self.model.id.is_empty() {
             return Err(HandoffError::Invalid("model.id must not be empty".into()));
@@ -189,6 +195,10 @@ mod tests {
         let mut f = sample();
         f.slots_total = 0;
         assert!(f.validate().is_err());
+        f.slots_total = SLOTS_MAX + 1;
+        assert!(f.validate().is_err());
+        f.slots_total = SLOTS_MAX;
+        assert!(f.validate().is_ok());
     }
 
     #[test]

@@ -63,6 +63,28 @@ pub struct PoolStatus {
     pub embeddings: bool,
 }
 
+impl PoolStatus {
+    /// The checks a node's report must pass before orchestratord uses it: the same limits as
+    /// pool-managerd's own pools (a pool id that can name a file, 1..=`SLOTS_MAX` slots, a
+    /// model id of at most 256 bytes).
+    pub fn validate(&self) -> Result<(), String> {
+        if !crate::handoff::is_valid_pool_id(&self.pool_id) {
+            return Err("pool_id must be 1-64 characters of A-Z a-z 0-9 . _ -".into());
+        }
+        if self.slots_total == 0 || self.slots_total > crate::handoff::SLOTS_MAX {
+            return Err(format!(
+                "slots_total {} is not between 1 and {}",
+                self.slots_total,
+                crate::handoff::SLOTS_MAX
+            ));
+        }
+        if self.model_id.is_empty() || self.model_id.len() > 256 {
+            return Err("model_id must be 1-256 bytes".into());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuInfo {
     pub index: u32,

@@ -24,6 +24,8 @@ pub enum Node {
     Pools(Vec<(&'static str, llorch_contracts::PoolState)>),
     /// Answers at once with these ready pools and their free GPU memory.
     Vram(Vec<(&'static str, u64)>),
+    /// Answers at once with these pool reports, as they are.
+    Reports(Vec<llorch_contracts::PoolStatus>),
     /// The connection is refused at once.
     Down,
     /// Never answers.
@@ -74,6 +76,7 @@ impl crate::cloud_source::NodeApi for ScriptedNodes {
                     .into_iter()
                     .map(|(id, state)| pool_status(id, &node_id, state))
                     .collect(),
+                Node::Reports(reports) => reports,
                 Node::Vram(frees) => frees
                     .into_iter()
                     .map(|(id, free)| llorch_contracts::PoolStatus {
@@ -340,4 +343,33 @@ async fn between_equally_free_cloud_pools_the_one_with_more_free_gpu_memory_take
     let t = h.submit(task(1));
     assert_eq!(terminal(&t).await.0, "end");
     assert_eq!(t.pool_id().as_deref(), Some("a"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn pools_a_node_reports_outside_the_limits_are_ignored_and_the_rest_is_used() {
+    let (h, nodes, start) = cloud(&[]).await;
+    use llorch_contracts::PoolState::Ready;
+    nodes.set(
+        "http://n1",
+        Node::Reports(vec![
+            pool_status("p1", "n1", Ready),
+            pool_status("../escape", "n1", Ready),
+            llorch_contracts::PoolStatus {
+                slots_total: u32::MAX,
+                slots_free: u32::MAX,
+                ..pool_status("huge", "n1", Ready)
+            },
+            llorch_contracts::PoolStatus {
+                model_id: String::new(),
+                ..pool_status("nameless", "n1", Ready)
+            },
+        ]),
+    );
+    at(start + INTERVAL).await;
+    assert!(usable(&h, "p1"));
+    for bad in ["../escape", "huge", "nameless"] {
+        assert!(h.orch.pools.get(bad).is_none(), "{bad} was bound");
+    }
+    // The slot count stays the valid pool's.
+    assert_eq!(h.orch.pools.slot_totals().1, 1);
 }
