@@ -2,8 +2,8 @@
 //! event; gauges are set where their value changes.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -22,6 +22,7 @@ pub struct Metrics {
     pub pool_health_checks: IntCounterVec,
     pools_available: IntGaugeVec,
     node_online: IntGaugeVec,
+    auth_failures: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -99,6 +100,14 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            auth_failures: {
+                let c = IntCounter::new(
+                    "auth_failures_total",
+                    "Requests refused for missing or wrong credentials (401).",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             registry,
         };
         for p in ["interactive", "batch"] {
@@ -110,6 +119,7 @@ impl Metrics {
     /// Text exposition; pool and node gauges are set from their tables first, so a scrape
     /// always agrees with `GET /v2/pools` and `GET /v2/nodes`.
     pub fn render(&self, pools: &[(String, bool)], nodes: &[(String, bool)]) -> String {
+        sync_counter(&self.auth_failures, llorch_http::auth_failures());
         self.pools_available.reset();
         for (id, ready) in pools {
             self.pools_available
@@ -127,5 +137,13 @@ impl Metrics {
             tracing::error!(%error, "metrics encoding failed");
         }
         String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Brings a counter up to a total counted elsewhere (a process-wide atomic).
+pub(crate) fn sync_counter(counter: &IntCounter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
     }
 }

@@ -9,6 +9,7 @@ use prometheus::{
 
 pub struct Metrics {
     registry: Registry,
+    auth_failures: prometheus::IntCounter,
     pub handoff_processed: IntCounterVec,
     pub handoff_duration_ms: HistogramVec,
     pub engine_restarts: IntCounterVec,
@@ -101,7 +102,13 @@ impl Metrics {
         registry.register(Box::new(pool_ready.clone()))?;
         registry.register(Box::new(slots_total.clone()))?;
         registry.register(Box::new(slots_free.clone()))?;
+        let auth_failures = prometheus::IntCounter::new(
+            "auth_failures_total",
+            "Requests refused for missing or wrong credentials (401).",
+        )?;
+        registry.register(Box::new(auth_failures.clone()))?;
         Ok(Self {
+            auth_failures,
             registry,
             handoff_processed,
             handoff_duration_ms,
@@ -150,6 +157,10 @@ impl Metrics {
 
     /// Renders the text exposition, with pool gauges taken from `pools`.
     pub fn render(&self, pools: &[PoolStatus]) -> String {
+        let (seen, total) = (self.auth_failures.get(), llorch_http::auth_failures());
+        if total > seen {
+            self.auth_failures.inc_by(total - seen);
+        }
         self.pool_ready.reset();
         self.slots_total.reset();
         self.slots_free.reset();

@@ -150,8 +150,66 @@ pub async fn correlation_id(mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// Checks the Bearer token of a request (when a token is configured). The refusal is logged
-/// with its reason; neither the header nor the presented token ever reaches a log.
+/// Refused requests of this process (`auth_failures_total` of both daemons).
+static AUTH_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Requests refused for their credentials since the process started.
+pub fn auth_failures() -> u64 {
+    AUTH_FAILURES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// At most one log line per `interval`: a flood of refusals (a scanner, a misconfigured client)
+/// costs one line per second, which says how many were not logged.
+pub struct LogThrottle {
+    interval_ms: u64,
+    /// When the last line was logged (ms on the caller's clock, +1 so 0 means never).
+    last: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    pub const fn new(interval_ms: u64) -> Self {
+        Self {
+            interval_ms,
+            last: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(events not logged since the last line)` when a line may be logged at `now_ms`.
+    pub fn due(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let last = self.last.load(SeqCst);
+        let stamp = now_ms + 1;
+        let free = last == 0 || stamp >= last + self.interval_ms;
+        if free
+            && self
+                .last
+                .compare_exchange(last, stamp, SeqCst, SeqCst)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, SeqCst))
+        } else {
+            self.suppressed.fetch_add(1, SeqCst);
+            None
+        }
+    }
+}
+
+static REFUSAL_LOG: LogThrottle = LogThrottle::new(1000);
+
+/// Milliseconds since this process first asked (a monotonic clock for throttles).
+fn process_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// Checks the Bearer token of a request (when a token is configured). Refusals are counted
+/// (`auth_failures`) and logged with their reason at most once a second; neither the header
+/// nor the presented token ever reaches a log.
 pub fn check_auth(token: Option<&auth_min::Token>, req: &Request) -> Result<(), ApiError> {
     let Some(token) = token else { return Ok(()) };
     let header = req
@@ -159,7 +217,10 @@ pub fn check_auth(token: Option<&auth_min::Token>, req: &Request) -> Result<(), 
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
     auth_min::authorize(header, token).map_err(|reason| {
-        tracing::warn!(%reason, path = %req.uri().path(), "request refused");
+        AUTH_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(suppressed) = REFUSAL_LOG.due(process_ms()) {
+            tracing::warn!(%reason, path = %req.uri().path(), suppressed, "request refused");
+        }
         ApiError::new(ErrorCode::Unauthorized, reason.to_string())
     })
 }
@@ -268,4 +329,20 @@ pub fn with_nodelay(
         }
     }
     listener.tap_io(set as fn(&mut tokio::net::TcpStream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_logs_once_per_interval_and_counts_what_it_held_back() {
+        let t = LogThrottle::new(1000);
+        assert_eq!(t.due(0), Some(0));
+        assert_eq!(t.due(10), None);
+        assert_eq!(t.due(999), None);
+        assert_eq!(t.due(1000), Some(2), "two refusals were not logged");
+        assert_eq!(t.due(1500), None);
+        assert_eq!(t.due(5000), Some(1));
+    }
 }

@@ -212,3 +212,55 @@ async fn json_logs_carry_correlation_and_task_fields_and_never_the_token() {
     assert!(lines.iter().all(|l| l["target"].is_string()));
     assert!(!log.contains(TOKEN));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_counted_and_logged_at_most_once_a_second_in_both_daemons() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 1024),
+        ..Default::default()
+    })
+    .await;
+    let anon = reqwest::Client::new();
+    let t0 = std::time::Instant::now();
+    for base in [&s.base, &s.pm_base] {
+        for k in 0..30 {
+            let r = anon
+                .get(format!("{base}/v2/pools"))
+                .bearer_auth(format!("wrong-token-{k}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 401);
+        }
+    }
+    let elapsed_s = t0.elapsed().as_secs() + 1;
+    let orch_m = s.metrics().await;
+    assert_eq!(
+        metric_value(&orch_m, "auth_failures_total", &[]),
+        Some(30.0)
+    );
+    let pm_m = s
+        .http
+        .get(format!("{}/metrics", s.pm_base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric_value(&pm_m, "auth_failures_total", &[]), Some(30.0));
+    // One line per second at most (plus the first), however many refusals.
+    let lines = s
+        .orch_log()
+        .lines()
+        .filter(|l| l.contains("request refused"))
+        .count() as u64;
+    assert!(
+        (1..=elapsed_s + 1).contains(&lines),
+        "{lines} refusal lines in {elapsed_s} s"
+    );
+    assert!(
+        !s.orch_log().contains("wrong-token"),
+        "a presented token was logged"
+    );
+}
