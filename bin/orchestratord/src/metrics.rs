@@ -120,6 +120,17 @@ impl Metrics {
     /// always agrees with `GET /v2/pools` and `GET /v2/nodes`.
     pub fn render(&self, pools: &[(String, bool)], nodes: &[(String, bool)]) -> String {
         sync_counter(&self.auth_failures, llorch_http::auth_failures());
+        // Series of pools that went away are dropped: pool ids come from handoff files and
+        // nodes, and must not grow the exposition for ever.
+        let current: std::collections::HashSet<&str> =
+            pools.iter().map(|(id, _)| id.as_str()).collect();
+        prune(&self.tasks_started, &current);
+        prune(&self.tasks_completed, &current);
+        prune(&self.first_token_ms, &current);
+        prune(&self.decode_ms, &current);
+        prune(&self.tokens_out, &current);
+        prune(&self.pool_health_check_ms, &current);
+        prune(&self.pool_health_checks, &current);
         self.pools_available.reset();
         for (id, ready) in pools {
             self.pools_available
@@ -145,5 +156,28 @@ pub(crate) fn sync_counter(counter: &IntCounter, total: u64) {
     let seen = counter.get();
     if total > seen {
         counter.inc_by(total - seen);
+    }
+}
+
+/// Removes the series of `vec` whose `pool_id` is neither a current pool nor `none`.
+fn prune<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    current: &std::collections::HashSet<&str>,
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels: std::collections::HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            let gone = labels
+                .get("pool_id")
+                .is_some_and(|id| *id != "none" && !current.contains(id));
+            if gone {
+                let _ = vec.remove(&labels);
+            }
+        }
     }
 }

@@ -373,3 +373,24 @@ async fn pools_a_node_reports_outside_the_limits_are_ignored_and_the_rest_is_use
     // The slot count stays the valid pool's.
     assert_eq!(h.orch.pools.slot_totals().1, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn metric_series_of_a_pool_that_went_away_leave_the_exposition() {
+    let (h, nodes, start) = cloud(&[]).await;
+    let render = || {
+        let pools: Vec<(String, bool)> = h
+            .orch
+            .pools
+            .list()
+            .into_iter()
+            .map(|p| (p.pool_id.clone(), p.ready()))
+            .collect();
+        h.orch.metrics.render(&pools, &[])
+    };
+    assert!(render().contains("pool_id=\"p1\""));
+    nodes.set("http://n1", Node::Up(vec!["p2"]));
+    at(start + INTERVAL).await;
+    let text = render();
+    assert!(!text.contains("pool_id=\"p1\""), "{text}");
+    assert!(text.contains("pool_id=\"p2\""));
+}
