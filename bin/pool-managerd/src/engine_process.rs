@@ -23,11 +23,33 @@ pub struct EngineProcess {
     record: PathBuf,
 }
 
+/// What identifies a spawned engine across a restart of the daemon: a pid alone can be reused
+/// (after a reboot, or by a busy host), so the record also holds the process's start time (in
+/// clock ticks since boot) and the boot it belongs to.
 #[derive(Debug, Serialize, Deserialize)]
 struct PidRecord {
     pid: u32,
     pool_id: String,
     binary: String,
+    #[serde(default)]
+    start_ticks: Option<u64>,
+    #[serde(default)]
+    boot_id: Option<String>,
+}
+
+/// `/proc/<pid>/stat` field 22: when the process started, in clock ticks after boot.
+fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start with field 3.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// This boot's id (changes at every boot).
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 pub fn logs_dir(runtime_dir: &Path) -> PathBuf {
@@ -101,6 +123,8 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
         pid,
         pool_id: req.spec.id.clone(),
         binary: req.binary.display().to_string(),
+        start_ticks: process_start_ticks(pid),
+        boot_id: boot_id(),
     })
     .map_err(std::io::Error::other)?;
     std::fs::write(&record, body)?;
@@ -221,7 +245,7 @@ pub async fn kill_orphans(runtime_dir: &Path, grace: Duration) -> Vec<u32> {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(r) = record {
-            if is_engine_process(r.pid, &r.binary) {
+            if is_recorded_engine(&r) {
                 tracing::warn!(pid = r.pid, pool_id = %r.pool_id, "killing engine left behind by a previous run");
                 signal_process_and_group(r.pid, libc::SIGTERM);
                 let deadline = tokio::time::Instant::now() + grace;
@@ -248,6 +272,21 @@ fn is_alive(pid: u32) -> bool {
             .unwrap_or(false),
         Err(_) => false,
     }
+}
+
+/// The record's process is still the one it recorded: same boot, same start time, alive and
+/// running the recorded binary. Anything less (an old record without them, a reboot, a reused
+/// pid) is not ours to kill.
+fn is_recorded_engine(r: &PidRecord) -> bool {
+    let same_boot = r.boot_id.is_some() && r.boot_id == boot_id();
+    let same_start = r.start_ticks.is_some() && r.start_ticks == process_start_ticks(r.pid);
+    if !(same_boot && same_start) {
+        if is_alive(r.pid) {
+            tracing::info!(pid = r.pid, pool_id = %r.pool_id, "a recorded engine pid now belongs to another process (or another boot); leaving it alone");
+        }
+        return false;
+    }
+    is_engine_process(r.pid, &r.binary)
 }
 
 /// The pid is alive and runs the recorded binary (guards against pid reuse).

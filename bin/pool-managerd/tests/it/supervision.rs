@@ -124,25 +124,80 @@ async fn always_crashing_engine_ends_failed_with_last_error_and_bounded_restarts
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarted_daemon_kills_engines_left_behind() {
-    // An engine recorded by a "previous run" in the runtime dir's pid records.
+/// `/proc/<pid>/stat` field 22 (start time in clock ticks after boot).
+fn start_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let (_, rest) = stat.rsplit_once(')').unwrap();
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// A runtime dir whose pid record names a running engine, with this start time and boot id.
+async fn runtime_with_orphan(
+    start: impl Fn(u32) -> u64,
+    boot: &str,
+) -> (tempfile::TempDir, ExternalEngine) {
     let dir = tempfile::tempdir().unwrap();
     let runtime = dir.path().join("run");
     std::fs::create_dir_all(runtime.join("engines")).unwrap();
-    let mut orphan = ExternalEngine::start(&tiny_model(), 1).await;
-    let orphan_pid = orphan.child.id().unwrap();
+    let orphan = ExternalEngine::start(&tiny_model(), 1).await;
+    let pid = orphan.child.id().unwrap();
     std::fs::write(
         runtime.join("engines/old.a.pid"),
-        serde_json::json!({"pid": orphan_pid, "pool_id": "old", "binary": engine_binary().display().to_string()}).to_string(),
+        serde_json::json!({
+            "pid": pid, "pool_id": "old", "binary": engine_binary().display().to_string(),
+            "start_ticks": start(pid), "boot_id": boot
+        })
+        .to_string(),
     )
     .unwrap();
+    (dir, orphan)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_daemon_kills_engines_left_behind() {
+    // An engine recorded by a "previous run" in the runtime dir's pid records.
+    let (dir, mut orphan) = runtime_with_orphan(start_ticks, &boot_id()).await;
     let d = Daemon::start_in(dir, DaemonOptions::default()).await;
     // The daemon answers /health only after cleanup, so the orphan must be gone already.
     let status = tokio::time::timeout(Duration::from_secs(5), orphan.child.wait()).await;
     assert!(status.is_ok(), "orphan engine still running");
     assert!(!d.runtime_dir.join("engines/old.a.pid").exists());
     assert!(d.log().contains("killing engine left behind"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_pid_from_another_start_or_boot_is_left_alone() {
+    // Same pid and binary, but the record is of an earlier process (another start time), or
+    // of another boot: a reused pid, not our engine.
+    for (start, boot) in [
+        (
+            Box::new(|pid| start_ticks(pid) + 1) as Box<dyn Fn(u32) -> u64>,
+            boot_id(),
+        ),
+        (
+            Box::new(start_ticks),
+            "00000000-0000-0000-0000-000000000000".to_string(),
+        ),
+    ] {
+        let (dir, mut orphan) = runtime_with_orphan(start, &boot).await;
+        let d = Daemon::start_in(dir, DaemonOptions::default()).await;
+        assert!(
+            orphan.child.try_wait().unwrap().is_none(),
+            "an unrelated process was killed"
+        );
+        assert!(
+            !d.runtime_dir.join("engines/old.a.pid").exists(),
+            "stale record kept"
+        );
+        assert!(d.log().contains("leaving it alone"), "{}", d.log());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
