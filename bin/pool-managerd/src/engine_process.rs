@@ -85,10 +85,16 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
     let logs = logs_dir(req.runtime_dir);
     std::fs::create_dir_all(&logs)?;
     let log_path = logs.join(format!("{}.log", req.spec.id));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
+    // Never through a symlink planted in the runtime dir.
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&log_path)?
+    };
     let log_err = log.try_clone()?;
 
     let mut cmd = Command::new(req.binary);

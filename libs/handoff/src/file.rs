@@ -24,7 +24,15 @@ pub fn write_atomic(runtime_dir: &Path, file: &HandoffFile) -> std::io::Result<P
     let tmp = runtime_dir.join(format!(".{}.json.tmp-{}", file.pool_id, std::process::id()));
     let bytes = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // 0644 whatever the umask: readers refuse a file anyone may write.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
         f.write_all(&bytes)?;
         f.sync_all()?;
     }

@@ -211,8 +211,8 @@ impl DirState {
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for entry in entries.flatten() {
                 let path = entry.path();
-                if is_handoff_path(&path) && entry.file_type().map(|t| t.is_file()).unwrap_or(false)
-                {
+                // Whatever its type: a symlink or a FIFO under a handoff name is reported.
+                if is_handoff_path(&path) {
                     present.push(path);
                 }
             }
@@ -231,16 +231,36 @@ impl DirState {
     }
 
     fn check(&mut self, path: &Path, seen_at: Instant, source: Source) -> Option<HandoffEvent> {
-        let bytes = match std::fs::read(path) {
+        let bytes = match read_handoff(path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Unread::Gone) => {
                 self.empty.remove(path);
                 return self.known.remove(path).map(|_| HandoffEvent::Removed {
                     path: path.to_path_buf(),
                     seen_at,
                 });
             }
-            Err(error) => {
+            Err(Unread::Refused(reason)) => {
+                // Reported once per reason, like a content: rescans do not repeat it.
+                let digest = digest(reason.as_bytes()) ^ 0x5bd1_e995;
+                if self.known.insert(path.to_path_buf(), digest) == Some(digest) {
+                    return None;
+                }
+                let stem = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                return Some(HandoffEvent::Invalid {
+                    path: path.to_path_buf(),
+                    label: if is_valid_pool_id(&stem) {
+                        stem
+                    } else {
+                        "_invalid".into()
+                    },
+                    error: HandoffError::Invalid(reason),
+                });
+            }
+            Err(Unread::Io(error)) => {
                 tracing::warn!(path = %path.display(), %error, "cannot read handoff file");
                 return None;
             }
@@ -291,6 +311,67 @@ impl DirState {
             },
         })
     }
+}
+
+/// The largest handoff file read (a real one is well under 2 KiB).
+pub const HANDOFF_MAX_BYTES: u64 = 64 * 1024;
+
+enum Unread {
+    Gone,
+    /// Not read on purpose: the reason says why.
+    Refused(String),
+    Io(std::io::Error),
+}
+
+/// Reads a handoff file without trusting the directory: a symlink is not followed, a FIFO or
+/// device does not block (opened non-blocking, then refused as not a regular file), a file over
+/// `HANDOFF_MAX_BYTES` is not read, and one that another user owns or anyone may write is
+/// refused.
+fn read_handoff(path: &Path) -> Result<Vec<u8>, Unread> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Unread::Gone),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(Unread::Refused(
+                "is a symbolic link (not followed: write the file itself)".into(),
+            ))
+        }
+        Err(e) => return Err(Unread::Io(e)),
+    };
+    let meta = file.metadata().map_err(Unread::Io)?;
+    if !meta.file_type().is_file() {
+        return Err(Unread::Refused("is not a regular file".into()));
+    }
+    if meta.len() > HANDOFF_MAX_BYTES {
+        return Err(Unread::Refused(format!(
+            "is {} bytes, over the {HANDOFF_MAX_BYTES}-byte limit",
+            meta.len()
+        )));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Err(Unread::Refused(
+            "is writable by any user (chmod o-w)".into(),
+        ));
+    }
+    // This daemon's user: the owner of its own /proc entry.
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if meta.uid() != 0 && me.is_some_and(|uid| uid != meta.uid()) {
+        return Err(Unread::Refused(format!(
+            "is owned by uid {}, neither this daemon's user nor root",
+            meta.uid()
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(HANDOFF_MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(Unread::Io)?;
+    Ok(bytes)
 }
 
 fn digest(bytes: &[u8]) -> u64 {
@@ -462,5 +543,57 @@ mod tests {
             state.rescan().as_slice(),
             [HandoffEvent::Invalid { label, .. }] if label == "e"
         ));
+    }
+
+    #[test]
+    fn symlinks_fifos_oversized_and_world_writable_files_are_refused_once_without_blocking() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        crate::write_atomic(elsewhere.path(), &file("link")).unwrap();
+        std::os::unix::fs::symlink(
+            elsewhere.path().join("link.json"),
+            dir.path().join("link.json"),
+        )
+        .unwrap();
+        let fifo = dir.path().join("fifo.json");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let mut big = serde_json::to_vec(&file("big")).unwrap();
+        big.resize(HANDOFF_MAX_BYTES as usize + 1, b' ');
+        std::fs::write(dir.path().join("big.json"), big).unwrap();
+        crate::write_atomic(dir.path(), &file("open")).unwrap();
+        let open = dir.path().join("open.json");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+        crate::write_atomic(dir.path(), &file("good")).unwrap();
+        let mut state = DirState {
+            dir: dir.path().to_path_buf(),
+            known: HashMap::new(),
+            empty: HashSet::new(),
+        };
+        let events = state.rescan();
+        let mut refused: Vec<(String, String)> = events
+            .iter()
+            .filter_map(|e| match e {
+                HandoffEvent::Invalid { label, error, .. } => {
+                    Some((label.clone(), error.to_string()))
+                }
+                _ => None,
+            })
+            .collect();
+        refused.sort();
+        let labels: Vec<&str> = refused.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["big", "fifo", "link", "open"], "{refused:?}");
+        assert!(refused[0].1.contains("limit"));
+        assert!(refused[1].1.contains("regular file"));
+        assert!(refused[2].1.contains("symbolic link"));
+        assert!(refused[3].1.contains("any user"));
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, HandoffEvent::Upserted { file, .. } if file.pool_id == "good")));
+        assert!(state.rescan().is_empty(), "refusals repeated by a rescan");
     }
 }
