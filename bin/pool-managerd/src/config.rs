@@ -83,6 +83,10 @@ pub struct Args {
         default_value_t = 60000
     )]
     pub restart_backoff_max_ms: u64,
+    /// How long an open circuit (a pool `failed` after 5 failures in 5 min) waits before one
+    /// trial start; each failed trial doubles it, up to an hour.
+    #[arg(long, env = "POOL_MANAGERD_BREAKER_OPEN_MS", default_value_t = 300_000)]
+    pub breaker_open_ms: u64,
     /// SIGTERM → this grace → SIGKILL, for engines being stopped.
     #[arg(long, env = "POOL_MANAGERD_SHUTDOWN_GRACE_MS", default_value_t = 10000)]
     pub shutdown_grace_ms: u64,
@@ -145,6 +149,7 @@ pub struct Config {
     pub engine_start_timeout: Duration,
     pub restart_backoff: Duration,
     pub restart_backoff_max: Duration,
+    pub breaker_open: Duration,
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
     pub token: Option<Token>,
@@ -250,6 +255,7 @@ impl Config {
                 "POOL_MANAGERD_RESTART_BACKOFF_MAX_MS",
                 args.restart_backoff_max_ms,
             )?,
+            breaker_open: non_zero("POOL_MANAGERD_BREAKER_OPEN_MS", args.breaker_open_ms)?,
             shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
             max_body_bytes: llorch_http::at_least(
                 "POOL_MANAGERD_MAX_BODY_BYTES",

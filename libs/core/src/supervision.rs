@@ -6,8 +6,13 @@
 //!               ▲  │ exit/timeout           │ exit / hung
 //!               │  ▼                        ▼
 //!           restarting ◄──── failure (breaker closed)
-//!                          failure (breaker open) ──► failed
+//!                          failure (breaker open) ──► failed ──open period──► starting (trial)
 //! ```
+//!
+//! The circuit half-opens: after its open period one trial start is made; a trial that becomes
+//! ready closes the circuit, a failed one opens it again. Each opening lasts twice as long as
+//! the one before (up to a ceiling) until the pool stays healthy for `healthy_reset_after`, so a
+//! flapping engine is retried ever more rarely.
 //!
 //! Decisions only: the IO adapter spawns, probes and kills, and feeds what it saw back in.
 
@@ -28,6 +33,9 @@ pub struct SupervisionPolicy {
     pub healthy_reset_after: Duration,
     /// Consecutive failed health probes after which a running engine counts as hung.
     pub max_probe_failures: u32,
+    /// How long an open circuit waits before its trial start; doubled after a failed trial.
+    pub breaker_open_for: Duration,
+    pub breaker_open_max: Duration,
 }
 
 impl Default for SupervisionPolicy {
@@ -39,6 +47,8 @@ impl Default for SupervisionPolicy {
             breaker_window: Duration::from_secs(300),
             healthy_reset_after: Duration::from_secs(60),
             max_probe_failures: 3,
+            breaker_open_for: Duration::from_secs(300),
+            breaker_open_max: Duration::from_secs(3600),
         }
     }
 }
@@ -47,8 +57,9 @@ impl Default for SupervisionPolicy {
 pub enum FailureAction {
     /// Restart the engine after this delay.
     RestartAfter(Duration),
-    /// The circuit is open: stay `failed` until an operator acts (reload).
-    GiveUp,
+    /// The circuit is open: stay `failed` for this long (or until an operator reloads), then
+    /// make one trial start (`on_trial`).
+    GiveUp { trial_after: Duration },
     /// The pool is being drained or stopped; a failure just ends it.
     Stop,
 }
@@ -63,6 +74,10 @@ pub struct Supervision {
     last_error: Option<String>,
     ready_since: Option<Instant>,
     probe_failures: u32,
+    /// The current start is a half-open circuit's trial.
+    trial: bool,
+    /// The open period of the circuit's next opening.
+    open_for: Duration,
 }
 
 impl Supervision {
@@ -70,12 +85,14 @@ impl Supervision {
         Self {
             backoff: Backoff::new(policy.backoff_base, policy.backoff_max),
             breaker: CircuitBreaker::new(policy.breaker_failures, policy.breaker_window),
+            open_for: policy.breaker_open_for,
             policy,
             state: PoolState::Starting,
             restart_count: 0,
             last_error: None,
             ready_since: None,
             probe_failures: 0,
+            trial: false,
         }
     }
 
@@ -105,6 +122,22 @@ impl Supervision {
             self.state = PoolState::Ready;
             self.ready_since = Some(now);
             self.probe_failures = 0;
+            if self.trial {
+                // The trial worked: the circuit closes (the next opening stays long until a
+                // healthy period proves the fix).
+                self.trial = false;
+                self.breaker.reset();
+                self.backoff.reset();
+            }
+        }
+    }
+
+    /// The open period passed: one trial start (state `starting`).
+    pub fn on_trial(&mut self) {
+        if self.state == PoolState::Failed {
+            self.state = PoolState::Starting;
+            self.trial = true;
+            self.probe_failures = 0;
         }
     }
 
@@ -114,6 +147,7 @@ impl Supervision {
         if let Some(since) = self.ready_since {
             if now.saturating_duration_since(since) >= self.policy.healthy_reset_after {
                 self.backoff.reset();
+                self.open_for = self.policy.breaker_open_for;
             }
         }
     }
@@ -133,9 +167,13 @@ impl Supervision {
             self.state = PoolState::Stopped;
             return FailureAction::Stop;
         }
-        if self.breaker.record_failure(now) {
+        // A failed trial opens the circuit again at once.
+        let was_trial = std::mem::take(&mut self.trial);
+        if was_trial || self.breaker.record_failure(now) {
             self.state = PoolState::Failed;
-            return FailureAction::GiveUp;
+            let trial_after = self.open_for;
+            self.open_for = (self.open_for * 2).min(self.policy.breaker_open_max);
+            return FailureAction::GiveUp { trial_after };
         }
         self.state = PoolState::Restarting;
         self.restart_count = self.restart_count.saturating_add(1);
@@ -157,6 +195,8 @@ impl Supervision {
     pub fn on_reload(&mut self) {
         self.breaker.reset();
         self.backoff.reset();
+        self.trial = false;
+        self.open_for = self.policy.breaker_open_for;
         self.state = PoolState::Starting;
         self.probe_failures = 0;
     }
@@ -214,7 +254,10 @@ mod tests {
                     restarts += 1;
                     t += d;
                 }
-                FailureAction::GiveUp => break,
+                FailureAction::GiveUp { trial_after } => {
+                    assert_eq!(trial_after, Duration::from_secs(300));
+                    break;
+                }
                 FailureAction::Stop => unreachable!(),
             }
         }
@@ -282,9 +325,81 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_trial_that_becomes_ready_closes_the_circuit() {
+        let t0 = Instant::now();
+        let mut s = Supervision::new(policy());
+        for _ in 0..5 {
+            s.on_failure(t0, "x".into(), 0.0);
+        }
+        assert_eq!(s.state(), PoolState::Failed);
+        s.on_trial();
+        assert_eq!(s.state(), PoolState::Starting);
+        s.on_spawned();
+        s.on_ready(t0 + Duration::from_secs(301));
+        assert_eq!(s.state(), PoolState::Ready);
+        // Closed: the next failure restarts (after the first backoff step), it does not give up.
+        assert_eq!(
+            s.on_failure(t0 + Duration::from_secs(302), "x".into(), 1.0),
+            FailureAction::RestartAfter(Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn each_failed_trial_doubles_the_open_period_up_to_its_ceiling() {
+        let t0 = Instant::now();
+        let mut s = Supervision::new(policy());
+        for _ in 0..5 {
+            s.on_failure(t0, "x".into(), 0.0);
+        }
+        let mut periods = Vec::new();
+        for _ in 0..6 {
+            s.on_trial();
+            s.on_spawned();
+            match s.on_failure(t0, "still broken".into(), 0.0) {
+                FailureAction::GiveUp { trial_after } => periods.push(trial_after.as_secs()),
+                other => panic!("a failed trial gave {other:?}"),
+            }
+            assert_eq!(s.state(), PoolState::Failed);
+        }
+        assert_eq!(periods, [600, 1200, 2400, 3600, 3600, 3600]);
+    }
+
+    #[test]
+    fn a_flapping_engine_waits_longer_at_each_opening_until_it_stays_healthy() {
+        let t0 = Instant::now();
+        let mut s = Supervision::new(policy());
+        let open = |s: &mut Supervision, at: Instant| -> Duration {
+            loop {
+                s.on_spawned();
+                if let FailureAction::GiveUp { trial_after } = s.on_failure(at, "x".into(), 0.0) {
+                    return trial_after;
+                }
+            }
+        };
+        assert_eq!(open(&mut s, t0), Duration::from_secs(300));
+        // The trial becomes ready, then the engine falls over again quickly.
+        s.on_trial();
+        s.on_spawned();
+        s.on_ready(t0 + Duration::from_secs(300));
+        assert_eq!(
+            open(&mut s, t0 + Duration::from_secs(310)),
+            Duration::from_secs(600)
+        );
+        // This time it stays healthy for a minute: the next opening is short again.
+        s.on_trial();
+        s.on_spawned();
+        s.on_ready(t0 + Duration::from_secs(1000));
+        s.on_probe_ok(t0 + Duration::from_secs(1060));
+        assert_eq!(
+            open(&mut s, t0 + Duration::from_secs(1100)),
+            Duration::from_secs(300)
+        );
+    }
+
     proptest! {
         /// Whatever happens, restarts inside any 5-minute window stay bounded (no restart storm),
-        /// and `failed` is absorbing until a reload.
+        /// and `failed` is absorbing until a reload or a trial.
         #[test]
         fn restarts_per_window_are_bounded(events in proptest::collection::vec((0u8..4, 0u64..120_000), 1..200)) {
             let t0 = Instant::now();

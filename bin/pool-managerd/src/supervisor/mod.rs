@@ -74,6 +74,8 @@ impl Supervisor {
             backoff_base: c.restart_backoff,
             backoff_max: c.restart_backoff_max,
             max_probe_failures: c.max_probe_failures,
+            breaker_open_for: c.breaker_open,
+            breaker_open_max: c.breaker_open.max(Duration::from_secs(3600)),
             ..SupervisionPolicy::default()
         };
         Self {
@@ -295,7 +297,7 @@ impl Supervisor {
         // Consumers of the handoff file learn whether the pool comes back.
         match action {
             FailureAction::RestartAfter(_) => self.mark_handoff(PoolState::Restarting),
-            FailureAction::GiveUp => self.mark_handoff(PoolState::Failed),
+            FailureAction::GiveUp { .. } => self.mark_handoff(PoolState::Failed),
             FailureAction::Stop => self.retire_handoff(),
         }
         self.publish();
@@ -314,25 +316,41 @@ impl Supervisor {
                     restart_count = self.sup.restart_count(),
                     delay_ms = delay.as_millis() as u64
                 );
-                tokio::select! {
-                    _ = self.cancel.cancelled() => Next::Exit,
-                    _ = tokio::time::sleep(delay) => Next::Start,
-                    cmd = next_command(&mut self.commands) => match cmd {
-                        Command::Reload { model_path, reply } => self.reload_from_idle(model_path, reply).await,
-                        Command::Drain { reply, .. } => {
-                            self.sup.on_stopped();
-                            self.publish();
-                            let _ = reply.send(Ok(()));
-                            Next::Idle
-                        }
-                    }
+                match self.pause(delay).await {
+                    Ok(()) => Next::Start,
+                    Err(next) => next,
                 }
             }
-            FailureAction::GiveUp => {
-                tracing::error!(pool_id = %self.spec.id, %error, "engine keeps failing; circuit open, pool failed (reload to retry)");
-                Next::Idle
+            FailureAction::GiveUp { trial_after } => {
+                tracing::error!(pool_id = %self.spec.id, %error, trial_in_ms = trial_after.as_millis() as u64, "engine keeps failing; circuit open, pool failed until a trial start (or a reload)");
+                match self.pause(trial_after).await {
+                    Ok(()) => {
+                        tracing::info!(pool_id = %self.spec.id, "circuit half-open: one trial start");
+                        self.sup.on_trial();
+                        Next::Start
+                    }
+                    Err(next) => next,
+                }
             }
             FailureAction::Stop => Next::Idle,
+        }
+    }
+
+    /// Waits `delay` (a restart backoff, an open circuit); `Err` with what comes next when a
+    /// command (reload, drain) or shutdown ends the wait first.
+    async fn pause(&mut self, delay: Duration) -> Result<(), Next> {
+        tokio::select! {
+            _ = self.cancel.cancelled() => Err(Next::Exit),
+            _ = tokio::time::sleep(delay) => Ok(()),
+            cmd = next_command(&mut self.commands) => Err(match cmd {
+                Command::Reload { model_path, reply } => self.reload_from_idle(model_path, reply).await,
+                Command::Drain { reply, .. } => {
+                    self.sup.on_stopped();
+                    self.publish();
+                    let _ = reply.send(Ok(()));
+                    Next::Idle
+                }
+            }),
         }
     }
 

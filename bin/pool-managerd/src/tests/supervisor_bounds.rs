@@ -71,21 +71,66 @@ async fn the_restart_delay_stops_growing_at_the_configured_maximum() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_fifth_failure_within_five_minutes_opens_the_circuit_and_nothing_restarts() {
+async fn the_fifth_failure_within_five_minutes_opens_the_circuit_until_a_trial_five_minutes_later()
+{
     let s = Supervised::start(&["--restart-backoff-ms=1000"], Vec::new());
-    s.engines.always(crashes(S));
+    // Every start fails before the engine is healthy (at 50 ms; healthy would be 100 ms).
+    s.engines.always(crashes(50 * MS));
     let failed_at = s.until("failed", |p| p.state == PoolState::Failed).await;
     assert_eq!(s.engines.spawned().len(), 5);
     assert!(!s.status().ready && !s.status().live);
-    tokio::time::sleep(Duration::from_secs(3600)).await;
+    // All five failures fell within the 5-minute window.
+    assert!(failed_at - s.engines.spawned()[0].at < Duration::from_secs(300));
+    // Open: nothing starts for the open period (from the fifth engine's exit); then exactly
+    // one trial.
+    let failure = s.engines.spawned()[4].gone_at.unwrap();
+    tokio::time::sleep_until(failure + Duration::from_secs(300) - MS).await;
     assert_eq!(
         s.engines.spawned().len(),
         5,
         "restarted with the circuit open"
     );
     assert_eq!(s.status().state, PoolState::Failed);
-    // All five failures fell within the 5-minute window.
-    assert!(failed_at - s.engines.spawned()[0].at < Duration::from_secs(300));
+    s.until("trial", |p| p.state != PoolState::Failed).await;
+    let spawned = s.engines.spawned();
+    assert_eq!(spawned.len(), 6);
+    assert_eq!(spawned[5].at - failure, Duration::from_secs(300));
+    // The trial crashes too: open again, now for ten minutes.
+    s.until("failed again", |p| p.state == PoolState::Failed)
+        .await;
+    let failure = s.engines.spawned()[5].gone_at.unwrap();
+    tokio::time::sleep_until(failure + Duration::from_secs(600) - MS).await;
+    assert_eq!(s.engines.spawned().len(), 6);
+    s.until("second trial", |p| p.state != PoolState::Failed)
+        .await;
+    let spawned = s.engines.spawned();
+    assert_eq!(spawned.len(), 7);
+    assert_eq!(spawned[6].at - failure, Duration::from_secs(600));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trial_start_that_becomes_healthy_closes_the_circuit_and_the_pool_serves_again() {
+    let s = Supervised::start(
+        &["--restart-backoff-ms=1000", "--breaker-open-ms=60000"],
+        Vec::new(),
+    );
+    s.engines.always(crashes(S));
+    s.until("failed", |p| p.state == PoolState::Failed).await;
+    // The fault went away while the circuit was open.
+    s.engines.always(healthy());
+    s.until("ready", |p| p.ready).await;
+    let spawned = s.engines.spawned();
+    assert_eq!(spawned.len(), 6);
+    assert_eq!(
+        spawned[5].at - spawned[4].gone_at.unwrap(),
+        Duration::from_secs(60)
+    );
+    let file = std::fs::read(s.runtime_dir.join("p.json")).unwrap();
+    assert_eq!(
+        llorch_contracts::HandoffFile::parse(&file).unwrap().state,
+        None,
+        "the handoff file says the pool serves"
+    );
 }
 
 #[tokio::test(start_paused = true)]
