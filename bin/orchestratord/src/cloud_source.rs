@@ -347,6 +347,7 @@ impl CloudSource {
                         restarting_since: None,
                         vram_free_bytes: p.vram_free_bytes,
                         embeddings: p.embeddings,
+                        ejection: Default::default(),
                         url: format!("{url}/v2/pools/{}/engine", p.pool_id),
                         manager: Some(url.to_string()),
                         healthy: usable && p.ready,

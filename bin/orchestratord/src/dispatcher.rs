@@ -35,6 +35,10 @@ pub(crate) async fn run(orch: Arc<Orchestrator>, cancel: CancellationToken) {
         }
         orch.dispatch_ready();
         let mut next = orch.expire_queued();
+        // An ejected pool takes work again when its cool-down ends.
+        if let Some(end) = orch.pools.next_ejection_end() {
+            next = Some(next.map_or(end, |n| n.min(end)));
+        }
         if orch.queue.lock().tasks.reorders() != published_reorders {
             let due = last_publish + POSITION_INTERVAL;
             if Instant::now() >= due {
@@ -185,6 +189,30 @@ impl Orchestrator {
         });
     }
 
+    /// Outlier ejection: whether the engine served (or answered: a refusal is about the
+    /// request) or failed this dispatch.
+    fn count_dispatch(&self, pool_id: &str, outcome: &Outcome) {
+        let ok = match outcome {
+            Outcome::Done { .. } | Outcome::EngineRefused(_) => true,
+            Outcome::BeforeFirstToken(_) | Outcome::WorkerReset(_) | Outcome::DecodeTimeout(_) => {
+                false
+            }
+            Outcome::Cancelled => return,
+        };
+        if let Some(cooldown) = self.pools.record_dispatch(pool_id, ok) {
+            self.metrics
+                .pool_ejections
+                .with_label_values(&[pool_id])
+                .inc();
+            tracing::warn!(
+                %pool_id,
+                cooldown_ms = cooldown.as_millis() as u64,
+                "pool failed {} dispatches in a row; ejected from placement",
+                crate::pools::EJECT_AFTER
+            );
+        }
+    }
+
     /// Ends an attempt: the one place a runner's outcome changes the orchestrator's state.
     fn apply(&self, attempt: Attempt, outcome: Outcome) {
         let Attempt {
@@ -194,6 +222,7 @@ impl Orchestrator {
             dispatched,
         } = attempt;
         let tokens_out = task.status(None).tokens_out;
+        self.count_dispatch(&pool_id, &outcome);
         let worker_reset = |reason: &str| {
             ErrorEnvelope::new(
                 ErrorCode::WorkerReset,

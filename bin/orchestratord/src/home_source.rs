@@ -74,6 +74,7 @@ impl HomeSource {
             restarting_since: None,
             vram_free_bytes: None,
             embeddings: file.embeddings,
+            ejection: Default::default(),
         };
         if phase != PoolPhase::Serving {
             // Its engine is gone: nothing to probe until the file says it serves again.

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub tokens_out: IntCounterVec,
     pub pool_health_check_ms: HistogramVec,
     pub pool_health_checks: IntCounterVec,
+    pub pool_ejections: IntCounterVec,
     pools_available: IntGaugeVec,
     node_online: IntGaugeVec,
     auth_failures: IntCounter,
@@ -84,6 +85,11 @@ impl Metrics {
                 "Pool health checks by orchestratord (HOME: engine /health; CLOUD: pool-managerd polls), by outcome (ok, fail).",
                 &["pool_id", "outcome"],
             )?,
+            pool_ejections: counter(
+                "orchd_pool_ejections_total",
+                "Pools ejected from placement after failing dispatches in a row while their health probe passed.",
+                &["pool_id"],
+            )?,
             pools_available: {
                 let g = IntGaugeVec::new(
                     Opts::new("orchd_pools_available", "1 when orchestratord may place work on the pool."),
@@ -131,11 +137,14 @@ impl Metrics {
         prune(&self.tokens_out, &current);
         prune(&self.pool_health_check_ms, &current);
         prune(&self.pool_health_checks, &current);
+        prune(&self.pool_ejections, &current);
         self.pools_available.reset();
         for (id, ready) in pools {
             self.pools_available
                 .with_label_values(&[id])
                 .set(i64::from(*ready));
+            // Exposed at 0 from the start, so a rate over it works before the first ejection.
+            self.pool_ejections.with_label_values(&[id]).inc_by(0);
         }
         self.node_online.reset();
         for (node, online) in nodes {

@@ -47,11 +47,42 @@ pub struct PoolEntry {
     pub vram_free_bytes: Option<u64>,
     /// The engine serves `/v1/embeddings`.
     pub embeddings: bool,
+    /// Dispatch failures in a row and the cool-down they earned (kept across updates).
+    pub ejection: Ejection,
+}
+
+/// Failed dispatches in a row after which a pool is ejected from placement.
+pub const EJECT_AFTER: u32 = 3;
+/// The first cool-down; each ejection in a row doubles it, up to `EJECT_MAX`.
+pub const EJECT_BASE: Duration = Duration::from_secs(1);
+pub const EJECT_MAX: Duration = Duration::from_secs(60);
+
+/// Outlier ejection of a pool whose engine answers its health probe yet fails the work it is
+/// given (a pool that fails fast would otherwise attract every task, having free slots).
+#[derive(Debug, Clone, Default)]
+pub struct Ejection {
+    failures_in_row: u32,
+    /// Ejections since the last successful dispatch.
+    ejections: u32,
+    until: Option<Instant>,
+}
+
+impl Ejection {
+    pub fn active(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| now < u)
+    }
+
+    /// Time left of the current cool-down.
+    pub fn remaining(&self, now: Instant) -> Option<Duration> {
+        self.until
+            .filter(|u| now < *u)
+            .map(|u| u.saturating_duration_since(now))
+    }
 }
 
 impl PoolEntry {
     pub fn ready(&self) -> bool {
-        self.healthy && !self.draining
+        self.healthy && !self.draining && !self.ejection.active(Instant::now())
     }
 
     /// What `GET /v2/pools` shows of it.
@@ -73,6 +104,10 @@ impl PoolEntry {
             in_flight: self.in_flight,
             phase: self.phase.as_str().into(),
             vram_free_bytes: self.vram_free_bytes,
+            ejected_for_ms: self
+                .ejection
+                .remaining(Instant::now())
+                .map(|d| d.as_millis() as u64),
         }
     }
 
@@ -246,6 +281,7 @@ impl PoolTable {
             old.is_none_or(|o| o.phase != entry.phase || o.model_id != entry.model_id);
         if let Some(old) = old {
             entry.in_flight = old.in_flight;
+            entry.ejection = old.ejection.clone();
             if !old.lost.is_cancelled() {
                 entry.lost = old.lost.clone();
             }
@@ -315,14 +351,47 @@ impl PoolTable {
         self.pools.read().values().cloned().collect()
     }
 
+    /// How a dispatch to `pool_id` ended: `ok` (the engine served or answered) or a failure.
+    /// Returns the cool-down when this failure ejected the pool.
+    pub fn record_dispatch(&self, pool_id: &str, ok: bool) -> Option<Duration> {
+        let mut pools = self.pools.write();
+        let e = &mut pools.get_mut(pool_id)?.ejection;
+        if ok {
+            *e = Ejection::default();
+            return None;
+        }
+        e.failures_in_row += 1;
+        if e.failures_in_row < EJECT_AFTER {
+            return None;
+        }
+        e.failures_in_row = 0;
+        let cooldown = EJECT_BASE
+            .saturating_mul(1 << e.ejections.min(16))
+            .min(EJECT_MAX);
+        e.ejections += 1;
+        e.until = Some(Instant::now() + cooldown);
+        Some(cooldown)
+    }
+
+    /// When the earliest current ejection ends (the dispatcher wakes then).
+    pub fn next_ejection_end(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.pools
+            .read()
+            .values()
+            .filter_map(|p| p.ejection.until.filter(|u| *u > now))
+            .min()
+    }
+
     pub fn views(&self) -> Vec<PoolView> {
+        let now = Instant::now();
         self.pools
             .read()
             .values()
             .map(|p| PoolView {
                 pool_id: p.pool_id.clone(),
                 model_id: p.model_id.clone(),
-                ready: p.healthy,
+                ready: p.healthy && !p.ejection.active(now),
                 draining: p.draining,
                 slots_total: p.slots_total,
                 in_flight: p.in_flight,

@@ -98,6 +98,10 @@ pub struct OrchPool {
     pub phase: String,
     /// Free GPU memory of the pool as its node reported it (CLOUD).
     pub vram_free_bytes: Option<u64>,
+    /// Ejected from placement for this much longer: its last dispatches failed in a row
+    /// while its health probe passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected_for_ms: Option<u64>,
 }
 
 /// `GET /v2/pools` of orchestratord.

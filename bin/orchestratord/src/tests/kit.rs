@@ -273,6 +273,7 @@ pub fn pool(id: &str, slots: u32) -> PoolEntry {
         restarting_since: None,
         vram_free_bytes: None,
         embeddings: false,
+        ejection: Default::default(),
     }
 }
 

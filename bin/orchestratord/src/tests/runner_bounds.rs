@@ -306,3 +306,43 @@ async fn an_engine_frame_that_never_ends_is_refused_at_one_mebibyte() {
         "{st:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_failing_three_dispatches_in_a_row_is_ejected_for_a_second_then_used_again() {
+    let h = Harness::start(&[]);
+    h.add_pool("a", 1);
+    // The engine passes its health probe but fails every completion.
+    h.engine.always(Script::Status(500));
+    let first = h.submit(task(5));
+    settle().await;
+    // Its probe says healthy again: the retry goes there and fails too (two in a row).
+    h.orch.pools.set_health("a", true, None);
+    let (code, _) = outcome(&first).await;
+    assert_eq!(code, "WORKER_RESET");
+    let second = h.submit(task(5));
+    settle().await;
+    // The third failure in a row ejects the pool for 1 s, whatever its probe says.
+    let ejected_at = Instant::now();
+    h.orch.pools.set_health("a", true, None);
+    h.engine.always(tokens(2, 10 * MS));
+    assert_eq!(
+        h.orch.pools.get("a").unwrap().wire().ejected_for_ms,
+        Some(1000)
+    );
+    tokio::time::sleep_until(ejected_at + 1000 * MS - MS).await;
+    settle().await;
+    assert_eq!(
+        second.status(None).attempts,
+        1,
+        "dispatched to an ejected pool"
+    );
+    let (code, at) = outcome(&second).await;
+    assert_eq!(code, "end");
+    // Dispatched exactly when the cool-down ended: two tokens and the final chunk later.
+    assert_eq!(at - ejected_at, 1000 * MS + 30 * MS);
+    let m = h.orch.metrics.render(&[("a".into(), true)], &[]);
+    assert!(
+        m.contains("orchd_pool_ejections_total{pool_id=\"a\"} 1"),
+        "{m}"
+    );
+}
