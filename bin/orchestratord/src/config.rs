@@ -107,6 +107,10 @@ pub struct Args {
     /// Most finished tasks kept (the oldest are forgotten first).
     #[arg(long, env = "ORCHD_TASK_RETENTION_MAX", default_value_t = 10_000)]
     pub task_retention_max: usize,
+    /// Most bytes of event log (and OpenAI chunks) the finished tasks keep together; the
+    /// oldest are forgotten first.
+    #[arg(long, env = "ORCHD_TASK_RETENTION_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub task_retention_bytes: usize,
     /// SSE keep-alive comment interval.
     #[arg(long, env = "ORCHD_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
     pub sse_keepalive_ms: u64,
@@ -174,6 +178,7 @@ pub struct Config {
     pub session_ttl: Duration,
     pub task_retention: Duration,
     pub task_retention_max: usize,
+    pub task_retention_bytes: usize,
     pub sse_keepalive: Duration,
     pub shutdown_grace: Duration,
     pub token: Option<Token>,
@@ -300,6 +305,7 @@ impl Config {
             session_ttl: ms("ORCHD_SESSION_TTL_MS", a.session_ttl_ms)?,
             task_retention: ms("ORCHD_TASK_RETENTION_MS", a.task_retention_ms)?,
             task_retention_max: a.task_retention_max,
+            task_retention_bytes: a.task_retention_bytes,
             sse_keepalive: ms("ORCHD_SSE_KEEPALIVE_MS", a.sse_keepalive_ms)?,
             shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
             token,

@@ -27,21 +27,31 @@ pub(crate) async fn run(orch: Arc<Orchestrator>, cancel: CancellationToken) {
     }
 }
 
+/// Forgets finished tasks past the retention period, then the oldest beyond the retention
+/// count, then the oldest until the rest fit in the retention bytes.
 pub(crate) fn purge_finished(orch: &Orchestrator) {
     let retention = orch.config.task_retention;
     let mut tasks = orch.tasks.write();
     tasks.retain(|_, t| t.finished_at().is_none_or(|f| f.elapsed() < retention));
-    let mut finished: Vec<(Instant, String)> = tasks
+    let mut finished: Vec<(Instant, String, usize)> = tasks
         .values()
-        .filter_map(|t| t.finished_at().map(|f| (f, t.id.clone())))
+        .filter_map(|t| {
+            t.finished_at()
+                .map(|f| (f, t.id.clone(), t.retained_bytes()))
+        })
         .collect();
+    finished.sort_unstable();
     let excess = finished
         .len()
         .saturating_sub(orch.config.task_retention_max);
-    if excess > 0 {
-        finished.sort_unstable();
-        for (_, id) in finished.into_iter().take(excess) {
-            tasks.remove(&id);
+    let mut bytes: usize = finished.iter().skip(excess).map(|(_, _, b)| b).sum();
+    for (i, (_, id, size)) in finished.into_iter().enumerate() {
+        if i >= excess && bytes <= orch.config.task_retention_bytes {
+            break;
         }
+        if i >= excess {
+            bytes -= size;
+        }
+        tasks.remove(&id);
     }
 }

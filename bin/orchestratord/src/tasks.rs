@@ -46,6 +46,8 @@ pub struct Task {
     inner: Mutex<TaskInner>,
     frames_tx: watch::Sender<u64>,
     subscribers: AtomicUsize,
+    /// Bytes of the event log (frame data plus a fixed overhead per frame).
+    log_bytes: AtomicUsize,
     /// Bumped each time the last subscriber leaves: a grace timer cancels only if no
     /// subscriber came and went since it started.
     departures: AtomicUsize,
@@ -77,6 +79,9 @@ fn request_digest(req: &TaskRequest) -> [u8; 32] {
     let bytes = serde_json::to_vec(req).unwrap_or_default();
     sha2::Sha256::digest(&bytes).into()
 }
+
+/// What a frame costs besides its data (the struct, its id and event name).
+const FRAME_OVERHEAD: usize = 48;
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -130,6 +135,7 @@ impl Task {
             }),
             frames_tx: watch::channel(0).0,
             subscribers: AtomicUsize::new(0),
+            log_bytes: AtomicUsize::new(0),
             departures: AtomicUsize::new(0),
         }
     }
@@ -182,6 +188,7 @@ impl Task {
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "{}".into()),
         };
+        let size = data.len() + FRAME_OVERHEAD;
         let count = {
             let mut inner = self.inner.lock();
             if inner.terminal {
@@ -223,8 +230,14 @@ impl Task {
             });
             inner.frames.len() as u64
         };
+        self.log_bytes.fetch_add(size, Ordering::Relaxed);
         self.frames_tx.send_replace(count);
         true
+    }
+
+    /// Memory the task keeps for replay: its event log and (OpenAI) the engine's chunks.
+    pub fn retained_bytes(&self) -> usize {
+        self.log_bytes.load(Ordering::Relaxed) + self.openai.as_ref().map_or(0, |j| j.log.bytes())
     }
 
     /// Frames with id ≥ `from`, and whether the terminal frame is among all frames.

@@ -95,6 +95,7 @@ struct LogInner {
     /// Each choice as the engine wrote it (raw JSON: relayed without re-encoding).
     choices: Vec<Box<RawValue>>,
     usage: Option<Usage>,
+    bytes: usize,
 }
 
 /// The engine's choice objects in arrival order, and the usage it reported. Followers are
@@ -113,8 +114,14 @@ impl ChunkLog {
         if bare_role && !inner.choices.is_empty() {
             return false;
         }
+        inner.bytes += choice.get().len() + 16;
         inner.choices.push(choice);
         true
+    }
+
+    /// Bytes the logged choices hold.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().bytes
     }
 
     /// Choices from index `from` on, parsed.

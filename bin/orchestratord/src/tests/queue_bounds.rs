@@ -494,3 +494,39 @@ async fn a_finished_task_keeps_no_prompt_and_still_answers_its_resubmission() {
         .unwrap_err();
     assert_eq!(e.0.code, llorch_contracts::ErrorCode::Conflict);
 }
+
+#[tokio::test(start_paused = true)]
+async fn finished_tasks_beyond_the_retention_bytes_are_forgotten_oldest_first() {
+    let h = Harness::start(&["--task-retention-bytes=5000"]);
+    h.add_pool("a", 1);
+    let mut done = Vec::new();
+    for _ in 0..6 {
+        h.engine.push(tokens(20, MS));
+        let t = h.submit(task(20));
+        let (code, _) = outcome(&t).await;
+        assert_eq!(code, "end");
+        // Finished at distinct instants: "oldest" is well defined.
+        tokio::time::sleep(MS).await;
+        done.push(t);
+    }
+    let per_task = done[0].retained_bytes();
+    assert!(per_task > 1000, "{per_task}");
+    crate::retention::purge_finished(&h.orch);
+    let kept: Vec<bool> = done.iter().map(|t| h.orch.task(&t.id).is_some()).collect();
+    let kept_bytes: usize = done
+        .iter()
+        .filter(|t| h.orch.task(&t.id).is_some())
+        .map(|t| t.retained_bytes())
+        .sum();
+    assert!(kept_bytes <= 5000, "{kept_bytes} bytes kept");
+    assert!(
+        kept_bytes + per_task > 5000,
+        "forgot more than needed: {kept:?}"
+    );
+    // The newest are the ones kept.
+    let first_kept = kept.iter().position(|k| *k).unwrap();
+    assert!(
+        first_kept > 0 && kept[first_kept..].iter().all(|k| *k),
+        "{kept:?}"
+    );
+}
