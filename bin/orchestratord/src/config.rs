@@ -77,6 +77,12 @@ pub struct Args {
     /// Largest request body.
     #[arg(long, env = "ORCHD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// HTTP connections served at once (more wait in the accept queue).
+    #[arg(long, env = "ORCHD_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers.
+    #[arg(long, env = "ORCHD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
     /// Longest a queued task waits for a pool before it fails with POOL_UNAVAILABLE.
     #[arg(long, env = "ORCHD_MAX_QUEUE_WAIT_MS", default_value_t = 300_000)]
     pub max_queue_wait_ms: u64,
@@ -169,6 +175,7 @@ pub struct Config {
     pub max_tokens_cap: u32,
     pub openai_default_max_tokens: u32,
     pub max_body_bytes: usize,
+    pub conn_limits: llorch_http::ConnLimits,
     pub max_queue_wait: Duration,
     pub model_memory: Duration,
     pub first_token_timeout: Duration,
@@ -296,6 +303,15 @@ impl Config {
             openai_default_max_tokens,
             max_body_bytes: llorch_http::at_least("ORCHD_MAX_BODY_BYTES", a.max_body_bytes, 1024)
                 .map_err(ConfigError::Invalid)?,
+            conn_limits: llorch_http::ConnLimits {
+                max_connections: llorch_http::at_least(
+                    "ORCHD_MAX_CONNECTIONS",
+                    a.max_connections,
+                    1,
+                )
+                .map_err(ConfigError::Invalid)?,
+                header_read_timeout: ms("ORCHD_HEADER_READ_TIMEOUT_MS", a.header_read_timeout_ms)?,
+            },
             max_queue_wait: ms("ORCHD_MAX_QUEUE_WAIT_MS", a.max_queue_wait_ms)?,
             model_memory: Duration::from_millis(a.model_memory_ms),
             first_token_timeout: ms("ORCHD_FIRST_TOKEN_TIMEOUT_MS", a.first_token_timeout_ms)?,

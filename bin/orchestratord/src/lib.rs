@@ -103,11 +103,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let server_stop = CancellationToken::new();
     let server = tokio::spawn({
         let stop = server_stop.clone();
-        async move {
-            axum::serve(llorch_http::with_nodelay(listener), app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }
+        let limits = orch.config.conn_limits;
+        async move { llorch_http::serve(listener, app, limits, stop.cancelled_owned()).await }
     });
 
     shutdown.await;
@@ -128,8 +125,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Every stream has its terminal event now; open SSE connections end on their own.
     server_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(5), server).await {
-        Ok(Ok(Ok(()))) | Err(_) => {}
-        Ok(Ok(Err(error))) => tracing::error!(%error, "HTTP server failed"),
+        Ok(Ok(())) | Err(_) => {}
         Ok(Err(error)) => tracing::error!(%error, "HTTP server task failed"),
     }
     tracing::info!("orchestratord stopped");

@@ -93,6 +93,16 @@ pub struct Args {
     /// Largest request body accepted (engine proxy included).
     #[arg(long, env = "POOL_MANAGERD_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// HTTP connections served at once (more wait in the accept queue).
+    #[arg(long, env = "POOL_MANAGERD_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers.
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub header_read_timeout_ms: u64,
     /// Shared API token (prefer the _FILE form).
     #[arg(long, env = "LLORCH_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -152,6 +162,7 @@ pub struct Config {
     pub breaker_open: Duration,
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
+    pub conn_limits: llorch_http::ConnLimits,
     pub token: Option<Token>,
     pub json_logs: bool,
 }
@@ -263,6 +274,18 @@ impl Config {
                 1024,
             )
             .map_err(ConfigError::Invalid)?,
+            conn_limits: llorch_http::ConnLimits {
+                max_connections: llorch_http::at_least(
+                    "POOL_MANAGERD_MAX_CONNECTIONS",
+                    args.max_connections,
+                    1,
+                )
+                .map_err(ConfigError::Invalid)?,
+                header_read_timeout: non_zero(
+                    "POOL_MANAGERD_HEADER_READ_TIMEOUT_MS",
+                    args.header_read_timeout_ms,
+                )?,
+            },
             token,
             json_logs,
         })

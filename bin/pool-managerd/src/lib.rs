@@ -151,10 +151,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     );
     let app = api::router(shared.clone());
     let server_cancel = root.child_token();
+    let limits = shared.config.conn_limits;
     let server = tokio::spawn(async move {
-        axum::serve(llorch_http::with_nodelay(listener), app)
-            .with_graceful_shutdown(server_cancel.cancelled_owned())
-            .await
+        llorch_http::serve(listener, app, limits, server_cancel.cancelled_owned()).await
     });
 
     shutdown.await;
@@ -167,8 +166,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     // Open proxy streams end when their engines are gone; do not wait on them forever.
     match tokio::time::timeout(Duration::from_secs(2), server).await {
-        Ok(Ok(Ok(()))) | Err(_) => {}
-        Ok(Ok(Err(error))) => tracing::error!(%error, "HTTP server failed"),
+        Ok(Ok(())) | Err(_) => {}
         Ok(Err(error)) => tracing::error!(%error, "HTTP server task failed"),
     }
     tracing::info!("pool-managerd stopped");

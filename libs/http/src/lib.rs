@@ -10,6 +10,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use llorch_contracts::{ErrorCode, ErrorEnvelope};
 
+mod serve;
+
+pub use serve::{serve, ConnLimits};
+
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
 /// The one error type of both APIs; `IntoResponse` is the one place a code becomes a status
@@ -315,20 +319,6 @@ pub async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-}
-
-/// Wraps a listener so every accepted connection has `TCP_NODELAY`: SSE frames and proxied
-/// engine chunks are small writes, and Nagle plus delayed ACKs would hold them for up to 40 ms.
-pub fn with_nodelay(
-    listener: tokio::net::TcpListener,
-) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
-    use axum::serve::ListenerExt;
-    fn set(tcp: &mut tokio::net::TcpStream) {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
-        }
-    }
-    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
 }
 
 #[cfg(test)]

@@ -264,3 +264,86 @@ async fn refusals_are_counted_and_logged_at_most_once_a_second_in_both_daemons()
         "a presented token was logged"
     );
 }
+
+/// Opens a connection and sends the start of a request, never its end.
+async fn trickle(base: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = base.trim_start_matches("http://");
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    sock.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    sock
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_its_headers_is_cut_off_and_http2_is_not_spoken() {
+    use tokio::io::AsyncReadExt;
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 1024),
+        orch_env: vec![("ORCHD_HEADER_READ_TIMEOUT_MS", "500".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut slow = trickle(&s.base).await;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("the connection was kept open");
+    // Closed (with or without a 408 first): never a served request.
+    if let Ok(n) = read {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    // HTTP/2 with prior knowledge is refused; HTTP/1.1 is served.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2.get(format!("{}/health", s.base)).send().await;
+    assert!(r.is_err(), "{:?}", r.map(|r| (r.status(), r.version())));
+    assert_eq!(s.get("/health").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_until_one_closes() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 1024),
+        orch_env: vec![("ORCHD_MAX_CONNECTIONS", "2".into())],
+        ..Default::default()
+    })
+    .await;
+    // The stack's own readiness polling has closed its connections; two clients hold both.
+    wait_for(
+        "idle connections closed",
+        Duration::from_secs(10),
+        || async {
+            let mut held = vec![trickle(&s.base).await, trickle(&s.base).await];
+            let quick = reqwest::Client::builder()
+                .timeout(Duration::from_millis(500))
+                .build()
+                .unwrap();
+            let blocked = quick
+                .get(format!("{}/health", s.base))
+                .send()
+                .await
+                .is_err();
+            if blocked {
+                // A slot frees: the next client is served.
+                held.pop();
+                let ok = reqwest::Client::new()
+                    .get(format!("{}/health", s.base))
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await
+                    .map(|r| r.status() == 200)
+                    .unwrap_or(false);
+                return ok.then_some(());
+            }
+            None
+        },
+    )
+    .await;
+}
