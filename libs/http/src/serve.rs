@@ -85,26 +85,18 @@ pub async fn serve(
                 .header_read_timeout(limits.header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
-            loop {
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(error) = result {
-                            tracing::debug!(%error, "connection ended with an error");
-                        }
-                        break;
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                changed = closing.changed() => {
+                    if changed.is_ok() {
+                        conn.as_mut().graceful_shutdown();
                     }
-                    changed = closing.changed() => {
-                        if changed.is_ok() {
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        // Keep serving until the in-flight request ends; no second notice.
-                        let result = conn.as_mut().await;
-                        if let Err(error) = result {
-                            tracing::debug!(%error, "connection ended with an error");
-                        }
-                        break;
-                    }
+                    // Served until the in-flight request ends.
+                    conn.as_mut().await
                 }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "connection ended with an error");
             }
         });
     }
