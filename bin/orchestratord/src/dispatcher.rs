@@ -183,6 +183,9 @@ impl Orchestrator {
                 span.clone(),
             )
             .await;
+            // Ejection is decided before the slot is free: a dispatcher pass woken by the
+            // release must not place on a pool this very outcome ejects.
+            orch.count_dispatch(&attempt.pool_id, &outcome);
             // The slot is free before the outcome is applied: a retry may take it.
             drop(lease);
             orch.apply(attempt, outcome);
@@ -222,7 +225,6 @@ impl Orchestrator {
             dispatched,
         } = attempt;
         let tokens_out = task.status(None).tokens_out;
-        self.count_dispatch(&pool_id, &outcome);
         let worker_reset = |reason: &str| {
             ErrorEnvelope::new(
                 ErrorCode::WorkerReset,

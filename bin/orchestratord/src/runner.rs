@@ -25,6 +25,9 @@ use crate::tasks::Task;
 
 /// The longest SSE frame accepted from an engine (a token chunk is well under 1 KiB).
 const ENGINE_FRAME_MAX: usize = 1024 * 1024;
+/// The largest whole (embeddings) answer read from an engine: 2 048 inputs of a 4 096-wide
+/// float vector as JSON stay well below it.
+const WHOLE_ANSWER_MAX: usize = 256 * 1024 * 1024;
 
 #[derive(Debug)]
 pub(crate) enum Outcome {
@@ -113,6 +116,8 @@ impl Runner<'_> {
         }
         let mut parser = SseParser::with_max_frame(ENGINE_FRAME_MAX);
         let mut i: u32 = 0;
+        // Every piece of visible output (text or not), for the generation limit.
+        let mut units: u64 = 0;
         let mut first_token = None;
         // Only progress (a token, or other output the client sees) moves the deadline: chunks
         // of comments or empty data keep nothing alive.
@@ -163,7 +168,10 @@ impl Runner<'_> {
                     Ok(p) => p,
                     Err(refused) => return Outcome::EngineRefused(refused),
                 };
-                let mut progress = false;
+                let progress = piece.visible;
+                if progress {
+                    units += 1;
+                }
                 if let Some(t) = piece.token {
                     if i >= task.req.max_tokens {
                         // The engine overran the limit it was given: the task is complete.
@@ -178,11 +186,19 @@ impl Runner<'_> {
                     task.emit(&TaskEvent::Token { t, i });
                     self.tokens_out.inc();
                     i += 1;
-                    progress = true;
                 } else if piece.logged {
                     // A choice without text (role, tool-call fragment): wake its relay.
                     task.poke();
-                    progress = decoder.relayed();
+                }
+                // Output of any kind counts against the limit: an engine that streams tool-call
+                // fragments or reasoning without end is cut off too.
+                if units > u64::from(task.req.max_tokens) + 16 {
+                    return Outcome::Done {
+                        finish_reason: "length".into(),
+                        decode_ms: 0,
+                        engine_tokens: Some(i),
+                        first_token,
+                    };
                 }
                 if let Some((finish_reason, decode_ms, engine_tokens)) = piece.done {
                     return Outcome::Done {
@@ -215,6 +231,9 @@ impl Runner<'_> {
             let mut body = Vec::new();
             while let Some(chunk) = stream.next().await {
                 body.extend_from_slice(&chunk?);
+                if body.len() > WHOLE_ANSWER_MAX {
+                    return Err(format!("answer over {} MiB", WHOLE_ANSWER_MAX >> 20));
+                }
             }
             Ok::<_, String>(body)
         };
@@ -276,6 +295,7 @@ impl Decoder<'_> {
             Decoder::Native => Ok(match parse_chunk(data)? {
                 None => Piece::default(),
                 Some(c) => Piece {
+                    visible: !c.content.is_empty(),
                     token: (!c.content.is_empty()).then_some(c.content),
                     logged: false,
                     done: c.stop.then(|| {

@@ -75,6 +75,10 @@ impl Drop for SubscriberGuard {
             let expiry = tokio::time::sleep(grace);
             tokio::pin!(expiry);
             let mut frames = task.watch_frames();
+            // It may have ended between the departure and this subscription.
+            if task.is_terminal() {
+                return;
+            }
             loop {
                 tokio::select! {
                     _ = &mut expiry => break,
@@ -128,7 +132,7 @@ pub async fn events(
             .to_str()
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
-            .map(|n| n + 1)
+            .and_then(|n| n.checked_add(1))
             .ok_or_else(|| {
                 ApiError::new(ErrorCode::InvalidParams, "Last-Event-ID must be a frame id")
             })?,

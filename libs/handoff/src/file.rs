@@ -25,11 +25,17 @@ pub fn write_atomic(runtime_dir: &Path, file: &HandoffFile) -> std::io::Result<P
     let bytes = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
     {
         use std::os::unix::fs::OpenOptionsExt;
-        // 0644 whatever the umask: readers refuse a file anyone may write.
+        // A fresh file, never through a name planted in the directory (a symlink would make
+        // this write land elsewhere); 0644 whatever the umask: readers refuse a file anyone may
+        // write.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(0o644)
             .open(&tmp)?;
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;

@@ -207,6 +207,10 @@ struct DeltaView<'a> {
     content: Option<Cow<'a, str>>,
     #[serde(default)]
     role: Option<String>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
 }
 
 /// What one `data:` frame of the engine's stream meant.
@@ -218,6 +222,9 @@ pub(crate) struct Piece {
     pub done: Option<(String, u64, Option<u32>)>,
     /// A choice was logged (followers must be woken even without text).
     pub logged: bool,
+    /// The choice carries output the client sees (text, a tool-call fragment, reasoning, a
+    /// finish reason): progress, and a unit of the generation limit.
+    pub visible: bool,
 }
 
 /// Reads an engine's OpenAI stream into the task's `ChunkLog`.
@@ -259,6 +266,7 @@ impl<'a> Decoder<'a> {
                 token: None,
                 done: Some(done),
                 logged: false,
+                visible: false,
             });
         }
         let Ok(chunk) = serde_json::from_str::<EngineChunk<'_>>(data) else {
@@ -288,13 +296,21 @@ impl<'a> Decoder<'a> {
                 _ => None,
             };
             piece.token = text.filter(|t| !t.is_empty()).map(str::to_string);
+            // Output the client sees besides text: a tool-call fragment, reasoning, the end.
+            let other = view.delta.as_ref().is_some_and(|d| {
+                d.tool_calls.is_some_and(|t| t.get() != "null")
+                    || d.reasoning_content
+                        .as_deref()
+                        .is_some_and(|r| !r.is_empty())
+            }) || view.finish_reason.is_some();
+            piece.visible = piece.token.is_some() || other;
             // The opening delta: a role and nothing else.
-            let bare_role = view.delta.as_ref().is_some_and(|d| {
-                d.role.is_some() && d.content.as_deref().is_none_or(str::is_empty)
-            }) && view.finish_reason.is_none()
-                && !raw.get().contains("\"tool_calls\"");
-            piece.logged = self.job.log.push((*raw).to_owned(), bare_role);
-            self.relayed |= piece.logged && !bare_role;
+            let bare_role = !piece.visible && view.delta.as_ref().is_some_and(|d| d.role.is_some());
+            // An empty delta says nothing: not logged, not relayed, no progress.
+            if piece.visible || bare_role {
+                piece.logged = self.job.log.push((*raw).to_owned(), bare_role);
+            }
+            self.relayed |= piece.logged && piece.visible;
         }
         Ok(piece)
     }
@@ -473,6 +489,23 @@ mod tests {
             d.relayed(),
             "a tool-call fragment reached the client: no retry elsewhere"
         );
+    }
+
+    #[test]
+    fn empty_deltas_are_neither_logged_nor_progress() {
+        let j = job(Route::Chat);
+        let mut d = Decoder::new(&j);
+        for empty in [
+            json!({"choices":[{"delta":{}}]}),
+            json!({"choices":[{"delta":{"content":""}}]}),
+            json!({"choices":[{"delta":{"tool_calls":null,"reasoning_content":""}}]}),
+        ] {
+            let p = d.decode(&empty.to_string()).unwrap();
+            assert!(!p.logged && !p.visible, "{empty}");
+        }
+        assert!(j.log.from(0).is_empty());
+        let reasoning = json!({"choices":[{"delta":{"reasoning_content":"hmm"}}]});
+        assert!(d.decode(&reasoning.to_string()).unwrap().visible);
     }
 
     #[test]

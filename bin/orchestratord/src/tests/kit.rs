@@ -43,6 +43,8 @@ pub enum Step {
     EngineError(Duration),
     /// A chunk holding only an SSE comment (no data, no progress).
     Comment(Duration),
+    /// A data chunk with empty content (no progress either).
+    Empty(Duration),
     /// This many bytes of one frame that never ends.
     Unterminated(Duration, usize),
 }
@@ -159,6 +161,10 @@ impl Engine for ScriptedEngine {
                         Step::Comment(after) => {
                             tokio::time::sleep(after).await;
                             Ok(Bytes::from_static(b": ping\n\n"))
+                        }
+                        Step::Empty(after) => {
+                            tokio::time::sleep(after).await;
+                            Ok(data(serde_json::json!({"content": "", "stop": false})))
                         }
                         Step::Unterminated(after, n) => {
                             tokio::time::sleep(after).await;

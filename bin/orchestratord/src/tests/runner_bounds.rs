@@ -254,11 +254,11 @@ async fn a_pool_whose_engine_turns_unhealthy_takes_no_task_until_it_is_healthy_a
 }
 
 #[tokio::test(start_paused = true)]
-async fn comments_from_a_stalled_engine_do_not_keep_its_task_alive() {
+async fn comments_or_empty_chunks_from_a_stalled_engine_do_not_keep_its_task_alive() {
     let h = Harness::start(&["--decode-timeout-ms=700"]);
     h.add_pool("a", 1);
     let mut steps = vec![Step::Token(10 * MS, "x")];
-    steps.extend((0..100).map(|_| Step::Comment(100 * MS)));
+    steps.extend((0..50).flat_map(|_| [Step::Comment(100 * MS), Step::Empty(100 * MS)]));
     h.engine.push(Script::Stream(steps));
     let t0 = Instant::now();
     let task = h.submit(task(10));
