@@ -112,12 +112,17 @@ fn validate(config: &Config, req: &TaskRequest) -> Result<(), ApiError> {
 
 impl Orchestrator {
     fn reject(&self, reason: &str, error: ApiError) -> ApiError {
+        self.count_rejection(reason);
+        tracing::info!(reason, code = %error.0.code, "task rejected");
+        error
+    }
+
+    /// `tasks_rejected_total{reason}`: every refused submission, whichever API refused it.
+    pub(crate) fn count_rejection(&self, reason: &str) {
         self.metrics
             .tasks_rejected
             .with_label_values(&[reason])
             .inc();
-        tracing::info!(reason, code = %error.0.code, "task rejected");
-        error
     }
 
     /// Admits a task submitted without a correlation id (its task id serves as one).
@@ -189,7 +194,7 @@ impl Orchestrator {
         }
         let embeddings = openai
             .as_ref()
-            .is_some_and(|j| j.route == crate::openai::Route::Embeddings);
+            .is_some_and(crate::openai::Job::is_embeddings);
         if self.pools.serves_kind(&req.model_ref, embeddings) == Some(false) {
             // Refused now rather than queued for a pool that can never take it.
             let (kind, declared) = if embeddings {

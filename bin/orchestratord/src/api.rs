@@ -119,10 +119,7 @@ async fn submit(
         } else {
             "invalid_params"
         };
-        orch.metrics
-            .tasks_rejected
-            .with_label_values(&[reason])
-            .inc();
+        orch.count_rejection(reason);
         tracing::info!(reason, message = %e.0.message, "task rejected");
     })?;
     // Set (echoed or made) by the correlation layer before any handler runs.

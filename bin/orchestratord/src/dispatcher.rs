@@ -98,7 +98,7 @@ impl Orchestrator {
                         embeddings: t
                             .openai
                             .as_ref()
-                            .is_some_and(|j| j.route == crate::openai::Route::Embeddings),
+                            .is_some_and(crate::openai::Job::is_embeddings),
                     };
                     match place(&views, &req) {
                         Decision::Place(pool) => Some(pool),

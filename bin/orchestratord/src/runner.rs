@@ -19,7 +19,7 @@ use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::engine::{Answer, CompletionCall, Engine};
-use crate::openai::{Piece, Route};
+use crate::openai::Piece;
 use crate::pools::PoolEntry;
 use crate::tasks::Task;
 
@@ -107,11 +107,7 @@ impl Runner<'_> {
                 return Outcome::BeforeFirstToken(format!("engine answered {status}"))
             }
         };
-        if let Some(job) = task
-            .openai
-            .as_ref()
-            .filter(|j| j.route == Route::Embeddings)
-        {
+        if let Some(job) = task.openai.as_ref().filter(|j| j.is_embeddings()) {
             return self.whole_answer(task, job, stream, &lost).await;
         }
         let mut parser = SseParser::with_max_frame(ENGINE_FRAME_MAX);
@@ -249,7 +245,7 @@ impl Runner<'_> {
                 Ok(Ok(b)) => b,
             },
         };
-        match job.log.whole(&body) {
+        match job.log.whole(body) {
             Ok(()) => Outcome::Done {
                 finish_reason: "stop".into(),
                 decode_ms: 0,

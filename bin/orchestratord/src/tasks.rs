@@ -247,20 +247,6 @@ impl Task {
         (inner.frames[start..].to_vec(), inner.terminal)
     }
 
-    /// Frames with id ≥ `from` except `token` frames (not copied), the next id to read, and
-    /// whether the terminal frame is among all frames: for followers that take the text from
-    /// elsewhere (the OpenAI relay).
-    pub fn frames_except_tokens(&self, from: u64) -> (Vec<Frame>, u64, bool) {
-        let inner = self.inner.lock();
-        let start = (from as usize).min(inner.frames.len());
-        let frames = inner.frames[start..]
-            .iter()
-            .filter(|f| f.event != "token")
-            .cloned()
-            .collect();
-        (frames, inner.frames.len() as u64, inner.terminal)
-    }
-
     /// Wakes the followers of the frame watch without a new frame (something they read
     /// besides frames changed).
     pub fn poke(&self) {

@@ -48,12 +48,9 @@ impl IntoResponse for ApiError {
         let status = StatusCode::from_u16(self.0.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, Json(&self.0)).into_response();
+        set_refusal_headers(resp.headers_mut(), status, self.0.retry_after_ms);
         let headers = resp.headers_mut();
         if let Some(ms) = self.0.retry_after_ms {
-            let secs = ms.div_ceil(1000).max(1);
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                headers.insert(header::RETRY_AFTER, v);
-            }
             if matches!(
                 self.0.code,
                 ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru
@@ -63,10 +60,25 @@ impl IntoResponse for ApiError {
                 }
             }
         }
-        if self.0.code == ErrorCode::Unauthorized {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
         resp
+    }
+}
+
+/// The headers every refusal carries, whatever its body's shape: `Retry-After` (whole seconds,
+/// at least 1) when a retry hint exists, `WWW-Authenticate: Bearer` on a 401.
+pub fn set_refusal_headers(
+    headers: &mut axum::http::HeaderMap,
+    status: StatusCode,
+    retry_after_ms: Option<u64>,
+) {
+    if let Some(ms) = retry_after_ms {
+        let secs = ms.div_ceil(1000).max(1);
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            headers.insert(header::RETRY_AFTER, v);
+        }
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
 }
 

@@ -68,6 +68,10 @@ impl Job {
         }
     }
 
+    pub fn is_embeddings(&self) -> bool {
+        self.route == Route::Embeddings
+    }
+
     pub fn body(&self) -> Bytes {
         self.body.lock().clone()
     }
@@ -152,21 +156,33 @@ impl ChunkLog {
 
     /// Logs an engine's whole (not streamed) answer and its usage; `Err` for a body that is
     /// not JSON or reports an error.
-    pub fn whole(&self, body: &[u8]) -> Result<(), String> {
-        let value: serde_json::Value = serde_json::from_slice(body)
+    pub fn whole(&self, body: Vec<u8>) -> Result<(), String> {
+        #[derive(Deserialize)]
+        struct View<'a> {
+            #[serde(default)]
+            usage: Option<Usage>,
+            #[serde(default, borrow)]
+            error: Option<&'a RawValue>,
+        }
+        let text = String::from_utf8(body)
+            .map_err(|e| format!("engine answered a body that is not UTF-8: {e}"))?;
+        let view: View<'_> = serde_json::from_str(&text)
             .map_err(|e| format!("engine answered a body that is not JSON: {e}"))?;
-        if let Some(err) = value.get("error") {
-            return Err(format!("engine error: {err}"));
+        if let Some(err) = view.error {
+            return Err(format!("engine error: {}", err.get()));
         }
-        if let Some(u) = value
-            .get("usage")
-            .and_then(|u| serde_json::from_value::<Usage>(u.clone()).ok())
-        {
-            self.inner.lock().usage = Some(u);
-        }
-        let raw = serde_json::value::to_raw_value(&value).map_err(|e| e.to_string())?;
+        let usage = view.usage;
+        // Kept as the engine wrote it: read once more, by the responder, into its own shape.
+        let raw = RawValue::from_string(text).map_err(|e| e.to_string())?;
+        self.inner.lock().usage = usage;
         self.push(raw, false);
         Ok(())
+    }
+
+    /// The first logged entry read as `T` (a whole answer).
+    pub fn parse_first<T: serde::de::DeserializeOwned>(&self) -> Option<T> {
+        let inner = self.inner.lock();
+        serde_json::from_str(inner.choices.first()?.get()).ok()
     }
 }
 
@@ -335,7 +351,8 @@ pub(crate) fn gather(route: Route, choices: &[serde_json::Value]) -> serde_json:
         .find_map(|c| c.get("finish_reason").filter(|f| !f.is_null()).cloned())
         .unwrap_or(serde_json::Value::Null);
     match route {
-        Route::Embeddings => choices.first().cloned().unwrap_or_default(),
+        // Answered from the raw log (`ChunkLog::parse_first`), never gathered.
+        Route::Embeddings => serde_json::Value::Null,
         Route::Completions => {
             let text: String = choices.iter().filter_map(|c| route.content(c)).collect();
             serde_json::json!({

@@ -24,7 +24,7 @@ use llorch_contracts::openai::{
     EmbeddingResponse, EmbeddingUsage, Model, ModelList, Usage,
 };
 use llorch_contracts::ErrorCode;
-use llorch_http::ApiPath;
+use llorch_http::{ApiError, ApiJson, ApiPath};
 
 use crate::api::AppState;
 use crate::pools::PoolPhase;
@@ -32,7 +32,7 @@ use crate::sse::SubscriberGuard;
 use crate::state::Orchestrator;
 use crate::tasks::Task;
 use job::{gather, ChunkLog};
-use wire::{OaError, OaJson};
+use wire::OaError;
 
 const TASK_HEADER: &str = "x-llorch-task-id";
 
@@ -101,46 +101,16 @@ async fn model(
 async fn chat(
     State(orch): State<AppState>,
     headers: HeaderMap,
-    body: Result<OaJson<ChatRequest>, OaError>,
+    body: Result<ApiJson<ChatRequest>, ApiError>,
 ) -> Result<Response, OaError> {
-    let OaJson(req) = body.inspect_err(|e| rejected(&orch, e))?;
-    let prepared = (|| {
-        wire::messages(&req.messages)?;
-        let mut body = serde_json::Map::new();
-        body.insert("messages".into(), req.messages.clone().into());
-        if let Some(f) = &req.response_format {
-            if !f.get("type").is_some_and(|t| t.is_string()) {
-                return Err(OaError::invalid(
-                    "response_format",
-                    "response_format must be an object with a type",
-                ));
-            }
-            body.insert("response_format".into(), f.clone());
-        }
-        if let Some(tools) = &req.tools {
-            if tools.iter().any(|t| !t.is_object()) {
-                return Err(OaError::invalid("tools", "tools must be a list of objects"));
-            }
-            body.insert("tools".into(), tools.clone().into());
-        }
-        if let Some(choice) = &req.tool_choice {
-            if !(choice.is_string() || choice.is_object()) {
-                return Err(OaError::invalid(
-                    "tool_choice",
-                    "tool_choice must be a string or an object",
-                ));
-            }
-            body.insert("tool_choice".into(), choice.clone());
-        }
-        let max_tokens = wire::sampling(&orch.config, &req.sampling, &mut body)?;
-        Ok((body, max_tokens))
-    })();
-    let (body, max_tokens) = prepared.inspect_err(|e| rejected(&orch, e))?;
+    let ApiJson(mut req) = checked(&orch, body.map_err(OaError::from))?;
+    let (body, max_tokens) = checked(&orch, wire::chat_body(&orch.config, &mut req))?;
+    let model = std::mem::take(&mut req.model);
     run(
         &orch,
         &headers,
         Route::Chat,
-        &req.model,
+        &model,
         &req.sampling,
         body,
         max_tokens,
@@ -151,21 +121,15 @@ async fn chat(
 async fn completions(
     State(orch): State<AppState>,
     headers: HeaderMap,
-    body: Result<OaJson<CompletionRequest>, OaError>,
+    body: Result<ApiJson<CompletionRequest>, ApiError>,
 ) -> Result<Response, OaError> {
-    let OaJson(req) = body.inspect_err(|e| rejected(&orch, e))?;
-    let prepared = (|| {
-        let prompt = wire::prompt(&req.prompt)?;
-        let mut body = serde_json::Map::new();
-        body.insert("prompt".into(), prompt.into());
-        let max_tokens = wire::sampling(&orch.config, &req.sampling, &mut body)?;
-        Ok((body, max_tokens))
-    })();
-    let (body, max_tokens) = prepared.inspect_err(|e| rejected(&orch, e))?;
+    let ApiJson(req) = checked(&orch, body.map_err(OaError::from))?;
+    let (body, max_tokens) = checked(&orch, wire::completion_body(&orch.config, &req))?;
+    let route = Route::Completions;
     run(
         &orch,
         &headers,
-        Route::Completions,
+        route,
         &req.model,
         &req.sampling,
         body,
@@ -174,20 +138,27 @@ async fn completions(
     .await
 }
 
-/// A refused request: counted and logged like a `/v2` refusal.
-fn rejected(orch: &Orchestrator, e: &OaError) {
-    let reason = if e.body().error.code.as_deref() == Some("payload_too_large") {
-        "payload_too_large"
-    } else {
-        "invalid_params"
-    };
-    orch.metrics
-        .tasks_rejected
-        .with_label_values(&[reason])
-        .inc();
-    // The message may quote the client's text (a malformed body): only the parameter is logged.
-    let param = e.body().error.param.as_deref().unwrap_or("body");
-    tracing::info!(reason, param, api = "openai", "task rejected");
+/// Passes `r` on; a refusal is counted and logged like a `/v2` one (the parameter only: the
+/// message may quote the client's text).
+fn checked<T>(orch: &Orchestrator, r: Result<T, OaError>) -> Result<T, OaError> {
+    r.inspect_err(|e| {
+        let reason = if e.body().error.code.as_deref() == Some("payload_too_large") {
+            "payload_too_large"
+        } else {
+            "invalid_params"
+        };
+        orch.count_rejection(reason);
+        let param = e.body().error.param.as_deref().unwrap_or("body");
+        tracing::info!(reason, param, api = "openai", "task rejected");
+    })
+}
+
+/// `resp` with the id of the task it answers (`GET /v2/tasks/{id}`), success or not.
+fn named(mut resp: Response, task: &Task) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&task.id) {
+        resp.headers_mut().insert(TASK_HEADER, v);
+    }
+    resp
 }
 
 /// Admits the task and answers: a stream of chunks, or the whole answer once it ends.
@@ -207,30 +178,22 @@ async fn run(
         model,
         sampling.user.as_deref(),
         body,
-        |id, q| wire::task_request(id, model, max_tokens, sampling, q),
+        max_tokens,
     )?;
-    let task_header = HeaderValue::from_str(&task.id).ok();
-    let mut resp = if sampling.stream {
+    let resp = if sampling.stream {
         let include_usage = sampling
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage);
-        stream(orch, task, include_usage).into_response()
+        stream(orch, task.clone(), include_usage).into_response()
     } else {
-        // A failed task's answer names it too.
-        match whole(orch, task).await {
-            Ok(answer) => answer.into_response(),
-            Err(e) => e.into_response(),
-        }
+        whole(orch, &task).await.into_response()
     };
-    if let Some(v) = task_header {
-        resp.headers_mut().insert(TASK_HEADER, v);
-    }
-    Ok(resp)
+    Ok(named(resp, &task))
 }
 
-/// Makes the task of an OpenAI request and admits it: `req` builds its queueing view from its
-/// id and the `X-Llorch-*` headers.
+/// Makes the task of an OpenAI request (its queueing view from the `X-Llorch-*` headers, its
+/// engine request from `body`) and admits it.
 fn admit(
     orch: &Arc<Orchestrator>,
     headers: &HeaderMap,
@@ -238,23 +201,22 @@ fn admit(
     model: &str,
     user: Option<&str>,
     body: serde_json::Map<String, serde_json::Value>,
-    req: impl FnOnce(String, wire::Queueing) -> llorch_contracts::tasks::TaskRequest,
+    max_tokens: u32,
 ) -> Result<Arc<Task>, OaError> {
     if model.trim().is_empty() {
-        let e = OaError::invalid("model", "model must not be empty");
-        rejected(orch, &e);
-        return Err(e);
+        return checked(
+            orch,
+            Err(OaError::invalid("model", "model must not be empty")),
+        );
     }
-    let queueing = wire::queueing(headers, user).inspect_err(|e| rejected(orch, e))?;
+    let queueing = checked(orch, wire::queueing(headers, user))?;
     let prefix = match route {
         Route::Chat => "chatcmpl",
         Route::Completions => "cmpl",
         Route::Embeddings => "embd",
     };
-    let req = req(
-        format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
-        queueing,
-    );
+    let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    let req = wire::task_request(id, model, max_tokens, queueing);
     let body = serde_json::to_vec(&serde_json::Value::Object(body))
         .map_err(|e| OaError::new(500, format!("cannot encode the engine request: {e}")))?;
     let job = Job::new(route, body.into(), unix_now(), model.to_string());
@@ -276,59 +238,52 @@ fn admit(
 async fn embeddings(
     State(orch): State<AppState>,
     headers: HeaderMap,
-    body: Result<OaJson<EmbeddingRequest>, OaError>,
+    body: Result<ApiJson<EmbeddingRequest>, ApiError>,
 ) -> Result<Response, OaError> {
-    let OaJson(req) = body.inspect_err(|e| rejected(&orch, e))?;
-    let checked = (|| {
-        let input = wire::embedding_input(&req.input)?;
-        let mut body = serde_json::Map::new();
-        body.insert("input".into(), input);
-        body.insert(
-            "encoding_format".into(),
-            serde_json::to_value(req.encoding_format).unwrap_or_default(),
-        );
-        Ok(body)
-    })();
-    let body = checked.inspect_err(|e| rejected(&orch, e))?;
+    let ApiJson(req) = checked(&orch, body.map_err(OaError::from))?;
+    let body = checked(&orch, wire::embedding_body(&req))?;
+    let user = req.user.as_deref();
     let task = admit(
         &orch,
         &headers,
         Route::Embeddings,
         &req.model,
-        req.user.as_deref(),
+        user,
         body,
-        |id, q| wire::task_request(id, &req.model, 1, &Default::default(), q),
+        1,
     )?;
-    let task_header = HeaderValue::from_str(&task.id).ok();
-    let answer = match ended(&orch, &task).await {
-        Ok(a) => a,
-        Err(e) => {
-            let mut resp = e.into_response();
-            if let Some(v) = task_header {
-                resp.headers_mut().insert(TASK_HEADER, v);
-            }
-            return Ok(resp);
-        }
+    let resp = match embedded(&orch, &task, &req.model).await {
+        Ok(answer) => answer.into_response(),
+        Err(e) => e.into_response(),
     };
-    let data: Vec<Embedding> = answer
-        .get("data")
-        .and_then(|d| serde_json::from_value(d.clone()).ok())
+    Ok(named(resp, &task))
+}
+
+/// The embeddings of an ended task, read from the engine's answer as it was logged.
+async fn embedded(
+    orch: &Arc<Orchestrator>,
+    task: &Arc<Task>,
+    model: &str,
+) -> Result<Json<EmbeddingResponse>, OaError> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        data: Vec<Embedding>,
+    }
+    wait_end(orch, task).await?;
+    let log = &job_of(task)?.log;
+    let answer: Answer = log
+        .parse_first()
         .ok_or_else(|| OaError::new(502, "the engine's answer holds no embeddings"))?;
-    let usage = job_of(&task)?.log.usage().unwrap_or_default();
-    let mut resp = Json(EmbeddingResponse {
+    let usage = log.usage().unwrap_or_default();
+    Ok(Json(EmbeddingResponse {
         object: "list".into(),
-        data,
-        model: req.model.clone(),
+        data: answer.data,
+        model: model.to_string(),
         usage: EmbeddingUsage {
             prompt_tokens: usage.prompt_tokens,
             total_tokens: usage.total_tokens,
         },
-    })
-    .into_response();
-    if let Some(v) = task_header {
-        resp.headers_mut().insert(TASK_HEADER, v);
-    }
-    Ok(resp)
+    }))
 }
 
 /// The job of a task admitted by this module (always present).
@@ -350,8 +305,8 @@ fn usage_of(task: &Task, log: &ChunkLog) -> Usage {
 }
 
 /// Waits for the task's end (a client that disconnects drops this future, and the guard
-/// cancels the task); its error, or the gathered answer of its route.
-async fn ended(orch: &Arc<Orchestrator>, task: &Arc<Task>) -> Result<serde_json::Value, OaError> {
+/// cancels the task); its error, if it failed.
+async fn wait_end(orch: &Arc<Orchestrator>, task: &Arc<Task>) -> Result<(), OaError> {
     let _guard = SubscriberGuard::without_grace(orch.clone(), task.clone());
     let mut frames = task.watch_frames();
     while !task.is_terminal() {
@@ -359,34 +314,33 @@ async fn ended(orch: &Arc<Orchestrator>, task: &Arc<Task>) -> Result<serde_json:
             break;
         }
     }
-    if let Some(e) = task.status(None).error {
-        return Err(e.into());
+    match task.status(None).error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
     }
-    let job = job_of(task)?;
-    Ok(gather(job.route, &job.log.from(0)))
 }
 
 /// Non-stream: everything at once, when the task has ended.
-async fn whole(orch: &Arc<Orchestrator>, task: Arc<Task>) -> Result<Json<Completion>, OaError> {
-    let choice = ended(orch, &task).await?;
-    let job = job_of(&task)?;
+async fn whole(orch: &Arc<Orchestrator>, task: &Arc<Task>) -> Result<Json<Completion>, OaError> {
+    wait_end(orch, task).await?;
+    let job = job_of(task)?;
     Ok(Json(Completion {
         id: task.id.clone(),
         object: job.route.object().into(),
         created: job.created,
         model: job.model.clone(),
-        choices: vec![choice],
-        usage: usage_of(&task, &job.log),
+        choices: vec![gather(job.route, &job.log.from(0))],
+        usage: usage_of(task, &job.log),
     }))
 }
 
 struct Relay {
-    orch: Arc<Orchestrator>,
     task: Arc<Task>,
     include_usage: bool,
     /// `{"id":…,"object":…,"created":…,"model":…,"choices":[` of every chunk, written once.
     prefix: String,
-    next_frame: u64,
+    /// The queue position last told (as a comment).
+    told_position: Option<u32>,
     next_choice: usize,
     frames: tokio::sync::watch::Receiver<u64>,
     pending: std::collections::VecDeque<Event>,
@@ -407,30 +361,23 @@ impl Relay {
         Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
     }
 
-    /// Moves whatever is new (queue positions, choices, the end) into `pending`; false when
+    /// Moves whatever is new (queue position, choices, the end) into `pending`; false when
     /// nothing was.
     fn collect(&mut self, job: &Job) -> bool {
-        // Frames first: every choice a terminal frame follows was logged before it.
-        let (frames, next, terminal) = self.task.frames_except_tokens(self.next_frame);
-        let mut any = next != self.next_frame;
-        self.next_frame = next;
-        for f in frames.iter().filter(|f| f.event == "queued") {
-            let position = serde_json::from_str::<serde_json::Value>(&f.data)
-                .ok()
-                .and_then(|v| v.get("queue_position").and_then(|p| p.as_u64()))
-                .unwrap_or(0);
+        // The end first: every choice of an ended task was logged before it ended.
+        let terminal = self.task.is_terminal();
+        let before = self.pending.len();
+        let position = self.task.last_position();
+        if let Some(p) = position.filter(|p| Some(*p) != self.told_position) {
             self.pending
-                .push_back(Event::default().comment(format!("queued position={position}")));
+                .push_back(Event::default().comment(format!("queued position={p}")));
         }
+        self.told_position = position;
         let (prefix, pending) = (&self.prefix, &mut self.pending);
-        let next_choice = job.log.for_each_from(self.next_choice, |c| {
-            let data = format!("{prefix}{c}]}}");
-            pending.push_back(Event::default().data(data));
+        self.next_choice = job.log.for_each_from(self.next_choice, |c| {
+            pending.push_back(Event::default().data(format!("{prefix}{c}]}}")));
         });
-        any |= next_choice != self.next_choice;
-        self.next_choice = next_choice;
         if terminal {
-            any = true;
             self.done = true;
             match self.task.status(None).error {
                 Some(e) => {
@@ -447,7 +394,7 @@ impl Relay {
                 }
             }
         }
-        any
+        self.done || self.pending.len() > before
     }
 }
 
@@ -471,18 +418,17 @@ fn stream(orch: &Arc<Orchestrator>, task: Arc<Task>, include_usage: bool) -> Res
         return OaError::new(500, "task has no OpenAI request").into_response();
     };
     let relay = Relay {
-        orch: orch.clone(),
         frames: task.watch_frames(),
         _guard: SubscriberGuard::without_grace(orch.clone(), task.clone()),
         task,
         include_usage,
         prefix,
-        next_frame: 0,
+        told_position: None,
         next_choice: 0,
         pending: Default::default(),
         done: false,
     };
-    let keepalive = relay.orch.config.sse_keepalive;
+    let keepalive = orch.config.sse_keepalive;
     let events = futures_util::stream::unfold(relay, |mut r| async move {
         loop {
             if let Some(e) = r.pending.pop_front() {

@@ -2,13 +2,15 @@
 //! llama-orch headers (priority, session, deadline), and the checks and allowlist that turn a
 //! client's request into a task and an engine body.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::Request;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use llorch_contracts::openai::{EmbeddingInput, ErrorBody, ErrorResponse, Prompt, Sampling};
+use llorch_contracts::openai::{
+    ChatRequest, CompletionRequest, EmbeddingInput, EmbeddingRequest, ErrorBody, ErrorResponse,
+    Prompt, Sampling,
+};
 use llorch_contracts::tasks::{Priority, TaskRequest};
 use llorch_contracts::{ErrorCode, ErrorEnvelope};
 use llorch_http::ApiError;
@@ -96,43 +98,8 @@ impl From<ApiError> for OaError {
 impl IntoResponse for OaError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, Json(&self.body)).into_response();
-        let headers = resp.headers_mut();
-        if let Some(ms) = self.retry_after_ms {
-            let secs = ms.div_ceil(1000).max(1);
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                headers.insert(header::RETRY_AFTER, v);
-            }
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
+        llorch_http::set_refusal_headers(resp.headers_mut(), self.status, self.retry_after_ms);
         resp
-    }
-}
-
-/// `Json` whose rejections are OpenAI errors: 400 for a malformed body, 413 over the limit.
-pub(crate) struct OaJson<T>(pub T);
-
-impl<T, S> FromRequest<S> for OaJson<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = OaError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(OaJson(v)),
-            Err(rejection) => Err(json_rejection(rejection)),
-        }
-    }
-}
-
-fn json_rejection(r: JsonRejection) -> OaError {
-    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        OaError::new(413, "request body is too large").code("payload_too_large")
-    } else {
-        OaError::new(400, r.body_text())
     }
 }
 
@@ -383,23 +350,74 @@ pub(crate) fn embedding_input(input: &EmbeddingInput) -> Result<serde_json::Valu
 }
 
 /// What queueing and placement read of an OpenAI task.
-pub(crate) fn task_request(
-    id: String,
-    model: &str,
-    max_tokens: u32,
-    s: &Sampling,
-    q: Queueing,
-) -> TaskRequest {
+/// (Sampling lives in the engine body only: nothing in queueing or placement reads it.)
+pub(crate) fn task_request(id: String, model: &str, max_tokens: u32, q: Queueing) -> TaskRequest {
     let mut req = TaskRequest::new(model, "", max_tokens);
     req.task_id = Some(id);
     req.priority = q.priority;
     req.session_id = q.session_id;
     req.deadline_ms = q.deadline_ms;
-    req.seed = s.seed;
-    req.temperature = s.temperature;
-    req.top_p = s.top_p;
-    req.top_k = s.top_k;
     req
+}
+
+type EngineBody = serde_json::Map<String, serde_json::Value>;
+
+/// The engine body of a chat request (its messages are moved in) and its generation limit.
+pub(crate) fn chat_body(
+    config: &Config,
+    req: &mut ChatRequest,
+) -> Result<(EngineBody, u32), OaError> {
+    messages(&req.messages)?;
+    let mut body = EngineBody::new();
+    body.insert("messages".into(), std::mem::take(&mut req.messages).into());
+    if let Some(f) = req.response_format.take() {
+        if !f.get("type").is_some_and(|t| t.is_string()) {
+            return Err(OaError::invalid(
+                "response_format",
+                "response_format must be an object with a type",
+            ));
+        }
+        body.insert("response_format".into(), f);
+    }
+    if let Some(tools) = req.tools.take() {
+        if tools.iter().any(|t| !t.is_object()) {
+            return Err(OaError::invalid("tools", "tools must be a list of objects"));
+        }
+        body.insert("tools".into(), tools.into());
+    }
+    if let Some(choice) = req.tool_choice.take() {
+        if !(choice.is_string() || choice.is_object()) {
+            return Err(OaError::invalid(
+                "tool_choice",
+                "tool_choice must be a string or an object",
+            ));
+        }
+        body.insert("tool_choice".into(), choice);
+    }
+    let max_tokens = sampling(config, &req.sampling, &mut body)?;
+    Ok((body, max_tokens))
+}
+
+/// The engine body of a completion request and its generation limit.
+pub(crate) fn completion_body(
+    config: &Config,
+    req: &CompletionRequest,
+) -> Result<(EngineBody, u32), OaError> {
+    let mut body = EngineBody::new();
+    body.insert("prompt".into(), prompt(&req.prompt)?.into());
+    let max_tokens = sampling(config, &req.sampling, &mut body)?;
+    Ok((body, max_tokens))
+}
+
+/// The engine body of an embeddings request.
+pub(crate) fn embedding_body(req: &EmbeddingRequest) -> Result<EngineBody, OaError> {
+    let mut body = EngineBody::new();
+    body.insert("input".into(), embedding_input(&req.input)?);
+    body.insert(
+        "encoding_format".into(),
+        serde_json::to_value(req.encoding_format).unwrap_or_default(),
+    );
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -409,7 +427,7 @@ mod tests {
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_static(v));
+            h.insert(*k, axum::http::HeaderValue::from_static(v));
         }
         h
     }
