@@ -59,12 +59,22 @@ pub const EJECT_MAX: Duration = Duration::from_secs(60);
 
 /// Outlier ejection of a pool whose engine answers its health probe yet fails the work it is
 /// given (a pool that fails fast would otherwise attract every task, having free slots).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Ejection {
     failures_in_row: u32,
-    /// Ejections since the last successful dispatch.
-    ejections: u32,
+    /// Cool-downs since the last successful dispatch (no jitter: one orchestrator decides).
+    cooldown: llorch_core::Backoff,
     until: Option<Instant>,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Self {
+            failures_in_row: 0,
+            cooldown: llorch_core::Backoff::new(EJECT_BASE, EJECT_MAX),
+            until: None,
+        }
+    }
 }
 
 impl Ejection {
@@ -365,10 +375,8 @@ impl PoolTable {
             return None;
         }
         e.failures_in_row = 0;
-        let cooldown = EJECT_BASE
-            .saturating_mul(1 << e.ejections.min(16))
-            .min(EJECT_MAX);
-        e.ejections += 1;
+        // Jitter 1: the whole ceiling, 1 s doubling to 60 s.
+        let cooldown = e.cooldown.next_delay(1.0);
         e.until = Some(Instant::now() + cooldown);
         Some(cooldown)
     }

@@ -5,22 +5,36 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `stop`: one string or a list.
+/// A field OpenAI takes as one string or a list of them (`stop`, `prompt`, `input`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
-pub enum Stop {
+pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
 
-impl Stop {
+impl OneOrMany {
     pub fn into_vec(self) -> Vec<String> {
         match self {
-            Stop::One(s) => vec![s],
-            Stop::Many(v) => v,
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrMany::One(s) => std::slice::from_ref(s),
+            OneOrMany::Many(v) => v,
         }
     }
 }
+
+/// `stop`: one string or a list.
+pub type Stop = OneOrMany;
+/// `prompt` of `/v1/completions`: one string, or a list holding one.
+pub type Prompt = OneOrMany;
+/// `input` of `/v1/embeddings`: one string or a list of strings.
+pub type EmbeddingInput = OneOrMany;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StreamOptions {
@@ -77,14 +91,6 @@ pub struct ChatRequest {
     pub tool_choice: Option<serde_json::Value>,
 }
 
-/// `prompt` of `/v1/completions`: one string, or a list holding one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Prompt {
-    One(String),
-    Many(Vec<String>),
-}
-
 /// `POST /v1/completions`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompletionRequest {
@@ -92,14 +98,6 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
     #[serde(flatten)]
     pub sampling: Sampling,
-}
-
-/// `input` of `/v1/embeddings`: one string or a list of strings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum EmbeddingInput {
-    One(String),
-    Many(Vec<String>),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

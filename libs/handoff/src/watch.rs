@@ -314,7 +314,7 @@ impl DirState {
 }
 
 /// The largest handoff file read (a real one is well under 2 KiB).
-pub const HANDOFF_MAX_BYTES: u64 = 64 * 1024;
+const HANDOFF_MAX_BYTES: u64 = 64 * 1024;
 
 enum Unread {
     Gone,

@@ -176,7 +176,7 @@ pub fn auth_failures() -> u64 {
 
 /// At most one log line per `interval`: a flood of refusals (a scanner, a misconfigured client)
 /// costs one line per second, which says how many were not logged.
-pub struct LogThrottle {
+struct LogThrottle {
     interval_ms: u64,
     /// When the last line was logged (ms on the caller's clock, +1 so 0 means never).
     last: std::sync::atomic::AtomicU64,
@@ -184,7 +184,7 @@ pub struct LogThrottle {
 }
 
 impl LogThrottle {
-    pub const fn new(interval_ms: u64) -> Self {
+    const fn new(interval_ms: u64) -> Self {
         Self {
             interval_ms,
             last: std::sync::atomic::AtomicU64::new(0),
@@ -193,7 +193,7 @@ impl LogThrottle {
     }
 
     /// `Some(events not logged since the last line)` when a line may be logged at `now_ms`.
-    pub fn due(&self, now_ms: u64) -> Option<u64> {
+    fn due(&self, now_ms: u64) -> Option<u64> {
         use std::sync::atomic::Ordering::SeqCst;
         let last = self.last.load(SeqCst);
         let stamp = now_ms + 1;

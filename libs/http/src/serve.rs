@@ -27,15 +27,6 @@ pub struct ConnLimits {
     pub header_read_timeout: Duration,
 }
 
-impl Default for ConnLimits {
-    fn default() -> Self {
-        Self {
-            max_connections: 4096,
-            header_read_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
 /// Serves `app` on `listener` until `shutdown`, then stops accepting, lets open requests end
 /// (`graceful_shutdown` of every connection) and returns when they have. Accepted connections
 /// get `TCP_NODELAY` (small SSE writes must not wait for delayed ACKs). HTTP/2 is not spoken: a
@@ -46,7 +37,7 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let (closing_tx, closing_rx) = watch::channel(false);
     let connections = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);

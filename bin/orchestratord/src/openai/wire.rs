@@ -312,15 +312,11 @@ pub(crate) fn messages(messages: &[serde_json::Value]) -> Result<(), OaError> {
 
 /// The one prompt of `/v1/completions`.
 pub(crate) fn prompt(prompt: &Prompt) -> Result<&str, OaError> {
-    let p = match prompt {
-        Prompt::One(p) => p.as_str(),
-        Prompt::Many(v) if v.len() == 1 => v[0].as_str(),
-        Prompt::Many(_) => {
-            return Err(OaError::invalid(
-                "prompt",
-                "prompt takes one string per request",
-            ))
-        }
+    let [p] = prompt.as_slice() else {
+        return Err(OaError::invalid(
+            "prompt",
+            "prompt takes one string per request",
+        ));
     };
     if p.is_empty() {
         return Err(OaError::invalid("prompt", "prompt must not be empty"));
@@ -333,10 +329,7 @@ const EMBEDDING_INPUTS_MAX: usize = 2048;
 
 /// `input` of `/v1/embeddings`: a non-empty string, or a list of 1..=2048 of them.
 pub(crate) fn embedding_input(input: &EmbeddingInput) -> Result<serde_json::Value, OaError> {
-    let all: Vec<&String> = match input {
-        EmbeddingInput::One(s) => vec![s],
-        EmbeddingInput::Many(v) => v.iter().collect(),
-    };
+    let all = input.as_slice();
     if all.is_empty() || all.len() > EMBEDDING_INPUTS_MAX {
         return Err(OaError::invalid(
             "input",
