@@ -328,7 +328,12 @@ mod tests {
     #[test]
     fn a_trial_that_becomes_ready_closes_the_circuit() {
         let t0 = Instant::now();
-        let mut s = Supervision::new(policy());
+        // A short open period: the trial comes while the five failures are still inside the
+        // breaker's 5-minute window, so only closing the circuit lets the next failure restart.
+        let mut s = Supervision::new(SupervisionPolicy {
+            breaker_open_for: Duration::from_secs(60),
+            ..policy()
+        });
         for _ in 0..5 {
             s.on_failure(t0, "x".into(), 0.0);
         }
@@ -336,11 +341,11 @@ mod tests {
         s.on_trial();
         assert_eq!(s.state(), PoolState::Starting);
         s.on_spawned();
-        s.on_ready(t0 + Duration::from_secs(301));
+        s.on_ready(t0 + Duration::from_secs(61));
         assert_eq!(s.state(), PoolState::Ready);
         // Closed: the next failure restarts (after the first backoff step), it does not give up.
         assert_eq!(
-            s.on_failure(t0 + Duration::from_secs(302), "x".into(), 1.0),
+            s.on_failure(t0 + Duration::from_secs(62), "x".into(), 1.0),
             FailureAction::RestartAfter(Duration::from_secs(1))
         );
     }

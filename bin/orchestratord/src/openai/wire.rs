@@ -456,6 +456,11 @@ mod tests {
             id.starts_with("user-") && crate::admission::valid_id(&id),
             "{id}"
         );
+        // The same user is the same session, another user another one.
+        let again = queueing(&HeaderMap::new(), Some("alice@example.org")).unwrap();
+        assert_eq!(again.session_id.as_deref(), Some(id.as_str()));
+        let bob = queueing(&HeaderMap::new(), Some("bob@example.org")).unwrap();
+        assert_ne!(bob.session_id.as_deref(), Some(id.as_str()));
         assert_eq!(queueing(&HeaderMap::new(), None).unwrap().session_id, None);
     }
 

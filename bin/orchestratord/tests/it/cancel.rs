@@ -85,9 +85,19 @@ async fn closing_the_last_event_stream_cancels_the_task_after_the_grace_and_free
     // One subscriber is still there: the task keeps running.
     second.frame_named("token").await.unwrap();
     assert_eq!(s.status(&id).await.state, TaskState::Running);
+    let left_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     drop(second);
     let st = s.wait_task(&id, Duration::from_secs(2)).await;
     assert_eq!(st.state, TaskState::Cancelled);
+    // Not at once: the grace (300 ms) passed first (its exact instant is tested on paused time).
+    assert!(
+        st.finished_at_ms.unwrap() >= left_ms + 300,
+        "cancelled {} ms after the last subscriber left",
+        st.finished_at_ms.unwrap().saturating_sub(left_ms)
+    );
     wait_slot_idle(&s, Duration::from_secs(1)).await;
 }
 

@@ -605,14 +605,22 @@ async fn an_engine_refusing_a_request_fails_it_and_stays_healthy() {
     s.wait_pools_ready(2).await;
     let mut req = chat("x", 4, false);
     req["model"] = "picky".into();
-    let r = s.oa_post("/chat/completions", &req, &[]).await;
-    let id = task_id(&r);
-    assert_oa_error(r, 400, "invalid_request_error", Some("invalid_params")).await;
-    let st = s.status(&id).await;
-    assert_eq!(st.attempts, 1, "a refusal is not retried: {st:?}");
-    assert!(st.error.unwrap().message.contains("template refused"));
-    // The request's fault, not the engine's: the pool stays healthy for the next one.
+    // Three refusals in a row: as many as would eject a failing pool.
+    for _ in 0..3 {
+        let r = s.oa_post("/chat/completions", &req, &[]).await;
+        let id = task_id(&r);
+        assert_oa_error(r, 400, "invalid_request_error", Some("invalid_params")).await;
+        let st = s.status(&id).await;
+        assert_eq!(st.attempts, 1, "a refusal is not retried: {st:?}");
+        assert!(st.error.unwrap().message.contains("template refused"));
+    }
+    // The request's fault, not the engine's: the pool stays healthy, and is not ejected.
     let pool = s.get("/v2/pools/refusing/health").await;
     let health: serde_json::Value = pool.json().await.unwrap();
     assert_eq!(health["ready"], true, "{health}");
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_value(&m, "orchd_pool_ejections_total", &[("pool_id", "refusing")]),
+        Some(0.0)
+    );
 }

@@ -116,8 +116,9 @@ async fn a_trial_start_that_becomes_healthy_closes_the_circuit_and_the_pool_serv
     );
     s.engines.always(crashes(S));
     s.until("failed", |p| p.state == PoolState::Failed).await;
-    // The fault went away while the circuit was open.
-    s.engines.always(healthy());
+    // The fault went away while the circuit was open (the trial engine falls over only after
+    // two healthy seconds).
+    s.engines.always(crashes(2 * S));
     s.until("ready", |p| p.ready).await;
     let spawned = s.engines.spawned();
     assert_eq!(spawned.len(), 6);
@@ -131,6 +132,11 @@ async fn a_trial_start_that_becomes_healthy_closes_the_circuit_and_the_pool_serv
         None,
         "the handoff file says the pool serves"
     );
+    // Closed: the next crash (inside the failures' 5-minute window) restarts, it does not fail.
+    let after = s
+        .until("the next crash", |p| p.state != PoolState::Ready)
+        .await;
+    assert_eq!(s.status().state, PoolState::Restarting, "at {after:?}");
 }
 
 #[tokio::test(start_paused = true)]

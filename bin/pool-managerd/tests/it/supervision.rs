@@ -189,7 +189,9 @@ async fn a_recorded_pid_from_another_start_or_boot_is_left_alone() {
         let (dir, mut orphan) = runtime_with_orphan(start, &boot).await;
         let d = Daemon::start_in(dir, DaemonOptions::default()).await;
         assert!(
-            orphan.child.try_wait().unwrap().is_none(),
+            tokio::time::timeout(Duration::from_secs(1), orphan.child.wait())
+                .await
+                .is_err(),
             "an unrelated process was killed"
         );
         assert!(
