@@ -1,4 +1,4 @@
-//! The two IO seams of supervision: how an engine is launched (spawn, exit, stop, kill) and
+//! The two IO seams of supervision: how an engine is launched (spawn, exit, stop) and
 //! how a running engine is probed (health, slots, metrics). The daemon uses child processes
 //! and HTTP (`ProcessLauncher`, `HttpProbe`); the in-process tests put scripted engines here
 //! and drive the supervisor on tokio's paused clock.
