@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use llorch_client::{OrchClient, SseFrame, SseParser};
+use llorch_client::{SseFrame, SseParser};
 
 /// A free loopback port (the kernel picks it).
 pub fn free_port() -> anyhow::Result<u16> {
@@ -114,7 +114,8 @@ pub fn summary(name: &str, s: &[Sample]) -> (f64, f64) {
     (ft_med, tps_med)
 }
 
-/// Submits a task to orchestratord and reads its event stream to the end.
+/// Submits a task to orchestratord and reads its event stream to the end, both through `http`
+/// (its pooled connections: a sample pays no TCP connect the direct path does not).
 pub async fn via_orchestratord(
     http: &reqwest::Client,
     base: &str,
@@ -122,9 +123,20 @@ pub async fn via_orchestratord(
     body: &serde_json::Value,
 ) -> anyhow::Result<Sample> {
     let t0 = Instant::now();
-    let client = OrchClient::new(base, Some(token));
-    let req = serde_json::from_value(body.clone())?;
-    let admitted = client.submit(&req).await?;
+    let answer = http
+        .post(format!("{base}/v2/tasks"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await?;
+    if answer.status() != 202 {
+        bail!(
+            "submit answered {}: {}",
+            answer.status(),
+            answer.text().await?
+        );
+    }
+    let admitted: llorch_contracts::tasks::AdmissionResponse = answer.json().await?;
     let resp = http
         .get(format!("{base}{}", admitted.streams.sse))
         .bearer_auth(token)
