@@ -286,6 +286,7 @@ impl Orchestrator {
                 trace,
                 correlation_id,
                 openai,
+                self.config.task_log_max_bytes,
             ));
             let weight = u64::from(task.req.max_tokens);
             match queue

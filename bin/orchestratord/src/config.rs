@@ -117,6 +117,10 @@ pub struct Args {
     /// oldest are forgotten first.
     #[arg(long, env = "ORCHD_TASK_RETENTION_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub task_retention_bytes: usize,
+    /// Most bytes of event log one task keeps for replay: beyond it the oldest frames are
+    /// dropped (a replay that asks for them is answered `REPLAY_UNAVAILABLE`, 410).
+    #[arg(long, env = "ORCHD_TASK_LOG_MAX_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub task_log_max_bytes: usize,
     /// SSE keep-alive comment interval.
     #[arg(long, env = "ORCHD_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
     pub sse_keepalive_ms: u64,
@@ -186,6 +190,7 @@ pub struct Config {
     pub task_retention: Duration,
     pub task_retention_max: usize,
     pub task_retention_bytes: usize,
+    pub task_log_max_bytes: usize,
     pub sse_keepalive: Duration,
     pub shutdown_grace: Duration,
     pub token: Option<Token>,
@@ -322,6 +327,12 @@ impl Config {
             task_retention: ms("ORCHD_TASK_RETENTION_MS", a.task_retention_ms)?,
             task_retention_max: a.task_retention_max,
             task_retention_bytes: a.task_retention_bytes,
+            task_log_max_bytes: llorch_http::at_least(
+                "ORCHD_TASK_LOG_MAX_BYTES",
+                a.task_log_max_bytes,
+                4096,
+            )
+            .map_err(ConfigError::Invalid)?,
             sse_keepalive: ms("ORCHD_SSE_KEEPALIVE_MS", a.sse_keepalive_ms)?,
             shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
             token,

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use crate::api::AppState;
 use crate::state::Orchestrator;
-use crate::tasks::{Frame, Task};
+use crate::tasks::{Frame, ReplayGap, Task};
 
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
@@ -104,6 +104,20 @@ fn abandon(orch: &Orchestrator, task: &Arc<Task>) {
     );
 }
 
+/// `REPLAY_UNAVAILABLE`: frames `from..gap.first_kept` are gone.
+fn replay_gap(task: &Task, from: u64, gap: ReplayGap) -> ErrorEnvelope {
+    ErrorEnvelope::new(
+        ErrorCode::ReplayUnavailable,
+        format!(
+            "frames {from}..{} of task {} are no longer kept (per-task log cap ORCHD_TASK_LOG_MAX_BYTES); resume with Last-Event-ID {} or later, or read GET /v2/tasks/{}",
+            gap.first_kept - 1,
+            task.id,
+            gap.first_kept - 1,
+            task.id
+        ),
+    )
+}
+
 struct StreamState {
     task: Arc<Task>,
     next: u64,
@@ -137,6 +151,10 @@ pub async fn events(
                 ApiError::new(ErrorCode::InvalidParams, "Last-Event-ID must be a frame id")
             })?,
     };
+    if let Err(gap) = task.frames_from(next) {
+        tracing::info!(task_id = %task.id, from_frame = next, first_kept = gap.first_kept, "replay of dropped frames refused");
+        return Err(ApiError::from(replay_gap(&task, next, gap)));
+    }
     let span = tracing::info_span!("sse_stream", task_id = %task.id, from_frame = next);
     llorch_observability::adopt(&span, &task.trace);
     let state = StreamState {
@@ -164,7 +182,19 @@ pub async fn events(
             if s.done {
                 return None;
             }
-            let (frames, terminal) = s.task.frames_from(s.next);
+            let (frames, terminal) = match s.task.frames_from(s.next) {
+                Ok(found) => found,
+                Err(gap) => {
+                    // This subscriber fell behind by more than the log keeps: one error
+                    // (without an id: it is not one of the task's frames), then the end.
+                    tracing::warn!(task_id = %s.task.id, next_frame = s.next, first_kept = gap.first_kept, "subscriber fell behind the task's log cap");
+                    s.done = true;
+                    let data = serde_json::to_string(&replay_gap(&s.task, s.next, gap))
+                        .unwrap_or_default();
+                    let event = Event::default().event("error").data(data);
+                    return Some((Ok(event), s));
+                }
+            };
             if let Some(last) = frames.last() {
                 s.next = last.id + 1;
                 s.pending.extend(frames);

@@ -2,8 +2,10 @@
 //! sequential id; subscribers replay from any id and then follow new frames (a `watch` of the
 //! frame count), so several subscribers and `Last-Event-ID` resumption need no extra
 //! machinery. `emit` refuses anything after the terminal event: exactly one terminal event per
-//! task, by construction.
+//! task, by construction. The log is capped in bytes (`ORCHD_TASK_LOG_MAX_BYTES`): beyond it
+//! the oldest frames are dropped, and a replay that asks for them gets [`ReplayGap`].
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use llorch_contracts::tasks::{TaskEvent, TaskRequest, TaskState, TaskStatus};
@@ -48,14 +50,26 @@ pub struct Task {
     subscribers: AtomicUsize,
     /// Bytes of the event log (frame data plus a fixed overhead per frame).
     log_bytes: AtomicUsize,
+    /// Most bytes the event log keeps; the oldest frames go first (never the last one).
+    log_cap: usize,
     /// Bumped each time the last subscriber leaves: a grace timer cancels only if no
     /// subscriber came and went since it started.
     departures: AtomicUsize,
 }
 
+/// A replay asked for frames the task's log no longer holds (its byte cap dropped them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayGap {
+    /// The oldest frame id still kept.
+    pub first_kept: u64,
+}
+
 struct TaskInner {
     state: TaskState,
-    frames: Vec<Frame>,
+    /// The kept frames: ids `first_id ..` in order.
+    frames: VecDeque<Frame>,
+    /// Id of `frames[0]` (frames before it were dropped by the byte cap).
+    first_id: u64,
     terminal: bool,
     pool_id: Option<String>,
     attempts: u32,
@@ -98,6 +112,7 @@ impl Task {
         trace: llorch_observability::TraceContext,
         correlation_id: String,
         openai: Option<crate::openai::Job>,
+        log_cap: usize,
     ) -> Self {
         let digest = request_digest(&req);
         let prompt = std::mem::take(&mut req.prompt);
@@ -118,7 +133,8 @@ impl Task {
             openai,
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
-                frames: Vec::new(),
+                frames: VecDeque::new(),
+                first_id: 0,
                 terminal: false,
                 pool_id: None,
                 attempts: 0,
@@ -136,6 +152,7 @@ impl Task {
             frames_tx: watch::channel(0).0,
             subscribers: AtomicUsize::new(0),
             log_bytes: AtomicUsize::new(0),
+            log_cap,
             departures: AtomicUsize::new(0),
         }
     }
@@ -222,15 +239,25 @@ impl Task {
                 inner.finished_at_ms = Some(now_ms());
                 inner.finished_at = Some(Instant::now());
             }
-            let id = inner.frames.len() as u64;
-            inner.frames.push(Frame {
+            let id = inner.first_id + inner.frames.len() as u64;
+            inner.frames.push_back(Frame {
                 id,
                 event: event.name(),
                 data,
             });
-            inner.frames.len() as u64
+            // Under the lock, so concurrent emits cannot both trim the same frames.
+            let mut bytes = self.log_bytes.fetch_add(size, Ordering::Relaxed) + size;
+            while bytes > self.log_cap && inner.frames.len() > 1 {
+                let Some(old) = inner.frames.pop_front() else {
+                    break;
+                };
+                inner.first_id = old.id + 1;
+                let freed = old.data.len() + FRAME_OVERHEAD;
+                self.log_bytes.fetch_sub(freed, Ordering::Relaxed);
+                bytes -= freed;
+            }
+            id + 1
         };
-        self.log_bytes.fetch_add(size, Ordering::Relaxed);
         self.frames_tx.send_replace(count);
         true
     }
@@ -240,11 +267,20 @@ impl Task {
         self.log_bytes.load(Ordering::Relaxed) + self.openai.as_ref().map_or(0, |j| j.log.bytes())
     }
 
-    /// Frames with id ≥ `from`, and whether the terminal frame is among all frames.
-    pub fn frames_from(&self, from: u64) -> (Vec<Frame>, bool) {
+    /// Frames with id ≥ `from`, and whether the terminal frame is among all frames; a gap
+    /// when frames from `from` on were dropped by the log's byte cap.
+    pub fn frames_from(&self, from: u64) -> Result<(Vec<Frame>, bool), ReplayGap> {
         let inner = self.inner.lock();
-        let start = (from as usize).min(inner.frames.len());
-        (inner.frames[start..].to_vec(), inner.terminal)
+        if from < inner.first_id {
+            return Err(ReplayGap {
+                first_kept: inner.first_id,
+            });
+        }
+        let start = ((from - inner.first_id) as usize).min(inner.frames.len());
+        Ok((
+            inner.frames.range(start..).cloned().collect(),
+            inner.terminal,
+        ))
     }
 
     /// Wakes the followers of the frame watch without a new frame (something they read
@@ -357,6 +393,10 @@ mod tests {
     use super::*;
 
     fn task() -> Task {
+        task_capped(usize::MAX)
+    }
+
+    fn task_capped(log_cap: usize) -> Task {
         let req: TaskRequest = serde_json::from_value(serde_json::json!({
             "model_ref": "m", "prompt": "p", "max_tokens": 3
         }))
@@ -368,6 +408,7 @@ mod tests {
             Default::default(),
             "t".into(),
             None,
+            log_cap,
         )
     }
 
@@ -392,7 +433,7 @@ mod tests {
             t: "b".into(),
             i: 1
         }));
-        let (frames, terminal) = t.frames_from(0);
+        let (frames, terminal) = t.frames_from(0).unwrap();
         assert!(terminal);
         assert_eq!(frames.len(), 2);
         assert_eq!(frames[1].event, "error");
@@ -420,7 +461,7 @@ mod tests {
             for event in &events {
                 proptest::prop_assert!(t.emit(event));
             }
-            let (frames, _) = t.frames_from(0);
+            let (frames, _) = t.frames_from(0).unwrap();
             for (frame, event) in frames.iter().zip(&events) {
                 let serde_form = serde_json::to_string(event).unwrap();
                 let framed = format!("{{\"event\":\"{}\",\"data\":{}}}", frame.event, frame.data);
@@ -438,9 +479,43 @@ mod tests {
                 i,
             });
         }
-        let (frames, terminal) = t.frames_from(3);
+        let (frames, terminal) = t.frames_from(3).unwrap();
         assert!(!terminal);
         assert_eq!(frames.iter().map(|f| f.id).collect::<Vec<_>>(), vec![3, 4]);
-        assert!(t.frames_from(99).0.is_empty());
+        assert!(t.frames_from(99).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn the_log_keeps_at_most_its_cap_dropping_the_oldest_frames_and_says_where_it_starts() {
+        // Each token frame is its data plus FRAME_OVERHEAD: room for about four of them.
+        let frame = r#"{"t":"0","i":0}"#.len() + FRAME_OVERHEAD;
+        let t = task_capped(4 * frame + frame / 2);
+        for i in 0..10 {
+            t.emit(&TaskEvent::Token {
+                t: format!("{i}"),
+                i,
+            });
+            assert!(t.retained_bytes() <= 4 * frame + frame / 2);
+        }
+        let (kept, _) = t.frames_from(6).unwrap();
+        assert_eq!(
+            kept.iter().map(|f| f.id).collect::<Vec<_>>(),
+            vec![6, 7, 8, 9]
+        );
+        assert_eq!(t.frames_from(5).unwrap_err(), ReplayGap { first_kept: 6 });
+        assert_eq!(t.frames_from(0).unwrap_err(), ReplayGap { first_kept: 6 });
+        // The terminal frame is kept even when it alone is over the cap.
+        let big = "x".repeat(10 * frame);
+        assert!(t.emit(&TaskEvent::Error(ErrorEnvelope::new(
+            ErrorCode::Internal,
+            big
+        ))));
+        let (kept, terminal) = t.frames_from(10).unwrap();
+        assert!(terminal);
+        assert_eq!(
+            kept.iter().map(|f| (f.id, f.event)).collect::<Vec<_>>(),
+            vec![(10, "error")]
+        );
+        assert_eq!(t.frames_from(9).unwrap_err(), ReplayGap { first_kept: 10 });
     }
 }

@@ -13,6 +13,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     Conflict,
     PayloadTooLarge,
+    /// A replay (`Last-Event-ID`) asked for frames the task's byte-capped log dropped.
+    ReplayUnavailable,
     AdmissionReject,
     QueueFullDropLru,
     ModelNotAvailable,
@@ -39,6 +41,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::ReplayUnavailable => 410,
             ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru => 429,
             ErrorCode::ModelNotAvailable | ErrorCode::PoolUnavailable | ErrorCode::PoolUnready => {
                 503
@@ -73,6 +76,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::ReplayUnavailable => "REPLAY_UNAVAILABLE",
             ErrorCode::AdmissionReject => "ADMISSION_REJECT",
             ErrorCode::QueueFullDropLru => "QUEUE_FULL_DROP_LRU",
             ErrorCode::ModelNotAvailable => "MODEL_NOT_AVAILABLE",
@@ -158,6 +162,7 @@ mod tests {
             MethodNotAllowed,
             Conflict,
             PayloadTooLarge,
+            ReplayUnavailable,
             AdmissionReject,
             QueueFullDropLru,
             ModelNotAvailable,

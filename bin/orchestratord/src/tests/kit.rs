@@ -287,11 +287,19 @@ pub fn task(max_tokens: u32) -> serde_json::Value {
     serde_json::json!({"model_ref": "tiny", "prompt": "p", "max_tokens": max_tokens})
 }
 
+/// The frames the task's log still keeps, and whether the terminal one is among them.
+pub fn kept(task: &Task) -> (Vec<crate::tasks::Frame>, bool) {
+    match task.frames_from(0) {
+        Ok(found) => found,
+        Err(gap) => task.frames_from(gap.first_kept).unwrap(),
+    }
+}
+
 /// Waits for the task's terminal frame; returns its event name, its data, and when it came.
 pub async fn terminal(task: &Task) -> (&'static str, serde_json::Value, Instant) {
     let mut rx = task.watch_frames();
     loop {
-        let (frames, done) = task.frames_from(0);
+        let (frames, done) = kept(task);
         if done {
             let last = frames.last().unwrap();
             return (
@@ -316,7 +324,7 @@ pub async fn outcome(task: &Task) -> (String, Instant) {
 
 /// Names of the task's frames so far.
 pub fn names(task: &Task) -> Vec<&'static str> {
-    task.frames_from(0).0.iter().map(|f| f.event).collect()
+    kept(task).0.iter().map(|f| f.event).collect()
 }
 
 /// Lets every task that can run, run, without moving the clock.

@@ -108,6 +108,7 @@ async fn position_updates_come_at_once_then_at_most_one_per_interval() {
     let last = queued.last().unwrap().clone();
     let updates = |t: &crate::tasks::Task| -> Vec<u64> {
         t.frames_from(0)
+            .unwrap()
             .0
             .iter()
             .filter(|f| f.event == "queued")
@@ -415,7 +416,8 @@ async fn a_task_queued_during_a_restart_is_told_the_measured_restart_time_left()
     let admitted = h.orch.admit(req).unwrap();
     assert_eq!(admitted.predicted_start_ms, 3000);
     let t = h.orch.task(&admitted.task_id).unwrap();
-    let queued: serde_json::Value = serde_json::from_str(&t.frames_from(0).0[0].data).unwrap();
+    let queued: serde_json::Value =
+        serde_json::from_str(&t.frames_from(0).unwrap().0[0].data).unwrap();
     assert_eq!(queued["predicted_start_ms"], 3000);
 }
 
