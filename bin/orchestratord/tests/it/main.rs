@@ -1,12 +1,14 @@
 //! Integration tests of orchestratord in the HOME profile: real pool-managerd, real
 //! llama-server engines, the tiny model, real HTTP and SSE. The one fake is
-//! `fault_engine`, a fault injector that accepts connections and drops them.
+//! `fault_engine`, a fault injector that drops or refuses completions; `engine_faults` puts
+//! the fault proxy between orchestratord and a real engine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admission;
 mod cancel;
 mod cloud;
 mod determinism;
+mod engine_faults;
 mod fault_engine;
 mod harness;
 mod idle;
