@@ -83,6 +83,9 @@ pub struct Args {
     /// Longest a client may take to send a request's headers.
     #[arg(long, env = "ORCHD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
+    /// Longest a client may take to send a request's body once its headers came (408 beyond).
+    #[arg(long, env = "ORCHD_BODY_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    pub body_read_timeout_ms: u64,
     /// Longest a queued task waits for a pool before it fails with POOL_UNAVAILABLE.
     #[arg(long, env = "ORCHD_MAX_QUEUE_WAIT_MS", default_value_t = 300_000)]
     pub max_queue_wait_ms: u64,
@@ -316,6 +319,7 @@ impl Config {
                 )
                 .map_err(ConfigError::Invalid)?,
                 header_read_timeout: ms("ORCHD_HEADER_READ_TIMEOUT_MS", a.header_read_timeout_ms)?,
+                body_read_timeout: ms("ORCHD_BODY_READ_TIMEOUT_MS", a.body_read_timeout_ms)?,
             },
             max_queue_wait: ms("ORCHD_MAX_QUEUE_WAIT_MS", a.max_queue_wait_ms)?,
             model_memory: Duration::from_millis(a.model_memory_ms),

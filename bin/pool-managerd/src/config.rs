@@ -103,6 +103,13 @@ pub struct Args {
         default_value_t = 10_000
     )]
     pub header_read_timeout_ms: u64,
+    /// Longest a client may take to send a request's body once its headers came (408 beyond).
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_BODY_READ_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub body_read_timeout_ms: u64,
     /// Shared API token (prefer the _FILE form).
     #[arg(long, env = "LLORCH_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -284,6 +291,10 @@ impl Config {
                 header_read_timeout: non_zero(
                     "POOL_MANAGERD_HEADER_READ_TIMEOUT_MS",
                     args.header_read_timeout_ms,
+                )?,
+                body_read_timeout: non_zero(
+                    "POOL_MANAGERD_BODY_READ_TIMEOUT_MS",
+                    args.body_read_timeout_ms,
                 )?,
             },
             token,

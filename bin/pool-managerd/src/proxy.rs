@@ -45,7 +45,13 @@ pub async fn engine_proxy(
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, state.config.max_body_bytes)
         .await
-        .map_err(|_| ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large"))?;
+        .map_err(|e| {
+            if llorch_http::is_body_timeout(&e) {
+                ApiError::new(ErrorCode::RequestTimeout, e.to_string())
+            } else {
+                ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
+            }
+        })?;
     let query = parts
         .uri
         .query()

@@ -13,6 +13,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     Conflict,
     PayloadTooLarge,
+    /// The request body did not arrive within the server's body-read timeout.
+    RequestTimeout,
     /// A replay (`Last-Event-ID`) asked for frames the task's byte-capped log dropped.
     ReplayUnavailable,
     AdmissionReject,
@@ -41,6 +43,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RequestTimeout => 408,
             ErrorCode::ReplayUnavailable => 410,
             ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru => 429,
             ErrorCode::ModelNotAvailable | ErrorCode::PoolUnavailable | ErrorCode::PoolUnready => {
@@ -76,6 +79,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::RequestTimeout => "REQUEST_TIMEOUT",
             ErrorCode::ReplayUnavailable => "REPLAY_UNAVAILABLE",
             ErrorCode::AdmissionReject => "ADMISSION_REJECT",
             ErrorCode::QueueFullDropLru => "QUEUE_FULL_DROP_LRU",
@@ -162,6 +166,7 @@ mod tests {
             MethodNotAllowed,
             Conflict,
             PayloadTooLarge,
+            RequestTimeout,
             ReplayUnavailable,
             AdmissionReject,
             QueueFullDropLru,

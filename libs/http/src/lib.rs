@@ -12,7 +12,7 @@ use llorch_contracts::{ErrorCode, ErrorEnvelope};
 
 mod serve;
 
-pub use serve::{serve, ConnLimits};
+pub use serve::{is_body_timeout, serve, BodyTimeout, ConnLimits, MAX_HEADERS, MAX_HEAD_BYTES};
 
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
@@ -102,7 +102,9 @@ where
 }
 
 fn json_rejection(r: JsonRejection) -> ApiError {
-    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    if is_body_timeout(&r) {
+        ApiError::new(ErrorCode::RequestTimeout, r.body_text())
+    } else if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
     } else {
         ApiError::new(ErrorCode::InvalidParams, r.body_text())

@@ -1,6 +1,7 @@
 //! The HTTP server loop both daemons run: HTTP/1.1 only, a cap on open connections, a deadline
-//! for reading a request's headers (a client that trickles them — slowloris — is cut off), and
-//! a graceful end. axum's own `serve` sets no timer, so hyper's header timeout never applies
+//! for reading a request's headers (a client that trickles them — slowloris — is cut off; it
+//! also closes idle keep-alive connections), a deadline for its body (a trickled body is
+//! answered 408), headers bounded in count and bytes (431), and a graceful end. axum's own `serve` sets no timer, so hyper's header timeout never applies
 //! there; this loop sets it.
 
 use std::future::Future;
@@ -25,7 +26,15 @@ pub struct ConnLimits {
     /// From a connection's first byte (or the end of its previous request) to the end of the
     /// next request's headers.
     pub header_read_timeout: Duration,
+    /// From the end of a request's headers to the end of its body.
+    pub body_read_timeout: Duration,
 }
+
+/// Most header lines a request may carry (hyper answers 431 beyond).
+pub const MAX_HEADERS: usize = 100;
+
+/// Most bytes a request's head may take (hyper answers 431 beyond).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Serves `app` on `listener` until `shutdown`, then stops accepting, lets open requests end
 /// (`graceful_shutdown` of every connection) and returns when they have. Accepted connections
@@ -64,16 +73,19 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
         }
-        let service = TowerToHyperService::new(
-            app.clone()
-                .map_request(|req: Request<Incoming>| req.map(Body::new)),
-        );
+        let body_timeout = limits.body_read_timeout;
+        let service =
+            TowerToHyperService::new(app.clone().map_request(move |req: Request<Incoming>| {
+                req.map(|body| Body::new(DeadlineBody::new(body, body_timeout)))
+            }));
         let mut closing = closing_rx.clone();
         connections.spawn(async move {
             let _permit = permit;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
+                .max_headers(MAX_HEADERS)
+                .max_header_size(MAX_HEAD_BYTES)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -95,4 +107,147 @@ pub async fn serve(
     let _ = closing_tx.send(true);
     connections.close();
     connections.wait().await;
+}
+
+/// A request body that must arrive whole within its deadline; past it, reading fails with
+/// [`BodyTimeout`] (the JSON extractor answers 408 `REQUEST_TIMEOUT`). The timer is armed the
+/// first time the body is not ready, so requests without a body cost none.
+struct DeadlineBody {
+    inner: Incoming,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl DeadlineBody {
+    fn new(inner: Incoming, timeout: Duration) -> Self {
+        Self {
+            inner,
+            deadline: tokio::time::Instant::now() + timeout,
+            timeout,
+            sleep: None,
+        }
+    }
+}
+
+/// A request body did not arrive within the body-read timeout.
+#[derive(Debug)]
+pub struct BodyTimeout(pub Duration);
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body did not arrive within {} ms",
+            self.0.as_millis()
+        )
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+impl http_body::Body for DeadlineBody {
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => return Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {}
+        }
+        let deadline = this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout(this.timeout))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether `error` (or one of its sources) is a [`BodyTimeout`].
+pub fn is_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut e: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cur) = e {
+        if cur.is::<BodyTimeout>() {
+            return true;
+        }
+        e = cur.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server with a JSON route, on paused time: its timers are exact.
+    async fn server(limits: ConnLimits) -> std::net::SocketAddr {
+        let app = Router::new().route(
+            "/echo",
+            axum::routing::post(
+                |crate::ApiJson(v): crate::ApiJson<serde_json::Value>| async move { axum::Json(v) },
+            ),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, app, limits, std::future::pending()));
+        addr
+    }
+
+    const LIMITS: ConnLimits = ConnLimits {
+        max_connections: 8,
+        header_read_timeout: Duration::from_secs(10),
+        body_read_timeout: Duration::from_millis(1500),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_not_whole_by_the_body_timeout_is_answered_408_exactly_then() {
+        let addr = server(LIMITS).await;
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        sock.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 20\r\n\r\n{\"a\":")
+            .await
+            .unwrap();
+        let sent = tokio::time::Instant::now();
+        // More of it, but never all of it: trickling does not extend the deadline.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        sock.write_all(b"1").await.unwrap();
+        let mut answer = vec![0u8; 1024];
+        let n = sock.read(&mut answer).await.unwrap();
+        let answered = sent.elapsed();
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("REQUEST_TIMEOUT"), "{text}");
+        assert_eq!(answered, Duration::from_millis(1500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_whole_within_the_body_timeout_is_served() {
+        let addr = server(LIMITS).await;
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        sock.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 7\r\nconnection: close\r\n\r\n{\"a\":")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1400)).await;
+        sock.write_all(b"1}").await.unwrap();
+        let mut answer = String::new();
+        sock.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("{\"a\":1}"), "{answer}");
+    }
 }

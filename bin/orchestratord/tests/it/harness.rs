@@ -41,6 +41,7 @@ pub struct Stack {
 pub struct StackOptions {
     pub pools_toml: String,
     pub orch_env: Vec<(&'static str, String)>,
+    pub pm_env: Vec<(&'static str, String)>,
     /// Do not wait for a ready pool (tests of an empty stack).
     pub no_wait: bool,
 }
@@ -70,25 +71,23 @@ impl Stack {
         let config = dir.path().join("pools.toml");
         std::fs::write(&config, &opts.pools_toml).unwrap();
         let pm_log = dir.path().join("pool-managerd.log");
-        let mut pm = spawn(
-            &workspace_binary("pool-managerd"),
-            &[
-                ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".into()),
-                ("POOL_MANAGERD_CONFIG", config.display().to_string()),
-                (
-                    "POOL_MANAGERD_RUNTIME_DIR",
-                    runtime_dir.display().to_string(),
-                ),
-                (
-                    "POOL_MANAGERD_ENGINE_BINARY",
-                    engine_binary().display().to_string(),
-                ),
-                ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
-                ("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into()),
-                ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
-            ],
-            &pm_log,
-        );
+        let mut pm_env = vec![
+            ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".into()),
+            ("POOL_MANAGERD_CONFIG", config.display().to_string()),
+            (
+                "POOL_MANAGERD_RUNTIME_DIR",
+                runtime_dir.display().to_string(),
+            ),
+            (
+                "POOL_MANAGERD_ENGINE_BINARY",
+                engine_binary().display().to_string(),
+            ),
+            ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
+            ("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into()),
+            ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
+        ];
+        pm_env.extend(opts.pm_env.iter().cloned());
+        let mut pm = spawn(&workspace_binary("pool-managerd"), &pm_env, &pm_log);
         let pm_base = format!(
             "http://{}",
             logged_addr(

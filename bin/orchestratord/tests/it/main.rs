@@ -11,6 +11,7 @@ mod determinism;
 mod engine_faults;
 mod fault_engine;
 mod harness;
+mod http_faults;
 mod idle;
 mod lifecycle;
 mod memory;
