@@ -34,6 +34,8 @@ pub struct Stack {
     pub runtime_dir: PathBuf,
     pub orch_log: PathBuf,
     pub http: reqwest::Client,
+    /// pool-managerd's environment, for a restart.
+    pm_env: Vec<(&'static str, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -88,6 +90,7 @@ impl Stack {
         ];
         pm_env.extend(opts.pm_env.iter().cloned());
         let mut pm = spawn(&workspace_binary("pool-managerd"), &pm_env, &pm_log);
+        let pm_env_kept = pm_env.clone();
         let pm_base = format!(
             "http://{}",
             logged_addr(
@@ -128,6 +131,7 @@ impl Stack {
             runtime_dir,
             orch_log,
             http,
+            pm_env: pm_env_kept,
             _dir: dir,
         };
         let path = if opts.no_wait { "health" } else { "ready" };
@@ -151,6 +155,27 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         stack
+    }
+
+    /// SIGKILLs pool-managerd (its engines die with it) and starts it again on the same
+    /// address, config and runtime directory; its new log goes beside the first one.
+    pub async fn kill_and_restart_pm(&mut self) {
+        self.pm.start_kill().unwrap();
+        self.pm.wait().await.unwrap();
+        let addr = self.pm_base.trim_start_matches("http://").to_string();
+        let mut env = self.pm_env.clone();
+        env.push(("POOL_MANAGERD_BIND_ADDR", addr));
+        let log = self
+            .runtime_dir
+            .with_file_name("pool-managerd-restarted.log");
+        self.pm = spawn(&workspace_binary("pool-managerd"), &env, &log);
+        logged_addr(
+            &mut self.pm,
+            &log,
+            "pool-managerd listening",
+            Duration::from_secs(30),
+        )
+        .await;
     }
 
     /// Waits until orchestratord sees `n` ready pools.

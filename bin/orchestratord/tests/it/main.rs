@@ -7,6 +7,7 @@
 mod admission;
 mod cancel;
 mod cloud;
+mod daemon_faults;
 mod determinism;
 mod engine_faults;
 mod fault_engine;
