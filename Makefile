@@ -11,7 +11,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins demo up lint test bench bench-build bench-handoff bench-admission bench-stream bench-openai bench-cloud bench-relay-cpu clean-cache
+.PHONY: help deps engine model build bins demo up lint test bench bench-build bench-handoff bench-admission bench-stream bench-openai bench-cloud bench-relay-cpu soak clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -20,6 +20,7 @@ help:
 	@echo "make engine         install the pinned llama-server into $(CACHE)"
 	@echo "make model          write the tiny test model to $(MODEL)"
 	@echo "make bench          all benchmarks (results go in test-harness/bench/README.md by hand)"
+	@echo "make soak           the chaos soak for SOAK_SECS (default 1800) seconds"
 
 deps:
 	@scripts/install-deps.sh
@@ -74,6 +75,12 @@ bench-stream: engine model bench-build
 bench-openai: engine model bench-build
 	$(TARGET)/release/openai-stream --orchestratord $(TARGET)/release/orchestratord \
 	  --engine $(ENGINE) --model $(MODEL) --rounds 20 --concurrency 4 --tokens 512
+
+# The chaos soak of the tests, run long (a benchmark: figures go in docs/RELIABILITY.md).
+SOAK_SECS ?= 1800
+soak: engine model
+	$(CARGO) build -q -p pool-managerd -p orchestratord -p llorch-fault-proxy
+	LLORCH_SOAK_SECS=$(SOAK_SECS) $(CARGO) test -p llorch-e2e-cloud --test chaos -- --nocapture
 
 clean-cache:
 	rm -rf $(CACHE)

@@ -7,21 +7,6 @@ use std::time::{Duration, Instant};
 
 use llorch_e2e_cloud::*;
 
-fn pools_toml(pools: &[PoolSpec<'_>]) -> String {
-    pools
-        .iter()
-        .map(|(id, model_id, slots, ctx)| {
-            let model = if *model_id == "tiny-slow" { slow_model() } else { tiny_model() };
-            format!(
-                "[[pools]]\nid = \"{id}\"\nmodel = \"{}\"\nmodel_id = \"{model_id}\"\nslots = {slots}\nctx = {ctx}\nargs = [\"--threads\", \"1\"]\n",
-                model.display()
-            )
-        })
-        .collect()
-}
-
-/// A pool on a node: (pool id, model id, slots, ctx).
-type PoolSpec<'a> = (&'a str, &'a str, u32, u32);
 /// A node: its pools, and a token of its own (None: the cluster's).
 type NodeSpec<'a> = (&'a [PoolSpec<'a>], Option<&'a str>);
 
@@ -135,43 +120,6 @@ impl Cluster {
     fn node_runtime(&self, i: usize) -> std::path::PathBuf {
         self.net.path(&format!("node{i}-run"))
     }
-}
-
-fn start_node(
-    net: &mut Net,
-    host: &Host,
-    i: usize,
-    pools: &[PoolSpec<'_>],
-    token: Option<&str>,
-) -> usize {
-    std::fs::write(net.path(&format!("node{i}.toml")), pools_toml(pools)).unwrap();
-    let mut env = vec![
-        ("POOL_MANAGERD_BIND_ADDR", format!("{}:9200", host.addr)),
-        (
-            "POOL_MANAGERD_CONFIG",
-            net.path(&format!("node{i}.toml")).display().to_string(),
-        ),
-        (
-            "POOL_MANAGERD_RUNTIME_DIR",
-            net.path(&format!("node{i}-run")).display().to_string(),
-        ),
-        (
-            "POOL_MANAGERD_ENGINE_BINARY",
-            engine_binary().display().to_string(),
-        ),
-        ("POOL_MANAGERD_NODE_ID", format!("node{i}")),
-        ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
-        ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
-    ];
-    if let Some(t) = token {
-        env.push(("LLORCH_API_TOKEN", t.to_string()));
-    }
-    net.spawn_in(
-        &host.ns,
-        &workspace_binary("pool-managerd"),
-        &env,
-        &net.path(&format!("node{i}.log")),
-    )
 }
 
 fn task(prompt: &str, max_tokens: u32) -> serde_json::Value {

@@ -2,7 +2,8 @@
 //! fault proxy as a process, for hosts the test process cannot reach (another network
 //! namespace). The control address takes one fault per line (`pass`, `latency=MS`,
 //! `bandwidth=BYTES_PER_S`, `stall-after=BYTES`, `reset`, `half-open`) and answers `ok` or
-//! `error: …`; `stats` answers the counters.
+//! `error: …`; `stats` answers the counters. Each flag may come from the environment instead
+//! (`FAULT_PROXY_LISTEN`, `FAULT_PROXY_UPSTREAM`, `FAULT_PROXY_FAULT`, `FAULT_PROXY_CONTROL`).
 
 use std::net::SocketAddr;
 
@@ -14,13 +15,13 @@ use tokio::net::TcpListener;
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long)]
+    #[arg(long, env = "FAULT_PROXY_LISTEN")]
     listen: SocketAddr,
-    #[arg(long)]
+    #[arg(long, env = "FAULT_PROXY_UPSTREAM")]
     upstream: SocketAddr,
-    #[arg(long, default_value = "pass")]
+    #[arg(long, env = "FAULT_PROXY_FAULT", default_value = "pass")]
     fault: Fault,
-    #[arg(long)]
+    #[arg(long, env = "FAULT_PROXY_CONTROL")]
     control: Option<SocketAddr>,
 }
 
