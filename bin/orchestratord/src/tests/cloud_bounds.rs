@@ -394,3 +394,22 @@ async fn metric_series_of_a_pool_that_went_away_leave_the_exposition() {
     assert!(!text.contains("pool_id=\"p1\""), "{text}");
     assert!(text.contains("pool_id=\"p2\""));
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_failed_poll_is_counted_as_a_failed_health_check_of_the_nodes_pools() {
+    let (h, nodes, start) = cloud(&[]).await;
+    let checks = |outcome: &str| {
+        h.orch
+            .metrics
+            .pool_health_checks
+            .with_label_values(&["p1", outcome])
+            .get()
+    };
+    assert_eq!((checks("ok"), checks("failed")), (1, 0));
+    nodes.set("http://n1", Node::Down);
+    at(start + INTERVAL).await;
+    at(start + 2 * INTERVAL).await;
+    nodes.set("http://n1", Node::Hang);
+    at(start + 3 * INTERVAL + INTERVAL.mul_f64(0.8)).await;
+    assert_eq!((checks("ok"), checks("failed")), (1, 3));
+}
