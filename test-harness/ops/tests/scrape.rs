@@ -164,7 +164,7 @@ async fn prometheus_scrapes_both_live_daemons_with_the_rules_loaded() {
         .iter()
         .map(|g| g["rules"].as_array().unwrap().len())
         .sum();
-    assert_eq!(loaded, 5);
+    assert_eq!(loaded, 6);
     // Evaluated on live data, nothing is pending or firing while the pool is healthy (an
     // evaluation before the first scrape may leave PoolUnavailable pending for a moment).
     wait_for(
