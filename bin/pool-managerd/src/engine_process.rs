@@ -306,3 +306,40 @@ fn is_engine_process(pid: u32, binary: &str) -> bool {
     let name = |p: &str| Path::new(p).file_name().map(|n| n.to_os_string());
     argv0 == binary || (name(&argv0).is_some() && name(&argv0) == name(binary))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_log_planted_as_a_symlink_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "precious\n").unwrap();
+        std::fs::create_dir_all(logs_dir(dir.path())).unwrap();
+        std::os::unix::fs::symlink(&target, logs_dir(dir.path()).join("p0.log")).unwrap();
+        let spec = crate::pools_file::PoolSpec {
+            id: "p0".into(),
+            model_path: "/nonexistent.gguf".into(),
+            model_id: "m".into(),
+            device_mask: None,
+            slots: 1,
+            ctx: 512,
+            gpu_layers: 0,
+            port: None,
+            extra_args: vec![],
+            embeddings: false,
+        };
+        let spawned = spawn(SpawnRequest {
+            binary: Path::new("/bin/true"),
+            runtime_dir: dir.path(),
+            spec: &spec,
+            model_path: &spec.model_path,
+            model_id: &spec.model_id,
+            instance: "a",
+        });
+        let err = spawned.err().expect("spawned with its log through a symlink");
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+    }
+}
