@@ -11,6 +11,7 @@ mod daemon_faults;
 mod determinism;
 mod engine_faults;
 mod fault_engine;
+mod handoff_faults;
 mod harness;
 mod http_faults;
 mod idle;
