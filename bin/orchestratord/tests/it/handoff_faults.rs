@@ -251,3 +251,36 @@ async fn a_runtime_dir_removed_and_created_again_unbinds_its_pools_and_is_watche
          back, d {watched:?} after its write (rescan every {RESCAN_MS} ms)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_managerd_writes_its_handoff_file_again_when_the_runtime_dir_comes_back() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 1, 1024),
+        ..Default::default()
+    })
+    .await;
+    std::fs::remove_dir_all(&s.runtime_dir).unwrap();
+    wait_for(
+        "the pool gone with its file",
+        Duration::from_secs(10),
+        || async {
+            let v: serde_json::Value = s.get("/v2/pools").await.json().await.unwrap();
+            v["pools"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+                .then_some(())
+        },
+    )
+    .await;
+    std::fs::create_dir(&s.runtime_dir).unwrap();
+    // The engine never stopped: pool-managerd writes its file again at its next health probe.
+    s.wait_pools_ready(1).await;
+    let a = s.submit_ok(task("the", 4)).await;
+    let st = s.wait_task(&a.task_id, Duration::from_secs(30)).await;
+    assert_eq!(st.state, llorch_contracts::tasks::TaskState::Completed);
+    let log = std::fs::read_to_string(s.runtime_dir.with_file_name("pool-managerd.log")).unwrap();
+    assert!(
+        log.contains("handoff file of a serving pool is gone; writing it again"),
+        "{log}"
+    );
+}

@@ -225,6 +225,7 @@ impl Supervisor {
                     return Next::Failure(how);
                 }
                 _ = probe.tick() => {
+                    self.restore_handoff();
                     let url = engine.info().url.clone();
                     if let Err(error) = self.probe(&url).await {
                         if self.sup.on_probe_failed() {
@@ -427,6 +428,20 @@ impl Supervisor {
             tracing::error!(pool_id = %self.spec.id, %error, "cannot write handoff file");
         }
         self.handoff = Some(file);
+    }
+
+    /// Writes the published handoff file again when it is gone from a runtime dir that exists
+    /// (removed by hand, or the dir removed and created again): a managed pool leaves through
+    /// drain or shutdown, never by losing its file. A missing dir is not created here.
+    fn restore_handoff(&mut self) {
+        let dir = &self.shared.config.runtime_dir;
+        let Some(file) = &self.handoff else { return };
+        if !dir.is_dir() || llorch_handoff::path_for(dir, &self.spec.id).exists() {
+            return;
+        }
+        tracing::warn!(pool_id = %self.spec.id, "handoff file of a serving pool is gone; writing it again");
+        let file = file.clone();
+        self.publish_handoff(file);
     }
 
     /// Rewrites the published handoff file with `state` (a pool that never served has none:
