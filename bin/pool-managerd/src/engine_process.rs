@@ -338,7 +338,9 @@ mod tests {
             model_id: &spec.model_id,
             instance: "a",
         });
-        let err = spawned.err().expect("spawned with its log through a symlink");
+        let err = spawned
+            .err()
+            .expect("spawned with its log through a symlink");
         assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
     }
