@@ -381,7 +381,7 @@ impl CloudSource {
                 m.availability = Availability::Unavailable;
                 for pool in &m.pools {
                     // Counted, so an alert on failed checks sees a node that stopped answering.
-                    self.count_check(pool, "failed", poll_ms);
+                    self.count_check(pool, "fail", poll_ms);
                     self.pools
                         .mark_lost(pool, format!("pool-managerd {url}: {error}"));
                 }

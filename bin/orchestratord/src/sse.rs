@@ -151,9 +151,14 @@ pub async fn events(
                 ApiError::new(ErrorCode::InvalidParams, "Last-Event-ID must be a frame id")
             })?,
     };
-    if let Err(gap) = task.frames_from(next) {
-        tracing::info!(task_id = %task.id, from_frame = next, first_kept = gap.first_kept, "replay of dropped frames refused");
-        return Err(ApiError::from(replay_gap(&task, next, gap)));
+    let first_kept = task.first_kept();
+    if next < first_kept {
+        tracing::info!(task_id = %task.id, from_frame = next, first_kept, "replay of dropped frames refused");
+        return Err(ApiError::from(replay_gap(
+            &task,
+            next,
+            ReplayGap { first_kept },
+        )));
     }
     let span = tracing::info_span!("sse_stream", task_id = %task.id, from_frame = next);
     llorch_observability::adopt(&span, &task.trace);
@@ -185,13 +190,16 @@ pub async fn events(
             let (frames, terminal) = match s.task.frames_from(s.next) {
                 Ok(found) => found,
                 Err(gap) => {
-                    // This subscriber fell behind by more than the log keeps: one error
-                    // (without an id: it is not one of the task's frames), then the end.
+                    // This subscriber fell behind by more than the log keeps: one
+                    // `replay_unavailable` event (no id: not one of the task's frames; not
+                    // `error`, which would read as the task's end), then the stream ends. A
+                    // client that reconnects gets 410 with the id to resume from; the task
+                    // goes on for the disconnect grace, as for any subscriber that left.
                     tracing::warn!(task_id = %s.task.id, next_frame = s.next, first_kept = gap.first_kept, "subscriber fell behind the task's log cap");
                     s.done = true;
                     let data = serde_json::to_string(&replay_gap(&s.task, s.next, gap))
                         .unwrap_or_default();
-                    let event = Event::default().event("error").data(data);
+                    let event = Event::default().event("replay_unavailable").data(data);
                     return Some((Ok(event), s));
                 }
             };

@@ -267,6 +267,11 @@ impl Task {
         self.log_bytes.load(Ordering::Relaxed) + self.openai.as_ref().map_or(0, |j| j.log.bytes())
     }
 
+    /// The oldest frame id the log still keeps.
+    pub fn first_kept(&self) -> u64 {
+        self.inner.lock().first_id
+    }
+
     /// Frames with id ≥ `from`, and whether the terminal frame is among all frames; a gap
     /// when frames from `from` on were dropped by the log's byte cap.
     pub fn frames_from(&self, from: u64) -> Result<(Vec<Frame>, bool), ReplayGap> {

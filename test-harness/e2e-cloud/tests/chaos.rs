@@ -352,16 +352,21 @@ async fn chaos_soak_every_admitted_task_ends_exactly_once_and_nothing_leaks() {
     };
     let mut rng = StdRng::seed_from_u64(seed);
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
+    // Engine kills per node in the last five minutes: the fifth would open the node's circuit
+    // breaker (5 failures in 5 min) and fail the pool for its open period, by design.
+    let mut kills: Vec<Vec<Instant>> = vec![Vec::new(); nodes.len()];
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
         let i = rng.random_range(0..nodes.len());
         let hold = Duration::from_millis(rng.random_range(300..2000));
+        kills[i].retain(|t| t.elapsed() < Duration::from_secs(300));
         let kind = match rng.random_range(0..6) {
             0 => "latency",
             1 => "bandwidth",
             2 => "half-open",
             3 => "reset",
             4 => "partition",
+            _ if kills[i].len() >= 4 => "reset",
             _ => "engine-kill",
         };
         *faults.entry(kind).or_default() += 1;
@@ -379,8 +384,15 @@ async fn chaos_soak_every_admitted_task_ends_exactly_once_and_nothing_leaks() {
                     .ok()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                     .and_then(|v| v["pid"].as_u64());
-                if let Some(pid) = pid {
-                    signal(pid as u32, "-KILL");
+                // The file may name an engine already gone (restarting): kill only a live
+                // llama-server, never whatever reused its pid.
+                let engine = pid.map(|p| p as u32).filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "llama-server")
+                });
+                if let Some(pid) = engine {
+                    signal(pid, "-KILL");
+                    kills[i].push(Instant::now());
                 }
             }
         }
@@ -495,7 +507,12 @@ async fn chaos_soak_every_admitted_task_ends_exactly_once_and_nothing_leaks() {
             || async { (node_slots_free(host, pools[i]) == Some(u64::from(SLOTS))).then_some(()) },
         )
         .await;
-        assert_eq!(engines_in(&host.ns), 1, "engines on node {i}");
+        wait_for(
+            &format!("one engine on node {i}"),
+            Duration::from_secs(30),
+            || async { (engines_in(&host.ns) == 1).then_some(()) },
+        )
+        .await;
     }
     sampling.store(false, Ordering::SeqCst);
     sampler.await.unwrap();
@@ -512,7 +529,7 @@ async fn chaos_soak_every_admitted_task_ends_exactly_once_and_nothing_leaks() {
         tally.tasks.len() as u64 >= secs,
         "too few tasks to mean anything"
     );
-    assert!(fault_total >= secs / 3, "too few faults to mean anything");
+    assert!(fault_total >= secs / 5, "too few faults to mean anything");
 
     // The nodes stop: no engine is left behind.
     for i in 0..nodes.len() {

@@ -158,7 +158,11 @@ async fn accept_loop(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((client, _)) = accepted else { continue };
+                let Ok((client, _)) = accepted else {
+                    // Out of descriptors, say: wait a little instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
                 counters.accepted.fetch_add(1, Ordering::SeqCst);
                 conns.spawn(carry(client, upstream, fault.clone(), counters.clone()));
             }
@@ -194,7 +198,8 @@ async fn carry(
         reset(&client, &counters);
         return;
     }
-    let Ok(server) = TcpStream::connect(upstream).await else {
+    let connect = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(upstream));
+    let Ok(Ok(server)) = connect.await else {
         // Upstream refused: the client sees a reset, as it would without the proxy.
         reset(&client, &counters);
         return;

@@ -405,11 +405,11 @@ async fn every_failed_poll_is_counted_as_a_failed_health_check_of_the_nodes_pool
             .with_label_values(&["p1", outcome])
             .get()
     };
-    assert_eq!((checks("ok"), checks("failed")), (1, 0));
+    assert_eq!((checks("ok"), checks("fail")), (1, 0));
     nodes.set("http://n1", Node::Down);
     at(start + INTERVAL).await;
     at(start + 2 * INTERVAL).await;
     nodes.set("http://n1", Node::Hang);
     at(start + 3 * INTERVAL + INTERVAL.mul_f64(0.8)).await;
-    assert_eq!((checks("ok"), checks("failed")), (1, 3));
+    assert_eq!((checks("ok"), checks("fail")), (1, 3));
 }

@@ -166,7 +166,7 @@ async fn a_subscriber_that_falls_behind_the_log_cap_gets_replay_unavailable_and_
         seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
     }
     let last = seen.trim_end().rsplit("\n\n").next().unwrap();
-    assert!(last.starts_with("event: error\n"), "{last}");
+    assert!(last.starts_with("event: replay_unavailable\n"), "{last}");
     assert!(
         !last.contains("id:"),
         "the gap notice is not a task frame: {last}"

@@ -164,6 +164,18 @@ async fn an_engine_that_answers_400_and_withholds_the_body_neither_hangs_the_tas
         llorch_contracts::tasks::TaskState::Failed,
         "{st:?}"
     );
+    // Two dispatches (the retry budget), each given up at the first-token timeout (1 s).
+    let error = st.error.clone().unwrap();
+    assert_eq!(
+        error.code,
+        llorch_contracts::ErrorCode::WorkerReset,
+        "{error:?}"
+    );
+    assert!(
+        error.message.contains("did not answer in time"),
+        "{error:?}"
+    );
+    assert_eq!(st.attempts, 2, "{st:?}");
     // Cancelled while the body is withheld: it ends cancelled, at once.
     let b = s.submit_ok(pin(5)).await;
     wait_for(

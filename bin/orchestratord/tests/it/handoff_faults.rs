@@ -259,7 +259,13 @@ async fn pool_managerd_writes_its_handoff_file_again_when_the_runtime_dir_comes_
         ..Default::default()
     })
     .await;
-    std::fs::remove_dir_all(&s.runtime_dir).unwrap();
+    // pool-managerd may write into it while it is being removed: try again until it is gone.
+    wait_for(
+        "the runtime dir removed",
+        Duration::from_secs(10),
+        || async { std::fs::remove_dir_all(&s.runtime_dir).ok() },
+    )
+    .await;
     wait_for(
         "the pool gone with its file",
         Duration::from_secs(10),

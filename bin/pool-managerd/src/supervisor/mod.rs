@@ -58,6 +58,8 @@ pub struct Supervisor {
     url: Option<String>,
     /// The handoff file this pool last published (none once retired).
     handoff: Option<HandoffFile>,
+    /// Writing the missing handoff file again failed (logged once until it succeeds).
+    restore_failing: bool,
     slots_free: u32,
     instance: u64,
 }
@@ -88,6 +90,7 @@ impl Supervisor {
             slots_free: 0,
             instance: 0,
             handoff: None,
+            restore_failing: false,
         }
     }
 
@@ -439,9 +442,17 @@ impl Supervisor {
         if !dir.is_dir() || llorch_handoff::path_for(dir, &self.spec.id).exists() {
             return;
         }
-        tracing::warn!(pool_id = %self.spec.id, "handoff file of a serving pool is gone; writing it again");
-        let file = file.clone();
-        self.publish_handoff(file);
+        match llorch_handoff::write_atomic(dir, file) {
+            Ok(_) => {
+                tracing::warn!(pool_id = %self.spec.id, "handoff file of a serving pool is gone; writing it again");
+                self.restore_failing = false;
+            }
+            Err(error) if !self.restore_failing => {
+                tracing::error!(pool_id = %self.spec.id, %error, "handoff file of a serving pool is gone and cannot be written again; retrying at each health probe");
+                self.restore_failing = true;
+            }
+            Err(_) => {}
+        }
     }
 
     /// Rewrites the published handoff file with `state` (a pool that never served has none:
