@@ -128,17 +128,69 @@ impl Orchestrator {
     /// Admits a task submitted without a correlation id (its task id serves as one).
     #[cfg(test)]
     pub fn admit(&self, req: TaskRequest) -> Result<AdmissionResponse, ApiError> {
-        self.admit_with(req, None)
+        self.admit_with(req, None, None)
     }
 
-    /// `POST /v2/tasks`, with the request's `X-Correlation-Id`.
+    /// `POST /v2/tasks`, with the request's `X-Correlation-Id` and the prompt's length in
+    /// tokens when [`Orchestrator::count_prompt`] counted it.
     pub fn admit_with(
         &self,
         req: TaskRequest,
         correlation_id: Option<String>,
+        prompt_tokens: Option<u32>,
     ) -> Result<AdmissionResponse, ApiError> {
         validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
-        self.enqueue(req, correlation_id, None).map(|(_, a)| a)
+        self.enqueue(req, correlation_id, None, prompt_tokens)
+            .map(|(_, a)| a)
+    }
+
+    /// The prompt's length in tokens, counted by an engine of its model when the prompt might
+    /// not fit the per-slot context of some pool (a prompt of B bytes makes at most B + 2
+    /// tokens, so a prompt short enough is never counted). Refused (400) when prompt plus
+    /// `max_tokens` exceeds the largest per-slot context of every pool of the model. When no
+    /// engine can count it now (none ready, no answer within 2 s), `None`: the engine judges.
+    pub async fn count_prompt(&self, req: &TaskRequest) -> Result<Option<u32>, ApiError> {
+        let Some(fit) = self.pools.ctx_fit(&req.model_ref) else {
+            return Ok(None);
+        };
+        let most = (req.prompt.len() as u64)
+            .saturating_add(2)
+            .saturating_add(u64::from(req.max_tokens));
+        if most <= u64::from(fit.smallest) {
+            return Ok(None);
+        }
+        let bearer = fit
+            .cloud
+            .then(|| self.config.token.as_ref().map(|t| t.expose()))
+            .flatten();
+        let counted = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            self.engine
+                .tokenize(&fit.tokenizer_url, bearer, &req.prompt),
+        )
+        .await;
+        let tokens = match counted {
+            Ok(Ok(n)) => n,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "prompt not counted; the engine judges its length");
+                return Ok(None);
+            }
+            Err(_) => {
+                tracing::debug!("prompt not counted in time; the engine judges its length");
+                return Ok(None);
+            }
+        };
+        let needed = u64::from(tokens) + u64::from(req.max_tokens);
+        if needed > u64::from(fit.largest) {
+            return Err(self.reject(
+                "invalid_params",
+                invalid(format!(
+                    "the prompt is {tokens} tokens: with max_tokens {} it needs a context of {needed}, and the largest per-slot context of model {:?} is {}",
+                    req.max_tokens, req.model_ref, fit.largest
+                )),
+            ));
+        }
+        Ok(Some(tokens))
     }
 
     /// An OpenAI request, validated by its route: `req` holds what queueing and placement read
@@ -149,7 +201,8 @@ impl Orchestrator {
         job: crate::openai::Job,
         correlation_id: Option<String>,
     ) -> Result<Arc<Task>, ApiError> {
-        self.enqueue(req, correlation_id, Some(job)).map(|(t, _)| t)
+        self.enqueue(req, correlation_id, Some(job), None)
+            .map(|(t, _)| t)
     }
 
     fn enqueue(
@@ -157,6 +210,7 @@ impl Orchestrator {
         mut req: TaskRequest,
         correlation_id: Option<String>,
         openai: Option<crate::openai::Job>,
+        prompt_tokens: Option<u32>,
     ) -> Result<(Arc<Task>, AdmissionResponse), ApiError> {
         let started = std::time::Instant::now();
         let span = tracing::info_span!(
@@ -210,17 +264,11 @@ impl Orchestrator {
                 )),
             ));
         }
-        if req.determinism == Some(Determinism::Strict)
-            && !self.pools.has_single_slot_pool(&req.model_ref)
-        {
-            // Never run best-effort in its place.
-            return Err(self.reject(
-                "invalid_params",
-                invalid(format!(
-                    "determinism strict needs a single-slot pool (slots = 1) serving model {:?}; none does",
-                    req.model_ref
-                )),
-            ));
+        if req.determinism == Some(Determinism::Strict) {
+            if let Err(why) = self.pools.strict_ready(&req.model_ref) {
+                // Never run best-effort in its place.
+                return Err(self.reject("invalid_params", invalid(why)));
+            }
         }
         if let Some(ctx) = req.ctx {
             // Refused now rather than queued for a pool that can never take it.
@@ -279,15 +327,18 @@ impl Orchestrator {
             span.record("task_id", id.as_str());
             let trace = llorch_observability::capture(&span);
             let correlation_id = correlation_id.unwrap_or_else(|| id.clone());
-            let task = Arc::new(Task::new(
-                id.clone(),
-                req,
-                Instant::now(),
-                trace,
-                correlation_id,
-                openai,
-                self.config.task_log_max_bytes,
-            ));
+            let task = Arc::new(
+                Task::new(
+                    id.clone(),
+                    req,
+                    Instant::now(),
+                    trace,
+                    correlation_id,
+                    openai,
+                    self.config.task_log_max_bytes,
+                )
+                .with_prompt_tokens(prompt_tokens),
+            );
             let weight = u64::from(task.req.max_tokens);
             match queue
                 .tasks

@@ -127,7 +127,8 @@ async fn submit(
         .get(llorch_http::CORRELATION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let admitted = orch.admit_with(req, correlation_id)?;
+    let prompt_tokens = orch.count_prompt(&req).await?;
+    let admitted = orch.admit_with(req, correlation_id, prompt_tokens)?;
     Ok((StatusCode::ACCEPTED, Json(admitted)).into_response())
 }
 

@@ -171,10 +171,10 @@ async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>,
     Ok(body)
 }
 
-/// `GET {manager}/v2/pools` with the token.
+/// `GET {manager}/v2/pools` with the token (HOME may run without one, on loopback).
 pub(crate) struct HttpNodes {
     pub http: reqwest::Client,
-    pub token: auth_min::Token,
+    pub token: Option<auth_min::Token>,
 }
 
 impl NodeApi for HttpNodes {
@@ -184,11 +184,14 @@ impl NodeApi for HttpNodes {
         headers: reqwest::header::HeaderMap,
     ) -> BoxFuture<'a, Result<PoolsResponse, String>> {
         async move {
-            let resp = self
+            let mut req = self
                 .http
                 .get(format!("{base_url}/v2/pools"))
-                .headers(headers)
-                .bearer_auth(self.token.expose())
+                .headers(headers);
+            if let Some(token) = &self.token {
+                req = req.bearer_auth(token.expose());
+            }
+            let resp = req
                 .send()
                 .await
                 .map_err(|e| format!("unreachable: {}", llamacpp_client::error_chain(&e)))?;

@@ -93,7 +93,7 @@ impl Orchestrator {
                         placement: t.req.placement.as_ref(),
                         session_pool,
                         retry_avoid: avoid.as_deref(),
-                        min_ctx: t.req.ctx,
+                        min_ctx: t.needed_ctx(),
                         single_slot: t.req.determinism == Some(Determinism::Strict),
                         embeddings: t
                             .openai

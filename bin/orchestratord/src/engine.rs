@@ -48,7 +48,20 @@ pub(crate) trait Engine: Send + Sync + 'static {
         base_url: &'a str,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<Health, String>>;
+
+    /// How many tokens the engine's tokenizer makes of `text` (`POST {base_url}/tokenize`,
+    /// special tokens included, as a completion adds them). The caller bounds the time.
+    fn tokenize<'a>(
+        &'a self,
+        base_url: &'a str,
+        bearer: Option<&'a str>,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<u32, String>>;
 }
+
+/// The largest tokenizer answer read (a 1 MiB prompt is at most about a million tokens of a
+/// few bytes each in JSON).
+const TOKENIZE_BODY_MAX: usize = 16 * 1024 * 1024;
 
 /// The most of an engine's error body that is read (the rest is dropped with the connection).
 const ERROR_BODY_MAX: usize = 4096;
@@ -153,6 +166,47 @@ impl Engine for HttpEngine {
                 .health()
                 .await
                 .map_err(|e| e.to_string())
+        }
+        .boxed()
+    }
+
+    fn tokenize<'a>(
+        &'a self,
+        base_url: &'a str,
+        bearer: Option<&'a str>,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<u32, String>> {
+        async move {
+            let mut req = self
+                .probes
+                .post(format!("{base_url}/tokenize"))
+                .json(&serde_json::json!({"content": text, "add_special": true}));
+            if let Some(token) = bearer {
+                req = req.bearer_auth(token);
+            }
+            let mut resp = req.send().await.map_err(|e| {
+                format!(
+                    "tokenizer unreachable: {}",
+                    llamacpp_client::error_chain(&e)
+                )
+            })?;
+            if !resp.status().is_success() {
+                return Err(format!("tokenizer answered {}", resp.status()));
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+                if body.len() + chunk.len() > TOKENIZE_BODY_MAX {
+                    return Err("tokenizer answer too large".into());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            #[derive(serde::Deserialize)]
+            struct Tokens {
+                tokens: Vec<serde::de::IgnoredAny>,
+            }
+            let tokens: Tokens =
+                serde_json::from_slice(&body).map_err(|e| format!("unreadable tokens: {e}"))?;
+            u32::try_from(tokens.tokens.len()).map_err(|_| "too many tokens".to_string())
         }
         .boxed()
     }

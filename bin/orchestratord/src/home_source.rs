@@ -1,6 +1,8 @@
 //! HOME profile pool source: the handoff directory (`ORCHD_RUNTIME_DIR`). A handoff file binds
 //! its pool to the engine URL it names; the engine's `/health` is probed at once and then
-//! periodically; an unhealthy engine makes the pool unready, a deleted file unbinds it.
+//! periodically; an unhealthy engine makes the pool unready, a deleted file unbinds it. At each
+//! probe round the local pool-managerd's pool list (`ORCHD_POOL_MANAGER_URL`) adds what a
+//! handoff file cannot carry: the pools' free GPU memory, for placement's tie-break.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use llorch_contracts::HandoffFile;
 use llorch_handoff::HandoffEvent;
 use tokio_util::sync::CancellationToken;
 
+use crate::cloud_source::NodeApi;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::pools::{PoolEntry, PoolPhase, PoolTable};
@@ -22,6 +25,13 @@ pub(crate) struct HomeSource {
     pub dir: std::path::PathBuf,
     pub rescan: Duration,
     pub probe_interval: Duration,
+    /// The local pool-managerd, read for GPU memory figures (none: no figures).
+    pub manager: Option<Manager>,
+}
+
+pub(crate) struct Manager {
+    pub url: String,
+    pub api: Arc<dyn NodeApi>,
 }
 
 impl HomeSource {
@@ -46,7 +56,10 @@ impl HomeSource {
                     }
                     None => break,
                 },
-                _ = probe.tick() => self.probe_all().await,
+                _ = probe.tick() => {
+                    self.probe_all().await;
+                    self.read_vram().await;
+                }
             }
         }
         let _ = watcher.await;
@@ -72,7 +85,11 @@ impl HomeSource {
             lost: Default::default(),
             phase,
             restarting_since: None,
-            vram_free_bytes: None,
+            // Figures come from pool-managerd, not the file: keep the last ones.
+            vram_free_bytes: self
+                .pools
+                .get(&file.pool_id)
+                .and_then(|p| p.vram_free_bytes),
             embeddings: file.embeddings,
             ejection: Default::default(),
         };
@@ -123,6 +140,33 @@ impl HomeSource {
             Ok(Health::Ok) => (true, None),
             Ok(Health::Loading) => (false, Some("engine is loading".into())),
             Err(e) => (false, Some(e.to_string())),
+        }
+    }
+
+    /// Free GPU memory of each pool as the local pool-managerd reports it. Best effort: an
+    /// unreachable pool-managerd (or one on a CPU-only node) leaves the figures as they are.
+    async fn read_vram(&self) {
+        let Some(manager) = &self.manager else { return };
+        let timeout = self.probe_interval.min(Duration::from_secs(2));
+        let read = tokio::time::timeout(
+            timeout,
+            manager
+                .api
+                .pools(&manager.url, reqwest::header::HeaderMap::new()),
+        )
+        .await;
+        match read {
+            Ok(Ok(resp)) => {
+                for p in resp.pools {
+                    self.pools.set_vram_free(&p.pool_id, p.vram_free_bytes);
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "pool-managerd's pool list unavailable; GPU memory figures unchanged")
+            }
+            Err(_) => tracing::debug!(
+                "pool-managerd's pool list not read in time; GPU memory figures unchanged"
+            ),
         }
     }
 

@@ -57,6 +57,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 dir: orch.config.runtime_dir.clone(),
                 rescan: orch.config.handoff_rescan,
                 probe_interval: orch.config.pool_health_interval,
+                manager: Some(home_source::Manager {
+                    url: orch.config.pool_manager_url.clone(),
+                    api: Arc::new(cloud_source::HttpNodes {
+                        http: reqwest::Client::builder()
+                            .connect_timeout(Duration::from_secs(1))
+                            .build()?,
+                        token: orch.config.token.clone(),
+                    }),
+                }),
             };
             background.spawn(source.run(root.child_token()));
         }
@@ -71,7 +80,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                         .connect_timeout(Duration::from_secs(1))
                         .pool_idle_timeout(Duration::from_secs(30))
                         .build()?,
-                    token,
+                    token: Some(token),
                 }),
                 interval: orch.config.pool_poll_interval,
                 recovery: orch.config.pool_poll_recovery,

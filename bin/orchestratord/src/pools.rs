@@ -167,6 +167,16 @@ impl PoolPhase {
     }
 }
 
+/// What a prompt's length is judged against: the per-slot contexts of a model's pools and one
+/// engine that can count its tokens.
+pub struct CtxFit {
+    pub smallest: u32,
+    pub largest: u32,
+    pub tokenizer_url: String,
+    /// The engine is behind a node's authenticated proxy.
+    pub cloud: bool,
+}
+
 pub struct PoolTable {
     pools: RwLock<BTreeMap<String, PoolEntry>>,
     /// When the last pool serving a model went away, per model (for the memory window).
@@ -218,6 +228,32 @@ impl PoolTable {
         largest
     }
 
+    /// The per-slot contexts of `model`'s generation pools (not failed), and where a prompt can
+    /// be counted (a ready one); `None` when some pool's context is unknown (no bound to keep)
+    /// or none is ready to count.
+    pub fn ctx_fit(&self, model: &str) -> Option<CtxFit> {
+        let pools = self.pools.read();
+        let (mut smallest, mut largest, mut tokenizer) = (u32::MAX, 0, None);
+        for p in pools
+            .values()
+            .filter(|p| p.model_id == model && p.phase != PoolPhase::Failed && !p.embeddings)
+        {
+            let ctx = p.ctx_max?;
+            smallest = smallest.min(ctx);
+            largest = largest.max(ctx);
+            if p.healthy && tokenizer.is_none() {
+                tokenizer = Some((p.url.clone(), p.manager.is_some()));
+            }
+        }
+        let (tokenizer_url, cloud) = tokenizer?;
+        Some(CtxFit {
+            smallest,
+            largest,
+            tokenizer_url,
+            cloud,
+        })
+    }
+
     /// Whether some pool (not failed) of `model` takes this kind of work (`embeddings` or
     /// generation); `None` when no such pool serves the model at all.
     pub fn serves_kind(&self, model: &str, embeddings: bool) -> Option<bool> {
@@ -230,13 +266,35 @@ impl PoolTable {
         Some(serving.any(|p| p.embeddings == embeddings))
     }
 
-    /// Whether a pool with a single slot (and not failed) serves `model`: where a strict task
-    /// can run.
-    pub fn has_single_slot_pool(&self, model: &str) -> bool {
-        self.pools
-            .read()
+    /// Whether a strict task of `model` can run: on its single-slot pools (not failed), which
+    /// must all run one engine build (llama.cpp reproduces output only within one build).
+    /// `Err`: why not.
+    pub fn strict_ready(&self, model: &str) -> Result<(), String> {
+        let pools = self.pools.read();
+        let mut builds: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for p in pools
             .values()
-            .any(|p| p.model_id == model && p.slots_total == 1 && p.phase != PoolPhase::Failed)
+            .filter(|p| p.model_id == model && p.slots_total == 1 && p.phase != PoolPhase::Failed)
+        {
+            let build = p.engine_version.as_deref().unwrap_or("unknown");
+            builds.entry(build).or_default().push(&p.pool_id);
+        }
+        match builds.len() {
+            0 => Err(format!(
+                "determinism strict needs a single-slot pool (slots = 1) serving model {model:?}; none does"
+            )),
+            1 => Ok(()),
+            _ => {
+                let shown: Vec<String> = builds
+                    .iter()
+                    .map(|(build, ids)| format!("{} on {build}", ids.join(", ")))
+                    .collect();
+                Err(format!(
+                    "determinism strict needs the single-slot pools of model {model:?} to run one engine build, and they differ ({}): the same seed would not give the same tokens on all of them",
+                    shown.join("; ")
+                ))
+            }
+        }
     }
 
     /// How much longer `model` waits for a restart before any pool can take its work: 0 when a
@@ -313,6 +371,13 @@ impl PoolTable {
             self.bump();
         }
         self.changed.notify_one();
+    }
+
+    /// Free GPU memory of a pool as its pool-managerd last reported it.
+    pub fn set_vram_free(&self, pool_id: &str, bytes: Option<u64>) {
+        if let Some(p) = self.pools.write().get_mut(pool_id) {
+            p.vram_free_bytes = bytes;
+        }
     }
 
     pub fn set_health(&self, pool_id: &str, healthy: bool, error: Option<String>) {

@@ -45,6 +45,9 @@ pub struct Task {
     pub correlation_id: String,
     /// An OpenAI request: the engine route and body, and the engine's choices as they arrive.
     pub openai: Option<crate::openai::Job>,
+    /// The prompt's length in tokens, when admission counted it (a prompt that might not fit
+    /// some pool's per-slot context).
+    pub prompt_tokens: Option<u32>,
     inner: Mutex<TaskInner>,
     frames_tx: watch::Sender<u64>,
     subscribers: AtomicUsize,
@@ -131,6 +134,7 @@ impl Task {
             trace,
             correlation_id,
             openai,
+            prompt_tokens: None,
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
                 frames: VecDeque::new(),
@@ -155,6 +159,21 @@ impl Task {
             log_cap,
             departures: AtomicUsize::new(0),
         }
+    }
+
+    /// With the prompt's length in tokens (admission counted it).
+    pub fn with_prompt_tokens(mut self, tokens: Option<u32>) -> Self {
+        self.prompt_tokens = tokens;
+        self
+    }
+
+    /// The per-slot context the task needs: its `ctx`, and its counted prompt plus
+    /// `max_tokens`, whichever is larger.
+    pub fn needed_ctx(&self) -> Option<u32> {
+        let counted = self
+            .prompt_tokens
+            .map(|p| p.saturating_add(self.req.max_tokens));
+        self.req.ctx.max(counted)
     }
 
     /// Whether `req` (as submitted) is the request this task was admitted with.

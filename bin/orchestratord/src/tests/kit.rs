@@ -77,9 +77,16 @@ pub struct ScriptedEngine {
     calls: Mutex<Vec<String>>,
     /// Streams a runner holds right now (dropping the stream aborts the request).
     open: Arc<AtomicUsize>,
+    /// Base URL of every tokenizer call, in order.
+    tokenized: Mutex<Vec<String>>,
 }
 
 impl ScriptedEngine {
+    /// Base URLs the tokenizer was asked at.
+    pub fn tokenized(&self) -> Vec<String> {
+        self.tokenized.lock().clone()
+    }
+
     pub fn push(&self, script: Script) {
         self.scripts.lock().push_back(script);
     }
@@ -194,6 +201,18 @@ impl Engine for ScriptedEngine {
     ) -> BoxFuture<'a, Result<Health, String>> {
         async { Ok(Health::Ok) }.boxed()
     }
+
+    /// One token per whitespace-separated word, plus one (the start-of-text token).
+    fn tokenize<'a>(
+        &'a self,
+        base_url: &'a str,
+        _bearer: Option<&'a str>,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<u32, String>> {
+        self.tokenized.lock().push(base_url.to_string());
+        let n = text.split_whitespace().count() as u32 + 1;
+        async move { Ok(n) }.boxed()
+    }
 }
 
 /// The orchestrator with its dispatcher and retention running on the test's runtime.
@@ -235,6 +254,25 @@ impl Harness {
             interval: c.pool_poll_interval,
             recovery: c.pool_poll_recovery,
             heartbeat_timeout: c.node_heartbeat_timeout,
+        };
+        tokio::spawn(source.run(self.cancel.child_token()));
+    }
+
+    /// Starts the HOME source over the config's runtime directory, reading GPU memory figures
+    /// from `manager` at `manager_url` (a scripted pool-managerd).
+    pub fn watch_home(&self, manager: Arc<dyn crate::cloud_source::NodeApi>, manager_url: &str) {
+        let c = &self.orch.config;
+        let source = crate::home_source::HomeSource {
+            pools: self.orch.pools.clone(),
+            metrics: self.orch.metrics.clone(),
+            engine: self.engine.clone(),
+            dir: c.runtime_dir.clone(),
+            rescan: c.handoff_rescan,
+            probe_interval: c.pool_health_interval,
+            manager: Some(crate::home_source::Manager {
+                url: manager_url.to_string(),
+                api: manager,
+            }),
         };
         tokio::spawn(source.run(self.cancel.child_token()));
     }

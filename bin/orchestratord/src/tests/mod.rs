@@ -5,8 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cloud_bounds;
+mod ctx_bounds;
+mod home_bounds;
 pub(crate) mod kit;
 mod queue_bounds;
 mod resume_bounds;
 mod router;
 mod runner_bounds;
+mod strict_bounds;

@@ -347,3 +347,49 @@ async fn task_that_cannot_start_before_its_deadline_ends_with_deadline_unmet() {
     assert!(!names(&frames).contains(&"started"));
     s.cancel(&long).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_every_per_slot_context_is_refused_at_admission_by_the_engines_count()
+{
+    // 1024 tokens over 2 slots: 512 per slot.
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 2, 1024),
+        ..Default::default()
+    })
+    .await;
+    let long = "the river and the stone ".repeat(150);
+    let r = s.submit(task(&long, 8)).await;
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "INVALID_PARAMS");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("largest per-slot context of model \"tiny\" is 512"),
+        "{message}"
+    );
+    // The count is the engine's: what its own tokenizer makes of the prompt.
+    let engine = s.handoff("p0").url;
+    let tokens: serde_json::Value = reqwest::Client::new()
+        .post(format!("{engine}/tokenize"))
+        .json(&serde_json::json!({"content": long, "add_special": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let n = tokens["tokens"].as_array().unwrap().len();
+    assert!(
+        message.contains(&format!("the prompt is {n} tokens")),
+        "{message}"
+    );
+    // One that fits is admitted and runs.
+    let fits = "the river and the stone ".repeat(20);
+    let a = s.submit_ok(task(&fits, 8)).await;
+    let st = s.wait_task(&a.task_id, Duration::from_secs(30)).await;
+    assert_eq!(
+        st.state,
+        llorch_contracts::tasks::TaskState::Completed,
+        "{st:?}"
+    );
+}
