@@ -3,6 +3,11 @@
 //! response stream is dropped, which closes the upstream connection and makes llama-server
 //! abort the generation. A connection the engine closed before answering is retried once on a
 //! fresh connection (DESIGN §7).
+//!
+//! Only what orchestratord sends passes: the engine routes it uses, each with the body fields
+//! it writes, and a generation limit no larger than the pool's per-slot context. Anything else
+//! (slot save/restore/erase, LoRA scales, grammars, `/props`, …) is refused with 403: a holder
+//! of the token reaches no more of llama-server than orchestratord does.
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -43,6 +48,7 @@ pub async fn engine_proxy(
         }
     };
     let (parts, body) = req.into_parts();
+    let route = allowed_route(&parts.method, &path).inspect_err(|_| counter("refused"))?;
     let body = axum::body::to_bytes(body, state.config.max_body_bytes)
         .await
         .map_err(|e| {
@@ -52,12 +58,12 @@ pub async fn engine_proxy(
                 ApiError::new(ErrorCode::PayloadTooLarge, "request body is too large")
             }
         })?;
-    let query = parts
-        .uri
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let target = format!("{url}/{}{query}", path.trim_start_matches('/'));
+    vet_body(route, &body, pool.ctx_max).inspect_err(|e| {
+        counter("refused");
+        tracing::info!(pool_id = %id, path = %path, reason = %e.0.message, "engine request refused");
+    })?;
+    // No query string: none of the allowed routes takes one.
+    let target = format!("{url}/{}", route.path);
     let mut headers = HeaderMap::new();
     copy_headers(&parts.headers, &mut headers);
 
@@ -106,6 +112,117 @@ pub async fn engine_proxy(
         .or_else(|_| Ok(Response::new(Body::empty())))
 }
 
+/// One engine route the proxy passes: its path, the body fields orchestratord writes, and the
+/// field holding the generation limit (required, at most the per-slot context).
+struct Route {
+    path: &'static str,
+    fields: &'static [&'static str],
+    limit: Option<&'static str>,
+}
+
+const OPENAI_SAMPLING: &[&str] = &[
+    "max_tokens",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+];
+
+const ROUTES: &[Route] = &[
+    Route {
+        path: "completion",
+        fields: &[
+            "prompt",
+            "n_predict",
+            "stream",
+            "cache_prompt",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "stop",
+        ],
+        limit: Some("n_predict"),
+    },
+    Route {
+        path: "v1/chat/completions",
+        fields: &["messages", "response_format", "tools", "tool_choice"],
+        limit: Some("max_tokens"),
+    },
+    Route {
+        path: "v1/completions",
+        fields: &["prompt"],
+        limit: Some("max_tokens"),
+    },
+    Route {
+        path: "v1/embeddings",
+        fields: &["input", "encoding_format"],
+        limit: None,
+    },
+    Route {
+        path: "tokenize",
+        fields: &["content", "add_special"],
+        limit: None,
+    },
+];
+
+fn forbidden(message: String) -> ApiError {
+    ApiError::new(ErrorCode::Forbidden, message)
+}
+
+/// The route `POST {path}` names, if the proxy passes it.
+fn allowed_route(method: &Method, path: &str) -> Result<&'static Route, ApiError> {
+    let path = path.trim_matches('/');
+    let route = ROUTES.iter().find(|r| r.path == path);
+    match route {
+        Some(r) if *method == Method::POST => Ok(r),
+        _ => Err(forbidden(format!(
+            "{method} {path:?} is not an engine route this proxy passes (POST {})",
+            ROUTES.iter().map(|r| r.path).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// A JSON object with only the route's fields, and its generation limit within the per-slot
+/// context.
+fn vet_body(route: &Route, body: &[u8], ctx_max: Option<u32>) -> Result<(), ApiError> {
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice::<serde_json::Value>(body)
+    else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidParams,
+            "the body must be a JSON object",
+        ));
+    };
+    let sampling = route.path.starts_with("v1/") && route.limit.is_some();
+    let known = |k: &str| route.fields.contains(&k) || (sampling && OPENAI_SAMPLING.contains(&k));
+    if let Some(field) = fields.keys().find(|k| !known(k)) {
+        let shown: String = format!("{field:?}").chars().take(64).collect();
+        return Err(forbidden(format!(
+            "field {shown} is not passed to the engine on {}",
+            route.path
+        )));
+    }
+    if let Some(limit) = route.limit {
+        let most = ctx_max.unwrap_or(u32::MAX);
+        match fields.get(limit).and_then(serde_json::Value::as_u64) {
+            Some(n) if n >= 1 && n <= u64::from(most) => {}
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidParams,
+                    format!("{limit} must be between 1 and the pool's per-slot context ({most})"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn unreachable_engine(id: &str, e: &reqwest::Error) -> ApiError {
     tracing::warn!(pool_id = %id, error = %e, "engine unreachable through proxy");
     ApiError::new(
@@ -147,4 +264,90 @@ fn method_allows_body(m: &Method) -> bool {
 
 fn stream_body(resp: reqwest::Response) -> Body {
     Body::from_stream(resp.bytes_stream().map_err(std::io::Error::other))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vet(method: Method, path: &str, body: serde_json::Value) -> Result<(), ErrorCode> {
+        let route = allowed_route(&method, path).map_err(|e| e.0.code)?;
+        vet_body(route, body.to_string().as_bytes(), Some(512)).map_err(|e| e.0.code)
+    }
+
+    #[test]
+    fn what_orchestratord_sends_passes() {
+        let ok = [
+            (
+                "completion",
+                serde_json::json!({"prompt": "p", "n_predict": 8, "stream": true, "cache_prompt": true, "seed": 1, "stop": ["x"]}),
+            ),
+            (
+                "v1/chat/completions",
+                serde_json::json!({"messages": [], "max_tokens": 8, "stream": true, "stream_options": {"include_usage": true}, "tools": []}),
+            ),
+            (
+                "v1/completions",
+                serde_json::json!({"prompt": "p", "max_tokens": 512}),
+            ),
+            (
+                "v1/embeddings",
+                serde_json::json!({"input": "p", "encoding_format": "float"}),
+            ),
+            (
+                "tokenize",
+                serde_json::json!({"content": "p", "add_special": true}),
+            ),
+        ];
+        for (path, body) in ok {
+            assert_eq!(vet(Method::POST, path, body), Ok(()), "{path}");
+        }
+    }
+
+    #[test]
+    fn other_routes_methods_fields_and_limits_are_refused() {
+        let refused = [
+            (Method::GET, "slots", serde_json::json!({})),
+            (
+                Method::POST,
+                "slots/0",
+                serde_json::json!({"filename": "x"}),
+            ),
+            (Method::POST, "lora-adapters", serde_json::json!([])),
+            (Method::GET, "completion", serde_json::json!({})),
+            (Method::POST, "props", serde_json::json!({})),
+        ];
+        for (method, path, body) in refused {
+            assert_eq!(
+                vet(method.clone(), path, body),
+                Err(ErrorCode::Forbidden),
+                "{method} {path}"
+            );
+        }
+        let grammar = serde_json::json!({"prompt": "p", "n_predict": 8, "grammar": "root ::= x"});
+        assert_eq!(
+            vet(Method::POST, "completion", grammar),
+            Err(ErrorCode::Forbidden)
+        );
+        let unbounded = serde_json::json!({"prompt": "p", "n_predict": -1});
+        assert_eq!(
+            vet(Method::POST, "completion", unbounded),
+            Err(ErrorCode::InvalidParams)
+        );
+        let missing = serde_json::json!({"prompt": "p"});
+        assert_eq!(
+            vet(Method::POST, "completion", missing),
+            Err(ErrorCode::InvalidParams)
+        );
+        let over = serde_json::json!({"messages": [], "max_tokens": 513});
+        assert_eq!(
+            vet(Method::POST, "v1/chat/completions", over),
+            Err(ErrorCode::InvalidParams)
+        );
+        let not_object = serde_json::json!(["prompt"]);
+        assert_eq!(
+            vet(Method::POST, "tokenize", not_object),
+            Err(ErrorCode::InvalidParams)
+        );
+    }
 }

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorCode {
     InvalidParams,
     Unauthorized,
+    /// Authenticated, but not allowed this (an engine route or field the proxy does not pass).
+    Forbidden,
     NotFound,
     /// The endpoint exists but not with this HTTP method.
     MethodNotAllowed,
@@ -39,6 +41,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidParams => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict => 409,
@@ -75,6 +78,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidParams => "INVALID_PARAMS",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::Forbidden => "FORBIDDEN",
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::Conflict => "CONFLICT",
@@ -162,6 +166,7 @@ mod tests {
         for code in [
             InvalidParams,
             Unauthorized,
+            Forbidden,
             NotFound,
             MethodNotAllowed,
             Conflict,

@@ -87,7 +87,7 @@ async fn drain_waits_for_in_flight_work_then_stops_the_engine() {
     let url = format!("{}/v2/pools/dr/engine/completion", d.base);
     let in_flight = tokio::spawn(async move {
         http.post(url)
-            .json(&serde_json::json!({"prompt": "the", "n_predict": 4000, "ignore_eos": true}))
+            .json(&serde_json::json!({"prompt": "the", "n_predict": 4000}))
             .send()
             .await
             .unwrap()

@@ -43,7 +43,7 @@ async fn streamed_completion_through_proxy_arrives_while_engine_still_generating
         .http
         .post(format!("{}/v2/pools/stream/engine/completion", d.base))
         .json(&serde_json::json!({
-            "prompt": "the river", "n_predict": 3000, "ignore_eos": true, "stream": true
+            "prompt": "the river", "n_predict": 3000, "stream": true
         }))
         .send()
         .await
@@ -91,7 +91,7 @@ async fn client_disconnect_aborts_the_upstream_generation() {
         .http
         .post(format!("{}/v2/pools/abort/engine/completion", d.base))
         .json(&serde_json::json!({
-            "prompt": "the", "n_predict": 2000, "ignore_eos": true, "stream": true
+            "prompt": "the", "n_predict": 2000, "stream": true
         }))
         .send()
         .await
@@ -125,4 +125,65 @@ async fn proxy_to_unknown_pool_is_404_envelope() {
     assert!(r.headers().contains_key("x-correlation-id"));
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["code"], "NOT_FOUND");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_passes_only_the_engine_routes_and_fields_orchestratord_uses() {
+    let d = Daemon::start(DaemonOptions {
+        pools_toml: pool_toml("locked", &tiny_model(), 1, 1024),
+        ..Default::default()
+    })
+    .await;
+    d.wait_ready("locked").await;
+    let at = |path: &str| format!("{}/v2/pools/locked/engine/{path}", d.base);
+    // Slot save/erase, props, metrics, a grammar, an unbounded generation: refused, in the
+    // envelope, before the engine sees them.
+    let refused = [
+        d.http.get(at("slots")),
+        d.http
+            .post(at("slots/0?action=erase"))
+            .json(&serde_json::json!({})),
+        d.http.get(at("props")),
+        d.http.get(at("metrics")),
+        d.http
+            .post(at("completion"))
+            .json(&serde_json::json!({"prompt": "x", "n_predict": 4, "grammar": "root ::= \"x\""})),
+    ];
+    for rb in refused {
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "FORBIDDEN", "{body}");
+    }
+    let unbounded = d
+        .http
+        .post(at("completion"))
+        .json(&serde_json::json!({"prompt": "x", "n_predict": -1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unbounded.status(), 400);
+    // What orchestratord sends still works, the tokenizer included.
+    let tokens: serde_json::Value = d
+        .http
+        .post(at("tokenize"))
+        .json(&serde_json::json!({"content": "the river", "add_special": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!tokens["tokens"].as_array().unwrap().is_empty());
+    let done: serde_json::Value = d
+        .http
+        .post(at("completion"))
+        .json(&serde_json::json!({"prompt": "the", "n_predict": 4, "cache_prompt": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done["tokens_predicted"], 4);
 }
