@@ -118,16 +118,18 @@ async fn reload(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ReloadRequest>,
 ) -> Result<Response, ApiError> {
-    let path = std::path::PathBuf::from(&req.new_model_ref);
-    if !path.is_file() {
-        return Err(ApiError::new(
+    // One answer whether the path is missing, elsewhere or not a file: the network learns
+    // nothing about this node's files.
+    let path = crate::config::model_under(
+        &state.config.model_dirs,
+        std::path::Path::new(&req.new_model_ref),
+    )
+    .ok_or_else(|| {
+        ApiError::new(
             ErrorCode::InvalidParams,
-            format!(
-                "new_model_ref {:?} is not a model file on this node",
-                req.new_model_ref
-            ),
-        ));
-    }
+            "new_model_ref is not a model file in this node's model directories (POOL_MANAGERD_MODEL_DIRS)",
+        )
+    })?;
     let tx = supervisor(&state, &id)?;
     let (reply, rx) = oneshot::channel();
     tx.send(Command::Reload {
@@ -139,11 +141,15 @@ async fn reload(
     let wait = state.config.engine_start_timeout + Duration::from_secs(30);
     match tokio::time::timeout(wait, rx).await {
         Ok(Ok(Ok(status))) => Ok(Json(status).into_response()),
-        Ok(Ok(Err(error))) => Err(ApiError::new(
-            ErrorCode::PoolUnready,
-            format!("reload failed; the previous model keeps serving: {error}"),
-        )
-        .with_retry_after(5000)),
+        Ok(Ok(Err(error))) => {
+            // The reason (with the engine's last log lines) stays on this node.
+            tracing::warn!(pool_id = %id, %error, "reload failed");
+            Err(ApiError::new(
+                ErrorCode::PoolUnready,
+                format!("reload of pool {id:?} failed; the previous model keeps serving (the reason is in this node's log)"),
+            )
+            .with_retry_after(5000))
+        }
         _ => Err(ApiError::new(
             ErrorCode::Internal,
             "reload did not finish in time",

@@ -93,6 +93,10 @@ pub struct Args {
     /// Largest request body accepted (engine proxy included).
     #[arg(long, env = "POOL_MANAGERD_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Directories a `reload` may load a model from (comma-separated); default: the
+    /// directories of the pools file's models.
+    #[arg(long, env = "POOL_MANAGERD_MODEL_DIRS", value_delimiter = ',')]
+    pub model_dirs: Vec<PathBuf>,
     /// HTTP connections served at once (more wait in the accept queue).
     #[arg(long, env = "POOL_MANAGERD_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
@@ -158,6 +162,8 @@ pub struct Config {
     pub node_id: String,
     pub engine_binary: Option<PathBuf>,
     pub pools: Vec<PoolSpec>,
+    /// Canonical directories a `reload` may load a model from.
+    pub model_dirs: Vec<PathBuf>,
     pub handoff_rescan: Duration,
     pub auto_delete_handoff: bool,
     pub gpu_discovery_interval: Duration,
@@ -210,6 +216,7 @@ impl Config {
         let non_zero =
             |name: &str, v: u64| llorch_http::positive_ms(name, v).map_err(ConfigError::Invalid);
         let pools = validate_pools(file.pools)?;
+        let model_dirs = model_dirs(&args.model_dirs, &pools)?;
         let registration = match &args.orchestratord_url {
             None => None,
             Some(url) => {
@@ -251,6 +258,7 @@ impl Config {
             node_id: args.node_id.unwrap_or_else(host_name),
             engine_binary: args.engine_binary.or(file.engine.binary),
             pools,
+            model_dirs,
             handoff_rescan: non_zero(
                 "POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS",
                 args.handoff_watch_interval_ms,
@@ -301,6 +309,38 @@ impl Config {
             json_logs,
         })
     }
+}
+
+/// The canonical directories a reload may load from: the configured ones (each must exist), or
+/// the directories of the pools file's models.
+fn model_dirs(configured: &[PathBuf], pools: &[PoolSpec]) -> Result<Vec<PathBuf>, ConfigError> {
+    if configured.is_empty() {
+        let mut dirs: Vec<PathBuf> = pools
+            .iter()
+            .filter_map(|p| p.model_path.parent())
+            .filter_map(|d| d.canonicalize().ok())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        return Ok(dirs);
+    }
+    configured
+        .iter()
+        .map(|d| {
+            d.canonicalize().ok().filter(|c| c.is_dir()).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "POOL_MANAGERD_MODEL_DIRS: {} is not a directory",
+                    d.display()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// `path`, canonical, when it is a regular file under one of `dirs`.
+pub fn model_under(dirs: &[PathBuf], path: &std::path::Path) -> Option<PathBuf> {
+    let canonical = path.canonicalize().ok()?;
+    (canonical.is_file() && dirs.iter().any(|d| canonical.starts_with(d))).then_some(canonical)
 }
 
 fn host_name() -> String {

@@ -9,15 +9,18 @@ async fn reload_switches_model_and_a_failed_reload_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
     let other = other_model(dir.path());
     let broken = broken_model(dir.path());
+    let models = dir.path().display().to_string();
     let d = Daemon::start_in(
         dir,
         DaemonOptions {
             pools_toml: pool_toml("rl", &tiny_model(), 1, 512),
+            extra_env: vec![("POOL_MANAGERD_MODEL_DIRS".into(), models)],
             ..Default::default()
         },
     )
     .await;
     let before = d.wait_ready("rl").await;
+    let models_dir = other.parent().unwrap().display().to_string();
 
     let r = d
         .http
@@ -55,19 +58,36 @@ async fn reload_switches_model_and_a_failed_reload_rolls_back() {
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["code"], "POOL_UNREADY");
-    assert!(body["message"]
-        .as_str()
-        .unwrap()
-        .contains("previous model keeps serving"));
+    // The engine's log lines stay on the node.
+    assert_eq!(
+        body["message"],
+        "reload of pool \"rl\" failed; the previous model keeps serving (the reason is in this node's log)"
+    );
     let kept = d.status("rl").await.unwrap();
     assert!(kept.ready);
     assert_eq!(kept.url, switched.url, "rollback keeps the serving engine");
     assert!(kept.last_error.unwrap().contains("rolled back"));
 
+    // Missing, outside the model directories, or not a file: one answer for all.
+    let mut answers = Vec::new();
+    for path in ["/nonexistent.gguf", "/etc/hostname", "/etc"] {
+        let r = d
+            .http
+            .post(format!("{}/v2/pools/rl/reload", d.base))
+            .json(&serde_json::json!({"new_model_ref": path}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        answers.push(r.json::<serde_json::Value>().await.unwrap());
+    }
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+    // A path that leads out of the model directories is judged where it leads.
+    let escape = format!("{models_dir}/../../etc/hostname");
     let r = d
         .http
         .post(format!("{}/v2/pools/rl/reload", d.base))
-        .json(&serde_json::json!({"new_model_ref": "/nonexistent.gguf"}))
+        .json(&serde_json::json!({"new_model_ref": escape}))
         .send()
         .await
         .unwrap();
