@@ -361,8 +361,15 @@ async fn register_node(
             "node_id must be 1-64 characters of A-Z a-z 0-9 . _ -",
         ));
     }
-    orch.managers.register(&reg.node_id, address, reg.gpus);
-    tracing::info!(node_id = %reg.node_id, %address, pools = reg.pools.len(), "node registered");
+    let moved = orch.managers.register(&reg.node_id, address, reg.gpus);
+    for pool in &moved {
+        // Bound to the node's old address: tasks there end now, the pool binds again at the
+        // new address at the next poll.
+        orch.pools
+            .mark_lost(pool, format!("node {} moved to {address}", reg.node_id));
+        orch.pools.remove(pool);
+    }
+    tracing::info!(node_id = %reg.node_id, %address, pools = reg.pools.len(), retired = moved.len(), "node registered");
     let interval = orch.config.node_heartbeat_timeout / 3;
     Ok(Json(NodeRegistered {
         node_id: reg.node_id,

@@ -84,16 +84,21 @@ impl Managers {
     }
 
     /// Adds (or refreshes) a registered node.
-    pub fn register(&self, node_id: &str, url: &str, gpus: Vec<GpuInfo>) {
+    /// Registers (or refreshes) a node at `url`; returns the pools of the entry it replaces
+    /// when the node comes back from another address (they must leave the pool table, or the
+    /// node's pools would stay bound to the dead address and its new ones be ignored as taken).
+    pub fn register(&self, node_id: &str, url: &str, gpus: Vec<GpuInfo>) -> BTreeSet<String> {
         let mut m = self.inner.write();
-        // A node that re-registers from a new address replaces its old entry.
         let stale: Vec<String> = m
             .values()
             .filter(|x| x.registered && x.node_id.as_deref() == Some(node_id) && x.url != url)
             .map(|x| x.url.clone())
             .collect();
+        let mut retired = BTreeSet::new();
         for s in stale {
-            m.remove(&s);
+            if let Some(old) = m.remove(&s) {
+                retired.extend(old.pools);
+            }
         }
         let e = m
             .entry(url.to_string())
@@ -104,6 +109,7 @@ impl Managers {
         e.last_heartbeat = Some(Instant::now());
         drop(m);
         self.poll_now.notify_one();
+        retired
     }
 
     /// Returns false for an unknown node (it should register again).
@@ -301,7 +307,10 @@ impl CloudSource {
                 m.consecutive_ok += 1;
                 m.consecutive_fail = 0;
                 m.last_error = None;
-                m.node_id = Some(resp.node_id.clone());
+                if !m.registered {
+                    // A registered node keeps the id it registered with: a poll does not rename it.
+                    m.node_id = Some(resp.node_id.clone());
+                }
                 let usable = match m.availability {
                     Availability::Available | Availability::Unknown => true,
                     Availability::Unavailable => m.consecutive_ok >= self.recovery,

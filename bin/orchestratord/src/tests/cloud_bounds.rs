@@ -413,3 +413,49 @@ async fn every_failed_poll_is_counted_as_a_failed_health_check_of_the_nodes_pool
     at(start + 3 * INTERVAL + INTERVAL.mul_f64(0.8)).await;
     assert_eq!((checks("ok"), checks("fail")), (1, 3));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_node_registering_again_from_a_new_address_moves_its_pools_there_and_ends_work_at_the_old_one(
+) {
+    use tower::ServiceExt;
+    let h = Harness::start(&[
+        "--profile=cloud",
+        "--node-registration=true",
+        "--pool-poll-interval-ms=1000",
+    ]);
+    let nodes = Arc::new(ScriptedNodes::default());
+    nodes.set("http://old", Node::Up(vec!["p2"]));
+    nodes.set("http://new", Node::Up(vec!["p2"]));
+    h.poll(nodes.clone());
+    let register = |address: &str| {
+        let body =
+            serde_json::json!({"node_id": "n2", "address": address, "gpus": [], "pools": []});
+        axum::http::Request::post("/v2/nodes/register")
+            .header("authorization", "Bearer inprocess-test-token-0123")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap()
+    };
+    let app = crate::api::router(h.orch.clone());
+    let r = app.clone().oneshot(register("http://old")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    settle().await;
+    let manager = |h: &Harness| h.orch.pools.get("p2").and_then(|p| p.manager);
+    assert_eq!(manager(&h).as_deref(), Some("http://old"));
+    h.engine.push(tokens(5_000, 10 * MS));
+    let task = h.submit(task(5_000));
+    at(Instant::now() + 100 * MS).await;
+    // The node restarts elsewhere and registers from its new address.
+    let r = app.oneshot(register("http://new")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let moved = Instant::now();
+    let (code, when) = outcome(&task).await;
+    assert_eq!(code, "WORKER_RESET");
+    assert_eq!(
+        when, moved,
+        "work at the old address ended when the node moved"
+    );
+    settle().await;
+    assert_eq!(manager(&h).as_deref(), Some("http://new"));
+    assert!(usable(&h, "p2"));
+}
