@@ -128,7 +128,7 @@ impl Orchestrator {
     /// Admits a task submitted without a correlation id (its task id serves as one).
     #[cfg(test)]
     pub fn admit(&self, req: TaskRequest) -> Result<AdmissionResponse, ApiError> {
-        self.admit_with(req, None, None)
+        self.admit_with(req, None, None, &auth_min::Principal::everything("test"))
     }
 
     /// `POST /v2/tasks`, with the request's `X-Correlation-Id` and the prompt's length in
@@ -138,9 +138,10 @@ impl Orchestrator {
         req: TaskRequest,
         correlation_id: Option<String>,
         prompt_tokens: Option<u32>,
+        owner: &auth_min::Principal,
     ) -> Result<AdmissionResponse, ApiError> {
         validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
-        self.enqueue(req, correlation_id, None, prompt_tokens)
+        self.enqueue(req, correlation_id, None, prompt_tokens, owner)
             .map(|(_, a)| a)
     }
 
@@ -200,8 +201,9 @@ impl Orchestrator {
         req: TaskRequest,
         job: crate::openai::Job,
         correlation_id: Option<String>,
+        owner: &auth_min::Principal,
     ) -> Result<Arc<Task>, ApiError> {
-        self.enqueue(req, correlation_id, Some(job), None)
+        self.enqueue(req, correlation_id, Some(job), None, owner)
             .map(|(t, _)| t)
     }
 
@@ -211,6 +213,7 @@ impl Orchestrator {
         correlation_id: Option<String>,
         openai: Option<crate::openai::Job>,
         prompt_tokens: Option<u32>,
+        owner: &auth_min::Principal,
     ) -> Result<(Arc<Task>, AdmissionResponse), ApiError> {
         let started = std::time::Instant::now();
         let span = tracing::info_span!(
@@ -228,6 +231,16 @@ impl Orchestrator {
         // A resubmission is answered before any other check (model, pin, capacity, shutdown):
         // a client retrying a submission whose answer it lost learns about its task.
         if let Some(existing) = self.task(&id) {
+            if !existing.visible_to(owner) {
+                // Another key's task: the id is taken, and nothing more is said about it.
+                return Err(self.reject(
+                    "conflict",
+                    ApiError::new(
+                        ErrorCode::Conflict,
+                        format!("task_id {id:?} is taken; choose another"),
+                    ),
+                ));
+            }
             return self.answer_existing(&existing, &req);
         }
         if !self
@@ -337,7 +350,8 @@ impl Orchestrator {
                     openai,
                     self.config.task_log_max_bytes,
                 )
-                .with_prompt_tokens(prompt_tokens),
+                .with_prompt_tokens(prompt_tokens)
+                .with_owner(owner.name.clone()),
             );
             let weight = u64::from(task.req.max_tokens);
             match queue

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use llorch_contracts::meta::{
     Availability, Capabilities, HealthResponse, Limits, ModelCapability, NodeRegistered, NodeView,
     NodesResponse, OrchPoolsResponse, ReadyResponse, SessionResponse, VersionResponse,
@@ -24,7 +24,9 @@ use crate::state::Orchestrator;
 pub type AppState = Arc<Orchestrator>;
 
 pub fn router(state: AppState) -> Router {
-    let authed = Router::new()
+    // Clients submit and follow their own tasks and read the service's state; admins operate
+    // pools and nodes (and see every task); nodes register and heartbeat.
+    let client = Router::new()
         .route("/v2/tasks", post(submit))
         .route("/v2/tasks/{id}", get(task_status))
         .route("/v2/tasks/{id}/events", get(crate::sse::events))
@@ -33,13 +35,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/meta/capabilities", get(capabilities))
         .route("/v2/meta/version", get(version))
         .route("/v2/pools", get(pools))
-        .route("/v2/pools/{id}/health", get(pool_health))
+        .route("/v2/pools/{id}/health", get(pool_health));
+    let admin = Router::new()
         .route("/v2/pools/{id}/drain", post(drain))
         .route("/v2/pools/{id}/reload", post(reload))
         .route("/v2/nodes", get(nodes))
-        .route("/v2/nodes/register", post(register_node))
-        .route("/v2/nodes/{id}/heartbeat", post(heartbeat))
         .route("/v2/nodes/{id}", axum::routing::delete(deregister_node));
+    let node = Router::new()
+        .route("/v2/nodes/register", post(register_node))
+        .route("/v2/nodes/{id}/heartbeat", post(heartbeat));
+    let gate = |role| llorch_http::Gate {
+        keys: state.config.keys.clone(),
+        role,
+    };
     let public = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -48,8 +56,11 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", crate::openai::router(&state));
     llorch_http::assemble(
         public,
-        authed,
-        state.config.token.clone(),
+        vec![
+            (client, gate(auth_min::Role::Client)),
+            (admin, gate(auth_min::Role::Admin)),
+            (node, gate(auth_min::Role::Node)),
+        ],
         state.config.max_body_bytes,
     )
     .with_state(state)
@@ -110,6 +121,7 @@ async fn metrics(State(orch): State<AppState>) -> Response {
 
 async fn submit(
     State(orch): State<AppState>,
+    Extension(caller): Extension<auth_min::Principal>,
     headers: axum::http::HeaderMap,
     body: Result<ApiJson<TaskRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
@@ -128,7 +140,7 @@ async fn submit(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let prompt_tokens = orch.count_prompt(&req).await?;
-    let admitted = orch.admit_with(req, correlation_id, prompt_tokens)?;
+    let admitted = orch.admit_with(req, correlation_id, prompt_tokens, &caller)?;
     Ok((StatusCode::ACCEPTED, Json(admitted)).into_response())
 }
 
@@ -136,19 +148,33 @@ fn unknown_task(id: &str) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("no task {id:?}"))
 }
 
+/// The task `id` if `caller` may see it (its owner, or an admin); otherwise, as for a task
+/// that does not exist, 404: no one learns whether another key's task exists.
+pub(crate) fn visible_task(
+    orch: &crate::state::Orchestrator,
+    id: &str,
+    caller: &auth_min::Principal,
+) -> Result<Arc<crate::tasks::Task>, ApiError> {
+    orch.task(id)
+        .filter(|t| t.visible_to(caller))
+        .ok_or_else(|| unknown_task(id))
+}
+
 async fn task_status(
     State(orch): State<AppState>,
+    Extension(caller): Extension<auth_min::Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let task = orch.task(&id).ok_or_else(|| unknown_task(&id))?;
+    let task = visible_task(&orch, &id, &caller)?;
     Ok(Json(task.status(orch.queue_position(&id))).into_response())
 }
 
 async fn cancel(
     State(orch): State<AppState>,
+    Extension(caller): Extension<auth_min::Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let task = orch.task(&id).ok_or_else(|| unknown_task(&id))?;
+    let task = visible_task(&orch, &id, &caller)?;
     orch.cancel(
         &task,
         ErrorEnvelope::new(ErrorCode::Cancelled, "cancelled by the client"),

@@ -136,6 +136,19 @@ pub struct Args {
     /// File holding the API token; refused when readable by group or others.
     #[arg(long, env = "LLORCH_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// The admin token: drain, reload, nodes, everyone's tasks.
+    #[arg(long, env = "LLORCH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    #[arg(long, env = "LLORCH_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The node token: registration and heartbeats in, polls, proxy and control out.
+    #[arg(long, env = "LLORCH_NODE_TOKEN", hide_env_values = true)]
+    pub node_token: Option<String>,
+    #[arg(long, env = "LLORCH_NODE_TOKEN_FILE")]
+    pub node_token_file: Option<PathBuf>,
+    /// Client keys, one `name:secret` per line; re-read on SIGHUP.
+    #[arg(long, env = "ORCHD_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Allow clients without a token, only when bound to loopback.
     #[arg(
         long,
@@ -196,7 +209,15 @@ pub struct Config {
     pub task_log_max_bytes: usize,
     pub sse_keepalive: Duration,
     pub shutdown_grace: Duration,
+    /// The node credential this daemon presents to pool-managerd (the node token, else the
+    /// shared one).
     pub token: Option<Token>,
+    /// Every key it accepts, with its role (none: no authentication, loopback only).
+    pub keys: llorch_http::Keys,
+    /// Where the client keys come from (re-read on SIGHUP).
+    pub api_keys_file: Option<PathBuf>,
+    /// Only the shared token is set: it is client, admin and node credential at once.
+    pub one_token_for_all: bool,
     pub json_logs: bool,
 }
 
@@ -206,6 +227,71 @@ pub enum ConfigError {
     Invalid(String),
     #[error(transparent)]
     Auth(#[from] auth_min::AuthConfigError),
+}
+
+/// Principal names a client key may not take: they name the other credentials.
+const RESERVED_NAMES: &[&str] = &["shared", "admin", "node", "anonymous"];
+
+/// The keys orchestratord accepts: the shared token (every role), the admin token (admin and
+/// client routes), the node token, and the client keys. `None` when none is set.
+pub(crate) fn keyring(
+    shared: Option<Token>,
+    admin: Option<Token>,
+    node: Option<Token>,
+    clients: Vec<(String, Token)>,
+) -> Result<llorch_http::Keys, ConfigError> {
+    use auth_min::{Principal, Role};
+    let mut ring = auth_min::Keyring::default();
+    if let Some(t) = shared {
+        ring.add(Principal::everything("shared"), t)?;
+    }
+    if let Some(t) = admin {
+        ring.add(Principal::new("admin", &[Role::Admin, Role::Client]), t)?;
+    }
+    if let Some(t) = node {
+        ring.add(Principal::new("node", &[Role::Node]), t)?;
+    }
+    for (name, t) in clients {
+        if RESERVED_NAMES.contains(&name.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "ORCHD_API_KEYS_FILE: the key name {name:?} is reserved ({})",
+                RESERVED_NAMES.join(", ")
+            )));
+        }
+        ring.add(Principal::new(&name, &[Role::Client]), t)?;
+    }
+    Ok((!ring.is_empty()).then(|| std::sync::Arc::new(std::sync::RwLock::new(ring))))
+}
+
+/// Reads the client keys file again into `keys` (SIGHUP): the new client keys replace the old
+/// ones; the shared, admin and node tokens stay. On any error nothing changes.
+pub(crate) fn reload_client_keys(
+    keys: &llorch_http::Keys,
+    path: &std::path::Path,
+) -> Result<usize, ConfigError> {
+    use auth_min::{Principal, Role};
+    let Some(keys) = keys else {
+        return Err(ConfigError::Invalid("no keys to reload".into()));
+    };
+    let clients = auth_min::load_keys_file(path)?;
+    let mut next = keys
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    next.retain(|p| RESERVED_NAMES.contains(&&*p.name));
+    let n = clients.len();
+    for (name, t) in clients {
+        if RESERVED_NAMES.contains(&name.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "ORCHD_API_KEYS_FILE: the key name {name:?} is reserved"
+            )));
+        }
+        next.add(Principal::new(&name, &[Role::Client]), t)?;
+    }
+    *keys
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+    Ok(n)
 }
 
 fn ms(name: &str, v: u64) -> Result<Duration, ConfigError> {
@@ -271,17 +357,36 @@ impl Config {
                 a.pool_manager_url
             )));
         }
-        let token = auth_min::load_token(a.api_token.as_deref(), a.api_token_file.as_deref())?;
+        let shared = auth_min::load_token(a.api_token.as_deref(), a.api_token_file.as_deref())?;
+        let admin = auth_min::load_token_as(
+            "LLORCH_ADMIN_TOKEN",
+            a.admin_token.as_deref(),
+            a.admin_token_file.as_deref(),
+        )?;
+        let node = auth_min::load_token_as(
+            "LLORCH_NODE_TOKEN",
+            a.node_token.as_deref(),
+            a.node_token_file.as_deref(),
+        )?;
+        let clients = match &a.api_keys_file {
+            Some(path) => auth_min::load_keys_file(path)?,
+            None => Vec::new(),
+        };
+        let one_token_for_all =
+            shared.is_some() && admin.is_none() && node.is_none() && clients.is_empty();
+        let token = node.clone().or_else(|| shared.clone());
         if profile == Profile::Cloud && token.is_none() {
             return Err(ConfigError::Invalid(
-                "ORCHD_PROFILE=cloud needs a token (LLORCH_API_TOKEN or LLORCH_API_TOKEN_FILE): pool-managerd and nodes authenticate with it".into(),
+                "ORCHD_PROFILE=cloud needs a node token (LLORCH_NODE_TOKEN, or LLORCH_API_TOKEN, or their _FILE forms): pool-managerd and nodes authenticate with it".into(),
             ));
         }
-        auth_min::check_bind(
-            a.bind_addr,
-            token.as_ref(),
-            a.allow_unauthenticated_loopback,
-        )?;
+        let any = shared
+            .clone()
+            .or_else(|| admin.clone())
+            .or_else(|| node.clone())
+            .or_else(|| clients.first().map(|(_, t)| t.clone()));
+        auth_min::check_bind(a.bind_addr, any.as_ref(), a.allow_unauthenticated_loopback)?;
+        let keys = keyring(shared, admin, node, clients)?;
         Ok(Config {
             profile,
             pool_managers,
@@ -340,6 +445,9 @@ impl Config {
             sse_keepalive: ms("ORCHD_SSE_KEEPALIVE_MS", a.sse_keepalive_ms)?,
             shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
             token,
+            keys,
+            api_keys_file: a.api_keys_file,
+            one_token_for_all,
             json_logs,
         })
     }
@@ -405,7 +513,7 @@ mod tests {
         let e = parse(&["--profile=cloud", token]).unwrap_err();
         assert!(e.to_string().contains("ORCHD_POOL_MANAGERS"), "{e}");
         let e = parse(&["--profile=cloud", "--pool-managers=http://10.0.0.2:9200"]).unwrap_err();
-        assert!(e.to_string().contains("needs a token"), "{e}");
+        assert!(e.to_string().contains("needs a node token"), "{e}");
         let c = parse(&[
             "--profile=cloud",
             token,

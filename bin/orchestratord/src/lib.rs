@@ -108,6 +108,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         auth = token_fp.as_deref().unwrap_or("none (loopback only)"),
         "orchestratord listening"
     );
+    let keys = orch.config.keys.as_ref().map_or(0, |k| {
+        k.read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    });
+    tracing::info!(keys, "keys loaded (names only are ever logged)");
+    if orch.config.one_token_for_all && orch.config.profile == config::Profile::Cloud {
+        tracing::warn!("LLORCH_API_TOKEN is client, admin and node credential at once: any client could register a node or drain a pool; set ORCHD_API_KEYS_FILE, LLORCH_ADMIN_TOKEN and LLORCH_NODE_TOKEN to separate them");
+    }
+    if let Some(path) = orch.config.api_keys_file.clone() {
+        background.spawn(reload_keys_on_sighup(
+            orch.config.keys.clone(),
+            path,
+            root.child_token(),
+        ));
+    }
     let app = api::router(orch.clone());
     let server_stop = CancellationToken::new();
     let server = tokio::spawn({
@@ -139,4 +155,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     tracing::info!("orchestratord stopped");
     Ok(())
+}
+
+/// Re-reads the client keys file on each SIGHUP; a file that does not load leaves the keys as
+/// they were (logged).
+async fn reload_keys_on_sighup(
+    keys: llorch_http::Keys,
+    path: std::path::PathBuf,
+    cancel: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; client keys are read at start only");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                match config::reload_client_keys(&keys, &path) {
+                    Ok(n) => tracing::info!(keys = n, path = %path.display(), "client keys reloaded"),
+                    Err(error) => tracing::error!(%error, "client keys not reloaded; the previous keys stay"),
+                }
+            }
+        }
+    }
 }

@@ -132,14 +132,13 @@ struct StreamState {
 
 pub async fn events(
     State(orch): State<AppState>,
+    axum::Extension(caller): axum::Extension<auth_min::Principal>,
     ApiPath(id): ApiPath<String>,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::InvalidParams, e.body_text()))?;
-    let task = orch
-        .task(&id)
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no task {id:?}")))?;
+    let task = crate::api::visible_task(&orch, &id, &caller)?;
     let next = match headers.get("last-event-id") {
         None => 0,
         Some(v) => v

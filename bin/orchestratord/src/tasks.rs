@@ -48,6 +48,8 @@ pub struct Task {
     /// The prompt's length in tokens, when admission counted it (a prompt that might not fit
     /// some pool's per-slot context).
     pub prompt_tokens: Option<u32>,
+    /// The name of the key that submitted it: only that key (and admins) may see it.
+    pub owner: std::sync::Arc<str>,
     inner: Mutex<TaskInner>,
     frames_tx: watch::Sender<u64>,
     subscribers: AtomicUsize,
@@ -135,6 +137,7 @@ impl Task {
             correlation_id,
             openai,
             prompt_tokens: None,
+            owner: std::sync::Arc::from("anonymous"),
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
                 frames: VecDeque::new(),
@@ -159,6 +162,18 @@ impl Task {
             log_cap,
             departures: AtomicUsize::new(0),
         }
+    }
+
+    /// Owned by the key named `owner`.
+    pub fn with_owner(mut self, owner: std::sync::Arc<str>) -> Self {
+        self.owner = owner;
+        self
+    }
+
+    /// Whether `caller` may see this task (status, events, cancel): its owner, or an admin.
+    /// Anyone else is told there is no such task.
+    pub fn visible_to(&self, caller: &auth_min::Principal) -> bool {
+        caller.may(auth_min::Role::Admin) || caller.name == self.owner
     }
 
     /// With the prompt's length in tokens (admission counted it).

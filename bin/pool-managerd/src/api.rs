@@ -32,13 +32,22 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/metrics", get(metrics));
     let public = Router::new().route("/health", get(health));
-    llorch_http::assemble(
-        public,
-        authed,
-        state.config.token.clone(),
-        state.config.max_body_bytes,
-    )
-    .with_state(state)
+    // One key, the node's: client keys are never configured here.
+    let keys = state.config.token.clone().map(|token| {
+        let mut ring = auth_min::Keyring::default();
+        // A single key cannot be a duplicate.
+        let _ = ring.add(
+            auth_min::Principal::new("node", &[auth_min::Role::Node]),
+            token,
+        );
+        std::sync::Arc::new(std::sync::RwLock::new(ring))
+    });
+    let gate = llorch_http::Gate {
+        keys,
+        role: auth_min::Role::Node,
+    };
+    llorch_http::assemble(public, vec![(authed, gate)], state.config.max_body_bytes)
+        .with_state(state)
 }
 
 async fn health(State(state): State<AppState>) -> Json<HealthResponse> {

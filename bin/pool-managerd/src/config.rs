@@ -120,6 +120,13 @@ pub struct Args {
     /// File holding the API token; refused when readable by group or others.
     #[arg(long, env = "LLORCH_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// The node token (between the daemons: registration, heartbeats, polls, the engine proxy,
+    /// drain and reload); when set, the only key this daemon accepts.
+    #[arg(long, env = "LLORCH_NODE_TOKEN", hide_env_values = true)]
+    pub node_token: Option<String>,
+    /// File holding the node token.
+    #[arg(long, env = "LLORCH_NODE_TOKEN_FILE")]
+    pub node_token_file: Option<PathBuf>,
     /// Allow clients without a token, only when bound to loopback (single-user HOME setups).
     #[arg(
         long,
@@ -145,7 +152,9 @@ pub struct Args {
     pub log_format: String,
 }
 
-/// Validated configuration. Holds the token as [`Token`], whose `Debug` shows a fingerprint.
+/// Validated configuration. Holds the token as [`Token`], whose `Debug` shows a fingerprint:
+/// the node token when one is set, else the shared API token (client keys are never here, so
+/// this daemon refuses them).
 /// Node registration with orchestratord (CLOUD).
 #[derive(Debug, Clone)]
 pub struct Registration {
@@ -204,8 +213,14 @@ impl Config {
             Some(path) => read_pools_file(path)?,
             None => PoolsFile::default(),
         };
-        let token =
+        let shared =
             auth_min::load_token(args.api_token.as_deref(), args.api_token_file.as_deref())?;
+        let node = auth_min::load_token_as(
+            "LLORCH_NODE_TOKEN",
+            args.node_token.as_deref(),
+            args.node_token_file.as_deref(),
+        )?;
+        let token = node.or(shared);
         auth_min::check_bind(
             args.bind_addr,
             token.as_ref(),
@@ -228,7 +243,7 @@ impl Config {
                 }
                 if token.is_none() {
                     return Err(ConfigError::Invalid(
-                        "POOL_MANAGERD_ORCHESTRATORD_URL needs a token (LLORCH_API_TOKEN or LLORCH_API_TOKEN_FILE)".into(),
+                        "POOL_MANAGERD_ORCHESTRATORD_URL needs a token (LLORCH_NODE_TOKEN, or LLORCH_API_TOKEN, or their _FILE forms)".into(),
                     ));
                 }
                 let advertise_url = match &args.advertise_url {

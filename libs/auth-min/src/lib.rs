@@ -76,8 +76,8 @@ pub enum AuthConfigError {
     Empty,
     #[error("the API token is shorter than 16 characters")]
     TooShort,
-    #[error("set only one of LLORCH_API_TOKEN and LLORCH_API_TOKEN_FILE")]
-    BothGiven,
+    #[error("set only one of {0} and {0}_FILE")]
+    BothGiven(&'static str),
     #[error("cannot read token file {path}: {reason}")]
     Unreadable { path: String, reason: String },
     #[error(
@@ -88,6 +88,14 @@ pub enum AuthConfigError {
     InsecureBind { addr: SocketAddr },
     #[error("no API token configured: set LLORCH_API_TOKEN or LLORCH_API_TOKEN_FILE, or allow unauthenticated loopback clients explicitly")]
     Missing,
+    #[error("key {0:?} is given twice (names and secrets must each name one key)")]
+    Duplicate(String),
+    #[error("keys file {path}, line {line}: {reason}")]
+    KeysFile {
+        path: String,
+        line: usize,
+        reason: String,
+    },
 }
 
 /// Loads the token from a value or a file (never both). A file readable by group or others is
@@ -96,30 +104,41 @@ pub fn load_token(
     value: Option<&str>,
     file: Option<&Path>,
 ) -> Result<Option<Token>, AuthConfigError> {
+    load_token_as("LLORCH_API_TOKEN", value, file)
+}
+
+/// [`load_token`] for the variable `variable` (and `{variable}_FILE`).
+pub fn load_token_as(
+    variable: &'static str,
+    value: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<Token>, AuthConfigError> {
     match (value, file) {
-        (Some(_), Some(_)) => Err(AuthConfigError::BothGiven),
+        (Some(_), Some(_)) => Err(AuthConfigError::BothGiven(variable)),
         (Some(v), None) => Token::new(v).map(Some),
-        (None, Some(path)) => {
-            let shown = path.display().to_string();
-            let meta = std::fs::metadata(path).map_err(|e| AuthConfigError::Unreadable {
-                path: shown.clone(),
-                reason: e.to_string(),
-            })?;
-            let mode = unix_mode(&meta);
-            if mode & 0o077 != 0 {
-                return Err(AuthConfigError::TooOpen {
-                    path: shown,
-                    mode: mode & 0o777,
-                });
-            }
-            let text = std::fs::read_to_string(path).map_err(|e| AuthConfigError::Unreadable {
-                path: shown,
-                reason: e.to_string(),
-            })?;
-            Token::new(&text).map(Some)
-        }
+        (None, Some(path)) => Token::new(&read_secret_file(path)?).map(Some),
         (None, None) => Ok(None),
     }
+}
+
+/// A file of secrets, refused when group or others may read it.
+fn read_secret_file(path: &Path) -> Result<String, AuthConfigError> {
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| AuthConfigError::Unreadable {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    let mode = unix_mode(&meta);
+    if mode & 0o077 != 0 {
+        return Err(AuthConfigError::TooOpen {
+            path: shown,
+            mode: mode & 0o777,
+        });
+    }
+    std::fs::read_to_string(path).map_err(|e| AuthConfigError::Unreadable {
+        path: shown,
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(unix)]
@@ -158,8 +177,8 @@ pub enum AuthError {
     Invalid,
 }
 
-/// Checks an `Authorization` header value against the configured token.
-pub fn authorize(header: Option<&[u8]>, token: &Token) -> Result<(), AuthError> {
+/// The token of a `Bearer <token>` header value.
+fn bearer(header: Option<&[u8]>) -> Result<&str, AuthError> {
     let raw = header.ok_or(AuthError::Missing)?;
     let text = std::str::from_utf8(raw).map_err(|_| AuthError::Malformed)?;
     let (scheme, rest) = text.split_once(' ').ok_or(AuthError::Malformed)?;
@@ -170,11 +189,153 @@ pub fn authorize(header: Option<&[u8]>, token: &Token) -> Result<(), AuthError> 
     if presented.is_empty() || presented.contains(' ') {
         return Err(AuthError::Malformed);
     }
-    if token.verify(presented) {
+    Ok(presented)
+}
+
+/// Checks an `Authorization` header value against the configured token.
+pub fn authorize(header: Option<&[u8]>, token: &Token) -> Result<(), AuthError> {
+    if token.verify(bearer(header)?) {
         Ok(())
     } else {
         Err(AuthError::Invalid)
     }
+}
+
+/// What a caller may do: submit and follow its own tasks (client), operate pools, nodes and
+/// everyone's tasks (admin), or speak for a node (node: registration, heartbeats, the traffic
+/// between the daemons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Admin,
+    Node,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Admin => "admin",
+            Role::Node => "node",
+        }
+    }
+}
+
+/// Who presented a key: its name (for logs, metrics and task ownership; never the secret)
+/// and the roles it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: std::sync::Arc<str>,
+    roles: [bool; 3],
+}
+
+impl Principal {
+    pub fn new(name: &str, roles: &[Role]) -> Self {
+        let mut held = [false; 3];
+        for r in roles {
+            held[*r as usize] = true;
+        }
+        Self {
+            name: std::sync::Arc::from(name),
+            roles: held,
+        }
+    }
+
+    /// Every role: the one shared token of a single-operator setup, or no authentication at
+    /// all (allowed on loopback only).
+    pub fn everything(name: &str) -> Self {
+        Self::new(name, &[Role::Client, Role::Admin, Role::Node])
+    }
+
+    pub fn may(&self, role: Role) -> bool {
+        self.roles[role as usize]
+    }
+}
+
+/// Every key a daemon accepts, each with its principal.
+#[derive(Debug, Clone, Default)]
+pub struct Keyring {
+    keys: Vec<(Principal, Token)>,
+}
+
+impl Keyring {
+    /// Adds a key; refused when its secret or its name is already there (a secret must name one
+    /// principal).
+    pub fn add(&mut self, principal: Principal, token: Token) -> Result<(), AuthConfigError> {
+        if self.keys.iter().any(|(_, t)| t.digest == token.digest) {
+            return Err(AuthConfigError::Duplicate(principal.name.to_string()));
+        }
+        if self.keys.iter().any(|(p, _)| p.name == principal.name) {
+            return Err(AuthConfigError::Duplicate(principal.name.to_string()));
+        }
+        self.keys.push((principal, token));
+        Ok(())
+    }
+
+    /// Keeps only the keys whose principal `keep` accepts (a reload of the client keys file
+    /// drops the old client keys and keeps the admin and node tokens).
+    pub fn retain(&mut self, keep: impl Fn(&Principal) -> bool) {
+        self.keys.retain(|(p, _)| keep(p));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The principal whose key the header presents. The presented token is hashed once and
+    /// compared with every key in constant time, all of them every time.
+    pub fn identify(&self, header: Option<&[u8]>) -> Result<Principal, AuthError> {
+        let presented: [u8; 32] = Sha256::digest(bearer(header)?.as_bytes()).into();
+        let mut found = None;
+        for (principal, token) in &self.keys {
+            let equal: bool = token.digest.ct_eq(&presented).into();
+            if equal && found.is_none() {
+                found = Some(principal);
+            }
+        }
+        found.cloned().ok_or(AuthError::Invalid)
+    }
+}
+
+/// Whether `name` may name a key: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+pub fn valid_key_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A keys file: one `name:secret` per line (blank lines and `#` comments skipped). Like a token
+/// file, it is refused when group or others may read it.
+pub fn load_keys_file(path: &Path) -> Result<Vec<(String, Token)>, AuthConfigError> {
+    let text = read_secret_file(path)?;
+    let shown = path.display().to_string();
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |reason: &str| AuthConfigError::KeysFile {
+            path: shown.clone(),
+            line: n + 1,
+            reason: reason.to_string(),
+        };
+        let (name, secret) = line
+            .split_once(':')
+            .ok_or_else(|| bad("expected name:secret"))?;
+        let name = name.trim();
+        if !valid_key_name(name) {
+            return Err(bad("a key name is 1-64 characters of A-Z a-z 0-9 . _ -"));
+        }
+        let token = Token::new(secret).map_err(|e| bad(&e.to_string()))?;
+        keys.push((name.to_string(), token));
+    }
+    Ok(keys)
 }
 
 #[cfg(test)]
@@ -243,11 +404,72 @@ mod tests {
         assert!(t.verify(SECRET));
         assert_eq!(
             load_token(Some(SECRET), Some(&path)).unwrap_err(),
-            AuthConfigError::BothGiven
+            AuthConfigError::BothGiven("LLORCH_API_TOKEN")
         );
         assert_eq!(
             load_token(Some("  "), None).unwrap_err(),
             AuthConfigError::Empty
         );
+    }
+
+    #[test]
+    fn a_keyring_names_who_presented_a_key_and_what_it_may_do() {
+        let mut ring = Keyring::default();
+        let alice = Token::new("alice-secret-0123456789").unwrap();
+        let admin = Token::new("admin-secret-0123456789").unwrap();
+        ring.add(Principal::new("alice", &[Role::Client]), alice)
+            .unwrap();
+        ring.add(Principal::new("admin", &[Role::Admin, Role::Client]), admin)
+            .unwrap();
+        let who = |h: &str| ring.identify(Some(h.as_bytes()));
+        let a = who("Bearer alice-secret-0123456789").unwrap();
+        assert_eq!(&*a.name, "alice");
+        assert!(a.may(Role::Client) && !a.may(Role::Admin) && !a.may(Role::Node));
+        assert!(who("Bearer admin-secret-0123456789")
+            .unwrap()
+            .may(Role::Admin));
+        assert_eq!(
+            who("Bearer nobody-secret-012345678"),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(ring.identify(None), Err(AuthError::Missing));
+        // One secret, one principal; one name, one secret.
+        let again = Token::new("alice-secret-0123456789").unwrap();
+        assert!(ring
+            .add(Principal::new("bob", &[Role::Client]), again)
+            .is_err());
+        let other = Token::new("other-secret-0123456789").unwrap();
+        assert!(ring
+            .add(Principal::new("alice", &[Role::Client]), other)
+            .is_err());
+    }
+
+    #[test]
+    fn a_keys_file_holds_name_secret_lines_and_is_refused_when_open_or_malformed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(
+            &path,
+            "# clients\nalice:alice-secret-0123456789\n\nbob: bob-secret-01234567890\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let keys = load_keys_file(&path).unwrap();
+        let names: Vec<&str> = keys.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        assert!(keys[1].1.verify("bob-secret-01234567890"));
+        std::fs::write(&path, "no colon here\n").unwrap();
+        assert!(matches!(
+            load_keys_file(&path),
+            Err(AuthConfigError::KeysFile { line: 1, .. })
+        ));
+        std::fs::write(&path, "bad name!:alice-secret-0123456789\n").unwrap();
+        assert!(load_keys_file(&path).is_err());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            load_keys_file(&path),
+            Err(AuthConfigError::TooOpen { .. })
+        ));
     }
 }

@@ -225,33 +225,68 @@ fn process_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Checks the Bearer token of a request (when a token is configured). Refusals are counted
-/// (`auth_failures`) and logged with their reason at most once a second; neither the header
-/// nor the presented token ever reaches a log.
-pub fn check_auth(token: Option<&auth_min::Token>, req: &Request) -> Result<(), ApiError> {
-    let Some(token) = token else { return Ok(()) };
+/// The keys a daemon accepts; `None`: no authentication (allowed on loopback only, explicitly).
+/// Behind a lock so a reload (SIGHUP) can swap the client keys; never held across an await.
+pub type Keys = Option<std::sync::Arc<std::sync::RwLock<auth_min::Keyring>>>;
+
+/// A route group's door: the keys, and the role a caller needs.
+#[derive(Clone)]
+pub struct Gate {
+    pub keys: Keys,
+    pub role: auth_min::Role,
+}
+
+fn refused(req: &Request, reason: &dyn std::fmt::Display) {
+    AUTH_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(suppressed) = REFUSAL_LOG.due(process_ms()) {
+        tracing::warn!(%reason, path = %req.uri().path(), suppressed, "request refused");
+    }
+}
+
+/// Who is calling, and whether they hold the gate's role: 401 for no or a wrong key, 403 for a
+/// key without the role. Refusals are counted (`auth_failures`) and logged with their reason at
+/// most once a second; neither the header nor the presented token ever reaches a log (the
+/// key's name does).
+pub fn check_auth(gate: &Gate, req: &Request) -> Result<auth_min::Principal, ApiError> {
+    let Some(keys) = &gate.keys else {
+        return Ok(auth_min::Principal::everything("anonymous"));
+    };
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    auth_min::authorize(header, token).map_err(|reason| {
-        AUTH_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(suppressed) = REFUSAL_LOG.due(process_ms()) {
-            tracing::warn!(%reason, path = %req.uri().path(), suppressed, "request refused");
-        }
+    let found = keys
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .identify(header);
+    let principal = found.map_err(|reason| {
+        refused(req, &reason);
         ApiError::new(ErrorCode::Unauthorized, reason.to_string())
-    })
+    })?;
+    if !principal.may(gate.role) {
+        let reason = format!(
+            "key {:?} holds no {} role",
+            principal.name,
+            gate.role.as_str()
+        );
+        refused(req, &reason);
+        return Err(ApiError::new(ErrorCode::Forbidden, reason));
+    }
+    Ok(principal)
 }
 
-/// Middleware: `from_fn_with_state(config.token.clone(), require_token)` on the routes that
-/// need the shared token. `None` (explicitly allowed unauthenticated loopback) lets all pass.
-pub async fn require_token(
-    axum::extract::State(token): axum::extract::State<Option<auth_min::Token>>,
-    req: Request,
+/// Middleware: `from_fn_with_state(gate, require_role)` on a group of routes. The caller's
+/// [`auth_min::Principal`] goes into the request's extensions for the handlers.
+pub async fn require_role(
+    axum::extract::State(gate): axum::extract::State<Gate>,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    match check_auth(token.as_ref(), &req) {
-        Ok(()) => next.run(req).await,
+    match check_auth(&gate, &req) {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -288,17 +323,20 @@ pub fn positive_ms(variable: &str, value: u64) -> Result<std::time::Duration, St
     }
 }
 
-/// The one way both daemons assemble their API: `public` routes open, `authed` routes behind
-/// the shared token, envelope answers for unknown routes and methods, the body limit, and the
+/// The one way both daemons assemble their API: `public` routes open, each `gated` group behind
+/// its gate (a key holding its role), envelope answers for unknown routes and methods, the body limit, and the
 /// correlation-id layer outermost.
 pub fn assemble<S: Clone + Send + Sync + 'static>(
     public: axum::Router<S>,
-    authed: axum::Router<S>,
-    token: Option<auth_min::Token>,
+    gated: Vec<(axum::Router<S>, Gate)>,
     max_body_bytes: usize,
 ) -> axum::Router<S> {
-    public
-        .merge(authed.route_layer(axum::middleware::from_fn_with_state(token, require_token)))
+    let mut router = public;
+    for (routes, gate) in gated {
+        router = router
+            .merge(routes.route_layer(axum::middleware::from_fn_with_state(gate, require_role)));
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))

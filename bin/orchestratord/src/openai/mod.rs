@@ -46,7 +46,10 @@ pub(crate) fn router(state: &AppState) -> Router<AppState> {
         .route("/completions", post(completions))
         .route("/embeddings", post(embeddings))
         .route_layer(axum::middleware::from_fn_with_state(
-            state.config.token.clone(),
+            llorch_http::Gate {
+                keys: state.config.keys.clone(),
+                role: auth_min::Role::Client,
+            },
             wire::require_key,
         ))
         .fallback(wire::not_found)
@@ -100,6 +103,7 @@ async fn model(
 
 async fn chat(
     State(orch): State<AppState>,
+    axum::Extension(principal): axum::Extension<auth_min::Principal>,
     headers: HeaderMap,
     body: Result<ApiJson<ChatRequest>, ApiError>,
 ) -> Result<Response, OaError> {
@@ -108,7 +112,10 @@ async fn chat(
     let model = std::mem::take(&mut req.model);
     run(
         &orch,
-        &headers,
+        Caller {
+            headers: &headers,
+            principal: &principal,
+        },
         Route::Chat,
         &model,
         &req.sampling,
@@ -120,6 +127,7 @@ async fn chat(
 
 async fn completions(
     State(orch): State<AppState>,
+    axum::Extension(principal): axum::Extension<auth_min::Principal>,
     headers: HeaderMap,
     body: Result<ApiJson<CompletionRequest>, ApiError>,
 ) -> Result<Response, OaError> {
@@ -128,7 +136,10 @@ async fn completions(
     let route = Route::Completions;
     run(
         &orch,
-        &headers,
+        Caller {
+            headers: &headers,
+            principal: &principal,
+        },
         route,
         &req.model,
         &req.sampling,
@@ -161,10 +172,17 @@ fn named(mut resp: Response, task: &Task) -> Response {
     resp
 }
 
+/// Who asked: the request's headers and the key that made it.
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    headers: &'a HeaderMap,
+    principal: &'a auth_min::Principal,
+}
+
 /// Admits the task and answers: a stream of chunks, or the whole answer once it ends.
 async fn run(
     orch: &Arc<Orchestrator>,
-    headers: &HeaderMap,
+    caller: Caller<'_>,
     route: Route,
     model: &str,
     sampling: &llorch_contracts::openai::Sampling,
@@ -173,7 +191,7 @@ async fn run(
 ) -> Result<Response, OaError> {
     let task = admit(
         orch,
-        headers,
+        caller,
         route,
         model,
         sampling.user.as_deref(),
@@ -196,7 +214,7 @@ async fn run(
 /// engine request from `body`) and admits it.
 fn admit(
     orch: &Arc<Orchestrator>,
-    headers: &HeaderMap,
+    caller: Caller<'_>,
     route: Route,
     model: &str,
     user: Option<&str>,
@@ -209,6 +227,7 @@ fn admit(
             Err(OaError::invalid("model", "model must not be empty")),
         );
     }
+    let headers = caller.headers;
     let queueing = checked(orch, wire::queueing(headers, user))?;
     let prefix = match route {
         Route::Chat => "chatcmpl",
@@ -224,19 +243,21 @@ fn admit(
         .get(llorch_http::CORRELATION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    orch.admit_openai(req, job, correlation_id).map_err(|e| {
-        let unknown = e.0.code == ErrorCode::ModelNotAvailable
-            && !orch.pools.list().iter().any(|p| p.model_id == model);
-        if unknown {
-            OaError::model_not_found(model)
-        } else {
-            OaError::from(e)
-        }
-    })
+    orch.admit_openai(req, job, correlation_id, caller.principal)
+        .map_err(|e| {
+            let unknown = e.0.code == ErrorCode::ModelNotAvailable
+                && !orch.pools.list().iter().any(|p| p.model_id == model);
+            if unknown {
+                OaError::model_not_found(model)
+            } else {
+                OaError::from(e)
+            }
+        })
 }
 
 async fn embeddings(
     State(orch): State<AppState>,
+    axum::Extension(principal): axum::Extension<auth_min::Principal>,
     headers: HeaderMap,
     body: Result<ApiJson<EmbeddingRequest>, ApiError>,
 ) -> Result<Response, OaError> {
@@ -245,7 +266,10 @@ async fn embeddings(
     let user = req.user.as_deref();
     let task = admit(
         &orch,
-        &headers,
+        Caller {
+            headers: &headers,
+            principal: &principal,
+        },
         Route::Embeddings,
         &req.model,
         user,

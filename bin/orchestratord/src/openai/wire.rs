@@ -103,14 +103,18 @@ impl IntoResponse for OaError {
     }
 }
 
-/// Middleware: the shared Bearer token, refused in OpenAI's shape (`invalid_api_key`).
+/// Middleware: a client key, refused in OpenAI's shape (`invalid_api_key`); the caller goes
+/// into the request's extensions.
 pub(crate) async fn require_key(
-    axum::extract::State(token): axum::extract::State<Option<auth_min::Token>>,
-    req: Request,
+    axum::extract::State(gate): axum::extract::State<llorch_http::Gate>,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    match llorch_http::check_auth(token.as_ref(), &req) {
-        Ok(()) => next.run(req).await,
+    match llorch_http::check_auth(&gate, &req) {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
         Err(e) => OaError::from(e).into_response(),
     }
 }

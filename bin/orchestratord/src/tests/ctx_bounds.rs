@@ -62,7 +62,12 @@ async fn a_prompt_that_fits_only_the_larger_pool_runs_there() {
     assert_eq!(counted, Some(101));
     h.engine
         .push(tokens(8, std::time::Duration::from_millis(1)));
-    let id = h.orch.admit_with(long, None, counted).unwrap().task_id;
+    let owner = auth_min::Principal::everything("test");
+    let id = h
+        .orch
+        .admit_with(long, None, counted, &owner)
+        .unwrap()
+        .task_id;
     let task = h.orch.task(&id).unwrap();
     assert_eq!(task.needed_ctx(), Some(109));
     assert_eq!(outcome(&task).await.0, "end");

@@ -225,7 +225,14 @@ pub struct Harness {
 impl Harness {
     /// `flags` are orchestratord's command-line flags (`--decode-timeout-ms=500`, ...).
     pub fn start(flags: &[&str]) -> Harness {
-        let mut argv = vec!["orchestratord", "--api-token=inprocess-test-token-0123"];
+        let mut all = vec!["--api-token=inprocess-test-token-0123"];
+        all.extend_from_slice(flags);
+        Harness::start_with_keys(&all)
+    }
+
+    /// Like [`Harness::start`] without the shared token: `flags` give every credential.
+    pub fn start_with_keys(flags: &[&str]) -> Harness {
+        let mut argv = vec!["orchestratord"];
         argv.extend_from_slice(flags);
         let config = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
         let engine = Arc::new(ScriptedEngine::default());

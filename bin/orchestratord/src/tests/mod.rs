@@ -10,6 +10,7 @@ mod home_bounds;
 pub(crate) mod kit;
 mod queue_bounds;
 mod resume_bounds;
+mod roles;
 mod router;
 mod runner_bounds;
 mod strict_bounds;

@@ -1,0 +1,159 @@
+//! Roles and ownership, through the router in process: every route answers each kind of
+//! caller (none, a wrong key, a client, a node, an admin) as the role table says, a client sees
+//! only its own tasks (another's answer 404, as for no task), and an admin sees them all.
+
+use std::os::unix::fs::PermissionsExt;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use tower::ServiceExt;
+
+use super::kit::*;
+
+const ALICE: &str = "alice-secret-0123456789";
+const BOB: &str = "bob-secret-012345678901";
+const ADMIN: &str = "admin-secret-0123456789";
+const NODE: &str = "node-secret-01234567890";
+
+struct Keys {
+    h: Harness,
+    _dir: tempfile::TempDir,
+}
+
+fn harness() -> Keys {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("alice:{ALICE}\nbob:{BOB}\n")).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let file = format!("--api-keys-file={}", keys.display());
+    let admin = format!("--admin-token={ADMIN}");
+    let node = format!("--node-token={NODE}");
+    let h = Harness::start_with_keys(&[&file, &admin, &node]);
+    h.add_pool("p", 1);
+    Keys { h, _dir: dir }
+}
+
+async fn call(h: &Harness, method: &str, path: &str, key: Option<&str>, body: &str) -> StatusCode {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let app = crate::api::router(h.orch.clone());
+    app.oneshot(req.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_route_answers_each_role_as_the_role_table_says() {
+    let k = harness();
+    h_submit_owned(&k.h, "t-alice", ALICE).await;
+    let task = r#"{"model_ref":"tiny","prompt":"p","max_tokens":3}"#;
+    let reg = r#"{"node_id":"n1","address":"http://n1","gpus":[],"pools":[]}"#;
+    let drain = r#"{"deadline_ms":1}"#;
+    // (method, path, body, [none, wrong, client, node, admin])
+    use StatusCode as S;
+    let (ok, acc) = (S::OK, S::ACCEPTED);
+    let (u, f) = (S::UNAUTHORIZED, S::FORBIDDEN);
+    let table: Vec<(&str, &str, &str, [StatusCode; 5])> = vec![
+        ("POST", "/v2/tasks", task, [u, u, acc, f, acc]),
+        ("GET", "/v2/tasks/t-alice", "", [u, u, ok, f, ok]),
+        ("GET", "/v2/meta/capabilities", "", [u, u, ok, f, ok]),
+        ("GET", "/v2/pools", "", [u, u, ok, f, ok]),
+        ("GET", "/v2/pools/p/health", "", [u, u, ok, f, ok]),
+        ("GET", "/v2/nodes", "", [u, u, f, f, ok]),
+        // HOME: drain goes to pool-managerd, unreachable here (503) — past the door.
+        (
+            "POST",
+            "/v2/pools/p/drain",
+            drain,
+            [u, u, f, f, S::SERVICE_UNAVAILABLE],
+        ),
+        // Registration is off in HOME (409) — past the door for a node only.
+        ("POST", "/v2/nodes/register", reg, [u, u, f, S::CONFLICT, f]),
+        (
+            "POST",
+            "/v2/nodes/n1/heartbeat",
+            "",
+            [u, u, f, S::NOT_FOUND, f],
+        ),
+        ("DELETE", "/v2/nodes/n1", "", [u, u, f, f, S::NOT_FOUND]),
+        ("GET", "/v1/models", "", [u, u, ok, f, ok]),
+        ("GET", "/health", "", [ok, ok, ok, ok, ok]),
+    ];
+    let keys = [
+        None,
+        Some("wrong-secret-0123456789"),
+        Some(ALICE),
+        Some(NODE),
+        Some(ADMIN),
+    ];
+    for (method, path, body, want) in table {
+        for (key, want) in keys.iter().zip(want) {
+            let got = call(&k.h, method, path, *key, body).await;
+            let who = key.map_or("none", |k| &k[..4]);
+            assert_eq!(got, want, "{method} {path} as {who}");
+        }
+    }
+}
+
+/// Submits task `id` as `key`'s owner through the router.
+async fn h_submit_owned(h: &Harness, id: &str, key: &str) {
+    let body = format!(r#"{{"task_id":"{id}","model_ref":"tiny","prompt":"p","max_tokens":3}}"#);
+    assert_eq!(
+        call(h, "POST", "/v2/tasks", Some(key), &body).await,
+        StatusCode::ACCEPTED
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_sees_only_its_own_tasks_and_an_admin_sees_all() {
+    let k = harness();
+    h_submit_owned(&k.h, "mine", ALICE).await;
+    for path in ["/v2/tasks/mine", "/v2/tasks/mine/events"] {
+        assert_eq!(
+            call(&k.h, "GET", path, Some(BOB), "").await,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+        // Indistinguishable from a task that does not exist.
+        let none = path.replace("mine", "no-such-task");
+        assert_eq!(
+            call(&k.h, "GET", &none, Some(BOB), "").await,
+            StatusCode::NOT_FOUND
+        );
+    }
+    assert_eq!(
+        call(&k.h, "POST", "/v2/tasks/mine/cancel", Some(BOB), "").await,
+        StatusCode::NOT_FOUND
+    );
+    assert!(
+        !k.h.orch.task("mine").unwrap().is_terminal(),
+        "bob cancelled alice's task"
+    );
+    // Bob cannot take the id either.
+    let again = r#"{"task_id":"mine","model_ref":"tiny","prompt":"p","max_tokens":3}"#;
+    assert_eq!(
+        call(&k.h, "POST", "/v2/tasks", Some(BOB), again).await,
+        StatusCode::CONFLICT
+    );
+    // Its owner and the admin can.
+    assert_eq!(
+        call(&k.h, "GET", "/v2/tasks/mine", Some(ALICE), "").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&k.h, "GET", "/v2/tasks/mine", Some(ADMIN), "").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&k.h, "POST", "/v2/tasks/mine/cancel", Some(ADMIN), "").await,
+        StatusCode::NO_CONTENT
+    );
+    let (code, _) = outcome(&k.h.orch.task("mine").unwrap()).await;
+    assert_eq!(code, "CANCELLED");
+}
