@@ -296,3 +296,16 @@ pub fn start_node(
         &net.path(&format!("node{i}.log")),
     )
 }
+
+/// Free slots of a pool as the pool-managerd on `host` reports them (asked inside its
+/// namespace, on port 9200).
+pub fn node_slots_free(host: &Host, pool: &str) -> Option<u64> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &host.ns, "curl", "-sf", "-H"])
+        .arg(format!("Authorization: Bearer {TOKEN}"))
+        .arg(format!("http://{}:9200/v2/pools/{pool}/status", host.addr))
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["slots_free"].as_u64()
+}

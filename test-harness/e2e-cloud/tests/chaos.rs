@@ -89,18 +89,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Free slots a node reports for its pool (asked inside the node).
-fn node_slots_free(host: &Host, pool: &str) -> Option<u64> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &host.ns, "curl", "-sf", "-H"])
-        .arg(format!("Authorization: Bearer {TOKEN}"))
-        .arg(format!("http://{}:9200/v2/pools/{pool}/status", host.addr))
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["slots_free"].as_u64()
-}
-
 /// Every frame of a task's log (`verbose`: `metrics` frames too), from the start.
 async fn replay(api: &OrchClient, id: &str) -> Vec<llorch_client::SseFrame> {
     let mut resp = api

@@ -106,15 +106,7 @@ impl Cluster {
 
     /// Free slots of a pool as its own pool-managerd reports them (asked inside the node).
     fn node_slots_free(&self, node: usize, pool: &str) -> Option<u64> {
-        let host = &self.nodes[node];
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &host.ns, "curl", "-sf", "-H"])
-            .arg(format!("Authorization: Bearer {TOKEN}"))
-            .arg(format!("http://{}:9200/v2/pools/{pool}/status", host.addr))
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v["slots_free"].as_u64()
+        node_slots_free(&self.nodes[node], pool)
     }
 
     fn node_runtime(&self, i: usize) -> std::path::PathBuf {

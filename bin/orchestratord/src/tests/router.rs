@@ -26,6 +26,30 @@ async fn call(h: &Harness, method: &str, path: &str) -> (StatusCode, serde_json:
     (status, serde_json::from_slice(&bytes).unwrap_or_default())
 }
 
+/// Opens the task's event stream through the router and reads it until a token came: the
+/// open body, and what was read.
+async fn follow_until_a_token(h: &Harness, id: &str) -> (axum::body::BodyDataStream, String) {
+    use futures_util::StreamExt;
+    let req = Request::builder()
+        .uri(format!("/v2/tasks/{id}/events"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::empty())
+        .unwrap();
+    let app = crate::api::router(h.orch.clone());
+    let mut body = app
+        .oneshot(req)
+        .await
+        .unwrap()
+        .into_body()
+        .into_data_stream();
+    let mut seen = String::new();
+    while !seen.contains("event: token") {
+        let chunk = body.next().await.unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (body, seen)
+}
+
 #[tokio::test]
 async fn an_unknown_route_answers_404_not_found_in_the_envelope() {
     let h = Harness::start(&[]);
@@ -55,29 +79,12 @@ async fn a_wrong_method_answers_405_method_not_allowed_in_the_envelope() {
 
 #[tokio::test(start_paused = true)]
 async fn the_last_subscriber_leaving_cancels_a_running_task_and_frees_its_slot_after_the_grace() {
-    use futures_util::StreamExt;
     let h = Harness::start(&["--disconnect-grace-ms=2000"]);
     h.add_pool("a", 1);
     h.engine.push(tokens(1000, 10 * MS));
     let task = h.submit(task(1000));
-    let app = crate::api::router(h.orch.clone());
-    let req = Request::builder()
-        .uri(format!("/v2/tasks/{}/events", task.id))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(Body::empty())
-        .unwrap();
-    let mut body = app
-        .oneshot(req)
-        .await
-        .unwrap()
-        .into_body()
-        .into_data_stream();
-    // Read until a token has streamed, then go away.
-    let mut seen = String::new();
-    while !seen.contains("event: token") {
-        let chunk = body.next().await.unwrap().unwrap();
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let (body, _) = follow_until_a_token(&h, &task.id).await;
+    // A token has streamed: go away.
     let left_at = tokio::time::Instant::now();
     drop(body);
     let (code, at) = outcome(&task).await;
@@ -143,23 +150,7 @@ async fn a_subscriber_that_falls_behind_the_log_cap_gets_replay_unavailable_and_
     h.add_pool("a", 1);
     h.engine.push(tokens(400, 10 * MS));
     let task = h.submit(task(400));
-    let app = crate::api::router(h.orch.clone());
-    let req = Request::builder()
-        .uri(format!("/v2/tasks/{}/events", task.id))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(Body::empty())
-        .unwrap();
-    let mut body = app
-        .oneshot(req)
-        .await
-        .unwrap()
-        .into_body()
-        .into_data_stream();
-    let mut seen = String::new();
-    while !seen.contains("event: token") {
-        let chunk = body.next().await.unwrap().unwrap();
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let (mut body, mut seen) = follow_until_a_token(&h, &task.id).await;
     // Not reading while 200 tokens (far more than 4 KiB of log) stream.
     tokio::time::sleep(2000 * MS).await;
     while let Some(chunk) = body.next().await {

@@ -155,28 +155,22 @@ async fn malformed_json_and_invalid_utf8_are_typed_400s_on_both_apis() {
         b"{\"model_ref\": \"tiny\", \"prompt\": \"\xff\xfe\", \"max_tokens\": 4}",
         b"\xc3\x28",
     ];
+    let refused = |path: &'static str, body: &'static [u8]| {
+        let rb = s
+            .http
+            .post(format!("{}{path}", s.base))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        async move {
+            let r = rb.send().await.unwrap();
+            assert_eq!(r.status(), 400, "{path}");
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
     for body in bodies {
-        let r = s
-            .http
-            .post(format!("{}/v2/tasks", s.base))
-            .header("content-type", "application/json")
-            .body(body.to_vec())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 400);
-        let v: serde_json::Value = r.json().await.unwrap();
+        let v = refused("/v2/tasks", body).await;
         assert_eq!(v["code"], "INVALID_PARAMS", "{v}");
-        let r = s
-            .http
-            .post(format!("{}/v1/chat/completions", s.base))
-            .header("content-type", "application/json")
-            .body(body.to_vec())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 400);
-        let v: serde_json::Value = r.json().await.unwrap();
+        let v = refused("/v1/chat/completions", body).await;
         assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     }
     assert_eq!(s.get("/health").await.status(), 200);
