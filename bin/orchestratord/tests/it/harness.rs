@@ -61,7 +61,12 @@ pub fn spawn(bin: &Path, env: &[(&str, String)], log: &Path) -> Child {
         .stderr(Stdio::from(file))
         .kill_on_drop(true);
     for (k, v) in env {
-        cmd.env(k, v);
+        // An empty value removes the variable (a stack without the shared token).
+        if v.is_empty() {
+            cmd.env_remove(k);
+        } else {
+            cmd.env(k, v);
+        }
     }
     cmd.spawn().unwrap()
 }

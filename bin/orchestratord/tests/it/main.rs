@@ -21,6 +21,7 @@ mod metrics_lint;
 mod openai;
 mod random;
 mod restart;
+mod roles;
 mod sessions;
 mod streaming;
 mod trace;
