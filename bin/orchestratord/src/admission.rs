@@ -110,6 +110,9 @@ fn validate(config: &Config, req: &TaskRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The largest prompt admission has an engine count (bigger ones are judged by the engine).
+pub const COUNT_PROMPT_MAX_BYTES: usize = 64 * 1024;
+
 impl Orchestrator {
     fn reject(&self, reason: &str, error: ApiError) -> ApiError {
         self.count_rejection(reason);
@@ -145,7 +148,8 @@ impl Orchestrator {
             .map(|(_, a)| a)
     }
 
-    /// The prompt's length in tokens, counted by an engine of its model when the prompt might
+    /// The prompt's length in tokens, counted by an engine of its model (prompts up to
+    /// [`COUNT_PROMPT_MAX_BYTES`]) when the prompt might
     /// not fit the per-slot context of some pool (a prompt of B bytes makes at most B + 2
     /// tokens, so a prompt short enough is never counted). Refused (400) when prompt plus
     /// `max_tokens` exceeds the largest per-slot context of every pool of the model. When no
@@ -158,6 +162,11 @@ impl Orchestrator {
             .saturating_add(2)
             .saturating_add(u64::from(req.max_tokens));
         if most <= u64::from(fit.smallest) {
+            return Ok(None);
+        }
+        if req.prompt.len() > COUNT_PROMPT_MAX_BYTES {
+            // Counting costs the engine's CPU outside any slot: a larger prompt is left to the
+            // engine to judge.
             return Ok(None);
         }
         let bearer = fit

@@ -18,7 +18,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submitting_and_cancelling_large_prompts_does_not_grow_memory() {
     let s = Stack::start(StackOptions {
-        pools_toml: pool_toml("p0", 1, 1024),
+        pools_toml: pool_toml("p0", 1, 16384),
         ..Default::default()
     })
     .await;

@@ -449,7 +449,7 @@ async fn first_chunk_comes_while_generating_and_a_closed_request_frees_its_slot(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_streams_beyond_the_slots_all_complete_and_interactive_ones_go_first() {
     let s = Stack::start(StackOptions {
-        pools_toml: pool_toml("p0", 2, 4096),
+        pools_toml: pool_toml("p0", 2, 32768),
         ..Default::default()
     })
     .await;

@@ -7,7 +7,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_keep_affinity_and_report_turns_until_deleted() {
-    let toml = format!("{}{}", pool_toml("a", 2, 2048), pool_toml("b", 2, 2048));
+    let toml = format!("{}{}", pool_toml("a", 2, 32768), pool_toml("b", 2, 32768));
     let s = Stack::start(StackOptions {
         pools_toml: toml,
         ..Default::default()
