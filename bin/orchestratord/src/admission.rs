@@ -110,10 +110,101 @@ fn validate(config: &Config, req: &TaskRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A limited key's admission bucket and its unfinished tasks.
+pub(crate) struct KeyState {
+    tokens: f64,
+    refilled: Instant,
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One of a key's concurrent tasks, taken at admission: given back when dropped, unless the
+/// admitted task keeps it (and gives it back at its end).
+pub(crate) struct KeySlot(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+impl KeySlot {
+    pub fn keep(mut self) -> Arc<std::sync::atomic::AtomicUsize> {
+        // `Some` until kept: the slot is built with one.
+        self.0.take().unwrap_or_default()
+    }
+}
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        if let Some(active) = &self.0 {
+            active.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 /// The largest prompt admission has an engine count (bigger ones are judged by the engine).
 pub const COUNT_PROMPT_MAX_BYTES: usize = 64 * 1024;
 
 impl Orchestrator {
+    /// A key's limits: 429 when its admission bucket is empty (retry when the next token
+    /// comes) or it has its most tasks unfinished. `Some`: the slot the new task takes.
+    fn key_gate(&self, owner: &auth_min::Principal) -> Result<Option<KeySlot>, ApiError> {
+        use std::sync::atomic::Ordering;
+        let limits = owner.limits;
+        if limits.is_none() {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        let mut keys = self.key_limits.lock();
+        let burst = f64::from(
+            limits
+                .burst
+                .unwrap_or_else(|| limits.rate_per_s.map_or(1.0, f64::ceil).max(1.0) as u32),
+        );
+        let state = keys.entry(owner.name.clone()).or_insert_with(|| KeyState {
+            tokens: burst,
+            refilled: now,
+            active: Arc::default(),
+        });
+        let refuse = |reason: &'static str, message: String, retry_ms: u64| {
+            self.metrics
+                .key_tasks
+                .with_label_values(&[&owner.name, reason])
+                .inc();
+            self.reject(
+                reason,
+                ApiError::new(ErrorCode::AdmissionReject, message)
+                    .with_retry_after(retry_ms)
+                    .with_policy_label(reason),
+            )
+        };
+        if let Some(most) = limits.concurrent {
+            if state.active.load(Ordering::SeqCst) >= most as usize {
+                return Err(refuse(
+                    "key_concurrency",
+                    format!(
+                        "key {:?} has {most} tasks unfinished, its limit",
+                        owner.name
+                    ),
+                    1000,
+                ));
+            }
+        }
+        if let Some(rate) = limits.rate_per_s {
+            let elapsed = now.saturating_duration_since(state.refilled).as_secs_f64();
+            state.tokens = (state.tokens + elapsed * rate).min(burst);
+            state.refilled = now;
+            if state.tokens < 1.0 {
+                let wait_ms = ((1.0 - state.tokens) / rate * 1000.0).ceil() as u64;
+                return Err(refuse(
+                    "key_rate",
+                    format!(
+                        "key {:?} submits faster than its limit ({rate}/s)",
+                        owner.name
+                    ),
+                    wait_ms.max(1),
+                ));
+            }
+            state.tokens -= 1.0;
+        }
+        state.active.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(KeySlot(Some(state.active.clone()))))
+    }
+
     fn reject(&self, reason: &str, error: ApiError) -> ApiError {
         self.count_rejection(reason);
         tracing::info!(reason, code = %error.0.code, "task rejected");
@@ -332,6 +423,8 @@ impl Orchestrator {
         }
         let priority = req.priority;
         let (task, admitted, ahead_tokens) = {
+            // Dropped (giving the key's slot back) on any refusal below.
+            let slot = self.key_gate(owner)?;
             let mut tasks = self.tasks.write();
             // Checked again under the lock: two first submissions of one id may race here.
             if let Some(existing) = tasks.get(&id).cloned() {
@@ -360,7 +453,8 @@ impl Orchestrator {
                     self.config.task_log_max_bytes,
                 )
                 .with_prompt_tokens(prompt_tokens)
-                .with_owner(owner.name.clone()),
+                .with_owner(owner.name.clone())
+                .with_key_active(slot.map(KeySlot::keep)),
             );
             let weight = u64::from(task.req.max_tokens);
             match queue
@@ -379,6 +473,7 @@ impl Orchestrator {
                 Err(full) => {
                     drop(queue);
                     drop(tasks);
+                    task.release_key_slot();
                     let backoff = self.backoff_ms(&task.req.model_ref);
                     return Err(self.reject(
                         "queue_full",
@@ -420,6 +515,10 @@ impl Orchestrator {
         self.metrics
             .tasks_enqueued
             .with_label_values(&[priority_label(priority), task.api()])
+            .inc();
+        self.metrics
+            .key_tasks
+            .with_label_values(&[&owner.name, "admitted"])
             .inc();
         self.update_depth();
         self.metrics

@@ -238,7 +238,7 @@ pub(crate) fn keyring(
     shared: Option<Token>,
     admin: Option<Token>,
     node: Option<Token>,
-    clients: Vec<(String, Token)>,
+    clients: Vec<(String, Token, auth_min::KeyLimits)>,
 ) -> Result<llorch_http::Keys, ConfigError> {
     use auth_min::{Principal, Role};
     let mut ring = auth_min::Keyring::default();
@@ -251,14 +251,17 @@ pub(crate) fn keyring(
     if let Some(t) = node {
         ring.add(Principal::new("node", &[Role::Node]), t)?;
     }
-    for (name, t) in clients {
+    for (name, t, limits) in clients {
         if RESERVED_NAMES.contains(&name.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "ORCHD_API_KEYS_FILE: the key name {name:?} is reserved ({})",
                 RESERVED_NAMES.join(", ")
             )));
         }
-        ring.add(Principal::new(&name, &[Role::Client]), t)?;
+        ring.add(
+            Principal::new(&name, &[Role::Client]).with_limits(limits),
+            t,
+        )?;
     }
     Ok((!ring.is_empty()).then(|| std::sync::Arc::new(std::sync::RwLock::new(ring))))
 }
@@ -280,13 +283,16 @@ pub(crate) fn reload_client_keys(
         .clone();
     next.retain(|p| RESERVED_NAMES.contains(&&*p.name));
     let n = clients.len();
-    for (name, t) in clients {
+    for (name, t, limits) in clients {
         if RESERVED_NAMES.contains(&name.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "ORCHD_API_KEYS_FILE: the key name {name:?} is reserved"
             )));
         }
-        next.add(Principal::new(&name, &[Role::Client]), t)?;
+        next.add(
+            Principal::new(&name, &[Role::Client]).with_limits(limits),
+            t,
+        )?;
     }
     *keys
         .write()
@@ -384,7 +390,7 @@ impl Config {
             .clone()
             .or_else(|| admin.clone())
             .or_else(|| node.clone())
-            .or_else(|| clients.first().map(|(_, t)| t.clone()));
+            .or_else(|| clients.first().map(|(_, t, _)| t.clone()));
         auth_min::check_bind(a.bind_addr, any.as_ref(), a.allow_unauthenticated_loopback)?;
         let keys = keyring(shared, admin, node, clients)?;
         Ok(Config {

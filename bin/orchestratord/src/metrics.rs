@@ -12,6 +12,7 @@ pub struct Metrics {
     pub tasks_started: IntCounterVec,
     pub tasks_canceled: IntCounterVec,
     pub tasks_rejected: IntCounterVec,
+    pub key_tasks: IntCounterVec,
     pub tasks_completed: IntCounterVec,
     pub queue_depth: IntGaugeVec,
     pub admission_latency_ms: Histogram,
@@ -54,6 +55,11 @@ impl Metrics {
             tasks_started: counter("tasks_started_total", "Tasks dispatched to a pool (retries count again).", &["pool_id"])?,
             tasks_canceled: counter("tasks_canceled_total", "Tasks cancelled, by stage (queued, running).", &["stage"])?,
             tasks_rejected: counter("tasks_rejected_total", "Submissions refused, by reason.", &["reason"])?,
+            key_tasks: counter(
+                "orchd_key_tasks_total",
+                "Submissions by key name: admitted, or refused by the key's rate (key_rate) or concurrency (key_concurrency) limit.",
+                &["key", "outcome"],
+            )?,
             tasks_completed: counter(
                 "tasks_completed_total",
                 "Tasks that reached their terminal event, by outcome (end or the error code), pool (none when never dispatched) and API (v2, openai).",

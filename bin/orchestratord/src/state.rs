@@ -41,6 +41,8 @@ pub(crate) struct Orchestrator {
     pub control_http: reqwest::Client,
     /// Owner of every task runner.
     pub runners: TaskTracker,
+    /// Each limited key's admission bucket and count of unfinished tasks.
+    pub key_limits: Mutex<HashMap<Arc<str>, crate::admission::KeyState>>,
 }
 
 /// The queue, when its tasks expire, and whether it takes new tasks: one lock, so a task can
@@ -87,6 +89,7 @@ impl Orchestrator {
             estimator: Mutex::new(ThroughputEstimator::default()),
             tasks: RwLock::new(HashMap::new()),
             runners: TaskTracker::new(),
+            key_limits: Mutex::new(HashMap::new()),
             wake,
             engine,
             control_http,

@@ -50,6 +50,9 @@ pub struct Task {
     pub prompt_tokens: Option<u32>,
     /// The name of the key that submitted it: only that key (and admins) may see it.
     pub owner: std::sync::Arc<str>,
+    /// Its key's count of unfinished tasks (a key with a concurrency limit), decremented
+    /// once, at the terminal event.
+    key_active: Option<std::sync::Arc<AtomicUsize>>,
     inner: Mutex<TaskInner>,
     frames_tx: watch::Sender<u64>,
     subscribers: AtomicUsize,
@@ -138,6 +141,7 @@ impl Task {
             openai,
             prompt_tokens: None,
             owner: std::sync::Arc::from("anonymous"),
+            key_active: None,
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
                 frames: VecDeque::new(),
@@ -161,6 +165,19 @@ impl Task {
             log_bytes: AtomicUsize::new(0),
             log_cap,
             departures: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counted among its key's unfinished tasks until it ends.
+    pub fn with_key_active(mut self, active: Option<std::sync::Arc<AtomicUsize>>) -> Self {
+        self.key_active = active;
+        self
+    }
+
+    /// Gives back its key's slot when it is not admitted after all (it will never end).
+    pub fn release_key_slot(&self) {
+        if let Some(active) = &self.key_active {
+            active.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -269,6 +286,9 @@ impl Task {
                 _ => {}
             }
             if event.is_terminal() {
+                if let Some(active) = &self.key_active {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                }
                 inner.terminal = true;
                 inner.finished_at_ms = Some(now_ms());
                 inner.finished_at = Some(Instant::now());

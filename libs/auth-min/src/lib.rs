@@ -221,12 +221,65 @@ impl Role {
     }
 }
 
-/// Who presented a key: its name (for logs, metrics and task ownership; never the secret)
-/// and the roles it holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What one key may take: admissions per second (a token bucket of `burst`) and tasks
+/// unfinished at once. `None`: no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct KeyLimits {
+    pub rate_per_s: Option<f64>,
+    pub burst: Option<u32>,
+    pub concurrent: Option<u32>,
+}
+
+impl KeyLimits {
+    pub fn is_none(&self) -> bool {
+        self.rate_per_s.is_none() && self.concurrent.is_none()
+    }
+
+    /// `rate=R burst=B concurrent=C`, each optional, in any order.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut limits = KeyLimits::default();
+        for part in text.split_whitespace() {
+            let (name, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected name=value"))?;
+            match name {
+                "rate" => match value.parse::<f64>() {
+                    Ok(r) if r > 0.0 && r.is_finite() => limits.rate_per_s = Some(r),
+                    _ => {
+                        return Err(format!(
+                            "rate {value:?}: a number of admissions per second above 0"
+                        ))
+                    }
+                },
+                "burst" => match value.parse::<u32>() {
+                    Ok(b) if b >= 1 => limits.burst = Some(b),
+                    _ => return Err(format!("burst {value:?}: a whole number of at least 1")),
+                },
+                "concurrent" => match value.parse::<u32>() {
+                    Ok(c) if c >= 1 => limits.concurrent = Some(c),
+                    _ => {
+                        return Err(format!(
+                            "concurrent {value:?}: a whole number of at least 1"
+                        ))
+                    }
+                },
+                other => return Err(format!("unknown limit {other:?} (rate, burst, concurrent)")),
+            }
+        }
+        if limits.burst.is_some() && limits.rate_per_s.is_none() {
+            return Err("burst needs a rate".into());
+        }
+        Ok(limits)
+    }
+}
+
+/// Who presented a key: its name (for logs, metrics and task ownership; never the secret),
+/// the roles it holds and its limits.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
     pub name: std::sync::Arc<str>,
     roles: [bool; 3],
+    pub limits: KeyLimits,
 }
 
 impl Principal {
@@ -238,7 +291,13 @@ impl Principal {
         Self {
             name: std::sync::Arc::from(name),
             roles: held,
+            limits: KeyLimits::default(),
         }
+    }
+
+    pub fn with_limits(mut self, limits: KeyLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Every role: the one shared token of a single-operator setup, or no authentication at
@@ -309,9 +368,10 @@ pub fn valid_key_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// A keys file: one `name:secret` per line (blank lines and `#` comments skipped). Like a token
-/// file, it is refused when group or others may read it.
-pub fn load_keys_file(path: &Path) -> Result<Vec<(String, Token)>, AuthConfigError> {
+/// A keys file: one `name:secret` per line, optionally followed by limits (`rate=2 burst=5
+/// concurrent=4`); blank lines and `#` comments are skipped. Like a token file, it is refused
+/// when group or others may read it.
+pub fn load_keys_file(path: &Path) -> Result<Vec<(String, Token, KeyLimits)>, AuthConfigError> {
     let text = read_secret_file(path)?;
     let shown = path.display().to_string();
     let mut keys = Vec::new();
@@ -325,15 +385,18 @@ pub fn load_keys_file(path: &Path) -> Result<Vec<(String, Token)>, AuthConfigErr
             line: n + 1,
             reason: reason.to_string(),
         };
-        let (name, secret) = line
+        let (name, rest) = line
             .split_once(':')
             .ok_or_else(|| bad("expected name:secret"))?;
         let name = name.trim();
         if !valid_key_name(name) {
             return Err(bad("a key name is 1-64 characters of A-Z a-z 0-9 . _ -"));
         }
+        let rest = rest.trim_start();
+        let (secret, limits) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
         let token = Token::new(secret).map_err(|e| bad(&e.to_string()))?;
-        keys.push((name.to_string(), token));
+        let limits = KeyLimits::parse(limits).map_err(|e| bad(&e))?;
+        keys.push((name.to_string(), token, limits));
     }
     Ok(keys)
 }
@@ -456,9 +519,27 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let keys = load_keys_file(&path).unwrap();
-        let names: Vec<&str> = keys.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = keys.iter().map(|(n, _, _)| n.as_str()).collect();
         assert_eq!(names, ["alice", "bob"]);
         assert!(keys[1].1.verify("bob-secret-01234567890"));
+        assert!(keys[1].2.is_none());
+        std::fs::write(
+            &path,
+            "carol:carol-secret-0123456789 rate=2.5 burst=5 concurrent=3\n",
+        )
+        .unwrap();
+        let keys = load_keys_file(&path).unwrap();
+        let want = KeyLimits {
+            rate_per_s: Some(2.5),
+            burst: Some(5),
+            concurrent: Some(3),
+        };
+        assert_eq!(keys[0].2, want);
+        assert!(keys[0].1.verify("carol-secret-0123456789"));
+        for bad in ["rate=0", "burst=2", "concurrent=0", "speed=1", "rate"] {
+            std::fs::write(&path, format!("carol:carol-secret-0123456789 {bad}\n")).unwrap();
+            assert!(load_keys_file(&path).is_err(), "{bad}");
+        }
         std::fs::write(&path, "no colon here\n").unwrap();
         assert!(matches!(
             load_keys_file(&path),

@@ -10,6 +10,7 @@ use tower::ServiceExt;
 
 use super::kit::*;
 
+const MS: std::time::Duration = std::time::Duration::from_millis(1);
 const ALICE: &str = "alice-secret-0123456789";
 const BOB: &str = "bob-secret-012345678901";
 const ADMIN: &str = "admin-secret-0123456789";
@@ -156,4 +157,88 @@ async fn a_client_sees_only_its_own_tasks_and_an_admin_sees_all() {
     );
     let (code, _) = outcome(&k.h.orch.task("mine").unwrap()).await;
     assert_eq!(code, "CANCELLED");
+}
+
+const CAROL: &str = "carol-secret-0123456789";
+const DAVE: &str = "dave-secret-01234567890";
+
+/// Keys with limits: carol 2 admissions a second (burst 2), dave one unfinished task at a time.
+fn limited() -> Keys {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let lines = format!("carol:{CAROL} rate=2 burst=2\ndave:{DAVE} concurrent=1\n");
+    std::fs::write(&keys, lines).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let file = format!("--api-keys-file={}", keys.display());
+    let h = Harness::start_with_keys(&[&file]);
+    h.add_pool("p", 1);
+    Keys { h, _dir: dir }
+}
+
+/// Submits as `key`; the status and the refusal's body.
+async fn submit_as(h: &Harness, key: &str, id: &str) -> (StatusCode, serde_json::Value) {
+    let body = format!(r#"{{"task_id":"{id}","model_ref":"tiny","prompt":"p","max_tokens":3}}"#);
+    let req = Request::post("/v2/tasks")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from(body))
+        .unwrap();
+    let resp = crate::api::router(h.orch.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_over_its_rate_gets_429_until_its_bucket_refills_exactly() {
+    let k = limited();
+    k.h.engine.always(tokens(1, MS));
+    assert_eq!(submit_as(&k.h, CAROL, "c1").await.0, StatusCode::ACCEPTED);
+    assert_eq!(submit_as(&k.h, CAROL, "c2").await.0, StatusCode::ACCEPTED);
+    let (status, body) = submit_as(&k.h, CAROL, "c3").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["code"], "ADMISSION_REJECT");
+    assert_eq!(body["policy_label"], "key_rate");
+    assert_eq!(body["retry_after_ms"], 500, "one token comes every 500 ms");
+    // Other keys are not held back by carol's limit.
+    assert_eq!(submit_as(&k.h, DAVE, "d1").await.0, StatusCode::ACCEPTED);
+    tokio::time::sleep(499 * MS).await;
+    assert_eq!(
+        submit_as(&k.h, CAROL, "c4").await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    tokio::time::sleep(MS).await;
+    assert_eq!(submit_as(&k.h, CAROL, "c5").await.0, StatusCode::ACCEPTED);
+    let m = &k.h.orch.metrics.key_tasks;
+    assert_eq!(m.with_label_values(&["carol", "admitted"]).get(), 3);
+    assert_eq!(m.with_label_values(&["carol", "key_rate"]).get(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_at_its_concurrency_limit_gets_429_until_its_task_ends() {
+    let k = limited();
+    k.h.engine.push(tokens(1000, 10 * MS));
+    assert_eq!(submit_as(&k.h, DAVE, "d1").await.0, StatusCode::ACCEPTED);
+    let (status, body) = submit_as(&k.h, DAVE, "d2").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["policy_label"], "key_concurrency");
+    // Its first task ends (cancelled): the next one is admitted.
+    let first = k.h.orch.task("d1").unwrap();
+    k.h.orch.cancel(
+        &first,
+        llorch_contracts::ErrorEnvelope::new(llorch_contracts::ErrorCode::Cancelled, "test"),
+    );
+    outcome(&first).await;
+    k.h.engine.push(tokens(3, MS));
+    assert_eq!(submit_as(&k.h, DAVE, "d3").await.0, StatusCode::ACCEPTED);
+    let (code, _) = outcome(&k.h.orch.task("d3").unwrap()).await;
+    assert_eq!(code, "end");
+    // Ended: the slot is free again.
+    k.h.engine.push(tokens(3, MS));
+    assert_eq!(submit_as(&k.h, DAVE, "d4").await.0, StatusCode::ACCEPTED);
 }
