@@ -11,7 +11,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins demo up lint test bench bench-build bench-handoff bench-admission bench-stream bench-openai bench-cloud bench-relay-cpu soak clean-cache
+.PHONY: help deps engine model build bins demo up lint test bench bench-build bench-handoff bench-admission bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth soak clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -56,7 +56,7 @@ test: engine model lint
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 	@$(MAKE) --no-print-directory demo
 
-bench: bench-handoff bench-admission bench-stream bench-openai bench-cloud bench-relay-cpu
+bench: bench-handoff bench-admission bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth
 
 bench-build:
 	$(CARGO) build --release -p pool-managerd -p orchestratord -p llorch-bench
@@ -75,6 +75,9 @@ bench-stream: engine model bench-build
 bench-openai: engine model bench-build
 	$(TARGET)/release/openai-stream --orchestratord $(TARGET)/release/orchestratord \
 	  --engine $(ENGINE) --model $(MODEL) --rounds 20 --concurrency 4 --tokens 512
+
+bench-auth: bench-build
+	$(TARGET)/release/auth-timing --keys 100 --rounds 200000
 
 # The chaos soak of the tests, run long (a benchmark: figures go in docs/RELIABILITY.md).
 SOAK_SECS ?= 1800
