@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
         ("wrong last byte", String::from_utf8(last)?),
     ];
     let headers: Vec<String> = cases.iter().map(|(_, t)| format!("Bearer {t}")).collect();
-    let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(args.rounds); 3];
+    let mut samples: Vec<Vec<f64>> = (0..3).map(|_| Vec::with_capacity(args.rounds)).collect();
     // Warm-up, then interleaved rounds.
     for h in headers.iter().cycle().take(30_000) {
         black_box(ring.identify(Some(h.as_bytes())).is_ok());
