@@ -56,14 +56,24 @@ fn compose_file_is_valid_and_uses_only_real_settings() {
         3,
         "every service has a healthcheck"
     );
-    assert!(
-        resolved.contains("/run/secrets/llorch_api_token"),
-        "tokens come from a secret file"
-    );
-    assert!(
-        !resolved.contains("LLORCH_API_TOKEN:"),
-        "no token value in the compose file"
-    );
+    for secret in ["llorch_node_token", "llorch_admin_token", "llorch_api_keys"] {
+        assert!(
+            resolved.contains(&format!("/run/secrets/{secret}")),
+            "credentials come from secret files: {secret}"
+        );
+    }
+    for value in [
+        "LLORCH_API_TOKEN:",
+        "LLORCH_NODE_TOKEN:",
+        "LLORCH_ADMIN_TOKEN:",
+    ] {
+        assert!(
+            !resolved.contains(value),
+            "no credential value in the compose file: {value}"
+        );
+    }
+    // Only orchestratord's port is published.
+    assert_eq!(resolved.matches("published:").count(), 1, "{resolved}");
 
     let target = std::env::current_exe()
         .unwrap()
@@ -72,20 +82,29 @@ fn compose_file_is_valid_and_uses_only_real_settings() {
         .parent()
         .unwrap()
         .to_path_buf();
-    for (bin, prefix) in [
-        ("orchestratord", "ORCHD_"),
-        ("pool-managerd", "POOL_MANAGERD_"),
-    ] {
-        let help = std::process::Command::new(target.join(bin))
+    let help = |bin: &str| {
+        let out = std::process::Command::new(target.join(bin))
             .arg("--help")
             .output()
             .unwrap();
-        let known = vars_with_prefix(&String::from_utf8_lossy(&help.stdout), prefix);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (orch, node) = (help("orchestratord"), help("pool-managerd"));
+    for (bin, text, prefix) in [
+        ("orchestratord", &orch, "ORCHD_"),
+        ("pool-managerd", &node, "POOL_MANAGERD_"),
+    ] {
+        let known = vars_with_prefix(text, prefix);
         for var in vars_with_prefix(&resolved, prefix) {
             assert!(
                 known.contains(&var),
                 "{var} in the compose file is not a setting of {bin}"
             );
         }
+    }
+    // The shared LLORCH_* settings: each read by at least one daemon.
+    let known = &vars_with_prefix(&orch, "LLORCH_") | &vars_with_prefix(&node, "LLORCH_");
+    for var in vars_with_prefix(&resolved, "LLORCH_") {
+        assert!(known.contains(&var), "{var} is read by neither daemon");
     }
 }
