@@ -117,22 +117,13 @@ pub(crate) struct KeyState {
     active: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// One of a key's concurrent tasks, taken at admission: given back when dropped, unless the
-/// admitted task keeps it (and gives it back at its end).
-pub(crate) struct KeySlot(Option<Arc<std::sync::atomic::AtomicUsize>>);
-
-impl KeySlot {
-    pub fn keep(mut self) -> Arc<std::sync::atomic::AtomicUsize> {
-        // `Some` until kept: the slot is built with one.
-        self.0.take().unwrap_or_default()
-    }
-}
+/// One of a key's concurrent tasks, taken at admission and given back when dropped: by a
+/// refusal after it was taken, or by its task at the terminal event.
+pub(crate) struct KeySlot(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Drop for KeySlot {
     fn drop(&mut self) {
-        if let Some(active) = &self.0 {
-            active.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        }
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -202,7 +193,7 @@ impl Orchestrator {
             state.tokens -= 1.0;
         }
         state.active.fetch_add(1, Ordering::SeqCst);
-        Ok(Some(KeySlot(Some(state.active.clone()))))
+        Ok(Some(KeySlot(state.active.clone())))
     }
 
     fn reject(&self, reason: &str, error: ApiError) -> ApiError {
@@ -454,7 +445,7 @@ impl Orchestrator {
                 )
                 .with_prompt_tokens(prompt_tokens)
                 .with_owner(owner.name.clone())
-                .with_key_active(slot.map(KeySlot::keep)),
+                .with_key_slot(slot),
             );
             let weight = u64::from(task.req.max_tokens);
             match queue
@@ -473,7 +464,6 @@ impl Orchestrator {
                 Err(full) => {
                     drop(queue);
                     drop(tasks);
-                    task.release_key_slot();
                     let backoff = self.backoff_ms(&task.req.model_ref);
                     return Err(self.reject(
                         "queue_full",

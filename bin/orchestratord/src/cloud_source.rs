@@ -161,22 +161,6 @@ pub(crate) trait NodeApi: Send + Sync + 'static {
 /// The largest pool list a node may answer with (a few hundred pools fit in well under 1 MiB).
 const POLL_BODY_MAX: usize = 4 * 1024 * 1024;
 
-/// A body of at most `cap` bytes; more is an error (the node is not trusted to be small).
-async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| format!("pool list broken: {e}"))?
-    {
-        if body.len() + chunk.len() > cap {
-            return Err(format!("pool list over {} MiB", cap / (1024 * 1024)));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
 /// `GET {manager}/v2/pools` with the token (HOME may run without one, on loopback).
 pub(crate) struct HttpNodes {
     pub http: reqwest::Client,
@@ -207,7 +191,7 @@ impl NodeApi for HttpNodes {
                 }
                 s if !s.is_success() => Err(format!("pool-managerd answered {s}")),
                 _ => {
-                    let body = read_capped(resp, POLL_BODY_MAX).await?;
+                    let body = crate::engine::read_capped(resp, POLL_BODY_MAX, "pool list").await?;
                     serde_json::from_slice::<PoolsResponse>(&body)
                         .map_err(|e| format!("unreadable pool list: {e}"))
                 }

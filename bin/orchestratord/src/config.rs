@@ -251,6 +251,16 @@ pub(crate) fn keyring(
     if let Some(t) = node {
         ring.add(Principal::new("node", &[Role::Node]), t)?;
     }
+    add_clients(&mut ring, clients)?;
+    Ok((!ring.is_empty()).then(|| std::sync::Arc::new(std::sync::RwLock::new(ring))))
+}
+
+/// Adds the client keys of the keys file (a name of the other credentials is refused).
+fn add_clients(
+    ring: &mut auth_min::Keyring,
+    clients: Vec<(String, Token, auth_min::KeyLimits)>,
+) -> Result<(), ConfigError> {
+    use auth_min::{Principal, Role};
     for (name, t, limits) in clients {
         if RESERVED_NAMES.contains(&name.as_str()) {
             return Err(ConfigError::Invalid(format!(
@@ -263,7 +273,7 @@ pub(crate) fn keyring(
             t,
         )?;
     }
-    Ok((!ring.is_empty()).then(|| std::sync::Arc::new(std::sync::RwLock::new(ring))))
+    Ok(())
 }
 
 /// Reads the client keys file again into `keys` (SIGHUP): the new client keys replace the old
@@ -272,7 +282,6 @@ pub(crate) fn reload_client_keys(
     keys: &llorch_http::Keys,
     path: &std::path::Path,
 ) -> Result<usize, ConfigError> {
-    use auth_min::{Principal, Role};
     let Some(keys) = keys else {
         return Err(ConfigError::Invalid("no keys to reload".into()));
     };
@@ -283,17 +292,7 @@ pub(crate) fn reload_client_keys(
         .clone();
     next.retain(|p| RESERVED_NAMES.contains(&&*p.name));
     let n = clients.len();
-    for (name, t, limits) in clients {
-        if RESERVED_NAMES.contains(&name.as_str()) {
-            return Err(ConfigError::Invalid(format!(
-                "ORCHD_API_KEYS_FILE: the key name {name:?} is reserved"
-            )));
-        }
-        next.add(
-            Principal::new(&name, &[Role::Client]).with_limits(limits),
-            t,
-        )?;
-    }
+    add_clients(&mut next, clients)?;
     *keys
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = next;

@@ -66,9 +66,30 @@ const TOKENIZE_BODY_MAX: usize = 16 * 1024 * 1024;
 /// The most of an engine's error body that is read (the rest is dropped with the connection).
 const ERROR_BODY_MAX: usize = 4096;
 
-/// At most `cap` bytes of a body (lossy UTF-8); the read is bounded in size here and in time by
-/// the caller's timeout and cancel.
-async fn read_capped(mut resp: reqwest::Response, cap: usize) -> String {
+/// A whole body of at most `cap` bytes; more is an error (the other side is not trusted to be
+/// small). Bounded in time by the caller.
+pub(crate) async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: usize,
+    what: &str,
+) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| format!("{what} broken: {e}"))?
+    {
+        if body.len() + chunk.len() > cap {
+            return Err(format!("{what} over {cap} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// At most `cap` bytes of a body (lossy UTF-8), the rest dropped; the read is bounded in size
+/// here and in time by the caller's timeout and cancel.
+async fn read_prefix(mut resp: reqwest::Response, cap: usize) -> String {
     let mut body = Vec::new();
     while body.len() < cap {
         match resp.chunk().await {
@@ -122,7 +143,7 @@ impl Engine for HttpEngine {
             .map_err(|e| format!("engine unreachable: {}", llamacpp_client::error_chain(&e)))?;
             let status = resp.status();
             if status.is_client_error() {
-                let body = read_capped(resp, ERROR_BODY_MAX).await;
+                let body = read_prefix(resp, ERROR_BODY_MAX).await;
                 return Ok(Answer::Refused {
                     status: status.as_u16(),
                     body,
@@ -132,7 +153,7 @@ impl Engine for HttpEngine {
                 // llama-server answers 500/501 with an error body to a request it cannot serve
                 // (a chat template refusing the messages, an unsupported route): an answer about
                 // this request, not a sick engine.
-                let body = read_capped(resp, ERROR_BODY_MAX).await;
+                let body = read_prefix(resp, ERROR_BODY_MAX).await;
                 let about_request = serde_json::from_str::<serde_json::Value>(&body)
                     .is_ok_and(|v| v.get("error").is_some());
                 if about_request {
@@ -184,7 +205,7 @@ impl Engine for HttpEngine {
             if let Some(token) = bearer {
                 req = req.bearer_auth(token);
             }
-            let mut resp = req.send().await.map_err(|e| {
+            let resp = req.send().await.map_err(|e| {
                 format!(
                     "tokenizer unreachable: {}",
                     llamacpp_client::error_chain(&e)
@@ -193,13 +214,7 @@ impl Engine for HttpEngine {
             if !resp.status().is_success() {
                 return Err(format!("tokenizer answered {}", resp.status()));
             }
-            let mut body = Vec::new();
-            while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-                if body.len() + chunk.len() > TOKENIZE_BODY_MAX {
-                    return Err("tokenizer answer too large".into());
-                }
-                body.extend_from_slice(&chunk);
-            }
+            let body = read_capped(resp, TOKENIZE_BODY_MAX, "tokenizer answer").await?;
             #[derive(serde::Deserialize)]
             struct Tokens {
                 tokens: Vec<serde::de::IgnoredAny>,

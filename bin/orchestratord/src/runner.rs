@@ -171,12 +171,7 @@ impl Runner<'_> {
                 if let Some(t) = piece.token {
                     if i >= task.req.max_tokens {
                         // The engine overran the limit it was given: the task is complete.
-                        return Outcome::Done {
-                            finish_reason: "length".into(),
-                            decode_ms: 0,
-                            engine_tokens: Some(i),
-                            first_token,
-                        };
+                        return cut_off(i, first_token);
                     }
                     first_token.get_or_insert_with(Instant::now);
                     task.emit(&TaskEvent::Token { t, i });
@@ -189,12 +184,7 @@ impl Runner<'_> {
                 // Output of any kind counts against the limit: an engine that streams tool-call
                 // fragments or reasoning without end is cut off too.
                 if units > u64::from(task.req.max_tokens) + 16 {
-                    return Outcome::Done {
-                        finish_reason: "length".into(),
-                        decode_ms: 0,
-                        engine_tokens: Some(i),
-                        first_token,
-                    };
+                    return cut_off(i, first_token);
                 }
                 if let Some((finish_reason, decode_ms, engine_tokens)) = piece.done {
                     return Outcome::Done {
@@ -342,5 +332,15 @@ fn parse_chunk(data: &str) -> Result<Option<CompletionChunk>, String> {
                 None => Ok(None),
             }
         }
+    }
+}
+
+/// The engine went past the task's limit: the task is complete at `tokens`, ended for length.
+fn cut_off(tokens: u32, first_token: Option<Instant>) -> Outcome {
+    Outcome::Done {
+        finish_reason: "length".into(),
+        decode_ms: 0,
+        engine_tokens: Some(tokens),
+        first_token,
     }
 }

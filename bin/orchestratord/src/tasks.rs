@@ -50,14 +50,9 @@ pub struct Task {
     pub prompt_tokens: Option<u32>,
     /// The name of the key that submitted it: only that key (and admins) may see it.
     pub owner: std::sync::Arc<str>,
-    /// Its key's count of unfinished tasks (a key with a concurrency limit), decremented
-    /// once, at the terminal event.
-    key_active: Option<std::sync::Arc<AtomicUsize>>,
     inner: Mutex<TaskInner>,
     frames_tx: watch::Sender<u64>,
     subscribers: AtomicUsize,
-    /// Bytes of the event log (frame data plus a fixed overhead per frame).
-    log_bytes: AtomicUsize,
     /// Most bytes the event log keeps; the oldest frames go first (never the last one).
     log_cap: usize,
     /// Bumped each time the last subscriber leaves: a grace timer cancels only if no
@@ -78,6 +73,8 @@ struct TaskInner {
     frames: VecDeque<Frame>,
     /// Id of `frames[0]` (frames before it were dropped by the byte cap).
     first_id: u64,
+    /// Bytes of the kept frames (data plus a fixed overhead per frame).
+    log_bytes: usize,
     terminal: bool,
     pool_id: Option<String>,
     attempts: u32,
@@ -93,13 +90,17 @@ struct TaskInner {
     cancel_reason: Option<ErrorEnvelope>,
     /// The pool that failed this task before its first token (placement avoids it once).
     retry_avoid: Option<String>,
+    /// One of its key's concurrent tasks (a key with a concurrency limit), until it ends.
+    key_slot: Option<crate::admission::KeySlot>,
 }
 
 /// SHA-256 of a request's JSON form (serde writes fields in declaration order).
 fn request_digest(req: &TaskRequest) -> [u8; 32] {
     use sha2::Digest;
-    let bytes = serde_json::to_vec(req).unwrap_or_default();
-    sha2::Sha256::digest(&bytes).into()
+    // Written straight into the hasher: no copy of a prompt of up to a mebibyte.
+    let mut hasher = sha2::Sha256::new();
+    let _ = serde_json::to_writer(&mut hasher, req);
+    hasher.finalize().into()
 }
 
 /// What a frame costs besides its data (the struct, its id and event name).
@@ -141,11 +142,11 @@ impl Task {
             openai,
             prompt_tokens: None,
             owner: std::sync::Arc::from("anonymous"),
-            key_active: None,
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
                 frames: VecDeque::new(),
                 first_id: 0,
+                log_bytes: 0,
                 terminal: false,
                 pool_id: None,
                 attempts: 0,
@@ -159,26 +160,19 @@ impl Task {
                 error: None,
                 cancel_reason: None,
                 retry_avoid: None,
+                key_slot: None,
             }),
             frames_tx: watch::channel(0).0,
             subscribers: AtomicUsize::new(0),
-            log_bytes: AtomicUsize::new(0),
             log_cap,
             departures: AtomicUsize::new(0),
         }
     }
 
-    /// Counted among its key's unfinished tasks until it ends.
-    pub fn with_key_active(mut self, active: Option<std::sync::Arc<AtomicUsize>>) -> Self {
-        self.key_active = active;
+    /// Holds one of its key's concurrent tasks until it ends (or, never admitted, is dropped).
+    pub fn with_key_slot(mut self, slot: Option<crate::admission::KeySlot>) -> Self {
+        self.inner.get_mut().key_slot = slot;
         self
-    }
-
-    /// Gives back its key's slot when it is not admitted after all (it will never end).
-    pub fn release_key_slot(&self) {
-        if let Some(active) = &self.key_active {
-            active.fetch_sub(1, Ordering::SeqCst);
-        }
     }
 
     /// Owned by the key named `owner`.
@@ -286,9 +280,8 @@ impl Task {
                 _ => {}
             }
             if event.is_terminal() {
-                if let Some(active) = &self.key_active {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                }
+                // Its key's slot goes back with the terminal event.
+                inner.key_slot = None;
                 inner.terminal = true;
                 inner.finished_at_ms = Some(now_ms());
                 inner.finished_at = Some(Instant::now());
@@ -299,16 +292,13 @@ impl Task {
                 event: event.name(),
                 data,
             });
-            // Under the lock, so concurrent emits cannot both trim the same frames.
-            let mut bytes = self.log_bytes.fetch_add(size, Ordering::Relaxed) + size;
-            while bytes > self.log_cap && inner.frames.len() > 1 {
+            inner.log_bytes += size;
+            while inner.log_bytes > self.log_cap && inner.frames.len() > 1 {
                 let Some(old) = inner.frames.pop_front() else {
                     break;
                 };
                 inner.first_id = old.id + 1;
-                let freed = old.data.len() + FRAME_OVERHEAD;
-                self.log_bytes.fetch_sub(freed, Ordering::Relaxed);
-                bytes -= freed;
+                inner.log_bytes -= old.data.len() + FRAME_OVERHEAD;
             }
             id + 1
         };
@@ -318,7 +308,7 @@ impl Task {
 
     /// Memory the task keeps for replay: its event log and (OpenAI) the engine's chunks.
     pub fn retained_bytes(&self) -> usize {
-        self.log_bytes.load(Ordering::Relaxed) + self.openai.as_ref().map_or(0, |j| j.log.bytes())
+        self.inner.lock().log_bytes + self.openai.as_ref().map_or(0, |j| j.log.bytes())
     }
 
     /// The oldest frame id the log still keeps.
