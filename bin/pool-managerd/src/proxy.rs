@@ -112,11 +112,13 @@ pub async fn engine_proxy(
         .or_else(|_| Ok(Response::new(Body::empty())))
 }
 
-/// One engine route the proxy passes: its path, the body fields orchestratord writes, and the
-/// field holding the generation limit (required, at most the per-slot context).
+/// One engine route the proxy passes: its path, the body fields orchestratord writes (an OpenAI
+/// generation route also takes [`OPENAI_SAMPLING`]), and the field holding the generation
+/// limit (required, at most the per-slot context).
 struct Route {
     path: &'static str,
     fields: &'static [&'static str],
+    openai_sampling: bool,
     limit: Option<&'static str>,
 }
 
@@ -137,6 +139,7 @@ const OPENAI_SAMPLING: &[&str] = &[
 const ROUTES: &[Route] = &[
     Route {
         path: "completion",
+        openai_sampling: false,
         fields: &[
             "prompt",
             "n_predict",
@@ -152,21 +155,25 @@ const ROUTES: &[Route] = &[
     },
     Route {
         path: "v1/chat/completions",
+        openai_sampling: true,
         fields: &["messages", "response_format", "tools", "tool_choice"],
         limit: Some("max_tokens"),
     },
     Route {
         path: "v1/completions",
+        openai_sampling: true,
         fields: &["prompt"],
         limit: Some("max_tokens"),
     },
     Route {
         path: "v1/embeddings",
+        openai_sampling: false,
         fields: &["input", "encoding_format"],
         limit: None,
     },
     Route {
         path: "tokenize",
+        openai_sampling: false,
         fields: &["content", "add_special"],
         limit: None,
     },
@@ -199,8 +206,9 @@ fn vet_body(route: &Route, body: &[u8], ctx_max: Option<u32>) -> Result<(), ApiE
             "the body must be a JSON object",
         ));
     };
-    let sampling = route.path.starts_with("v1/") && route.limit.is_some();
-    let known = |k: &str| route.fields.contains(&k) || (sampling && OPENAI_SAMPLING.contains(&k));
+    let known = |k: &str| {
+        route.fields.contains(&k) || (route.openai_sampling && OPENAI_SAMPLING.contains(&k))
+    };
     if let Some(field) = fields.keys().find(|k| !known(k)) {
         let shown: String = format!("{field:?}").chars().take(64).collect();
         return Err(forbidden(format!(

@@ -87,15 +87,6 @@ fn engines_in(ns: &str) -> usize {
         .count()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Every frame of a task's log (`verbose`: `metrics` frames too), from the start.
 async fn replay(api: &OrchClient, id: &str) -> Vec<llorch_client::SseFrame> {
     let mut resp = api
@@ -162,15 +153,8 @@ async fn follow(
     false
 }
 
-async fn client(
-    n: usize,
-    seed: u64,
-    api: Arc<llorch_client::OrchClient>,
-    oracle: OrchClient,
-    tally: Arc<Mutex<Tally>>,
-    until: Instant,
-) {
-    let (http, base) = (oracle.http.clone(), oracle.base.clone());
+async fn client(n: usize, seed: u64, oracle: OrchClient, tally: Arc<Mutex<Tally>>, until: Instant) {
+    let (api, http, base) = (&oracle.typed, oracle.http.clone(), oracle.base.clone());
     let mut rng = StdRng::seed_from_u64(seed ^ (n as u64).wrapping_mul(0x9e37_79b9));
     let mut i = 0;
     while Instant::now() < until {
@@ -403,9 +387,11 @@ async fn chaos_soak_every_admitted_task_ends_exactly_once_and_nothing_leaks() {
         &net.path("orchestratord.log"),
     );
     let orch_pid = net.children[orch_idx].id().unwrap();
-    for (i, host) in nodes.iter().enumerate() {
-        start_node(&mut net, host, i, &[(pools[i], "tiny", SLOTS, 2048)], None);
-    }
+    let node_idx: Vec<usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, host)| start_node(&mut net, host, i, &[(pools[i], "tiny", SLOTS, 2048)], None))
+        .collect();
     let base = format!("http://{}:8080", orch.addr);
     let api = OrchClient::new(base.clone(), TOKEN);
     wait_http_ok(
@@ -427,13 +413,11 @@ async fn chaos_soak_every_admitted_task_ends_exactly_once_and_nothing_leaks() {
     // Clients and a memory sampler run while faults come and go.
     let until = Instant::now() + Duration::from_secs(secs);
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let typed = Arc::new(llorch_client::OrchClient::new(&base, Some(TOKEN)));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|n| {
             tokio::spawn(client(
                 n,
                 seed,
-                typed.clone(),
                 OrchClient::new(base.clone(), TOKEN),
                 tally.clone(),
                 until,
@@ -446,7 +430,7 @@ async fn chaos_soak_every_admitted_task_ends_exactly_once_and_nothing_leaks() {
         let (peak, on) = (peak_rss.clone(), sampling.clone());
         tokio::spawn(async move {
             while on.load(Ordering::SeqCst) {
-                peak.fetch_max(rss_kib(orch_pid), Ordering::SeqCst);
+                peak.fetch_max(rss_kib(orch_pid).unwrap_or(0), Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
@@ -562,9 +546,8 @@ async fn chaos_soak_every_admitted_task_ends_exactly_once_and_nothing_leaks() {
     assert!(fault_total >= secs / 5, "too few faults to mean anything");
 
     // The nodes stop: no engine is left behind.
-    for i in 0..nodes.len() {
-        let pid = net.children[orch_idx + 1 + i].id().unwrap();
-        signal(pid, "-TERM");
+    for idx in node_idx {
+        signal(net.children[idx].id().unwrap(), "-TERM");
     }
     for (i, host) in nodes.iter().enumerate() {
         wait_for(

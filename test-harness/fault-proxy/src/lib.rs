@@ -288,10 +288,8 @@ async fn pump(
                 return End::Closed;
             }
             pending.drain(..n);
-            if downstream.is_some() {
-                carried.fetch_add(n as u64, Ordering::SeqCst);
-            }
             if let Some(c) = &downstream {
+                carried.fetch_add(n as u64, Ordering::SeqCst);
                 c.upstream_bytes.fetch_add(n as u64, Ordering::SeqCst);
             }
             continue;

@@ -150,6 +150,18 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Resident memory of a process in KiB (`VmRSS`); `None` when it cannot be read.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// CPU time (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
 pub fn cpu_time(pid: u32) -> Duration {
     static TICKS_PER_S: OnceLock<u64> = OnceLock::new();

@@ -60,8 +60,12 @@ async fn a_task_that_ends_within_the_grace_keeps_its_own_ending() {
     h.engine.push(tokens(20, 10 * MS));
     let task = h.submit(task(20));
     drop(SubscriberGuard::new(h.orch.clone(), task.clone()));
-    let (code, _) = outcome(&task).await;
+    let (code, ended) = outcome(&task).await;
     assert_eq!(code, "end");
+    // The grace timer ends with its task, long before the grace would have run out.
+    settle().await;
+    assert!(ended.elapsed() < 1000 * MS);
+    assert_eq!(h.orch.runners.len(), 0, "the grace timer outlived its task");
     tokio::time::sleep(2000 * MS).await;
     let n = names(&task);
     assert_eq!(

@@ -73,8 +73,11 @@ async fn pool_managerd_sigterm_with_a_task_running_ends_it_once_and_leaves_no_en
         frames.push(f);
     }
     assert_eq!(terminal_count(&frames), 1, "{:?}", names(&frames));
+    // Its engine stopped under it: the one ending is an error, and the status says failed.
+    let last = frames.last().unwrap();
+    assert_eq!(last.event.as_deref(), Some("error"), "{:?}", names(&frames));
     let st = s.wait_task(&running, Duration::from_secs(10)).await;
-    assert_ne!(st.state, TaskState::Running);
+    assert_eq!(st.state, TaskState::Failed, "{st:?}");
     // Its handoff file is gone: orchestratord retires the pool.
     wait_for("the pool retired", Duration::from_secs(10), || async {
         let pools: serde_json::Value = s.get("/v2/pools").await.json().await.unwrap();

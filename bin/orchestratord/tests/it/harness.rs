@@ -95,7 +95,6 @@ impl Stack {
         ];
         pm_env.extend(opts.pm_env.iter().cloned());
         let mut pm = spawn(&workspace_binary("pool-managerd"), &pm_env, &pm_log);
-        let pm_env_kept = pm_env.clone();
         let pm_base = format!(
             "http://{}",
             logged_addr(
@@ -136,7 +135,7 @@ impl Stack {
             runtime_dir,
             orch_log,
             http,
-            pm_env: pm_env_kept,
+            pm_env,
             _dir: dir,
         };
         let path = if opts.no_wait { "health" } else { "ready" };

@@ -5,16 +5,6 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submitting_and_cancelling_large_prompts_does_not_grow_memory() {
     let s = Stack::start(StackOptions {
@@ -42,11 +32,11 @@ async fn submitting_and_cancelling_large_prompts_does_not_grow_memory() {
     };
     // Warm-up: allocator arenas and buffers reach their working size.
     round(10, "warm").await;
-    let before = rss_kib(pid);
+    let before = rss_kib(pid).unwrap();
     round(400, "probe").await;
     // 400 × 0.9 MB went through (the probe that once grew it by 353 MB); the finished tasks are retained (status, replay) but hold
     // none of it.
-    let grown_mib = rss_kib(pid).saturating_sub(before) / 1024;
+    let grown_mib = rss_kib(pid).unwrap().saturating_sub(before) / 1024;
     println!("submit-and-cancel probe: 400 × 0.9 MB, RSS grew by {grown_mib} MiB");
     assert!(grown_mib < 50, "orchestratord grew by {grown_mib} MiB");
     let st = s.wait_task("probe-399", Duration::from_secs(5)).await;
