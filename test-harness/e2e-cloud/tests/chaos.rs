@@ -209,25 +209,25 @@ async fn client(n: usize, seed: u64, oracle: OrchClient, tally: Arc<Mutex<Tally>
         match kind {
             "cancel" => {
                 let frames = rng.random_range(1..4);
-                if !follow(&api, &id, &tally, Some(frames), give_up).await {
+                if !follow(api, &id, &tally, Some(frames), give_up).await {
                     let _ = api.cancel(&id).await;
-                    follow(&api, &id, &tally, None, give_up).await;
+                    follow(api, &id, &tally, None, give_up).await;
                 }
             }
             "walk-away" => {
                 let frames = rng.random_range(1..4);
-                follow(&api, &id, &tally, Some(frames), give_up).await;
+                follow(api, &id, &tally, Some(frames), give_up).await;
             }
             "resume" => {
                 let frames = rng.random_range(1..4);
-                if !follow(&api, &id, &tally, Some(frames), give_up).await {
+                if !follow(api, &id, &tally, Some(frames), give_up).await {
                     let away = rng.random_range(0..600);
                     tokio::time::sleep(Duration::from_millis(away)).await;
-                    follow(&api, &id, &tally, None, give_up).await;
+                    follow(api, &id, &tally, None, give_up).await;
                 }
             }
             _ => {
-                follow(&api, &id, &tally, None, give_up).await;
+                follow(api, &id, &tally, None, give_up).await;
             }
         }
         // The oracle reads the task now, while orchestratord still keeps it (a long run
