@@ -63,7 +63,22 @@ async fn every_route_answers_each_role_as_the_role_table_says() {
     let table: Vec<(&str, &str, &str, [StatusCode; 5])> = vec![
         ("POST", "/v2/tasks", task, [u, u, acc, f, acc]),
         ("GET", "/v2/tasks/t-alice", "", [u, u, ok, f, ok]),
+        ("GET", "/v2/tasks/t-alice/events", "", [u, u, ok, f, ok]),
+        (
+            "POST",
+            "/v2/tasks/t-alice/cancel",
+            "",
+            [u, u, S::NO_CONTENT, f, S::NO_CONTENT],
+        ),
+        // No such session (404) — past the door.
+        (
+            "GET",
+            "/v2/sessions/s1",
+            "",
+            [u, u, S::NOT_FOUND, f, S::NOT_FOUND],
+        ),
         ("GET", "/v2/meta/capabilities", "", [u, u, ok, f, ok]),
+        ("GET", "/v2/meta/version", "", [u, u, ok, f, ok]),
         ("GET", "/v2/pools", "", [u, u, ok, f, ok]),
         ("GET", "/v2/pools/p/health", "", [u, u, ok, f, ok]),
         ("GET", "/v2/nodes", "", [u, u, f, f, ok]),
@@ -72,6 +87,12 @@ async fn every_route_answers_each_role_as_the_role_table_says() {
             "POST",
             "/v2/pools/p/drain",
             drain,
+            [u, u, f, f, S::SERVICE_UNAVAILABLE],
+        ),
+        (
+            "POST",
+            "/v2/pools/p/reload",
+            r#"{"new_model_ref":"/models/m.gguf"}"#,
             [u, u, f, f, S::SERVICE_UNAVAILABLE],
         ),
         // Registration is off in HOME (409) — past the door for a node only.
