@@ -25,6 +25,10 @@ struct Cli {
     /// File holding the API token.
     #[arg(long, env = "LLORCH_API_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// For an https:// URL: the CA orchestratord's certificate is verified against (PEM); the
+    /// system's roots when unset.
+    #[arg(long, env = "LLORCH_TLS_CA_FILE")]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -108,7 +112,18 @@ async fn main() -> anyhow::Result<()> {
         ),
         (None, None) => None,
     };
-    let c = OrchClient::new(&cli.url, token.as_deref());
+    let mut http = reqwest::Client::builder();
+    if let Some(path) = &cli.ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("the CA file {} is not PEM certificates", path.display()))?;
+        if certs.is_empty() {
+            bail!("the CA file {} holds no certificate", path.display());
+        }
+        http = http.tls_certs_only(certs);
+    }
+    let c = OrchClient::with_http(&cli.url, token.as_deref(), http.build()?);
     match cli.cmd {
         Cmd::Submit {
             model,

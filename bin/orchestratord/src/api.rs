@@ -41,9 +41,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/pools/{id}/reload", post(reload))
         .route("/v2/nodes", get(nodes))
         .route("/v2/nodes/{id}", axum::routing::delete(deregister_node));
-    let node = Router::new()
+    let mut node = Router::new()
         .route("/v2/nodes/register", post(register_node))
         .route("/v2/nodes/{id}/heartbeat", post(heartbeat));
+    if state.config.tls.as_ref().is_some_and(|t| t.mutual()) {
+        node = node.route_layer(axum::middleware::from_fn(require_client_cert));
+    }
     let gate = |role| llorch_http::Gate {
         keys: state.config.keys.clone(),
         role,
@@ -64,6 +67,27 @@ pub fn router(state: AppState) -> Router {
         state.config.max_body_bytes,
     )
     .with_state(state)
+}
+
+/// Mutual TLS: a node route needs a client certificate that chained to ORCHD_TLS_CLIENT_CA_FILE
+/// (checked in the handshake; its presence is the proof), besides the node token.
+async fn require_client_cert(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if req
+        .extensions()
+        .get::<llorch_http::tls::ClientCert>()
+        .is_none()
+    {
+        tracing::warn!(path = %req.uri().path(), "node route refused: no client certificate (ORCHD_TLS_CLIENT_CA_FILE is set)");
+        return ApiError::new(
+            ErrorCode::Forbidden,
+            "this route needs a client certificate signed by the node CA (mutual TLS)",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn health() -> Json<HealthResponse> {
@@ -372,13 +396,10 @@ async fn register_node(
         ));
     }
     let address = reg.address.trim_end_matches('/');
-    if !address.starts_with("http://") {
+    if !crate::config::is_http_url(address) {
         return Err(ApiError::new(
             ErrorCode::InvalidParams,
-            format!(
-                "address must be an http:// URL ({})",
-                crate::config::TLS_NOTE
-            ),
+            "address must be an http:// or https:// URL",
         ));
     }
     if !llorch_contracts::handoff::is_valid_pool_id(&reg.node_id) {

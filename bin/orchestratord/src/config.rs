@@ -149,6 +149,21 @@ pub struct Args {
     /// Client keys, one `name:secret` per line; re-read on SIGHUP.
     #[arg(long, env = "ORCHD_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// HTTPS: this daemon's certificate chain (PEM), with ORCHD_TLS_KEY_FILE; both re-read on
+    /// SIGHUP.
+    #[arg(long, env = "ORCHD_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// HTTPS: the certificate's private key (PEM); refused when group or others may read it.
+    #[arg(long, env = "ORCHD_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Mutual TLS for nodes: registration and heartbeats need a client certificate that chains
+    /// to this CA (other clients need none).
+    #[arg(long, env = "ORCHD_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// The CA pool-managerd's certificates are verified against (https:// node URLs); the
+    /// system's roots when unset.
+    #[arg(long, env = "LLORCH_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
     /// Allow clients without a token, only when bound to loopback.
     #[arg(
         long,
@@ -218,6 +233,10 @@ pub struct Config {
     pub api_keys_file: Option<PathBuf>,
     /// Only the shared token is set: it is client, admin and node credential at once.
     pub one_token_for_all: bool,
+    /// HTTPS, when a certificate and key are set.
+    pub tls: Option<std::sync::Arc<llorch_http::tls::ServerTls>>,
+    /// How pool-managerd is reached over https:// (the CA it is verified against).
+    pub client_tls: llorch_http::tls::ClientTls,
     pub json_logs: bool,
 }
 
@@ -227,6 +246,8 @@ pub enum ConfigError {
     Invalid(String),
     #[error(transparent)]
     Auth(#[from] auth_min::AuthConfigError),
+    #[error(transparent)]
+    Tls(#[from] llorch_http::tls::TlsError),
 }
 
 /// Principal names a client key may not take: they name the other credentials.
@@ -356,12 +377,29 @@ impl Config {
             }
             Some(n) => n,
         };
-        if !a.pool_manager_url.starts_with("http://") {
+        if !is_http_url(&a.pool_manager_url) {
             return Err(ConfigError::Invalid(format!(
-                "ORCHD_POOL_MANAGER_URL {:?} must start with http:// ({TLS_NOTE})",
+                "ORCHD_POOL_MANAGER_URL {:?} must start with http:// or https://",
                 a.pool_manager_url
             )));
         }
+        let tls = llorch_http::tls::ServerTlsFiles::from_settings(
+            ("ORCHD_TLS_CERT_FILE", a.tls_cert_file),
+            ("ORCHD_TLS_KEY_FILE", a.tls_key_file),
+            a.tls_client_ca_file.clone(),
+        )?;
+        if tls.is_none() && a.tls_client_ca_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "ORCHD_TLS_CLIENT_CA_FILE needs ORCHD_TLS_CERT_FILE and ORCHD_TLS_KEY_FILE (mutual TLS is TLS first)".into(),
+            ));
+        }
+        let tls = match tls {
+            Some(files) => Some(std::sync::Arc::new(llorch_http::tls::ServerTls::load(
+                files,
+            )?)),
+            None => None,
+        };
+        let client_tls = llorch_http::tls::ClientTls::load(a.tls_ca_file.as_deref(), None)?;
         let shared = auth_min::load_token(a.api_token.as_deref(), a.api_token_file.as_deref())?;
         let admin = auth_min::load_token_as(
             "LLORCH_ADMIN_TOKEN",
@@ -453,22 +491,24 @@ impl Config {
             keys,
             api_keys_file: a.api_keys_file,
             one_token_for_all,
+            tls,
+            client_tls,
             json_logs,
         })
     }
 }
 
-/// This build speaks plain HTTP between the daemons; https URLs are refused at startup
-/// rather than failing at the first request.
-pub const TLS_NOTE: &str =
-    "this build has no TLS client: keep daemon-to-daemon traffic on a private network or behind a TLS-terminating proxy on each end";
+/// Whether `url` is an http:// or https:// URL (the schemes the daemons speak).
+pub fn is_http_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
 
 fn parse_managers(list: &str) -> Result<Vec<String>, ConfigError> {
     let mut out = Vec::new();
     for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        if !url.starts_with("http://") {
+        if !is_http_url(url) {
             return Err(ConfigError::Invalid(format!(
-                "ORCHD_POOL_MANAGERS entry {url:?} must start with http:// ({TLS_NOTE})"
+                "ORCHD_POOL_MANAGERS entry {url:?} must start with http:// or https://"
             )));
         }
         let url = url.trim_end_matches('/').to_string();
@@ -528,8 +568,8 @@ mod tests {
         assert_eq!(c.pool_managers, vec!["http://a:9200", "http://b:9200"]);
         assert!(parse(&["--profile=cloud", token, "--node-registration=true"]).is_ok());
         assert!(parse(&["--profile=cloud", token, "--pool-managers=ftp://a"]).is_err());
-        let e = parse(&["--profile=cloud", token, "--pool-managers=https://a:9200"]).unwrap_err();
-        assert!(e.to_string().contains("no TLS client"), "{e}");
+        let c = parse(&["--profile=cloud", token, "--pool-managers=https://a:9200"]).unwrap();
+        assert_eq!(c.pool_managers, vec!["https://a:9200"]);
         let e = parse(&[token, "--pool-managers=http://a:9200"]).unwrap_err();
         assert!(e.to_string().contains("ORCHD_PROFILE=cloud"), "{e}");
         assert!(parse(&["--profile=space", token]).is_err());

@@ -111,15 +111,18 @@ pub(crate) struct HttpEngine {
 }
 
 impl HttpEngine {
-    pub fn new() -> anyhow::Result<Self> {
+    /// `tls`: how engines behind pool-managerd's proxy are reached over https://.
+    pub fn new(tls: &llorch_http::tls::ClientTls) -> anyhow::Result<Self> {
         Ok(Self {
-            streams: reqwest::Client::builder()
+            streams: tls
+                .builder()
                 .connect_timeout(Duration::from_secs(2))
                 .pool_idle_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
                 .build()?,
-            fresh: llamacpp_client::fresh_connection_client()?,
-            probes: reqwest::Client::builder()
+            fresh: llamacpp_client::fresh_connection_client_from(tls.builder())?,
+            probes: tls
+                .builder()
                 .connect_timeout(Duration::from_secs(1))
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build()?,

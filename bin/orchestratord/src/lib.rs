@@ -43,7 +43,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             )
         })?;
     let metrics = Arc::new(metrics::Metrics::new()?);
-    let engine = Arc::new(engine::HttpEngine::new()?);
+    let engine = Arc::new(engine::HttpEngine::new(&config.client_tls)?);
     let orch = Arc::new(Orchestrator::new(config, metrics.clone(), engine)?);
     let root = CancellationToken::new();
     let background = TaskTracker::new();
@@ -60,7 +60,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 manager: Some(home_source::Manager {
                     url: orch.config.pool_manager_url.clone(),
                     api: Arc::new(cloud_source::HttpNodes {
-                        http: reqwest::Client::builder()
+                        http: orch
+                            .config
+                            .client_tls
+                            .builder()
                             .connect_timeout(Duration::from_secs(1))
                             .build()?,
                         token: orch.config.token.clone(),
@@ -76,7 +79,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 managers: orch.managers.clone(),
                 pools: orch.pools.clone(),
                 nodes: Arc::new(cloud_source::HttpNodes {
-                    http: reqwest::Client::builder()
+                    http: orch
+                        .config
+                        .client_tls
+                        .builder()
                         .connect_timeout(Duration::from_secs(1))
                         .pool_idle_timeout(Duration::from_secs(30))
                         .build()?,
@@ -106,6 +112,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         policy = orch.config.admission_policy.label(),
         capacity = orch.config.admission_capacity,
         auth = token_fp.as_deref().unwrap_or("none (loopback only)"),
+        tls = match &orch.config.tls {
+            None => "off",
+            Some(t) if t.mutual() => "on, node certificates required",
+            Some(_) => "on",
+        },
         "orchestratord listening"
     );
     let keys = orch.config.keys.as_ref().map_or(0, |k| {
@@ -114,22 +125,38 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .len()
     });
     tracing::info!(keys, "keys loaded (names only are ever logged)");
+    if orch.config.tls.is_none()
+        && orch.config.profile == config::Profile::Cloud
+        && !local.ip().is_loopback()
+    {
+        tracing::warn!("serving plain HTTP on a network address: tokens and prompts cross the network in clear text; set ORCHD_TLS_CERT_FILE and ORCHD_TLS_KEY_FILE (docs/SECURITY.md)");
+    }
     if orch.config.one_token_for_all && orch.config.profile == config::Profile::Cloud {
         tracing::warn!("LLORCH_API_TOKEN is client, admin and node credential at once: any client could register a node or drain a pool; set ORCHD_API_KEYS_FILE, LLORCH_ADMIN_TOKEN and LLORCH_NODE_TOKEN to separate them");
     }
+    let mut reloads: Vec<(&'static str, llorch_http::Reload)> = Vec::new();
     if let Some(path) = orch.config.api_keys_file.clone() {
-        background.spawn(reload_keys_on_sighup(
-            orch.config.keys.clone(),
-            path,
-            root.child_token(),
+        let keys = orch.config.keys.clone();
+        reloads.push((
+            "client keys",
+            Box::new(move || {
+                config::reload_client_keys(&keys, &path)
+                    .map(|n| format!("{n} client keys reloaded from {}", path.display()))
+                    .map_err(|e| e.to_string())
+            }),
         ));
     }
+    if let Some(tls) = orch.config.tls.clone() {
+        reloads.push(("TLS", llorch_http::tls_reload(tls)));
+    }
+    background.spawn(llorch_http::reload_on_sighup(reloads, root.child_token()));
     let app = api::router(orch.clone());
     let server_stop = CancellationToken::new();
     let server = tokio::spawn({
         let stop = server_stop.clone();
         let limits = orch.config.conn_limits;
-        async move { llorch_http::serve(listener, app, limits, stop.cancelled_owned()).await }
+        let tls = orch.config.tls.clone();
+        async move { llorch_http::serve(listener, app, limits, tls, stop.cancelled_owned()).await }
     });
 
     shutdown.await;
@@ -155,32 +182,4 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     tracing::info!("orchestratord stopped");
     Ok(())
-}
-
-/// Re-reads the client keys file on each SIGHUP; a file that does not load leaves the keys as
-/// they were (logged).
-async fn reload_keys_on_sighup(
-    keys: llorch_http::Keys,
-    path: std::path::PathBuf,
-    cancel: CancellationToken,
-) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; client keys are read at start only");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            got = hup.recv() => {
-                if got.is_none() {
-                    return;
-                }
-                match config::reload_client_keys(&keys, &path) {
-                    Ok(n) => tracing::info!(keys = n, path = %path.display(), "client keys reloaded"),
-                    Err(error) => tracing::error!(%error, "client keys not reloaded; the previous keys stay"),
-                }
-            }
-        }
-    }
 }

@@ -73,7 +73,9 @@ impl Orchestrator {
         engine: Arc<dyn Engine>,
     ) -> anyhow::Result<Self> {
         let wake = Arc::new(Notify::new());
-        let control_http = reqwest::Client::builder()
+        let control_http = config
+            .client_tls
+            .builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))
             .build()?;

@@ -134,10 +134,23 @@ pub struct Args {
         default_value_t = false
     )]
     pub allow_unauthenticated_loopback: bool,
+    /// HTTPS: this daemon's certificate chain (PEM), with POOL_MANAGERD_TLS_KEY_FILE; both
+    /// re-read on SIGHUP. Also the client certificate it presents to an orchestratord that
+    /// asks for one (mutual TLS: the certificate then needs the clientAuth usage too).
+    #[arg(long, env = "POOL_MANAGERD_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// HTTPS: the certificate's private key (PEM); refused when group or others may read it.
+    #[arg(long, env = "POOL_MANAGERD_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// The CA orchestratord's certificate is verified against (an https:// orchestratord URL);
+    /// the system's roots when unset.
+    #[arg(long, env = "LLORCH_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
     /// CLOUD: orchestratord to register with (and heartbeat to). Needs a token.
     #[arg(long, env = "POOL_MANAGERD_ORCHESTRATORD_URL")]
     pub orchestratord_url: Option<String>,
-    /// CLOUD: the URL orchestratord reaches this daemon at (default: http://<bind addr>).
+    /// CLOUD: the URL orchestratord reaches this daemon at (default: http://<bind addr>, or
+    /// https:// with TLS on).
     #[arg(long, env = "POOL_MANAGERD_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
     /// CLOUD: heartbeat interval to orchestratord.
@@ -186,6 +199,11 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub conn_limits: llorch_http::ConnLimits,
     pub token: Option<Token>,
+    /// HTTPS, when a certificate and key are set.
+    pub tls: Option<std::sync::Arc<llorch_http::tls::ServerTls>>,
+    /// How orchestratord is reached over https:// (the CA it is verified against, the
+    /// certificate presented when it asks for one).
+    pub client_tls: llorch_http::tls::ClientTls,
     pub json_logs: bool,
 }
 
@@ -205,6 +223,8 @@ pub enum ConfigError {
     Invalid(String),
     #[error(transparent)]
     Auth(#[from] auth_min::AuthConfigError),
+    #[error(transparent)]
+    Tls(#[from] llorch_http::tls::TlsError),
 }
 
 impl Config {
@@ -232,13 +252,31 @@ impl Config {
             |name: &str, v: u64| llorch_http::positive_ms(name, v).map_err(ConfigError::Invalid);
         let pools = validate_pools(file.pools)?;
         let model_dirs = model_dirs(&args.model_dirs, &pools)?;
+        let tls_files = llorch_http::tls::ServerTlsFiles::from_settings(
+            ("POOL_MANAGERD_TLS_CERT_FILE", args.tls_cert_file),
+            ("POOL_MANAGERD_TLS_KEY_FILE", args.tls_key_file),
+            None,
+        )?;
+        let client_tls = llorch_http::tls::ClientTls::load(
+            args.tls_ca_file.as_deref(),
+            tls_files
+                .as_ref()
+                .map(|f| (f.cert.as_path(), f.key.as_path())),
+        )?;
+        let scheme = if tls_files.is_some() { "https" } else { "http" };
+        let tls = match tls_files {
+            Some(files) => Some(std::sync::Arc::new(llorch_http::tls::ServerTls::load(
+                files,
+            )?)),
+            None => None,
+        };
         let registration = match &args.orchestratord_url {
             None => None,
             Some(url) => {
                 let url = url.trim_end_matches('/').to_string();
-                if !url.starts_with("http://") {
+                if !url.starts_with("http://") && !url.starts_with("https://") {
                     return Err(ConfigError::Invalid(format!(
-                        "POOL_MANAGERD_ORCHESTRATORD_URL {url:?} must start with http:// (this build has no TLS client: keep daemon-to-daemon traffic on a private network or behind a TLS-terminating proxy)"
+                        "POOL_MANAGERD_ORCHESTRATORD_URL {url:?} must start with http:// or https://"
                     )));
                 }
                 if token.is_none() {
@@ -254,7 +292,7 @@ impl Config {
                             args.bind_addr
                         )))
                     }
-                    None => format!("http://{}", args.bind_addr),
+                    None => format!("{scheme}://{}", args.bind_addr),
                 };
                 Some(Registration {
                     orchestratord_url: url,
@@ -321,6 +359,8 @@ impl Config {
                 )?,
             },
             token,
+            tls,
+            client_tls,
             json_logs,
         })
     }

@@ -94,11 +94,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         registry: RwLock::new(Registry::new()),
         metrics: metrics::Metrics::new()?,
         launcher: Arc::new(launcher::ProcessLauncher),
-        probe: Arc::new(launcher::HttpProbe {
-            http: probe_http.clone(),
-        }),
+        probe: Arc::new(launcher::HttpProbe { http: probe_http }),
         jitter: rand::random,
-        probe_http,
         proxy_http,
         proxy_fresh: llamacpp_client::fresh_connection_client()?,
         gpus: RwLock::new(discovery),
@@ -119,7 +116,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(reg) = shared.config.registration.clone() {
         if let Some(token) = shared.config.token.clone() {
             let plane = Arc::new(registration::HttpControlPlane {
-                http: shared.probe_http.clone(),
+                http: shared
+                    .config
+                    .client_tls
+                    .builder()
+                    .connect_timeout(Duration::from_secs(1))
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build()?,
                 base: reg.orchestratord_url.clone(),
                 token,
             });
@@ -147,13 +150,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         node_id = %shared.config.node_id,
         pools = shared.config.pools.len(),
         auth = token_fp.as_deref().unwrap_or("none (loopback only)"),
+        tls = if shared.config.tls.is_some() { "on" } else { "off" },
         "pool-managerd listening"
     );
     let app = api::router(shared.clone());
     let server_cancel = root.child_token();
     let limits = shared.config.conn_limits;
+    let tls = shared.config.tls.clone();
+    if let Some(tls) = tls.clone() {
+        tasks.spawn(llorch_http::reload_on_sighup(
+            vec![("TLS", llorch_http::tls_reload(tls))],
+            root.child_token(),
+        ));
+    }
     let server = tokio::spawn(async move {
-        llorch_http::serve(listener, app, limits, server_cancel.cancelled_owned()).await
+        llorch_http::serve(listener, app, limits, tls, server_cancel.cancelled_owned()).await
     });
 
     shutdown.await;

@@ -22,9 +22,6 @@ pub struct Shared {
     pub engine_version: String,
     pub registry: RwLock<Registry>,
     pub metrics: Metrics,
-    /// Short-timeout client: engine probes (`HttpProbe`) and the control plane
-    /// (registration, heartbeats).
-    pub probe_http: reqwest::Client,
     /// How engines are started and stopped (child processes; scripted in tests).
     pub launcher: Arc<dyn Launcher>,
     /// How engines are probed (HTTP; scripted in tests).

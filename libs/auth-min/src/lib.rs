@@ -122,7 +122,7 @@ pub fn load_token_as(
 }
 
 /// A file of secrets, refused when group or others may read it.
-fn read_secret_file(path: &Path) -> Result<String, AuthConfigError> {
+pub fn read_secret_file(path: &Path) -> Result<String, AuthConfigError> {
     let shown = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| AuthConfigError::Unreadable {
         path: shown.clone(),

@@ -34,8 +34,13 @@ pub struct OrchClient {
 impl OrchClient {
     /// `base` like `http://127.0.0.1:8080`; `token` is sent as `Authorization: Bearer`.
     pub fn new(base: &str, token: Option<&str>) -> Self {
+        Self::with_http(base, token, reqwest::Client::new())
+    }
+
+    /// [`OrchClient::new`] over `http` (a client with its own TLS settings, say).
+    pub fn with_http(base: &str, token: Option<&str>, http: reqwest::Client) -> Self {
         Self {
-            http: reqwest::Client::new(),
+            http,
             base: base.trim_end_matches('/').to_string(),
             token: token.map(str::to_string),
         }
@@ -58,7 +63,7 @@ impl OrchClient {
         let resp = rb
             .send()
             .await
-            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+            .map_err(|e| ClientError::Unreachable(llamacpp_client::error_chain(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -85,7 +90,7 @@ impl OrchClient {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+            .map_err(|e| ClientError::Unreachable(llamacpp_client::error_chain(&e)))?;
         serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected {
             status,
             body: format!("{e}: {}", String::from_utf8_lossy(&body)),
@@ -255,7 +260,7 @@ impl ChatStream {
                 .resp
                 .chunk()
                 .await
-                .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+                .map_err(|e| ClientError::Unreachable(llamacpp_client::error_chain(&e)))?;
             match chunk {
                 Some(c) => self.pending.extend(self.parser.push(&c)),
                 None => {

@@ -11,6 +11,7 @@ use axum::Json;
 use llorch_contracts::{ErrorCode, ErrorEnvelope};
 
 mod serve;
+pub mod tls;
 
 pub use serve::{is_body_timeout, serve, BodyTimeout, ConnLimits, MAX_HEADERS, MAX_HEAD_BYTES};
 
@@ -352,6 +353,52 @@ pub async fn method_not_allowed() -> ApiError {
         ErrorCode::MethodNotAllowed,
         "method not allowed on this endpoint",
     )
+}
+
+/// Something a daemon reads again on SIGHUP: what it loaded (for the log), or why it could not
+/// (the previous one then stays).
+pub type Reload = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// On each SIGHUP, runs every reload and logs what each did, until `cancel`.
+pub async fn reload_on_sighup(
+    reloads: Vec<(&'static str, Reload)>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    if reloads.is_empty() {
+        return;
+    }
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; files are read at start only");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                for (what, reload) in &reloads {
+                    match reload() {
+                        Ok(loaded) => tracing::info!(what, "{loaded}"),
+                        Err(error) => tracing::error!(what, %error, "not reloaded; the previous one stays"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The SIGHUP reload of a server's TLS files.
+pub fn tls_reload(tls: std::sync::Arc<tls::ServerTls>) -> Reload {
+    Box::new(move || {
+        tls.reload().map_err(|e| e.to_string())?;
+        Ok(format!(
+            "TLS certificate reloaded from {}",
+            tls.files().cert.display()
+        ))
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -18,6 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
 
+use crate::tls::{ClientCert, ServerTls};
+
 /// Bounds of the server's connections.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
@@ -39,11 +41,14 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Serves `app` on `listener` until `shutdown`, then stops accepting, lets open requests end
 /// (`graceful_shutdown` of every connection) and returns when they have. Accepted connections
 /// get `TCP_NODELAY` (small SSE writes must not wait for delayed ACKs). HTTP/2 is not spoken: a
-/// prior-knowledge HTTP/2 client gets its connection closed.
+/// prior-knowledge HTTP/2 client gets its connection closed. With `tls`, every connection is
+/// TLS: the handshake must end within the header-read timeout, and a failed one closes the
+/// connection (logged at debug: scanners would flood the log).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnLimits,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -58,7 +63,7 @@ pub async fn serve(
                 Err(_) => break,
             },
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -73,33 +78,30 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
         }
-        let body_timeout = limits.body_read_timeout;
-        let service =
-            TowerToHyperService::new(app.clone().map_request(move |req: Request<Incoming>| {
-                req.map(|body| Body::new(DeadlineBody::new(body, body_timeout)))
-            }));
-        let mut closing = closing_rx.clone();
+        let app = app.clone();
+        let closing = closing_rx.clone();
+        let tls = tls.as_ref().map(|t| t.current());
         connections.spawn(async move {
             let _permit = permit;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .max_headers(MAX_HEADERS)
-                .max_header_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                changed = closing.changed() => {
-                    if changed.is_ok() {
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    // Served until the in-flight request ends.
-                    conn.as_mut().await
-                }
+            let Some(tls) = tls else {
+                serve_connection(stream, app, limits, None, closing).await;
+                return;
             };
-            if let Err(error) = result {
-                tracing::debug!(%error, "connection ended with an error");
+            let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+            match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                Ok(Ok(stream)) => {
+                    let cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|c| !c.is_empty())
+                        .then_some(ClientCert);
+                    serve_connection(stream, app, limits, cert, closing).await;
+                }
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake not done within the header-read timeout")
+                }
             }
         });
     }
@@ -107,6 +109,46 @@ pub async fn serve(
     let _ = closing_tx.send(true);
     connections.close();
     connections.wait().await;
+}
+
+/// One connection's requests, until it closes or the server closes (then gracefully).
+async fn serve_connection<IO>(
+    io: IO,
+    app: Router,
+    limits: ConnLimits,
+    cert: Option<ClientCert>,
+    mut closing: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let body_timeout = limits.body_read_timeout;
+    let service = TowerToHyperService::new(app.map_request(move |req: Request<Incoming>| {
+        let mut req = req.map(|body| Body::new(DeadlineBody::new(body, body_timeout)));
+        if let Some(cert) = cert {
+            req.extensions_mut().insert(cert);
+        }
+        req
+    }));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(MAX_HEADERS)
+        .max_header_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        changed = closing.changed() => {
+            if changed.is_ok() {
+                conn.as_mut().graceful_shutdown();
+            }
+            // Served until the in-flight request ends.
+            conn.as_mut().await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection ended with an error");
+    }
 }
 
 /// A request body that must arrive whole within its deadline; past it, reading fails with
@@ -206,7 +248,7 @@ mod tests {
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, app, limits, std::future::pending()));
+        tokio::spawn(serve(listener, app, limits, None, std::future::pending()));
         addr
     }
 

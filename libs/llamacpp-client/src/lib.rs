@@ -158,7 +158,29 @@ pub fn error_chain(e: &reqwest::Error) -> String {
     if msg.is_empty() {
         msg = e.to_string();
     }
+    if let Some(hint) = tls_hint(&msg) {
+        msg.push_str(" (");
+        msg.push_str(hint);
+        msg.push(')');
+    }
     msg
+}
+
+/// What to check when a request failed in the TLS handshake (rustls's reasons are terse).
+fn tls_hint(msg: &str) -> Option<&'static str> {
+    const HINTS: &[(&str, &str)] = &[
+        ("UnknownIssuer", "the server's certificate is not signed by a CA this daemon trusts: check LLORCH_TLS_CA_FILE"),
+        ("NotValidForName", "the server's certificate does not name the host of the URL"),
+        ("Expired", "the server's certificate has expired"),
+        ("alert: UnknownCA", "the server does not trust this daemon's client certificate: it must be signed by the server's client CA"),
+        ("alert: BadCertificate", "the server does not accept this daemon's client certificate"),
+        ("alert: CertificateRequired", "the server requires a client certificate: set this daemon's TLS certificate and key"),
+        ("InvalidContentType", "the server did not answer TLS: is the URL https:// to a plain http:// server?"),
+    ];
+    HINTS
+        .iter()
+        .find(|(needle, _)| msg.contains(needle))
+        .map(|(_, hint)| *hint)
 }
 
 /// True for the failure DESIGN §7 describes: llama-server closed a pooled keep-alive connection
@@ -240,7 +262,14 @@ pub struct Timings {
 
 /// A client that never reuses a connection: for the one retry of [`send_completion`].
 pub fn fresh_connection_client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
+    fresh_connection_client_from(reqwest::Client::builder())
+}
+
+/// [`fresh_connection_client`] from `builder` (its TLS settings, say).
+pub fn fresh_connection_client_from(
+    builder: reqwest::ClientBuilder,
+) -> reqwest::Result<reqwest::Client> {
+    builder
         .connect_timeout(Duration::from_secs(2))
         .pool_max_idle_per_host(0)
         .tcp_nodelay(true)

@@ -2,6 +2,8 @@
 //! the pinned `llama-server` and the tiny model written by the project's own generator.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pki;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -325,6 +327,30 @@ impl OrchClient {
         Self {
             typed: llorch_client::OrchClient::new(&base, Some(token)),
             http: authed_client(token),
+            base,
+        }
+    }
+
+    /// [`OrchClient::new`] for an https:// `base` whose certificate chains to `ca` (PEM).
+    pub fn over_tls(base: String, token: &str, ca: &Path) -> Self {
+        let certs = reqwest::Certificate::from_pem_bundle(&std::fs::read(ca).unwrap()).unwrap();
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        let client = |headers: Option<reqwest::header::HeaderMap>| {
+            let b = reqwest::Client::builder().tls_certs_only(certs.iter().cloned());
+            match headers {
+                Some(h) => b.default_headers(h),
+                None => b,
+            }
+            .build()
+            .unwrap()
+        };
+        Self {
+            typed: llorch_client::OrchClient::with_http(&base, Some(token), client(None)),
+            http: client(Some(headers)),
             base,
         }
     }

@@ -24,4 +24,5 @@ mod restart;
 mod roles;
 mod sessions;
 mod streaming;
+mod tls;
 mod trace;

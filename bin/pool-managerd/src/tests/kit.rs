@@ -280,7 +280,6 @@ pub fn build(flags: &[&str]) -> Built {
         engine_version: "scripted".into(),
         registry: RwLock::new(Registry::new()),
         metrics: crate::metrics::Metrics::new().unwrap(),
-        probe_http: reqwest::Client::new(),
         launcher: Arc::new(scripted.clone()),
         probe: Arc::new(scripted),
         jitter: || 0.0,
