@@ -11,12 +11,14 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins demo up lint test bench bench-build bench-handoff bench-admission bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth soak clean-cache
+.PHONY: help deps engine model build bins bins-release install check-deploy demo up lint test bench bench-build bench-handoff bench-admission bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth soak clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
 	@echo "make up             run the stack in the foreground (Ctrl-C stops it)"
 	@echo "make test           build, lint and run every test (installs engine + model first)"
+	@echo "make install        binaries, systemd units and examples under PREFIX (default /usr/local)"
+	@echo "make check-deploy   verify deploy/systemd (systemd-analyze) and deploy/kubernetes (schemas)"
 	@echo "make engine         install the pinned llama-server into $(CACHE)"
 	@echo "make model          write the tiny test model to $(MODEL)"
 	@echo "make bench          all benchmarks (results go in test-harness/bench/README.md by hand)"
@@ -37,6 +39,45 @@ build:
 bins:
 	@$(CARGO) build -q -p pool-managerd -p orchestratord -p llorch
 
+bins-release:
+	$(CARGO) build --release -p pool-managerd -p orchestratord -p llorch
+
+# `make install [PREFIX=/usr/local] [DESTDIR=]`: the binaries to $(BINDIR), the systemd units
+# (their ExecStart= pointing there) to $(UNITDIR), the sysusers.d and tmpfiles.d snippets, and the
+# environment and pools examples with the operator docs to $(DOCDIR). DESTDIR stages the tree
+# elsewhere (packages, check-deploy). It builds the release binaries first; INSTALL_PROFILE=debug
+# installs the debug build instead. It starts and enables nothing (docs/CLOUD_PROFILE_DEPLOYMENT.md).
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+DOCDIR ?= $(PREFIX)/share/doc/llama-orch
+INSTALL_PROFILE ?= release
+
+install: $(if $(filter debug,$(INSTALL_PROFILE)),bins,bins-release)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
+	  $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DOCDIR)/examples
+	install -m 755 $(addprefix $(TARGET)/$(INSTALL_PROFILE)/,orchestratord pool-managerd llorch) \
+	  $(DESTDIR)$(BINDIR)/
+	for unit in orchestratord pool-managerd; do \
+	  sed -e 's|/usr/local/bin/|$(BINDIR)/|' -e 's|/usr/local/share/doc/llama-orch/|$(DOCDIR)/|' \
+	    deploy/systemd/$$unit.service > $(DESTDIR)$(UNITDIR)/$$unit.service; \
+	  chmod 644 $(DESTDIR)$(UNITDIR)/$$unit.service; \
+	done
+	install -m 644 deploy/systemd/llama-orch.sysusers.conf $(DESTDIR)$(SYSUSERSDIR)/llama-orch.conf
+	install -m 644 deploy/systemd/llama-orch.tmpfiles.conf $(DESTDIR)$(TMPFILESDIR)/llama-orch.conf
+	install -m 644 deploy/systemd/orchestratord.env.example deploy/systemd/pool-managerd.env.example \
+	  examples/pools.toml $(DESTDIR)$(DOCDIR)/examples/
+	install -m 644 docs/CLOUD_PROFILE_DEPLOYMENT.md docs/SECURITY.md $(DESTDIR)$(DOCDIR)/
+
+# The deployment files: systemd units checked by systemd-analyze verify on a DESTDIR install of
+# the debug build, Kubernetes manifests validated offline against the API schemas (a pinned
+# kubernetes-validate in $(CACHE)); each check also proves it catches a broken file.
+check-deploy: deps bins
+	@scripts/check-deploy.sh
+
 demo: engine model bins
 	@scripts/stack.sh demo
 
@@ -52,7 +93,7 @@ lint:
 # paused time in process, where parallelism cannot matter).
 TEST_THREADS ?= 2
 
-test: engine model lint
+test: engine model lint check-deploy
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 	@$(MAKE) --no-print-directory demo
 

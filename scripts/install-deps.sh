@@ -13,6 +13,10 @@ python3 -c 'import venv' >/dev/null 2>&1 || need+=(python3-venv)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# make check-deploy: systemd-analyze, systemd-sysusers and systemd-tmpfiles check the units and
+# snippets of deploy/systemd; orchestratord.service reloads with /bin/kill.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+[ -x /bin/kill ] || need+=(procps)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
