@@ -385,8 +385,33 @@ async fn nodes(State(orch): State<AppState>) -> Json<NodesResponse> {
     Json(NodesResponse { nodes })
 }
 
+/// Whether `caller` may speak for node `node_id`: a per-node token only for its own node, and
+/// a node id bound to a per-node token (ORCHD_NODE_TOKENS_FILE) only with that token — so a
+/// live node cannot be taken over with the shared node token.
+fn speaks_for(
+    orch: &crate::state::Orchestrator,
+    caller: &auth_min::Principal,
+    node_id: &str,
+) -> Result<(), ApiError> {
+    let refused = |why: String| {
+        tracing::warn!(key = %caller.name, node_id = %node_id.chars().take(64).collect::<String>(), "{why}");
+        Err(ApiError::new(ErrorCode::Forbidden, why))
+    };
+    match &caller.node {
+        Some(own) if **own != *node_id => refused(format!(
+            "this token speaks for node {own:?} only, not {node_id:?}"
+        )),
+        Some(_) => Ok(()),
+        None if orch.config.bound_nodes.contains(node_id) => refused(format!(
+            "node {node_id:?} has its own token (ORCHD_NODE_TOKENS_FILE); only that token speaks for it"
+        )),
+        None => Ok(()),
+    }
+}
+
 async fn register_node(
     State(orch): State<AppState>,
+    Extension(caller): Extension<auth_min::Principal>,
     ApiJson(reg): ApiJson<llorch_contracts::nodes::NodeRegistration>,
 ) -> Result<Json<NodeRegistered>, ApiError> {
     if orch.config.profile != crate::config::Profile::Cloud || !orch.config.node_registration {
@@ -408,6 +433,9 @@ async fn register_node(
             "node_id must be 1-64 characters of A-Z a-z 0-9 . _ -",
         ));
     }
+    speaks_for(&orch, &caller, &reg.node_id)?;
+    llorch_contracts::GpuInfo::validate_all(&reg.gpus)
+        .map_err(|reason| ApiError::new(ErrorCode::InvalidParams, format!("gpus: {reason}")))?;
     let moved = orch.managers.register(&reg.node_id, address, reg.gpus);
     for pool in &moved {
         // Bound to the node's old address: tasks there end now, the pool binds again at the
@@ -426,8 +454,10 @@ async fn register_node(
 
 async fn heartbeat(
     State(orch): State<AppState>,
+    Extension(caller): Extension<auth_min::Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
+    speaks_for(&orch, &caller, &id)?;
     if orch.managers.heartbeat(&id) {
         Ok(StatusCode::NO_CONTENT)
     } else {

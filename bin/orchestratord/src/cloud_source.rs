@@ -274,6 +274,13 @@ impl CloudSource {
 
     fn apply(&self, url: &str, result: PollResult, poll_ms: f64) {
         let mut managers = self.managers.inner.write();
+        // The other managers, and whether each is unavailable (its pool ids may move here).
+        let others: BTreeMap<String, bool> = managers
+            .iter()
+            .filter(|(u, _)| *u != url)
+            .map(|(u, x)| (u.clone(), x.availability == Availability::Unavailable))
+            .collect();
+        let mut taken_from: Vec<(String, String)> = Vec::new();
         let Some(m) = managers.get_mut(url) else {
             return;
         };
@@ -329,7 +336,13 @@ impl CloudSource {
                 let mut conflicting = BTreeSet::new();
                 for p in pools {
                     if let Some(existing) = self.pools.get(&p.pool_id) {
-                        if existing.manager.as_deref() != Some(url) {
+                        let holder = existing.manager.clone().unwrap_or_default();
+                        if holder != url && others.get(&holder).is_none_or(|down| *down) {
+                            // Its node is unavailable (or gone): the pool id moves here.
+                            tracing::warn!(pool_id = %p.pool_id, from = %holder, to = %url, "pool id moves to another pool-managerd: its holder is unavailable");
+                            self.pools.remove(&p.pool_id);
+                            taken_from.push((holder, p.pool_id.clone()));
+                        } else if holder != url {
                             if !m.conflicting.contains(&p.pool_id) {
                                 tracing::warn!(pool_id = %p.pool_id, manager = %url, "pool id already served by another pool-managerd; ignoring this one");
                             }
@@ -366,7 +379,15 @@ impl CloudSource {
                 }
                 m.pools = owned;
                 m.conflicting = conflicting;
-                m.gpus = resp.gpus;
+                match llorch_contracts::GpuInfo::validate_all(&resp.gpus) {
+                    Ok(()) => m.gpus = resp.gpus,
+                    Err(reason) => {
+                        if m.last_error.is_none() {
+                            tracing::warn!(manager = %url, %reason, "node reported invalid GPUs; ignoring them");
+                        }
+                        m.gpus.clear();
+                    }
+                }
             }
             PollResult::Failed(error) => {
                 m.consecutive_ok = 0;
@@ -382,6 +403,11 @@ impl CloudSource {
                         .mark_lost(pool, format!("pool-managerd {url}: {error}"));
                 }
                 m.last_error = Some(error);
+            }
+        }
+        for (holder, pool) in taken_from {
+            if let Some(x) = managers.get_mut(&holder) {
+                x.pools.remove(&pool);
             }
         }
     }

@@ -146,6 +146,10 @@ pub struct Args {
     pub node_token: Option<String>,
     #[arg(long, env = "LLORCH_NODE_TOKEN_FILE")]
     pub node_token_file: Option<PathBuf>,
+    /// Per-node tokens, one `node_id:secret` per line: each binds a node id to its own secret
+    /// (that node registers and heartbeats only with it; no other key can take the id).
+    #[arg(long, env = "ORCHD_NODE_TOKENS_FILE")]
+    pub node_tokens_file: Option<PathBuf>,
     /// Client keys, one `name:secret` per line; re-read on SIGHUP.
     #[arg(long, env = "ORCHD_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
@@ -233,6 +237,9 @@ pub struct Config {
     pub api_keys_file: Option<PathBuf>,
     /// Only the shared token is set: it is client, admin and node credential at once.
     pub one_token_for_all: bool,
+    /// Node ids bound to their own tokens (ORCHD_NODE_TOKENS_FILE): only that token speaks
+    /// for them.
+    pub bound_nodes: std::collections::BTreeSet<String>,
     /// HTTPS, when a certificate and key are set.
     pub tls: Option<std::sync::Arc<llorch_http::tls::ServerTls>>,
     /// How pool-managerd is reached over https:// (the CA it is verified against).
@@ -259,6 +266,7 @@ pub(crate) fn keyring(
     shared: Option<Token>,
     admin: Option<Token>,
     node: Option<Token>,
+    nodes: Vec<(String, Token)>,
     clients: Vec<(String, Token, auth_min::KeyLimits)>,
 ) -> Result<llorch_http::Keys, ConfigError> {
     use auth_min::{Principal, Role};
@@ -271,6 +279,9 @@ pub(crate) fn keyring(
     }
     if let Some(t) = node {
         ring.add(Principal::new("node", &[Role::Node]), t)?;
+    }
+    for (id, t) in nodes {
+        ring.add(Principal::for_node(&id), t)?;
     }
     add_clients(&mut ring, clients)?;
     Ok((!ring.is_empty()).then(|| std::sync::Arc::new(std::sync::RwLock::new(ring))))
@@ -311,13 +322,27 @@ pub(crate) fn reload_client_keys(
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    next.retain(|p| RESERVED_NAMES.contains(&&*p.name));
+    next.retain(|p| RESERVED_NAMES.contains(&&*p.name) || p.node.is_some());
     let n = clients.len();
     add_clients(&mut next, clients)?;
     *keys
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
     Ok(n)
+}
+
+/// The per-node tokens file: `node_id:secret` lines (a keys file without limits).
+fn node_tokens(path: &std::path::Path) -> Result<Vec<(String, Token)>, ConfigError> {
+    let mut out = Vec::new();
+    for (id, token, limits) in auth_min::load_keys_file(path)? {
+        if !limits.is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "ORCHD_NODE_TOKENS_FILE: node {id:?} has limits; node tokens take none"
+            )));
+        }
+        out.push((id, token));
+    }
+    Ok(out)
 }
 
 fn ms(name: &str, v: u64) -> Result<Duration, ConfigError> {
@@ -415,8 +440,16 @@ impl Config {
             Some(path) => auth_min::load_keys_file(path)?,
             None => Vec::new(),
         };
-        let one_token_for_all =
-            shared.is_some() && admin.is_none() && node.is_none() && clients.is_empty();
+        let nodes = match &a.node_tokens_file {
+            Some(path) => node_tokens(path)?,
+            None => Vec::new(),
+        };
+        let bound_nodes = nodes.iter().map(|(id, _)| id.clone()).collect();
+        let one_token_for_all = shared.is_some()
+            && admin.is_none()
+            && node.is_none()
+            && nodes.is_empty()
+            && clients.is_empty();
         let token = node.clone().or_else(|| shared.clone());
         if profile == Profile::Cloud && token.is_none() {
             return Err(ConfigError::Invalid(
@@ -429,7 +462,7 @@ impl Config {
             .or_else(|| node.clone())
             .or_else(|| clients.first().map(|(_, t, _)| t.clone()));
         auth_min::check_bind(a.bind_addr, any.as_ref(), a.allow_unauthenticated_loopback)?;
-        let keys = keyring(shared, admin, node, clients)?;
+        let keys = keyring(shared, admin, node, nodes, clients)?;
         Ok(Config {
             profile,
             pool_managers,
@@ -491,6 +524,7 @@ impl Config {
             keys,
             api_keys_file: a.api_keys_file,
             one_token_for_all,
+            bound_nodes,
             tls,
             client_tls,
             json_logs,

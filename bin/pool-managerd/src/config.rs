@@ -93,6 +93,21 @@ pub struct Args {
     /// Largest request body accepted (engine proxy included).
     #[arg(long, env = "POOL_MANAGERD_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Engine proxy: the longest the engine may stay silent (before answering, or between two
+    /// pieces of its answer); the request is then cut and the engine's connection closed.
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_PROXY_IDLE_TIMEOUT_MS",
+        default_value_t = 180_000
+    )]
+    pub proxy_idle_timeout_ms: u64,
+    /// Engine proxy: the longest one proxied request may take, start to end of its answer.
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_PROXY_MAX_DURATION_MS",
+        default_value_t = 3_600_000
+    )]
+    pub proxy_max_duration_ms: u64,
     /// Directories a `reload` may load a model from (comma-separated); default: the
     /// directories of the pools file's models.
     #[arg(long, env = "POOL_MANAGERD_MODEL_DIRS", value_delimiter = ',')]
@@ -146,6 +161,13 @@ pub struct Args {
     /// the system's roots when unset.
     #[arg(long, env = "LLORCH_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
+    /// CLOUD: the token this node registers and heartbeats with, when orchestratord binds
+    /// node ids to their own tokens (its line in ORCHD_NODE_TOKENS_FILE); default: the node
+    /// token. Prefer the _FILE form.
+    #[arg(long, env = "POOL_MANAGERD_REGISTRATION_TOKEN", hide_env_values = true)]
+    pub registration_token: Option<String>,
+    #[arg(long, env = "POOL_MANAGERD_REGISTRATION_TOKEN_FILE")]
+    pub registration_token_file: Option<PathBuf>,
     /// CLOUD: orchestratord to register with (and heartbeat to). Needs a token.
     #[arg(long, env = "POOL_MANAGERD_ORCHESTRATORD_URL")]
     pub orchestratord_url: Option<String>,
@@ -171,6 +193,8 @@ pub struct Args {
 /// Node registration with orchestratord (CLOUD).
 #[derive(Debug, Clone)]
 pub struct Registration {
+    /// What this node presents to orchestratord.
+    pub token: Token,
     pub orchestratord_url: String,
     pub advertise_url: String,
     pub heartbeat_interval: Duration,
@@ -197,6 +221,8 @@ pub struct Config {
     pub breaker_open: Duration,
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
+    pub proxy_idle_timeout: Duration,
+    pub proxy_max_duration: Duration,
     pub conn_limits: llorch_http::ConnLimits,
     pub token: Option<Token>,
     /// HTTPS, when a certificate and key are set.
@@ -279,11 +305,16 @@ impl Config {
                         "POOL_MANAGERD_ORCHESTRATORD_URL {url:?} must start with http:// or https://"
                     )));
                 }
-                if token.is_none() {
+                let own = auth_min::load_token_as(
+                    "POOL_MANAGERD_REGISTRATION_TOKEN",
+                    args.registration_token.as_deref(),
+                    args.registration_token_file.as_deref(),
+                )?;
+                let Some(presented) = own.or_else(|| token.clone()) else {
                     return Err(ConfigError::Invalid(
                         "POOL_MANAGERD_ORCHESTRATORD_URL needs a token (LLORCH_NODE_TOKEN, or LLORCH_API_TOKEN, or their _FILE forms)".into(),
                     ));
-                }
+                };
                 let advertise_url = match &args.advertise_url {
                     Some(a) => a.trim_end_matches('/').to_string(),
                     None if args.bind_addr.ip().is_unspecified() => {
@@ -295,6 +326,7 @@ impl Config {
                     None => format!("{scheme}://{}", args.bind_addr),
                 };
                 Some(Registration {
+                    token: presented,
                     orchestratord_url: url,
                     advertise_url,
                     heartbeat_interval: non_zero(
@@ -342,6 +374,14 @@ impl Config {
                 1024,
             )
             .map_err(ConfigError::Invalid)?,
+            proxy_idle_timeout: non_zero(
+                "POOL_MANAGERD_PROXY_IDLE_TIMEOUT_MS",
+                args.proxy_idle_timeout_ms,
+            )?,
+            proxy_max_duration: non_zero(
+                "POOL_MANAGERD_PROXY_MAX_DURATION_MS",
+                args.proxy_max_duration_ms,
+            )?,
             conn_limits: llorch_http::ConnLimits {
                 max_connections: llorch_http::at_least(
                     "POOL_MANAGERD_MAX_CONNECTIONS",

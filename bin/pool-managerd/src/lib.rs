@@ -114,25 +114,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     tasks.spawn(handoff_watcher::HandoffWatcher::new(shared.clone(), root.child_token()).run());
     if let Some(reg) = shared.config.registration.clone() {
-        if let Some(token) = shared.config.token.clone() {
-            let plane = Arc::new(registration::HttpControlPlane {
-                http: shared
-                    .config
-                    .client_tls
-                    .builder()
-                    .connect_timeout(Duration::from_secs(1))
-                    .pool_idle_timeout(Duration::from_secs(30))
-                    .build()?,
-                base: reg.orchestratord_url.clone(),
-                token,
-            });
-            tasks.spawn(registration::run(
-                shared.clone(),
-                reg,
-                plane,
-                root.child_token(),
-            ));
-        }
+        let plane = Arc::new(registration::HttpControlPlane {
+            http: shared
+                .config
+                .client_tls
+                .builder()
+                .connect_timeout(Duration::from_secs(1))
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build()?,
+            base: reg.orchestratord_url.clone(),
+            token: reg.token.clone(),
+        });
+        tasks.spawn(registration::run(
+            shared.clone(),
+            reg,
+            plane,
+            root.child_token(),
+        ));
     }
     if !shared.config.gpu_discovery_interval.is_zero() && shared.gpus.read().mode == "nvml" {
         tasks.spawn(refresh_gpus(shared.clone(), root.child_token()));

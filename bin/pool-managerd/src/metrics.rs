@@ -59,7 +59,7 @@ impl Metrics {
         let proxy_requests = IntCounterVec::new(
             Opts::new(
                 "pool_proxy_requests_total",
-                "Requests through the engine proxy, by outcome (ok, engine_error, unavailable).",
+                "Requests through the engine proxy, by outcome (ok, engine_error, unavailable, refused, timeout).",
             ),
             &["pool_id", "outcome"],
         )?;

@@ -13,7 +13,6 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, Method};
 use axum::response::Response;
-use futures_util::TryStreamExt;
 use llorch_contracts::{ErrorCode, PoolState};
 
 use crate::api::{ApiError, AppState};
@@ -78,7 +77,28 @@ pub async fn engine_proxy(
         rb.send()
     };
     let span = tracing::info_span!("engine_proxy", pool_id = %id, path = %path);
-    let upstream = match tracing::Instrument::instrument(send(), span.clone()).await {
+    let bounds = Bounds {
+        deadline: tokio::time::Instant::now() + state.config.proxy_max_duration,
+        idle: state.config.proxy_idle_timeout,
+    };
+    let silent = || {
+        counter("timeout");
+        tracing::warn!(pool_id = %id, path = %path, idle_ms = bounds.idle.as_millis() as u64, "engine did not answer through the proxy in time; request cut");
+        ApiError::new(
+            ErrorCode::DecodeTimeout,
+            format!(
+                "the engine of pool {id:?} did not answer within {} ms",
+                bounds.idle.as_millis()
+            ),
+        )
+    };
+    let first = tokio::time::timeout_at(
+        bounds.next(),
+        tracing::Instrument::instrument(send(), span.clone()),
+    )
+    .await
+    .map_err(|_| silent())?;
+    let upstream = match first {
         Ok(r) => r,
         Err(e) if llamacpp_client::is_retryable_connection_error(&e) => {
             tracing::debug!(pool_id = %id, "engine closed the connection before answering; retrying once");
@@ -90,9 +110,13 @@ pub async fn engine_proxy(
             if method_allows_body(&parts.method) {
                 rb = rb.body(body.clone());
             }
-            tracing::Instrument::instrument(rb.send(), span.clone())
-                .await
-                .map_err(|e| unreachable_engine(&id, &e))?
+            tokio::time::timeout_at(
+                bounds.next(),
+                tracing::Instrument::instrument(rb.send(), span.clone()),
+            )
+            .await
+            .map_err(|_| silent())?
+            .map_err(|e| unreachable_engine(&id, &e))?
         }
         Err(e) => return Err(unreachable_engine(&id, &e)),
     };
@@ -108,8 +132,68 @@ pub async fn engine_proxy(
     if let Some(h) = resp.headers_mut() {
         copy_headers(upstream.headers(), h);
     }
-    resp.body(stream_body(upstream))
-        .or_else(|_| Ok(Response::new(Body::empty())))
+    let cut = {
+        let (counts, id, path) = (
+            state.metrics.proxy_requests.clone(),
+            id.clone(),
+            path.clone(),
+        );
+        move || {
+            counts.with_label_values(&[&id, "timeout"]).inc();
+            tracing::warn!(pool_id = %id, path = %path, "engine answer cut: silent past the idle timeout or past the longest duration");
+        }
+    };
+    resp.body(Body::from_stream(bounded(
+        upstream.bytes_stream(),
+        bounds,
+        cut,
+    )))
+    .or_else(|_| Ok(Response::new(Body::empty())))
+}
+
+/// How long a proxied request may take: until `deadline` in all, and `idle` without a byte.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    deadline: tokio::time::Instant,
+    idle: std::time::Duration,
+}
+
+impl Bounds {
+    /// When the next piece must have come.
+    fn next(&self) -> tokio::time::Instant {
+        self.deadline.min(tokio::time::Instant::now() + self.idle)
+    }
+}
+
+/// `body` until it ends, or fails with `TimedOut` (after calling `on_cut` once) when a piece
+/// does not come within the bounds; dropping it closes the engine's connection, which makes
+/// llama-server stop generating.
+fn bounded<S, E>(
+    body: S,
+    bounds: Bounds,
+    on_cut: impl FnOnce() + Send + 'static,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    use futures_util::StreamExt;
+    futures_util::stream::unfold((body, Some(on_cut)), move |(mut body, on_cut)| async move {
+        let on_cut = on_cut?;
+        match tokio::time::timeout_at(bounds.next(), body.next()).await {
+            Ok(Some(Ok(bytes))) => Some((Ok(bytes), (body, Some(on_cut)))),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), (body, None))),
+            Ok(None) => None,
+            Err(_) => {
+                on_cut();
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the engine went silent past the proxy's bounds",
+                );
+                Some((Err(e), (body, None)))
+            }
+        }
+    })
 }
 
 /// One engine route the proxy passes: its path, the body fields orchestratord writes (an OpenAI
@@ -270,10 +354,6 @@ fn method_allows_body(m: &Method) -> bool {
     !matches!(*m, Method::GET | Method::HEAD)
 }
 
-fn stream_body(resp: reqwest::Response) -> Body {
-    Body::from_stream(resp.bytes_stream().map_err(std::io::Error::other))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +361,82 @@ mod tests {
     fn vet(method: Method, path: &str, body: serde_json::Value) -> Result<(), ErrorCode> {
         let route = allowed_route(&method, path).map_err(|e| e.0.code)?;
         vet_body(route, body.to_string().as_bytes(), Some(512)).map_err(|e| e.0.code)
+    }
+
+    type Piece = Result<bytes::Bytes, std::io::Error>;
+
+    /// A body whose pieces the test sends by hand.
+    fn body() -> (
+        tokio::sync::mpsc::UnboundedSender<Piece>,
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = Piece> + Send>>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|piece| (piece, rx))
+        });
+        (tx, Box::pin(stream))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_silent_past_the_idle_timeout_is_cut_exactly_then_and_counted_once() {
+        use futures_util::StreamExt;
+        let (tx, rx) = body();
+        let idle = std::time::Duration::from_millis(1000);
+        let start = tokio::time::Instant::now();
+        let bounds = Bounds {
+            deadline: start + std::time::Duration::from_secs(3600),
+            idle,
+        };
+        let cuts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = cuts.clone();
+        let mut out = Box::pin(bounded(rx, bounds, move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        // Pieces 999 ms apart keep it going.
+        for k in 1..=3u64 {
+            tokio::time::sleep(idle - std::time::Duration::from_millis(1)).await;
+            tx.send(Ok(bytes::Bytes::from_static(b"x"))).unwrap();
+            assert!(out.next().await.unwrap().is_ok());
+            assert_eq!(start.elapsed(), std::time::Duration::from_millis(999 * k));
+        }
+        let last = tokio::time::Instant::now();
+        let e = out.next().await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(last.elapsed(), idle);
+        assert!(out.next().await.is_none(), "nothing after the cut");
+        assert_eq!(cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_keeps_flowing_is_cut_at_the_longest_duration() {
+        use futures_util::StreamExt;
+        let (tx, rx) = body();
+        let start = tokio::time::Instant::now();
+        let bounds = Bounds {
+            deadline: start + std::time::Duration::from_millis(2500),
+            idle: std::time::Duration::from_millis(1000),
+        };
+        let mut out = Box::pin(bounded(rx, bounds, || {}));
+        let feeder = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+                if tx.send(Ok(bytes::Bytes::from_static(b"x"))).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut pieces = 0;
+        let end = loop {
+            match out.next().await {
+                Some(Ok(_)) => pieces += 1,
+                Some(Err(e)) => break e,
+                None => panic!("ended without the cut"),
+            }
+        };
+        assert_eq!(end.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), std::time::Duration::from_millis(2500));
+        assert_eq!(pieces, 6, "pieces at 400 ms .. 2400 ms");
+        feeder.abort();
     }
 
     #[test]

@@ -280,6 +280,8 @@ pub struct Principal {
     pub name: std::sync::Arc<str>,
     roles: [bool; 3],
     pub limits: KeyLimits,
+    /// The one node this key speaks for (a per-node token), if it is bound to one.
+    pub node: Option<std::sync::Arc<str>>,
 }
 
 impl Principal {
@@ -292,7 +294,15 @@ impl Principal {
             name: std::sync::Arc::from(name),
             roles: held,
             limits: KeyLimits::default(),
+            node: None,
         }
+    }
+
+    /// A node's own token: the node role, for node `node_id` only (named `node/<id>`).
+    pub fn for_node(node_id: &str) -> Self {
+        let mut p = Self::new(&format!("node/{node_id}"), &[Role::Node]);
+        p.node = Some(std::sync::Arc::from(node_id));
+        p
     }
 
     pub fn with_limits(mut self, limits: KeyLimits) -> Self {

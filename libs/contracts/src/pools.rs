@@ -81,9 +81,47 @@ impl PoolStatus {
         if self.model_id.is_empty() || self.model_id.len() > 256 {
             return Err("model_id must be 1-256 bytes".into());
         }
+        if !crate::handoff::is_valid_pool_id(&self.node_id) {
+            return Err("node_id must be 1-64 characters of A-Z a-z 0-9 . _ -".into());
+        }
+        if self.slots_free > self.slots_total {
+            return Err(format!(
+                "slots_free {} is above slots_total {}",
+                self.slots_free, self.slots_total
+            ));
+        }
+        if let Some(ctx) = self.ctx_max {
+            if ctx == 0 || ctx > CTX_MAX {
+                return Err(format!("ctx_max {ctx} is not between 1 and {CTX_MAX}"));
+            }
+        }
+        if let (Some(free), Some(total)) = (self.vram_free_bytes, self.vram_total_bytes) {
+            if free > total {
+                return Err(format!(
+                    "vram_free_bytes {free} is above vram_total_bytes {total}"
+                ));
+            }
+        }
+        for (field, value, max) in [
+            ("engine", Some(&self.engine), 64),
+            ("engine_version", self.engine_version.as_ref(), 256),
+            ("device_mask", self.device_mask.as_ref(), 256),
+            ("last_error", self.last_error.as_ref(), 4096),
+            ("url", self.url.as_ref(), 2048),
+        ] {
+            if value.is_some_and(|v| v.len() > max) {
+                return Err(format!("{field} is longer than {max} bytes"));
+            }
+        }
         Ok(())
     }
 }
+
+/// The largest per-slot context a node may report (tokens).
+pub const CTX_MAX: u32 = 1 << 24;
+
+/// The most GPUs one node may report.
+pub const GPUS_MAX: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuInfo {
@@ -92,6 +130,31 @@ pub struct GpuInfo {
     pub uuid: Option<String>,
     pub memory_total_bytes: u64,
     pub memory_free_bytes: u64,
+}
+
+impl GpuInfo {
+    /// The checks a node's GPU list must pass: at most [`GPUS_MAX`] GPUs, names and UUIDs of
+    /// at most 256 bytes, free memory no more than total.
+    pub fn validate_all(gpus: &[GpuInfo]) -> Result<(), String> {
+        if gpus.len() > GPUS_MAX {
+            return Err(format!("{} GPUs reported; at most {GPUS_MAX}", gpus.len()));
+        }
+        for g in gpus {
+            if g.name.len() > 256 || g.uuid.as_ref().is_some_and(|u| u.len() > 256) {
+                return Err(format!(
+                    "GPU {}: name or uuid longer than 256 bytes",
+                    g.index
+                ));
+            }
+            if g.memory_free_bytes > g.memory_total_bytes {
+                return Err(format!(
+                    "GPU {}: memory_free_bytes {} is above memory_total_bytes {}",
+                    g.index, g.memory_free_bytes, g.memory_total_bytes
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

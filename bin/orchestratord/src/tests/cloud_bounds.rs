@@ -282,6 +282,37 @@ async fn a_pool_id_reported_by_a_second_node_is_ignored_and_the_first_keeps_it()
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pool_id_held_by_an_unavailable_node_moves_to_the_node_reporting_it_and_stays_there() {
+    let h = Harness::start(&[
+        "--profile=cloud",
+        "--pool-managers=http://n1,http://n3",
+        "--pool-poll-interval-ms=1000",
+    ]);
+    let nodes = Arc::new(ScriptedNodes::default());
+    nodes.set("http://n1", Node::Up(vec!["p1"]));
+    nodes.set("http://n3", Node::Up(vec!["p1", "p3"]));
+    let start = Instant::now();
+    h.poll(nodes.clone());
+    at(start).await;
+    let holder = |h: &Harness| h.orch.pools.get("p1").and_then(|p| p.manager);
+    assert_eq!(holder(&h).as_deref(), Some("http://n1"));
+    // n1 goes away: at its failed poll p1 is lost; n3 reports p1 too and takes it over.
+    nodes.set("http://n1", Node::Down);
+    at(start + INTERVAL).await;
+    at(start + 2 * INTERVAL).await;
+    assert_eq!(holder(&h).as_deref(), Some("http://n3"));
+    assert!(usable(&h, "p1"));
+    assert_eq!(h.orch.managers.owner_of("p1").as_deref(), Some("http://n3"));
+    // n1 comes back reporting p1: n3 keeps it (n1's failed polls no longer touch it either).
+    nodes.set("http://n1", Node::Up(vec!["p1"]));
+    for k in 3..6 {
+        at(start + k * INTERVAL).await;
+        assert_eq!(holder(&h).as_deref(), Some("http://n3"));
+        assert!(usable(&h, "p1"));
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn tasks_for_a_restarting_cloud_pool_queue_and_a_failed_one_is_refused_at_the_next_poll() {
     use llorch_contracts::PoolState;
     let (h, nodes, start) = cloud(&[]).await;

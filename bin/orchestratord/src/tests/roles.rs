@@ -263,3 +263,91 @@ async fn a_key_at_its_concurrency_limit_gets_429_until_its_task_ends() {
     k.h.engine.push(tokens(3, MS));
     assert_eq!(submit_as(&k.h, DAVE, "d4").await.0, StatusCode::ACCEPTED);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_node_id_bound_to_its_own_token_answers_only_that_token_and_that_token_only_it() {
+    const NODE_A: &str = "node-a-own-secret-0123456";
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = dir.path().join("node-tokens");
+    std::fs::write(&nodes, format!("# node_id:secret\nnode-a:{NODE_A}\n")).unwrap();
+    std::fs::set_permissions(&nodes, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let h = Harness::start_with_keys(&[
+        "--profile=cloud",
+        "--node-registration=true",
+        &format!("--node-token={NODE}"),
+        &format!("--admin-token={ADMIN}"),
+        &format!("--node-tokens-file={}", nodes.display()),
+    ]);
+    let reg = |id: &str, address: &str| {
+        format!(r#"{{"node_id":"{id}","address":"{address}","gpus":[],"pools":[]}}"#)
+    };
+    let register = "/v2/nodes/register";
+    // The node registers with its own token.
+    assert_eq!(
+        call(
+            &h,
+            "POST",
+            register,
+            Some(NODE_A),
+            &reg("node-a", "http://a:9200")
+        )
+        .await,
+        StatusCode::OK
+    );
+    // The shared node token cannot take the id over (from another address), nor heartbeat it.
+    assert_eq!(
+        call(
+            &h,
+            "POST",
+            register,
+            Some(NODE),
+            &reg("node-a", "http://evil:9200")
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&h, "POST", "/v2/nodes/node-a/heartbeat", Some(NODE), "").await,
+        StatusCode::FORBIDDEN
+    );
+    let addresses: Vec<String> = h.orch.managers.list().into_iter().map(|m| m.url).collect();
+    assert_eq!(addresses, vec!["http://a:9200"]);
+    // The node's token speaks for its node only.
+    assert_eq!(
+        call(
+            &h,
+            "POST",
+            register,
+            Some(NODE_A),
+            &reg("node-b", "http://b:9200")
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&h, "POST", "/v2/nodes/node-b/heartbeat", Some(NODE_A), "").await,
+        StatusCode::FORBIDDEN
+    );
+    // An unbound id still registers with the shared node token; the node's own heartbeat works.
+    assert_eq!(
+        call(
+            &h,
+            "POST",
+            register,
+            Some(NODE),
+            &reg("node-b", "http://b:9200")
+        )
+        .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&h, "POST", "/v2/nodes/node-a/heartbeat", Some(NODE_A), "").await,
+        StatusCode::NO_CONTENT
+    );
+    // Node-supplied numbers are checked: free GPU memory above the total is refused.
+    let bad_gpu = r#"{"node_id":"node-a","address":"http://a:9200","gpus":[{"index":0,"name":"g","uuid":null,"memory_total_bytes":1,"memory_free_bytes":2}],"pools":[]}"#;
+    assert_eq!(
+        call(&h, "POST", register, Some(NODE_A), bad_gpu).await,
+        StatusCode::BAD_REQUEST
+    );
+}

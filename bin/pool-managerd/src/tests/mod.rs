@@ -5,5 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod kit;
+mod proxy_bounds;
 mod registration_bounds;
 mod supervisor_bounds;
