@@ -224,7 +224,7 @@ impl Orchestrator {
             number,
             dispatched,
         } = attempt;
-        let tokens_out = task.status(None).tokens_out;
+        let tokens_out = task.tokens_out();
         let worker_reset = |reason: &str| {
             ErrorEnvelope::new(
                 ErrorCode::WorkerReset,

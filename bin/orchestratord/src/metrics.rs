@@ -13,6 +13,7 @@ pub struct Metrics {
     pub tasks_canceled: IntCounterVec,
     pub tasks_rejected: IntCounterVec,
     pub key_tasks: IntCounterVec,
+    pub key_tokens_out: IntCounterVec,
     pub tasks_completed: IntCounterVec,
     pub queue_depth: IntGaugeVec,
     pub admission_latency_ms: Histogram,
@@ -59,6 +60,11 @@ impl Metrics {
                 "orchd_key_tasks_total",
                 "Submissions by key name: admitted, or refused by the key's rate (key_rate) or concurrency (key_concurrency) limit.",
                 &["key", "outcome"],
+            )?,
+            key_tokens_out: counter(
+                "orchd_key_tokens_out_total",
+                "Tokens streamed to clients, by the name of the key that submitted the task (counted when the task ends).",
+                &["key"],
             )?,
             tasks_completed: counter(
                 "tasks_completed_total",

@@ -130,6 +130,13 @@ impl Orchestrator {
                 .tasks_completed
                 .with_label_values(&[&outcome, &pool, task.api()])
                 .inc();
+            let tokens = task.tokens_out();
+            if tokens > 0 {
+                self.metrics
+                    .key_tokens_out
+                    .with_label_values(&[&task.owner])
+                    .inc_by(u64::from(tokens));
+            }
             tracing::info!(task_id = %task.id, pool_id = %pool, session_id = task.req.session_id.as_deref(), correlation_id = %task.correlation_id, outcome, "task finished");
         }
     }

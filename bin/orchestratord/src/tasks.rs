@@ -415,6 +415,11 @@ impl Task {
             .unwrap_or_else(|| ErrorEnvelope::new(ErrorCode::Cancelled, "task cancelled"))
     }
 
+    /// Token events appended so far.
+    pub fn tokens_out(&self) -> u32 {
+        self.inner.lock().tokens_out
+    }
+
     pub fn status(&self, queue_position: Option<u32>) -> TaskStatus {
         let inner = self.inner.lock();
         TaskStatus {

@@ -121,15 +121,29 @@ pub fn load_token_as(
     }
 }
 
-/// A file of secrets, refused when group or others may read it.
+/// A file of secrets, refused when group or others may read it — unless it is one of the
+/// service's systemd credentials (under `$CREDENTIALS_DIRECTORY`): systemd keeps those
+/// readable by the service alone, and from version 256 grants that with an ACL that shows in
+/// the mode as group read.
 pub fn read_secret_file(path: &Path) -> Result<String, AuthConfigError> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    read_secret_file_in(path, credentials.as_deref())
+}
+
+fn read_secret_file_in(path: &Path, credentials: Option<&Path>) -> Result<String, AuthConfigError> {
     let shown = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| AuthConfigError::Unreadable {
         path: shown.clone(),
         reason: e.to_string(),
     })?;
     let mode = unix_mode(&meta);
-    if mode & 0o077 != 0 {
+    let systemd_credential = credentials.is_some_and(|dir| {
+        match (std::fs::canonicalize(dir), std::fs::canonicalize(path)) {
+            (Ok(dir), Ok(file)) => file.starts_with(dir),
+            _ => false,
+        }
+    });
+    if mode & 0o077 != 0 && !systemd_credential {
         return Err(AuthConfigError::TooOpen {
             path: shown,
             mode: mode & 0o777,
@@ -459,6 +473,39 @@ mod tests {
         assert!(check_bind(public, Some(&t), false).is_ok());
         assert_eq!(check_bind(lo, None, false), Err(AuthConfigError::Missing));
         assert!(check_bind(lo, None, true).is_ok());
+    }
+
+    #[test]
+    fn a_group_readable_systemd_credential_is_accepted_and_the_same_file_elsewhere_is_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("credentials");
+        std::fs::create_dir(&creds).unwrap();
+        // systemd 256 grants the service user read access with an ACL: the mode reads 0440.
+        let inside = creds.join("node-token");
+        let outside = dir.path().join("node-token");
+        for path in [&inside, &outside] {
+            std::fs::write(path, format!("{SECRET}\n")).unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o440)).unwrap();
+        }
+        assert_eq!(
+            read_secret_file_in(&inside, Some(&creds)).unwrap().trim(),
+            SECRET
+        );
+        assert!(matches!(
+            read_secret_file_in(&outside, Some(&creds)),
+            Err(AuthConfigError::TooOpen { .. })
+        ));
+        assert!(matches!(
+            read_secret_file_in(&inside, None),
+            Err(AuthConfigError::TooOpen { .. })
+        ));
+        // A path that climbs out of the credentials directory is not inside it.
+        let climbing = creds.join("..").join("node-token");
+        assert!(matches!(
+            read_secret_file_in(&climbing, Some(&creds)),
+            Err(AuthConfigError::TooOpen { .. })
+        ));
     }
 
     #[test]

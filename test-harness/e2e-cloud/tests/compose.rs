@@ -1,6 +1,7 @@
 //! `docker-compose.cloud.yml` is valid compose (checked by `docker-compose config`, Debian's
-//! package, installed by `make test`), has its three services with healthchecks, and sets only
-//! variables the daemons actually read (each one appears in the daemon's `--help`).
+//! package, installed by `make test`), has its three services with healthchecks, speaks HTTPS
+//! everywhere, and sets only variables the daemons actually read (each one appears in the
+//! daemon's `--help`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -72,6 +73,21 @@ fn compose_file_is_valid_and_uses_only_real_settings() {
             "no credential value in the compose file: {value}"
         );
     }
+    // HTTPS everywhere, mutual TLS for the nodes; keys come from secret files.
+    for setting in [
+        "ORCHD_TLS_CERT_FILE: /run/secrets/orchestratord.crt",
+        "ORCHD_TLS_KEY_FILE: /run/secrets/orchestratord.key",
+        "ORCHD_TLS_CLIENT_CA_FILE: /run/secrets/ca.crt",
+        "POOL_MANAGERD_TLS_KEY_FILE: /run/secrets/pool-managerd-a.key",
+        "POOL_MANAGERD_TLS_KEY_FILE: /run/secrets/pool-managerd-b.key",
+        "POOL_MANAGERD_ORCHESTRATORD_URL: https://orchestratord:8080",
+    ] {
+        assert!(resolved.contains(setting), "{setting} missing:\n{resolved}");
+    }
+    assert!(
+        !resolved.contains("http://"),
+        "a plain http:// URL:\n{resolved}"
+    );
     // Only orchestratord's port is published.
     assert_eq!(resolved.matches("published:").count(), 1, "{resolved}");
 

@@ -259,6 +259,15 @@ async fn a_key_at_its_concurrency_limit_gets_429_until_its_task_ends() {
     assert_eq!(submit_as(&k.h, DAVE, "d3").await.0, StatusCode::ACCEPTED);
     let (code, _) = outcome(&k.h.orch.task("d3").unwrap()).await;
     assert_eq!(code, "end");
+    // The key's streamed tokens: the cancelled task's and the finished one's three.
+    assert_eq!(
+        k.h.orch
+            .metrics
+            .key_tokens_out
+            .with_label_values(&["dave"])
+            .get(),
+        u64::from(first.tokens_out()) + 3
+    );
     // Ended: the slot is free again.
     k.h.engine.push(tokens(3, MS));
     assert_eq!(submit_as(&k.h, DAVE, "d4").await.0, StatusCode::ACCEPTED);

@@ -8,9 +8,9 @@ use crate::harness::*;
 
 /// One span as the in-process OTLP receiver got it.
 #[derive(Debug, Clone)]
-struct GotSpan {
-    name: String,
-    service: String,
+pub(crate) struct GotSpan {
+    pub(crate) name: String,
+    pub(crate) service: String,
     trace_id: Vec<u8>,
     span_id: Vec<u8>,
     parent: Vec<u8>,
@@ -35,7 +35,7 @@ fn kv_pairs(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> Vec<(St
 }
 
 /// An OTLP/HTTP (protobuf) trace receiver on loopback, in this process.
-async fn otlp_receiver() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<GotSpan>>>) {
+pub(crate) async fn otlp_receiver() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<GotSpan>>>) {
     use prost::Message;
     let got = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
     let sink = got.clone();
