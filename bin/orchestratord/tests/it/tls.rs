@@ -146,6 +146,27 @@ async fn home_over_tls_streams_a_task_and_the_cli_refuses_a_server_of_another_ca
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("UnknownIssuer"), "{stderr}");
+
+    // Rotation: new files in place and SIGHUP; new connections get the new certificate.
+    let next = other.leaf("orchestratord-next");
+    std::fs::copy(&next.cert, &orch_cert.cert).unwrap();
+    std::fs::copy(&next.key, &orch_cert.key).unwrap();
+    signal(orch.id().unwrap(), "-HUP");
+    logged_line(
+        &orch_log,
+        &["TLS certificate reloaded"],
+        Duration::from_secs(10),
+    )
+    .await;
+    let rotated = OrchClient::over_tls(base.clone(), TOKEN, &other.ca);
+    assert_eq!(
+        rotated.get_json("/v2/meta/version").await["service"],
+        "orchestratord"
+    );
+    assert!(
+        cli(&ca.ca).status.code() != Some(0),
+        "the old CA still verifies the new certificate"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
