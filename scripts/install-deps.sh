@@ -17,6 +17,8 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # snippets of deploy/systemd; orchestratord.service reloads with /bin/kill.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 [ -x /bin/kill ] || need+=(procps)
+# The operator console's test (orchestratord tests/it/ui.rs) drives headless Chromium.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

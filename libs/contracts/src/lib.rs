@@ -6,6 +6,7 @@ pub mod handoff;
 pub mod meta;
 pub mod nodes;
 pub mod openai;
+pub mod overview;
 mod pools;
 pub mod tasks;
 

@@ -1,0 +1,666 @@
+//! What the operator console shows (`GET /v2/overview`, admin only): pools joined with what
+//! their nodes last reported (a drained, stopped pool stays visible, so it can be reloaded),
+//! nodes, queue depth, the most recent tasks (never their input) and a short history of rates.
+//!
+//! The history is a ring of 30 buckets of 10 s, fed where tokens and first tokens are already
+//! counted (`TokensOut` in the runner, the first-token latency where the dispatcher observes
+//! it): reading it costs 30 buckets, whatever the traffic, and its memory is bounded.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use llorch_contracts::overview::{
+    Overview, OverviewPool, QueueDepth, RateBucket, RateHistory, TaskSummary,
+};
+use llorch_contracts::tasks::Priority;
+use llorch_contracts::{ErrorCode, PoolStatus};
+use llorch_http::ApiError;
+use parking_lot::{Mutex, RwLock};
+use prometheus::IntCounter;
+use tokio::time::Instant;
+
+use crate::config::Profile;
+use crate::pools::{PoolEntry, PoolPhase};
+use crate::state::Orchestrator;
+
+/// Width of one bucket of the rate history.
+pub(crate) const BUCKET: Duration = Duration::from_secs(10);
+/// Buckets kept: five minutes.
+pub(crate) const BUCKETS: u64 = 30;
+/// First-token latencies kept per bucket for its median; beyond, every other one is dropped
+/// (and from then on only every other one kept), so the median stays one of the whole bucket.
+const SAMPLES_MAX: usize = 256;
+
+/// Tokens and first-token latencies per bucket over the last `BUCKETS` buckets.
+pub(crate) struct Rates {
+    origin: Instant,
+    ring: Mutex<Vec<Bucket>>,
+}
+
+#[derive(Clone, Default)]
+struct Bucket {
+    /// Which bucket the slot holds (buckets since `origin`); none: never used.
+    number: Option<u64>,
+    tokens: u64,
+    first_tokens: u32,
+    /// Latencies (ms) of the first tokens numbered 0, `stride`, 2·`stride`, … in the bucket.
+    samples: Vec<f32>,
+    stride: u32,
+}
+
+impl Bucket {
+    fn fresh(number: u64) -> Self {
+        Self {
+            number: Some(number),
+            stride: 1,
+            ..Self::default()
+        }
+    }
+
+    fn median(&self) -> Option<f64> {
+        let mut s = self.samples.clone();
+        s.sort_by(f32::total_cmp);
+        let mid = s.len() / 2;
+        match s.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(f64::from(s[mid])),
+            _ => Some((f64::from(s[mid - 1]) + f64::from(s[mid])) / 2.0),
+        }
+    }
+}
+
+impl Rates {
+    /// Buckets start at `origin` (the daemon's start).
+    pub fn new(origin: Instant) -> Self {
+        Self {
+            origin,
+            ring: Mutex::new(vec![Bucket::default(); BUCKETS as usize]),
+        }
+    }
+
+    fn number(&self, at: Instant) -> u64 {
+        (at.saturating_duration_since(self.origin).as_millis() / BUCKET.as_millis()) as u64
+    }
+
+    /// The bucket `number` in the ring, made fresh when its slot held an older one; `None` when
+    /// the slot already holds a newer one (`number` is older than the ring keeps).
+    fn slot(ring: &mut [Bucket], number: u64) -> Option<&mut Bucket> {
+        let b = &mut ring[(number % BUCKETS) as usize];
+        match b.number {
+            Some(held) if held == number => {}
+            Some(held) if held > number => return None,
+            _ => *b = Bucket::fresh(number),
+        }
+        Some(b)
+    }
+
+    /// `n` token events streamed at `at`.
+    pub fn add_tokens(&self, at: Instant, n: u64) {
+        let number = self.number(at);
+        if let Some(b) = Self::slot(&mut self.ring.lock(), number) {
+            b.tokens += n;
+        }
+    }
+
+    /// A first token that arrived at `at`, `latency_ms` after its dispatch.
+    pub fn add_first_token(&self, at: Instant, latency_ms: f64) {
+        let number = self.number(at);
+        let mut ring = self.ring.lock();
+        let Some(b) = Self::slot(&mut ring, number) else {
+            return;
+        };
+        let seen = b.first_tokens;
+        b.first_tokens += 1;
+        if seen % b.stride != 0 {
+            return;
+        }
+        if b.samples.len() == SAMPLES_MAX {
+            // Keep the first tokens numbered 0, 2·stride, 4·stride, …
+            let mut i = 0;
+            b.samples.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+            b.stride *= 2;
+            if seen % b.stride != 0 {
+                return;
+            }
+        }
+        b.samples.push(latency_ms as f32);
+    }
+
+    /// The buckets of the last five minutes up to `now` (the daemon's first ones only, while
+    /// it is younger), oldest first; `now_ms` is `now` on the wall clock.
+    pub fn history(&self, now: Instant, now_ms: u64) -> RateHistory {
+        let current = self.number(now);
+        let ring = self.ring.lock();
+        let buckets = (current.saturating_sub(BUCKETS - 1)..=current)
+            .map(|n| {
+                let start = self.origin + BUCKET * n as u32;
+                let span = if n == current {
+                    now.saturating_duration_since(start)
+                } else {
+                    BUCKET
+                };
+                let empty = Bucket::default();
+                let b = ring
+                    .get((n % BUCKETS) as usize)
+                    .filter(|b| b.number == Some(n))
+                    .unwrap_or(&empty);
+                let secs = span.as_secs_f64();
+                RateBucket {
+                    start_ms: now_ms
+                        .saturating_sub(now.saturating_duration_since(start).as_millis() as u64),
+                    span_ms: span.as_millis() as u64,
+                    tokens: b.tokens,
+                    tokens_per_s: if secs > 0.0 {
+                        b.tokens as f64 / secs
+                    } else {
+                        0.0
+                    },
+                    first_tokens: b.first_tokens,
+                    first_token_p50_ms: b.median(),
+                }
+            })
+            .collect();
+        RateHistory {
+            bucket_ms: BUCKET.as_millis() as u64,
+            buckets,
+        }
+    }
+}
+
+/// A pool's `tokens_out_total` that also feeds the rate history: the runner counts each token
+/// once, here.
+#[derive(Clone)]
+pub(crate) struct TokensOut {
+    counter: IntCounter,
+    rates: Arc<Rates>,
+}
+
+impl TokensOut {
+    pub fn new(metrics: &crate::metrics::Metrics, pool_id: &str) -> Self {
+        Self {
+            counter: metrics.tokens_out.with_label_values(&[pool_id]),
+            rates: metrics.rates.clone(),
+        }
+    }
+
+    pub fn inc(&self) {
+        self.counter.inc();
+        self.rates.add_tokens(Instant::now(), 1);
+    }
+}
+
+/// What nodes last reported of their pools, drained and stopped ones included (orchestratord
+/// unbinds those, yet the operator wants to see and reload them). HOME: the local
+/// pool-managerd, read at each probe round; CLOUD: each good poll.
+#[derive(Default)]
+pub(crate) struct NodeReports {
+    inner: RwLock<BTreeMap<String, Report>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Report {
+    /// The pool-managerd that reported it.
+    pub manager: String,
+    pub status: PoolStatus,
+    pub at: Instant,
+}
+
+/// Reports kept at most (the latest of each pool id).
+const REPORTS_MAX: usize = 4096;
+/// A node's reports not renewed for this long are forgotten (its node went away).
+const REPORTS_FORGET: Duration = Duration::from_secs(600);
+
+impl NodeReports {
+    /// `manager` reported `pools` just now: they replace whatever it reported before.
+    pub fn replace(&self, manager: &str, pools: &[PoolStatus]) {
+        let now = Instant::now();
+        let mut inner = self.inner.write();
+        inner.retain(|_, r| {
+            r.manager != manager && now.saturating_duration_since(r.at) < REPORTS_FORGET
+        });
+        for p in pools.iter().filter(|p| p.validate().is_ok()) {
+            if inner.len() >= REPORTS_MAX && !inner.contains_key(&p.pool_id) {
+                break;
+            }
+            inner.insert(
+                p.pool_id.clone(),
+                Report {
+                    manager: manager.to_string(),
+                    status: p.clone(),
+                    at: now,
+                },
+            );
+        }
+    }
+
+    /// Reports younger than `max_age`, by pool id.
+    fn fresh(&self, now: Instant, max_age: Duration) -> BTreeMap<String, Report> {
+        self.inner
+            .read()
+            .iter()
+            .filter(|(_, r)| now.saturating_duration_since(r.at) <= max_age)
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect()
+    }
+}
+
+/// Recent tasks shown when the query does not say.
+const RECENT_DEFAULT: usize = 50;
+/// The most recent tasks one answer may list.
+pub(crate) const RECENT_MAX: usize = 500;
+
+/// `GET /v2/overview[?tasks=N]`.
+pub(crate) async fn overview(
+    State(orch): State<crate::api::AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let recent = recent_limit(query.as_deref())?;
+    let body = snapshot(&orch, recent);
+    // It lists tasks and key names: no cache keeps it.
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
+}
+
+/// The `tasks=N` parameter (0 to `RECENT_MAX`); any other parameter is refused.
+fn recent_limit(query: Option<&str>) -> Result<usize, ApiError> {
+    let mut limit = RECENT_DEFAULT;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("tasks", n)) => {
+                limit = n.parse().ok().filter(|n| *n <= RECENT_MAX).ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidParams,
+                        format!("tasks must be a whole number from 0 to {RECENT_MAX}"),
+                    )
+                })?;
+            }
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidParams,
+                    "unknown query parameter: the one parameter is tasks=N",
+                ))
+            }
+        }
+    }
+    Ok(limit)
+}
+
+pub(crate) fn snapshot(orch: &Orchestrator, recent: usize) -> Overview {
+    let now = Instant::now();
+    let now_ms = crate::tasks::now_ms();
+    let queue = {
+        let q = orch.queue.lock();
+        QueueDepth {
+            interactive: q.tasks.depth(Priority::Interactive) as u64,
+            batch: q.tasks.depth(Priority::Batch) as u64,
+            capacity: orch.config.admission_capacity,
+        }
+    };
+    Overview {
+        at_ms: now_ms,
+        profile: orch.config.profile.as_str().into(),
+        pools: pools(orch, now),
+        nodes: crate::api::node_views(orch),
+        queue,
+        tasks: recent_tasks(orch, recent),
+        rates: orch.metrics.rates.history(now, now_ms),
+    }
+}
+
+/// Every pool orchestratord holds, joined with its node's report, then the pools only a node
+/// reports; by pool id.
+fn pools(orch: &Orchestrator, now: Instant) -> Vec<OverviewPool> {
+    let config = &orch.config;
+    // A report is recent while it is younger than a few probe rounds (or polls).
+    let interval = match config.profile {
+        Profile::Home => config.pool_health_interval,
+        Profile::Cloud => config.pool_poll_interval,
+    };
+    let max_age = (interval * 3).max(Duration::from_secs(5));
+    let managers: Vec<String> = match config.profile {
+        Profile::Home => vec![config.pool_manager_url.clone()],
+        Profile::Cloud => orch.managers.list().into_iter().map(|m| m.url).collect(),
+    };
+    let mut reports = orch.pools.reports.fresh(now, max_age);
+    reports.retain(|_, r| managers.contains(&r.manager));
+    let mut out: Vec<OverviewPool> = Vec::new();
+    for entry in orch.pools.list() {
+        // CLOUD: only the report of the node that holds the pool (another node reporting the
+        // same id is ignored, as the poller ignores it).
+        let report = reports.remove(&entry.pool_id).filter(|r| {
+            config.profile == Profile::Home || entry.manager.as_deref() == Some(&*r.manager)
+        });
+        out.push(held(&entry, report.as_ref(), now));
+    }
+    let held_ids: std::collections::BTreeSet<String> =
+        out.iter().map(|p| p.pool_id.clone()).collect();
+    out.extend(
+        reports
+            .values()
+            .filter(|r| !held_ids.contains(&r.status.pool_id))
+            .map(|r| reported_only(r, now)),
+    );
+    out.sort_by(|a, b| a.pool_id.cmp(&b.pool_id));
+    out
+}
+
+fn held(e: &PoolEntry, r: Option<&Report>, now: Instant) -> OverviewPool {
+    let node = r.map(|r| &r.status);
+    let state = if e.ejection.active(now) {
+        "ejected"
+    } else if let Some(s) = node {
+        s.state.as_str()
+    } else if e.draining {
+        "draining"
+    } else {
+        match e.phase {
+            PoolPhase::Restarting => "restarting",
+            PoolPhase::Failed => "failed",
+            PoolPhase::Serving if e.healthy => "ready",
+            PoolPhase::Serving => "unhealthy",
+        }
+    };
+    OverviewPool {
+        pool_id: e.pool_id.clone(),
+        node_id: e
+            .node_id
+            .clone()
+            .or_else(|| node.map(|s| s.node_id.clone())),
+        model_id: e.model_id.clone(),
+        state: state.into(),
+        placeable: e.ready(),
+        slots_total: e.slots_total,
+        slots_used: e.in_flight,
+        vram_total_bytes: node.and_then(|s| s.vram_total_bytes),
+        vram_free_bytes: e.vram_free_bytes.or(node.and_then(|s| s.vram_free_bytes)),
+        restart_count: node.map(|s| s.restart_count),
+        last_error: e
+            .last_error
+            .clone()
+            .or_else(|| node.and_then(|s| s.last_error.clone())),
+        reported_ms_ago: r.map(|r| age_ms(r, now)),
+        listed: Some(e.wire()),
+    }
+}
+
+fn reported_only(r: &Report, now: Instant) -> OverviewPool {
+    let s = &r.status;
+    OverviewPool {
+        pool_id: s.pool_id.clone(),
+        node_id: Some(s.node_id.clone()),
+        model_id: s.model_id.clone(),
+        state: s.state.as_str().into(),
+        placeable: false,
+        slots_total: s.slots_total,
+        // orchestratord runs nothing on a pool it does not hold.
+        slots_used: 0,
+        vram_total_bytes: s.vram_total_bytes,
+        vram_free_bytes: s.vram_free_bytes,
+        restart_count: Some(s.restart_count),
+        last_error: s.last_error.clone(),
+        reported_ms_ago: Some(age_ms(r, now)),
+        listed: None,
+    }
+}
+
+fn age_ms(r: &Report, now: Instant) -> u64 {
+    now.saturating_duration_since(r.at).as_millis() as u64
+}
+
+/// The `limit` most recently submitted tasks, newest first: one pass over the task map
+/// keeping the newest `limit` in a heap (the map holds at most the retained tasks).
+fn recent_tasks(orch: &Orchestrator, limit: usize) -> Vec<TaskSummary> {
+    if limit == 0 {
+        return Vec::new();
+    }
+    let mut picked: Vec<Arc<crate::tasks::Task>> = {
+        let tasks = orch.tasks.read();
+        let mut newest: BinaryHeap<Reverse<(Instant, &str)>> = BinaryHeap::new();
+        for t in tasks.values() {
+            newest.push(Reverse((t.submitted_at, t.id.as_str())));
+            if newest.len() > limit {
+                newest.pop();
+            }
+        }
+        newest
+            .into_iter()
+            .filter_map(|Reverse((_, id))| tasks.get(id).cloned())
+            .collect()
+    };
+    picked.sort_by(|a, b| (b.submitted_at, &b.id).cmp(&(a.submitted_at, &a.id)));
+    picked
+        .iter()
+        .map(|t| {
+            let s = t.status(None);
+            TaskSummary {
+                task_id: s.task_id,
+                state: s.state,
+                priority: s.priority,
+                pool_id: s.pool_id,
+                model: s.model_ref,
+                owner: t.owner.to_string(),
+                api: t.api().into(),
+                submitted_at_ms: s.submitted_at_ms,
+                finished_at_ms: s.finished_at_ms,
+                tokens_out: s.tokens_out,
+                error_code: s.error.map(|e| e.code),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+    const MS: Duration = Duration::from_millis(1);
+
+    fn tokens_per_bucket(h: &RateHistory) -> Vec<u64> {
+        h.buckets.iter().map(|b| b.tokens).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_fall_in_ten_second_buckets_split_exactly_at_their_edges() {
+        let origin = Instant::now();
+        let rates = Rates::new(origin);
+        rates.add_tokens(origin, 1);
+        rates.add_tokens(origin + 10 * S - MS, 2);
+        rates.add_tokens(origin + 10 * S, 4);
+        rates.add_tokens(origin + 25 * S, 8);
+        tokio::time::advance(25 * S).await;
+        let now = Instant::now();
+        let h = rates.history(now, 1_000_000);
+        assert_eq!(h.bucket_ms, 10_000);
+        assert_eq!(tokens_per_bucket(&h), vec![3, 4, 8]);
+        // Complete buckets span 10 s; the one in progress what has passed of it.
+        let spans: Vec<u64> = h.buckets.iter().map(|b| b.span_ms).collect();
+        assert_eq!(spans, vec![10_000, 10_000, 5_000]);
+        assert_eq!(h.buckets[0].tokens_per_s, 0.3);
+        assert_eq!(h.buckets[2].tokens_per_s, 8.0 / 5.0);
+        // Wall-clock starts: now is 1 000 000 ms, 25 s after the first bucket began.
+        let starts: Vec<u64> = h.buckets.iter().map(|b| b.start_ms).collect();
+        assert_eq!(starts, vec![975_000, 985_000, 995_000]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_history_keeps_five_minutes_and_forgets_what_is_older() {
+        let origin = Instant::now();
+        let rates = Rates::new(origin);
+        rates.add_tokens(origin, 7);
+        // 299.999 s later the first bucket is still the oldest of the 30 shown.
+        tokio::time::advance(300 * S - MS).await;
+        let h = rates.history(Instant::now(), 0);
+        assert_eq!(h.buckets.len(), 30);
+        assert_eq!(h.buckets[0].tokens, 7);
+        // One millisecond on, bucket 30 begins and bucket 0 leaves the window.
+        tokio::time::advance(MS).await;
+        let h = rates.history(Instant::now(), 0);
+        assert_eq!(h.buckets.len(), 30);
+        assert_eq!(h.buckets.iter().map(|b| b.tokens).sum::<u64>(), 0);
+        assert_eq!(h.buckets[29].span_ms, 0);
+        assert_eq!(h.buckets[29].tokens_per_s, 0.0);
+        // Its slot is reused by bucket 30: the old count does not leak into it.
+        rates.add_tokens(Instant::now(), 1);
+        let h = rates.history(Instant::now(), 0);
+        assert_eq!(h.buckets[29].tokens, 1);
+        // A token older than the ring keeps (bucket 0, whose slot bucket 30 holds) is dropped.
+        rates.add_tokens(origin, 5);
+        assert_eq!(
+            rates
+                .history(Instant::now(), 0)
+                .buckets
+                .iter()
+                .map(|b| b.tokens)
+                .sum::<u64>(),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_first_token_lands_in_the_bucket_it_arrived_in() {
+        let origin = Instant::now();
+        let rates = Rates::new(origin);
+        tokio::time::advance(45 * S).await;
+        // Observed when its task ended, at 45 s; it arrived at 12 s.
+        rates.add_first_token(origin + 12 * S, 30.0);
+        rates.add_first_token(origin + 12 * S + 500 * MS, 10.0);
+        rates.add_first_token(origin + 41 * S, 20.0);
+        let h = rates.history(Instant::now(), 0);
+        let counts: Vec<u32> = h.buckets.iter().map(|b| b.first_tokens).collect();
+        assert_eq!(counts, vec![0, 2, 0, 0, 1]);
+        let p50: Vec<Option<f64>> = h.buckets.iter().map(|b| b.first_token_p50_ms).collect();
+        assert_eq!(p50, vec![None, Some(20.0), None, None, Some(20.0)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_median_of_a_busy_bucket_stays_bounded_and_spread_over_the_whole_bucket() {
+        let origin = Instant::now();
+        let rates = Rates::new(origin);
+        // 1000 first tokens in one bucket, latency rising 0..999 ms.
+        for i in 0..1000u32 {
+            rates.add_first_token(origin + Duration::from_millis(u64::from(i)), f64::from(i));
+        }
+        let ring = rates.ring.lock();
+        let b = &ring[0];
+        assert_eq!(b.first_tokens, 1000);
+        assert!(b.samples.len() <= SAMPLES_MAX);
+        // Kept: every 4th (0, 4, 8, …, 996): the median of those is that of the whole bucket.
+        assert_eq!(b.stride, 4);
+        assert_eq!(b.samples.len(), 250);
+        assert_eq!(b.samples.last().copied(), Some(996.0));
+        assert_eq!(b.median(), Some(498.0));
+    }
+
+    fn reported(id: &str, state: &str) -> PoolStatus {
+        serde_json::from_value(serde_json::json!({
+            "pool_id": id, "node_id": "node-1", "state": state, "live": true,
+            "ready": state == "ready", "draining": false, "slots_total": 2, "slots_free": 2,
+            "engine": "llamacpp", "model_id": "tiny", "vram_total_bytes": 8_000,
+            "vram_free_bytes": 6_000, "restart_count": 1, "provisioning_mode": "managed",
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_overview_shows_tasks_without_their_input_and_pools_with_their_node_reports() {
+        use crate::tests::kit::{outcome, settle, tokens, Harness, Script};
+        let h = Harness::start(&[]);
+        h.add_pool("p", 2);
+        h.engine.push(tokens(3, MS));
+        let done = h.submit(serde_json::json!({
+            "task_id": "t-done", "model_ref": "tiny", "prompt": "a secret prompt", "max_tokens": 3
+        }));
+        assert_eq!(outcome(&done).await.0, "end");
+        // Two tasks hold both slots, two more wait: one of each priority.
+        h.engine.always(Script::NoAnswer);
+        for (id, priority) in [
+            ("r1", "interactive"),
+            ("r2", "interactive"),
+            ("q1", "interactive"),
+            ("q2", "batch"),
+        ] {
+            tokio::time::advance(MS).await;
+            h.submit(serde_json::json!({
+                "task_id": id, "model_ref": "tiny", "prompt": "p", "max_tokens": 3, "priority": priority
+            }));
+            settle().await;
+        }
+        let manager = h.orch.config.pool_manager_url.clone();
+        h.orch.pools.reports.replace(
+            &manager,
+            &[reported("p", "ready"), reported("q", "stopped")],
+        );
+        let o = snapshot(&h.orch, 3);
+        // Newest first, at most the number asked for; the finished one with its counts.
+        let ids: Vec<&str> = o.tasks.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, vec!["q2", "q1", "r2"]);
+        let all = snapshot(&h.orch, RECENT_MAX);
+        let t = all.tasks.iter().find(|t| t.task_id == "t-done").unwrap();
+        assert_eq!(t.state, llorch_contracts::tasks::TaskState::Completed);
+        assert_eq!((t.tokens_out, t.pool_id.as_deref()), (3, Some("p")));
+        assert_eq!((t.owner.as_str(), t.api.as_str()), ("test", "v2"));
+        assert!(t.finished_at_ms.is_some() && t.error_code.is_none());
+        assert!(!serde_json::to_string(&all).unwrap().contains("secret"));
+        assert_eq!((o.queue.interactive, o.queue.batch), (1, 1));
+        // The held pool joined with its report; the stopped one only its node reports.
+        let p = &o.pools[0];
+        assert_eq!((p.pool_id.as_str(), p.state.as_str()), ("p", "ready"));
+        assert!(p.placeable && p.listed.is_some());
+        assert_eq!((p.slots_used, p.slots_total), (2, 2));
+        assert_eq!(
+            (p.vram_total_bytes, p.restart_count),
+            (Some(8_000), Some(1))
+        );
+        assert_eq!(p.node_id.as_deref(), Some("node-1"));
+        let q = &o.pools[1];
+        assert_eq!((q.pool_id.as_str(), q.state.as_str()), ("q", "stopped"));
+        assert!(!q.placeable && q.listed.is_none());
+        assert_eq!(q.slots_used, 0);
+        // The finished task's three tokens and its first token, 1 ms after dispatch.
+        let b = o.rates.buckets.last().unwrap();
+        assert_eq!((b.tokens, b.first_tokens), (3, 1));
+        assert_eq!(b.first_token_p50_ms, Some(1.0));
+        // A report goes stale after a few probe rounds (5 s at least): the table's view stays.
+        tokio::time::advance(5 * S + MS).await;
+        let o = snapshot(&h.orch, 0);
+        assert_eq!(o.pools.len(), 1);
+        assert_eq!(
+            (o.pools[0].state.as_str(), o.pools[0].reported_ms_ago),
+            ("ready", None)
+        );
+        assert!(o.tasks.is_empty());
+    }
+
+    #[test]
+    fn the_recent_count_is_bounded_and_unknown_parameters_are_refused() {
+        assert_eq!(recent_limit(None).unwrap(), RECENT_DEFAULT);
+        assert_eq!(recent_limit(Some("tasks=0")).unwrap(), 0);
+        assert_eq!(recent_limit(Some("tasks=500")).unwrap(), 500);
+        for bad in [
+            "tasks=501",
+            "tasks=-1",
+            "tasks=x",
+            "tasks",
+            "prompt=1",
+            "tasks=1&x=2",
+        ] {
+            let e = recent_limit(Some(bad)).unwrap_err();
+            assert_eq!(e.0.code, ErrorCode::InvalidParams, "{bad}");
+        }
+    }
+}
