@@ -10,7 +10,9 @@
 #    Kubernetes versions the pinned kubernetes-validate bundles, strictly (unknown fields are
 #    errors), with no network (in a network namespace of its own when that can be made).
 # 3. The project's rules for both (scripts/check-deploy-rules.py): variable names the daemons
-#    read, stop timeouts above the daemons' longest stop, probes on open routes, placeholders.
+#    read, stop timeouts above the daemons' longest stop, probes on open routes, placeholders,
+#    orchestratord's admission journal on writable, persistent storage apart from the handoff
+#    directory, restarted after a crash, one replica.
 #
 # Each checker first proves it fails on a broken copy, so a checker that accepts everything
 # fails this script. Needs: systemd (systemd-analyze), python3-venv (make deps installs both)
@@ -110,13 +112,13 @@ if [ "$(id -u)" -eq 0 ]; then
     2>"$tmp/tmpfiles.log" || { cat "$tmp/tmpfiles.log" >&2; fail "systemd-tmpfiles refused llama-orch.conf"; }
   [ ! -s "$tmp/tmpfiles.log" ] || { cat "$tmp/tmpfiles.log" >&2; fail "systemd-tmpfiles warned"; }
   for want in "/etc/llama-orch/credentials 700 0" "/var/lib/llama-orch 750 $uid" \
-    "/var/lib/llama-orch/runtime 750 $uid"; do
+    "/var/lib/llama-orch/runtime 750 $uid" "/var/lib/llama-orch/orchestratord 700 $uid"; do
     read -r path mode owner <<<"$want"
     got=$(stat -c '%a %u' "$root$path" 2>/dev/null) || fail "systemd-tmpfiles did not create $path"
     [ "$got" = "$mode $owner" ] || fail "$path is '$got' (mode owner), expected '$mode $owner'"
   done
   say "sysusers.d, tmpfiles.d: user llorch; /etc/llama-orch/credentials 700 root;" \
-    "/var/lib/llama-orch{,/runtime} 750 llorch"
+    "/var/lib/llama-orch{,/runtime} 750 llorch; /var/lib/llama-orch/orchestratord 700 llorch"
 else
   say "sysusers.d and tmpfiles.d: skipped (creating their user and directories in a scratch root needs root)"
 fi
@@ -163,8 +165,34 @@ say "kubernetes-validate --strict (Kubernetes ${K8S_VERSIONS[*]}${offline:+, no 
 
 # --- the project's rules ------------------------------------------------------------------
 
-rules=$("$KV_ENV/bin/python" scripts/check-deploy-rules.py \
-  "$stage/usr/local/bin/orchestratord" "$stage/usr/local/bin/pool-managerd") ||
+daemons=("$stage/usr/local/bin/orchestratord" "$stage/usr/local/bin/pool-managerd")
+# Each line: a file under deploy/, a sed edit that breaks it, what the rules must then say.
+copy="$tmp/rules-copy"
+n=0
+while IFS='|' read -r file edit expect; do
+  rm -rf "$copy" && mkdir -p "$copy" && cp -r deploy "$copy/"
+  sed -i "$edit" "$copy/deploy/$file"
+  ! cmp -s "deploy/$file" "$copy/deploy/$file" || fail "the rules' broken copy of $file is not broken: $edit"
+  if out=$("$KV_ENV/bin/python" scripts/check-deploy-rules.py --root "$copy" "${daemons[@]}" 2>&1); then
+    fail "the rules let a broken $file through ($edit): the check proves nothing"
+  fi
+  grep -qF -- "$expect" <<<"$out" || { printf '%s\n' "$out" >&2; fail "the rules missed '$expect' in $file"; }
+  n=$((n + 1))
+done <<'BROKEN'
+systemd/orchestratord.service|s/^Restart=always$/Restart=on-failure/|Restart=on-failure, expected always
+systemd/orchestratord.service|s#^Environment=ORCHD_DATA_DIR=.*#Environment=ORCHD_DATA_DIR=/srv/journal#|is not writable
+systemd/orchestratord.service|s#^Environment=ORCHD_DATA_DIR=.*#Environment=ORCHD_DATA_DIR=/var/lib/llama-orch/runtime/j#|overlaps the handoff directory
+systemd/orchestratord.service|/^Environment=ORCHD_DATA_DIR=/d|no absolute ORCHD_DATA_DIR=
+systemd/llama-orch.tmpfiles.conf|/^d .*\/orchestratord /d|does not create /var/lib/llama-orch/orchestratord
+kubernetes/orchestratord.yaml|s/^kind: StatefulSet$/kind: Deployment/|orchestratord is a Deployment
+kubernetes/orchestratord.yaml|s/^  replicas: 1$/  replicas: 2/|orchestratord: one replica
+kubernetes/orchestratord.yaml|s#mountPath: /var/lib/llama-orch/orchestratord#mountPath: /data#|is not the writable mount of a volume claim
+kubernetes/orchestratord.yaml|s/ReadWriteOnce/ReadWriteMany/|is not ReadWriteOnce
+kubernetes/orchestratord.yaml|s/^  clusterIP: None$/  clusterIP: ""/|is no headless Service
+kubernetes/orchestratord.yaml|s/failureThreshold: 60/failureThreshold: 3/|no startupProbe on /health
+BROKEN
+rules=$("$KV_ENV/bin/python" scripts/check-deploy-rules.py "${daemons[@]}") ||
   { printf '%s\n' "$rules" >&2; fail "deployment rules broken"; }
+rules="$rules (and $n broken copies refused)"
 say "rules: $rules"
 say "ok ($((SECONDS - start)) s)"

@@ -1,11 +1,11 @@
 //! `docker-compose.cloud.yml` is valid compose (checked by `docker-compose config`, Debian's
 //! package, installed by `make test`), has its three services with healthchecks, speaks HTTPS
-//! everywhere, and sets only variables the daemons actually read (each one appears in the
-//! daemon's `--help`).
+//! everywhere, keeps orchestratord's admission journal on a named volume, and sets only
+//! variables the daemons actually read (each one appears in the daemon's `--help`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -38,6 +38,50 @@ fn vars_with_prefix(text: &str, prefix: &str) -> BTreeSet<String> {
         rest = &tail[end..];
     }
     out
+}
+
+/// One service's block of the resolved file: the lines under its name, up to the next service.
+fn service<'a>(resolved: &'a str, name: &str) -> &'a str {
+    let header = format!("\n  {name}:\n");
+    let start = resolved.find(&header).expect("no such service") + header.len();
+    let block = &resolved[start..];
+    let end = block
+        .match_indices('\n')
+        .map(|(i, _)| i + 1)
+        .find(|&i| !block[i..].starts_with("    "))
+        .unwrap_or(block.len());
+    &block[..end]
+}
+
+/// The value of `key: value` in a block (the first one).
+fn value<'a>(block: &'a str, key: &str) -> Option<&'a str> {
+    block.lines().find_map(|line| {
+        line.trim_start()
+            .strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(": "))
+            .map(|v| v.trim().trim_matches(|c| c == '"' || c == '\''))
+    })
+}
+
+/// The named volume mounted at `target` in a service block: compose v1 prints
+/// `- source:target:rw`, v2 a `type: volume` entry with `source:` and `target:`.
+fn named_volume_at<'a>(block: &'a str, target: &str) -> Option<&'a str> {
+    let short = block.lines().find_map(|line| {
+        let spec = line.trim_start().strip_prefix("- ")?;
+        let mut parts = spec.split(':');
+        let (source, at) = (parts.next()?, parts.next()?);
+        (at == target).then_some(source)
+    });
+    short
+        .or_else(|| {
+            let i = block.find(&format!("target: {target}\n"))?;
+            let entry = &block[block[..i].rfind("- type:")?..i];
+            entry
+                .contains("type: volume")
+                .then(|| value(entry, "source"))
+                .flatten()
+        })
+        .filter(|source| !source.starts_with(['/', '.', '~']))
 }
 
 #[test]
@@ -90,6 +134,47 @@ fn compose_file_is_valid_and_uses_only_real_settings() {
     );
     // Only orchestratord's port is published.
     assert_eq!(resolved.matches("published:").count(), 1, "{resolved}");
+
+    // orchestratord's admission journal outlives its container: ORCHD_DATA_DIR is on a named
+    // volume the file declares (not a bind mount, not the handoff directory), and a crash
+    // restarts the container, which replays the journal.
+    let orch_service = service(&resolved, "orchestratord");
+    let data_dir = value(orch_service, "ORCHD_DATA_DIR")
+        .unwrap_or_else(|| panic!("orchestratord has no ORCHD_DATA_DIR:\n{orch_service}"));
+    assert!(
+        data_dir.starts_with('/'),
+        "ORCHD_DATA_DIR {data_dir} is not absolute"
+    );
+    let volume = named_volume_at(orch_service, data_dir)
+        .unwrap_or_else(|| panic!("no named volume at ORCHD_DATA_DIR {data_dir}:\n{orch_service}"));
+    let declared = &resolved[resolved
+        .rfind("\nvolumes:\n")
+        .expect("no top-level volumes:")..];
+    assert!(
+        declared.contains(&format!("\n  {volume}:")),
+        "the volume {volume} is not declared at the top level:\n{declared}"
+    );
+    assert!(
+        matches!(
+            value(orch_service, "restart"),
+            Some("always" | "unless-stopped")
+        ),
+        "orchestratord is not restarted after a crash:\n{orch_service}"
+    );
+    for node in ["pool-managerd-a", "pool-managerd-b"] {
+        let node_service = service(&resolved, node);
+        let runtime = value(node_service, "POOL_MANAGERD_RUNTIME_DIR").expect("runtime dir");
+        let other = named_volume_at(node_service, runtime).expect("runtime volume");
+        assert_ne!(
+            other, volume,
+            "{node} shares orchestratord's journal volume"
+        );
+        let (data, runtime_path) = (Path::new(data_dir), Path::new(runtime));
+        assert!(
+            !(data.starts_with(runtime_path) || runtime_path.starts_with(data)),
+            "ORCHD_DATA_DIR {data_dir} overlaps {node}'s handoff directory {runtime}"
+        );
+    }
 
     let target = std::env::current_exe()
         .unwrap()
