@@ -1,20 +1,34 @@
 //! `llorch`: a small client of orchestratord. `llorch submit` prints tokens as they stream and
 //! a one-line summary on stderr; `llorch chat` is a streaming chat console over the
-//! OpenAI-compatible route (one line of stdin is one user turn; history is kept).
+//! OpenAI-compatible route (one line of stdin is one user turn; history is kept); `llorch
+//! status` is an overview of the service. A failure is one line on stderr and an exit status
+//! by kind (`failure.rs`).
+
+mod exposition;
+mod failure;
+mod status;
+mod table;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use llorch_client::OrchClient;
+use llorch_client::{ClientError, OrchClient};
 use llorch_contracts::openai::{ChatRequest, Sampling};
 use llorch_contracts::tasks::{Priority, TaskEvent, TaskRequest};
 use llorch_contracts::{DrainRequest, ReloadRequest};
 
+use crate::failure::{Failure, Kind, Target};
+
 #[derive(Parser)]
-#[command(name = "llorch", version, about = "llama-orch client")]
+#[command(
+    name = "llorch",
+    version,
+    about = "llama-orch client",
+    after_help = failure::EXIT_STATUS_HELP
+)]
 struct Cli {
     /// orchestratord base URL.
     #[arg(long, env = "LLORCH_URL", default_value = "http://127.0.0.1:8080")]
@@ -68,12 +82,34 @@ enum Cmd {
         #[arg(long)]
         temperature: Option<f32>,
     },
+    /// Overview: readiness, pools (state, busy slots, model, tokens/s), nodes, queue depth by
+    /// priority and recent rates (two scrapes of /metrics, --window-ms apart).
+    Status {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Time between the two scrapes the rates come from (0: no rates).
+        #[arg(long, default_value_t = 1000)]
+        window_ms: u64,
+    },
     /// Models served now (`/v1/models`).
-    Models,
-    /// Nodes (CLOUD: pool-managerds) and their availability.
-    Nodes,
+    Models {
+        /// Print orchestratord's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Nodes (CLOUD: pool-managerds) and their availability; needs the admin token.
+    Nodes {
+        /// Print orchestratord's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pools as orchestratord sees them.
-    Pools,
+    Pools {
+        /// Print orchestratord's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// One task's status.
     Task { id: String },
     /// Cancel a task.
@@ -95,18 +131,73 @@ enum Cmd {
 }
 
 /// Prints any answer as pretty JSON.
-fn print<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+fn print<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| Failure::new(Kind::Failed, format!("cannot print the answer: {e}")))?;
+    writeln!(std::io::stdout(), "{text}")?;
+    Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Prints a table, or `empty` when it has no row.
+fn print_table(t: &table::Table, empty: &str) -> Result<(), Failure> {
+    let text = if t.is_empty() {
+        empty.to_string()
+    } else {
+        t.render()
+    };
+    writeln!(std::io::stdout(), "{text}")?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    ExitCode::SUCCESS
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    ExitCode::from(Kind::Usage as u8)
+                }
+                _ => Failure::new(Kind::Usage, failure::usage_line(&e.to_string())).report(),
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return Failure::new(Kind::Failed, format!("cannot start the async runtime: {e}"))
+                .report()
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}
+
+/// The client of `cli`'s URL, token and CA.
+fn client(cli: &Cli) -> Result<(OrchClient, Target), Failure> {
     let token = match (&cli.token, &cli.token_file) {
         (Some(t), _) => Some(t.trim().to_string()),
         (None, Some(f)) => Some(
             std::fs::read_to_string(f)
-                .context("read token file")?
+                .map_err(|e| {
+                    Failure::new(
+                        Kind::Usage,
+                        format!(
+                            "cannot read the token file {}: {e} (LLORCH_API_TOKEN_FILE or --token-file)",
+                            f.display()
+                        ),
+                    )
+                })?
                 .trim()
                 .to_string(),
         ),
@@ -114,16 +205,39 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut http = reqwest::Client::builder();
     if let Some(path) = &cli.ca_file {
+        let usage = |why: String| Failure::new(Kind::Usage, why);
         let pem = std::fs::read(path)
-            .with_context(|| format!("cannot read the CA file {}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .with_context(|| format!("the CA file {} is not PEM certificates", path.display()))?;
+            .map_err(|e| usage(format!("cannot read the CA file {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            usage(format!(
+                "the CA file {} is not PEM certificates: {e}",
+                path.display()
+            ))
+        })?;
         if certs.is_empty() {
-            bail!("the CA file {} holds no certificate", path.display());
+            return Err(usage(format!(
+                "the CA file {} holds no certificate",
+                path.display()
+            )));
         }
         http = http.tls_certs_only(certs);
     }
-    let c = OrchClient::with_http(&cli.url, token.as_deref(), http.build()?);
+    let http = http
+        .build()
+        .map_err(|e| Failure::new(Kind::Failed, format!("cannot build the HTTP client: {e}")))?;
+    let target = Target {
+        url: cli.url.trim_end_matches('/').to_string(),
+        token_given: token.is_some(),
+    };
+    Ok((
+        OrchClient::with_http(&cli.url, token.as_deref(), http),
+        target,
+    ))
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let (c, target) = client(&cli)?;
+    let api = |e: ClientError| target.failure(e);
     match cli.cmd {
         Cmd::Submit {
             model,
@@ -137,7 +251,12 @@ async fn main() -> anyhow::Result<()> {
             let priority = match priority.as_str() {
                 "interactive" => Priority::Interactive,
                 "batch" => Priority::Batch,
-                other => bail!("--priority {other:?} is not one of: interactive, batch"),
+                other => {
+                    return Err(Failure::new(
+                        Kind::Usage,
+                        format!("--priority {other:?} is not one of: interactive, batch"),
+                    ))
+                }
             };
             let req = TaskRequest {
                 priority,
@@ -146,7 +265,7 @@ async fn main() -> anyhow::Result<()> {
                 temperature,
                 ..TaskRequest::new(model, prompt, max_tokens)
             };
-            submit(&c, &req).await?;
+            submit(&c, &target, &req).await?;
         }
         Cmd::Chat {
             model,
@@ -161,20 +280,69 @@ async fn main() -> anyhow::Result<()> {
                 max_tokens,
                 temperature,
             };
-            chat(&c, &settings, &session, system).await?;
+            chat(&c, &target, &settings, &session, system).await?;
         }
-        Cmd::Models => print(&c.models().await?),
-        Cmd::Nodes => print(&c.nodes().await?),
-        Cmd::Pools => print(&c.pools().await?),
-        Cmd::Task { id } => print(&c.task(&id).await?),
+        Cmd::Status { json, window_ms } => {
+            let report = status::gather(&c, Duration::from_millis(window_ms))
+                .await
+                .map_err(api)?;
+            if json {
+                print(&report)?;
+            } else {
+                write!(std::io::stdout(), "{}", status::render(&report))?;
+            }
+        }
+        Cmd::Models { json } => {
+            let models = c.models().await.map_err(api)?;
+            if json {
+                print(&models)?;
+            } else {
+                let mut t = table::Table::new(&["MODEL", "OWNED BY"]);
+                for m in &models.data {
+                    t.row(vec![m.id.clone(), m.owned_by.clone()]);
+                }
+                print_table(&t, "no model is served now")?;
+            }
+        }
+        Cmd::Nodes { json } => {
+            let nodes = c.nodes().await.map_err(api)?;
+            if json {
+                print(&nodes)?;
+            } else {
+                print_table(
+                    &status::nodes_table(&nodes.nodes),
+                    "no node (HOME: pools come from the handoff directory; CLOUD: none configured or registered)",
+                )?;
+            }
+        }
+        Cmd::Pools { json } => {
+            let pools = c.pools().await.map_err(api)?;
+            if json {
+                print(&pools)?;
+            } else {
+                let rows: Vec<status::PoolRow> = pools
+                    .pools
+                    .into_iter()
+                    .map(|pool| status::PoolRow {
+                        state: status::pool_state(&pool),
+                        tokens_per_s: None,
+                        pool,
+                    })
+                    .collect();
+                print_table(&status::pools_table(&rows), "no pool is known")?;
+            }
+        }
+        Cmd::Task { id } => print(&c.task(&id).await.map_err(api)?)?,
         Cmd::Cancel { id } => {
-            c.cancel(&id).await?;
+            c.cancel(&id).await.map_err(api)?;
             eprintln!("task {id}: cancel requested");
         }
-        Cmd::Capabilities => print(&c.capabilities().await?),
-        Cmd::Drain { pool, deadline_ms } => {
-            print(&c.drain(&pool, &DrainRequest { deadline_ms }).await?)
-        }
+        Cmd::Capabilities => print(&c.capabilities().await.map_err(api)?)?,
+        Cmd::Drain { pool, deadline_ms } => print(
+            &c.drain(&pool, &DrainRequest { deadline_ms })
+                .await
+                .map_err(api)?,
+        )?,
         Cmd::Reload { pool, model } => print(
             &c.reload(
                 &pool,
@@ -182,17 +350,18 @@ async fn main() -> anyhow::Result<()> {
                     new_model_ref: model,
                 },
             )
-            .await?,
-        ),
+            .await
+            .map_err(api)?,
+        )?,
     }
     Ok(())
 }
 
-async fn submit(c: &OrchClient, req: &TaskRequest) -> anyhow::Result<()> {
+async fn submit(c: &OrchClient, target: &Target, req: &TaskRequest) -> Result<(), Failure> {
     let t0 = Instant::now();
-    let admitted = c.submit(req).await?;
+    let admitted = c.submit(req).await.map_err(|e| target.failure(e))?;
     let id = admitted.task_id;
-    let mut events = c.events(&id, None).await.context("open event stream")?;
+    let mut events = c.events(&id, None).await.map_err(|e| target.failure(e))?;
     let mut stdout = std::io::stdout();
     let mut first_token: Option<f64> = None;
     let mut queue_ms = 0u64;
@@ -224,12 +393,18 @@ async fn submit(c: &OrchClient, req: &TaskRequest) -> anyhow::Result<()> {
             }
             TaskEvent::Error(e) => {
                 writeln!(stdout)?;
-                bail!("task {id} failed: {} {}", e.code, e.message);
+                return Err(Failure::new(
+                    Kind::Failed,
+                    format!("task {id} failed: {} {}", e.code, e.message),
+                ));
             }
             TaskEvent::Queued { .. } | TaskEvent::Metrics(_) => {}
         }
     }
-    bail!("task {id}: stream ended without a terminal event")
+    Err(Failure::new(
+        Kind::Unavailable,
+        format!("the event stream of task {id} broke before its end (`llorch task {id}` says how it ended)"),
+    ))
 }
 
 /// A session id of this process: time and pid, enough to be unique on one client.
@@ -251,10 +426,11 @@ struct ChatSettings {
 /// reported and left out of the history, and makes the exit status non-zero.
 async fn chat(
     c: &OrchClient,
+    target: &Target,
     settings: &ChatSettings,
     session: &str,
     system: Option<String>,
-) -> anyhow::Result<()> {
+) -> Result<(), Failure> {
     use std::io::IsTerminal;
     use tokio::io::AsyncBufReadExt;
     let interactive = std::io::stdin().is_terminal();
@@ -270,7 +446,11 @@ async fn chat(
         if interactive {
             eprint!("> ");
         }
-        let Some(line) = lines.next_line().await.context("read stdin")? else {
+        let Some(line) = lines
+            .next_line()
+            .await
+            .map_err(|e| Failure::new(Kind::Failed, format!("cannot read stdin: {e}")))?
+        else {
             break;
         };
         let line = line.trim();
@@ -287,17 +467,45 @@ async fn chat(
                 eprintln!("turn {turn} · {summary}");
                 messages.push(serde_json::json!({"role": "assistant", "content": reply}));
             }
-            Err(e) => {
-                eprintln!("turn {turn} failed: {e:#}");
+            Err(TurnFailure::Output(e)) => return Err(e.into()),
+            // No later turn could do better: stop with this failure's own status.
+            Err(TurnFailure::Api(e @ ClientError::Unreachable(_))) => return Err(target.failure(e)),
+            Err(TurnFailure::Api(e)) => {
+                let f = target.failure(e);
+                if f.kind == Kind::Auth {
+                    return Err(f);
+                }
+                eprintln!("turn {turn} failed: {}", f.line());
                 messages.pop();
                 failed += 1;
             }
         }
     }
     if failed > 0 {
-        bail!("{failed} of {turn} turns failed");
+        return Err(Failure::new(
+            Kind::Failed,
+            format!("{failed} of {turn} turns failed"),
+        ));
     }
     Ok(())
+}
+
+/// Why a chat turn failed: orchestratord's answer, or writing the reply.
+enum TurnFailure {
+    Api(ClientError),
+    Output(std::io::Error),
+}
+
+impl From<ClientError> for TurnFailure {
+    fn from(e: ClientError) -> Self {
+        TurnFailure::Api(e)
+    }
+}
+
+impl From<std::io::Error> for TurnFailure {
+    fn from(e: std::io::Error) -> Self {
+        TurnFailure::Output(e)
+    }
 }
 
 /// One turn: streams the answer to stdout; returns it and a one-line summary.
@@ -306,7 +514,7 @@ async fn chat_turn(
     settings: &ChatSettings,
     session: &str,
     messages: &[serde_json::Value],
-) -> anyhow::Result<(String, String)> {
+) -> Result<(String, String), TurnFailure> {
     let req = ChatRequest {
         model: settings.model.clone(),
         messages: messages.to_vec(),

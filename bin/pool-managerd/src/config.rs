@@ -185,7 +185,23 @@ pub struct Args {
     /// Log format: `pretty` or `json`.
     #[arg(long, env = "POOL_MANAGERD_LOG_FORMAT", default_value = "pretty")]
     pub log_format: String,
+    /// A second port, on the bind address, serving only `/metrics` (still with the node token).
+    #[arg(long, env = "POOL_MANAGERD_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
 }
+
+/// Variables renamed since the migration plan, still read under their old names
+/// (`llorch_http::env_alias`): deprecated, logged at start.
+pub const ENV_ALIASES: &[llorch_http::env_alias::EnvAlias] = &[
+    llorch_http::env_alias::EnvAlias {
+        old: "POOL_MANAGERD_WATCH_INTERVAL_MS",
+        new: "POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS",
+    },
+    llorch_http::env_alias::EnvAlias {
+        old: "PROMETHEUS_METRICS_PORT",
+        new: "POOL_MANAGERD_METRICS_PORT",
+    },
+];
 
 /// Validated configuration. Holds the token as [`Token`], whose `Debug` shows a fingerprint:
 /// the node token when one is set, else the shared API token (client keys are never here, so
@@ -231,6 +247,8 @@ pub struct Config {
     /// certificate presented when it asks for one).
     pub client_tls: llorch_http::tls::ClientTls,
     pub json_logs: bool,
+    /// The metrics port's address (the bind address's IP), when one is configured.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -402,6 +420,12 @@ impl Config {
             tls,
             client_tls,
             json_logs,
+            metrics_addr: llorch_http::metrics_port::address(
+                "POOL_MANAGERD_METRICS_PORT",
+                args.bind_addr,
+                args.metrics_port,
+            )
+            .map_err(ConfigError::Invalid)?,
         })
     }
 }
@@ -468,5 +492,49 @@ mod tests {
             let e = Config::from_args(args).unwrap_err();
             assert!(e.to_string().contains(name), "{flag}: {e}");
         }
+    }
+
+    #[test]
+    fn every_old_variable_name_is_accepted_and_lands_on_its_new_setting() {
+        use clap::FromArgMatches;
+        for alias in ENV_ALIASES {
+            let value = "1234";
+            let (cmd, in_use) = llorch_http::env_alias::command_with::<Args>(ENV_ALIASES, |v| {
+                (v == alias.old).then(|| value.into())
+            })
+            .unwrap();
+            assert_eq!(in_use, vec![*alias]);
+            let m = cmd
+                .try_get_matches_from(["pool-managerd", "--allow-unauthenticated-loopback"])
+                .unwrap();
+            let config = Config::from_args(Args::from_arg_matches(&m).unwrap()).unwrap();
+            match alias.new {
+                "POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS" => {
+                    assert_eq!(config.handoff_rescan, Duration::from_millis(1234))
+                }
+                "POOL_MANAGERD_METRICS_PORT" => {
+                    assert_eq!(config.metrics_addr, Some("127.0.0.1:1234".parse().unwrap()))
+                }
+                other => panic!(
+                    "{} lands on {other}, which this test does not check",
+                    alias.old
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn an_old_and_a_new_name_set_to_different_values_refuse_the_start() {
+        let e = llorch_http::env_alias::command_with::<Args>(ENV_ALIASES, |v| match v {
+            "POOL_MANAGERD_WATCH_INTERVAL_MS" => Some("500".into()),
+            "POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS" => Some("250".into()),
+            _ => None,
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("keep only POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS"),
+            "{e}"
+        );
     }
 }

@@ -66,6 +66,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 config.bind_addr
             )
         })?;
+    let metrics_listener = llorch_http::metrics_port::bind(config.metrics_addr).await?;
 
     let discovery = tokio::task::spawn_blocking(gpu::discover).await?;
     match &discovery.reason {
@@ -159,6 +160,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tasks.spawn(llorch_http::reload_on_sighup(
             vec![("TLS", llorch_http::tls_reload(tls))],
             root.child_token(),
+        ));
+    }
+    if let Some(listener) = metrics_listener {
+        tasks.spawn(llorch_http::metrics_port::serve(
+            listener,
+            app.clone(),
+            limits,
+            tls.clone(),
+            root.child_token().cancelled_owned(),
         ));
     }
     let server = tokio::spawn(async move {

@@ -1,11 +1,17 @@
 //! pool-managerd binary: parse config, init logging, run until SIGTERM/SIGINT.
 
-use clap::Parser;
-use pool_managerd::config::{Args, Config};
+use pool_managerd::config::{Args, Config, ENV_ALIASES};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = match Config::from_args(Args::parse()) {
+    let parsed = llorch_http::env_alias::parse::<Args>(ENV_ALIASES)
+        .map_err(|e| e.to_string())
+        .and_then(|(args, renamed)| {
+            Config::from_args(args)
+                .map(|c| (c, renamed))
+                .map_err(|e| e.to_string())
+        });
+    let (config, renamed) = match parsed {
         Ok(c) => c,
         Err(error) => {
             eprintln!("pool-managerd: configuration error: {error}");
@@ -14,6 +20,7 @@ async fn main() -> std::process::ExitCode {
     };
     let _telemetry =
         llorch_observability::init("pool-managerd", &config.node_id.clone(), config.json_logs);
+    llorch_http::env_alias::log_renamed(&renamed);
     match pool_managerd::run(config, llorch_http::shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -2,7 +2,9 @@
 //! `llorch-contracts`, so a contract change breaks the build of every client, not a user.
 //! Used by the `llorch` CLI, the test harnesses and the benchmarks.
 
-use llorch_contracts::meta::{Capabilities, NodesResponse, OrchPoolsResponse, SessionResponse};
+use llorch_contracts::meta::{
+    Capabilities, NodesResponse, OrchPoolsResponse, ReadyResponse, SessionResponse, VersionResponse,
+};
 use llorch_contracts::openai::{ChatRequest, ErrorBody, ErrorResponse, ModelList, Usage};
 use llorch_contracts::tasks::{AdmissionResponse, TaskEvent, TaskRequest, TaskStatus};
 use llorch_contracts::{DrainRequest, ErrorEnvelope, PoolStatus, ReloadRequest};
@@ -155,6 +157,28 @@ impl OrchClient {
     pub async fn capabilities(&self) -> Result<Capabilities, ClientError> {
         self.typed(self.request(reqwest::Method::GET, "/v2/meta/capabilities"))
             .await
+    }
+
+    /// `GET /v2/meta/version`.
+    pub async fn version(&self) -> Result<VersionResponse, ClientError> {
+        self.typed(self.request(reqwest::Method::GET, "/v2/meta/version"))
+            .await
+    }
+
+    /// `GET /ready` (open): an answer while some pool is ready, 503 `POOL_UNAVAILABLE` (an
+    /// [`ClientError::Api`]) while none is or while shutting down.
+    pub async fn ready(&self) -> Result<ReadyResponse, ClientError> {
+        self.typed(self.request(reqwest::Method::GET, "/ready"))
+            .await
+    }
+
+    /// `GET /metrics` (open): the Prometheus text exposition.
+    pub async fn metrics_text(&self) -> Result<String, ClientError> {
+        self.send(self.request(reqwest::Method::GET, "/metrics"))
+            .await?
+            .text()
+            .await
+            .map_err(|e| ClientError::Unreachable(llamacpp_client::error_chain(&e)))
     }
 
     /// `POST /v2/pools/{id}/drain` (forwarded to the pool's pool-managerd).

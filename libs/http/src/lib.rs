@@ -10,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use llorch_contracts::{ErrorCode, ErrorEnvelope};
 
+pub mod env_alias;
+pub mod metrics_port;
 mod serve;
 pub mod tls;
 
@@ -134,15 +136,20 @@ fn path_rejection(r: PathRejection) -> ApiError {
     ApiError::new(ErrorCode::InvalidParams, r.body_text())
 }
 
-/// Echoes a sane `X-Correlation-Id` or makes one; runs the request in a span carrying it.
-pub async fn correlation_id(mut req: Request, next: Next) -> Response {
-    let id = req
-        .headers()
+/// The request's `X-Correlation-Id` when it is sane (1–128 visible ASCII characters), else a
+/// new one.
+fn request_correlation_id(headers: &axum::http::HeaderMap) -> String {
+    headers
         .get(CORRELATION_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Echoes a sane `X-Correlation-Id` or makes one; runs the request in a span carrying it.
+pub async fn correlation_id(mut req: Request, next: Next) -> Response {
+    let id = request_correlation_id(req.headers());
     let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     req.headers_mut().insert(CORRELATION_HEADER, value.clone());
     let span = tracing::info_span!("request", correlation_id = %id, method = %req.method(), path = %req.uri().path());

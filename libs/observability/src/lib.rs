@@ -4,8 +4,11 @@
 //!   `RUST_LOG` (default `info`), ANSI colours only on a terminal.
 //! - Traces: exported over OTLP only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set — otherwise no OpenTelemetry layer exists at
-//!   all. `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` picks gRPC, anything else HTTP/protobuf. Resource:
-//!   `service.name`, `service.version`, `node_id`.
+//!   all. The transport is `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else
+//!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc` or `http/protobuf`; `http/json` is sent as
+//!   protobuf, which every OTLP/HTTP receiver takes); with neither set, the endpoint's port
+//!   decides: 4317 (OTLP's gRPC port) is gRPC, anything else HTTP/protobuf (4318 is OTLP/HTTP's
+//!   port). Resource: `service.name`, `service.version`, `node_id`.
 //! - Propagation: W3C `traceparent`, injected into requests to the other daemon and extracted
 //!   from incoming requests, so one task is one trace across both processes.
 
@@ -50,16 +53,75 @@ fn otlp_configured() -> bool {
     .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
 }
 
-fn provider(service: &'static str, node_id: &str) -> Result<SdkTracerProvider, String> {
-    let grpc = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").is_ok_and(|p| p == "grpc");
-    let exporter = if grpc {
-        opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()
+/// The OTLP transport of the trace exporter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OtlpTransport {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// OTLP's gRPC port: an endpoint on it speaks gRPC when no protocol is configured.
+const OTLP_GRPC_PORT: u16 = 4317;
+
+/// The transport the environment asks for (`var` reads a variable): the protocol variables
+/// first, else the endpoint's port. An unknown protocol is an error naming it.
+fn otlp_transport(var: impl Fn(&str) -> Option<String>) -> Result<OtlpTransport, String> {
+    let set = |name: &str| {
+        var(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Some(p) = set(name) {
+            return match p.to_ascii_lowercase().as_str() {
+                "grpc" => Ok(OtlpTransport::Grpc),
+                "http/protobuf" | "http/json" => Ok(OtlpTransport::HttpProtobuf),
+                _ => Err(format!(
+                    "{name}={p:?} is not one of: grpc, http/protobuf, http/json"
+                )),
+            };
+        }
+    }
+    let endpoint = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .unwrap_or_default();
+    Ok(if url_port(&endpoint) == Some(OTLP_GRPC_PORT) {
+        OtlpTransport::Grpc
     } else {
-        opentelemetry_otlp::SpanExporter::builder()
+        OtlpTransport::HttpProtobuf
+    })
+}
+
+/// The explicit port of an `http(s)://host:port/…` URL.
+fn url_port(url: &str) -> Option<u16> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit('@').next()?;
+    let (host, port) = host_port.rsplit_once(':')?;
+    // `[::1]` without a port splits inside the brackets.
+    if host.starts_with('[') && !host.ends_with(']') {
+        return None;
+    }
+    port.parse().ok()
+}
+
+fn provider(service: &'static str, node_id: &str) -> Result<SdkTracerProvider, String> {
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    let transport = otlp_transport(|v| std::env::var(v).ok())?;
+    // The protocol is set explicitly, so the crate's own reading of the variables (which knows
+    // no port rule, and no http/json without its feature) cannot contradict this choice.
+    let exporter = match transport {
+        OtlpTransport::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_protocol(Protocol::Grpc)
+            .build(),
+        OtlpTransport::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
-            .build()
+            .with_protocol(Protocol::HttpBinary)
+            .build(),
     }
     .map_err(|e| e.to_string())?;
     let resource = Resource::builder()
@@ -158,5 +220,76 @@ pub fn capture(span: &tracing::Span) -> TraceContext {
 pub fn adopt(span: &tracing::Span, cx: &TraceContext) {
     if !span.is_disabled() {
         let _ = span.set_parent(cx.0.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport(env: &[(&str, &str)]) -> Result<OtlpTransport, String> {
+        otlp_transport(|name| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn without_a_protocol_port_4317_is_grpc_and_4318_or_any_other_is_http() {
+        use OtlpTransport::*;
+        let ep = "OTEL_EXPORTER_OTLP_ENDPOINT";
+        assert_eq!(transport(&[(ep, "http://collector:4317")]), Ok(Grpc));
+        assert_eq!(transport(&[(ep, "http://10.0.0.5:4317/")]), Ok(Grpc));
+        assert_eq!(transport(&[(ep, "https://[::1]:4317")]), Ok(Grpc));
+        assert_eq!(
+            transport(&[(ep, "http://collector:4318")]),
+            Ok(HttpProtobuf)
+        );
+        assert_eq!(transport(&[(ep, "http://collector")]), Ok(HttpProtobuf));
+        assert_eq!(transport(&[(ep, "http://[::1]")]), Ok(HttpProtobuf));
+        assert_eq!(
+            transport(&[(ep, "http://c:9999/otlp:4317")]),
+            Ok(HttpProtobuf),
+            "a port-like path is not the port"
+        );
+        // The traces endpoint wins over the generic one, as in the exporter itself.
+        assert_eq!(
+            transport(&[
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "http://c:4318/v1/traces"
+                ),
+                (ep, "http://c:4317"),
+            ]),
+            Ok(HttpProtobuf)
+        );
+    }
+
+    #[test]
+    fn a_protocol_variable_beats_the_port_and_an_unknown_one_is_refused() {
+        use OtlpTransport::*;
+        let ep = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317");
+        let p = "OTEL_EXPORTER_OTLP_PROTOCOL";
+        assert_eq!(transport(&[ep, (p, "http/protobuf")]), Ok(HttpProtobuf));
+        assert_eq!(transport(&[ep, (p, "http/json")]), Ok(HttpProtobuf));
+        assert_eq!(
+            transport(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                (p, "GRPC")
+            ]),
+            Ok(Grpc)
+        );
+        assert_eq!(
+            transport(&[
+                ep,
+                (p, "grpc"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+            ]),
+            Ok(HttpProtobuf),
+            "the traces protocol wins"
+        );
+        let e = transport(&[ep, (p, "grcp")]).unwrap_err();
+        assert!(e.contains("OTEL_EXPORTER_OTLP_PROTOCOL=\"grcp\""), "{e}");
     }
 }
