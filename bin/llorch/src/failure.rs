@@ -21,7 +21,7 @@ pub const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0  success
   1  a task (or a chat turn) failed, or another error
-  2  usage: bad arguments, an unreadable token or CA file, or a request orchestratord refused as invalid (400)
+  2  usage: bad arguments, an unreadable token or CA file, or a request orchestratord refused as invalid (400, 413)
   3  authentication: the token is missing or refused (401), or may not do this (403)
   4  unavailable: orchestratord unreachable (or its TLS certificate not trusted), or it cannot serve now (503, 429)";
 
