@@ -130,6 +130,9 @@ impl Drop for KeySlot {
 /// The largest prompt admission has an engine count (bigger ones are judged by the engine).
 pub const COUNT_PROMPT_MAX_BYTES: usize = 64 * 1024;
 
+/// Resolves once an admission is durable (or failed to be).
+pub(crate) type Durable = futures_util::future::BoxFuture<'static, Result<(), String>>;
+
 impl Orchestrator {
     /// A key's limits: 429 when its admission bucket is empty (retry when the next token
     /// comes) or it has its most tasks unfinished. `Some`: the slot the new task takes.
@@ -216,8 +219,9 @@ impl Orchestrator {
         self.admit_with(req, None, None, &auth_min::Principal::everything("test"))
     }
 
-    /// `POST /v2/tasks`, with the request's `X-Correlation-Id` and the prompt's length in
-    /// tokens when [`Orchestrator::count_prompt`] counted it.
+    /// An admission without waiting for the journal (in-process tests; `POST /v2/tasks` uses
+    /// [`Orchestrator::admit_durable`]).
+    #[cfg(test)]
     pub fn admit_with(
         &self,
         req: TaskRequest,
@@ -227,7 +231,45 @@ impl Orchestrator {
     ) -> Result<AdmissionResponse, ApiError> {
         validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
         self.enqueue(req, correlation_id, None, prompt_tokens, owner)
-            .map(|(_, a)| a)
+            .map(|(_, a, _)| a)
+    }
+
+    /// `POST /v2/tasks` (with the request's `X-Correlation-Id`, and the prompt's length in
+    /// tokens when [`Orchestrator::count_prompt`] counted it), answered only once the
+    /// admission is durable: with the
+    /// journal on, the 202 waits for the admission record (at most `ORCHD_JOURNAL_TIMEOUT_MS`).
+    /// A journal that fails or does not answer in time gets the client a retriable 503
+    /// `JOURNAL_UNAVAILABLE`, and the task is withdrawn (never run, ended in the journal).
+    pub async fn admit_durable(
+        &self,
+        req: TaskRequest,
+        correlation_id: Option<String>,
+        prompt_tokens: Option<u32>,
+        owner: &auth_min::Principal,
+    ) -> Result<AdmissionResponse, ApiError> {
+        validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
+        let (task, answer, written) =
+            self.enqueue(req, correlation_id, None, prompt_tokens, owner)?;
+        let Some(written) = written else {
+            return Ok(answer);
+        };
+        let why = match tokio::time::timeout(self.config.journal_timeout, written).await {
+            Ok(Ok(())) => return Ok(answer),
+            Ok(Err(error)) => error,
+            Err(_) => format!(
+                "no answer within {} ms",
+                self.config.journal_timeout.as_millis()
+            ),
+        };
+        self.metrics.journal_errors.inc();
+        tracing::error!(task_id = %task.id, error = %why, "admission not durable; the task is withdrawn");
+        let refusal = ApiError::new(
+            ErrorCode::JournalUnavailable,
+            "the admission could not be made durable; nothing was admitted: retry",
+        )
+        .with_retry_after(1000);
+        self.cancel(&task, refusal.0.clone());
+        Err(self.reject("journal_unavailable", refusal))
     }
 
     /// The prompt's length in tokens, counted by an engine of its model (prompts up to
@@ -295,7 +337,7 @@ impl Orchestrator {
         owner: &auth_min::Principal,
     ) -> Result<Arc<Task>, ApiError> {
         self.enqueue(req, correlation_id, Some(job), None, owner)
-            .map(|(t, _)| t)
+            .map(|(t, _, _)| t)
     }
 
     fn enqueue(
@@ -305,7 +347,7 @@ impl Orchestrator {
         openai: Option<crate::openai::Job>,
         prompt_tokens: Option<u32>,
         owner: &auth_min::Principal,
-    ) -> Result<(Arc<Task>, AdmissionResponse), ApiError> {
+    ) -> Result<(Arc<Task>, AdmissionResponse, Option<Durable>), ApiError> {
         let started = std::time::Instant::now();
         let span = tracing::info_span!(
             "admission",
@@ -332,7 +374,14 @@ impl Orchestrator {
                     ),
                 ));
             }
-            return self.answer_existing(&existing, &req);
+            return self
+                .answer_existing(&existing, &req)
+                .map(|(t, a)| (t, a, None));
+        }
+        if let Some(existing) = self.journaled_task(&id, owner)? {
+            return self
+                .answer_existing(&existing, &req)
+                .map(|(t, a)| (t, a, None));
         }
         if !self
             .pools
@@ -413,14 +462,16 @@ impl Orchestrator {
             }
         }
         let priority = req.priority;
-        let (task, admitted, ahead_tokens) = {
+        let (task, admitted, ahead_tokens, written) = {
             // Dropped (giving the key's slot back) on any refusal below.
             let slot = self.key_gate(owner)?;
             let mut tasks = self.tasks.write();
             // Checked again under the lock: two first submissions of one id may race here.
             if let Some(existing) = tasks.get(&id).cloned() {
                 drop(tasks);
-                return self.answer_existing(&existing, &req);
+                return self
+                    .answer_existing(&existing, &req)
+                    .map(|(t, a)| (t, a, None));
             }
             let mut queue = self.queue.lock();
             // Checked under the queue lock that shutdown empties the queue under: no task is
@@ -433,33 +484,52 @@ impl Orchestrator {
             span.record("task_id", id.as_str());
             let trace = llorch_observability::capture(&span);
             let correlation_id = correlation_id.unwrap_or_else(|| id.clone());
-            let task = Arc::new(
-                Task::new(
-                    id.clone(),
-                    req,
-                    Instant::now(),
-                    trace,
-                    correlation_id,
-                    openai,
-                    self.config.task_log_max_bytes,
-                )
-                .with_prompt_tokens(prompt_tokens)
-                .with_owner(owner.name.clone())
-                .with_key_slot(slot),
-            );
+            // `/v2` tasks are journaled (an OpenAI request lives and dies with its connection).
+            let journaled =
+                (self.journal.durable() && openai.is_none()).then(|| crate::journal::Admission {
+                    task_id: id.clone(),
+                    owner: owner.name.to_string(),
+                    digest: [0; 32],
+                    request: serde_json::to_string(&req).unwrap_or_default(),
+                    correlation_id: correlation_id.clone(),
+                    submitted_ms: crate::tasks::now_ms(),
+                    deadline_ms: req.deadline_ms.map(|d| crate::tasks::now_ms() + d),
+                });
+            let mut task = Task::new(
+                id.clone(),
+                req,
+                Instant::now(),
+                trace,
+                correlation_id,
+                openai,
+                self.config.task_log_max_bytes,
+            )
+            .with_prompt_tokens(prompt_tokens)
+            .with_owner(owner.name.clone())
+            .with_key_slot(slot);
+            if journaled.is_some() {
+                task = task.with_journal();
+            }
+            let task = Arc::new(task);
             let weight = u64::from(task.req.max_tokens);
             match queue
                 .tasks
                 .admit(task.clone(), priority, weight, self.config.admission_policy)
             {
                 Ok(a) => {
+                    // Sent under the queue lock, before any dispatch of the task can write
+                    // its first token: the journal takes writes in order.
+                    let written = journaled.map(|mut admission| {
+                        admission.digest = task.digest();
+                        self.journal.admit(admission)
+                    });
                     tasks.insert(id.clone(), task.clone());
                     queue.schedule_expiry(&task, self.config.max_queue_wait);
                     let mut ahead_tokens = queue.tasks.class_weight(Priority::Interactive);
                     if priority == Priority::Batch {
                         ahead_tokens += queue.tasks.class_weight(Priority::Batch);
                     }
-                    (task, a, ahead_tokens - weight)
+                    (task, a, ahead_tokens - weight, written)
                 }
                 Err(full) => {
                     drop(queue);
@@ -517,7 +587,47 @@ impl Orchestrator {
         tracing::debug!(task_id = %id, position, "task admitted");
         self.wake.notify_one();
         let answer = admission_response(&task, position, predicted);
-        Ok((task, answer))
+        Ok((task, answer, written))
+    }
+
+    /// A finished task the journal still remembers (past the in-memory retention), put back
+    /// in memory so a resubmission of its id is answered as for any task: the same task for
+    /// the same request, 409 for another; another key's id is taken.
+    fn journaled_task(
+        &self,
+        id: &str,
+        owner: &auth_min::Principal,
+    ) -> Result<Option<Arc<Task>>, ApiError> {
+        if !self.journal.durable() {
+            return Ok(None);
+        }
+        let record = match self.journal.lookup(id) {
+            Ok(Some(r)) if r.ending.is_some() => r,
+            Ok(_) => return Ok(None),
+            Err(error) => {
+                tracing::warn!(task_id = %id, %error, "journal lookup failed; the id is taken as new");
+                return Ok(None);
+            }
+        };
+        let Some(task) = crate::recovery::finished_task(self, &record) else {
+            return Ok(None);
+        };
+        if !task.visible_to(owner) {
+            return Err(self.reject(
+                "conflict",
+                ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("task_id {id:?} is taken; choose another"),
+                ),
+            ));
+        }
+        let task = self
+            .tasks
+            .write()
+            .entry(id.to_string())
+            .or_insert(task)
+            .clone();
+        Ok(Some(task))
     }
 
     /// The answer to a resubmitted `task_id`: the existing task, or 409 for another body.

@@ -40,7 +40,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/pools/{id}/drain", post(drain))
         .route("/v2/pools/{id}/reload", post(reload))
         .route("/v2/nodes", get(nodes))
-        .route("/v2/nodes/{id}", axum::routing::delete(deregister_node));
+        .route("/v2/nodes/{id}", axum::routing::delete(deregister_node))
+        .route("/v2/overview", get(crate::overview::overview));
     let mut node = Router::new()
         .route("/v2/nodes/register", post(register_node))
         .route("/v2/nodes/{id}/heartbeat", post(heartbeat));
@@ -55,6 +56,8 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        // The console's page and assets hold no data: its API calls carry the admin token.
+        .merge(crate::ui::router())
         // OpenAI's routes answer (auth included) in OpenAI's error shape.
         .nest("/v1", crate::openai::router(&state));
     llorch_http::assemble(
@@ -164,7 +167,9 @@ async fn submit(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let prompt_tokens = orch.count_prompt(&req).await?;
-    let admitted = orch.admit_with(req, correlation_id, prompt_tokens, &caller)?;
+    let admitted = orch
+        .admit_durable(req, correlation_id, prompt_tokens, &caller)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(admitted)).into_response())
 }
 
@@ -366,8 +371,14 @@ async fn forward<B: serde::Serialize>(
 }
 
 async fn nodes(State(orch): State<AppState>) -> Json<NodesResponse> {
-    let nodes = orch
-        .managers
+    Json(NodesResponse {
+        nodes: node_views(&orch),
+    })
+}
+
+/// Every node as `GET /v2/nodes` shows it.
+pub(crate) fn node_views(orch: &Orchestrator) -> Vec<NodeView> {
+    orch.managers
         .list()
         .into_iter()
         .map(|m| NodeView {
@@ -381,8 +392,7 @@ async fn nodes(State(orch): State<AppState>) -> Json<NodesResponse> {
             gpus: m.gpus,
             last_error: m.last_error,
         })
-        .collect();
-    Json(NodesResponse { nodes })
+        .collect()
 }
 
 /// Whether `caller` may speak for node `node_id`: a per-node token only for its own node, and

@@ -328,6 +328,7 @@ impl CloudSource {
                     })
                     .collect();
                 m.invalid = invalid;
+                self.pools.reports.replace(url, &pools);
                 let listed: BTreeSet<String> = pools.iter().map(|p| p.pool_id.clone()).collect();
                 for gone in m.pools.difference(&listed) {
                     self.pools.remove(gone);

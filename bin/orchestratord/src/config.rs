@@ -21,6 +21,9 @@ pub struct Args {
     /// Address of the HTTP API.
     #[arg(long, env = "ORCHD_BIND_ADDR", default_value = "127.0.0.1:8080")]
     pub bind_addr: SocketAddr,
+    /// A second port, on the bind address, serving only `/metrics`.
+    #[arg(long, env = "ORCHD_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
     /// HOME: the handoff directory pool-managerd writes (its POOL_MANAGERD_RUNTIME_DIR).
     #[arg(
         long,
@@ -178,6 +181,68 @@ pub struct Args {
     /// Log format: `pretty` or `json`.
     #[arg(long, env = "ORCHD_LOG_FORMAT", default_value = "pretty")]
     pub log_format: String,
+    /// Threads of the async runtime (default: one per core).
+    #[arg(long, env = "ORCHD_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    /// Cache-aware placement: a task goes to the pool that recently served the longest prefix
+    /// of its prompt (its engine's prompt cache likely still holds it).
+    #[arg(long, env = "ORCHD_CACHE_AWARE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cache_aware: bool,
+    /// ... while that pool has at most this many more requests in flight than the least busy
+    /// candidate; beyond, the least busy one takes the task.
+    #[arg(long, env = "ORCHD_CACHE_BALANCE", default_value_t = 2)]
+    pub cache_balance: u32,
+    /// Prompt blocks (64 bytes each) remembered per pool for cache-aware placement.
+    #[arg(long, env = "ORCHD_PREFIX_INDEX_BLOCKS", default_value_t = 65_536)]
+    pub prefix_index_blocks: usize,
+    /// The admission journal: `sqlite` (a file in ORCHD_DATA_DIR: admissions survive a crash)
+    /// or `none` (in memory only).
+    #[arg(long, env = "ORCHD_JOURNAL", default_value = "sqlite")]
+    pub journal: String,
+    /// Where the journal lives (default: $STATE_DIRECTORY under systemd, else
+    /// $XDG_STATE_HOME/llama-orch, else ~/.local/state/llama-orch). Not the handoff runtime
+    /// directory.
+    #[arg(long, env = "ORCHD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `full`: each commit reaches the disk (survives power loss); `normal`: survives a crash
+    /// of the process.
+    #[arg(long, env = "ORCHD_JOURNAL_SYNC", default_value = "full")]
+    pub journal_sync: String,
+    /// How long finished tasks are remembered for idempotent resubmission (as digests).
+    #[arg(long, env = "ORCHD_JOURNAL_DEDUPE_MS", default_value_t = 86_400_000)]
+    pub journal_dedupe_ms: u64,
+    /// The journal file's bound; beyond it the oldest finished tasks are forgotten first.
+    #[arg(long, env = "ORCHD_JOURNAL_MAX_BYTES", default_value_t = 1 << 30)]
+    pub journal_max_bytes: u64,
+    /// Longest an admission waits for the journal; past it the client gets a retriable 503.
+    #[arg(long, env = "ORCHD_JOURNAL_TIMEOUT_MS", default_value_t = 2000)]
+    pub journal_timeout_ms: u64,
+    /// After a restart, how long recovered tasks wait for their clients to reconnect before
+    /// disconnect-cancel applies to them.
+    #[arg(long, env = "ORCHD_RECOVERY_REATTACH_MS", default_value_t = 60_000)]
+    pub recovery_reattach_ms: u64,
+}
+
+/// Where the journal is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalSetting {
+    None,
+    Sqlite {
+        dir: PathBuf,
+        sync: crate::journal::SyncMode,
+    },
+}
+
+/// The default data directory: systemd's `StateDirectory=`, else the XDG state home.
+fn default_data_dir() -> Option<PathBuf> {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("STATE_DIRECTORY")
+        .or_else(|| var("XDG_STATE_HOME").map(|d| d.join("llama-orch")))
+        .or_else(|| var("HOME").map(|h| h.join(".local/state/llama-orch")))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +270,8 @@ pub struct Config {
     pub pool_poll_recovery: u32,
     pub node_heartbeat_timeout: Duration,
     pub bind_addr: SocketAddr,
+    /// The metrics port's address (the bind address's IP), when one is configured.
+    pub metrics_addr: Option<SocketAddr>,
     pub runtime_dir: PathBuf,
     pub handoff_rescan: Duration,
     pub pool_health_interval: Duration,
@@ -245,6 +312,16 @@ pub struct Config {
     /// How pool-managerd is reached over https:// (the CA it is verified against).
     pub client_tls: llorch_http::tls::ClientTls,
     pub json_logs: bool,
+    /// Threads of the async runtime (`None`: one per core).
+    pub worker_threads: Option<usize>,
+    /// Cache-aware placement's balance (`None`: off).
+    pub cache_balance: Option<u32>,
+    pub prefix_index_blocks: usize,
+    pub journal: JournalSetting,
+    pub journal_dedupe: Duration,
+    pub journal_max_bytes: u64,
+    pub journal_timeout: Duration,
+    pub recovery_reattach: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +333,13 @@ pub enum ConfigError {
     #[error(transparent)]
     Tls(#[from] llorch_http::tls::TlsError),
 }
+
+/// Variables renamed since the migration plan, still read under their old names
+/// (`llorch_http::env_alias`): deprecated, logged at start.
+pub const ENV_ALIASES: &[llorch_http::env_alias::EnvAlias] = &[llorch_http::env_alias::EnvAlias {
+    old: "PROMETHEUS_METRICS_PORT",
+    new: "ORCHD_METRICS_PORT",
+}];
 
 /// Principal names a client key may not take: they name the other credentials.
 const RESERVED_NAMES: &[&str] = &["shared", "admin", "node", "anonymous"];
@@ -479,6 +563,12 @@ impl Config {
                 a.node_heartbeat_timeout_ms,
             )?,
             bind_addr: a.bind_addr,
+            metrics_addr: llorch_http::metrics_port::address(
+                "ORCHD_METRICS_PORT",
+                a.bind_addr,
+                a.metrics_port,
+            )
+            .map_err(ConfigError::Invalid)?,
             runtime_dir: a.runtime_dir,
             handoff_rescan: ms(
                 "ORCHD_HANDOFF_WATCH_INTERVAL_MS",
@@ -528,6 +618,48 @@ impl Config {
             tls,
             client_tls,
             json_logs,
+            cache_balance: a.cache_aware.then_some(a.cache_balance),
+            prefix_index_blocks: llorch_http::at_least(
+                "ORCHD_PREFIX_INDEX_BLOCKS",
+                a.prefix_index_blocks,
+                16,
+            )
+            .map_err(ConfigError::Invalid)?,
+            journal: match a.journal.as_str() {
+                "none" => JournalSetting::None,
+                "sqlite" => JournalSetting::Sqlite {
+                    dir: a.data_dir.or_else(default_data_dir).ok_or_else(|| {
+                        ConfigError::Invalid(
+                            "ORCHD_JOURNAL=sqlite needs ORCHD_DATA_DIR (no HOME to default to)"
+                                .into(),
+                        )
+                    })?,
+                    sync: crate::journal::SyncMode::parse(&a.journal_sync)
+                        .map_err(ConfigError::Invalid)?,
+                },
+                other => {
+                    return Err(ConfigError::Invalid(format!(
+                        "ORCHD_JOURNAL {other:?} is not one of: sqlite, none"
+                    )))
+                }
+            },
+            journal_dedupe: ms("ORCHD_JOURNAL_DEDUPE_MS", a.journal_dedupe_ms)?,
+            journal_max_bytes: llorch_http::at_least(
+                "ORCHD_JOURNAL_MAX_BYTES",
+                a.journal_max_bytes,
+                1 << 20,
+            )
+            .map_err(ConfigError::Invalid)?,
+            journal_timeout: ms("ORCHD_JOURNAL_TIMEOUT_MS", a.journal_timeout_ms)?,
+            recovery_reattach: Duration::from_millis(a.recovery_reattach_ms),
+            worker_threads: match a.worker_threads {
+                Some(0) => {
+                    return Err(ConfigError::Invalid(
+                        "ORCHD_WORKER_THREADS must be at least 1".into(),
+                    ))
+                }
+                n => n,
+            },
         })
     }
 }
@@ -635,5 +767,30 @@ mod tests {
                 .max_body_bytes,
             1024
         );
+    }
+
+    #[test]
+    fn every_old_variable_name_is_accepted_and_lands_on_its_new_setting() {
+        use clap::FromArgMatches;
+        for alias in ENV_ALIASES {
+            let (cmd, in_use) = llorch_http::env_alias::command_with::<Args>(ENV_ALIASES, |v| {
+                (v == alias.old).then(|| "9464".into())
+            })
+            .unwrap();
+            assert_eq!(in_use, vec![*alias]);
+            let m = cmd
+                .try_get_matches_from(["orchestratord", "--api-token=0123456789abcdef0123"])
+                .unwrap();
+            let config = Config::from_args(Args::from_arg_matches(&m).unwrap()).unwrap();
+            match alias.new {
+                "ORCHD_METRICS_PORT" => {
+                    assert_eq!(config.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()))
+                }
+                other => panic!(
+                    "{} lands on {other}, which this test does not check",
+                    alias.old
+                ),
+            }
+        }
     }
 }

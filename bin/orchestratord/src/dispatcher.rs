@@ -81,6 +81,9 @@ impl Orchestrator {
             let picked = {
                 let sessions = self.sessions.lock();
                 let mut queue = self.queue.lock();
+                let index = self.prefix_index.lock();
+                let aware = self.config.cache_balance;
+                let mut with_prefix = views.clone();
                 queue.tasks.take_first(|t| {
                     let avoid = t.retry_avoid();
                     let session_pool = t
@@ -99,8 +102,18 @@ impl Orchestrator {
                             .openai
                             .as_ref()
                             .is_some_and(crate::openai::Job::is_embeddings),
+                        cache_balance: aware,
                     };
-                    match place(&views, &req) {
+                    // Each pool's cached prefix of this task's prompt.
+                    let views = if aware.is_some() && !t.prefix_chain.is_empty() {
+                        for v in &mut with_prefix {
+                            v.prefix_blocks = index.matched(&v.pool_id, &t.prefix_chain);
+                        }
+                        &with_prefix
+                    } else {
+                        &views
+                    };
+                    match place(views, &req) {
                         Decision::Place(pool) => Some(pool),
                         Decision::Wait => None,
                     }
@@ -142,6 +155,29 @@ impl Orchestrator {
             .tasks_started
             .with_label_values(&[&pool_id])
             .inc();
+        if self.config.cache_balance.is_some() && !task.prefix_chain.is_empty() {
+            // The pool's engine will hold this prompt: later prompts sharing its start go
+            // there when they can.
+            let matched = {
+                let mut index = self.prefix_index.lock();
+                let matched = index.matched(&pool_id, &task.prefix_chain);
+                index.insert(&pool_id, &task.prefix_chain);
+                matched
+            };
+            let outcome = if matched > 0 { "hit" } else { "miss" };
+            self.metrics
+                .prefix_placements
+                .with_label_values(&[outcome])
+                .inc();
+            self.metrics
+                .prefix_blocks
+                .with_label_values(&["matched"])
+                .inc_by(u64::from(matched));
+            self.metrics
+                .prefix_blocks
+                .with_label_values(&["prompt"])
+                .inc_by(task.prefix_chain.len() as u64);
+        }
         if let Some(session) = &task.req.session_id {
             self.sessions
                 .lock()
@@ -176,7 +212,11 @@ impl Orchestrator {
                 token: orch.config.token.as_ref().map(|t| t.expose()),
                 first_token_timeout: orch.config.first_token_timeout,
                 decode_timeout: orch.config.decode_timeout,
-                tokens_out: orch.metrics.tokens_out.with_label_values(&[&pool.pool_id]),
+                tokens_out: crate::overview::TokensOut::new(&orch.metrics, &pool.pool_id),
+                journal: (attempt.task.journaled() && orch.journal.durable())
+                    .then(|| orch.journal.as_ref()),
+                journal_timeout: orch.config.journal_timeout,
+                journal_errors: orch.metrics.journal_errors.clone(),
             };
             let outcome = tracing::Instrument::instrument(
                 runner.run(&attempt.task, &pool, &span),
@@ -242,6 +282,9 @@ impl Orchestrator {
             } => {
                 let first_ms =
                     first_token.map(|f| f.duration_since(dispatched).as_secs_f64() * 1000.0);
+                if let (Some(at), Some(ms)) = (first_token, first_ms) {
+                    self.metrics.rates.add_first_token(at, ms);
+                }
                 let decode_wall = first_token.map(|f| f.elapsed()).unwrap_or_default();
                 if let Some(ft) = first_ms {
                     self.metrics

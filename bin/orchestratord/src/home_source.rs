@@ -157,6 +157,7 @@ impl HomeSource {
         .await;
         match read {
             Ok(Ok(resp)) => {
+                self.pools.reports.replace(&manager.url, &resp.pools);
                 for p in resp.pools {
                     self.pools.set_vram_free(&p.pool_id, p.vram_free_bytes);
                 }

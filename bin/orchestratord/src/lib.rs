@@ -9,9 +9,12 @@ pub mod config;
 mod dispatcher;
 mod engine;
 mod home_source;
+pub mod journal;
 mod metrics;
 mod openai;
+mod overview;
 mod pools;
+mod recovery;
 mod retention;
 mod runner;
 mod sse;
@@ -19,6 +22,7 @@ mod state;
 mod tasks;
 #[cfg(test)]
 mod tests;
+mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,11 +46,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 config.bind_addr
             )
         })?;
+    // ORCHD_METRICS_PORT: /metrics alone on a second port.
+    let metrics_listener = llorch_http::metrics_port::bind(config.metrics_addr).await?;
     let metrics = Arc::new(metrics::Metrics::new()?);
     let engine = Arc::new(engine::HttpEngine::new(&config.client_tls)?);
     let orch = Arc::new(Orchestrator::new(config, metrics.clone(), engine)?);
     let root = CancellationToken::new();
     let background = TaskTracker::new();
+    // Before anything is placed or served: every task a crash interrupted is known again.
+    let recovered = recovery::recover(&orch, &root).map_err(anyhow::Error::msg)?;
+    if orch.journal.durable() {
+        tracing::info!(
+            requeued = recovered.requeued,
+            reset = recovered.reset,
+            restored = recovered.restored,
+            expired = recovered.expired,
+            unreadable = recovered.unreadable,
+            "journal replayed"
+        );
+    }
 
     match (orch.config.profile, orch.config.token.clone()) {
         (config::Profile::Home, _) => {
@@ -151,6 +169,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     background.spawn(llorch_http::reload_on_sighup(reloads, root.child_token()));
     let app = api::router(orch.clone());
+    if let Some(listener) = metrics_listener {
+        background.spawn(llorch_http::metrics_port::serve(
+            listener,
+            app.clone(),
+            orch.config.conn_limits,
+            orch.config.tls.clone(),
+            root.child_token().cancelled_owned(),
+        ));
+    }
     let server_stop = CancellationToken::new();
     let server = tokio::spawn({
         let stop = server_stop.clone();
@@ -174,6 +201,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     root.cancel();
     background.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
+    // Endings still being journaled reach the journal (and their frames) before the end.
+    orch.finishing.close();
+    let _ = tokio::time::timeout(orch.config.journal_timeout, orch.finishing.wait()).await;
     // Every stream has its terminal event now; open SSE connections end on their own.
     server_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(5), server).await {

@@ -14,6 +14,10 @@ pub struct Metrics {
     pub tasks_rejected: IntCounterVec,
     pub key_tasks: IntCounterVec,
     pub key_tokens_out: IntCounterVec,
+    pub journal_errors: prometheus::IntCounter,
+    pub recovered_tasks: IntCounterVec,
+    pub prefix_placements: IntCounterVec,
+    pub prefix_blocks: IntCounterVec,
     pub tasks_completed: IntCounterVec,
     pub queue_depth: IntGaugeVec,
     pub admission_latency_ms: Histogram,
@@ -26,6 +30,8 @@ pub struct Metrics {
     pools_available: IntGaugeVec,
     node_online: IntGaugeVec,
     auth_failures: IntCounter,
+    /// Tokens and first-token latency of the last minutes, for the console (`GET /v2/overview`).
+    pub rates: std::sync::Arc<crate::overview::Rates>,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -60,6 +66,29 @@ impl Metrics {
                 "orchd_key_tasks_total",
                 "Submissions by key name: admitted, or refused by the key's rate (key_rate) or concurrency (key_concurrency) limit.",
                 &["key", "outcome"],
+            )?,
+            journal_errors: {
+                let c = prometheus::IntCounter::new(
+                    "orchd_journal_errors_total",
+                    "Journal writes that failed or did not answer in time (admissions refused with 503, first tokens or endings not made durable).",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            prefix_placements: counter(
+                "orchd_prefix_placements_total",
+                "Dispatches of tasks with a prompt of at least one block, by whether the pool had served a prefix of it recently (hit) or not (miss).",
+                &["outcome"],
+            )?,
+            prefix_blocks: counter(
+                "orchd_prefix_blocks_total",
+                "Prompt blocks (64 bytes) of dispatched tasks (prompt), and how many of them the chosen pool had served recently (matched): matched / prompt is the estimated prompt-cache hit rate.",
+                &["kind"],
+            )?,
+            recovered_tasks: counter(
+                "orchd_recovered_tasks_total",
+                "Tasks read back from the journal at start, by what became of them: requeued (never streamed), reset (ended WORKER_RESET: they were streaming), restored (already ended), expired (deadline passed).",
+                &["outcome"],
             )?,
             key_tokens_out: counter(
                 "orchd_key_tokens_out_total",
@@ -127,6 +156,7 @@ impl Metrics {
                 c
             },
             registry,
+            rates: std::sync::Arc::new(crate::overview::Rates::new(tokio::time::Instant::now())),
         };
         for p in ["interactive", "batch"] {
             m.queue_depth.with_label_values(&[p]).set(0);

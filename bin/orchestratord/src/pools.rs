@@ -188,6 +188,8 @@ pub struct PoolTable {
     restart_ms: RwLock<Option<f64>>,
     /// Woken whenever capacity may have appeared (new pool, health back, slot released).
     pub changed: Arc<Notify>,
+    /// What the nodes last said of their pools, for the console (stopped ones included).
+    pub reports: crate::overview::NodeReports,
 }
 
 impl PoolTable {
@@ -198,6 +200,7 @@ impl PoolTable {
             generation: AtomicU64::new(0),
             restart_ms: RwLock::new(None),
             changed,
+            reports: Default::default(),
         }
     }
 
@@ -471,6 +474,7 @@ impl PoolTable {
                 vram_free_bytes: p.vram_free_bytes,
                 ctx_max: p.ctx_max,
                 embeddings: p.embeddings,
+                prefix_blocks: 0,
             })
             .collect()
     }

@@ -13,9 +13,14 @@ use crate::state::Orchestrator;
 /// How often retention runs.
 pub(crate) const PURGE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often the journal forgets what is past its window or its bound.
+pub(crate) const COMPACT_INTERVAL: Duration = Duration::from_secs(60);
+
 pub(crate) async fn run(orch: Arc<Orchestrator>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(PURGE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut compact = tokio::time::interval(COMPACT_INTERVAL);
+    compact.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -23,7 +28,23 @@ pub(crate) async fn run(orch: Arc<Orchestrator>, cancel: CancellationToken) {
                 purge_finished(&orch);
                 orch.sessions.lock().purge(Instant::now().into_std());
             }
+            _ = compact.tick(), if orch.journal.durable() => compact_journal(&orch).await,
         }
+    }
+}
+
+/// Forgets finished tasks past the idempotency window (`ORCHD_JOURNAL_DEDUPE_MS`), and the
+/// oldest finished ones while the journal is over `ORCHD_JOURNAL_MAX_BYTES`.
+async fn compact_journal(orch: &Arc<Orchestrator>) {
+    let journal = orch.journal.clone();
+    let before =
+        crate::tasks::now_ms().saturating_sub(orch.config.journal_dedupe.as_millis() as u64);
+    let max = orch.config.journal_max_bytes;
+    match tokio::task::spawn_blocking(move || journal.compact(before, max)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(forgotten = n, "journal compacted"),
+        Ok(Err(error)) => tracing::warn!(%error, "journal compaction failed"),
+        Err(error) => tracing::warn!(%error, "journal compaction did not finish"),
     }
 }
 

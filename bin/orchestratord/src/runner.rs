@@ -55,10 +55,31 @@ pub(crate) struct Runner<'a> {
     pub first_token_timeout: Duration,
     pub decode_timeout: Duration,
     /// `orchd_tokens_out_total` of this pool, looked up once: the loop below runs per token.
-    pub tokens_out: IntCounter,
+    pub tokens_out: crate::overview::TokensOut,
+    /// A journaled task's journal: its first token is marked there before it leaves.
+    pub journal: Option<&'a dyn crate::journal::Journal>,
+    pub journal_timeout: Duration,
+    pub journal_errors: IntCounter,
 }
 
 impl Runner<'_> {
+    /// Journals that the task's first token is about to leave (from then on it cannot run
+    /// again): the token waits for the record. A journal that fails is logged and counted, and
+    /// the stream goes on (after a crash the task would then be run again).
+    async fn mark_first_token(&self, task: &Task) {
+        let Some(journal) = self.journal else {
+            return;
+        };
+        let error =
+            match tokio::time::timeout(self.journal_timeout, journal.first_token(&task.id)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(_) => format!("no answer within {} ms", self.journal_timeout.as_millis()),
+            };
+        self.journal_errors.inc();
+        tracing::error!(task_id = %task.id, %error, "first token not journaled; a restart may run the task again");
+    }
+
     pub async fn run(&self, task: &Task, pool: &PoolEntry, span: &tracing::Span) -> Outcome {
         let (path, body, mut decoder) = match &task.openai {
             Some(job) => (
@@ -172,6 +193,9 @@ impl Runner<'_> {
                     if i >= task.req.max_tokens {
                         // The engine overran the limit it was given: the task is complete.
                         return cut_off(i, first_token);
+                    }
+                    if first_token.is_none() {
+                        self.mark_first_token(task).await;
                     }
                     first_token.get_or_insert_with(Instant::now);
                     task.emit(&TaskEvent::Token { t, i });

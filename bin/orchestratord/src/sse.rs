@@ -150,6 +150,7 @@ pub async fn events(
                 ApiError::new(ErrorCode::InvalidParams, "Last-Event-ID must be a frame id")
             })?,
     };
+    let next = task.resume_point(next);
     let first_kept = task.first_kept();
     if next < first_kept {
         tracing::info!(task_id = %task.id, from_frame = next, first_kept, "replay of dropped frames refused");

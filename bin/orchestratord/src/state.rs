@@ -43,6 +43,13 @@ pub(crate) struct Orchestrator {
     pub runners: TaskTracker,
     /// Each limited key's admission bucket and count of unfinished tasks.
     pub key_limits: Mutex<HashMap<Arc<str>, crate::admission::KeyState>>,
+    /// Which prompt prefixes each pool served recently (cache-aware placement). Innermost
+    /// lock: taken under the queue lock, never the other way.
+    pub prefix_index: Mutex<llorch_core::PrefixIndex>,
+    /// Where admissions, first tokens and endings are made durable (`none`: nowhere).
+    pub journal: Arc<dyn crate::journal::Journal>,
+    /// Terminal events waiting for their journal record (waited for at shutdown).
+    pub finishing: TaskTracker,
 }
 
 /// The queue, when its tasks expire, and whether it takes new tasks: one lock, so a task can
@@ -72,6 +79,22 @@ impl Orchestrator {
         metrics: Arc<Metrics>,
         engine: Arc<dyn Engine>,
     ) -> anyhow::Result<Self> {
+        let journal: Arc<dyn crate::journal::Journal> = match &config.journal {
+            crate::config::JournalSetting::None => Arc::new(crate::journal::NoJournal),
+            crate::config::JournalSetting::Sqlite { dir, sync } => Arc::new(
+                crate::journal::SqliteJournal::open(dir, *sync).map_err(anyhow::Error::msg)?,
+            ),
+        };
+        Self::with_journal(config, metrics, engine, journal)
+    }
+
+    /// [`Orchestrator::new`] over a given journal (a fault-injection one in tests).
+    pub fn with_journal(
+        config: Config,
+        metrics: Arc<Metrics>,
+        engine: Arc<dyn Engine>,
+        journal: Arc<dyn crate::journal::Journal>,
+    ) -> anyhow::Result<Self> {
         let wake = Arc::new(Notify::new());
         let control_http = config
             .client_tls
@@ -92,6 +115,9 @@ impl Orchestrator {
             tasks: RwLock::new(HashMap::new()),
             runners: TaskTracker::new(),
             key_limits: Mutex::new(HashMap::new()),
+            journal,
+            finishing: TaskTracker::new(),
+            prefix_index: Mutex::new(llorch_core::PrefixIndex::new(config.prefix_index_blocks)),
             wake,
             engine,
             control_http,
@@ -116,29 +142,46 @@ impl Orchestrator {
         self.queue.lock().accepting
     }
 
-    /// Appends a terminal event (once) and counts the outcome.
-    pub fn finish(&self, task: &Task, event: TaskEvent) {
-        let outcome = match &event {
-            TaskEvent::End { .. } => "end".to_string(),
-            TaskEvent::Error(e) => e.code.as_str().to_string(),
-            _ => return,
-        };
-        if task.emit(&event) {
-            task.release_inputs();
-            let pool = task.pool_id().unwrap_or_else(|| "none".into());
-            self.metrics
-                .tasks_completed
-                .with_label_values(&[&outcome, &pool, task.api()])
-                .inc();
-            let tokens = task.tokens_out();
-            if tokens > 0 {
-                self.metrics
-                    .key_tokens_out
-                    .with_label_values(&[&task.owner])
-                    .inc_by(u64::from(tokens));
-            }
-            tracing::info!(task_id = %task.id, pool_id = %pool, session_id = task.req.session_id.as_deref(), correlation_id = %task.correlation_id, outcome, "task finished");
+    /// Appends a terminal event (once) and counts the outcome. A journaled task's ending is
+    /// written to the journal first: the terminal frame follows the record (the task takes
+    /// no other event meanwhile).
+    pub fn finish(&self, task: &Arc<Task>, event: TaskEvent) {
+        if !matches!(event, TaskEvent::End { .. } | TaskEvent::Error(_)) {
+            return;
         }
+        if !task.journaled() || !self.journal.durable() {
+            finish_now(&self.metrics, task, &event);
+            return;
+        }
+        if !task.claim_terminal() {
+            return;
+        }
+        let ending = crate::journal::Ending {
+            task_id: task.id.clone(),
+            event: serde_json::to_string(&event).unwrap_or_default(),
+            tokens_out: task.tokens_out(),
+            finished_ms: crate::tasks::now_ms(),
+        };
+        let written = self.journal.end(ending);
+        let (metrics, task, timeout) = (
+            self.metrics.clone(),
+            task.clone(),
+            self.config.journal_timeout,
+        );
+        self.finishing.spawn(async move {
+            match tokio::time::timeout(timeout, written).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    metrics.journal_errors.inc();
+                    tracing::error!(task_id = %task.id, %error, "task ending not journaled; a restart may end it again");
+                }
+                Err(_) => {
+                    metrics.journal_errors.inc();
+                    tracing::error!(task_id = %task.id, timeout_ms = timeout.as_millis() as u64, "task ending not journaled in time; a restart may end it again");
+                }
+            }
+            finish_now(&metrics, &task, &event);
+        });
     }
 
     pub fn update_depth(&self) {
@@ -173,5 +216,30 @@ pub(crate) fn priority_label(p: Priority) -> &'static str {
     match p {
         Priority::Interactive => "interactive",
         Priority::Batch => "batch",
+    }
+}
+
+/// Appends the terminal event and counts it (the in-memory half of `finish`).
+fn finish_now(metrics: &Metrics, task: &Task, event: &TaskEvent) {
+    let outcome = match event {
+        TaskEvent::End { .. } => "end".to_string(),
+        TaskEvent::Error(e) => e.code.as_str().to_string(),
+        _ => return,
+    };
+    if task.emit(event) {
+        task.release_inputs();
+        let pool = task.pool_id().unwrap_or_else(|| "none".into());
+        metrics
+            .tasks_completed
+            .with_label_values(&[&outcome, &pool, task.api()])
+            .inc();
+        let tokens = task.tokens_out();
+        if tokens > 0 {
+            metrics
+                .key_tokens_out
+                .with_label_values(&[&task.owner])
+                .inc_by(u64::from(tokens));
+        }
+        tracing::info!(task_id = %task.id, pool_id = %pool, session_id = task.req.session_id.as_deref(), correlation_id = %task.correlation_id, outcome, "task finished");
     }
 }

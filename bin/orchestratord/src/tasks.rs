@@ -50,6 +50,8 @@ pub struct Task {
     pub prompt_tokens: Option<u32>,
     /// The name of the key that submitted it: only that key (and admins) may see it.
     pub owner: std::sync::Arc<str>,
+    /// Its prompt's block names, for cache-aware placement (`llorch_core::prefix_chain`).
+    pub prefix_chain: Vec<u64>,
     inner: Mutex<TaskInner>,
     frames_tx: watch::Sender<u64>,
     subscribers: AtomicUsize,
@@ -58,7 +60,15 @@ pub struct Task {
     /// Bumped each time the last subscriber leaves: a grace timer cancels only if no
     /// subscriber came and went since it started.
     departures: AtomicUsize,
+    /// Its admission is in the journal: its first token and its ending are written there too.
+    journaled: bool,
+    /// Read back from the journal after a restart: its log starts at [`RESTART_BASE`].
+    restarted: bool,
 }
+
+/// The first frame id of a task recovered after a restart: above any id its old log gave a
+/// client, so a reconnecting client's `Last-Event-ID` replays the new log whole.
+pub const RESTART_BASE: u64 = 1 << 40;
 
 /// A replay asked for frames the task's log no longer holds (its byte cap dropped them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +86,8 @@ struct TaskInner {
     /// Bytes of the kept frames (data plus a fixed overhead per frame).
     log_bytes: usize,
     terminal: bool,
+    /// Its terminal event is decided and being journaled: no other event is taken.
+    closing: bool,
     pool_id: Option<String>,
     attempts: u32,
     started_at_ms: Option<u64>,
@@ -103,6 +115,9 @@ fn request_digest(req: &TaskRequest) -> [u8; 32] {
     hasher.finalize().into()
 }
 
+/// The most prompt blocks cache-aware placement looks at (32 KiB of prompt).
+const PREFIX_BLOCKS_MAX: usize = 512;
+
 /// What a frame costs besides its data (the struct, its id and event name).
 const FRAME_OVERHEAD: usize = 48;
 
@@ -125,6 +140,13 @@ impl Task {
     ) -> Self {
         let digest = request_digest(&req);
         let prompt = std::mem::take(&mut req.prompt);
+        let prefix_chain = match &openai {
+            None => llorch_core::prefix_chain(&prompt, PREFIX_BLOCKS_MAX),
+            Some(job) => job
+                .prefix_text()
+                .map(|t| llorch_core::prefix_chain(&t, PREFIX_BLOCKS_MAX))
+                .unwrap_or_default(),
+        };
         let deadline = req
             .deadline_ms
             .map(|ms| now + std::time::Duration::from_millis(ms));
@@ -142,12 +164,14 @@ impl Task {
             openai,
             prompt_tokens: None,
             owner: std::sync::Arc::from("anonymous"),
+            prefix_chain,
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
                 frames: VecDeque::new(),
                 first_id: 0,
                 log_bytes: 0,
                 terminal: false,
+                closing: false,
                 pool_id: None,
                 attempts: 0,
                 started_at_ms: None,
@@ -166,6 +190,8 @@ impl Task {
             subscribers: AtomicUsize::new(0),
             log_cap,
             departures: AtomicUsize::new(0),
+            journaled: false,
+            restarted: false,
         }
     }
 
@@ -187,6 +213,66 @@ impl Task {
         caller.may(auth_min::Role::Admin) || caller.name == self.owner
     }
 
+    /// Its admission is (being) journaled.
+    pub fn with_journal(mut self) -> Self {
+        self.journaled = true;
+        self
+    }
+
+    pub fn journaled(&self) -> bool {
+        self.journaled
+    }
+
+    /// A task read back from the journal after a restart: the digest it was admitted with,
+    /// its submission time and its deadline (from the wall clock) instead of now's.
+    pub fn recovered(
+        mut self,
+        digest: [u8; 32],
+        submitted_ms: u64,
+        deadline: Option<Instant>,
+    ) -> Self {
+        self.digest = digest;
+        self.submitted_ms = submitted_ms;
+        self.deadline = deadline;
+        self.journaled = true;
+        self.restarted = true;
+        self.inner.get_mut().first_id = RESTART_BASE;
+        self.frames_tx.send_replace(RESTART_BASE);
+        self
+    }
+
+    /// Where a subscription asking for frames from `from` starts: a task recovered after a
+    /// restart has a new log, numbered from [`RESTART_BASE`], so an id of the old log (what a
+    /// client reconnecting after the restart has seen) replays the new log whole.
+    pub fn resume_point(&self, from: u64) -> u64 {
+        if self.restarted && from < RESTART_BASE {
+            RESTART_BASE
+        } else {
+            from
+        }
+    }
+
+    /// Nobody has followed its events yet.
+    pub fn never_followed(&self) -> bool {
+        self.subscribers.load(Ordering::SeqCst) == 0 && self.departures.load(Ordering::SeqCst) == 0
+    }
+
+    /// A finished task read back from the journal: its count of tokens streamed.
+    pub fn restore_tokens_out(&self, n: u32) {
+        self.inner.lock().tokens_out = n;
+    }
+
+    /// Decides the terminal event ahead of appending it (while it is journaled): true for the
+    /// first caller; from then on no other event is taken.
+    pub fn claim_terminal(&self) -> bool {
+        let mut inner = self.inner.lock();
+        if inner.terminal || inner.closing {
+            return false;
+        }
+        inner.closing = true;
+        true
+    }
+
     /// With the prompt's length in tokens (admission counted it).
     pub fn with_prompt_tokens(mut self, tokens: Option<u32>) -> Self {
         self.prompt_tokens = tokens;
@@ -200,6 +286,11 @@ impl Task {
             .prompt_tokens
             .map(|p| p.saturating_add(self.req.max_tokens));
         self.req.ctx.max(counted)
+    }
+
+    /// SHA-256 of the request it was admitted with.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
     }
 
     /// Whether `req` (as submitted) is the request this task was admitted with.
@@ -253,7 +344,7 @@ impl Task {
         let size = data.len() + FRAME_OVERHEAD;
         let count = {
             let mut inner = self.inner.lock();
-            if inner.terminal {
+            if inner.terminal || (inner.closing && !event.is_terminal()) {
                 return false;
             }
             match event {

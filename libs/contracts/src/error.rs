@@ -32,6 +32,9 @@ pub enum ErrorCode {
     DecodeTimeout,
     /// In-stream only: the task was cancelled.
     Cancelled,
+    /// The admission journal could not make the admission durable (failed or too slow): the
+    /// task was not admitted.
+    JournalUnavailable,
 }
 
 impl ErrorCode {
@@ -49,9 +52,10 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => 408,
             ErrorCode::ReplayUnavailable => 410,
             ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru => 429,
-            ErrorCode::ModelNotAvailable | ErrorCode::PoolUnavailable | ErrorCode::PoolUnready => {
-                503
-            }
+            ErrorCode::ModelNotAvailable
+            | ErrorCode::PoolUnavailable
+            | ErrorCode::PoolUnready
+            | ErrorCode::JournalUnavailable => 503,
             ErrorCode::DeadlineUnmet | ErrorCode::DecodeTimeout => 504,
             ErrorCode::Internal => 500,
             ErrorCode::WorkerReset => 502,
@@ -71,6 +75,7 @@ impl ErrorCode {
                 | ErrorCode::WorkerReset
                 | ErrorCode::DecodeTimeout
                 | ErrorCode::Internal
+                | ErrorCode::JournalUnavailable
         )
     }
 
@@ -95,6 +100,7 @@ impl ErrorCode {
             ErrorCode::WorkerReset => "WORKER_RESET",
             ErrorCode::DecodeTimeout => "DECODE_TIMEOUT",
             ErrorCode::Cancelled => "CANCELLED",
+            ErrorCode::JournalUnavailable => "JOURNAL_UNAVAILABLE",
         }
     }
 }

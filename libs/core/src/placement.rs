@@ -1,5 +1,7 @@
 //! Placement (DESIGN §3): only ready, non-draining pools serving the model with a free slot;
-//! session affinity first, then most free slots, then most free VRAM, then pool id.
+//! session affinity first, then the pool holding the longest prefix of the prompt in its
+//! cache (unless it is busier than the least busy one by more than `cache_balance` requests),
+//! then most free slots, then most free VRAM, then pool id.
 //! `pin` never falls back unless the request allows it explicitly.
 
 use llorch_contracts::tasks::{Placement, PlacementMode};
@@ -19,6 +21,9 @@ pub struct PoolView {
     pub ctx_max: Option<u32>,
     /// The engine serves embeddings.
     pub embeddings: bool,
+    /// Leading blocks of this task's prompt the pool has recently served (its prompt cache
+    /// likely holds them); 0 when none or unknown.
+    pub prefix_blocks: u32,
 }
 
 impl PoolView {
@@ -44,6 +49,9 @@ pub struct PlacementRequest<'a> {
     /// An embeddings request: only pools that serve embeddings qualify (and those take no
     /// generation: llama-server started for embeddings may refuse completions).
     pub embeddings: bool,
+    /// Cache-aware placement: the pool with the longest cached prefix is taken while it has at
+    /// most this many more requests in flight than the least busy candidate. `None`: off.
+    pub cache_balance: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +120,20 @@ pub fn place(pools: &[PoolView], req: &PlacementRequest<'_>) -> Decision {
             return Decision::Place(v.pool_id.clone());
         }
     }
+    if let Some(balance) = req.cache_balance {
+        let cached = free.iter().filter(|v| v.prefix_blocks > 0).max_by(|a, b| {
+            a.prefix_blocks
+                .cmp(&b.prefix_blocks)
+                .then(b.in_flight.cmp(&a.in_flight))
+                .then(b.pool_id.cmp(&a.pool_id))
+        });
+        let least_busy = free.iter().map(|v| v.in_flight).min().unwrap_or(0);
+        if let Some(v) = cached {
+            if v.in_flight <= least_busy.saturating_add(balance) {
+                return Decision::Place(v.pool_id.clone());
+            }
+        }
+    }
     free.sort_by(|a, b| {
         b.free_slots()
             .cmp(&a.free_slots())
@@ -137,6 +159,7 @@ mod tests {
             vram_free_bytes: None,
             ctx_max: None,
             embeddings: false,
+            prefix_blocks: 0,
         }
     }
 
@@ -330,12 +353,46 @@ mod tests {
         assert_eq!(place(&single, &r), Decision::Place("a".into()));
     }
 
+    #[test]
+    fn the_longest_cached_prefix_wins_unless_its_pool_is_busier_than_the_balance_allows() {
+        let cached = |id: &str, busy: u32, blocks: u32| PoolView {
+            prefix_blocks: blocks,
+            ..pool(id, "m", 4, busy)
+        };
+        let aware = |balance| PlacementRequest {
+            cache_balance: Some(balance),
+            ..req("m")
+        };
+        // Least busy would be "a"; "z" holds the prompt's prefix.
+        let pools = [cached("a", 0, 0), cached("z", 1, 5)];
+        assert_eq!(place(&pools, &aware(2)), Decision::Place("z".into()));
+        assert_eq!(
+            place(&pools, &req("m")),
+            Decision::Place("a".into()),
+            "off: least busy"
+        );
+        // Beyond the balance the least busy pool takes it.
+        let busy = [cached("a", 0, 0), cached("z", 3, 5)];
+        assert_eq!(place(&busy, &aware(2)), Decision::Place("a".into()));
+        // The longer match wins; session affinity stays the strongest hint.
+        let both = [cached("a", 0, 2), cached("z", 0, 5)];
+        assert_eq!(place(&both, &aware(2)), Decision::Place("z".into()));
+        let session = PlacementRequest {
+            session_pool: Some("a"),
+            ..aware(2)
+        };
+        assert_eq!(place(&both, &session), Decision::Place("a".into()));
+        // A full pool is never chosen for its cache.
+        let full = [cached("a", 0, 0), cached("z", 4, 9)];
+        assert_eq!(place(&full, &aware(8)), Decision::Place("a".into()));
+    }
+
     proptest! {
         /// A placed pool always serves the model, is ready, not draining, has a free slot and
-        /// holds the requested context.
+        /// holds the requested context — whatever the prefix index says.
         #[test]
-        fn placement_respects_hard_constraints(spec in proptest::collection::vec((0u8..3, any::<bool>(), any::<bool>(), 1u32..4, 0u32..5), 0..8)) {
-            let pools: Vec<PoolView> = spec.iter().enumerate().map(|(i, (m, ready, draining, total, busy))| PoolView {
+        fn placement_respects_hard_constraints(spec in proptest::collection::vec((0u8..3, any::<bool>(), any::<bool>(), 1u32..4, 0u32..5, 0u32..6), 0..8), balance in proptest::option::of(0u32..4)) {
+            let pools: Vec<PoolView> = spec.iter().enumerate().map(|(i, (m, ready, draining, total, busy, blocks))| PoolView {
                 pool_id: format!("p{i}"),
                 model_id: format!("m{m}"),
                 ready: *ready,
@@ -345,8 +402,9 @@ mod tests {
                 vram_free_bytes: None,
                 ctx_max: Some(512 * (1 + i as u32 % 3)),
                 embeddings: i % 2 == 0,
+                prefix_blocks: *blocks,
             }).collect();
-            let request = PlacementRequest { min_ctx: Some(1024), embeddings: true, ..req("m0") };
+            let request = PlacementRequest { min_ctx: Some(1024), embeddings: true, cache_balance: balance, ..req("m0") };
             let ok = |v: &PoolView| v.model_id == "m0" && v.ready && !v.draining && v.free_slots() > 0 && v.ctx_max >= Some(1024) && v.embeddings;
             match place(&pools, &request) {
                 Decision::Place(id) => {

@@ -146,6 +146,16 @@ impl<T> AdmissionQueue<T> {
         Ok(Admitted { position, dropped })
     }
 
+    /// Admits `item` at the back of its class even past capacity: a task admitted before a
+    /// restart, read back from the journal, must not be lost.
+    pub fn admit_forced(&mut self, item: T, priority: Priority, weight: u64) {
+        if priority == Priority::Interactive && !self.batch.is_empty() {
+            self.reorders += 1;
+        }
+        self.class(priority).push_back((item, weight));
+        self.weights[idx(priority)] += weight;
+    }
+
     /// Puts an entry back at the front of its class (a retry), even past capacity: it was
     /// admitted before and must not be lost.
     pub fn requeue_front(&mut self, item: T, priority: Priority, weight: u64) {

@@ -47,6 +47,7 @@ pub async fn home_orchestratord(
     let child = tokio::process::Command::new(binary)
         .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
         .env("ORCHD_RUNTIME_DIR", runtime)
+        .env("ORCHD_DATA_DIR", runtime.join("orchestratord-data"))
         .env("LLORCH_API_TOKEN", token)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())

@@ -376,6 +376,10 @@ async fn chaos_soak_every_admitted_task_ends_exactly_once_and_nothing_leaks() {
         &[
             ("ORCHD_PROFILE", "cloud".to_string()),
             ("ORCHD_BIND_ADDR", "0.0.0.0:8080".into()),
+            (
+                "ORCHD_DATA_DIR",
+                net.path("orchestratord-data").display().to_string(),
+            ),
             ("ORCHD_POOL_MANAGERS", managers.join(",")),
             ("ORCHD_POOL_POLL_INTERVAL_MS", "500".into()),
             ("ORCHD_FIRST_TOKEN_TIMEOUT_MS", "5000".into()),

@@ -35,6 +35,10 @@ impl Cluster {
         let mut env = vec![
             ("ORCHD_PROFILE", "cloud".to_string()),
             ("ORCHD_BIND_ADDR", "0.0.0.0:8080".into()),
+            (
+                "ORCHD_DATA_DIR",
+                net.path("orchestratord-data").display().to_string(),
+            ),
             ("ORCHD_POOL_MANAGERS", managers.join(",")),
             ("ORCHD_POOL_POLL_INTERVAL_MS", "1000".into()),
         ];

@@ -88,6 +88,7 @@ async fn prometheus_scrapes_both_live_daemons_with_the_rules_loaded() {
         &[
             ("ORCHD_BIND_ADDR", format!("127.0.0.1:{orch_port}")),
             ("ORCHD_RUNTIME_DIR", d.join("run").display().to_string()),
+            ("ORCHD_DATA_DIR", d.join("data").display().to_string()),
         ],
         &d.join("orchestratord.log"),
     );

@@ -50,17 +50,43 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     p
 }
 
-/// The tiny model, generated once per test process by the project's own writer.
+/// The wall clock, in ms since the epoch (as the daemons stamp times).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where the test models live: one file per distinct content, shared by every test process
+/// (in a directory named by a hash of the bytes, written whole by a rename), so runs do not
+/// pile up copies. The file keeps its plain name (`tiny.gguf`): engines take their model
+/// alias from it.
+fn shared_model(name: &str, bytes: &[u8]) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    let dir = std::env::temp_dir()
+        .join("llorch-test-models")
+        .join(format!("{:016x}", h.finish()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.gguf"));
+    let whole = std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64);
+    if !whole {
+        let part = dir.join(format!(".{name}-{}.part", std::process::id()));
+        std::fs::write(&part, bytes).unwrap();
+        std::fs::rename(&part, &path).unwrap();
+    }
+    path
+}
+
+/// The tiny model, written by the project's own generator.
 pub fn tiny_model() -> PathBuf {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("llorch-it-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join("tiny.gguf");
             let bytes = tiny_gguf::build(&tiny_gguf::TinyModel::with_seed(tiny_gguf::DEFAULT_SEED));
-            std::fs::write(&path, bytes).unwrap();
-            path
+            shared_model("tiny", &bytes)
         })
         .clone()
 }
@@ -71,9 +97,6 @@ pub fn slow_model() -> PathBuf {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("llorch-it-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join("slow.gguf");
             let model = tiny_gguf::TinyModel {
                 n_embd: 384,
                 n_layer: 6,
@@ -81,8 +104,7 @@ pub fn slow_model() -> PathBuf {
                 n_ff: 1024,
                 ..tiny_gguf::TinyModel::with_seed(7)
             };
-            std::fs::write(&path, tiny_gguf::build(&model)).unwrap();
-            path
+            shared_model("slow", &tiny_gguf::build(&model))
         })
         .clone()
 }

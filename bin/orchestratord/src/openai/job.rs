@@ -76,6 +76,21 @@ impl Job {
         self.body.lock().clone()
     }
 
+    /// The text whose prefix the engine's prompt cache can reuse: the messages (their JSON:
+    /// a later turn of a chat starts with the earlier turns) or the prompt. None for
+    /// embeddings.
+    pub fn prefix_text(&self) -> Option<String> {
+        if self.is_embeddings() {
+            return None;
+        }
+        let body: serde_json::Value = serde_json::from_slice(&self.body.lock()).ok()?;
+        match (body.get("messages"), body.get("prompt")) {
+            (Some(messages), _) => Some(messages.to_string()),
+            (None, Some(serde_json::Value::String(prompt))) => Some(prompt.clone()),
+            _ => None,
+        }
+    }
+
     /// Drops the request body (the task ended).
     pub fn release(&self) {
         *self.body.lock() = Bytes::new();

@@ -232,12 +232,26 @@ impl Harness {
 
     /// Like [`Harness::start`] without the shared token: `flags` give every credential.
     pub fn start_with_keys(flags: &[&str]) -> Harness {
-        let mut argv = vec!["orchestratord"];
+        Harness::start_with_journal(flags, Arc::new(crate::journal::NoJournal))
+    }
+
+    /// Like [`Harness::start_with_keys`], over `journal`.
+    pub fn start_with_journal(
+        flags: &[&str],
+        journal: Arc<dyn crate::journal::Journal>,
+    ) -> Harness {
+        let mut argv = vec!["orchestratord", "--journal=none"];
         argv.extend_from_slice(flags);
         let config = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
         let engine = Arc::new(ScriptedEngine::default());
         let orch = Arc::new(
-            Orchestrator::new(config, Arc::new(Metrics::new().unwrap()), engine.clone()).unwrap(),
+            Orchestrator::with_journal(
+                config,
+                Arc::new(Metrics::new().unwrap()),
+                engine.clone(),
+                journal,
+            )
+            .unwrap(),
         );
         // Both end when the harness drops (its token is cancelled).
         let cancel = CancellationToken::new();

@@ -4,9 +4,11 @@
 //! `tests/it` prove the same behaviours end to end on the real engine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cache_bounds;
 mod cloud_bounds;
 mod ctx_bounds;
 mod home_bounds;
+mod journal_bounds;
 pub(crate) mod kit;
 mod queue_bounds;
 mod resume_bounds;

@@ -104,6 +104,17 @@ async fn every_route_answers_each_role_as_the_role_table_says() {
             [u, u, f, S::NOT_FOUND, f],
         ),
         ("DELETE", "/v2/nodes/n1", "", [u, u, f, f, S::NOT_FOUND]),
+        ("GET", "/v2/overview", "", [u, u, f, f, ok]),
+        (
+            "GET",
+            "/v2/overview?tasks=501",
+            "",
+            [u, u, f, f, S::BAD_REQUEST],
+        ),
+        // The console's page and assets hold no data: open to all (its calls carry the token).
+        ("GET", "/ui", "", [ok, ok, ok, ok, ok]),
+        ("GET", "/ui/console.js", "", [ok, ok, ok, ok, ok]),
+        ("GET", "/ui/console.css", "", [ok, ok, ok, ok, ok]),
         ("GET", "/v1/models", "", [u, u, ok, f, ok]),
         ("GET", "/health", "", [ok, ok, ok, ok, ok]),
     ];

@@ -36,6 +36,9 @@ pub struct Stack {
     pub http: reqwest::Client,
     /// pool-managerd's environment, for a restart.
     pm_env: Vec<(&'static str, String)>,
+    /// orchestratord's environment (its data directory included), for a restart.
+    orch_env: Vec<(&'static str, String)>,
+    orch_restarts: usize,
     _dir: tempfile::TempDir,
 }
 
@@ -60,6 +63,14 @@ pub fn spawn(bin: &Path, env: &[(&str, String)], log: &Path) -> Child {
         .stdout(Stdio::from(file.try_clone().unwrap()))
         .stderr(Stdio::from(file))
         .kill_on_drop(true);
+    // orchestratord's journal: a directory of its own beside its log (a restart on the same
+    // log name reuses it), unless the test says where.
+    if bin.file_name().is_some_and(|n| n == "orchestratord")
+        && !env.iter().any(|(k, _)| *k == "ORCHD_DATA_DIR")
+    {
+        let stem = log.file_stem().unwrap_or_default().to_string_lossy();
+        cmd.env("ORCHD_DATA_DIR", log.with_file_name(format!("{stem}-data")));
+    }
     for (k, v) in env {
         // An empty value removes the variable (a stack without the shared token).
         if v.is_empty() {
@@ -113,6 +124,10 @@ impl Stack {
             ("ORCHD_HANDOFF_WATCH_INTERVAL_MS", "500".into()),
             ("ORCHD_POOL_HEALTH_INTERVAL_MS", "200".into()),
             ("ORCHD_SHUTDOWN_GRACE_MS", "3000".into()),
+            (
+                "ORCHD_DATA_DIR",
+                dir.path().join("orchestratord-data").display().to_string(),
+            ),
         ];
         env.extend(opts.orch_env.iter().cloned());
         let mut orch = spawn(&workspace_binary("orchestratord"), &env, &orch_log);
@@ -136,6 +151,8 @@ impl Stack {
             orch_log,
             http,
             pm_env,
+            orch_env: env,
+            orch_restarts: 0,
             _dir: dir,
         };
         let path = if opts.no_wait { "health" } else { "ready" };
@@ -180,6 +197,30 @@ impl Stack {
             Duration::from_secs(30),
         )
         .await;
+    }
+
+    /// SIGKILLs orchestratord and starts it again with the same environment and data
+    /// directory (its journal); it binds a new port, which `base` follows. Returns once it
+    /// listens.
+    pub async fn kill_and_restart_orch(&mut self) {
+        self.orch.start_kill().unwrap();
+        self.orch.wait().await.unwrap();
+        self.orch_restarts += 1;
+        let log = self
+            .orch_log
+            .with_file_name(format!("orchestratord-{}.log", self.orch_restarts));
+        self.orch = spawn(&workspace_binary("orchestratord"), &self.orch_env, &log);
+        self.base = format!(
+            "http://{}",
+            logged_addr(
+                &mut self.orch,
+                &log,
+                "orchestratord listening",
+                Duration::from_secs(30)
+            )
+            .await
+        );
+        self.orch_log = log;
     }
 
     /// Waits until orchestratord sees `n` ready pools.

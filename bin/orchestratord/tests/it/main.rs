@@ -5,10 +5,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admission;
+mod browser;
 mod cancel;
 mod cloud;
 mod daemon_faults;
 mod determinism;
+mod durability;
 mod engine_faults;
 mod fault_engine;
 mod handoff_faults;
@@ -26,3 +28,4 @@ mod sessions;
 mod streaming;
 mod tls;
 mod trace;
+mod ui;

@@ -1,6 +1,8 @@
 //! Admission throughput and latency of `POST /v2/tasks`, queue only: orchestratord knows one
 //! pool serving the model, but its engine never becomes healthy, so every task stays queued and
-//! no engine work is measured. C concurrent keep-alive clients submit N tasks in total.
+//! no engine work is measured. C concurrent keep-alive clients submit N tasks in total. With
+//! `--journals none,normal,full` the run is repeated once per journal setting (a fresh
+//! orchestratord and data directory each), side by side in one invocation.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -20,6 +22,16 @@ struct Args {
     tasks: usize,
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Journal settings to compare: `none`, `normal`, `full` (ORCHD_JOURNAL / _SYNC).
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    journals: Vec<String>,
+}
+
+/// One run's figures.
+struct Figures {
+    rate: f64,
+    p50: f64,
+    p99: f64,
 }
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
@@ -27,7 +39,38 @@ const TOKEN: &str = "bench-token-0123456789abcdef";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = std::env::temp_dir().join(format!("llorch-admission-bench-{}", std::process::id()));
+    let mut results = Vec::new();
+    for journal in &args.journals {
+        results.push((journal.clone(), run(&args, journal).await?));
+    }
+    if let Some((_, base)) = results.iter().find(|(j, _)| j == "none") {
+        println!("journal | tasks/s | vs none | p50 ms | added p50 | p99 ms | added p99");
+        for (journal, f) in &results {
+            println!(
+                "{journal} | {:.0} | {:.2}x | {:.3} | {:+.3} | {:.3} | {:+.3}",
+                f.rate,
+                f.rate / base.rate,
+                f.p50,
+                f.p50 - base.p50,
+                f.p99,
+                f.p99 - base.p99
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: &Args, journal: &str) -> anyhow::Result<Figures> {
+    let (kind, sync) = match journal {
+        "none" => ("none", "full"),
+        "normal" => ("sqlite", "normal"),
+        "full" => ("sqlite", "full"),
+        other => bail!("--journals: {other:?} is not one of none, normal, full"),
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "llorch-admission-bench-{}-{journal}",
+        std::process::id()
+    ));
     let runtime = dir.join("run");
     std::fs::create_dir_all(&runtime)?;
     // Nothing listens on this port: the pool is known but never healthy.
@@ -42,6 +85,9 @@ async fn main() -> anyhow::Result<()> {
     let port = free_port()?;
     let mut orch = tokio::process::Command::new(&args.orchestratord)
         .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORCHD_DATA_DIR", dir.join("data"))
+        .env("ORCHD_JOURNAL", kind)
+        .env("ORCHD_JOURNAL_SYNC", sync)
         .env("ORCHD_RUNTIME_DIR", &runtime)
         .env(
             "ORCHD_ADMISSION_CAPACITY",
@@ -142,7 +188,7 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     println!(
-        "admission: {} tasks, {} clients: {:.0} tasks/s; client-side latency p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; server-side mean {:.4} ms over {} admissions",
+        "admission (journal {journal}): {} tasks, {} clients: {:.0} tasks/s; client-side latency p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; server-side mean {:.4} ms over {} admissions",
         all.len(),
         args.clients,
         all.len() as f64 / wall,
@@ -153,6 +199,11 @@ async fn main() -> anyhow::Result<()> {
         server_count
     );
     let _ = orch.kill().await;
+    let _ = orch.wait().await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(Figures {
+        rate: all.len() as f64 / wall,
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+    })
 }

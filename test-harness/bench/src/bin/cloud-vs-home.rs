@@ -34,6 +34,10 @@ fn orchestratord(
 ) -> anyhow::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(bin);
     cmd.env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env(
+            "ORCHD_DATA_DIR",
+            std::env::temp_dir().join(format!("llorch-bench-{}-{port}", std::process::id())),
+        )
         .env("LLORCH_API_TOKEN", TOKEN)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

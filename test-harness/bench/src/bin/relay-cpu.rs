@@ -204,12 +204,20 @@ async fn main() -> anyhow::Result<()> {
         &[
             ("ORCHD_BIND_ADDR", format!("127.0.0.1:{home_port}")),
             ("ORCHD_RUNTIME_DIR", runtime.display().to_string()),
+            (
+                "ORCHD_DATA_DIR",
+                runtime.join("home-data").display().to_string(),
+            ),
         ],
     )?;
     let cloud = spawn(
         &a.orchestratord,
         &[
             ("ORCHD_BIND_ADDR", format!("127.0.0.1:{cloud_port}")),
+            (
+                "ORCHD_DATA_DIR",
+                runtime.join("cloud-data").display().to_string(),
+            ),
             ("ORCHD_PROFILE", "cloud".into()),
             ("ORCHD_POOL_MANAGERS", format!("http://127.0.0.1:{pm_port}")),
         ],

@@ -1,0 +1,723 @@
+//! The admission journal (durable admissions): what a crash of orchestratord must not lose.
+//! One seam ([`Journal`]), two implementations: [`NoJournal`] (in memory only: today's
+//! behaviour, `ORCHD_JOURNAL=none`) and [`SqliteJournal`] (the default: an embedded SQLite file
+//! in WAL mode, one writer thread, group commit).
+//!
+//! What is written before what it protects:
+//! - the admission record (the whole request, its digest, owner, wall-clock times) before the
+//!   202 is answered;
+//! - the first-token mark before the first `token` frame leaves;
+//! - the terminal record (the terminal event) before the terminal frame; the request's prompt
+//!   is dropped from the record then (a finished task keeps its digest, not its body).
+//!
+//! Writes queue to the writer thread; it takes every write waiting, commits them in one
+//! transaction and then acknowledges each, so admissions that wait on the same flush share
+//! it. At start [`Journal::recover`] returns every record, oldest first, for recovery.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+
+/// How long a write may wait for its acknowledgement before the caller gives up on it.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `ORCHD_JOURNAL_SYNC`: `full` survives power loss (each commit is synced to the disk),
+/// `normal` survives a crash of the process (WAL; the disk is synced at checkpoints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    Full,
+    Normal,
+}
+
+impl SyncMode {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "full" => Ok(SyncMode::Full),
+            "normal" => Ok(SyncMode::Normal),
+            other => Err(format!(
+                "ORCHD_JOURNAL_SYNC {other:?} is not one of: full, normal"
+            )),
+        }
+    }
+
+    fn pragma(self) -> (&'static str, i64) {
+        match self {
+            SyncMode::Full => ("FULL", 2),
+            SyncMode::Normal => ("NORMAL", 1),
+        }
+    }
+}
+
+/// An admitted task as the journal keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    pub task_id: String,
+    pub owner: String,
+    pub digest: [u8; 32],
+    /// The request as submitted (JSON, prompt included).
+    pub request: String,
+    pub correlation_id: String,
+    pub submitted_ms: u64,
+    /// The deadline on the wall clock (ms since the epoch), when the request had one.
+    pub deadline_ms: Option<u64>,
+}
+
+/// A task's end as the journal keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ending {
+    pub task_id: String,
+    /// The terminal event (`{"type":"end",...}` or `{"type":"error",...}`).
+    pub event: String,
+    pub tokens_out: u32,
+    pub finished_ms: u64,
+}
+
+/// One journaled task at recovery (or an idempotency lookup).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub admission: Admission,
+    /// The first token left for the client: the task cannot run again.
+    pub first_token: bool,
+    pub ending: Option<Ending>,
+}
+
+/// The durability seam. Writes return a future that resolves once the write is durable (or
+/// failed); `none` resolves at once.
+pub trait Journal: Send + Sync + 'static {
+    /// Whether writes are kept at all (`false` for `none`: nothing to wait for).
+    fn durable(&self) -> bool;
+    fn admit(&self, admission: Admission) -> BoxFuture<'static, Result<(), String>>;
+    fn first_token(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>>;
+    fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), String>>;
+    /// The record of `task_id`, if the journal holds it (idempotency past the in-memory
+    /// retention).
+    fn lookup(&self, task_id: &str) -> Result<Option<Record>, String>;
+    /// Every record, in admission order.
+    fn recover(&self) -> Result<Vec<Record>, String>;
+    /// Forgets finished tasks older than `forget_before_ms` and, while the file is larger
+    /// than `max_bytes`, the oldest finished ones; returns how many were forgotten.
+    fn compact(&self, forget_before_ms: u64, max_bytes: u64) -> Result<u64, String>;
+}
+
+/// `ORCHD_JOURNAL=none`: nothing survives the process.
+pub struct NoJournal;
+
+impl Journal for NoJournal {
+    fn durable(&self) -> bool {
+        false
+    }
+    fn admit(&self, _: Admission) -> BoxFuture<'static, Result<(), String>> {
+        async { Ok(()) }.boxed()
+    }
+    fn first_token(&self, _: &str) -> BoxFuture<'static, Result<(), String>> {
+        async { Ok(()) }.boxed()
+    }
+    fn end(&self, _: Ending) -> BoxFuture<'static, Result<(), String>> {
+        async { Ok(()) }.boxed()
+    }
+    fn lookup(&self, _: &str) -> Result<Option<Record>, String> {
+        Ok(None)
+    }
+    fn recover(&self) -> Result<Vec<Record>, String> {
+        Ok(Vec::new())
+    }
+    fn compact(&self, _: u64, _: u64) -> Result<u64, String> {
+        Ok(0)
+    }
+}
+
+type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+enum Write {
+    Admit(Admission),
+    FirstToken(String),
+    End(Ending),
+}
+
+/// The SQLite journal: one file in the data directory, opened exclusively (a second
+/// orchestratord on the same directory is refused).
+pub struct SqliteJournal {
+    path: PathBuf,
+    /// Held while the journal is open: one orchestratord per data directory.
+    _lock: std::fs::File,
+    writes: Mutex<Option<mpsc::Sender<(Write, Ack)>>>,
+    /// Reads (lookups, recovery, compaction) on their own connection.
+    reader: Mutex<rusqlite::Connection>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Transactions committed (each holds every write that was waiting).
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The most writes one transaction takes.
+const BATCH_MAX: usize = 512;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    request TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    submitted_ms INTEGER NOT NULL,
+    deadline_ms INTEGER,
+    first_token INTEGER NOT NULL DEFAULT 0,
+    ending TEXT,
+    tokens_out INTEGER,
+    finished_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_ms) WHERE finished_ms IS NOT NULL;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+
+const SCHEMA_VERSION: &str = "1";
+
+fn open_error(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
+    format!(
+        "journal {}: {what}: {e}. If the file is damaged, move it aside (the tasks it holds are then lost; docs/runbooks/journal.md) or restore a backup",
+        path.display()
+    )
+}
+
+fn connection(path: &Path, sync: SyncMode) -> Result<rusqlite::Connection, String> {
+    let conn = rusqlite::Connection::open(path).map_err(|e| open_error(path, "cannot open", e))?;
+    conn.busy_timeout(Duration::from_secs(2))
+        .map_err(|e| open_error(path, "cannot configure", e))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(|e| open_error(path, "cannot switch to WAL", e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(open_error(path, "WAL mode refused", mode));
+    }
+    let (name, value) = sync.pragma();
+    conn.execute_batch(&format!("PRAGMA synchronous={name};"))
+        .map_err(|e| open_error(path, "cannot set synchronous", e))?;
+    // Read back: a setting that did not take is refused rather than trusted.
+    let got: i64 = conn
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .map_err(|e| open_error(path, "cannot read synchronous", e))?;
+    if got != value {
+        return Err(open_error(
+            path,
+            "synchronous did not take",
+            format!("asked {name}, got {got}"),
+        ));
+    }
+    Ok(conn)
+}
+
+impl SqliteJournal {
+    /// Opens (or creates) `dir/journal.sqlite3`: checks it (a damaged file refuses start with
+    /// what to do), sets WAL and the sync mode (read back), and starts the writer thread.
+    pub fn open(dir: &Path, sync: SyncMode) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            format!(
+                "cannot create the data directory {} (ORCHD_DATA_DIR): {e}",
+                dir.display()
+            )
+        })?;
+        // The journal holds prompts until their tasks end: readable by this user only.
+        restrict(dir)?;
+        let path = dir.join("journal.sqlite3");
+        let lock = take_lock(&dir.join("journal.lock"))?;
+        // Created 0600 before SQLite opens it: SQLite gives its WAL and shared-memory files
+        // the database file's mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| open_error(&path, "cannot create", e))?;
+        }
+        let writer = connection(&path, sync)?;
+        writer
+            .execute_batch("PRAGMA auto_vacuum=INCREMENTAL;")
+            .map_err(|e| open_error(&path, "cannot configure", e))?;
+        let check: String = writer
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| open_error(&path, "cannot be checked", e))?;
+        if check != "ok" {
+            return Err(open_error(&path, "is damaged", check));
+        }
+        writer
+            .execute_batch(SCHEMA)
+            .map_err(|e| open_error(&path, "cannot create its tables", e))?;
+        let version: Option<String> = writer
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })
+            .map_err(|e| open_error(&path, "cannot read its schema version", e))?;
+        match version.as_deref() {
+            None => {
+                writer
+                    .execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                        [SCHEMA_VERSION],
+                    )
+                    .map_err(|e| open_error(&path, "cannot write its schema version", e))?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(other) => {
+                return Err(open_error(
+                    &path,
+                    "was written by another version",
+                    format!("schema {other}, this build reads {SCHEMA_VERSION}"),
+                ))
+            }
+        }
+        let reader = connection(&path, sync)?;
+        let (tx, rx) = mpsc::channel::<(Write, Ack)>();
+        let shown = path.clone();
+        let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = commits.clone();
+        let handle = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || write_loop(writer, rx, &shown, &counted))
+            .map_err(|e| format!("cannot start the journal writer: {e}"))?;
+        Ok(Self {
+            path,
+            _lock: lock,
+            writes: Mutex::new(Some(tx)),
+            reader: Mutex::new(reader),
+            writer: Mutex::new(Some(handle)),
+            commits,
+        })
+    }
+
+    /// Transactions committed so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The sync level in force (SQLite's number: 2 full, 1 normal), read back.
+    pub fn synchronous(&self) -> Result<i64, String> {
+        self.reader
+            .lock()
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn send(&self, write: Write) -> BoxFuture<'static, Result<(), String>> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        let sent = match &*self.writes.lock() {
+            Some(tx) => tx.send((write, ack)).is_ok(),
+            None => false,
+        };
+        async move {
+            if !sent {
+                return Err("the journal is closed".to_string());
+            }
+            done.await
+                .unwrap_or_else(|_| Err("the journal writer stopped".into()))
+        }
+        .boxed()
+    }
+
+    /// Stops the writer after the writes already queued (shutdown).
+    pub fn close(&self) {
+        self.writes.lock().take();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for SqliteJournal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Makes the data directory this user's alone (0700) when group or others may enter it.
+fn restrict(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            format!(
+                "the data directory {} is open to group or others and cannot be restricted to 0700: {e}",
+                dir.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// One orchestratord per data directory: an exclusive lock on a lock file, held as long as
+/// the journal is open (the kernel drops it when the process ends, however it ends).
+fn take_lock(path: &Path) -> Result<std::fs::File, String> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "the data directory {} is in use by another orchestratord (it holds {})",
+            path.parent()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+fn write_loop(
+    mut conn: rusqlite::Connection,
+    rx: mpsc::Receiver<(Write, Ack)>,
+    path: &Path,
+    commits: &std::sync::atomic::AtomicU64,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let result = apply(&mut conn, &batch);
+        if result.is_ok() {
+            commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        let result = result.map_err(|e| {
+            let msg = format!("journal {} write failed: {e}", path.display());
+            tracing::error!(error = %msg, writes = batch.len(), "journal write failed");
+            msg
+        });
+        for (_, ack) in batch {
+            let _ = ack.send(result.clone());
+        }
+    }
+}
+
+fn apply(conn: &mut rusqlite::Connection, batch: &[(Write, Ack)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for (write, _) in batch {
+        match write {
+            Write::Admit(a) => {
+                tx.execute(
+                    "INSERT OR IGNORE INTO tasks (task_id, owner, digest, request, correlation_id, submitted_ms, deadline_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    rusqlite::params![
+                        a.task_id,
+                        a.owner,
+                        &a.digest[..],
+                        a.request,
+                        a.correlation_id,
+                        a.submitted_ms as i64,
+                        a.deadline_ms.map(|d| d as i64),
+                    ],
+                )?;
+            }
+            Write::FirstToken(id) => {
+                tx.execute("UPDATE tasks SET first_token = 1 WHERE task_id = ?1", [id])?;
+            }
+            Write::End(e) => {
+                // The first ending wins; the prompt goes (the digest answers resubmissions).
+                tx.execute(
+                    "UPDATE tasks SET ending = ?2, tokens_out = ?3, finished_ms = ?4, request = json_remove(request, '$.prompt') WHERE task_id = ?1 AND ending IS NULL",
+                    rusqlite::params![
+                        e.task_id,
+                        e.event,
+                        i64::from(e.tokens_out),
+                        e.finished_ms as i64
+                    ],
+                )?;
+            }
+        }
+    }
+    tx.commit()
+}
+
+const SELECT: &str = "SELECT task_id, owner, digest, request, correlation_id, submitted_ms, deadline_ms, first_token, ending, tokens_out, finished_ms FROM tasks";
+
+fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    let digest: Vec<u8> = row.get(2)?;
+    let mut d = [0u8; 32];
+    if digest.len() == 32 {
+        d.copy_from_slice(&digest);
+    }
+    let ending: Option<String> = row.get(8)?;
+    let task_id: String = row.get(0)?;
+    Ok(Record {
+        admission: Admission {
+            task_id: task_id.clone(),
+            owner: row.get(1)?,
+            digest: d,
+            request: row.get(3)?,
+            correlation_id: row.get(4)?,
+            submitted_ms: row.get::<_, i64>(5)?.max(0) as u64,
+            deadline_ms: row.get::<_, Option<i64>>(6)?.map(|d| d.max(0) as u64),
+        },
+        first_token: row.get::<_, i64>(7)? != 0,
+        ending: match ending {
+            Some(event) => Some(Ending {
+                task_id,
+                event,
+                tokens_out: row
+                    .get::<_, Option<i64>>(9)?
+                    .unwrap_or(0)
+                    .clamp(0, i64::from(u32::MAX)) as u32,
+                finished_ms: row.get::<_, Option<i64>>(10)?.unwrap_or(0).max(0) as u64,
+            }),
+            None => None,
+        },
+    })
+}
+
+impl Journal for SqliteJournal {
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn admit(&self, admission: Admission) -> BoxFuture<'static, Result<(), String>> {
+        self.send(Write::Admit(admission))
+    }
+
+    fn first_token(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+        self.send(Write::FirstToken(task_id.to_string()))
+    }
+
+    fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), String>> {
+        self.send(Write::End(ending))
+    }
+
+    fn lookup(&self, task_id: &str) -> Result<Option<Record>, String> {
+        let conn = self.reader.lock();
+        let mut stmt = conn
+            .prepare_cached(&format!("{SELECT} WHERE task_id = ?1"))
+            .map_err(|e| e.to_string())?;
+        let mut rows = stmt.query([task_id]).map_err(|e| e.to_string())?;
+        match rows.next().map_err(|e| e.to_string())? {
+            Some(row) => record(row).map(Some).map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
+    }
+
+    fn recover(&self) -> Result<Vec<Record>, String> {
+        let conn = self.reader.lock();
+        let mut stmt = conn
+            .prepare(&format!("{SELECT} ORDER BY seq"))
+            .map_err(|e| open_error(&self.path, "cannot be read", e))?;
+        let rows = stmt
+            .query_map([], record)
+            .map_err(|e| open_error(&self.path, "cannot be read", e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| open_error(&self.path, "cannot be read", e))
+    }
+
+    fn compact(&self, forget_before_ms: u64, max_bytes: u64) -> Result<u64, String> {
+        let conn = self.reader.lock();
+        let mut forgotten = conn
+            .execute(
+                "DELETE FROM tasks WHERE finished_ms IS NOT NULL AND finished_ms < ?1",
+                [forget_before_ms as i64],
+            )
+            .map_err(|e| e.to_string())? as u64;
+        let size = |conn: &rusqlite::Connection| -> rusqlite::Result<u64> {
+            let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            Ok(((pages - free).max(0) * page) as u64)
+        };
+        // Over the bound: the oldest finished tasks go, a tenth at a time.
+        for _ in 0..10 {
+            if size(&conn).map_err(|e| e.to_string())? <= max_bytes {
+                break;
+            }
+            let n = conn
+                .execute(
+                    "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_ms IS NOT NULL ORDER BY seq LIMIT MAX(1, (SELECT COUNT(*) FROM tasks WHERE finished_ms IS NOT NULL) / 10))",
+                    [],
+                )
+                .map_err(|e| e.to_string())? as u64;
+            if n == 0 {
+                break;
+            }
+            forgotten += n;
+        }
+        if forgotten > 0 {
+            conn.execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(forgotten)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn admission(id: &str, prompt: &str) -> Admission {
+        Admission {
+            task_id: id.into(),
+            owner: "alice".into(),
+            digest: [7; 32],
+            request: serde_json::json!({"task_id": id, "model_ref": "tiny", "prompt": prompt, "max_tokens": 4}).to_string(),
+            correlation_id: format!("c-{id}"),
+            submitted_ms: 1000,
+            deadline_ms: Some(5000),
+        }
+    }
+
+    fn ending(id: &str, finished_ms: u64) -> Ending {
+        Ending {
+            task_id: id.into(),
+            event: r#"{"event":"end","data":{"tokens_out":3,"decode_time_ms":1}}"#.into(),
+            tokens_out: 3,
+            finished_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_are_read_back_in_admission_order_after_reopening_and_endings_drop_the_prompt()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = SqliteJournal::open(dir.path(), SyncMode::Full).unwrap();
+            for id in ["a", "b", "c"] {
+                j.admit(admission(id, "secret prompt")).await.unwrap();
+            }
+            j.first_token("b").await.unwrap();
+            j.end(ending("c", 2000)).await.unwrap();
+            // A second ending of the same task does not replace the first.
+            let mut other = ending("c", 3000);
+            other.event = "{}".into();
+            j.end(other).await.unwrap();
+        }
+        let j = SqliteJournal::open(dir.path(), SyncMode::Full).unwrap();
+        let got = j.recover().unwrap();
+        let ids: Vec<_> = got.iter().map(|r| r.admission.task_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(
+            got[0],
+            Record {
+                admission: admission("a", "secret prompt"),
+                first_token: false,
+                ending: None
+            }
+        );
+        assert!(got[1].first_token && got[1].ending.is_none());
+        assert_eq!(got[2].ending, Some(ending("c", 2000)));
+        assert!(!got[2].admission.request.contains("secret prompt"));
+        assert!(got[2].admission.request.contains("\"model_ref\":\"tiny\""));
+        assert_eq!(j.lookup("b").unwrap().map(|r| r.first_token), Some(true));
+        assert_eq!(j.lookup("zzz").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn writes_waiting_together_share_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = SqliteJournal::open(dir.path(), SyncMode::Full).unwrap();
+        let pending: Vec<_> = (0..200)
+            .map(|k| j.admit(admission(&format!("t{k}"), "p")))
+            .collect();
+        for p in pending {
+            p.await.unwrap();
+        }
+        assert_eq!(j.recover().unwrap().len(), 200);
+        let commits = j.commits();
+        assert!(
+            (1..100).contains(&commits),
+            "{commits} commits for 200 writes"
+        );
+    }
+
+    #[test]
+    fn the_sync_mode_is_read_back_and_a_second_orchestratord_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = SqliteJournal::open(dir.path(), SyncMode::Normal).unwrap();
+        assert_eq!(j.synchronous().unwrap(), 1);
+        let e = SqliteJournal::open(dir.path(), SyncMode::Normal)
+            .err()
+            .unwrap();
+        assert!(e.contains("in use by another orchestratord"), "{e}");
+        drop(j);
+        let j = SqliteJournal::open(dir.path(), SyncMode::Full).unwrap();
+        assert_eq!(j.synchronous().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_journal_and_its_directory_are_readable_by_this_user_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let j = SqliteJournal::open(&data, SyncMode::Normal).unwrap();
+        j.admit(admission("a", "a prompt")).await.unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("journal.sqlite3")), 0o600);
+        assert_eq!(mode(&data.join("journal.sqlite3-wal")), 0o600);
+    }
+
+    #[test]
+    fn a_damaged_file_refuses_start_and_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("journal.sqlite3"), vec![0x5a; 8192]).unwrap();
+        let e = SqliteJournal::open(dir.path(), SyncMode::Full)
+            .err()
+            .unwrap();
+        assert!(e.contains("journal.sqlite3"), "{e}");
+        assert!(e.contains("move it aside"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn compaction_forgets_old_finished_tasks_then_the_oldest_beyond_the_bound_never_unfinished(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let j = SqliteJournal::open(dir.path(), SyncMode::Normal).unwrap();
+        let big = "x".repeat(4000);
+        for k in 0..400u64 {
+            let id = format!("t{k:03}");
+            j.admit(admission(&id, &big)).await.unwrap();
+            if k < 390 {
+                let mut e = ending(&id, 10_000 + k);
+                e.event = format!("{{\"pad\":\"{big}\"}}");
+                j.end(e).await.unwrap();
+            }
+        }
+        // Past the window: the first 100 finished.
+        assert_eq!(j.compact(10_100, u64::MAX).unwrap(), 100);
+        assert!(j.lookup("t099").unwrap().is_none());
+        assert!(j.lookup("t100").unwrap().is_some());
+        // Over the bound: the oldest finished go until it fits; unfinished stay.
+        let n = j.compact(0, 256 * 1024).unwrap();
+        assert!(n > 0);
+        let left = j.recover().unwrap();
+        for k in 390..400u64 {
+            assert!(left
+                .iter()
+                .any(|r| r.admission.task_id == format!("t{k:03}")));
+        }
+        let oldest_left = left
+            .iter()
+            .find(|r| r.ending.is_some())
+            .map(|r| r.admission.task_id.clone());
+        let newest_gone = (100..390u64)
+            .map(|k| format!("t{k:03}"))
+            .rfind(|id| !left.iter().any(|r| &r.admission.task_id == id));
+        assert!(oldest_left > newest_gone, "older finished tasks went first");
+    }
+}

@@ -1,0 +1,308 @@
+//! Durable admissions on paused time: a journal that fails or holds gets the client a 503
+//! and never a run; recovery re-queues in order with the wall-clock deadline, ends what was
+//! streaming, restores what had ended, and cancels recovered tasks nobody reattaches to at
+//! exactly the reattach window. The journal here is `ScriptedJournal`, a fault-and-timing
+//! double of the seam: the SQLite journal itself is tested in `journal::tests`, and the whole
+//! on real processes killed with SIGKILL in `tests/it/durability.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use super::kit::*;
+use crate::journal::{Admission, Ending, Journal, Record};
+
+const MS: Duration = Duration::from_millis(1);
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Keeps every write (in memory), acknowledged at once.
+    Keep,
+    /// Every write fails.
+    Fail,
+    /// No write is ever acknowledged.
+    Hold,
+}
+
+/// A journal double: records what it is given, in order, and answers as its mode says.
+struct ScriptedJournal {
+    mode: Mutex<Mode>,
+    records: Mutex<Vec<Record>>,
+}
+
+impl ScriptedJournal {
+    fn new(mode: Mode, records: Vec<Record>) -> Arc<Self> {
+        Arc::new(Self {
+            mode: Mutex::new(mode),
+            records: Mutex::new(records),
+        })
+    }
+
+    fn answer(&self) -> BoxFuture<'static, Result<(), String>> {
+        match *self.mode.lock() {
+            Mode::Keep => async { Ok(()) }.boxed(),
+            Mode::Fail => async { Err("disk full".to_string()) }.boxed(),
+            Mode::Hold => futures_util::future::pending().boxed(),
+        }
+    }
+
+    fn record(&self, id: &str) -> Option<Record> {
+        self.records
+            .lock()
+            .iter()
+            .find(|r| r.admission.task_id == id)
+            .cloned()
+    }
+}
+
+impl Journal for ScriptedJournal {
+    fn durable(&self) -> bool {
+        true
+    }
+    fn admit(&self, admission: Admission) -> BoxFuture<'static, Result<(), String>> {
+        if *self.mode.lock() == Mode::Keep {
+            self.records.lock().push(Record {
+                admission,
+                first_token: false,
+                ending: None,
+            });
+        }
+        self.answer()
+    }
+    fn first_token(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+        if let Some(r) = self
+            .records
+            .lock()
+            .iter_mut()
+            .find(|r| r.admission.task_id == task_id)
+        {
+            r.first_token = true;
+        }
+        self.answer()
+    }
+    fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), String>> {
+        if let Some(r) = self
+            .records
+            .lock()
+            .iter_mut()
+            .find(|r| r.admission.task_id == ending.task_id)
+        {
+            r.ending.get_or_insert(ending);
+        }
+        self.answer()
+    }
+    fn lookup(&self, task_id: &str) -> Result<Option<Record>, String> {
+        Ok(self.record(task_id))
+    }
+    fn recover(&self) -> Result<Vec<Record>, String> {
+        Ok(self.records.lock().clone())
+    }
+    fn compact(&self, _: u64, _: u64) -> Result<u64, String> {
+        Ok(0)
+    }
+}
+
+async fn submit(h: &Harness, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
+    let req = Request::post("/v2/tasks")
+        .header("authorization", "Bearer inprocess-test-token-0123")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let r = crate::api::router(h.orch.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    let status = r.status();
+    let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+fn flags() -> Vec<&'static str> {
+    vec![
+        "--api-token=inprocess-test-token-0123",
+        "--journal-timeout-ms=500",
+        "--recovery-reattach-ms=5000",
+    ]
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_admission_the_journal_fails_is_refused_503_and_never_runs() {
+    let journal = ScriptedJournal::new(Mode::Fail, vec![]);
+    let h = Harness::start_with_journal(&flags(), journal);
+    h.add_pool("p", 1);
+    let (status, body) = submit(
+        &h,
+        serde_json::json!({"task_id": "t1", "model_ref": "tiny", "prompt": "p", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["code"], "JOURNAL_UNAVAILABLE");
+    assert_eq!(body["retriable"], true);
+    settle().await;
+    assert!(h.engine.calls().is_empty(), "a refused admission ran");
+    let t = h.orch.task("t1").unwrap();
+    assert_eq!(outcome(&t).await.0, "JOURNAL_UNAVAILABLE");
+    assert_eq!(
+        h.orch.metrics.journal_errors.get(),
+        2,
+        "the admission, then its withdrawal"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_admission_the_journal_holds_is_refused_503_at_exactly_the_journal_timeout() {
+    let journal = ScriptedJournal::new(Mode::Hold, vec![]);
+    let h = Harness::start_with_journal(&flags(), journal);
+    // No pool: the task stays queued while the journal holds its admission.
+    h.add_pool("elsewhere", 1);
+    h.orch.pools.remove("elsewhere");
+    let sent = Instant::now();
+    let (status, body) = submit(
+        &h,
+        serde_json::json!({"task_id": "t1", "model_ref": "tiny", "prompt": "p", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(sent.elapsed(), 500 * MS);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "JOURNAL_UNAVAILABLE");
+    assert!(
+        h.orch.queue_position("t1").is_none(),
+        "withdrawn from the queue"
+    );
+}
+
+fn record(id: &str, priority: &str, wall_deadline: Option<u64>, first_token: bool) -> Record {
+    let req = serde_json::json!({"task_id": id, "model_ref": "tiny", "prompt": "p", "max_tokens": 3, "priority": priority});
+    let parsed: llorch_contracts::tasks::TaskRequest = serde_json::from_value(req.clone()).unwrap();
+    let digest = crate::tasks::Task::new(
+        id.into(),
+        parsed,
+        Instant::now(),
+        Default::default(),
+        id.into(),
+        None,
+        1 << 20,
+    )
+    .digest();
+    Record {
+        admission: Admission {
+            task_id: id.into(),
+            owner: "shared".into(),
+            digest,
+            request: req.to_string(),
+            correlation_id: id.into(),
+            submitted_ms: crate::tasks::now_ms(),
+            deadline_ms: wall_deadline,
+        },
+        first_token,
+        ending: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_requeues_in_order_ends_what_streamed_restores_what_ended_and_keeps_wall_deadlines(
+) {
+    let mut ended = record("done", "batch", None, true);
+    ended.ending = Some(Ending {
+        task_id: "done".into(),
+        event: serde_json::to_string(&llorch_contracts::tasks::TaskEvent::End {
+            tokens_out: 3,
+            decode_time_ms: 1,
+            decode_ms: 1,
+            finish_reason: "length".into(),
+        })
+        .unwrap(),
+        tokens_out: 3,
+        finished_ms: crate::tasks::now_ms(),
+    });
+    let wall = crate::tasks::now_ms();
+    let journal = ScriptedJournal::new(
+        Mode::Keep,
+        vec![
+            record("b1", "batch", None, false),
+            record("i1", "interactive", None, false),
+            record("streaming", "batch", None, true),
+            record("b2", "batch", Some(wall + 3000), false),
+            record("late", "batch", Some(wall.saturating_sub(1)), false),
+            ended,
+            record("i2", "interactive", None, false),
+        ],
+    );
+    let h = Harness::start_with_journal(&flags(), journal.clone());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let start = Instant::now();
+    // The wall clock is not paused: what is left of b2's deadline is read from it at recovery.
+    let left = (wall + 3000).saturating_sub(crate::tasks::now_ms());
+    let done = crate::recovery::recover(&h.orch, &cancel).unwrap();
+    assert_eq!(
+        (done.requeued, done.reset, done.restored, done.expired),
+        (4, 1, 1, 1)
+    );
+    // Queue order: interactive first, each class in admission order.
+    let order: Vec<String> = h
+        .orch
+        .queue
+        .lock()
+        .tasks
+        .iter()
+        .map(|t| t.id.clone())
+        .collect();
+    assert_eq!(order, ["i1", "i2", "b1", "b2"]);
+    let streaming = h.orch.task("streaming").unwrap();
+    assert_eq!(outcome(&streaming).await.0, "WORKER_RESET");
+    assert_eq!(
+        outcome(&h.orch.task("late").unwrap()).await.0,
+        "DEADLINE_UNMET"
+    );
+    let restored = h.orch.task("done").unwrap();
+    assert_eq!(restored.status(None).tokens_out, 3);
+    assert_eq!(outcome(&restored).await.0, "end");
+    // Endings of recovery went to the journal before their frames.
+    assert!(journal.record("streaming").unwrap().ending.is_some());
+    // b2's deadline is the wall-clock one it was admitted with: 3 s from its admission, what
+    // is left of them at recovery.
+    let (code, at) = outcome(&h.orch.task("b2").unwrap()).await;
+    assert_eq!(code, "DEADLINE_UNMET");
+    let waited = at - start;
+    let expected = Duration::from_millis(left);
+    assert!(
+        waited <= expected && waited + 20 * MS >= expected,
+        "{waited:?} for {expected:?}"
+    );
+    // A resubmission of an ended id answers the same task; another body is refused.
+    let same = serde_json::json!({"task_id": "done", "model_ref": "tiny", "prompt": "p", "max_tokens": 3, "priority": "batch"});
+    assert_eq!(submit(&h, same).await.0, StatusCode::ACCEPTED);
+    let other = serde_json::json!({"task_id": "done", "model_ref": "tiny", "prompt": "q", "max_tokens": 3, "priority": "batch"});
+    assert_eq!(submit(&h, other).await.0, StatusCode::CONFLICT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovered_tasks_nobody_follows_are_cancelled_at_exactly_the_reattach_window() {
+    let journal = ScriptedJournal::new(
+        Mode::Keep,
+        vec![
+            record("alone", "batch", None, false),
+            record("followed", "batch", None, false),
+        ],
+    );
+    let h = Harness::start_with_journal(&flags(), journal);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let start = Instant::now();
+    crate::recovery::recover(&h.orch, &cancel).unwrap();
+    // Its client comes back (and stays) within the window.
+    tokio::time::sleep(1000 * MS).await;
+    h.orch.task("followed").unwrap().add_subscriber();
+    let (code, at) = outcome(&h.orch.task("alone").unwrap()).await;
+    assert_eq!(code, "CANCELLED");
+    assert_eq!(at - start, 5000 * MS);
+    settle().await;
+    assert!(!h.orch.task("followed").unwrap().is_terminal());
+    assert!(h.orch.queue_position("followed").is_some());
+}
