@@ -263,6 +263,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 session_id: session,
                 seed,
                 temperature,
+                // Its own id: a submission whose answer was lost is sent again as the same
+                // task, never a second one.
+                task_id: Some(uuid::Uuid::new_v4().to_string()),
                 ..TaskRequest::new(model, prompt, max_tokens)
             };
             submit(&c, &target, &req).await?;
@@ -357,9 +360,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Submits `req`; a submission that got no answer, or a retriable 503 (the journal or every
+/// pool briefly unavailable), is sent again with the same `task_id` — at most three times,
+/// half a second apart — so it is admitted once whatever happened to an answer.
+async fn submit_once(
+    c: &OrchClient,
+    req: &TaskRequest,
+) -> Result<llorch_contracts::tasks::AdmissionResponse, llorch_client::ClientError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match c.submit(req).await {
+            Ok(a) => return Ok(a),
+            Err(e) if tries < 3 && worth_another_try(&e) => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// No answer came, or a retriable 503.
+fn worth_another_try(e: &llorch_client::ClientError) -> bool {
+    match e {
+        llorch_client::ClientError::Unreachable(_) => true,
+        llorch_client::ClientError::Api { status, error } => *status == 503 && error.retriable,
+        _ => false,
+    }
+}
+
 async fn submit(c: &OrchClient, target: &Target, req: &TaskRequest) -> Result<(), Failure> {
     let t0 = Instant::now();
-    let admitted = c.submit(req).await.map_err(|e| target.failure(e))?;
+    let admitted = submit_once(c, req).await.map_err(|e| target.failure(e))?;
     let id = admitted.task_id;
     let mut events = c.events(&id, None).await.map_err(|e| target.failure(e))?;
     let mut stdout = std::io::stdout();
