@@ -127,7 +127,7 @@ pub(crate) fn recover(
                 TaskEvent::Error(
                     ErrorEnvelope::new(
                         ErrorCode::WorkerReset,
-                        "orchestratord restarted while this task was streaming; a generation cannot be resumed: submit it again",
+                        "orchestratord restarted while this task was streaming; a generation cannot be resumed: submit it again under a new task_id",
                     )
                     .with_retry_after_ms(1000),
                 ),

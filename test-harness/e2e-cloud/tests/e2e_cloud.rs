@@ -256,7 +256,8 @@ async fn tokens_are_checked_across_the_wire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarted_orchestratord_runs_a_resubmitted_task_once() {
+async fn a_task_streaming_through_an_orchestratord_crash_ends_worker_reset_and_runs_again_only_under_a_new_id(
+) {
     let mut c = Cluster::start(&[(&[("a0", "tiny-slow", 1, 4096)], None)], &[]).await;
     c.wait_healthy("a0", true, Duration::from_secs(40)).await;
     // Long enough (many seconds on the slow model) that only an abort frees the slot within
@@ -269,10 +270,19 @@ async fn restarted_orchestratord_runs_a_resubmitted_task_once() {
         || async { (c.node_slots_free(0, "a0") == Some(0)).then_some(()) },
     )
     .await;
+    wait_for(
+        "the first token journaled and sent",
+        Duration::from_secs(10),
+        || async {
+            let v = c.api.get_json("/v2/tasks/resubmit-1").await;
+            (v["tokens_out"].as_u64().unwrap_or(0) > 0).then_some(())
+        },
+    )
+    .await;
+    // SIGKILL; the journal on its data directory survives.
     c.restart_orchestratord().await;
-    // The old request died with the old orchestratord: the engine slot is free again, so the
-    // resubmission cannot run beside a leftover copy of itself. (Finishing on its own takes
-    // over 5 s on the slow model; an abort shows within one.)
+    // The old request died with the old orchestratord: the engine slot is free again.
+    // (Finishing on its own takes over 5 s on the slow model; an abort shows within one.)
     wait_for(
         "old request aborted on the engine",
         Duration::from_secs(1),
@@ -280,7 +290,12 @@ async fn restarted_orchestratord_runs_a_resubmitted_task_once() {
     )
     .await;
     c.wait_healthy("a0", true, Duration::from_secs(10)).await;
-    c.api.submit(body.clone()).await;
+    // The task is known after the restart, ended with a retriable WORKER_RESET: a generation
+    // cannot be resumed, and it is never run a second time under its id.
+    let st = c.api.finish("resubmit-1", Duration::from_secs(10)).await;
+    assert_eq!(st["state"], "failed", "{st}");
+    assert_eq!(st["error"]["code"], "WORKER_RESET", "{st}");
+    assert_eq!(st["error"]["retriable"], true, "{st}");
     let again = c
         .api
         .http
@@ -289,8 +304,13 @@ async fn restarted_orchestratord_runs_a_resubmitted_task_once() {
         .send()
         .await
         .unwrap();
-    assert_eq!(again.status(), 202, "a second resubmission is idempotent");
-    let st = c.api.finish("resubmit-1", Duration::from_secs(60)).await;
+    assert_eq!(again.status(), 202, "a resubmission answers the same task");
+    assert_eq!(c.node_slots_free(0, "a0"), Some(1), "and does not run it");
+    // Under a new id it runs, once.
+    let mut retry = body.clone();
+    retry["task_id"] = "resubmit-2".into();
+    c.api.submit(retry).await;
+    let st = c.api.finish("resubmit-2", Duration::from_secs(60)).await;
     assert_eq!(st["state"], "completed", "{st}");
     assert_eq!(st["attempts"], 1);
     assert_eq!(st["tokens_out"], 2000);

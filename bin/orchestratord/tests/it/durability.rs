@@ -2,8 +2,9 @@
 //! SIGKILL at random moments — during an admission burst, with tasks queued, with tasks
 //! streaming — and started again on the same data directory, several times. Every task that
 //! got a 202 is known afterwards and ends with exactly one terminal event, which another crash
-//! does not change; re-queued tasks start in admission order within their class; a
-//! resubmission of an id with its body answers the same task, with another body 409.
+//! does not change (nor does it queue or run an ended task again); re-queued tasks start in
+//! admission order within their class; a resubmission of an id with its body answers the same
+//! task, with another body 409.
 
 use std::time::Duration;
 
@@ -153,8 +154,21 @@ async fn sigkill_at_random_moments_loses_no_admitted_task_and_ends_each_exactly_
             );
         }
     }
-    // Another crash changes no ending.
+    // Another crash changes no ending, and nothing that ended is queued or run again.
     s.kill_and_restart_orch().await;
+    let text = s.metrics().await;
+    for outcome in ["requeued", "reset"] {
+        assert_eq!(
+            metric_value(
+                &text,
+                "orchd_recovered_tasks_total",
+                &[("outcome", outcome)]
+            )
+            .unwrap_or(0.0),
+            0.0,
+            "seed {seed}: a finished task was {outcome} after a restart"
+        );
+    }
     for (a, before) in admitted.iter().zip(&outcomes) {
         let ends = terminal_frames(&s, &a.id).await;
         assert_eq!(ends, vec![before.clone()], "seed {seed}: {}", a.id);
