@@ -250,11 +250,27 @@ impl Orchestrator {
         validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
         let (task, answer, written) =
             self.enqueue(req, correlation_id, None, prompt_tokens, owner)?;
+        let refusal = || {
+            ApiError::new(
+                ErrorCode::JournalUnavailable,
+                "the admission could not be made durable; nothing was admitted: retry",
+            )
+            .with_retry_after(1000)
+        };
         let Some(written) = written else {
-            return Ok(answer);
+            // The same task submitted again: answered as its first admission is.
+            return match task.wait_durable(self.config.journal_timeout).await {
+                Some(true) => Ok(answer),
+                _ => Err(self.reject("journal_unavailable", refusal())),
+            };
         };
         let why = match tokio::time::timeout(self.config.journal_timeout, written).await {
-            Ok(Ok(())) => return Ok(answer),
+            Ok(Ok(())) => {
+                // Now it may run.
+                task.set_durable(true);
+                self.wake.notify_one();
+                return Ok(answer);
+            }
             Ok(Err(error)) => error,
             Err(_) => format!(
                 "no answer within {} ms",
@@ -263,13 +279,25 @@ impl Orchestrator {
         };
         self.metrics.journal_errors.inc();
         tracing::error!(task_id = %task.id, error = %why, "admission not durable; the task is withdrawn");
-        let refusal = ApiError::new(
-            ErrorCode::JournalUnavailable,
-            "the admission could not be made durable; nothing was admitted: retry",
-        )
-        .with_retry_after(1000);
-        self.cancel(&task, refusal.0.clone());
-        Err(self.reject("journal_unavailable", refusal))
+        // Never dispatched (the dispatcher waits for durability); ended, then forgotten, so
+        // the client's retry under the same id is a new admission.
+        task.set_durable(false);
+        self.cancel(&task, refusal().0);
+        {
+            let mut tasks = self.tasks.write();
+            if tasks.get(&task.id).is_some_and(|t| Arc::ptr_eq(t, &task)) {
+                tasks.remove(&task.id);
+            }
+        }
+        let withdrawn = self.journal.withdraw(&task.id);
+        let (id, metrics) = (task.id.clone(), self.metrics.clone());
+        self.finishing.spawn(async move {
+            if let Err(error) = withdrawn.await {
+                metrics.journal_errors.inc();
+                tracing::error!(task_id = %id, %error, "withdrawn admission not removed from the journal; a restart ends it");
+            }
+        });
+        Err(self.reject("journal_unavailable", refusal()))
     }
 
     /// The prompt's length in tokens, counted by an engine of its model (prompts up to
@@ -493,7 +521,9 @@ impl Orchestrator {
                     request: serde_json::to_string(&req).unwrap_or_default(),
                     correlation_id: correlation_id.clone(),
                     submitted_ms: crate::tasks::now_ms(),
-                    deadline_ms: req.deadline_ms.map(|d| crate::tasks::now_ms() + d),
+                    deadline_ms: req
+                        .deadline_ms
+                        .map(|d| crate::tasks::now_ms().saturating_add(d)),
                 });
             let mut task = Task::new(
                 id.clone(),

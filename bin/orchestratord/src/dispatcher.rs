@@ -81,10 +81,17 @@ impl Orchestrator {
             let picked = {
                 let sessions = self.sessions.lock();
                 let mut queue = self.queue.lock();
-                let index = self.prefix_index.lock();
+                let mut index = self.prefix_index.lock();
+                // Pools that went away take what they held with them.
+                index.retain_pools(|p| views.iter().any(|v| v.pool_id == p));
+                let index = index;
                 let aware = self.config.cache_balance;
                 let mut with_prefix = views.clone();
                 queue.tasks.take_first(|t| {
+                    // Not before its admission is durable (a withdrawn one never runs).
+                    if t.durable() != Some(true) {
+                        return None;
+                    }
                     let avoid = t.retry_avoid();
                     let session_pool = t
                         .req

@@ -98,9 +98,18 @@ pub trait Journal: Send + Sync + 'static {
     fn lookup(&self, task_id: &str) -> Result<Option<Record>, String>;
     /// Every record, in admission order.
     fn recover(&self) -> Result<Vec<Record>, String>;
+    /// How many times the journal was opened before this run (recovered logs are numbered
+    /// from it, so ids of every earlier run stay below).
+    fn restarts(&self) -> u64;
+    /// Forgets a withdrawn admission (the client got a 503 for it): its id is free again.
+    fn withdraw(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>>;
     /// Forgets finished tasks older than `forget_before_ms` and, while the file is larger
-    /// than `max_bytes`, the oldest finished ones; returns how many were forgotten.
-    fn compact(&self, forget_before_ms: u64, max_bytes: u64) -> Result<u64, String>;
+    /// than `max_bytes`, the oldest finished ones; resolves to how many were forgotten.
+    fn compact(
+        &self,
+        forget_before_ms: u64,
+        max_bytes: u64,
+    ) -> BoxFuture<'static, Result<u64, String>>;
 }
 
 /// `ORCHD_JOURNAL=none`: nothing survives the process.
@@ -125,8 +134,14 @@ impl Journal for NoJournal {
     fn recover(&self) -> Result<Vec<Record>, String> {
         Ok(Vec::new())
     }
-    fn compact(&self, _: u64, _: u64) -> Result<u64, String> {
-        Ok(0)
+    fn restarts(&self) -> u64 {
+        0
+    }
+    fn withdraw(&self, _: &str) -> BoxFuture<'static, Result<(), String>> {
+        async { Ok(()) }.boxed()
+    }
+    fn compact(&self, _: u64, _: u64) -> BoxFuture<'static, Result<u64, String>> {
+        async { Ok(0) }.boxed()
     }
 }
 
@@ -136,7 +151,23 @@ enum Write {
     Admit(Admission),
     FirstToken(String),
     End(Ending),
+    Withdraw(String),
 }
+
+/// What the writer thread is asked: writes (batched into one transaction), or a compaction
+/// (after the batch it came with, in short transactions of its own).
+enum Job {
+    Write(Write, Ack),
+    Compact {
+        before_ms: u64,
+        max_bytes: u64,
+        done: tokio::sync::oneshot::Sender<Result<u64, String>>,
+    },
+}
+
+/// Writes waiting for the writer at most; beyond, a write fails at once (a stalled disk
+/// must not hold every admission's request in memory).
+const QUEUE_MAX: usize = 8192;
 
 /// The SQLite journal: one file in the data directory, opened exclusively (a second
 /// orchestratord on the same directory is refused).
@@ -144,7 +175,8 @@ pub struct SqliteJournal {
     path: PathBuf,
     /// Held while the journal is open: one orchestratord per data directory.
     _lock: std::fs::File,
-    writes: Mutex<Option<mpsc::Sender<(Write, Ack)>>>,
+    writes: Mutex<Option<mpsc::SyncSender<Job>>>,
+    restarts: u64,
     /// Reads (lookups, recovery, compaction) on their own connection.
     reader: Mutex<rusqlite::Connection>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -186,6 +218,9 @@ fn open_error(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
 fn connection(path: &Path, sync: SyncMode) -> Result<rusqlite::Connection, String> {
     let conn = rusqlite::Connection::open(path).map_err(|e| open_error(path, "cannot open", e))?;
     conn.busy_timeout(Duration::from_secs(2))
+        .map_err(|e| open_error(path, "cannot configure", e))?;
+    // Before WAL, which writes the file's first page: a new file takes it only then.
+    conn.execute_batch("PRAGMA auto_vacuum=INCREMENTAL;")
         .map_err(|e| open_error(path, "cannot configure", e))?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
@@ -237,9 +272,6 @@ impl SqliteJournal {
                 .map_err(|e| open_error(&path, "cannot create", e))?;
         }
         let writer = connection(&path, sync)?;
-        writer
-            .execute_batch("PRAGMA auto_vacuum=INCREMENTAL;")
-            .map_err(|e| open_error(&path, "cannot configure", e))?;
         let check: String = writer
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(|e| open_error(&path, "cannot be checked", e))?;
@@ -277,8 +309,26 @@ impl SqliteJournal {
                 ))
             }
         }
+        let restarts: u64 = writer
+            .query_row(
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'opened'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(0),
+                e => Err(e),
+            })
+            .map_err(|e| open_error(&path, "cannot read its open count", e))?;
+        writer
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('opened', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [(restarts + 1).to_string()],
+            )
+            .map_err(|e| open_error(&path, "cannot write its open count", e))?;
         let reader = connection(&path, sync)?;
-        let (tx, rx) = mpsc::channel::<(Write, Ack)>();
+        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_MAX);
         let shown = path.clone();
         let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = commits.clone();
@@ -289,6 +339,7 @@ impl SqliteJournal {
         Ok(Self {
             path,
             _lock: lock,
+            restarts,
             writes: Mutex::new(Some(tx)),
             reader: Mutex::new(reader),
             writer: Mutex::new(Some(handle)),
@@ -315,18 +366,25 @@ impl SqliteJournal {
 
     fn send(&self, write: Write) -> BoxFuture<'static, Result<(), String>> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        let sent = match &*self.writes.lock() {
-            Some(tx) => tx.send((write, ack)).is_ok(),
-            None => false,
-        };
+        let sent = self.submit(Job::Write(write, ack));
         async move {
-            if !sent {
-                return Err("the journal is closed".to_string());
-            }
+            sent?;
             done.await
                 .unwrap_or_else(|_| Err("the journal writer stopped".into()))
         }
         .boxed()
+    }
+
+    fn submit(&self, job: Job) -> Result<(), String> {
+        match &*self.writes.lock() {
+            Some(tx) => tx.try_send(job).map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => {
+                    format!("the journal has {QUEUE_MAX} writes waiting (is its disk stalled?)")
+                }
+                mpsc::TrySendError::Disconnected(_) => "the journal writer stopped".to_string(),
+            }),
+            None => Err("the journal is closed".to_string()),
+        }
     }
 
     /// Stops the writer after the writes already queued (shutdown).
@@ -383,29 +441,46 @@ fn take_lock(path: &Path) -> Result<std::fs::File, String> {
 
 fn write_loop(
     mut conn: rusqlite::Connection,
-    rx: mpsc::Receiver<(Write, Ack)>,
+    rx: mpsc::Receiver<Job>,
     path: &Path,
     commits: &std::sync::atomic::AtomicU64,
 ) {
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH_MAX {
+        let mut jobs = vec![first];
+        while jobs.len() < BATCH_MAX {
             match rx.try_recv() {
-                Ok(w) => batch.push(w),
+                Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
-        let result = apply(&mut conn, &batch);
-        if result.is_ok() {
-            commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut batch = Vec::new();
+        let mut compactions = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Write(w, ack) => batch.push((w, ack)),
+                Job::Compact {
+                    before_ms,
+                    max_bytes,
+                    done,
+                } => compactions.push((before_ms, max_bytes, done)),
+            }
         }
-        let result = result.map_err(|e| {
-            let msg = format!("journal {} write failed: {e}", path.display());
-            tracing::error!(error = %msg, writes = batch.len(), "journal write failed");
-            msg
-        });
-        for (_, ack) in batch {
-            let _ = ack.send(result.clone());
+        if !batch.is_empty() {
+            let result = apply(&mut conn, &batch);
+            if result.is_ok() {
+                commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            let result = result.map_err(|e| {
+                let msg = format!("journal {} write failed: {e}", path.display());
+                tracing::error!(error = %msg, writes = batch.len(), "journal write failed");
+                msg
+            });
+            for (_, ack) in batch {
+                let _ = ack.send(result.clone());
+            }
+        }
+        for (before_ms, max_bytes, done) in compactions {
+            let _ = done.send(compact(&conn, before_ms, max_bytes).map_err(|e| e.to_string()));
         }
     }
 }
@@ -423,8 +498,8 @@ fn apply(conn: &mut rusqlite::Connection, batch: &[(Write, Ack)]) -> rusqlite::R
                         &a.digest[..],
                         a.request,
                         a.correlation_id,
-                        a.submitted_ms as i64,
-                        a.deadline_ms.map(|d| d as i64),
+                        clamp_ms(a.submitted_ms),
+                        a.deadline_ms.map(clamp_ms),
                     ],
                 )?;
             }
@@ -439,13 +514,63 @@ fn apply(conn: &mut rusqlite::Connection, batch: &[(Write, Ack)]) -> rusqlite::R
                         e.task_id,
                         e.event,
                         i64::from(e.tokens_out),
-                        e.finished_ms as i64
+                        clamp_ms(e.finished_ms)
                     ],
                 )?;
+            }
+            Write::Withdraw(id) => {
+                tx.execute("DELETE FROM tasks WHERE task_id = ?1", [id])?;
             }
         }
     }
     tx.commit()
+}
+
+/// A time in ms as SQLite's signed integer (far-future values saturate).
+fn clamp_ms(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// Finished tasks before `before_ms`, then the oldest finished ones while the live pages
+/// exceed `max_bytes`; in transactions of at most 1000 rows, so writes waiting behind are
+/// held briefly; the WAL is checkpointed without waiting for readers.
+fn compact(conn: &rusqlite::Connection, before_ms: u64, max_bytes: u64) -> rusqlite::Result<u64> {
+    let mut forgotten = 0u64;
+    loop {
+        let n = conn.execute(
+            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_ms IS NOT NULL AND finished_ms < ?1 LIMIT 1000)",
+            [clamp_ms(before_ms)],
+        )? as u64;
+        forgotten += n;
+        if n < 1000 {
+            break;
+        }
+    }
+    let size = |conn: &rusqlite::Connection| -> rusqlite::Result<u64> {
+        let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok(((pages - free).max(0) * page) as u64)
+    };
+    // Over the bound: the oldest finished tasks go, a tenth at a time (at most 1000 rows).
+    for _ in 0..100 {
+        if size(conn)? <= max_bytes {
+            break;
+        }
+        let n = conn.execute(
+            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_ms IS NOT NULL ORDER BY seq LIMIT MIN(1000, MAX(1, (SELECT COUNT(*) FROM tasks WHERE finished_ms IS NOT NULL) / 10)))",
+            [],
+        )? as u64;
+        if n == 0 {
+            break;
+        }
+        forgotten += n;
+    }
+    if forgotten > 0 {
+        conn.execute_batch("PRAGMA incremental_vacuum;")?;
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+    }
+    Ok(forgotten)
 }
 
 const SELECT: &str = "SELECT task_id, owner, digest, request, correlation_id, submitted_ms, deadline_ms, first_token, ending, tokens_out, finished_ms FROM tasks";
@@ -525,41 +650,32 @@ impl Journal for SqliteJournal {
             .map_err(|e| open_error(&self.path, "cannot be read", e))
     }
 
-    fn compact(&self, forget_before_ms: u64, max_bytes: u64) -> Result<u64, String> {
-        let conn = self.reader.lock();
-        let mut forgotten = conn
-            .execute(
-                "DELETE FROM tasks WHERE finished_ms IS NOT NULL AND finished_ms < ?1",
-                [forget_before_ms as i64],
-            )
-            .map_err(|e| e.to_string())? as u64;
-        let size = |conn: &rusqlite::Connection| -> rusqlite::Result<u64> {
-            let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-            let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-            let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-            Ok(((pages - free).max(0) * page) as u64)
-        };
-        // Over the bound: the oldest finished tasks go, a tenth at a time.
-        for _ in 0..10 {
-            if size(&conn).map_err(|e| e.to_string())? <= max_bytes {
-                break;
-            }
-            let n = conn
-                .execute(
-                    "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_ms IS NOT NULL ORDER BY seq LIMIT MAX(1, (SELECT COUNT(*) FROM tasks WHERE finished_ms IS NOT NULL) / 10))",
-                    [],
-                )
-                .map_err(|e| e.to_string())? as u64;
-            if n == 0 {
-                break;
-            }
-            forgotten += n;
+    fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    fn withdraw(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+        self.send(Write::Withdraw(task_id.to_string()))
+    }
+
+    fn compact(
+        &self,
+        forget_before_ms: u64,
+        max_bytes: u64,
+    ) -> BoxFuture<'static, Result<u64, String>> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let sent = self.submit(Job::Compact {
+            before_ms: forget_before_ms,
+            max_bytes,
+            done,
+        });
+        async move {
+            sent?;
+            answer
+                .await
+                .unwrap_or_else(|_| Err("the journal writer stopped".into()))
         }
-        if forgotten > 0 {
-            conn.execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(forgotten)
+        .boxed()
     }
 }
 
@@ -699,11 +815,11 @@ mod tests {
             }
         }
         // Past the window: the first 100 finished.
-        assert_eq!(j.compact(10_100, u64::MAX).unwrap(), 100);
+        assert_eq!(j.compact(10_100, u64::MAX).await.unwrap(), 100);
         assert!(j.lookup("t099").unwrap().is_none());
         assert!(j.lookup("t100").unwrap().is_some());
         // Over the bound: the oldest finished go until it fits; unfinished stay.
-        let n = j.compact(0, 256 * 1024).unwrap();
+        let n = j.compact(0, 256 * 1024).await.unwrap();
         assert!(n > 0);
         let left = j.recover().unwrap();
         for k in 390..400u64 {

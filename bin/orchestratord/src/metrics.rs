@@ -161,6 +161,19 @@ impl Metrics {
         for p in ["interactive", "batch"] {
             m.queue_depth.with_label_values(&[p]).set(0);
         }
+        // Exported from the start (at 0), so a scrape and an alert see them before any event.
+        for (counter, labels) in [
+            (&m.prefix_placements, &["hit", "miss"][..]),
+            (&m.prefix_blocks, &["matched", "prompt"][..]),
+            (
+                &m.recovered_tasks,
+                &["requeued", "reset", "restored", "expired"][..],
+            ),
+        ] {
+            for label in labels {
+                counter.with_label_values(&[label]).inc_by(0);
+            }
+        }
         Ok(m)
     }
 

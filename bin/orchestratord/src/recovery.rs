@@ -65,7 +65,12 @@ fn task_of(orch: &Orchestrator, r: &Record, now: Instant) -> Option<Task> {
             orch.config.task_log_max_bytes,
         )
         .with_owner(Arc::from(r.admission.owner.as_str()))
-        .recovered(r.admission.digest, r.admission.submitted_ms, deadline),
+        .recovered(
+            r.admission.digest,
+            r.admission.submitted_ms,
+            deadline,
+            orch.journal.restarts(),
+        ),
     )
 }
 

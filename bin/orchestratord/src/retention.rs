@@ -36,15 +36,17 @@ pub(crate) async fn run(orch: Arc<Orchestrator>, cancel: CancellationToken) {
 /// Forgets finished tasks past the idempotency window (`ORCHD_JOURNAL_DEDUPE_MS`), and the
 /// oldest finished ones while the journal is over `ORCHD_JOURNAL_MAX_BYTES`.
 async fn compact_journal(orch: &Arc<Orchestrator>) {
-    let journal = orch.journal.clone();
     let before =
         crate::tasks::now_ms().saturating_sub(orch.config.journal_dedupe.as_millis() as u64);
-    let max = orch.config.journal_max_bytes;
-    match tokio::task::spawn_blocking(move || journal.compact(before, max)).await {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => tracing::info!(forgotten = n, "journal compacted"),
-        Ok(Err(error)) => tracing::warn!(%error, "journal compaction failed"),
-        Err(error) => tracing::warn!(%error, "journal compaction did not finish"),
+    // On the journal's writer thread, between write batches.
+    match orch
+        .journal
+        .compact(before, orch.config.journal_max_bytes)
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(forgotten = n, "journal compacted"),
+        Err(error) => tracing::warn!(%error, "journal compaction failed"),
     }
 }
 

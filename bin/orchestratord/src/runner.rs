@@ -196,6 +196,10 @@ impl Runner<'_> {
                     }
                     if first_token.is_none() {
                         self.mark_first_token(task).await;
+                        if task.cancel.is_cancelled() {
+                            // Cancelled while the mark was written: nothing leaves.
+                            return Outcome::Cancelled;
+                        }
                     }
                     first_token.get_or_insert_with(Instant::now);
                     task.emit(&TaskEvent::Token { t, i });

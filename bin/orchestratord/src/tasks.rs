@@ -62,13 +62,18 @@ pub struct Task {
     departures: AtomicUsize,
     /// Its admission is in the journal: its first token and its ending are written there too.
     journaled: bool,
-    /// Read back from the journal after a restart: its log starts at [`RESTART_BASE`].
-    restarted: bool,
+    /// Read back from the journal after a restart: the first frame id of its new log (0 for
+    /// a task of this run).
+    log_base: u64,
+    /// Whether its admission record is durable yet: `None` while the journal has not
+    /// answered. It is not dispatched before (a withdrawn admission never runs).
+    durable: watch::Sender<Option<bool>>,
 }
 
-/// The first frame id of a task recovered after a restart: above any id its old log gave a
-/// client, so a reconnecting client's `Last-Event-ID` replays the new log whole.
-pub const RESTART_BASE: u64 = 1 << 40;
+/// Frame ids of a log rebuilt after restart number `n` start at `n << RESTART_SHIFT`: above
+/// any id an earlier run's log gave a client, so a reconnecting client's `Last-Event-ID`
+/// replays the new log whole.
+pub const RESTART_SHIFT: u32 = 40;
 
 /// A replay asked for frames the task's log no longer holds (its byte cap dropped them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +196,8 @@ impl Task {
             log_cap,
             departures: AtomicUsize::new(0),
             journaled: false,
-            restarted: false,
+            log_base: 0,
+            durable: watch::channel(Some(true)).0,
         }
     }
 
@@ -213,10 +219,31 @@ impl Task {
         caller.may(auth_min::Role::Admin) || caller.name == self.owner
     }
 
-    /// Its admission is (being) journaled.
+    /// Its admission is (being) journaled: not durable until [`Task::set_durable`].
     pub fn with_journal(mut self) -> Self {
         self.journaled = true;
+        self.durable.send_replace(None);
         self
+    }
+
+    /// The journal answered its admission record: durable, or not (withdrawn).
+    pub fn set_durable(&self, durable: bool) {
+        self.durable.send_replace(Some(durable));
+    }
+
+    /// Whether its admission is durable (`None`: not answered yet).
+    pub fn durable(&self) -> Option<bool> {
+        *self.durable.borrow()
+    }
+
+    /// Waits until the journal answered its admission, at most `within`.
+    pub async fn wait_durable(&self, within: std::time::Duration) -> Option<bool> {
+        let mut rx = self.durable.subscribe();
+        let answered = tokio::time::timeout(within, rx.wait_for(Option::is_some)).await;
+        match answered {
+            Ok(Ok(state)) => *state,
+            _ => None,
+        }
     }
 
     pub fn journaled(&self) -> bool {
@@ -225,31 +252,32 @@ impl Task {
 
     /// A task read back from the journal after a restart: the digest it was admitted with,
     /// its submission time and its deadline (from the wall clock) instead of now's.
+    /// `restart`: how many times the journal was opened before this run (its log starts at
+    /// `restart << RESTART_SHIFT`).
     pub fn recovered(
         mut self,
         digest: [u8; 32],
         submitted_ms: u64,
         deadline: Option<Instant>,
+        restart: u64,
     ) -> Self {
         self.digest = digest;
         self.submitted_ms = submitted_ms;
         self.deadline = deadline;
         self.journaled = true;
-        self.restarted = true;
-        self.inner.get_mut().first_id = RESTART_BASE;
-        self.frames_tx.send_replace(RESTART_BASE);
+        self.durable.send_replace(Some(true));
+        let base = restart.clamp(1, u64::MAX >> RESTART_SHIFT) << RESTART_SHIFT;
+        self.log_base = base;
+        self.inner.get_mut().first_id = base;
+        self.frames_tx.send_replace(base);
         self
     }
 
     /// Where a subscription asking for frames from `from` starts: a task recovered after a
-    /// restart has a new log, numbered from [`RESTART_BASE`], so an id of the old log (what a
+    /// restart has a new log, numbered from its log base, so an id of an older log (what a
     /// client reconnecting after the restart has seen) replays the new log whole.
     pub fn resume_point(&self, from: u64) -> u64 {
-        if self.restarted && from < RESTART_BASE {
-            RESTART_BASE
-        } else {
-            from
-        }
+        from.max(self.log_base)
     }
 
     /// Nobody has followed its events yet.
@@ -555,6 +583,35 @@ mod tests {
             None,
             log_cap,
         )
+    }
+
+    #[test]
+    fn a_log_rebuilt_after_a_restart_starts_above_every_id_of_earlier_runs() {
+        // Run 0 gave a client ids 0..; after the first restart the log starts at 1 << 40, and
+        // after the second at 2 << 40, above the first restart's ids too.
+        let first = task().recovered([0; 32], 0, None, 1);
+        assert_eq!(first.first_kept(), 1 << RESTART_SHIFT);
+        assert_eq!(first.resume_point(7), 1 << RESTART_SHIFT);
+        let second = task().recovered([0; 32], 0, None, 2);
+        let seen_in_first_restart = (1 << RESTART_SHIFT) + 3;
+        assert_eq!(
+            second.resume_point(seen_in_first_restart),
+            2 << RESTART_SHIFT
+        );
+        assert!(second.emit(&TaskEvent::End {
+            tokens_out: 0,
+            decode_time_ms: 0,
+            decode_ms: 0,
+            finish_reason: "stop".into(),
+        }));
+        // The whole new log, terminal frame included, for a client of either earlier run.
+        let (frames, done) = second
+            .frames_from(second.resume_point(seen_in_first_restart))
+            .unwrap();
+        assert_eq!(frames.len(), 1);
+        assert!(done);
+        // A task of this run is unchanged.
+        assert_eq!(task().resume_point(5), 5);
     }
 
     #[test]

@@ -106,6 +106,11 @@ impl PrefixIndex {
         self.pools.remove(pool);
     }
 
+    /// Keeps only the pools `keep` names (pools that went away take their names with them).
+    pub fn retain_pools(&mut self, keep: impl Fn(&str) -> bool) {
+        self.pools.retain(|pool, _| keep(pool));
+    }
+
     /// Block names kept for `pool`.
     pub fn len(&self, pool: &str) -> usize {
         self.pools.get(pool).map_or(0, |p| p.names.len())

@@ -104,8 +104,17 @@ impl Journal for ScriptedJournal {
     fn recover(&self) -> Result<Vec<Record>, String> {
         Ok(self.records.lock().clone())
     }
-    fn compact(&self, _: u64, _: u64) -> Result<u64, String> {
-        Ok(0)
+    fn restarts(&self) -> u64 {
+        1
+    }
+    fn withdraw(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+        self.records
+            .lock()
+            .retain(|r| r.admission.task_id != task_id);
+        self.answer()
+    }
+    fn compact(&self, _: u64, _: u64) -> BoxFuture<'static, Result<u64, String>> {
+        async { Ok(0) }.boxed()
     }
 }
 
@@ -147,35 +156,58 @@ async fn an_admission_the_journal_fails_is_refused_503_and_never_runs() {
     assert_eq!(body["retriable"], true);
     settle().await;
     assert!(h.engine.calls().is_empty(), "a refused admission ran");
-    let t = h.orch.task("t1").unwrap();
-    assert_eq!(outcome(&t).await.0, "JOURNAL_UNAVAILABLE");
-    assert_eq!(
-        h.orch.metrics.journal_errors.get(),
-        2,
-        "the admission, then its withdrawal"
-    );
+    // Forgotten: a retry of the id is a new admission.
+    assert!(h.orch.task("t1").is_none());
+    assert!(h.orch.queue_position("t1").is_none());
+    // The admission, then its ending and its withdrawal, each failed and counted.
+    assert_eq!(h.orch.metrics.journal_errors.get(), 3);
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_admission_the_journal_holds_is_refused_503_at_exactly_the_journal_timeout() {
+async fn an_admission_the_journal_holds_is_refused_503_at_exactly_the_journal_timeout_and_never_runs(
+) {
     let journal = ScriptedJournal::new(Mode::Hold, vec![]);
-    let h = Harness::start_with_journal(&flags(), journal);
-    // No pool: the task stays queued while the journal holds its admission.
-    h.add_pool("elsewhere", 1);
-    h.orch.pools.remove("elsewhere");
+    let h = Harness::start_with_journal(&flags(), journal.clone());
+    // A free pool: only the missing durability keeps the task from running.
+    h.add_pool("p", 1);
+    let body =
+        serde_json::json!({"task_id": "t1", "model_ref": "tiny", "prompt": "p", "max_tokens": 3});
     let sent = Instant::now();
-    let (status, body) = submit(
-        &h,
-        serde_json::json!({"task_id": "t1", "model_ref": "tiny", "prompt": "p", "max_tokens": 3}),
-    )
-    .await;
+    let (status, answer) = submit(&h, body.clone()).await;
     assert_eq!(sent.elapsed(), 500 * MS);
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["code"], "JOURNAL_UNAVAILABLE");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["code"], "JOURNAL_UNAVAILABLE");
+    settle().await;
+    assert!(h.engine.calls().is_empty(), "a withdrawn admission ran");
     assert!(
         h.orch.queue_position("t1").is_none(),
         "withdrawn from the queue"
     );
+    // The client retries the same id once the journal answers: a new admission, which runs.
+    *journal.mode.lock() = Mode::Keep;
+    h.engine.push(tokens(3, MS));
+    let (status, answer) = submit(&h, body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let t = h.orch.task("t1").unwrap();
+    assert_eq!(outcome(&t).await.0, "end");
+    assert_eq!(h.engine.calls().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resubmission_while_the_first_admission_waits_for_the_journal_is_answered_with_it() {
+    let journal = ScriptedJournal::new(Mode::Hold, vec![]);
+    let h = Harness::start_with_journal(&flags(), journal);
+    h.add_pool("p", 1);
+    let body =
+        serde_json::json!({"task_id": "t1", "model_ref": "tiny", "prompt": "p", "max_tokens": 3});
+    let (first, second) = tokio::join!(submit(&h, body.clone()), async {
+        tokio::time::sleep(100 * MS).await;
+        submit(&h, body.clone()).await
+    });
+    // Neither got a 202 for an admission that never became durable.
+    assert_eq!(first.0, StatusCode::SERVICE_UNAVAILABLE, "{}", first.1);
+    assert_eq!(second.0, StatusCode::SERVICE_UNAVAILABLE, "{}", second.1);
+    assert!(h.engine.calls().is_empty());
 }
 
 fn record(id: &str, priority: &str, wall_deadline: Option<u64>, first_token: bool) -> Record {

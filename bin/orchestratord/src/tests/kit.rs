@@ -240,6 +240,7 @@ impl Harness {
         flags: &[&str],
         journal: Arc<dyn crate::journal::Journal>,
     ) -> Harness {
+        interest_in_everything();
         let mut argv = vec!["orchestratord", "--journal=none"];
         argv.extend_from_slice(flags);
         let config = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
@@ -393,12 +394,23 @@ pub async fn settle() {
     }
 }
 
+/// Installs a global subscriber interested in every callsite: without one, a callsite first
+/// hit on a thread without a capture is cached as uninteresting everywhere, and a capture on
+/// another thread, in a test running beside it, misses its lines.
+pub fn interest_in_everything() {
+    static EVERYTHING: std::sync::Once = std::sync::Once::new();
+    EVERYTHING.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
+}
+
 /// Collects the log lines written while its subscriber is the default (this thread only).
 #[derive(Clone, Default)]
 pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
 
 impl LogCapture {
     pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync {
+        interest_in_everything();
         let sink = self.clone();
         tracing_subscriber::fmt()
             .with_writer(move || sink.clone())
