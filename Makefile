@@ -11,7 +11,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins bins-release install check-deploy demo up lint test bench bench-build bench-handoff bench-admission bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth soak clean-cache
+.PHONY: help deps engine model build bins bins-release install check-deploy demo up lint test bench bench-build bench-handoff bench-admission bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache soak clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -97,7 +97,7 @@ test: engine model lint check-deploy
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 	@$(MAKE) --no-print-directory demo
 
-bench: bench-handoff bench-admission bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth
+bench: bench-handoff bench-admission bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache
 
 bench-build:
 	$(CARGO) build --release -p pool-managerd -p orchestratord -p llorch-bench
@@ -108,6 +108,15 @@ bench-handoff: engine model bench-build
 
 bench-admission: bench-build
 	$(TARGET)/release/admission --orchestratord $(TARGET)/release/orchestratord --tasks 50000 --clients 16
+
+PREFILL_MODEL := $(CACHE)/models/llorch-prefill.gguf
+
+$(PREFILL_MODEL):
+	@$(CARGO) run -q --release -p tiny-gguf --bin llorch-tiny-model -- --size prefill --out $(PREFILL_MODEL)
+
+bench-cache: engine bench-build $(PREFILL_MODEL)
+	$(TARGET)/release/cache-placement --orchestratord $(TARGET)/release/orchestratord \
+	  --pool-managerd $(TARGET)/release/pool-managerd --engine $(ENGINE) --model $(PREFILL_MODEL) --rounds 4
 
 bench-journal: bench-build
 	$(TARGET)/release/admission --orchestratord $(TARGET)/release/orchestratord --tasks 30000 --clients 16 --journals none,normal,full

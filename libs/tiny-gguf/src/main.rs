@@ -1,4 +1,6 @@
-//! `llorch-tiny-model --out FILE [--seed N]`: writes the tiny test model (same seed, same bytes).
+//! `llorch-tiny-model --out FILE [--seed N] [--size tiny|prefill]`: writes the tiny test model
+//! (same seed and size, same bytes). `prefill` is larger (384-dim, 6 layers): prompt processing
+//! takes long enough on a CPU to measure what a prompt cache saves.
 
 use std::path::PathBuf;
 
@@ -13,11 +15,26 @@ struct Args {
     /// Seed of the weights; the same seed always gives a byte-identical file.
     #[arg(long, default_value_t = tiny_gguf::DEFAULT_SEED)]
     seed: u64,
+    /// `tiny` (the test model) or `prefill` (for the cache-aware placement benchmark).
+    #[arg(long, default_value = "tiny")]
+    size: String,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bytes = tiny_gguf::build(&tiny_gguf::TinyModel::with_seed(args.seed));
+    let model = match args.size.as_str() {
+        "tiny" => tiny_gguf::TinyModel::with_seed(args.seed),
+        "prefill" => tiny_gguf::TinyModel {
+            n_embd: 384,
+            n_layer: 6,
+            n_head: 6,
+            n_ff: 1024,
+            n_ctx_train: 16384,
+            ..tiny_gguf::TinyModel::with_seed(args.seed)
+        },
+        other => anyhow::bail!("--size {other:?} is not one of: tiny, prefill"),
+    };
+    let bytes = tiny_gguf::build(&model);
     let tmp = args.out.with_extension("gguf.tmp");
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;

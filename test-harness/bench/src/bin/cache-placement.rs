@@ -1,0 +1,251 @@
+//! Cache-aware placement against least-busy placement, same run: one pool-managerd with two
+//! pools (2 slots each) on a model whose prompt processing is slow enough to matter
+//! (`llorch-tiny-model --size prefill`), and a HOME orchestratord started for each round with
+//! `ORCHD_CACHE_AWARE` on or off, rounds alternating. A round runs `chats` conversations at once,
+//! `turns` turns each; the chats share `system_prompts` system prompts, and every turn's prompt
+//! is the system prompt, the conversation so far and the new question, so each later turn
+//! starts with the previous turn's whole prompt. Every round uses new system prompts (a fresh
+//! nonce first), so no round inherits another's cache. First token is measured from the submit
+//! to the first `token` event; it is reported for the later turns (where a cache can help) and
+//! for the first turns (where it cannot: a check that nothing is lost without sharing).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use llorch_bench::{free_port, percentile, via_orchestratord, wait_ok};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    orchestratord: PathBuf,
+    #[arg(long)]
+    pool_managerd: PathBuf,
+    #[arg(long)]
+    engine: PathBuf,
+    /// A `--size prefill` model.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    rounds: usize,
+    #[arg(long, default_value_t = 4)]
+    chats: usize,
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
+    #[arg(long, default_value_t = 2)]
+    system_prompts: usize,
+    /// Bytes of each system prompt.
+    #[arg(long, default_value_t = 2000)]
+    system_bytes: usize,
+}
+
+const TOKEN: &str = "bench-token-0123456789abcdef";
+
+fn spawn(bin: &PathBuf, env: &[(&str, String)]) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.env("LLORCH_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
+}
+
+/// Words in a fixed order from a seed: text that tokenizes like prose.
+fn prose(seed: usize, bytes: usize) -> String {
+    const WORDS: &[&str] = &[
+        "river", "stone", "light", "garden", "window", "morning", "quiet", "market", "letter",
+        "bridge", "forest", "candle", "harbor", "winter", "mirror", "orchard", "valley", "thread",
+    ];
+    let mut out = String::with_capacity(bytes + 16);
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    while out.len() < bytes {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push_str(WORDS[x % WORDS.len()]);
+        out.push(' ');
+    }
+    out
+}
+
+/// One round: every chat's turns in order, chats at once; first-token times of (first turns,
+/// later turns).
+async fn round(
+    http: &reqwest::Client,
+    base: &str,
+    a: &Args,
+    nonce: u64,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>, f64)> {
+    let systems: Vec<String> = (0..a.system_prompts)
+        .map(|s| format!("[{nonce}-{s}] {}", prose(s + 1, a.system_bytes)))
+        .collect();
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for c in 0..a.chats {
+        let (http, base) = (http.clone(), base.to_string());
+        let system = systems[c % systems.len()].clone();
+        let turns = a.turns;
+        set.spawn(async move {
+            let mut history = String::new();
+            let mut times = Vec::new();
+            for t in 0..turns {
+                let question = format!(
+                    "\nUser: question {c}.{t}: {}\nAssistant:",
+                    prose(100 + c * 10 + t, 200)
+                );
+                let prompt = format!("{system}{history}{question}");
+                let body = serde_json::json!({
+                    "model_ref": "m", "prompt": prompt, "max_tokens": 8, "seed": 1
+                });
+                let s = via_orchestratord(&http, &base, TOKEN, &body).await?;
+                times.push((t, s.first_token_ms));
+                history.push_str(&question);
+                history.push_str(&format!(
+                    " answer {c}.{t}: {}",
+                    prose(500 + c * 10 + t, 120)
+                ));
+            }
+            Ok::<_, anyhow::Error>(times)
+        });
+    }
+    let (mut first, mut later) = (Vec::new(), Vec::new());
+    while let Some(r) = set.join_next().await {
+        for (t, ms) in r?? {
+            if t == 0 {
+                first.push(ms)
+            } else {
+                later.push(ms)
+            }
+        }
+    }
+    Ok((first, later, started.elapsed().as_secs_f64()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let dir = std::env::temp_dir().join(format!("llorch-cache-bench-{}", std::process::id()));
+    let runtime = dir.join("run");
+    std::fs::create_dir_all(&runtime)?;
+    let mut pools = String::new();
+    for p in ["p0", "p1"] {
+        pools.push_str(&format!(
+            "[[pools]]\nid = \"{p}\"\nmodel = \"{}\"\nmodel_id = \"m\"\nslots = 2\nctx = 16384\nargs = [\"--threads\", \"1\"]\n",
+            a.model.display()
+        ));
+    }
+    std::fs::write(dir.join("pools.toml"), pools)?;
+    let pm_port = free_port()?;
+    let _pm = spawn(
+        &a.pool_managerd,
+        &[
+            ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}")),
+            (
+                "POOL_MANAGERD_CONFIG",
+                dir.join("pools.toml").display().to_string(),
+            ),
+            ("POOL_MANAGERD_RUNTIME_DIR", runtime.display().to_string()),
+            (
+                "POOL_MANAGERD_ENGINE_BINARY",
+                a.engine.display().to_string(),
+            ),
+        ],
+    )?;
+    let http = reqwest::Client::builder().build()?;
+    let mut results: Vec<(bool, Vec<f64>, Vec<f64>, f64)> = Vec::new();
+    let nonce0: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    for r in 0..a.rounds * 2 {
+        let aware = r % 2 == 0;
+        let port = free_port()?;
+        let mut orch = spawn(
+            &a.orchestratord,
+            &[
+                ("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}")),
+                ("ORCHD_RUNTIME_DIR", runtime.display().to_string()),
+                (
+                    "ORCHD_POOL_MANAGER_URL",
+                    format!("http://127.0.0.1:{pm_port}"),
+                ),
+                ("ORCHD_JOURNAL", "none".into()),
+                ("ORCHD_CACHE_AWARE", aware.to_string()),
+            ],
+        )?;
+        let base = format!("http://127.0.0.1:{port}");
+        wait_ok(&http, &format!("{base}/health")).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let v: serde_json::Value = http
+                .get(format!("{base}/v2/pools"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let healthy = v["pools"]
+                .as_array()
+                .map_or(0, |p| p.iter().filter(|p| p["healthy"] == true).count());
+            if healthy == 2 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the two pools were not ready within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (first, later, wall) = round(&http, &base, &a, nonce0 + r as u64).await?;
+        println!(
+            "round {r} ({}): {} tasks in {wall:.2} s",
+            if aware { "cache-aware" } else { "least-busy" },
+            first.len() + later.len()
+        );
+        results.push((aware, first, later, wall));
+        let _ = orch.kill().await;
+        let _ = orch.wait().await;
+    }
+    let summary = |aware: bool| {
+        let mut first: Vec<f64> = Vec::new();
+        let mut later: Vec<f64> = Vec::new();
+        let (mut tasks, mut wall) = (0usize, 0.0);
+        for (w, f, l, s) in results.iter().filter(|x| x.0 == aware) {
+            let _ = w;
+            first.extend(f);
+            later.extend(l);
+            tasks += f.len() + l.len();
+            wall += s;
+        }
+        first.sort_by(|x, y| x.total_cmp(y));
+        later.sort_by(|x, y| x.total_cmp(y));
+        (first, later, tasks as f64 / wall)
+    };
+    let (af, al, at) = summary(true);
+    let (lf, ll, lt) = summary(false);
+    println!(
+        "{} rounds each, {} chats x {} turns, {} system prompts of {} bytes",
+        a.rounds, a.chats, a.turns, a.system_prompts, a.system_bytes
+    );
+    println!("placement | later turns first token p50 / p99 | first turns p50 / p99 | tasks/s");
+    for (name, f, l, t) in [("cache-aware", &af, &al, at), ("least-busy", &lf, &ll, lt)] {
+        println!(
+            "{name} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {t:.2}",
+            percentile(l, 0.5),
+            percentile(l, 0.99),
+            percentile(f, 0.5),
+            percentile(f, 0.99)
+        );
+    }
+    println!(
+        "later turns: first token p50 {:.2}x lower with cache-aware placement; throughput {:.2}x",
+        percentile(&ll, 0.5) / percentile(&al, 0.5),
+        at / lt
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
