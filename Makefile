@@ -116,7 +116,7 @@ $(PREFILL_MODEL):
 
 bench-cache: engine bench-build $(PREFILL_MODEL)
 	$(TARGET)/release/cache-placement --orchestratord $(TARGET)/release/orchestratord \
-	  --pool-managerd $(TARGET)/release/pool-managerd --engine $(ENGINE) --model $(PREFILL_MODEL) --rounds 4
+	  --pool-managerd $(TARGET)/release/pool-managerd --engine $(ENGINE) --model $(PREFILL_MODEL) --rounds 3
 
 bench-journal: bench-build
 	$(TARGET)/release/admission --orchestratord $(TARGET)/release/orchestratord --tasks 30000 --clients 16 --journals none,normal,full

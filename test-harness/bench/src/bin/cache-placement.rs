@@ -1,5 +1,5 @@
 //! Cache-aware placement against least-busy placement, same run: one pool-managerd with two
-//! pools (2 slots each) on a model whose prompt processing is slow enough to matter
+//! pools (`--slots` each) on a model whose prompt processing is slow enough to matter
 //! (`llorch-tiny-model --size prefill`), and a HOME orchestratord started for each round with
 //! `ORCHD_CACHE_AWARE` on or off, rounds alternating. A round runs `chats` conversations at once,
 //! `turns` turns each; the chats share `system_prompts` system prompts, and every turn's prompt
@@ -30,7 +30,10 @@ struct Args {
     model: PathBuf,
     #[arg(long, default_value_t = 4)]
     rounds: usize,
+    /// Slots of each of the two pools.
     #[arg(long, default_value_t = 4)]
+    slots: u32,
+    #[arg(long, default_value_t = 6)]
     chats: usize,
     #[arg(long, default_value_t = 4)]
     turns: usize,
@@ -39,6 +42,10 @@ struct Args {
     /// Bytes of each system prompt.
     #[arg(long, default_value_t = 2000)]
     system_bytes: usize,
+    /// A user's think time before each later turn: up to this many ms (varied per chat and
+    /// turn), so chats fall out of step and pools are unevenly busy, as with real users.
+    #[arg(long, default_value_t = 800)]
+    think_ms: u64,
 }
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
@@ -90,11 +97,15 @@ async fn round(
     for c in 0..a.chats {
         let (http, base) = (http.clone(), base.to_string());
         let system = systems[c % systems.len()].clone();
-        let turns = a.turns;
+        let (turns, think) = (a.turns, a.think_ms);
         set.spawn(async move {
             let mut history = String::new();
             let mut times = Vec::new();
             for t in 0..turns {
+                if t > 0 && think > 0 {
+                    let jitter = (c as u64 * 7919 + t as u64 * 104_729 + nonce) % think;
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
                 let question = format!(
                     "\nUser: question {c}.{t}: {}\nAssistant:",
                     prose(100 + c * 10 + t, 200)
@@ -136,8 +147,10 @@ async fn main() -> anyhow::Result<()> {
     let mut pools = String::new();
     for p in ["p0", "p1"] {
         pools.push_str(&format!(
-            "[[pools]]\nid = \"{p}\"\nmodel = \"{}\"\nmodel_id = \"m\"\nslots = 2\nctx = 16384\nargs = [\"--threads\", \"1\"]\n",
-            a.model.display()
+            "[[pools]]\nid = \"{p}\"\nmodel = \"{}\"\nmodel_id = \"m\"\nslots = {}\nctx = {}\nargs = [\"--threads\", \"1\"]\n",
+            a.model.display(),
+            a.slots,
+            a.slots * 8192
         ));
     }
     std::fs::write(dir.join("pools.toml"), pools)?;
