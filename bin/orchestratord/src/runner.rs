@@ -85,7 +85,7 @@ impl Runner<'_> {
             Some(job) => (
                 job.route.path(),
                 job.body(),
-                Decoder::OpenAi(crate::openai::Decoder::new(job)),
+                Decoder::OpenAi(crate::openai::Decoder::new(job, task.req.max_tokens)),
             ),
             None => match native_body(task) {
                 Ok(body) => ("/completion", body, Decoder::Native),

@@ -267,16 +267,23 @@ pub(crate) struct Decoder<'a> {
     finish_reason: Option<String>,
     decode_ms: u64,
     completion_tokens: Option<u32>,
+    /// The task's `max_tokens`: text beyond it is not logged (never reaches the client; the
+    /// runner cuts the stream off there).
+    limit: u32,
+    /// Text pieces logged so far.
+    texts: u32,
 }
 
 impl<'a> Decoder<'a> {
-    pub fn new(job: &'a Job) -> Self {
+    pub fn new(job: &'a Job, limit: u32) -> Self {
         Self {
             job,
             relayed: false,
             finish_reason: None,
             decode_ms: 0,
             completion_tokens: None,
+            limit,
+            texts: 0,
         }
     }
 
@@ -337,9 +344,14 @@ impl<'a> Decoder<'a> {
             piece.visible = piece.token.is_some() || other;
             // The opening delta: a role and nothing else.
             let bare_role = !piece.visible && view.delta.as_ref().is_some_and(|d| d.role.is_some());
+            // Text past the limit is the engine overrunning it: not for the client.
+            let over = piece.token.is_some() && self.texts >= self.limit;
             // An empty delta says nothing: not logged, not relayed, no progress.
-            if piece.visible || bare_role {
+            if (piece.visible || bare_role) && !over {
                 piece.logged = self.job.log.push((*raw).to_owned(), bare_role);
+                if piece.token.is_some() {
+                    self.texts += 1;
+                }
             }
             self.relayed |= piece.logged && piece.visible;
         }
@@ -470,7 +482,7 @@ mod tests {
     #[test]
     fn a_chat_stream_logs_its_choices_and_ends_at_done_with_the_engines_usage() {
         let j = job(Route::Chat);
-        let mut d = Decoder::new(&j);
+        let mut d = Decoder::new(&j, 100);
         let frames = [
             json!({"choices":[{"index":0,"delta":{"role":"assistant","content":null},"finish_reason":null}]}),
             json!({"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}),
@@ -504,9 +516,27 @@ mod tests {
     }
 
     #[test]
+    fn text_past_max_tokens_is_never_logged_for_the_client() {
+        let j = job(Route::Chat);
+        let mut d = Decoder::new(&j, 2);
+        for text in ["a", "b", "c"] {
+            let chunk =
+                json!({"choices":[{"index":0,"delta":{"content":text},"finish_reason":null}]});
+            d.decode(&chunk.to_string()).unwrap();
+        }
+        let logged: Vec<String> = j
+            .log
+            .from(0)
+            .iter()
+            .map(|c| c["delta"]["content"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(logged, ["a", "b"], "the overrun reached the client");
+    }
+
+    #[test]
     fn only_output_beyond_the_opening_role_delta_counts_as_relayed() {
         let j = job(Route::Chat);
-        let mut d = Decoder::new(&j);
+        let mut d = Decoder::new(&j, 100);
         d.decode(&json!({"choices":[{"delta":{"role":"assistant","content":null}}]}).to_string())
             .unwrap();
         assert!(
@@ -526,7 +556,7 @@ mod tests {
     #[test]
     fn empty_deltas_are_neither_logged_nor_progress() {
         let j = job(Route::Chat);
-        let mut d = Decoder::new(&j);
+        let mut d = Decoder::new(&j, 100);
         for empty in [
             json!({"choices":[{"delta":{}}]}),
             json!({"choices":[{"delta":{"content":""}}]}),
@@ -543,7 +573,7 @@ mod tests {
     #[test]
     fn an_engine_error_in_the_stream_is_reported() {
         let j = job(Route::Completions);
-        let mut d = Decoder::new(&j);
+        let mut d = Decoder::new(&j, 100);
         let e = d
             .decode(r#"{"error":{"code":500,"message":"boom"}}"#)
             .unwrap_err();
@@ -554,7 +584,7 @@ mod tests {
     #[test]
     fn a_repeated_opening_role_delta_is_logged_once() {
         let j = job(Route::Chat);
-        let mut d = Decoder::new(&j);
+        let mut d = Decoder::new(&j, 100);
         let role =
             json!({"choices":[{"delta":{"role":"assistant","content":null},"finish_reason":null}]});
         d.decode(&role.to_string()).unwrap();
