@@ -133,6 +133,15 @@ pub const COUNT_PROMPT_MAX_BYTES: usize = 64 * 1024;
 /// Resolves once an admission is durable (or failed to be).
 pub(crate) type Durable = futures_util::future::BoxFuture<'static, Result<(), String>>;
 
+/// The answer to a submission whose admission could not be made durable.
+fn journal_refusal() -> ApiError {
+    ApiError::new(
+        ErrorCode::JournalUnavailable,
+        "the admission could not be made durable; nothing was admitted: retry",
+    )
+    .with_retry_after(1000)
+}
+
 impl Orchestrator {
     /// A key's limits: 429 when its admission bucket is empty (retry when the next token
     /// comes) or it has its most tasks unfinished. `Some`: the slot the new task takes.
@@ -241,7 +250,7 @@ impl Orchestrator {
     /// A journal that fails or does not answer in time gets the client a retriable 503
     /// `JOURNAL_UNAVAILABLE`, and the task is withdrawn (never run, ended in the journal).
     pub async fn admit_durable(
-        &self,
+        self: &Arc<Self>,
         req: TaskRequest,
         correlation_id: Option<String>,
         prompt_tokens: Option<u32>,
@@ -250,26 +259,31 @@ impl Orchestrator {
         validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
         let (task, answer, written) =
             self.enqueue(req, correlation_id, None, prompt_tokens, owner)?;
-        let refusal = || {
-            ApiError::new(
-                ErrorCode::JournalUnavailable,
-                "the admission could not be made durable; nothing was admitted: retry",
-            )
-            .with_retry_after(1000)
-        };
-        let Some(written) = written else {
-            // The same task submitted again: answered as its first admission is.
-            return match task.wait_durable(self.config.journal_timeout).await {
-                Some(true) => Ok(answer),
-                _ => Err(self.reject("journal_unavailable", refusal())),
-            };
-        };
+        if let Some(written) = written {
+            // Settled apart from this request: a client that goes away while the journal
+            // writes must not leave the task waiting for ever.
+            let (orch, settling) = (self.clone(), task.clone());
+            self.finishing
+                .spawn(async move { orch.settle_admission(settling, written).await });
+        }
+        // A new admission, or the same task submitted again: answered as its admission is.
+        // The settling above answers within the journal timeout; the margin only guards it.
+        match task.wait_durable(self.config.journal_timeout * 2).await {
+            Some(true) => Ok(answer),
+            _ => Err(self.reject("journal_unavailable", journal_refusal())),
+        }
+    }
+
+    /// Waits for the journal's answer to `task`'s admission record (at most
+    /// `ORCHD_JOURNAL_TIMEOUT_MS`): durable, it may run; otherwise it is withdrawn — never
+    /// dispatched (the dispatcher waits for durability), ended, and forgotten, so the client's
+    /// retry under the same id is a new admission.
+    async fn settle_admission(self: Arc<Self>, task: Arc<Task>, written: Durable) {
         let why = match tokio::time::timeout(self.config.journal_timeout, written).await {
             Ok(Ok(())) => {
-                // Now it may run.
                 task.set_durable(true);
                 self.wake.notify_one();
-                return Ok(answer);
+                return;
             }
             Ok(Err(error)) => error,
             Err(_) => format!(
@@ -279,25 +293,18 @@ impl Orchestrator {
         };
         self.metrics.journal_errors.inc();
         tracing::error!(task_id = %task.id, error = %why, "admission not durable; the task is withdrawn");
-        // Never dispatched (the dispatcher waits for durability); ended, then forgotten, so
-        // the client's retry under the same id is a new admission.
         task.set_durable(false);
-        self.cancel(&task, refusal().0);
+        self.cancel(&task, journal_refusal().0);
         {
             let mut tasks = self.tasks.write();
             if tasks.get(&task.id).is_some_and(|t| Arc::ptr_eq(t, &task)) {
                 tasks.remove(&task.id);
             }
         }
-        let withdrawn = self.journal.withdraw(&task.id);
-        let (id, metrics) = (task.id.clone(), self.metrics.clone());
-        self.finishing.spawn(async move {
-            if let Err(error) = withdrawn.await {
-                metrics.journal_errors.inc();
-                tracing::error!(task_id = %id, %error, "withdrawn admission not removed from the journal; a restart ends it");
-            }
-        });
-        Err(self.reject("journal_unavailable", refusal()))
+        if let Err(error) = self.journal.withdraw(&task.id).await {
+            self.metrics.journal_errors.inc();
+            tracing::error!(task_id = %task.id, %error, "withdrawn admission not removed from the journal; a restart ends it");
+        }
     }
 
     /// The prompt's length in tokens, counted by an engine of its model (prompts up to

@@ -338,3 +338,25 @@ async fn recovered_tasks_nobody_follows_are_cancelled_at_exactly_the_reattach_wi
     assert!(!h.orch.task("followed").unwrap().is_terminal());
     assert!(h.orch.queue_position("followed").is_some());
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_admission_settles_even_when_its_client_goes_away_while_the_journal_writes() {
+    let journal = ScriptedJournal::new(Mode::Hold, vec![]);
+    let h = Harness::start_with_journal(&flags(), journal);
+    h.add_pool("p", 1);
+    let body =
+        serde_json::json!({"task_id": "t1", "model_ref": "tiny", "prompt": "p", "max_tokens": 3});
+    // The request's future is dropped (its connection closed) before the journal answers.
+    let gone = tokio::time::timeout(100 * MS, submit(&h, body)).await;
+    assert!(gone.is_err());
+    assert!(
+        h.orch.task("t1").is_some(),
+        "queued, waiting for the journal"
+    );
+    // At the journal timeout the admission is withdrawn all the same: nothing waits for ever.
+    tokio::time::sleep(400 * MS).await;
+    settle().await;
+    assert!(h.orch.task("t1").is_none());
+    assert!(h.orch.queue_position("t1").is_none());
+    assert!(h.engine.calls().is_empty());
+}
