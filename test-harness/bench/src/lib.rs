@@ -5,6 +5,26 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use llorch_client::{SseFrame, SseParser};
 
+/// The token every benchmark's daemons are started with.
+pub const TOKEN: &str = "bench-token-0123456789abcdef";
+
+/// Starts a daemon with the bench token, error-level logs and `env`; killed when dropped.
+pub fn spawn(
+    bin: &std::path::Path,
+    env: &[(&str, String)],
+) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.env("LLORCH_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
+}
+
 /// A free loopback port (the kernel picks it).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use llorch_bench::{free_port, percentile, wait_ok};
+use llorch_bench::{free_port, percentile, wait_ok, TOKEN};
 use llorch_contracts::HandoffFile;
 
 #[derive(Parser)]
@@ -33,8 +33,6 @@ struct Figures {
     p50: f64,
     p99: f64,
 }
-
-const TOKEN: &str = "bench-token-0123456789abcdef";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

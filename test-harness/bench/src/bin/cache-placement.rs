@@ -10,12 +10,11 @@
 //! for the first turns (where it cannot: a check that nothing is lost without sharing).
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
-use llorch_bench::{free_port, percentile, via_orchestratord, wait_ok};
+use llorch_bench::{free_port, percentile, spawn, via_orchestratord, wait_ok, TOKEN};
 
 #[derive(Parser)]
 struct Args {
@@ -46,21 +45,6 @@ struct Args {
     /// turn), so chats fall out of step and pools are unevenly busy, as with real users.
     #[arg(long, default_value_t = 800)]
     think_ms: u64,
-}
-
-const TOKEN: &str = "bench-token-0123456789abcdef";
-
-fn spawn(bin: &PathBuf, env: &[(&str, String)]) -> anyhow::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.env("LLORCH_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))
 }
 
 /// Words in a fixed order from a seed: text that tokenizes like prose.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use clap::Parser;
-use llorch_bench::{free_port, summary, via_orchestratord, wait_ok};
+use llorch_bench::{free_port, summary, via_orchestratord, wait_ok, TOKEN};
 
 #[derive(Parser)]
 struct Args {
@@ -24,8 +24,6 @@ struct Args {
     #[arg(long, default_value_t = 1024)]
     tokens: u32,
 }
-
-const TOKEN: &str = "bench-token-0123456789abcdef";
 
 fn orchestratord(
     bin: &PathBuf,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use llorch_bench::{free_port, percentile, wait_ok};
+use llorch_bench::{free_port, percentile, wait_ok, TOKEN};
 use llorch_contracts::HandoffFile;
 
 #[derive(Parser)]
@@ -22,8 +22,6 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     files: usize,
 }
-
-const TOKEN: &str = "bench-token-0123456789abcdef";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

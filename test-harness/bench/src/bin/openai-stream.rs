@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use llorch_bench::{free_port, home_orchestratord, percentile, wait_ok};
+use llorch_bench::{free_port, home_orchestratord, percentile, wait_ok, TOKEN};
 use llorch_client::SseParser;
 
 #[derive(Parser)]
@@ -28,8 +28,6 @@ struct Args {
     #[arg(long, default_value_t = 512)]
     tokens: u32,
 }
-
-const TOKEN: &str = "bench-token-0123456789abcdef";
 
 struct Stream {
     first_token_ms: f64,

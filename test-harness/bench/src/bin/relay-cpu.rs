@@ -9,12 +9,11 @@
 //! load is printed beside it.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use llorch_bench::{free_port, read_stream, via_orchestratord, wait_ok};
+use llorch_bench::{free_port, read_stream, spawn, via_orchestratord, wait_ok, TOKEN};
 
 #[derive(Parser)]
 struct Args {
@@ -37,8 +36,6 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     idle_s: u64,
 }
-
-const TOKEN: &str = "bench-token-0123456789abcdef";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
@@ -93,19 +90,6 @@ fn cpu_time(pid: u32) -> Duration {
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum();
     Duration::from_nanos(ns)
-}
-
-fn spawn(bin: &PathBuf, env: &[(&str, String)]) -> anyhow::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.env("LLORCH_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))
 }
 
 /// One stream through pool-managerd's proxy straight to the engine; returns its tokens.

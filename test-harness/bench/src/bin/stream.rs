@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use llorch_bench::{
-    free_port, home_orchestratord, read_stream, summary, via_orchestratord, wait_ok,
+    free_port, home_orchestratord, read_stream, summary, via_orchestratord, wait_ok, TOKEN,
 };
 
 #[derive(Parser)]
@@ -25,7 +25,6 @@ struct Args {
     tokens: u32,
 }
 
-const TOKEN: &str = "bench-token-0123456789abcdef";
 const PROMPT: &str = "the river and the stone";
 
 #[tokio::main]
