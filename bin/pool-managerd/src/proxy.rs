@@ -66,20 +66,25 @@ pub async fn engine_proxy(
     let mut headers = HeaderMap::new();
     copy_headers(&parts.headers, &mut headers);
 
-    let send = || {
-        let mut rb = state
-            .proxy_http
-            .request(parts.method.clone(), &target)
-            .headers(headers.clone());
-        if method_allows_body(&parts.method) {
-            rb = rb.body(body.clone());
-        }
-        rb.send()
-    };
     let span = tracing::info_span!("engine_proxy", pool_id = %id, path = %path);
     let bounds = Bounds {
         deadline: tokio::time::Instant::now() + state.config.proxy_max_duration,
         idle: state.config.proxy_idle_timeout,
+    };
+    // One attempt through `http`, bounded: `Err(None)` when the engine stayed silent. Only
+    // POST passes the allowlist, so the body always goes.
+    let send = |http: &reqwest::Client| {
+        let rb = http
+            .post(&target)
+            .headers(headers.clone())
+            .body(body.clone());
+        let sent = tracing::Instrument::instrument(rb.send(), span.clone());
+        async move {
+            match tokio::time::timeout_at(bounds.next(), sent).await {
+                Ok(answer) => answer.map_err(Some),
+                Err(_) => Err(None),
+            }
+        }
     };
     let silent = || {
         counter("timeout");
@@ -92,33 +97,19 @@ pub async fn engine_proxy(
             ),
         )
     };
-    let first = tokio::time::timeout_at(
-        bounds.next(),
-        tracing::Instrument::instrument(send(), span.clone()),
-    )
-    .await
-    .map_err(|_| silent())?;
-    let upstream = match first {
+    let upstream = match send(&state.proxy_http).await {
         Ok(r) => r,
-        Err(e) if llamacpp_client::is_retryable_connection_error(&e) => {
+        Err(None) => return Err(silent()),
+        Err(Some(e)) if llamacpp_client::is_retryable_connection_error(&e) => {
             tracing::debug!(pool_id = %id, "engine closed the connection before answering; retrying once");
             // On a new connection: the pool may hold more the engine has closed.
-            let mut rb = state
-                .proxy_fresh
-                .request(parts.method.clone(), &target)
-                .headers(headers.clone());
-            if method_allows_body(&parts.method) {
-                rb = rb.body(body.clone());
+            match send(&state.proxy_fresh).await {
+                Ok(r) => r,
+                Err(None) => return Err(silent()),
+                Err(Some(e)) => return Err(unreachable_engine(&id, &e)),
             }
-            tokio::time::timeout_at(
-                bounds.next(),
-                tracing::Instrument::instrument(rb.send(), span.clone()),
-            )
-            .await
-            .map_err(|_| silent())?
-            .map_err(|e| unreachable_engine(&id, &e))?
         }
-        Err(e) => return Err(unreachable_engine(&id, &e)),
+        Err(Some(e)) => return Err(unreachable_engine(&id, &e)),
     };
     // One line per proxied request, in the request's span: its correlation id joins this
     // node's log with orchestratord's.
@@ -350,10 +341,6 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-fn method_allows_body(m: &Method) -> bool {
-    !matches!(*m, Method::GET | Method::HEAD)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,7 +403,11 @@ mod tests {
             deadline: start + std::time::Duration::from_millis(2500),
             idle: std::time::Duration::from_millis(1000),
         };
-        let mut out = Box::pin(bounded(rx, bounds, || {}));
+        let cuts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = cuts.clone();
+        let mut out = Box::pin(bounded(rx, bounds, move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
         let feeder = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(400)).await;
@@ -436,6 +427,11 @@ mod tests {
         assert_eq!(end.kind(), std::io::ErrorKind::TimedOut);
         assert_eq!(start.elapsed(), std::time::Duration::from_millis(2500));
         assert_eq!(pieces, 6, "pieces at 400 ms .. 2400 ms");
+        assert_eq!(
+            cuts.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the cut is counted"
+        );
         feeder.abort();
     }
 
