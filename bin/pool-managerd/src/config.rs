@@ -203,9 +203,6 @@ pub const ENV_ALIASES: &[llorch_http::env_alias::EnvAlias] = &[
     },
 ];
 
-/// Validated configuration. Holds the token as [`Token`], whose `Debug` shows a fingerprint:
-/// the node token when one is set, else the shared API token (client keys are never here, so
-/// this daemon refuses them).
 /// Node registration with orchestratord (CLOUD).
 #[derive(Debug, Clone)]
 pub struct Registration {
@@ -216,6 +213,9 @@ pub struct Registration {
     pub heartbeat_interval: Duration,
 }
 
+/// Validated configuration. Holds the token as [`Token`], whose `Debug` shows a fingerprint:
+/// the node token when one is set, else the shared API token (client keys are never here, so
+/// this daemon refuses them).
 #[derive(Debug, Clone)]
 pub struct Config {
     pub registration: Option<Registration>,
