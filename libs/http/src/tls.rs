@@ -168,8 +168,16 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(what, path)?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+    parse_certs(what, path, &read(what, path)?)
+}
+
+/// The certificates of `pem` (read from `path`); none is an error naming the file.
+fn parse_certs(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .filter_map(Result::ok)
         .collect();
     if certs.is_empty() {
@@ -184,14 +192,20 @@ fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
 /// The private key is a secret: like the token files, a key file readable by group or others
 /// is refused.
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    Ok(read_key_pem(path)?.1)
+}
+
+/// The key file's text (for reqwest) and its parsed key (checked).
+fn read_key_pem(path: &Path) -> Result<(String, PrivateKeyDer<'static>), TlsError> {
     let pem = auth_min::read_secret_file(path).map_err(|e| TlsError::Read {
         what: "TLS key",
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| TlsError::NoKey {
+    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| TlsError::NoKey {
         path: path.display().to_string(),
-    })
+    })?;
+    Ok((pem, key))
 }
 
 fn read_roots(what: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
@@ -229,30 +243,27 @@ impl ClientTls {
     /// certificate and key presented to servers that ask for one.
     pub fn load(ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> Result<Self, TlsError> {
         let roots = match ca {
+            // Each file read once; parsed here so that an empty or broken one is named clearly.
             Some(path) => {
-                // Parsed here first so that an empty or broken file is named clearly.
-                read_roots("CA file", path)?;
-                let pem = read("CA file", path)?;
-                let certs =
-                    reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| TlsError::Anchor {
+                let certs = parse_certs("CA file", path, &read("CA file", path)?)?;
+                let anchors = certs
+                    .iter()
+                    .map(|der| reqwest::Certificate::from_der(der))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| TlsError::Anchor {
                         what: "CA file",
                         path: path.display().to_string(),
                         reason: e.to_string(),
                     })?;
-                Some(certs)
+                Some(anchors)
             }
             None => None,
         };
         let identity = match identity {
             Some((cert, key)) => {
                 let mut pem = read("TLS certificate", cert)?;
-                read_certs("TLS certificate", cert)?;
-                read_key(key)?;
-                let key_pem = auth_min::read_secret_file(key).map_err(|e| TlsError::Read {
-                    what: "TLS key",
-                    path: key.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+                parse_certs("TLS certificate", cert, &pem)?;
+                let (key_pem, _) = read_key_pem(key)?;
                 pem.push(b'\n');
                 pem.extend_from_slice(key_pem.as_bytes());
                 Some(
