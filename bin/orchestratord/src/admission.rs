@@ -401,13 +401,7 @@ impl Orchestrator {
         if let Some(existing) = self.task(&id) {
             if !existing.visible_to(owner) {
                 // Another key's task: the id is taken, and nothing more is said about it.
-                return Err(self.reject(
-                    "conflict",
-                    ApiError::new(
-                        ErrorCode::Conflict,
-                        format!("task_id {id:?} is taken; choose another"),
-                    ),
-                ));
+                return Err(self.id_taken(&id));
             }
             return self
                 .answer_existing(&existing, &req)
@@ -497,6 +491,32 @@ impl Orchestrator {
             }
         }
         let priority = req.priority;
+        let correlation_id = correlation_id.unwrap_or_else(|| id.clone());
+        // Built before the locks: the request's JSON copies a prompt of up to a mebibyte.
+        // `/v2` tasks are journaled (an OpenAI request lives and dies with its connection).
+        let journaled =
+            (self.journal.durable() && openai.is_none()).then(|| crate::journal::Admission {
+                task_id: id.clone(),
+                owner: owner.name.to_string(),
+                digest: [0; 32],
+                request: serde_json::to_string(&req).unwrap_or_default(),
+                correlation_id: correlation_id.clone(),
+                submitted_ms: crate::tasks::now_ms(),
+                deadline_ms: req
+                    .deadline_ms
+                    .map(|d| crate::tasks::now_ms().saturating_add(d)),
+            });
+        // Cache-aware placement's block names, only when it is on.
+        let prefix_chain = match (&self.config.cache_balance, &openai) {
+            (None, _) => Vec::new(),
+            (Some(_), None) => {
+                llorch_core::prefix_chain(&req.prompt, crate::tasks::PREFIX_BLOCKS_MAX)
+            }
+            (Some(_), Some(job)) => job
+                .prefix_text()
+                .map(|t| llorch_core::prefix_chain(&t, crate::tasks::PREFIX_BLOCKS_MAX))
+                .unwrap_or_default(),
+        };
         let (task, admitted, ahead_tokens, written) = {
             // Dropped (giving the key's slot back) on any refusal below.
             let slot = self.key_gate(owner)?;
@@ -518,20 +538,6 @@ impl Orchestrator {
             }
             span.record("task_id", id.as_str());
             let trace = llorch_observability::capture(&span);
-            let correlation_id = correlation_id.unwrap_or_else(|| id.clone());
-            // `/v2` tasks are journaled (an OpenAI request lives and dies with its connection).
-            let journaled =
-                (self.journal.durable() && openai.is_none()).then(|| crate::journal::Admission {
-                    task_id: id.clone(),
-                    owner: owner.name.to_string(),
-                    digest: [0; 32],
-                    request: serde_json::to_string(&req).unwrap_or_default(),
-                    correlation_id: correlation_id.clone(),
-                    submitted_ms: crate::tasks::now_ms(),
-                    deadline_ms: req
-                        .deadline_ms
-                        .map(|d| crate::tasks::now_ms().saturating_add(d)),
-                });
             let mut task = Task::new(
                 id.clone(),
                 req,
@@ -543,6 +549,7 @@ impl Orchestrator {
             )
             .with_prompt_tokens(prompt_tokens)
             .with_owner(owner.name.clone())
+            .with_prefix_chain(prefix_chain)
             .with_key_slot(slot);
             if journaled.is_some() {
                 task = task.with_journal();
@@ -650,13 +657,7 @@ impl Orchestrator {
             return Ok(None);
         };
         if !task.visible_to(owner) {
-            return Err(self.reject(
-                "conflict",
-                ApiError::new(
-                    ErrorCode::Conflict,
-                    format!("task_id {id:?} is taken; choose another"),
-                ),
-            ));
+            return Err(self.id_taken(id));
         }
         let task = self
             .tasks
@@ -665,6 +666,17 @@ impl Orchestrator {
             .or_insert(task)
             .clone();
         Ok(Some(task))
+    }
+
+    /// 409 for an id another key's task holds: nothing more is said about that task.
+    fn id_taken(&self, id: &str) -> ApiError {
+        self.reject(
+            "conflict",
+            ApiError::new(
+                ErrorCode::Conflict,
+                format!("task_id {id:?} is taken; choose another"),
+            ),
+        )
     }
 
     /// The answer to a resubmitted `task_id`: the existing task, or 409 for another body.

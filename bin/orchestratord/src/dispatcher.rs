@@ -81,12 +81,14 @@ impl Orchestrator {
             let picked = {
                 let sessions = self.sessions.lock();
                 let mut queue = self.queue.lock();
-                let mut index = self.prefix_index.lock();
-                // Pools that went away take what they held with them.
-                index.retain_pools(|p| views.iter().any(|v| v.pool_id == p));
-                let index = index;
                 let aware = self.config.cache_balance;
-                let mut with_prefix = views.clone();
+                // Cache-aware placement only: the prefix index (pools that went away take what
+                // they held with them) and views to fill with each task's matches.
+                let mut prefixes = aware.map(|_| {
+                    let mut index = self.prefix_index.lock();
+                    index.retain_pools(|p| views.iter().any(|v| v.pool_id == p));
+                    (index, views.clone())
+                });
                 queue.tasks.take_first(|t| {
                     // Not before its admission is durable (a withdrawn one never runs).
                     if t.durable() != Some(true) {
@@ -112,13 +114,14 @@ impl Orchestrator {
                         cache_balance: aware,
                     };
                     // Each pool's cached prefix of this task's prompt.
-                    let views = if aware.is_some() && !t.prefix_chain.is_empty() {
-                        for v in &mut with_prefix {
-                            v.prefix_blocks = index.matched(&v.pool_id, &t.prefix_chain);
+                    let views = match &mut prefixes {
+                        Some((index, with_prefix)) if !t.prefix_chain.is_empty() => {
+                            for v in with_prefix.iter_mut() {
+                                v.prefix_blocks = index.matched(&v.pool_id, &t.prefix_chain);
+                            }
+                            &*with_prefix
                         }
-                        &with_prefix
-                    } else {
-                        &views
+                        _ => &views,
                     };
                     match place(views, &req) {
                         Decision::Place(pool) => Some(pool),
@@ -220,8 +223,8 @@ impl Orchestrator {
                 first_token_timeout: orch.config.first_token_timeout,
                 decode_timeout: orch.config.decode_timeout,
                 tokens_out: crate::overview::TokensOut::new(&orch.metrics, &pool.pool_id),
-                journal: (attempt.task.journaled() && orch.journal.durable())
-                    .then(|| orch.journal.as_ref()),
+                // Only a durable journal marks tasks journaled.
+                journal: attempt.task.journaled().then(|| orch.journal.as_ref()),
                 journal_timeout: orch.config.journal_timeout,
                 journal_errors: orch.metrics.journal_errors.clone(),
             };

@@ -347,13 +347,14 @@ impl SqliteJournal {
         })
     }
 
-    /// Transactions committed so far.
+    /// Transactions committed so far (each holds every write that was waiting).
     pub fn commits(&self) -> u64 {
         self.commits.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The sync level in force (SQLite's number: 2 full, 1 normal), read back.
-    pub fn synchronous(&self) -> Result<i64, String> {
+    #[cfg(test)]
+    fn synchronous(&self) -> Result<i64, String> {
         self.reader
             .lock()
             .query_row("PRAGMA synchronous", [], |r| r.get(0))

@@ -121,7 +121,7 @@ fn request_digest(req: &TaskRequest) -> [u8; 32] {
 }
 
 /// The most prompt blocks cache-aware placement looks at (32 KiB of prompt).
-const PREFIX_BLOCKS_MAX: usize = 512;
+pub const PREFIX_BLOCKS_MAX: usize = 512;
 
 /// What a frame costs besides its data (the struct, its id and event name).
 const FRAME_OVERHEAD: usize = 48;
@@ -145,13 +145,6 @@ impl Task {
     ) -> Self {
         let digest = request_digest(&req);
         let prompt = std::mem::take(&mut req.prompt);
-        let prefix_chain = match &openai {
-            None => llorch_core::prefix_chain(&prompt, PREFIX_BLOCKS_MAX),
-            Some(job) => job
-                .prefix_text()
-                .map(|t| llorch_core::prefix_chain(&t, PREFIX_BLOCKS_MAX))
-                .unwrap_or_default(),
-        };
         let deadline = req
             .deadline_ms
             .map(|ms| now + std::time::Duration::from_millis(ms));
@@ -169,7 +162,7 @@ impl Task {
             openai,
             prompt_tokens: None,
             owner: std::sync::Arc::from("anonymous"),
-            prefix_chain,
+            prefix_chain: Vec::new(),
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
                 frames: VecDeque::new(),
@@ -217,6 +210,12 @@ impl Task {
     /// Anyone else is told there is no such task.
     pub fn visible_to(&self, caller: &auth_min::Principal) -> bool {
         caller.may(auth_min::Role::Admin) || caller.name == self.owner
+    }
+
+    /// With its prompt's block names (cache-aware placement).
+    pub fn with_prefix_chain(mut self, chain: Vec<u64>) -> Self {
+        self.prefix_chain = chain;
+        self
     }
 
     /// Its admission is (being) journaled: not durable until [`Task::set_durable`].
