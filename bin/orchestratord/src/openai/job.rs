@@ -519,7 +519,7 @@ mod tests {
     fn text_past_max_tokens_is_never_logged_for_the_client() {
         let j = job(Route::Chat);
         let mut d = Decoder::new(&j, 2);
-        for text in ["a", "b", "c"] {
+        for text in ["a", "b", "c", "d", "e"] {
             let chunk =
                 json!({"choices":[{"index":0,"delta":{"content":text},"finish_reason":null}]});
             d.decode(&chunk.to_string()).unwrap();

@@ -63,13 +63,17 @@ async fn with_cache_aware_placement_off_the_least_busy_pool_takes_every_task() {
     let second = submit_prompt(&h, "t2", &prompt("second question"));
     settle().await;
     assert_eq!(second.pool_id().as_deref(), Some("z"));
-    assert_eq!(
-        h.orch
-            .metrics
-            .prefix_placements
-            .with_label_values(&["miss"])
-            .get(),
-        0,
-        "nothing counted when off"
-    );
+    let m = &h.orch.metrics;
+    for (counter, label) in [
+        (&m.prefix_placements, "miss"),
+        (&m.prefix_placements, "hit"),
+        (&m.prefix_blocks, "prompt"),
+        (&m.prefix_blocks, "matched"),
+    ] {
+        assert_eq!(
+            counter.with_label_values(&[label]).get(),
+            0,
+            "{label} counted when off"
+        );
+    }
 }

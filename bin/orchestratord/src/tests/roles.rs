@@ -116,7 +116,35 @@ async fn every_route_answers_each_role_as_the_role_table_says() {
         ("GET", "/ui/console.js", "", [ok, ok, ok, ok, ok]),
         ("GET", "/ui/console.css", "", [ok, ok, ok, ok, ok]),
         ("GET", "/v1/models", "", [u, u, ok, f, ok]),
+        (
+            "DELETE",
+            "/v2/sessions/s1",
+            "",
+            [u, u, S::NOT_FOUND, f, S::NOT_FOUND],
+        ),
+        ("GET", "/v1/models/tiny", "", [u, u, ok, f, ok]),
+        // An empty OpenAI body (400) — past the door.
+        (
+            "POST",
+            "/v1/chat/completions",
+            "{}",
+            [u, u, S::BAD_REQUEST, f, S::BAD_REQUEST],
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            "{}",
+            [u, u, S::BAD_REQUEST, f, S::BAD_REQUEST],
+        ),
+        (
+            "POST",
+            "/v1/embeddings",
+            "{}",
+            [u, u, S::BAD_REQUEST, f, S::BAD_REQUEST],
+        ),
         ("GET", "/health", "", [ok, ok, ok, ok, ok]),
+        ("GET", "/ready", "", [ok, ok, ok, ok, ok]),
+        ("GET", "/metrics", "", [ok, ok, ok, ok, ok]),
     ];
     let keys = [
         None,

@@ -71,11 +71,31 @@ mod tests {
         assert!(PAGE.contains(r#"<link rel="stylesheet" href="/ui/console.css">"#));
         assert_eq!(PAGE.matches("<script").count(), 1);
         assert!(!PAGE.contains("<style") && !PAGE.contains("style="));
-        let handlers = PAGE.split(" on").skip(1).filter(|rest| {
+        // An attribute `on<name>` after any whitespace, with or without spaces before `=`.
+        let mut page = PAGE.to_string();
+        for gap in [" =", "\t=", "\n="] {
+            while page.contains(gap) {
+                page = page.replace(gap, "=");
+            }
+        }
+        let handlers = page.split(char::is_whitespace).filter(|word| {
+            let Some(rest) = word.strip_prefix("on") else {
+                return false;
+            };
             let name: String = rest.chars().take_while(char::is_ascii_lowercase).collect();
             !name.is_empty() && rest[name.len()..].starts_with('=')
         });
         assert_eq!(handlers.count(), 0, "inline event handlers in the page");
+        // Nor code made from strings in the script.
+        for banned in [
+            "new Function",
+            "setTimeout('",
+            "setTimeout(\"",
+            "setInterval('",
+            "setInterval(\"",
+        ] {
+            assert!(!SCRIPT.contains(banned), "script holds {banned:?}");
+        }
         // The token lives in the tab's sessionStorage only; text from the API is never parsed
         // as HTML.
         assert!(SCRIPT.contains("sessionStorage") && !SCRIPT.contains("localStorage"));
