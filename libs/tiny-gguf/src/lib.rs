@@ -22,6 +22,20 @@ pub struct TinyModel {
 }
 
 impl TinyModel {
+    /// A larger model (384-dim, 6 layers): a few hundred tokens/s on one core, and a prompt
+    /// of a few thousand tokens takes seconds to process — for tests that must tell "stopped
+    /// early" from "finished", and for measuring what a prompt cache saves.
+    pub fn slow(seed: u64) -> Self {
+        Self {
+            n_embd: 384,
+            n_layer: 6,
+            n_head: 6,
+            n_ff: 1024,
+            n_ctx_train: 16384,
+            ..Self::with_seed(seed)
+        }
+    }
+
     pub fn with_seed(seed: u64) -> Self {
         Self {
             seed,

@@ -24,14 +24,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let model = match args.size.as_str() {
         "tiny" => tiny_gguf::TinyModel::with_seed(args.seed),
-        "prefill" => tiny_gguf::TinyModel {
-            n_embd: 384,
-            n_layer: 6,
-            n_head: 6,
-            n_ff: 1024,
-            n_ctx_train: 16384,
-            ..tiny_gguf::TinyModel::with_seed(args.seed)
-        },
+        "prefill" => tiny_gguf::TinyModel::slow(args.seed),
         other => anyhow::bail!("--size {other:?} is not one of: tiny, prefill"),
     };
     let bytes = tiny_gguf::build(&model);

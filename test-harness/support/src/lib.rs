@@ -96,16 +96,7 @@ pub fn tiny_model() -> PathBuf {
 pub fn slow_model() -> PathBuf {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
     MODEL
-        .get_or_init(|| {
-            let model = tiny_gguf::TinyModel {
-                n_embd: 384,
-                n_layer: 6,
-                n_head: 6,
-                n_ff: 1024,
-                ..tiny_gguf::TinyModel::with_seed(7)
-            };
-            shared_model("slow", &tiny_gguf::build(&model))
-        })
+        .get_or_init(|| shared_model("slow", &tiny_gguf::build(&tiny_gguf::TinyModel::slow(7))))
         .clone()
 }
 
@@ -307,15 +298,17 @@ impl ExternalEngine {
 
 /// A client that sends `Authorization: Bearer <token>` on every request.
 pub fn authed_client(token: &str) -> reqwest::Client {
+    authed(reqwest::Client::builder(), token)
+}
+
+/// `builder` sending `Authorization: Bearer <token>` on every request.
+fn authed(builder: reqwest::ClientBuilder, token: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,
         format!("Bearer {token}").parse().unwrap(),
     );
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap()
+    builder.default_headers(headers).build().unwrap()
 }
 
 /// Polls `url` (no auth) until it answers 200, or panics after `timeout`.
@@ -356,23 +349,14 @@ impl OrchClient {
     /// [`OrchClient::new`] for an https:// `base` whose certificate chains to `ca` (PEM).
     pub fn over_tls(base: String, token: &str, ca: &Path) -> Self {
         let certs = reqwest::Certificate::from_pem_bundle(&std::fs::read(ca).unwrap()).unwrap();
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(
-            reqwest::header::AUTHORIZATION,
-            format!("Bearer {token}").parse().unwrap(),
-        );
-        let client = |headers: Option<reqwest::header::HeaderMap>| {
-            let b = reqwest::Client::builder().tls_certs_only(certs.iter().cloned());
-            match headers {
-                Some(h) => b.default_headers(h),
-                None => b,
-            }
-            .build()
-            .unwrap()
-        };
+        let trusting = || reqwest::Client::builder().tls_certs_only(certs.iter().cloned());
         Self {
-            typed: llorch_client::OrchClient::with_http(&base, Some(token), client(None)),
-            http: client(Some(headers)),
+            typed: llorch_client::OrchClient::with_http(
+                &base,
+                Some(token),
+                trusting().build().unwrap(),
+            ),
+            http: authed(trusting(), token),
             base,
         }
     }
