@@ -11,7 +11,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins bins-release install check-deploy demo up lint test bench bench-build bench-handoff bench-admission bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache soak clean-cache
+.PHONY: help deps engine model build bins bins-release install check-deploy check-specs demo up lint test bench bench-build bench-handoff bench-admission bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache soak clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -19,6 +19,7 @@ help:
 	@echo "make test           build, lint and run every test (installs engine + model first)"
 	@echo "make install        binaries, systemd units and examples under PREFIX (default /usr/local)"
 	@echo "make check-deploy   verify deploy/systemd (systemd-analyze) and deploy/kubernetes (schemas)"
+	@echo "make check-specs    every MUST of .specs/ is covered by a test or scenario (spec-trace)"
 	@echo "make engine         install the pinned llama-server into $(CACHE)"
 	@echo "make model          write the tiny test model to $(MODEL)"
 	@echo "make bench          all benchmarks (results go in test-harness/bench/README.md by hand)"
@@ -93,7 +94,11 @@ lint:
 # paused time in process, where parallelism cannot matter).
 TEST_THREADS ?= 2
 
-test: engine model lint check-deploy
+# Every MUST of .specs/ has a test or scenario that covers it (`// covers: ID`, `@ID`).
+check-specs:
+	$(CARGO) run -q -p spec-trace
+
+test: engine model lint check-deploy check-specs
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 	@$(MAKE) --no-print-directory demo
 
