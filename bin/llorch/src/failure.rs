@@ -178,6 +178,7 @@ mod tests {
         }
     }
 
+    // covers: OBS-6115
     #[test]
     fn each_answer_becomes_its_kind_with_one_line_saying_what_to_do() {
         let f = target(true).failure(api(401, ErrorCode::Unauthorized, "invalid API token"));

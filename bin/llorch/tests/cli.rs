@@ -117,6 +117,7 @@ fn prompt_tokens(stderr: &str, turn: u32) -> u32 {
     before.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+// covers: OAI-7113
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_streams_each_turn_keeps_history_and_uses_one_session() {
     let s = live().await;
@@ -190,6 +191,7 @@ async fn models_and_nodes_print_what_orchestratord_serves() {
     );
 }
 
+// covers: OBS-6115
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_pool_queue_and_rates_and_its_json_parses() {
     let s = live().await;
@@ -281,6 +283,7 @@ fn assert_one_line(stderr: &str) {
     }
 }
 
+// covers: OBS-6115
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_exits_3_with_one_line_even_with_rust_backtrace() {
     let s = live().await;
@@ -306,6 +309,7 @@ async fn a_refused_token_exits_3_with_one_line_even_with_rust_backtrace() {
     assert_one_line(&stderr);
 }
 
+// covers: OBS-6115
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_orchestratord_exits_4_and_bad_usage_exits_2_each_in_one_line() {
     // Nothing listens on a port just found free.

@@ -718,6 +718,7 @@ mod tests {
         assert!(parse(&[token, "--openai-default-max-tokens=0"]).is_err());
     }
 
+    // covers: CLOUD-4101
     #[test]
     fn cloud_needs_managers_or_registration_and_a_token() {
         let token = "--api-token=0123456789abcdef0123";
@@ -741,6 +742,7 @@ mod tests {
         assert!(parse(&["--profile=space", token]).is_err());
     }
 
+    // covers: AUTH-5114
     #[test]
     fn out_of_range_values_are_refused_with_the_variable_name_not_clamped() {
         let token = "--api-token=0123456789abcdef0123";

@@ -706,6 +706,7 @@ mod tests {
         }
     }
 
+    // covers: ORCH-2405
     #[tokio::test]
     async fn records_are_read_back_in_admission_order_after_reopening_and_endings_drop_the_prompt()
     {
@@ -742,6 +743,7 @@ mod tests {
         assert_eq!(j.lookup("zzz").unwrap(), None);
     }
 
+    // covers: ORCH-2406
     #[tokio::test]
     async fn writes_waiting_together_share_one_commit() {
         let dir = tempfile::tempdir().unwrap();
@@ -760,6 +762,7 @@ mod tests {
         );
     }
 
+    // covers: ORCH-2407
     #[test]
     fn the_sync_mode_is_read_back_and_a_second_orchestratord_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -774,6 +777,7 @@ mod tests {
         assert_eq!(j.synchronous().unwrap(), 2);
     }
 
+    // covers: ORCH-2408
     #[tokio::test]
     async fn the_journal_and_its_directory_are_readable_by_this_user_only() {
         use std::os::unix::fs::PermissionsExt;
@@ -789,6 +793,7 @@ mod tests {
         assert_eq!(mode(&data.join("journal.sqlite3-wal")), 0o600);
     }
 
+    // covers: ORCH-2408
     #[test]
     fn a_damaged_file_refuses_start_and_says_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
@@ -800,6 +805,7 @@ mod tests {
         assert!(e.contains("move it aside"), "{e}");
     }
 
+    // covers: ORCH-2409
     #[tokio::test]
     async fn compaction_forgets_old_finished_tasks_then_the_oldest_beyond_the_bound_never_unfinished(
     ) {

@@ -474,6 +474,7 @@ mod tests {
         h.buckets.iter().map(|b| b.tokens).collect()
     }
 
+    // covers: OBS-6113
     #[tokio::test(start_paused = true)]
     async fn tokens_fall_in_ten_second_buckets_split_exactly_at_their_edges() {
         let origin = Instant::now();
@@ -497,6 +498,7 @@ mod tests {
         assert_eq!(starts, vec![975_000, 985_000, 995_000]);
     }
 
+    // covers: OBS-6113
     #[tokio::test(start_paused = true)]
     async fn the_history_keeps_five_minutes_and_forgets_what_is_older() {
         let origin = Instant::now();
@@ -531,6 +533,7 @@ mod tests {
         );
     }
 
+    // covers: OBS-6113
     #[tokio::test(start_paused = true)]
     async fn a_late_first_token_lands_in_the_bucket_it_arrived_in() {
         let origin = Instant::now();
@@ -547,6 +550,7 @@ mod tests {
         assert_eq!(p50, vec![None, Some(20.0), None, None, Some(20.0)]);
     }
 
+    // covers: OBS-6113
     #[tokio::test(start_paused = true)]
     async fn the_median_of_a_busy_bucket_stays_bounded_and_spread_over_the_whole_bucket() {
         let origin = Instant::now();
@@ -576,6 +580,7 @@ mod tests {
         .unwrap()
     }
 
+    // covers: OBS-6112
     #[tokio::test(start_paused = true)]
     async fn the_overview_shows_tasks_without_their_input_and_pools_with_their_node_reports() {
         use crate::tests::kit::{outcome, settle, tokens, Harness, Script};
@@ -646,6 +651,7 @@ mod tests {
         assert!(o.tasks.is_empty());
     }
 
+    // covers: OBS-6112
     #[test]
     fn the_recent_count_is_bounded_and_unknown_parameters_are_refused() {
         assert_eq!(recent_limit(None).unwrap(), RECENT_DEFAULT);

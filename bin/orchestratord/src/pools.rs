@@ -536,6 +536,7 @@ mod tests {
         crate::tests::kit::pool(id, slots)
     }
 
+    // covers: ORCH-2205
     #[test]
     fn leases_never_exceed_slots_and_release_on_drop() {
         let t = Arc::new(PoolTable::new(Arc::new(Notify::new())));

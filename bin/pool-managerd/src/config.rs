@@ -474,6 +474,7 @@ fn host_name() -> String {
 mod tests {
     use super::*;
 
+    // covers: AUTH-5114
     #[test]
     fn out_of_range_values_are_refused_with_the_variable_name_not_clamped() {
         for (flag, name) in [
@@ -523,6 +524,7 @@ mod tests {
         }
     }
 
+    // covers: AUTH-5114
     #[test]
     fn an_old_and_a_new_name_set_to_different_values_refuse_the_start() {
         let e = llorch_http::env_alias::command_with::<Args>(ENV_ALIASES, |v| match v {

@@ -105,6 +105,7 @@ mod tests {
         assert_eq!(parse_version("nothing"), None);
     }
 
+    // covers: POOL-3102
     #[test]
     fn configured_missing_binary_is_reported() {
         let err = find(Some(Path::new("/nonexistent/llama-server"))).unwrap_err();

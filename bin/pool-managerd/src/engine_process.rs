@@ -311,6 +311,7 @@ fn is_engine_process(pid: u32, binary: &str) -> bool {
 mod tests {
     use super::*;
 
+    // covers: POOL-3114
     #[test]
     fn an_engine_log_planted_as_a_symlink_is_refused_and_its_target_untouched() {
         let dir = tempfile::tempdir().unwrap();

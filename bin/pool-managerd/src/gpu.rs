@@ -74,6 +74,7 @@ pub fn vram_for_mask(gpus: &[GpuInfo], mask: Option<&str>) -> Option<(u64, u64)>
 mod tests {
     use super::*;
 
+    // covers: POOL-3116
     #[test]
     fn vram_sums_masked_gpus_by_index_or_uuid() {
         let g = |i: u32, t: u64| GpuInfo {

@@ -188,12 +188,14 @@ mod tests {
         validate_pools(file.pools)
     }
 
+    // covers: POOL-3101
     #[test]
     fn unknown_model_path_names_the_file() {
         let err = parse("[[pools]]\nid='a'\nmodel='/nonexistent/m.gguf'\n").unwrap_err();
         assert!(err.to_string().contains("/nonexistent/m.gguf"), "{err}");
     }
 
+    // covers: POOL-3101
     #[test]
     fn duplicate_pool_id_is_refused() {
         let model = tempfile::NamedTempFile::new().unwrap();
@@ -208,6 +210,7 @@ mod tests {
         );
     }
 
+    // covers: POOL-3101
     #[test]
     fn port_in_use_is_refused() {
         let model = tempfile::NamedTempFile::new().unwrap();
@@ -221,6 +224,7 @@ mod tests {
         assert!(matches!(err, ConfigError::PortInUse { .. }), "{err}");
     }
 
+    // covers: POOL-3101
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         let model = tempfile::NamedTempFile::new().unwrap();

@@ -364,6 +364,7 @@ mod tests {
         (tx, Box::pin(stream))
     }
 
+    // covers: CLOUD-4115
     #[tokio::test(start_paused = true)]
     async fn an_answer_silent_past_the_idle_timeout_is_cut_exactly_then_and_counted_once() {
         use futures_util::StreamExt;
@@ -394,6 +395,7 @@ mod tests {
         assert_eq!(cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
+    // covers: CLOUD-4115
     #[tokio::test(start_paused = true)]
     async fn an_answer_that_keeps_flowing_is_cut_at_the_longest_duration() {
         use futures_util::StreamExt;
@@ -435,6 +437,7 @@ mod tests {
         feeder.abort();
     }
 
+    // covers: CLOUD-4114
     #[test]
     fn what_orchestratord_sends_passes() {
         let ok = [
@@ -464,6 +467,7 @@ mod tests {
         }
     }
 
+    // covers: CLOUD-4114
     #[test]
     fn other_routes_methods_fields_and_limits_are_refused() {
         let refused = [

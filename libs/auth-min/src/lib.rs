@@ -431,6 +431,7 @@ mod tests {
 
     const SECRET: &str = "correct-horse-battery-staple";
 
+    // covers: AUTH-5107
     #[test]
     fn debug_never_shows_the_secret() {
         let t = Token::new(SECRET).unwrap();
@@ -441,6 +442,7 @@ mod tests {
         assert_eq!(shown, fingerprint(SECRET));
     }
 
+    // covers: AUTH-5103
     #[test]
     fn authorize_accepts_only_the_right_bearer_token() {
         let t = Token::new(SECRET).unwrap();
@@ -461,6 +463,7 @@ mod tests {
         );
     }
 
+    // covers: AUTH-5109
     #[test]
     fn insecure_bind_is_refused_without_token() {
         let public: SocketAddr = "0.0.0.0:9200".parse().unwrap();
@@ -475,6 +478,7 @@ mod tests {
         assert!(check_bind(lo, None, true).is_ok());
     }
 
+    // covers: AUTH-5108
     #[test]
     fn a_group_readable_systemd_credential_is_accepted_and_the_same_file_elsewhere_is_not() {
         use std::os::unix::fs::PermissionsExt;
@@ -508,6 +512,7 @@ mod tests {
         ));
     }
 
+    // covers: AUTH-5108
     #[test]
     fn token_file_readable_by_others_is_refused() {
         use std::os::unix::fs::PermissionsExt;
@@ -532,6 +537,7 @@ mod tests {
         );
     }
 
+    // covers: AUTH-5103
     #[test]
     fn a_keyring_names_who_presented_a_key_and_what_it_may_do() {
         let mut ring = Keyring::default();
@@ -564,6 +570,7 @@ mod tests {
             .is_err());
     }
 
+    // covers: AUTH-5108
     #[test]
     fn a_keys_file_holds_name_secret_lines_and_is_refused_when_open_or_malformed() {
         use std::os::unix::fs::PermissionsExt;

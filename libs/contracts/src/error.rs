@@ -157,6 +157,7 @@ impl ErrorEnvelope {
 mod tests {
     use super::*;
 
+    // covers: ORCH-2103
     #[test]
     fn envelope_serialises_codes_in_screaming_snake_case_and_omits_empty_options() {
         let json = serde_json::to_value(ErrorEnvelope::new(ErrorCode::QueueFullDropLru, "full"))

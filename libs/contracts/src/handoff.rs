@@ -178,12 +178,14 @@ mod tests {
         }
     }
 
+    // covers: POOL-3201
     #[test]
     fn round_trips_through_json() {
         let bytes = serde_json::to_vec(&sample()).unwrap();
         assert_eq!(HandoffFile::parse(&bytes).unwrap(), sample());
     }
 
+    // covers: POOL-3204
     #[test]
     fn rejects_bad_pool_id_url_and_slots() {
         let mut f = sample();
@@ -201,6 +203,7 @@ mod tests {
         assert!(f.validate().is_ok());
     }
 
+    // covers: POOL-3204
     #[test]
     fn rejects_garbage_and_unknown_fields() {
         assert!(matches!(

@@ -209,6 +209,7 @@ pub struct ErrorBody {
 mod tests {
     use super::*;
 
+    // covers: OAI-7109
     #[test]
     fn unknown_fields_are_ignored_and_known_ones_kept() {
         let req: ChatRequest = serde_json::from_value(serde_json::json!({

@@ -52,6 +52,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    // covers: POOL-3105
     #[test]
     fn doubles_from_one_second_to_sixty() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -68,6 +69,7 @@ mod tests {
     }
 
     proptest! {
+        // covers: POOL-3105
         #[test]
         fn delay_stays_within_half_and_full_ceiling(attempts in 0u32..100, jitter in 0.0f64..1.0) {
             let mut b = Backoff::new(Duration::from_millis(1000), Duration::from_secs(60));

@@ -63,6 +63,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    // covers: POOL-3107
     #[test]
     fn opens_on_fifth_failure_inside_five_minutes() {
         let t0 = Instant::now();
@@ -74,6 +75,7 @@ mod tests {
         assert!(b.is_open());
     }
 
+    // covers: POOL-3107
     #[test]
     fn failures_spread_beyond_the_window_never_open_it() {
         let t0 = Instant::now();

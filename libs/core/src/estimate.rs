@@ -72,6 +72,7 @@ impl ThroughputEstimator {
 mod tests {
     use super::*;
 
+    // covers: ORCH-2118
     #[test]
     fn prediction_is_zero_until_measured_then_follows_the_queue_and_busy_slots() {
         let mut e = ThroughputEstimator::default();

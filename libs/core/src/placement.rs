@@ -163,6 +163,7 @@ mod tests {
         }
     }
 
+    // covers: ORCH-2201, OAI-7106
     #[test]
     fn embeddings_and_generation_go_only_to_their_own_pools() {
         let plain = pool("plain", "m", 2, 0);
@@ -197,6 +198,7 @@ mod tests {
         }
     }
 
+    // covers: ORCH-2201
     #[test]
     fn a_task_needing_more_context_than_a_pool_has_goes_elsewhere_or_waits() {
         let small = PoolView {
@@ -222,6 +224,7 @@ mod tests {
         assert_eq!(place(&[small], &need(1024)), Decision::Wait);
     }
 
+    // covers: ORCH-2211
     #[test]
     fn a_strict_task_goes_only_to_a_single_slot_pool() {
         let wide = pool("a", "m", 4, 0);
@@ -237,6 +240,7 @@ mod tests {
         assert_eq!(place(&[wide], &strict), Decision::Wait);
     }
 
+    // covers: ORCH-2202
     #[test]
     fn most_free_slots_then_pool_id() {
         let pools = vec![
@@ -247,6 +251,7 @@ mod tests {
         assert_eq!(place(&pools, &req("m")), Decision::Place("a".into()));
     }
 
+    // covers: ORCH-2202
     #[test]
     fn vram_breaks_ties_before_pool_id() {
         let mut a = pool("a", "m", 2, 0);
@@ -256,6 +261,7 @@ mod tests {
         assert_eq!(place(&[a, b], &req("m")), Decision::Place("b".into()));
     }
 
+    // covers: ORCH-2201
     #[test]
     fn unready_draining_other_model_and_full_pools_are_skipped() {
         let mut unready = pool("a", "m", 2, 0);
@@ -271,6 +277,7 @@ mod tests {
         assert_eq!(place(&pools, &req("m")), Decision::Wait);
     }
 
+    // covers: ORCH-2207
     #[test]
     fn session_affinity_wins_while_its_pool_has_a_slot() {
         let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 3)];
@@ -283,6 +290,7 @@ mod tests {
         assert_eq!(place(&full, &r), Decision::Place("a".into()));
     }
 
+    // covers: ORCH-2204
     #[test]
     fn pin_never_falls_back_silently() {
         let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 1, 1)];
@@ -307,6 +315,7 @@ mod tests {
         assert_eq!(place(&pools, &r), Decision::Place("a".into()));
     }
 
+    // covers: ORCH-2204
     #[test]
     fn prefer_and_avoid() {
         let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 3)];
@@ -341,6 +350,7 @@ mod tests {
         );
     }
 
+    // covers: ORCH-2212
     #[test]
     fn retry_avoids_the_failed_pool_only_when_another_is_free() {
         let pools = vec![pool("a", "m", 4, 0), pool("b", "m", 4, 0)];
@@ -353,6 +363,7 @@ mod tests {
         assert_eq!(place(&single, &r), Decision::Place("a".into()));
     }
 
+    // covers: ORCH-2209
     #[test]
     fn the_longest_cached_prefix_wins_unless_its_pool_is_busier_than_the_balance_allows() {
         let cached = |id: &str, busy: u32, blocks: u32| PoolView {
@@ -390,6 +401,7 @@ mod tests {
     proptest! {
         /// A placed pool always serves the model, is ready, not draining, has a free slot and
         /// holds the requested context — whatever the prefix index says.
+        // covers: ORCH-2201
         #[test]
         fn placement_respects_hard_constraints(spec in proptest::collection::vec((0u8..3, any::<bool>(), any::<bool>(), 1u32..4, 0u32..5, 0u32..6), 0..8), balance in proptest::option::of(0u32..4)) {
             let pools: Vec<PoolView> = spec.iter().enumerate().map(|(i, (m, ready, draining, total, busy, blocks))| PoolView {

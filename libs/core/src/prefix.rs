@@ -123,6 +123,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    // covers: ORCH-2209
     #[test]
     fn shared_prefixes_share_names_and_a_difference_ends_the_match() {
         let system = "s".repeat(BLOCK * 3);
@@ -144,6 +145,7 @@ mod tests {
         assert_eq!(index.matched("p1", &a), 0);
     }
 
+    // covers: ORCH-2210
     #[test]
     fn the_least_recently_used_names_go_first_when_a_pool_is_full() {
         let mut index = PrefixIndex::new(8);
@@ -160,6 +162,7 @@ mod tests {
     }
 
     proptest! {
+        // covers: ORCH-2210
         #[test]
         fn a_pool_never_keeps_more_than_its_capacity_and_a_match_never_exceeds_the_chain(
             capacity in 2usize..64,

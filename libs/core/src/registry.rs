@@ -100,6 +100,7 @@ mod tests {
         }
     }
 
+    // covers: POOL-3115
     #[test]
     fn flags_follow_state() {
         let mut r = Registry::new();
@@ -114,6 +115,7 @@ mod tests {
         assert!(!r.update("missing", |_| {}));
     }
 
+    // covers: POOL-3115
     #[test]
     fn list_is_ordered_by_pool_id() {
         let mut r = Registry::new();

@@ -86,6 +86,7 @@ impl SessionTable {
 mod tests {
     use super::*;
 
+    // covers: ORCH-2207
     #[test]
     fn affinity_lasts_for_the_ttl_and_refreshes_on_use() {
         let t0 = Instant::now();

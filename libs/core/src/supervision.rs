@@ -241,6 +241,7 @@ mod tests {
         assert_eq!(s.state(), PoolState::Ready);
     }
 
+    // covers: POOL-3107
     #[test]
     fn always_crashing_engine_ends_failed_after_five_failures() {
         let t0 = Instant::now();
@@ -266,6 +267,7 @@ mod tests {
         assert_eq!(s.last_error(), Some("exited with status 1"));
     }
 
+    // covers: POOL-3106
     #[test]
     fn healthy_period_resets_backoff() {
         let t0 = Instant::now();
@@ -282,6 +284,7 @@ mod tests {
         assert_eq!(a, FailureAction::RestartAfter(Duration::from_secs(1)));
     }
 
+    // covers: POOL-3108
     #[test]
     fn hung_after_consecutive_probe_failures_only() {
         let mut s = Supervision::new(policy());
@@ -325,6 +328,7 @@ mod tests {
         ));
     }
 
+    // covers: POOL-3107
     #[test]
     fn a_trial_that_becomes_ready_closes_the_circuit() {
         let t0 = Instant::now();
@@ -350,6 +354,7 @@ mod tests {
         );
     }
 
+    // covers: POOL-3107
     #[test]
     fn each_failed_trial_doubles_the_open_period_up_to_its_ceiling() {
         let t0 = Instant::now();

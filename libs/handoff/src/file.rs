@@ -68,6 +68,7 @@ pub fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
+    // covers: POOL-3205
     #[test]
     fn only_visible_json_files_are_handoff_paths() {
         assert!(is_handoff_path(Path::new("/r/pool-a.json")));

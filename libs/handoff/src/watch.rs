@@ -618,6 +618,7 @@ mod tests {
             .expect("watcher ended")
     }
 
+    // covers: POOL-3205
     #[tokio::test]
     async fn reports_create_atomic_rename_modify_invalid_and_delete_once_each() {
         let dir = tempfile::tempdir().unwrap();
@@ -678,6 +679,7 @@ mod tests {
         handle.await.unwrap();
     }
 
+    // covers: POOL-3205
     #[tokio::test]
     async fn non_atomic_writes_are_reported_once_with_their_content() {
         let dir = tempfile::tempdir().unwrap();
@@ -751,6 +753,7 @@ mod tests {
         }
     }
 
+    // covers: POOL-3205
     #[tokio::test]
     async fn rescan_alone_finds_files_without_duplicates() {
         let dir = tempfile::tempdir().unwrap();
@@ -937,6 +940,7 @@ mod tests {
         handle.await.unwrap();
     }
 
+    // covers: POOL-3207
     #[tokio::test]
     async fn a_directory_removed_and_created_again_is_watched_again_without_the_periodic_rescan() {
         let parent = tempfile::tempdir().unwrap();
@@ -1065,6 +1069,7 @@ mod tests {
         handle.await.unwrap();
     }
 
+    // covers: POOL-3206
     #[test]
     fn symlinks_fifos_oversized_and_world_writable_files_are_refused_once_without_blocking() {
         use std::os::unix::fs::PermissionsExt;

@@ -175,6 +175,7 @@ mod tests {
         assert_eq!(a.port, Some(9464));
     }
 
+    // covers: AUTH-5114
     #[test]
     fn both_names_with_different_values_refuse_and_the_same_value_is_accepted() {
         let e =

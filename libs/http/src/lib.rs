@@ -437,6 +437,7 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
 mod tests {
     use super::*;
 
+    // covers: AUTH-5110
     #[test]
     fn a_throttle_logs_once_per_interval_and_counts_what_it_held_back() {
         let t = LogThrottle::new(1000);

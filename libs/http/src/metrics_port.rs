@@ -88,6 +88,7 @@ mod tests {
     use super::*;
     use tower::ServiceExt;
 
+    // covers: OBS-6105
     #[test]
     fn the_address_is_the_apis_ip_with_the_port_and_bad_ports_are_refused() {
         let api: SocketAddr = "0.0.0.0:8080".parse().unwrap();
@@ -104,6 +105,7 @@ mod tests {
             .contains("the API's own port"));
     }
 
+    // covers: OBS-6105
     #[tokio::test]
     async fn only_metrics_is_served_and_other_paths_are_404_with_a_correlation_id() {
         let app = Router::new()

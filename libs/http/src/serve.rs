@@ -258,6 +258,7 @@ mod tests {
         body_read_timeout: Duration::from_millis(1500),
     };
 
+    // covers: AUTH-5111
     #[tokio::test(start_paused = true)]
     async fn a_body_not_whole_by_the_body_timeout_is_answered_408_exactly_then() {
         let addr = server(LIMITS).await;

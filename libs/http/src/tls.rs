@@ -351,6 +351,7 @@ mod tests {
         }
     }
 
+    // covers: AUTH-5201
     #[tokio::test]
     async fn https_is_served_to_a_client_trusting_the_ca_and_refused_by_one_trusting_another() {
         let dir = tempfile::tempdir().unwrap();
@@ -370,6 +371,7 @@ mod tests {
         assert!(plain.is_err(), "{plain:?}");
     }
 
+    // covers: AUTH-5202
     #[tokio::test]
     async fn mutual_tls_marks_requests_whose_client_presented_a_certificate_of_the_client_ca() {
         let dir = tempfile::tempdir().unwrap();
@@ -389,6 +391,7 @@ mod tests {
         assert!(!refused.is_empty());
     }
 
+    // covers: AUTH-5203
     #[tokio::test]
     async fn a_reload_serves_new_connections_the_new_certificate_and_a_broken_set_keeps_the_old() {
         let dir = tempfile::tempdir().unwrap();
@@ -418,6 +421,7 @@ mod tests {
         assert_eq!(who(&trusts_second, &url).await.unwrap(), "none");
     }
 
+    // covers: AUTH-5204
     #[test]
     fn open_key_files_half_settings_and_empty_files_are_refused_with_what_to_fix() {
         let dir = tempfile::tempdir().unwrap();

@@ -235,6 +235,7 @@ mod tests {
         })
     }
 
+    // covers: OBS-6109
     #[test]
     fn without_a_protocol_port_4317_is_grpc_and_4318_or_any_other_is_http() {
         use OtlpTransport::*;
@@ -266,6 +267,7 @@ mod tests {
         );
     }
 
+    // covers: OBS-6109
     #[test]
     fn a_protocol_variable_beats_the_port_and_an_unknown_one_is_refused() {
         use OtlpTransport::*;

@@ -143,6 +143,7 @@ fn parse_frame(raw: &[u8]) -> Option<SseFrame> {
 mod tests {
     use super::*;
 
+    // covers: ORCH-2315
     #[test]
     fn frames_split_anywhere_are_reassembled() {
         let stream = "event: token\nid: 3\ndata: {\"t\":\"caf\u{e9}\"}\n\n: keep-alive\n\ndata: a\ndata: b\r\n\r\n";
@@ -160,6 +161,7 @@ mod tests {
         }
     }
 
+    // covers: ORCH-2315
     #[test]
     fn a_stream_fed_one_byte_at_a_time_gives_the_same_frames() {
         let stream = "data: one\r\n\r\n: ping\n\nevent: e\ndata: two\n\ndata: three\n\n";
@@ -174,6 +176,7 @@ mod tests {
         assert_eq!(frames[1].event.as_deref(), Some("e"));
     }
 
+    // covers: ORCH-2313
     #[test]
     fn a_frame_over_the_limit_is_refused_whether_it_ended_or_not() {
         let mut p = SseParser::with_max_frame(16);

@@ -336,6 +336,7 @@ async fn check(api: &OrchClient, id: &str, seen: &Seen) -> Result<String, String
     Ok(outcome)
 }
 
+// covers: ORCH-2303
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_every_admitted_task_ends_exactly_once_and_nothing_leaks() {
     let secs: u64 = std::env::var("LLORCH_SOAK_SECS")

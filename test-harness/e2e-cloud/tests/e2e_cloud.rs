@@ -122,6 +122,7 @@ fn task(prompt: &str, max_tokens: u32) -> serde_json::Value {
     serde_json::json!({"model_ref": "tiny", "prompt": prompt, "max_tokens": max_tokens})
 }
 
+// covers: CLOUD-4116
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_handoff_is_seen_within_two_seconds_and_tasks_route_across_nodes() {
     let c = Cluster::start(
@@ -171,6 +172,7 @@ async fn distributed_handoff_is_seen_within_two_seconds_and_tasks_route_across_n
     );
 }
 
+// covers: CLOUD-4103, CLOUD-4105
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_and_partitioned_node_become_unavailable_and_the_partition_recovers() {
     let mut c = Cluster::start(
@@ -255,6 +257,7 @@ async fn tokens_are_checked_across_the_wire() {
     assert!(!log.contains(TOKEN), "token in orchestratord's log");
 }
 
+// covers: ORCH-2410, ORCH-2413
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_streaming_through_an_orchestratord_crash_ends_worker_reset_and_runs_again_only_under_a_new_id(
 ) {
@@ -316,6 +319,7 @@ async fn a_task_streaming_through_an_orchestratord_crash_ends_worker_reset_and_r
     assert_eq!(st["tokens_out"], 2000);
 }
 
+// covers: CLOUD-4116
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openai_chat_stream_runs_through_the_nodes_proxy() {
     let c = Cluster::start(&[(&[("a0", "tiny", 1, 4096)], None)], &[]).await;

@@ -24,6 +24,7 @@ fn promtool(args: &[&str], dir: &std::path::Path) -> String {
     text
 }
 
+// covers: OBS-6102
 #[test]
 fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let dir = root().join("ci/alerts");
@@ -32,6 +33,7 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     promtool(&["test", "rules", "cloud_profile.test.yml"], &dir);
 }
 
+// covers: OBS-6101
 #[test]
 fn alert_rules_name_only_linted_metrics_and_have_runbooks() {
     let text = std::fs::read_to_string(root().join("ci/alerts/cloud_profile.yml")).unwrap();
@@ -70,6 +72,7 @@ fn alert_rules_name_only_linted_metrics_and_have_runbooks() {
     assert_eq!(alerts, 6);
 }
 
+// covers: OBS-6101
 #[test]
 fn dashboard_is_valid_json_with_the_planned_panels_and_linted_metrics_only() {
     let text =

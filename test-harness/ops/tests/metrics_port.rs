@@ -32,6 +32,7 @@ async fn status_of(req: reqwest::RequestBuilder) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+// covers: OBS-6105
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_daemons_serve_metrics_alone_on_their_metrics_port_and_old_names_are_logged() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,6 +130,7 @@ async fn both_daemons_serve_metrics_alone_on_their_metrics_port_and_old_names_ar
         .contains("deprecated environment variable"));
 }
 
+// covers: AUTH-5114, OBS-6105
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_and_a_new_name_that_disagree_refuse_the_start_and_a_taken_metrics_port_too() {
     let dir = tempfile::tempdir().unwrap();

@@ -177,6 +177,7 @@ async fn run_node_exporting_to(endpoint: &str, dir: &std::path::Path) -> String 
     std::fs::read_to_string(&log).unwrap()
 }
 
+// covers: OBS-6109
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_on_4317_exports_over_grpc_and_one_on_4318_over_http_without_a_protocol() {
     let dir = tempfile::tempdir().unwrap();

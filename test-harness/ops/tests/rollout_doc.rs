@@ -31,6 +31,7 @@ fn code_spans(text: &str) -> String {
         .join(" ")
 }
 
+// covers: OBS-6101
 #[test]
 fn the_rollout_guide_names_only_listed_metrics_and_every_alert_rule() {
     let doc = repo_file("docs/ROLLOUT.md");

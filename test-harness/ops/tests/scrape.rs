@@ -51,6 +51,7 @@ async fn query(http: &reqwest::Client, prom: &str, q: &str) -> Vec<serde_json::V
     v["data"]["result"].as_array().cloned().unwrap_or_default()
 }
 
+// covers: OBS-6102
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_both_live_daemons_with_the_rules_loaded() {
     let dir = tempfile::tempdir().unwrap();

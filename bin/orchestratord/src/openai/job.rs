@@ -515,6 +515,7 @@ mod tests {
         assert_eq!(answer["finish_reason"], "length");
     }
 
+    // covers: OAI-7110
     #[test]
     fn text_past_max_tokens_is_never_logged_for_the_client() {
         let j = job(Route::Chat);
@@ -533,6 +534,7 @@ mod tests {
         assert_eq!(logged, ["a", "b"], "the overrun reached the client");
     }
 
+    // covers: OAI-7110
     #[test]
     fn only_output_beyond_the_opening_role_delta_counts_as_relayed() {
         let j = job(Route::Chat);
@@ -553,6 +555,7 @@ mod tests {
         );
     }
 
+    // covers: OAI-7110
     #[test]
     fn empty_deltas_are_neither_logged_nor_progress() {
         let j = job(Route::Chat);
@@ -570,6 +573,7 @@ mod tests {
         assert!(d.decode(&reasoning.to_string()).unwrap().visible);
     }
 
+    // covers: OAI-7111
     #[test]
     fn an_engine_error_in_the_stream_is_reported() {
         let j = job(Route::Completions);
@@ -581,6 +585,7 @@ mod tests {
         assert!(d.at_end().is_none());
     }
 
+    // covers: OAI-7110
     #[test]
     fn a_repeated_opening_role_delta_is_logged_once() {
         let j = job(Route::Chat);
@@ -592,6 +597,7 @@ mod tests {
         assert_eq!(j.log.from(0).len(), 1);
     }
 
+    // covers: OAI-7111
     #[test]
     fn tool_call_fragments_are_gathered_by_index() {
         let choices = vec![
@@ -612,6 +618,7 @@ mod tests {
         assert_eq!(answer["finish_reason"], "tool_calls");
     }
 
+    // covers: OAI-7111
     #[test]
     fn malformed_tool_call_fragments_are_skipped_not_fatal() {
         let choices = vec![
@@ -625,6 +632,7 @@ mod tests {
         assert_eq!(calls[0]["function"]["arguments"], "{}");
     }
 
+    // covers: OAI-7111
     #[test]
     fn completions_gather_their_text() {
         let choices = vec![

@@ -429,6 +429,7 @@ mod tests {
         h
     }
 
+    // covers: OAI-7108
     #[test]
     fn headers_set_priority_session_and_deadline() {
         let q = queueing(
@@ -450,6 +451,7 @@ mod tests {
         );
     }
 
+    // covers: OAI-7108
     #[test]
     fn user_keys_the_session_when_no_header_does() {
         let plain = queueing(&HeaderMap::new(), Some("alice")).unwrap();
@@ -468,6 +470,7 @@ mod tests {
         assert_eq!(queueing(&HeaderMap::new(), None).unwrap().session_id, None);
     }
 
+    // covers: OAI-7108
     #[test]
     fn bad_headers_name_themselves() {
         for (h, v) in [
@@ -485,6 +488,7 @@ mod tests {
         }
     }
 
+    // covers: OAI-7103
     #[test]
     fn error_codes_map_to_openai_types() {
         let e = OaError::from(ErrorEnvelope::new(ErrorCode::AdmissionReject, "full"));

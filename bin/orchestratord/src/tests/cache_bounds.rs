@@ -20,6 +20,7 @@ fn submit_prompt(h: &Harness, id: &str, text: &str) -> std::sync::Arc<crate::tas
     }))
 }
 
+// covers: ORCH-2209
 #[tokio::test(start_paused = true)]
 async fn a_shared_prompt_prefix_goes_to_the_pool_serving_it_until_that_pool_is_too_busy() {
     let h = Harness::start(&["--cache-balance=2"]);
@@ -52,6 +53,7 @@ async fn a_shared_prompt_prefix_goes_to_the_pool_serving_it_until_that_pool_is_t
     assert_eq!(m.with_label_values(&["miss"]).get(), 3);
 }
 
+// covers: ORCH-2209
 #[tokio::test(start_paused = true)]
 async fn with_cache_aware_placement_off_the_least_busy_pool_takes_every_task() {
     let h = Harness::start(&["--cache-aware=false"]);

@@ -159,6 +159,7 @@ async fn at(t: Instant) {
     settle().await;
 }
 
+// covers: CLOUD-4103
 #[tokio::test(start_paused = true)]
 async fn a_refusing_node_is_unusable_at_the_next_poll_within_two_intervals_of_going_down() {
     let (h, nodes, start) = cloud(&[]).await;
@@ -171,6 +172,7 @@ async fn a_refusing_node_is_unusable_at_the_next_poll_within_two_intervals_of_go
     assert!(!usable(&h, "p1"), "still used after a failed poll");
 }
 
+// covers: CLOUD-4103
 #[tokio::test(start_paused = true)]
 async fn a_hanging_node_is_unusable_when_its_poll_times_out_at_eight_tenths_of_an_interval() {
     let (h, nodes, start) = cloud(&[]).await;
@@ -185,6 +187,7 @@ async fn a_hanging_node_is_unusable_when_its_poll_times_out_at_eight_tenths_of_a
     assert!(Instant::now() - (start + MS) < 2 * INTERVAL);
 }
 
+// covers: CLOUD-4104
 #[tokio::test(start_paused = true)]
 async fn a_running_task_on_a_node_that_fails_a_poll_ends_with_worker_reset_at_that_poll() {
     let (h, nodes, start) = cloud(&[]).await;
@@ -197,6 +200,7 @@ async fn a_running_task_on_a_node_that_fails_a_poll_ends_with_worker_reset_at_th
     assert_eq!(when, start + INTERVAL);
 }
 
+// covers: CLOUD-4105
 #[tokio::test(start_paused = true)]
 async fn a_node_back_from_failure_is_used_only_after_the_configured_number_of_good_polls() {
     let (h, nodes, start) = cloud(&["--pool-poll-recovery=3"]).await;
@@ -212,6 +216,7 @@ async fn a_node_back_from_failure_is_used_only_after_the_configured_number_of_go
     assert!(usable(&h, "p1"), "not used after 3 good polls");
 }
 
+// covers: CLOUD-4102
 #[tokio::test(start_paused = true)]
 async fn polls_run_at_the_configured_interval_and_no_faster() {
     let (_h, nodes, start) = cloud(&[]).await;
@@ -221,6 +226,7 @@ async fn polls_run_at_the_configured_interval_and_no_faster() {
     assert_eq!(nodes.polls(), 11);
 }
 
+// covers: CLOUD-4108
 #[tokio::test(start_paused = true)]
 async fn a_registered_node_that_stops_heartbeating_is_dropped_at_the_first_poll_past_the_timeout() {
     let h = Harness::start(&[
@@ -256,6 +262,7 @@ async fn a_registered_node_that_stops_heartbeating_is_dropped_at_the_first_poll_
     assert!(usable(&h, "p2"));
 }
 
+// covers: CLOUD-4109
 #[tokio::test(start_paused = true)]
 async fn a_pool_id_reported_by_a_second_node_is_ignored_and_the_first_keeps_it() {
     let h = Harness::start(&[
@@ -281,6 +288,7 @@ async fn a_pool_id_reported_by_a_second_node_is_ignored_and_the_first_keeps_it()
     assert_eq!(log.count("already served by another pool-managerd"), 1);
 }
 
+// covers: CLOUD-4109
 #[tokio::test(start_paused = true)]
 async fn a_pool_id_held_by_an_unavailable_node_moves_to_the_node_reporting_it_and_stays_there() {
     let h = Harness::start(&[
@@ -312,6 +320,7 @@ async fn a_pool_id_held_by_an_unavailable_node_moves_to_the_node_reporting_it_an
     }
 }
 
+// covers: CLOUD-4106
 #[tokio::test(start_paused = true)]
 async fn tasks_for_a_restarting_cloud_pool_queue_and_a_failed_one_is_refused_at_the_next_poll() {
     use llorch_contracts::PoolState;
@@ -341,6 +350,7 @@ async fn tasks_for_a_restarting_cloud_pool_queue_and_a_failed_one_is_refused_at_
     assert_eq!(terminal(&served).await.0, "end");
 }
 
+// covers: ORCH-2202
 #[tokio::test(start_paused = true)]
 async fn between_equally_free_cloud_pools_the_one_with_more_free_gpu_memory_takes_the_task() {
     let h = Harness::start(&[
@@ -376,6 +386,7 @@ async fn between_equally_free_cloud_pools_the_one_with_more_free_gpu_memory_take
     assert_eq!(t.pool_id().as_deref(), Some("a"));
 }
 
+// covers: CLOUD-4111
 #[tokio::test(start_paused = true)]
 async fn pools_a_node_reports_outside_the_limits_are_ignored_and_the_rest_is_used() {
     let (h, nodes, start) = cloud(&[]).await;
@@ -405,6 +416,7 @@ async fn pools_a_node_reports_outside_the_limits_are_ignored_and_the_rest_is_use
     assert_eq!(h.orch.pools.slot_totals().1, 1);
 }
 
+// covers: OBS-6104
 #[tokio::test(start_paused = true)]
 async fn metric_series_of_a_pool_that_went_away_leave_the_exposition() {
     let (h, nodes, start) = cloud(&[]).await;
@@ -426,6 +438,7 @@ async fn metric_series_of_a_pool_that_went_away_leave_the_exposition() {
     assert!(text.contains("pool_id=\"p2\""));
 }
 
+// covers: OBS-6104
 #[tokio::test(start_paused = true)]
 async fn every_failed_poll_is_counted_as_a_failed_health_check_of_the_nodes_pools() {
     let (h, nodes, start) = cloud(&[]).await;
@@ -445,6 +458,7 @@ async fn every_failed_poll_is_counted_as_a_failed_health_check_of_the_nodes_pool
     assert_eq!((checks("ok"), checks("fail")), (1, 3));
 }
 
+// covers: CLOUD-4110
 #[tokio::test(start_paused = true)]
 async fn a_node_registering_again_from_a_new_address_moves_its_pools_there_and_ends_work_at_the_old_one(
 ) {

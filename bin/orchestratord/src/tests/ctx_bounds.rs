@@ -29,6 +29,7 @@ fn harness() -> Harness {
     h
 }
 
+// covers: ORCH-2114
 #[tokio::test(start_paused = true)]
 async fn a_prompt_short_enough_for_every_pool_is_never_counted() {
     let h = harness();
@@ -38,6 +39,7 @@ async fn a_prompt_short_enough_for_every_pool_is_never_counted() {
     assert!(h.engine.tokenized().is_empty());
 }
 
+// covers: ORCH-2114
 #[tokio::test(start_paused = true)]
 async fn a_prompt_too_long_for_every_pool_is_refused_with_the_largest_per_slot_context() {
     let h = harness();
@@ -53,6 +55,7 @@ async fn a_prompt_too_long_for_every_pool_is_refused_with_the_largest_per_slot_c
     assert_eq!(h.engine.tokenized().len(), 1);
 }
 
+// covers: ORCH-2201
 #[tokio::test(start_paused = true)]
 async fn a_prompt_that_fits_only_the_larger_pool_runs_there() {
     let h = harness();

@@ -11,6 +11,7 @@ use super::kit::*;
 
 const MS: Duration = Duration::from_millis(1);
 
+// covers: ORCH-2203
 #[tokio::test(start_paused = true)]
 async fn home_pools_carry_pool_managerds_free_gpu_memory_and_placement_breaks_ties_with_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -141,6 +141,7 @@ fn flags() -> Vec<&'static str> {
     ]
 }
 
+// covers: ORCH-2401
 #[tokio::test(start_paused = true)]
 async fn an_admission_the_journal_fails_is_refused_503_and_never_runs() {
     let journal = ScriptedJournal::new(Mode::Fail, vec![]);
@@ -163,6 +164,7 @@ async fn an_admission_the_journal_fails_is_refused_503_and_never_runs() {
     assert_eq!(h.orch.metrics.journal_errors.get(), 3);
 }
 
+// covers: ORCH-2402
 #[tokio::test(start_paused = true)]
 async fn an_admission_the_journal_holds_is_refused_503_at_exactly_the_journal_timeout_and_never_runs(
 ) {
@@ -193,6 +195,7 @@ async fn an_admission_the_journal_holds_is_refused_503_at_exactly_the_journal_ti
     assert_eq!(h.engine.calls().len(), 1);
 }
 
+// covers: ORCH-2403
 #[tokio::test(start_paused = true)]
 async fn a_resubmission_while_the_first_admission_waits_for_the_journal_is_answered_with_it() {
     let journal = ScriptedJournal::new(Mode::Hold, vec![]);
@@ -238,6 +241,7 @@ fn record(id: &str, priority: &str, wall_deadline: Option<u64>, first_token: boo
     }
 }
 
+// covers: ORCH-2410
 #[tokio::test(start_paused = true)]
 async fn recovery_requeues_in_order_ends_what_streamed_restores_what_ended_and_keeps_wall_deadlines(
 ) {
@@ -315,6 +319,7 @@ async fn recovery_requeues_in_order_ends_what_streamed_restores_what_ended_and_k
     assert_eq!(submit(&h, other).await.0, StatusCode::CONFLICT);
 }
 
+// covers: ORCH-2412
 #[tokio::test(start_paused = true)]
 async fn recovered_tasks_nobody_follows_are_cancelled_at_exactly_the_reattach_window() {
     let journal = ScriptedJournal::new(
@@ -339,6 +344,7 @@ async fn recovered_tasks_nobody_follows_are_cancelled_at_exactly_the_reattach_wi
     assert!(h.orch.queue_position("followed").is_some());
 }
 
+// covers: ORCH-2404
 #[tokio::test(start_paused = true)]
 async fn an_admission_settles_even_when_its_client_goes_away_while_the_journal_writes() {
     let journal = ScriptedJournal::new(Mode::Hold, vec![]);

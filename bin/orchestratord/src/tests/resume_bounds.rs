@@ -11,6 +11,7 @@ use crate::sse::SubscriberGuard;
 
 const MS: Duration = Duration::from_millis(1);
 
+// covers: ORCH-2309
 #[tokio::test(start_paused = true)]
 async fn a_task_left_by_its_last_subscriber_is_cancelled_exactly_at_the_grace() {
     let h = Harness::start(&["--disconnect-grace-ms=1500"]);
@@ -27,6 +28,7 @@ async fn a_task_left_by_its_last_subscriber_is_cancelled_exactly_at_the_grace() 
     assert_eq!(h.engine.open_streams(), 0);
 }
 
+// covers: ORCH-2309
 #[tokio::test(start_paused = true)]
 async fn a_subscriber_back_within_the_grace_keeps_the_task_and_the_grace_restarts_when_it_leaves() {
     let h = Harness::start(&["--disconnect-grace-ms=1000"]);
@@ -53,6 +55,7 @@ async fn a_subscriber_back_within_the_grace_keeps_the_task_and_the_grace_restart
     );
 }
 
+// covers: ORCH-2309
 #[tokio::test(start_paused = true)]
 async fn a_task_that_ends_within_the_grace_keeps_its_own_ending() {
     let h = Harness::start(&["--disconnect-grace-ms=1000"]);

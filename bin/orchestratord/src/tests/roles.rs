@@ -49,6 +49,7 @@ async fn call(h: &Harness, method: &str, path: &str, key: Option<&str>, body: &s
         .status()
 }
 
+// covers: AUTH-5101, OBS-6110
 #[tokio::test(start_paused = true)]
 async fn every_route_answers_each_role_as_the_role_table_says() {
     let k = harness();
@@ -171,6 +172,7 @@ async fn h_submit_owned(h: &Harness, id: &str, key: &str) {
     );
 }
 
+// covers: AUTH-5105
 #[tokio::test(start_paused = true)]
 async fn a_client_sees_only_its_own_tasks_and_an_admin_sees_all() {
     let k = harness();
@@ -254,6 +256,7 @@ async fn submit_as(h: &Harness, key: &str, id: &str) -> (StatusCode, serde_json:
     (status, serde_json::from_slice(&bytes).unwrap_or_default())
 }
 
+// covers: ORCH-2116
 #[tokio::test(start_paused = true)]
 async fn a_key_over_its_rate_gets_429_until_its_bucket_refills_exactly() {
     let k = limited();
@@ -279,6 +282,7 @@ async fn a_key_over_its_rate_gets_429_until_its_bucket_refills_exactly() {
     assert_eq!(m.with_label_values(&["carol", "key_rate"]).get(), 2);
 }
 
+// covers: ORCH-2116
 #[tokio::test(start_paused = true)]
 async fn a_key_at_its_concurrency_limit_gets_429_until_its_task_ends() {
     let k = limited();
@@ -312,6 +316,7 @@ async fn a_key_at_its_concurrency_limit_gets_429_until_its_task_ends() {
     assert_eq!(submit_as(&k.h, DAVE, "d4").await.0, StatusCode::ACCEPTED);
 }
 
+// covers: AUTH-5106
 #[tokio::test(start_paused = true)]
 async fn a_node_id_bound_to_its_own_token_answers_only_that_token_and_that_token_only_it() {
     const NODE_A: &str = "node-a-own-secret-0123456";

@@ -50,6 +50,7 @@ async fn follow_until_a_token(h: &Harness, id: &str) -> (axum::body::BodyDataStr
     (body, seen)
 }
 
+// covers: ORCH-2103
 #[tokio::test]
 async fn an_unknown_route_answers_404_not_found_in_the_envelope() {
     let h = Harness::start(&[]);
@@ -59,6 +60,7 @@ async fn an_unknown_route_answers_404_not_found_in_the_envelope() {
     assert_eq!(body["retriable"], false);
 }
 
+// covers: ORCH-2103
 #[tokio::test]
 async fn a_wrong_method_answers_405_method_not_allowed_in_the_envelope() {
     let h = Harness::start(&[]);
@@ -77,6 +79,7 @@ async fn a_wrong_method_answers_405_method_not_allowed_in_the_envelope() {
     }
 }
 
+// covers: ORCH-2309
 #[tokio::test(start_paused = true)]
 async fn the_last_subscriber_leaving_cancels_a_running_task_and_frees_its_slot_after_the_grace() {
     let h = Harness::start(&["--disconnect-grace-ms=2000"]);
@@ -98,6 +101,7 @@ async fn the_last_subscriber_leaving_cancels_a_running_task_and_frees_its_slot_a
     );
 }
 
+// covers: ORCH-2305
 #[tokio::test(start_paused = true)]
 async fn a_replay_of_frames_the_log_cap_dropped_answers_410_replay_unavailable() {
     let h = Harness::start(&["--task-log-max-bytes=4096"]);
@@ -143,6 +147,7 @@ async fn a_replay_of_frames_the_log_cap_dropped_answers_410_replay_unavailable()
     assert!(text.contains("event: end"), "{text:.200}");
 }
 
+// covers: ORCH-2305
 #[tokio::test(start_paused = true)]
 async fn a_subscriber_that_falls_behind_the_log_cap_gets_replay_unavailable_and_the_task_goes_on() {
     use futures_util::StreamExt;

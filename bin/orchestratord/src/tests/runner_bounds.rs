@@ -9,6 +9,7 @@ use super::kit::*;
 
 const MS: Duration = Duration::from_millis(1);
 
+// covers: ORCH-2301
 #[tokio::test(start_paused = true)]
 async fn a_task_streams_its_tokens_and_ends_with_end_after_the_last_chunk() {
     let h = Harness::start(&[]);
@@ -29,6 +30,7 @@ async fn a_task_streams_its_tokens_and_ends_with_end_after_the_last_chunk() {
     assert_eq!(h.orch.pools.get("a").unwrap().in_flight, 0);
 }
 
+// covers: ORCH-2308
 #[tokio::test(start_paused = true)]
 async fn cancel_of_a_running_task_aborts_the_engine_stream_and_frees_the_slot_at_once() {
     let h = Harness::start(&[]);
@@ -55,6 +57,7 @@ async fn cancel_of_a_running_task_aborts_the_engine_stream_and_frees_the_slot_at
     assert_eq!(task.status(None).tokens_out, 5);
 }
 
+// covers: ORCH-2312
 #[tokio::test(start_paused = true)]
 async fn a_stream_stalled_after_tokens_ends_with_decode_timeout_exactly_decode_timeout_after_the_last_chunk(
 ) {
@@ -73,6 +76,7 @@ async fn a_stream_stalled_after_tokens_ends_with_decode_timeout_exactly_decode_t
     assert_eq!(h.engine.open_streams(), 0);
 }
 
+// covers: ORCH-2312
 #[tokio::test(start_paused = true)]
 async fn an_open_stream_without_a_first_token_ends_with_decode_timeout_exactly_at_the_first_token_timeout(
 ) {
@@ -86,6 +90,7 @@ async fn an_open_stream_without_a_first_token_ends_with_decode_timeout_exactly_a
     assert_eq!(at - t0, 1500 * MS);
 }
 
+// covers: ORCH-2214
 #[tokio::test(start_paused = true)]
 async fn an_engine_that_never_answers_is_marked_unhealthy_and_the_retry_waits_for_its_health() {
     let h = Harness::start(&["--first-token-timeout-ms=1000"]);
@@ -110,6 +115,7 @@ async fn an_engine_that_never_answers_is_marked_unhealthy_and_the_retry_waits_fo
     assert_eq!(task.status(None).attempts, 2);
 }
 
+// covers: ORCH-2212
 #[tokio::test(start_paused = true)]
 async fn a_stream_closed_before_the_first_token_is_retried_once_on_the_other_pool() {
     let h = Harness::start(&[]);
@@ -129,6 +135,7 @@ async fn a_stream_closed_before_the_first_token_is_retried_once_on_the_other_poo
     );
 }
 
+// covers: ORCH-2212
 #[tokio::test(start_paused = true)]
 async fn a_server_error_before_the_first_token_is_retried_and_a_second_failure_ends_with_worker_reset(
 ) {
@@ -149,6 +156,7 @@ async fn a_server_error_before_the_first_token_is_retried_and_a_second_failure_e
     assert_eq!(h.engine.calls().len(), 2);
 }
 
+// covers: ORCH-2213
 #[tokio::test(start_paused = true)]
 async fn a_stream_broken_after_the_first_token_ends_with_worker_reset_without_a_retry() {
     let h = Harness::start(&[]);
@@ -171,6 +179,7 @@ async fn a_stream_broken_after_the_first_token_ends_with_worker_reset_without_a_
     assert_eq!(task.status(None).tokens_out, 1);
 }
 
+// covers: ORCH-2314
 #[tokio::test(start_paused = true)]
 async fn an_engine_refusal_ends_the_task_with_invalid_params_without_a_retry() {
     let h = Harness::start(&[]);
@@ -183,6 +192,7 @@ async fn an_engine_refusal_ends_the_task_with_invalid_params_without_a_retry() {
     assert_eq!(h.engine.calls().len(), 1);
 }
 
+// covers: ORCH-2314
 #[tokio::test(start_paused = true)]
 async fn an_error_chunk_in_the_stream_ends_the_task_with_invalid_params() {
     let h = Harness::start(&[]);
@@ -203,6 +213,7 @@ async fn an_error_chunk_in_the_stream_ends_the_task_with_invalid_params() {
     );
 }
 
+// covers: CLOUD-4104
 #[tokio::test(start_paused = true)]
 async fn a_lost_node_ends_its_running_task_with_worker_reset_at_that_instant() {
     let h = Harness::start(&[]);
@@ -218,6 +229,7 @@ async fn a_lost_node_ends_its_running_task_with_worker_reset_at_that_instant() {
     assert_eq!(h.engine.open_streams(), 0);
 }
 
+// covers: CLOUD-4104
 #[tokio::test(start_paused = true)]
 async fn a_node_lost_before_the_first_token_sends_the_task_to_another_pool() {
     let h = Harness::start(&[]);
@@ -233,6 +245,7 @@ async fn a_node_lost_before_the_first_token_sends_the_task_to_another_pool() {
     assert_eq!(h.engine.calls(), ["http://a", "http://b"]);
 }
 
+// covers: ORCH-2214
 #[tokio::test(start_paused = true)]
 async fn a_pool_whose_engine_turns_unhealthy_takes_no_task_until_it_is_healthy_again() {
     let h = Harness::start(&[]);
@@ -253,6 +266,7 @@ async fn a_pool_whose_engine_turns_unhealthy_takes_no_task_until_it_is_healthy_a
     assert_eq!(at - healthy_at, 2 * MS);
 }
 
+// covers: ORCH-2312
 #[tokio::test(start_paused = true)]
 async fn comments_or_empty_chunks_from_a_stalled_engine_do_not_keep_its_task_alive() {
     let h = Harness::start(&["--decode-timeout-ms=700"]);
@@ -269,6 +283,7 @@ async fn comments_or_empty_chunks_from_a_stalled_engine_do_not_keep_its_task_ali
     assert_eq!(h.engine.open_streams(), 0);
 }
 
+// covers: ORCH-2313
 #[tokio::test(start_paused = true)]
 async fn an_engine_that_overruns_max_tokens_is_cut_off_at_max_tokens() {
     let h = Harness::start(&[]);
@@ -287,6 +302,7 @@ async fn an_engine_that_overruns_max_tokens_is_cut_off_at_max_tokens() {
     assert_eq!(h.orch.pools.get("a").unwrap().in_flight, 0);
 }
 
+// covers: ORCH-2313
 #[tokio::test(start_paused = true)]
 async fn an_engine_frame_that_never_ends_is_refused_at_one_mebibyte() {
     let h = Harness::start(&[]);
@@ -307,6 +323,7 @@ async fn an_engine_frame_that_never_ends_is_refused_at_one_mebibyte() {
     );
 }
 
+// covers: ORCH-2215
 #[tokio::test(start_paused = true)]
 async fn a_pool_failing_three_dispatches_in_a_row_is_ejected_for_a_second_then_used_again() {
     let h = Harness::start(&[]);

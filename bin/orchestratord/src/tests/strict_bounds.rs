@@ -21,6 +21,7 @@ fn single_slot(id: &str, build: &str) -> PoolEntry {
     }
 }
 
+// covers: ORCH-2115
 #[tokio::test(start_paused = true)]
 async fn a_strict_task_is_refused_when_its_single_slot_pools_run_different_engine_builds() {
     let h = Harness::start(&[]);
@@ -35,6 +36,7 @@ async fn a_strict_task_is_refused_when_its_single_slot_pools_run_different_engin
     );
 }
 
+// covers: ORCH-2211
 #[tokio::test(start_paused = true)]
 async fn a_strict_task_runs_when_its_single_slot_pools_share_one_build_and_never_on_a_batching_pool(
 ) {

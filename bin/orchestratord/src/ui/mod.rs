@@ -57,6 +57,7 @@ mod tests {
 
     use super::*;
 
+    // covers: OBS-6111
     #[test]
     fn the_assets_load_nothing_from_elsewhere_and_run_no_inline_code() {
         for (name, text) in [("page", PAGE), ("script", SCRIPT), ("style", STYLE)] {

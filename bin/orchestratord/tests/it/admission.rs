@@ -16,6 +16,7 @@ pub(crate) async fn occupy_the_slot(s: &Stack) -> String {
     a.task_id
 }
 
+// covers: ORCH-2205
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_times_more_tasks_than_slots_all_complete_without_oversubscribing_engines() {
     let toml = format!("{}{}", pool_toml("a", 2, 4096), pool_toml("b", 2, 4096));
@@ -64,6 +65,7 @@ async fn three_times_more_tasks_than_slots_all_complete_without_oversubscribing_
     assert_eq!(pools.len(), 2, "both pools took work");
 }
 
+// covers: ORCH-2107
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactive_tasks_submitted_after_batch_tasks_start_first() {
     let s = Stack::start(StackOptions {
@@ -109,6 +111,7 @@ async fn interactive_tasks_submitted_after_batch_tasks_start_first() {
     }
 }
 
+// covers: ORCH-2105
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_with_reject_policy_answers_429_with_retry_after_and_backoff() {
     let s = Stack::start(StackOptions {
@@ -153,6 +156,7 @@ async fn full_queue_with_reject_policy_answers_429_with_retry_after_and_backoff(
     );
 }
 
+// covers: ORCH-2106
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_with_drop_lru_ends_the_oldest_batch_task_and_admits_the_new_one() {
     let s = Stack::start(StackOptions {
@@ -184,6 +188,7 @@ async fn full_queue_with_drop_lru_ends_the_oldest_batch_task_and_admits_the_new_
     );
 }
 
+// covers: ORCH-2102, ORCH-2103, AUTH-5111
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_typed_errors_in_the_envelope() {
     let s = Stack::start(StackOptions {
@@ -308,6 +313,7 @@ async fn bad_input_gets_typed_errors_in_the_envelope() {
     assert!(!s.orch_log().contains(TOKEN));
 }
 
+// covers: ORCH-2104
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubmitting_the_same_task_id_is_idempotent() {
     let s = Stack::start(StackOptions {
@@ -330,6 +336,7 @@ async fn resubmitting_the_same_task_id_is_idempotent() {
     );
 }
 
+// covers: ORCH-2108
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_that_cannot_start_before_its_deadline_ends_with_deadline_unmet() {
     let s = Stack::start(StackOptions {
@@ -348,6 +355,7 @@ async fn task_that_cannot_start_before_its_deadline_ends_with_deadline_unmet() {
     s.cancel(&long).await;
 }
 
+// covers: ORCH-2114
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_longer_than_every_per_slot_context_is_refused_at_admission_by_the_engines_count()
 {

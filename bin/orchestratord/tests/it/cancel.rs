@@ -11,6 +11,7 @@ async fn wait_slot_idle(s: &Stack, within: Duration) {
     .await;
 }
 
+// covers: ORCH-2306, ORCH-2307
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_queued_task_never_reaches_the_engine() {
     let s = Stack::start(StackOptions {
@@ -45,6 +46,7 @@ async fn cancelled_queued_task_never_reaches_the_engine() {
     );
 }
 
+// covers: ORCH-2308
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_running_task_ends_cancelled_and_frees_the_engine_slot_within_a_second() {
     let s = Stack::start(StackOptions {
@@ -68,6 +70,7 @@ async fn cancelled_running_task_ends_cancelled_and_frees_the_engine_slot_within_
     );
 }
 
+// covers: ORCH-2309
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_the_last_event_stream_cancels_the_task_after_the_grace_and_frees_the_slot() {
     let s = Stack::start(StackOptions {
@@ -101,6 +104,7 @@ async fn closing_the_last_event_stream_cancels_the_task_after_the_grace_and_free
     wait_slot_idle(&s, Duration::from_secs(1)).await;
 }
 
+// covers: ORCH-2310
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_does_not_cancel_when_configured_off() {
     let s = Stack::start(StackOptions {
@@ -118,6 +122,7 @@ async fn disconnect_does_not_cancel_when_configured_off() {
     assert_eq!(st.tokens_out, 2000);
 }
 
+// covers: ORCH-2311
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_behind_a_cancelled_one_are_told_their_new_position() {
     let s = Stack::start(StackOptions {
@@ -143,6 +148,7 @@ async fn tasks_behind_a_cancelled_one_are_told_their_new_position() {
     assert!(ev.frame_named("end").await.is_some());
 }
 
+// covers: ORCH-2304, ORCH-2309
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_back_within_the_grace_resumes_with_last_event_id_and_the_task_completes() {
     let s = Stack::start(StackOptions {

@@ -107,6 +107,7 @@ fn open_paths(pid: u32) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+// covers: CLOUD-4112
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -229,6 +230,7 @@ async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
     drop((a, c));
 }
 
+// covers: CLOUD-4103
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_is_unavailable_within_2500_ms_at_a_1_s_poll_interval_and_work_moves_on() {
     // End to end on real processes, with slack for two busy cores; the exact bound (the next
@@ -302,6 +304,7 @@ async fn killed_node_is_unavailable_within_2500_ms_at_a_1_s_poll_interval_and_wo
     drop(b);
 }
 
+// covers: CLOUD-4112
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_managerd_with_another_token_is_refused_and_never_used() {
     let dir = tempfile::tempdir().unwrap();
@@ -337,6 +340,7 @@ async fn pool_managerd_with_another_token_is_refused_and_never_used() {
     assert!(!cloud.log().contains(TOKEN));
 }
 
+// covers: CLOUD-4107
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_register_heartbeat_serve_and_deregister_on_shutdown() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,7 @@ fn terminal_count(frames: &[llorch_client::SseFrame]) -> usize {
         .count()
 }
 
+// covers: ORCH-2213
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_managerd_killed_mid_stream_and_restarted_ends_the_stream_once_and_serves_the_tasks_that_waited(
 ) {
@@ -50,6 +51,7 @@ async fn pool_managerd_killed_mid_stream_and_restarted_ends_the_stream_once_and_
     assert_ne!(s.handoff("p0").pid.unwrap(), engine_pid);
 }
 
+// covers: POOL-3112
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_managerd_sigterm_with_a_task_running_ends_it_once_and_leaves_no_engine() {
     let mut s = Stack::start(StackOptions {
@@ -86,6 +88,7 @@ async fn pool_managerd_sigterm_with_a_task_running_ends_it_once_and_leaves_no_en
     .await;
 }
 
+// covers: OAI-7112
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orchestratord_sigterm_lets_an_openai_stream_in_flight_finish_with_done() {
     let mut s = Stack::start(StackOptions {

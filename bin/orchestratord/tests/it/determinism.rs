@@ -17,6 +17,7 @@ fn tokens_of(frames: &[llorch_client::SseFrame]) -> Vec<String> {
         .collect()
 }
 
+// covers: ORCH-2211
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_strict_task_twice_streams_the_same_tokens_on_a_single_slot_pool() {
     let toml = format!(

@@ -29,6 +29,7 @@ async fn terminal_frames(s: &Stack, id: &str) -> Vec<(String, serde_json::Value)
         .collect()
 }
 
+// covers: ORCH-2413
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_no_admitted_task_and_ends_each_exactly_once() {
     let seed: u64 = rand::random();

@@ -88,6 +88,7 @@ async fn ending(events: &mut EventStream) -> (String, serde_json::Value) {
     (f.event.clone().unwrap_or_default(), data(&f))
 }
 
+// covers: ORCH-2312
 #[tokio::test]
 async fn an_engine_that_goes_silent_mid_stream_ends_the_task_with_decode_timeout() {
     let p = proxied(vec![("ORCHD_DECODE_TIMEOUT_MS", "1500".into())]).await;
@@ -102,6 +103,7 @@ async fn an_engine_that_goes_silent_mid_stream_ends_the_task_with_decode_timeout
     p.serves_again().await;
 }
 
+// covers: ORCH-2213
 #[tokio::test]
 async fn an_engine_connection_reset_mid_stream_ends_the_task_with_worker_reset() {
     let p = proxied(vec![]).await;
@@ -117,6 +119,7 @@ async fn an_engine_connection_reset_mid_stream_ends_the_task_with_worker_reset()
     p.serves_again().await;
 }
 
+// covers: ORCH-2302
 #[tokio::test]
 async fn a_slow_and_late_engine_link_still_delivers_every_token_once_and_in_order() {
     let p = proxied(vec![]).await;
@@ -139,6 +142,7 @@ async fn a_slow_and_late_engine_link_still_delivers_every_token_once_and_in_orde
     }
 }
 
+// covers: ORCH-2314
 #[tokio::test]
 async fn an_engine_that_answers_400_and_withholds_the_body_neither_hangs_the_task_nor_keeps_its_slot(
 ) {

@@ -164,6 +164,7 @@ impl HealthPoll {
     }
 }
 
+// covers: POOL-3208
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_handoff_files_in_one_second_are_all_bound_then_all_unbound_while_health_answers(
 ) {
@@ -220,6 +221,7 @@ async fn a_thousand_handoff_files_in_one_second_are_all_bound_then_all_unbound_w
     );
 }
 
+// covers: POOL-3207
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_dir_removed_and_created_again_unbinds_its_pools_and_is_watched_again() {
     let engine = ExternalEngine::start(&tiny_model(), 1).await;
@@ -252,6 +254,7 @@ async fn a_runtime_dir_removed_and_created_again_unbinds_its_pools_and_is_watche
     );
 }
 
+// covers: POOL-3207
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_managerd_writes_its_handoff_file_again_when_the_runtime_dir_comes_back() {
     let s = Stack::start(StackOptions {

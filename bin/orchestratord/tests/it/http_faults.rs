@@ -59,6 +59,7 @@ fn post_head(path: &str, len: usize) -> String {
     )
 }
 
+// covers: AUTH-5111
 #[tokio::test]
 async fn a_trickled_body_is_answered_408_request_timeout_by_both_daemons() {
     let s = stack().await;
@@ -84,6 +85,7 @@ async fn a_trickled_body_is_answered_408_request_timeout_by_both_daemons() {
     assert_eq!(s.get("/health").await.status(), 200);
 }
 
+// covers: AUTH-5112
 #[tokio::test]
 async fn trickled_headers_are_cut_off_by_pool_managerd_too() {
     let s = stack().await;
@@ -98,6 +100,7 @@ async fn trickled_headers_are_cut_off_by_pool_managerd_too() {
     assert!(sent.elapsed() < Duration::from_secs(10), "never cut off");
 }
 
+// covers: AUTH-5111
 #[tokio::test]
 async fn too_many_or_too_large_headers_are_answered_431_by_both_daemons() {
     let s = stack().await;
@@ -128,6 +131,7 @@ async fn too_many_or_too_large_headers_are_answered_431_by_both_daemons() {
     }
 }
 
+// covers: AUTH-5111
 #[tokio::test]
 async fn a_body_over_the_limit_is_answered_413_by_pool_managerd() {
     let s = stack().await;
@@ -147,6 +151,7 @@ async fn a_body_over_the_limit_is_answered_413_by_pool_managerd() {
     assert_eq!(body["code"], "PAYLOAD_TOO_LARGE");
 }
 
+// covers: ORCH-2102, OAI-7103
 #[tokio::test]
 async fn malformed_json_and_invalid_utf8_are_typed_400s_on_both_apis() {
     let s = stack().await;
@@ -179,6 +184,7 @@ async fn malformed_json_and_invalid_utf8_are_typed_400s_on_both_apis() {
 /// HTTP/1.1 servers may treat a half-close as the client leaving; hyper does (half-close
 /// support off), which is what lets a disconnect cancel a queued task at once. The request may
 /// or may not have been admitted by then: either it never was, or it runs to its one end.
+// covers: AUTH-5113
 #[tokio::test]
 async fn a_client_that_half_closes_after_its_request_is_treated_as_gone_and_nothing_hangs() {
     let s = stack().await;
@@ -212,6 +218,7 @@ async fn a_client_that_half_closes_after_its_request_is_treated_as_gone_and_noth
     assert_eq!(st.state, llorch_contracts::tasks::TaskState::Completed);
 }
 
+// covers: AUTH-5112
 #[tokio::test]
 async fn pool_managerd_serves_at_most_its_connection_cap_and_the_next_when_one_closes() {
     let s = stack().await;

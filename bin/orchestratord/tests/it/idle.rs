@@ -13,6 +13,7 @@ pub const IDLE_WINDOW: Duration = Duration::from_secs(10);
 /// Share of one core an idle daemon may use.
 pub const IDLE_CPU_MAX: f64 = 0.05;
 
+// covers: OBS-6114
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn home_orchestratord_idle_for_10s_uses_under_5_percent_of_a_core() {
     // The HOME shape of `make up`: pool-managerd and orchestratord watch one directory, which
@@ -42,6 +43,7 @@ async fn home_orchestratord_idle_for_10s_uses_under_5_percent_of_a_core() {
     );
 }
 
+// covers: OBS-6114
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_orchestratord_idle_for_10s_uses_under_5_percent_of_a_core() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@ fn sigterm(child: &tokio::process::Child) {
         .success());
 }
 
+// covers: ORCH-2117, ORCH-2316
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_running_tasks_finish_refuses_new_ones_and_exits_zero() {
     let mut s = Stack::start(StackOptions {
@@ -54,6 +55,7 @@ async fn sigterm_lets_running_tasks_finish_refuses_new_ones_and_exits_zero() {
     assert!(status.success(), "{status:?}\n{}", s.orch_log());
 }
 
+// covers: ORCH-2316
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_tasks_outliving_the_grace_period_with_an_error_event() {
     let mut s = Stack::start(StackOptions {
@@ -85,6 +87,7 @@ async fn sigterm_ends_tasks_outliving_the_grace_period_with_an_error_event() {
     assert!(s.pm.try_wait().unwrap().is_none());
 }
 
+// covers: OBS-6110, OBS-6116
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_reload_are_forwarded_to_pool_managerd() {
     let s = Stack::start(StackOptions {
@@ -151,6 +154,7 @@ async fn drain_and_reload_are_forwarded_to_pool_managerd() {
     assert_eq!(bad.status(), 400);
 }
 
+// covers: AUTH-5107, OBS-6106
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_correlation_and_task_fields_and_never_the_token() {
     let s = Stack::start(StackOptions {
@@ -213,6 +217,7 @@ async fn json_logs_carry_correlation_and_task_fields_and_never_the_token() {
     assert!(!log.contains(TOKEN));
 }
 
+// covers: AUTH-5110
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_counted_and_logged_at_most_once_a_second_in_both_daemons() {
     let s = Stack::start(StackOptions {
@@ -279,6 +284,7 @@ async fn trickle(base: &str) -> tokio::net::TcpStream {
     sock
 }
 
+// covers: AUTH-5112, OBS-6110
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_trickling_its_headers_is_cut_off_and_http2_is_not_spoken() {
     use tokio::io::AsyncReadExt;
@@ -310,6 +316,7 @@ async fn a_client_trickling_its_headers_is_cut_off_and_http2_is_not_spoken() {
     assert_eq!(s.get("/health").await.status(), 200);
 }
 
+// covers: AUTH-5112
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_wait_until_one_closes() {
     let s = Stack::start(StackOptions {

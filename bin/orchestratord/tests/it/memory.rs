@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::harness::*;
 
+// covers: ORCH-2415
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submitting_and_cancelling_large_prompts_does_not_grow_memory() {
     let s = Stack::start(StackOptions {

@@ -6,6 +6,7 @@ use crate::harness::*;
 
 /// Exercises both live daemons so every family has samples, then checks both scrapes against
 /// `ci/metrics.lint.json`: same names, types and labels, no unlisted family, bounded values.
+// covers: OBS-6101
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_of_both_live_daemons_match_the_lint_list() {
     let s = Stack::start(StackOptions {

@@ -99,6 +99,7 @@ fn task_id(resp: &reqwest::Response) -> String {
         .to_string()
 }
 
+// covers: OAI-7101
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_stream_speaks_openais_wire_and_is_a_task() {
     let s = Stack::start(StackOptions {
@@ -189,6 +190,7 @@ async fn chat_stream_speaks_openais_wire_and_is_a_task() {
         .all(|c| c.get("usage").is_none() && !c["choices"].as_array().unwrap().is_empty()));
 }
 
+// covers: OAI-7102
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_answers_completions_and_models_have_openais_shape() {
     let s = Stack::start(StackOptions {
@@ -265,6 +267,7 @@ async fn assert_oa_error(r: reqwest::Response, status: u16, kind: &str, code: Op
     }
 }
 
+// covers: OAI-7103
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_error_has_openais_shape_and_status() {
     let s = Stack::start(StackOptions {
@@ -369,6 +372,7 @@ async fn each_error_has_openais_shape_and_status() {
     s.cancel(&busy).await;
 }
 
+// covers: OAI-7104
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_chunk_comes_while_generating_and_a_closed_request_frees_its_slot() {
     let s = Stack::start(StackOptions {
@@ -446,6 +450,7 @@ async fn first_chunk_comes_while_generating_and_a_closed_request_frees_its_slot(
     );
 }
 
+// covers: OAI-7105
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_streams_beyond_the_slots_all_complete_and_interactive_ones_go_first() {
     let s = Stack::start(StackOptions {
@@ -522,6 +527,7 @@ async fn chat_streams_beyond_the_slots_all_complete_and_interactive_ones_go_firs
     }
 }
 
+// covers: OAI-7106
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_come_from_embedding_pools_as_floats_or_base64_of_the_same_vector() {
     use base64::Engine as _;
@@ -592,6 +598,7 @@ async fn embeddings_come_from_embedding_pools_as_floats_or_base64_of_the_same_ve
     assert_oa_error(r, 400, "invalid_request_error", None).await;
 }
 
+// covers: OAI-7107
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_refusing_a_request_fails_it_and_stays_healthy() {
     let s = Stack::start(StackOptions {

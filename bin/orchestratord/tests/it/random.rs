@@ -6,6 +6,7 @@ use crate::harness::*;
 
 /// 200 tasks with random priorities, sizes, cancels and disconnects. Every admitted task ends
 /// with exactly one terminal event and none is dispatched twice.
+// covers: ORCH-2303
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_run_of_200_tasks_ends_each_task_exactly_once() {
     let toml = format!("{}{}", pool_toml("a", 2, 4096), pool_toml("b", 2, 4096));

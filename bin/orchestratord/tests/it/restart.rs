@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::cloud::{start_node, start_orchestratord};
 use crate::harness::*;
 
+// covers: ORCH-2111
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_killed_while_clients_submit_gets_no_503_and_tasks_submitted_meanwhile_complete() {
     let s = Arc::new(
@@ -80,6 +81,7 @@ async fn engine_killed_while_clients_submit_gets_no_503_and_tasks_submitted_mean
     assert!(during > 0, "no submission happened during the restart");
 }
 
+// covers: ORCH-2112
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_whose_circuit_opens_ends_its_queued_tasks_and_its_model_gets_503() {
     let dir = tempfile::tempdir().unwrap();
@@ -142,6 +144,7 @@ async fn cloud_with_one_pool(
     (node, cloud, pid)
 }
 
+// covers: CLOUD-4106
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_engine_killed_while_clients_submit_gets_no_503_and_tasks_submitted_meanwhile_complete(
 ) {
@@ -193,6 +196,7 @@ async fn cloud_engine_killed_while_clients_submit_gets_no_503_and_tasks_submitte
     assert!(during > 0);
 }
 
+// covers: CLOUD-4106
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_pool_whose_circuit_opens_ends_its_queued_tasks_and_its_model_gets_503() {
     let dir = tempfile::tempdir().unwrap();

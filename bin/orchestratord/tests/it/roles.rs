@@ -14,6 +14,7 @@ const NODE: &str = "node-key-0123456789abcdefg";
 /// Presented but never valid: a refused secret must not be echoed or logged either.
 const WRONG: &str = "wrong-key-0123456789abcdef";
 
+// covers: AUTH-5102
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_keys_work_end_to_end_and_pool_managerd_refuses_a_client_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,6 +5,7 @@ use std::time::Duration;
 use crate::admission::occupy_the_slot;
 use crate::harness::*;
 
+// covers: ORCH-2207, ORCH-2208
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_keep_affinity_and_report_turns_until_deleted() {
     let toml = format!("{}{}", pool_toml("a", 2, 32768), pool_toml("b", 2, 32768));
@@ -97,6 +98,7 @@ async fn sessions_keep_affinity_and_report_turns_until_deleted() {
     assert_eq!(caps["models"][0]["slots_total"], 4);
 }
 
+// covers: ORCH-2414
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_tasks_beyond_the_retention_count_are_forgotten_oldest_first() {
     let s = Stack::start(StackOptions {
@@ -144,6 +146,7 @@ async fn finished_tasks_beyond_the_retention_count_are_forgotten_oldest_first() 
     }
 }
 
+// covers: ORCH-2118
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predicted_start_follows_measured_throughput() {
     let s = Stack::start(StackOptions {

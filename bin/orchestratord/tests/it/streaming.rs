@@ -4,6 +4,7 @@ use llorch_contracts::HandoffFile;
 
 use crate::harness::*;
 
+// covers: ORCH-2101, ORCH-2301, ORCH-2303, ORCH-2304, ORCH-2306
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_streams_started_tokens_and_end_with_matching_count() {
     let s = Stack::start(StackOptions {
@@ -95,6 +96,7 @@ async fn submit_streams_started_tokens_and_end_with_matching_count() {
     assert!(metric_value(&m, "admission_latency_ms_count", &[]).unwrap() >= 1.0);
 }
 
+// covers: ORCH-2302
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_relayed_while_the_engine_is_still_generating() {
     let s = Stack::start(StackOptions {
@@ -114,6 +116,7 @@ async fn tokens_are_relayed_while_the_engine_is_still_generating() {
     assert!(data(&end)["tokens_out"].as_u64().unwrap() > 100);
 }
 
+// covers: ORCH-2213
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_killed_mid_stream_ends_with_worker_reset_and_later_tasks_succeed() {
     let s = Stack::start(StackOptions {
@@ -151,6 +154,7 @@ async fn engine_killed_mid_stream_ends_with_worker_reset_and_later_tasks_succeed
     assert_eq!(names(&frames).last(), Some(&"end"), "{frames:?}");
 }
 
+// covers: ORCH-2312
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_engine_stream_ends_with_decode_timeout() {
     let s = Stack::start(StackOptions {
@@ -176,6 +180,7 @@ async fn stalled_engine_stream_ends_with_decode_timeout() {
     assert_eq!(data(&err)["code"], "DECODE_TIMEOUT");
 }
 
+// covers: ORCH-2212
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_failing_before_first_token_is_retried_once_on_another_pool() {
     let s = Stack::start(StackOptions {

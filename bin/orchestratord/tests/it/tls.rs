@@ -31,6 +31,7 @@ async fn logged_line(path: &Path, parts: &[&str], within: Duration) -> String {
     .await
 }
 
+// covers: AUTH-5201
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn home_over_tls_streams_a_task_and_the_cli_refuses_a_server_of_another_ca() {
     let dir = tempfile::tempdir().unwrap();
@@ -169,6 +170,7 @@ async fn home_over_tls_streams_a_task_and_the_cli_refuses_a_server_of_another_ca
     );
 }
 
+// covers: AUTH-5202
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_without_the_cluster_ca(
 ) {

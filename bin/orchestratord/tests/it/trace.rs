@@ -72,6 +72,7 @@ pub(crate) async fn otlp_receiver() -> (String, std::sync::Arc<parking_lot::Mute
     (url, got)
 }
 
+// covers: OBS-6108
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_task_is_one_trace_across_both_daemons() {
     let (otlp, spans) = otlp_receiver().await;
@@ -196,6 +197,7 @@ async fn one_task_is_one_trace_across_both_daemons() {
     }
 }
 
+// covers: OBS-6107
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tasks_correlation_id_is_in_both_daemons_json_logs() {
     let dir = tempfile::tempdir().unwrap();

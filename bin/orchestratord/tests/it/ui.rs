@@ -46,6 +46,7 @@ fn artifact(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
+// covers: OBS-6111
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ui_console_shows_the_pool_and_tasks_and_drains_and_reloads_the_pool_by_click() {
     let started = Instant::now();

@@ -36,6 +36,7 @@ fn ready_pool(url: String) -> PoolStatus {
     }
 }
 
+// covers: CLOUD-4115
 #[tokio::test(start_paused = true)]
 async fn an_engine_that_never_answers_is_cut_at_the_idle_timeout_with_504() {
     let b = build(&["--proxy-idle-timeout-ms=1500"]);

@@ -94,6 +94,7 @@ fn offsets(n: &Node) -> Vec<(&'static str, Duration)> {
         .collect()
 }
 
+// covers: CLOUD-4107
 #[tokio::test(start_paused = true)]
 async fn a_registered_node_heartbeats_exactly_every_interval() {
     let n = node(Vec::new());
@@ -110,6 +111,7 @@ async fn a_registered_node_heartbeats_exactly_every_interval() {
     );
 }
 
+// covers: CLOUD-4107
 #[tokio::test(start_paused = true)]
 async fn a_node_orchestratord_forgot_registers_again_the_instant_a_heartbeat_answers_404() {
     // register ok, heartbeat 404, register ok, then heartbeats.
@@ -127,6 +129,7 @@ async fn a_node_orchestratord_forgot_registers_again_the_instant_a_heartbeat_ans
     );
 }
 
+// covers: CLOUD-4107
 #[tokio::test(start_paused = true)]
 async fn registration_retries_with_doubling_backoff_while_orchestratord_is_down() {
     let down = || Err::<u16, String>("connection refused".into());
@@ -145,6 +148,7 @@ async fn registration_retries_with_doubling_backoff_while_orchestratord_is_down(
     );
 }
 
+// covers: CLOUD-4107
 #[tokio::test(start_paused = true)]
 async fn a_registered_node_deregisters_when_it_stops() {
     let n = node(Vec::new());

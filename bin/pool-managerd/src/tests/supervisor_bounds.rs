@@ -29,6 +29,7 @@ fn restart_gaps(s: &Supervised) -> Vec<Duration> {
         .collect()
 }
 
+// covers: POOL-3103
 #[tokio::test(start_paused = true)]
 async fn a_pool_is_ready_when_its_engine_answers_health_and_its_handoff_file_is_written() {
     let s = Supervised::start(&[], vec![healthy()]);
@@ -42,6 +43,7 @@ async fn a_pool_is_ready_when_its_engine_answers_health_and_its_handoff_file_is_
     assert_eq!(spawned.len(), 1);
 }
 
+// covers: POOL-3105
 #[tokio::test(start_paused = true)]
 async fn a_crashed_engine_is_restarted_after_half_the_backoff_ceiling_and_delays_double() {
     let s = Supervised::start(
@@ -57,6 +59,7 @@ async fn a_crashed_engine_is_restarted_after_half_the_backoff_ceiling_and_delays
     assert_eq!(gaps, [500 * MS, 1000 * MS, 2000 * MS, 4000 * MS]);
 }
 
+// covers: POOL-3105
 #[tokio::test(start_paused = true)]
 async fn the_restart_delay_stops_growing_at_the_configured_maximum() {
     let s = Supervised::start(
@@ -70,6 +73,7 @@ async fn the_restart_delay_stops_growing_at_the_configured_maximum() {
     assert_eq!(gaps, [500 * MS, 1000 * MS, 1000 * MS, 1000 * MS]);
 }
 
+// covers: POOL-3107
 #[tokio::test(start_paused = true)]
 async fn the_fifth_failure_within_five_minutes_opens_the_circuit_until_a_trial_five_minutes_later()
 {
@@ -108,6 +112,7 @@ async fn the_fifth_failure_within_five_minutes_opens_the_circuit_until_a_trial_f
     assert_eq!(spawned[6].at - failure, Duration::from_secs(600));
 }
 
+// covers: POOL-3107
 #[tokio::test(start_paused = true)]
 async fn a_trial_start_that_becomes_healthy_closes_the_circuit_and_the_pool_serves_again() {
     let s = Supervised::start(
@@ -139,6 +144,7 @@ async fn a_trial_start_that_becomes_healthy_closes_the_circuit_and_the_pool_serv
     assert_eq!(s.status().state, PoolState::Restarting, "at {after:?}");
 }
 
+// covers: POOL-3108
 #[tokio::test(start_paused = true)]
 async fn a_hung_engine_is_killed_when_its_third_probe_in_a_row_times_out() {
     let interval = Duration::from_millis(1000);
@@ -160,6 +166,7 @@ async fn a_hung_engine_is_killed_when_its_third_probe_in_a_row_times_out() {
     assert!(s.status().last_error.unwrap().contains("engine hung"));
 }
 
+// covers: POOL-3109
 #[tokio::test(start_paused = true)]
 async fn an_engine_that_never_becomes_healthy_is_killed_exactly_at_the_start_timeout() {
     let s = Supervised::start(
@@ -177,6 +184,7 @@ async fn an_engine_that_never_becomes_healthy_is_killed_exactly_at_the_start_tim
         .contains("did not become healthy within 5000 ms"));
 }
 
+// covers: POOL-3112
 #[tokio::test(start_paused = true)]
 async fn shutdown_gives_an_engine_that_ignores_sigterm_exactly_the_grace_then_kills_it() {
     let s = Supervised::start(
@@ -198,6 +206,7 @@ async fn shutdown_gives_an_engine_that_ignores_sigterm_exactly_the_grace_then_ki
     );
 }
 
+// covers: POOL-3110
 #[tokio::test(start_paused = true)]
 async fn drain_waits_for_a_busy_slot_until_its_deadline_then_stops_the_engine() {
     let s = Supervised::start(
@@ -223,6 +232,7 @@ async fn drain_waits_for_a_busy_slot_until_its_deadline_then_stops_the_engine() 
     assert_eq!(e.stop_began.unwrap() - asked, 2000 * MS);
 }
 
+// covers: POOL-3110
 #[tokio::test(start_paused = true)]
 async fn drain_of_an_idle_engine_stops_it_at_once() {
     let s = Supervised::start(&[], vec![healthy()]);
@@ -241,6 +251,7 @@ async fn drain_of_an_idle_engine_stops_it_at_once() {
     assert_eq!(s.engines.spawned()[0].stop_began.unwrap(), asked);
 }
 
+// covers: POOL-3111
 #[tokio::test(start_paused = true)]
 async fn a_reload_whose_engine_fails_to_start_keeps_the_old_engine_serving() {
     let s = Supervised::start(
@@ -274,6 +285,7 @@ async fn a_reload_whose_engine_fails_to_start_keeps_the_old_engine_serving() {
     );
 }
 
+// covers: POOL-3106
 #[tokio::test(start_paused = true)]
 async fn backoff_starts_over_after_a_minute_of_health() {
     let s = Supervised::start(
@@ -287,6 +299,7 @@ async fn backoff_starts_over_after_a_minute_of_health() {
     assert_eq!(gaps, [500 * MS, 1000 * MS, 500 * MS]);
 }
 
+// covers: POOL-3202
 #[tokio::test(start_paused = true)]
 async fn the_handoff_file_says_restarting_during_a_restart_failed_when_the_circuit_opens_and_goes_on_drain(
 ) {

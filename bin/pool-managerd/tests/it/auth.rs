@@ -1,5 +1,6 @@
 use crate::harness::*;
 
+// covers: AUTH-5102, AUTH-5107
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_auth_guards_everything_but_health_and_token_never_reaches_logs() {
     let d = Daemon::start(DaemonOptions {

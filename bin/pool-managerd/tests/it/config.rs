@@ -19,6 +19,7 @@ fn run_with(env: &[(&str, String)]) -> (i32, String) {
     )
 }
 
+// covers: AUTH-5109
 #[test]
 fn refuses_to_start_on_a_non_loopback_address_without_a_token() {
     let (code, err) = run_with(&[(
@@ -30,6 +31,7 @@ fn refuses_to_start_on_a_non_loopback_address_without_a_token() {
     assert!(err.contains("LLORCH_API_TOKEN"), "{err}");
 }
 
+// covers: AUTH-5108
 #[test]
 fn refuses_a_group_readable_token_file() {
     use std::os::unix::fs::PermissionsExt;
@@ -43,6 +45,7 @@ fn refuses_a_group_readable_token_file() {
     assert!(!err.contains(TOKEN));
 }
 
+// covers: POOL-3101
 #[test]
 fn unknown_model_and_duplicate_pool_are_named_in_the_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,6 +78,7 @@ fn unknown_model_and_duplicate_pool_are_named_in_the_error() {
     assert!(err.contains("\"a\" is used twice"), "{err}");
 }
 
+// covers: POOL-3102
 #[test]
 fn missing_engine_binary_says_what_to_install() {
     let dir = tempfile::tempdir().unwrap();
@@ -101,6 +105,7 @@ fn missing_engine_binary_says_what_to_install() {
     assert!(err.contains("make engine"), "{err}");
 }
 
+// covers: POOL-3101
 #[test]
 fn port_in_use_is_reported() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -4,6 +4,7 @@ use llorch_contracts::PoolState;
 
 use crate::harness::*;
 
+// covers: POOL-3111
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_switches_model_and_a_failed_reload_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,6 +86,7 @@ async fn reload_switches_model_and_a_failed_reload_rolls_back() {
     assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
 }
 
+// covers: POOL-3110
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_waits_for_in_flight_work_then_stops_the_engine() {
     let d = Daemon::start(DaemonOptions {
@@ -170,6 +172,7 @@ async fn drain_waits_for_in_flight_work_then_stops_the_engine() {
     assert_eq!(body["code"], "INVALID_PARAMS");
 }
 
+// covers: OBS-6103
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_pool_gauges_and_health_check_counters() {
     let d = Daemon::start(DaemonOptions {

@@ -15,6 +15,7 @@ fn drop_file(dir: &std::path::Path, file: &HandoffFile) {
     std::fs::rename(&tmp, dir.join(format!("{}.json", file.pool_id))).unwrap();
 }
 
+// covers: POOL-3203
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_handoff_file_registers_pool_and_deleting_it_retires_the_pool() {
     let engine = ExternalEngine::start(&tiny_model(), 2).await;
@@ -73,6 +74,7 @@ async fn external_handoff_file_registers_pool_and_deleting_it_retires_the_pool()
     );
 }
 
+// covers: POOL-3204
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_handoff_file_changes_nothing_and_counts_a_failure() {
     let engine = ExternalEngine::start(&tiny_model(), 1).await;
@@ -121,6 +123,7 @@ async fn invalid_handoff_file_changes_nothing_and_counts_a_failure() {
     assert!(pid_alive(d.child.id().unwrap()), "daemon died");
 }
 
+// covers: POOL-3203
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_delete_removes_ingested_file_and_keeps_the_pool() {
     let engine = ExternalEngine::start(&tiny_model(), 1).await;

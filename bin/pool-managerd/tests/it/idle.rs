@@ -7,6 +7,7 @@ use llorch_contracts::HandoffFile;
 
 use crate::harness::*;
 
+// covers: OBS-6114
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_managerd_idle_for_10s_with_managed_and_external_pools_uses_under_5_percent_of_a_core()
 {

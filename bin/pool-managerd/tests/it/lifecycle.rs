@@ -4,6 +4,7 @@ use llorch_contracts::{HandoffFile, PoolState, ProvisioningMode};
 
 use crate::harness::*;
 
+// covers: POOL-3103, POOL-3201
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pools_from_one_config_reach_ready_with_slots_and_handoff_files() {
     let model = tiny_model();
@@ -48,6 +49,7 @@ async fn two_pools_from_one_config_reach_ready_with_slots_and_handoff_files() {
     }
 }
 
+// covers: POOL-3112
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_within_grace_and_no_engine_survives() {
     let model = tiny_model();
@@ -95,6 +97,7 @@ async fn sigterm_exits_zero_within_grace_and_no_engine_survives() {
     );
 }
 
+// covers: POOL-3104
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_mask_reaches_the_engine_as_cuda_visible_devices() {
     let toml = pool_toml("masked", &tiny_model(), 1, 512)

@@ -30,6 +30,7 @@ async fn busy_slots(engine_url: &str) -> usize {
     slots.iter().filter(|s| s["is_processing"] == true).count()
 }
 
+// covers: CLOUD-4113
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_completion_through_proxy_arrives_while_engine_still_generating() {
     let d = Daemon::start(DaemonOptions {
@@ -78,6 +79,7 @@ async fn streamed_completion_through_proxy_arrives_while_engine_still_generating
     );
 }
 
+// covers: CLOUD-4113
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_aborts_the_upstream_generation() {
     let d = Daemon::start(DaemonOptions {
@@ -111,6 +113,7 @@ async fn client_disconnect_aborts_the_upstream_generation() {
     .await;
 }
 
+// covers: CLOUD-4113
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_to_unknown_pool_is_404_envelope() {
     let d = Daemon::start(DaemonOptions::default()).await;
@@ -127,6 +130,7 @@ async fn proxy_to_unknown_pool_is_404_envelope() {
     assert_eq!(body["code"], "NOT_FOUND");
 }
 
+// covers: CLOUD-4114
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_passes_only_the_engine_routes_and_fields_orchestratord_uses() {
     let d = Daemon::start(DaemonOptions {

@@ -12,6 +12,7 @@ fn engine_pid(d: &Daemon, id: &str) -> u32 {
         .unwrap()
 }
 
+// covers: POOL-3105
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_engine_is_restarted_and_the_other_pool_is_never_disturbed() {
     let model = tiny_model();
@@ -86,6 +87,7 @@ async fn killed_engine_is_restarted_and_the_other_pool_is_never_disturbed() {
     );
 }
 
+// covers: POOL-3107
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_crashing_engine_ends_failed_with_last_error_and_bounded_restarts() {
     let dir = tempfile::tempdir().unwrap();
@@ -160,6 +162,7 @@ async fn runtime_with_orphan(
     (dir, orphan)
 }
 
+// covers: POOL-3113
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_daemon_kills_engines_left_behind() {
     // An engine recorded by a "previous run" in the runtime dir's pid records.
@@ -172,6 +175,7 @@ async fn restarted_daemon_kills_engines_left_behind() {
     assert!(d.log().contains("killing engine left behind"));
 }
 
+// covers: POOL-3113
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorded_pid_from_another_start_or_boot_is_left_alone() {
     // Same pid and binary, but the record is of an earlier process (another start time), or
@@ -202,6 +206,7 @@ async fn a_recorded_pid_from_another_start_or_boot_is_left_alone() {
     }
 }
 
+// covers: POOL-3108
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_engine_is_killed_and_restarted() {
     let d = Daemon::start(DaemonOptions {
