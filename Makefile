@@ -11,7 +11,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins bins-release install check-deploy check-specs demo up lint test bench bench-build bench-handoff bench-admission bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache soak clean-cache
+.PHONY: help deps engine model build bins bins-release install check-deploy check-specs demo up lint test bench bench-build bench-handoff bench-admission bench-admission-wrk bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache soak clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -102,7 +102,7 @@ test: engine model lint check-deploy check-specs
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 	@$(MAKE) --no-print-directory demo
 
-bench: bench-handoff bench-admission bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache
+bench: bench-handoff bench-admission bench-admission-wrk bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache
 
 bench-build:
 	$(CARGO) build --release -p pool-managerd -p orchestratord -p llorch-bench
@@ -113,6 +113,11 @@ bench-handoff: engine model bench-build
 
 bench-admission: bench-build
 	$(TARGET)/release/admission --orchestratord $(TARGET)/release/orchestratord --tasks 50000 --clients 16
+
+# Needs wrk (apt-get install wrk): admission at 100 000 queued, side by side with a bare handler.
+bench-admission-wrk: bench-build
+	@command -v wrk >/dev/null || { echo "bench-admission-wrk needs wrk: apt-get install wrk" >&2; exit 1; }
+	$(TARGET)/release/admission-wrk --orchestratord $(TARGET)/release/orchestratord --bare $(TARGET)/release/bare-admission --queued 100000 --connections 32 --duration 10 --rounds 2
 
 PREFILL_MODEL := $(CACHE)/models/llorch-prefill.gguf
 

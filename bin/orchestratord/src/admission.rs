@@ -561,6 +561,7 @@ impl Orchestrator {
                 .admit(task.clone(), priority, weight, self.config.admission_policy)
             {
                 Ok(a) => {
+                    task.set_queue_key(a.key);
                     // Sent under the queue lock, before any dispatch of the task can write
                     // its first token: the journal takes writes in order.
                     let written = journaled.map(|mut admission| {
@@ -659,12 +660,13 @@ impl Orchestrator {
         if !task.visible_to(owner) {
             return Err(self.id_taken(id));
         }
-        let task = self
-            .tasks
-            .write()
-            .entry(id.to_string())
-            .or_insert(task)
-            .clone();
+        let task = match self.tasks.write().entry(id.to_string()) {
+            std::collections::hash_map::Entry::Occupied(known) => known.get().clone(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                self.retired.lock().push(&task);
+                slot.insert(task).clone()
+            }
+        };
         Ok(Some(task))
     }
 
@@ -694,7 +696,7 @@ impl Orchestrator {
                 ),
             ));
         }
-        let (position, ahead_tokens) = self.ahead_of(&existing.id);
+        let (position, ahead_tokens) = self.ahead_of(existing);
         let predicted = self.predicted_start_ms(
             &existing.req.model_ref,
             u64::from(position),
@@ -708,16 +710,14 @@ impl Orchestrator {
     }
 
     /// Queue position of a task and the `max_tokens` queued ahead of it (0, 0 once dispatched).
-    fn ahead_of(&self, id: &str) -> (u32, u64) {
-        let queue = self.queue.lock();
-        let mut tokens = 0;
-        for (pos, (t, w)) in queue.tasks.iter_weighted().enumerate() {
-            if t.id == id {
-                return (pos as u32, tokens);
-            }
-            tokens += w;
+    fn ahead_of(&self, task: &Task) -> (u32, u64) {
+        let Some(key) = task.queue_key() else {
+            return (0, 0);
+        };
+        match self.queue.lock().tasks.rank(key) {
+            Some((position, tokens)) => (position as u32, tokens),
+            None => (0, 0),
         }
-        (0, 0)
     }
 
     /// Suggested client backoff when the queue is full: the predicted wait of a task at the
@@ -742,11 +742,9 @@ impl Orchestrator {
             return;
         }
         task.cancel_with(reason);
-        let removed = self
-            .queue
-            .lock()
-            .tasks
-            .remove(|t| t.id == task.id)
+        let removed = task
+            .queue_key()
+            .and_then(|key| self.queue.lock().tasks.remove_key(key))
             .is_some();
         if removed {
             self.metrics

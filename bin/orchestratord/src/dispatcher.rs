@@ -136,11 +136,12 @@ impl Orchestrator {
             let Some((pool, lease)) = self.pools.lease(&pool_id) else {
                 // The pool changed under us; try again on the next wake.
                 let mut q = self.queue.lock();
-                q.tasks.requeue_front(
+                let key = q.tasks.requeue_front(
                     task.clone(),
                     task.req.priority,
                     u64::from(task.req.max_tokens),
                 );
+                task.set_queue_key(key);
                 break;
             };
             self.update_depth();
@@ -384,7 +385,8 @@ impl Orchestrator {
             }
             q.schedule_expiry(&task, self.config.max_queue_wait);
             let (priority, weight) = (task.req.priority, u64::from(task.req.max_tokens));
-            q.tasks.requeue_front(task, priority, weight);
+            let key = q.tasks.requeue_front(task.clone(), priority, weight);
+            task.set_queue_key(key);
         }
         self.update_depth();
         self.wake.notify_one();
@@ -406,7 +408,7 @@ impl Orchestrator {
                 if t.is_terminal() {
                     continue;
                 }
-                if let Some(t) = tasks.remove(|q| Arc::ptr_eq(q, &t)) {
+                if let Some(t) = t.queue_key().and_then(|key| tasks.remove_key(key)) {
                     expired.push(t);
                 }
             }
@@ -481,21 +483,28 @@ impl Orchestrator {
         }
     }
 
-    /// Sends `queued` updates to tasks whose position changed; returns the queue's reorder
-    /// count they reflect.
+    /// Sends `queued` updates to the followed tasks whose position changed (a task nobody
+    /// follows is told its position when a subscriber comes); returns the queue's reorder
+    /// count they reflect. The pass costs what is followed, not the queue's length.
     fn publish_positions(&self) -> u64 {
         let (free, total) = self.pools.slot_totals();
         let (changed, reorders): (Vec<(Arc<Task>, u32, u64)>, u64) = {
-            let queue = self.queue.lock();
-            let mut ahead_tokens = 0;
+            let mut queue = self.queue.lock();
+            let Queue {
+                tasks, followed, ..
+            } = &mut *queue;
             let mut out = Vec::new();
-            for (pos, (t, w)) in queue.tasks.iter_weighted().enumerate() {
+            followed.retain(|_, t| {
+                let rank = t.queue_key().and_then(|key| tasks.rank(key));
+                let Some((pos, ahead_tokens)) = rank.filter(|_| t.followed()) else {
+                    return false; // left the queue, or nobody follows it any more
+                };
                 if t.last_position() != Some(pos as u32) {
                     out.push((t.clone(), pos as u32, ahead_tokens));
                 }
-                ahead_tokens += w;
-            }
-            (out, queue.tasks.reorders())
+                true
+            });
+            (out, tasks.reorders())
         };
         let estimator = self.estimator.lock().clone();
         let now = Instant::now();

@@ -111,6 +111,7 @@ pub(crate) fn recover(
         if r.ending.is_some() {
             match finished_task(orch, &r) {
                 Some(task) => {
+                    orch.retired.lock().push(&task);
                     orch.tasks.write().insert(task.id.clone(), task);
                     done.restored += 1;
                     count("restored");
@@ -156,9 +157,10 @@ pub(crate) fn recover(
         {
             let mut queue = orch.queue.lock();
             let weight = u64::from(task.req.max_tokens);
-            queue
+            let key = queue
                 .tasks
                 .admit_forced(task.clone(), task.req.priority, weight);
+            task.set_queue_key(key);
             queue.schedule_expiry(&task, orch.config.max_queue_wait);
         }
         task.emit(&TaskEvent::Queued {

@@ -53,6 +53,7 @@ impl SubscriberGuard {
 
     fn with_grace(orch: Arc<Orchestrator>, task: Arc<Task>, grace: Duration) -> Self {
         task.add_subscriber();
+        orch.follow_position(&task);
         Self { orch, task, grace }
     }
 }

@@ -31,6 +31,8 @@ pub(crate) struct Orchestrator {
     pub managers: Arc<crate::cloud_source::Managers>,
     pub metrics: Arc<Metrics>,
     pub tasks: RwLock<HashMap<String, Arc<Task>>>,
+    /// Finished tasks, oldest first, for retention.
+    pub retired: Arc<Mutex<crate::retention::Retired>>,
     pub queue: Mutex<Queue>,
     pub sessions: Mutex<SessionTable>,
     pub estimator: Mutex<ThroughputEstimator>,
@@ -58,6 +60,9 @@ pub(crate) struct Queue {
     pub tasks: AdmissionQueue<Arc<Task>>,
     pub expiries: ExpiryHeap<Arc<Task>>,
     pub accepting: bool,
+    /// Queued tasks a subscriber follows (by address): the only ones told their position as
+    /// it changes, so a pass costs what is followed, not the queue's length.
+    pub followed: HashMap<usize, Arc<Task>>,
 }
 
 impl Queue {
@@ -103,12 +108,14 @@ impl Orchestrator {
             .timeout(Duration::from_secs(30))
             .build()?;
         Ok(Self {
+            retired: Arc::default(),
             pools: Arc::new(PoolTable::new(wake.clone())),
             managers: Arc::new(crate::cloud_source::Managers::new(&config.pool_managers)),
             queue: Mutex::new(Queue {
                 tasks: AdmissionQueue::new(config.admission_capacity),
                 expiries: ExpiryHeap::new(),
                 accepting: true,
+                followed: HashMap::new(),
             }),
             sessions: Mutex::new(SessionTable::new(config.session_ttl)),
             estimator: Mutex::new(ThroughputEstimator::default()),
@@ -131,11 +138,38 @@ impl Orchestrator {
     }
 
     pub fn queue_position(&self, id: &str) -> Option<u32> {
-        self.queue
-            .lock()
-            .tasks
-            .position(|t| t.id == id)
-            .map(|p| p as u32)
+        let key = self.task(id)?.queue_key()?;
+        self.queue.lock().tasks.rank(key).map(|(p, _)| p as u32)
+    }
+
+    /// A subscriber now follows `task`: a queued task is told its current position (nobody
+    /// was told while nobody followed) and is then kept up to date while it is followed.
+    pub fn follow_position(&self, task: &Arc<Task>) {
+        let Some(key) = task.queue_key() else { return };
+        let (position, ahead_tokens) = {
+            let mut q = self.queue.lock();
+            let Some(rank) = q.tasks.rank(key) else {
+                return;
+            };
+            q.followed
+                .entry(Arc::as_ptr(task) as usize)
+                .or_insert_with(|| task.clone());
+            rank
+        };
+        let position = position as u32;
+        if task.last_position() == Some(position) {
+            return;
+        }
+        let predicted = self.predicted_start_ms(
+            &task.req.model_ref,
+            u64::from(position),
+            ahead_tokens,
+            task.req.max_tokens,
+        );
+        task.emit(&TaskEvent::Queued {
+            queue_position: position,
+            predicted_start_ms: predicted,
+        });
     }
 
     pub fn is_accepting(&self) -> bool {
@@ -151,7 +185,7 @@ impl Orchestrator {
         }
         // Only a durable journal marks tasks journaled.
         if !task.journaled() {
-            finish_now(&self.metrics, task, &event);
+            finish_now(&self.metrics, &self.retired, task, &event);
             return;
         }
         if !task.claim_terminal() {
@@ -164,8 +198,9 @@ impl Orchestrator {
             finished_ms: crate::tasks::now_ms(),
         };
         let written = self.journal.end(ending);
-        let (metrics, task, timeout) = (
+        let (metrics, retired, task, timeout) = (
             self.metrics.clone(),
+            self.retired.clone(),
             task.clone(),
             self.config.journal_timeout,
         );
@@ -181,7 +216,7 @@ impl Orchestrator {
                     tracing::error!(task_id = %task.id, timeout_ms = timeout.as_millis() as u64, "task ending not journaled in time; a restart may end it again");
                 }
             }
-            finish_now(&metrics, &task, &event);
+            finish_now(&metrics, &retired, &task, &event);
         });
     }
 
@@ -221,7 +256,12 @@ pub(crate) fn priority_label(p: Priority) -> &'static str {
 }
 
 /// Appends the terminal event and counts it (the in-memory half of `finish`).
-fn finish_now(metrics: &Metrics, task: &Task, event: &TaskEvent) {
+fn finish_now(
+    metrics: &Metrics,
+    retired: &Mutex<crate::retention::Retired>,
+    task: &Arc<Task>,
+    event: &TaskEvent,
+) {
     let outcome = match event {
         TaskEvent::End { .. } => "end".to_string(),
         TaskEvent::Error(e) => e.code.as_str().to_string(),
@@ -229,6 +269,7 @@ fn finish_now(metrics: &Metrics, task: &Task, event: &TaskEvent) {
     };
     if task.emit(event) {
         task.release_inputs();
+        retired.lock().push(task);
         let pool = task.pool_id().unwrap_or_else(|| "none".into());
         metrics
             .tasks_completed

@@ -102,6 +102,8 @@ struct TaskInner {
     queue_time_ms: Option<u64>,
     tokens_out: u32,
     last_position: Option<u32>,
+    /// Where it sits in the queue while queued (a retry queues it under a new key).
+    queue_key: Option<llorch_core::QueueKey>,
     error: Option<ErrorEnvelope>,
     /// Why `cancel` fired (CANCELLED for clients, POOL_UNAVAILABLE at shutdown).
     cancel_reason: Option<ErrorEnvelope>,
@@ -179,6 +181,7 @@ impl Task {
                 queue_time_ms: None,
                 tokens_out: 0,
                 last_position: None,
+                queue_key: None,
                 error: None,
                 cancel_reason: None,
                 retry_avoid: None,
@@ -470,6 +473,21 @@ impl Task {
 
     pub fn last_position(&self) -> Option<u32> {
         self.inner.lock().last_position
+    }
+
+    /// Set under the queue lock when the task is queued.
+    pub fn set_queue_key(&self, key: llorch_core::QueueKey) {
+        self.inner.lock().queue_key = Some(key);
+    }
+
+    /// Its key in the queue (stale once it left: the queue then finds nothing under it).
+    pub fn queue_key(&self) -> Option<llorch_core::QueueKey> {
+        self.inner.lock().queue_key
+    }
+
+    /// Whether some subscriber follows it now.
+    pub fn followed(&self) -> bool {
+        self.subscribers.load(Ordering::SeqCst) > 0
     }
 
     pub fn add_subscriber(&self) {

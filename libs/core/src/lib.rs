@@ -20,7 +20,7 @@ pub use estimate::ThroughputEstimator;
 pub use expiry::ExpiryHeap;
 pub use placement::{place, Decision, PlacementRequest, PoolView};
 pub use prefix::{prefix_chain, PrefixIndex};
-pub use queue::{AdmissionPolicy, AdmissionQueue, Admitted, QueueFull};
+pub use queue::{AdmissionPolicy, AdmissionQueue, Admitted, QueueFull, QueueKey};
 pub use registry::Registry;
 pub use sessions::{SessionInfo, SessionTable};
 pub use supervision::{FailureAction, Supervision, SupervisionPolicy};

@@ -30,38 +30,198 @@ pub struct QueueFull {
 pub struct Admitted<T> {
     /// 0-based position in dispatch order.
     pub position: usize,
+    /// Where the entry sits: finds it again in O(log n) (`rank`, `remove_key`).
+    pub key: QueueKey,
     /// The entry dropped to make room (drop-lru).
     pub dropped: Option<T>,
 }
 
+/// An entry's place in the queue, given when it is queued. Keys are never reused: one that
+/// left the queue (or was requeued under a new key) finds nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QueueKey {
+    priority: Priority,
+    seq: i64,
+}
+
+/// Entries a block holds at most: finding an entry's position adds up one count per block
+/// ahead of it, and removing one shifts at most a block.
+const BLOCK: usize = 256;
+
+/// A run of entries in dispatch order, with their count and weight summed.
+#[derive(Debug, Clone)]
+struct Block<T> {
+    /// `(seq, item, weight)`, seq ascending.
+    entries: Vec<(i64, T, u64)>,
+    weight: u64,
+}
+
+impl<T> Block<T> {
+    fn new() -> Self {
+        Self {
+            entries: Vec::new(),
+            weight: 0,
+        }
+    }
+
+    fn first_seq(&self) -> i64 {
+        self.entries.first().map_or(i64::MAX, |e| e.0)
+    }
+}
+
+/// One priority class: FIFO, with O(log n) lookup by key. Appends take increasing sequence
+/// numbers, front insertions (retries) decreasing ones, so sequence order is dispatch order.
+#[derive(Debug, Clone)]
+struct Class<T> {
+    blocks: VecDeque<Block<T>>,
+    len: usize,
+    weight: u64,
+    next_back: i64,
+    next_front: i64,
+    /// Entries per block at most (`BLOCK`; smaller in tests).
+    block: usize,
+}
+
+impl<T> Class<T> {
+    fn new(block: usize) -> Self {
+        Self {
+            block: block.max(1),
+            blocks: VecDeque::new(),
+            len: 0,
+            weight: 0,
+            next_back: 0,
+            next_front: -1,
+        }
+    }
+
+    fn push_back(&mut self, item: T, weight: u64) -> i64 {
+        let seq = self.next_back;
+        self.next_back += 1;
+        if self
+            .blocks
+            .back()
+            .is_none_or(|b| b.entries.len() >= self.block)
+        {
+            self.blocks.push_back(Block::new());
+        }
+        if let Some(b) = self.blocks.back_mut() {
+            b.entries.push((seq, item, weight));
+            b.weight += weight;
+        }
+        self.len += 1;
+        self.weight += weight;
+        seq
+    }
+
+    fn push_front(&mut self, item: T, weight: u64) -> i64 {
+        let seq = self.next_front;
+        self.next_front -= 1;
+        if self
+            .blocks
+            .front()
+            .is_none_or(|b| b.entries.len() >= self.block)
+        {
+            self.blocks.push_front(Block::new());
+        }
+        if let Some(b) = self.blocks.front_mut() {
+            b.entries.insert(0, (seq, item, weight));
+            b.weight += weight;
+        }
+        self.len += 1;
+        self.weight += weight;
+        seq
+    }
+
+    /// `(block, index)` of the entry with `seq`.
+    fn find(&self, seq: i64) -> Option<(usize, usize)> {
+        let b = self
+            .blocks
+            .partition_point(|b| b.first_seq() <= seq)
+            .checked_sub(1)?;
+        let i = self.blocks[b]
+            .entries
+            .binary_search_by_key(&seq, |e| e.0)
+            .ok()?;
+        Some((b, i))
+    }
+
+    fn remove_at(&mut self, b: usize, i: usize) -> Option<(T, u64)> {
+        let block = self.blocks.get_mut(b)?;
+        if i >= block.entries.len() {
+            return None;
+        }
+        let (_, item, weight) = block.entries.remove(i);
+        block.weight -= weight;
+        if block.entries.is_empty() {
+            self.blocks.remove(b);
+        }
+        self.len -= 1;
+        self.weight -= weight;
+        Some((item, weight))
+    }
+
+    /// Entries ahead of `seq` and their summed weight.
+    fn rank(&self, seq: i64) -> Option<(usize, u64)> {
+        let (b, i) = self.find(seq)?;
+        let (mut count, mut weight) = (0, 0);
+        for block in self.blocks.range(..b) {
+            count += block.entries.len();
+            weight += block.weight;
+        }
+        for e in &self.blocks[b].entries[..i] {
+            weight += e.2;
+        }
+        Some((count + i, weight))
+    }
+
+    /// First entry (in order) for which `pick` decides, removed.
+    fn take_first<D>(&mut self, mut pick: impl FnMut(&T) -> Option<D>) -> Option<(T, u64, D)> {
+        let mut found = None;
+        'walk: for (b, block) in self.blocks.iter().enumerate() {
+            for (i, e) in block.entries.iter().enumerate() {
+                if let Some(d) = pick(&e.1) {
+                    found = Some((b, i, d));
+                    break 'walk;
+                }
+            }
+        }
+        let (b, i, d) = found?;
+        let (item, weight) = self.remove_at(b, i)?;
+        Some((item, weight, d))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&T, u64)> {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.entries.iter().map(|e| (&e.1, e.2)))
+    }
+}
+
 /// Entries are dispatched interactive-first, FIFO within a class. `T` carries the caller's
 /// data; each entry also has a weight (its `max_tokens`, say) whose per-class sums are kept, so
-/// "how much work is ahead" is O(1) at admission.
+/// "how much work is ahead" is O(1) at admission. Each entry gets a key when queued: its
+/// position (and the weight ahead of it) and its removal take O(log n + n/256), not a walk of
+/// the queue.
 #[derive(Debug, Clone)]
 pub struct AdmissionQueue<T> {
     capacity: usize,
-    interactive: VecDeque<(T, u64)>,
-    batch: VecDeque<(T, u64)>,
-    weights: [u64; 2],
+    interactive: Class<T>,
+    batch: Class<T>,
     /// Bumped whenever an entry's position may have changed (not on a plain append at the
     /// back), so position updates are sent only when there is something to tell.
     reorders: u64,
 }
 
-fn idx(p: Priority) -> usize {
-    match p {
-        Priority::Interactive => 0,
-        Priority::Batch => 1,
-    }
-}
-
 impl<T> AdmissionQueue<T> {
     pub fn new(capacity: usize) -> Self {
+        Self::with_block(capacity, BLOCK)
+    }
+
+    fn with_block(capacity: usize, block: usize) -> Self {
         Self {
             capacity: capacity.max(1),
-            interactive: VecDeque::new(),
-            batch: VecDeque::new(),
-            weights: [0, 0],
+            interactive: Class::new(block),
+            batch: Class::new(block),
             reorders: 0,
         }
     }
@@ -71,7 +231,7 @@ impl<T> AdmissionQueue<T> {
     }
 
     pub fn len(&self) -> usize {
-        self.interactive.len() + self.batch.len()
+        self.interactive.len + self.batch.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -79,10 +239,7 @@ impl<T> AdmissionQueue<T> {
     }
 
     pub fn depth(&self, p: Priority) -> usize {
-        match p {
-            Priority::Interactive => self.interactive.len(),
-            Priority::Batch => self.batch.len(),
-        }
+        self.class_ref(p).len
     }
 
     /// Changes whenever some entry's position may have moved.
@@ -92,20 +249,21 @@ impl<T> AdmissionQueue<T> {
 
     /// Sum of the weights queued in a class.
     pub fn class_weight(&self, p: Priority) -> u64 {
-        self.weights[idx(p)]
+        self.class_ref(p).weight
     }
 
-    fn class(&mut self, p: Priority) -> &mut VecDeque<(T, u64)> {
+    fn class_ref(&self, p: Priority) -> &Class<T> {
+        match p {
+            Priority::Interactive => &self.interactive,
+            Priority::Batch => &self.batch,
+        }
+    }
+
+    fn class(&mut self, p: Priority) -> &mut Class<T> {
         match p {
             Priority::Interactive => &mut self.interactive,
             Priority::Batch => &mut self.batch,
         }
-    }
-
-    fn taken(&mut self, p: Priority, (item, weight): (T, u64)) -> T {
-        self.weights[idx(p)] -= weight;
-        self.reorders += 1;
-        item
     }
 
     /// Admits `item` (of `weight`) at the back of its class.
@@ -124,8 +282,11 @@ impl<T> AdmissionQueue<T> {
                         capacity: self.capacity,
                     })
                 }
-                AdmissionPolicy::DropLru => match self.batch.pop_front() {
-                    Some(oldest) => dropped = Some(self.taken(Priority::Batch, oldest)),
+                AdmissionPolicy::DropLru => match self.batch.take_first(|_| Some(())) {
+                    Some((oldest, _, ())) => {
+                        self.reorders += 1;
+                        dropped = Some(oldest);
+                    }
                     None => {
                         return Err(QueueFull {
                             capacity: self.capacity,
@@ -134,63 +295,67 @@ impl<T> AdmissionQueue<T> {
                 },
             }
         }
-        if priority == Priority::Interactive && !self.batch.is_empty() {
-            self.reorders += 1; // every queued batch entry moves back one place
-        }
-        self.class(priority).push_back((item, weight));
-        self.weights[idx(priority)] += weight;
+        let key = self.admit_forced(item, priority, weight);
         let position = match priority {
-            Priority::Interactive => self.interactive.len() - 1,
-            Priority::Batch => self.interactive.len() + self.batch.len() - 1,
+            Priority::Interactive => self.interactive.len - 1,
+            Priority::Batch => self.len() - 1,
         };
-        Ok(Admitted { position, dropped })
+        Ok(Admitted {
+            position,
+            key,
+            dropped,
+        })
     }
 
     /// Admits `item` at the back of its class even past capacity: a task admitted before a
     /// restart, read back from the journal, must not be lost.
-    pub fn admit_forced(&mut self, item: T, priority: Priority, weight: u64) {
-        if priority == Priority::Interactive && !self.batch.is_empty() {
-            self.reorders += 1;
+    pub fn admit_forced(&mut self, item: T, priority: Priority, weight: u64) -> QueueKey {
+        if priority == Priority::Interactive && self.batch.len > 0 {
+            self.reorders += 1; // every queued batch entry moves back one place
         }
-        self.class(priority).push_back((item, weight));
-        self.weights[idx(priority)] += weight;
+        let seq = self.class(priority).push_back(item, weight);
+        QueueKey { priority, seq }
     }
 
     /// Puts an entry back at the front of its class (a retry), even past capacity: it was
     /// admitted before and must not be lost.
-    pub fn requeue_front(&mut self, item: T, priority: Priority, weight: u64) {
-        self.class(priority).push_front((item, weight));
-        self.weights[idx(priority)] += weight;
+    pub fn requeue_front(&mut self, item: T, priority: Priority, weight: u64) -> QueueKey {
         self.reorders += 1;
+        let seq = self.class(priority).push_front(item, weight);
+        QueueKey { priority, seq }
     }
 
-    /// Removes the first entry matching `pred`.
+    /// The entry's position in dispatch order and the weight queued ahead of it; `None` once
+    /// it left the queue.
+    pub fn rank(&self, key: QueueKey) -> Option<(usize, u64)> {
+        let (pos, weight) = self.class_ref(key.priority).rank(key.seq)?;
+        Some(match key.priority {
+            Priority::Interactive => (pos, weight),
+            Priority::Batch => (pos + self.interactive.len, weight + self.interactive.weight),
+        })
+    }
+
+    /// Removes the entry queued under `key`, if it is still there.
+    pub fn remove_key(&mut self, key: QueueKey) -> Option<T> {
+        let class = self.class(key.priority);
+        let (b, i) = class.find(key.seq)?;
+        let (item, _) = class.remove_at(b, i)?;
+        self.reorders += 1;
+        Some(item)
+    }
+
+    /// Removes the first entry matching `pred` (a walk: prefer `remove_key`).
     pub fn remove(&mut self, mut pred: impl FnMut(&T) -> bool) -> Option<T> {
-        for p in [Priority::Interactive, Priority::Batch] {
-            let q = self.class(p);
-            if let Some(i) = q.iter().position(|(t, _)| pred(t)) {
-                let entry = q.remove(i)?;
-                return Some(self.taken(p, entry));
-            }
-        }
-        None
+        self.take_first(|t| pred(t).then_some(())).map(|(t, ())| t)
     }
 
     /// Removes and returns the first entry, in dispatch order, for which `pick` returns
     /// `Some(decision)`.
     pub fn take_first<D>(&mut self, mut pick: impl FnMut(&T) -> Option<D>) -> Option<(T, D)> {
         for p in [Priority::Interactive, Priority::Batch] {
-            let q = self.class(p);
-            let mut found = None;
-            for (i, (item, _)) in q.iter().enumerate() {
-                if let Some(d) = pick(item) {
-                    found = Some((i, d));
-                    break;
-                }
-            }
-            if let Some((i, d)) = found {
-                let entry = q.remove(i)?;
-                return Some((self.taken(p, entry), d));
+            if let Some((item, _, d)) = self.class(p).take_first(&mut pick) {
+                self.reorders += 1;
+                return Some((item, d));
             }
         }
         None
@@ -198,20 +363,15 @@ impl<T> AdmissionQueue<T> {
 
     /// Entries in dispatch order.
     pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.interactive
-            .iter()
-            .chain(self.batch.iter())
-            .map(|(t, _)| t)
+        self.iter_weighted().map(|(t, _)| t)
     }
 
     /// Entries with their weights, in dispatch order.
     pub fn iter_weighted(&self) -> impl Iterator<Item = (&T, u64)> {
-        self.interactive
-            .iter()
-            .chain(self.batch.iter())
-            .map(|(t, w)| (t, *w))
+        self.interactive.iter().chain(self.batch.iter())
     }
 
+    /// Position of the first entry matching `pred` (a walk: prefer `rank`).
     pub fn position(&self, mut pred: impl FnMut(&T) -> bool) -> Option<usize> {
         self.iter().position(&mut pred)
     }
@@ -303,7 +463,89 @@ mod tests {
         assert_eq!(q.len(), 1);
     }
 
+    /// Position and weight ahead by walking the queue: what `rank` must agree with.
+    fn walked_rank(q: &AdmissionQueue<u32>, x: u32) -> Option<(usize, u64)> {
+        let mut ahead = 0;
+        for (pos, (y, w)) in q.iter_weighted().enumerate() {
+            if *y == x {
+                return Some((pos, ahead));
+            }
+            ahead += w;
+        }
+        None
+    }
+
+    #[test]
+    fn keys_find_entries_across_many_blocks() {
+        let mut q = AdmissionQueue::new(100_000);
+        let keys: Vec<_> = (0..10_000u32)
+            .map(|i| {
+                let p = if i % 3 == 0 { Interactive } else { Batch };
+                (
+                    i,
+                    q.admit(i, p, u64::from(i % 5), AdmissionPolicy::Reject)
+                        .unwrap()
+                        .key,
+                )
+            })
+            .collect();
+        for &(i, key) in keys.iter().step_by(97) {
+            assert_eq!(q.rank(key), walked_rank(&q, i));
+        }
+        let (gone, key) = keys[4242];
+        assert_eq!(q.remove_key(key), Some(gone));
+        assert_eq!(q.rank(key), None);
+        assert_eq!(
+            q.remove_key(key),
+            None,
+            "a key finds nothing once its entry left"
+        );
+        let back = q.requeue_front(gone, Batch, 1);
+        assert_eq!(
+            q.rank(back),
+            Some((q.depth(Interactive), q.class_weight(Interactive)))
+        );
+    }
+
     proptest! {
+        /// Keys: `rank` agrees with the queue's order and weights, `remove_key` removes exactly
+        /// its entry, stale keys find nothing; blocks of 3 so entries span many blocks.
+        #[test]
+        fn keyed_lookups_agree_with_a_walk(ops in proptest::collection::vec((0u8..6, any::<bool>(), 0usize..64), 1..250)) {
+            let mut q = AdmissionQueue::with_block(1000, 3);
+            let mut keys: Vec<(u32, QueueKey)> = Vec::new();
+            let mut next = 0u32;
+            for (op, interactive, pick) in ops {
+                let p = if interactive { Interactive } else { Batch };
+                match op {
+                    0 | 1 => {
+                        next += 1;
+                        let a = q.admit(next, p, u64::from(next % 7), AdmissionPolicy::Reject).unwrap();
+                        prop_assert_eq!(Some(a.position), walked_rank(&q, next).map(|r| r.0));
+                        keys.push((next, a.key));
+                    }
+                    2 => {
+                        next += 1;
+                        keys.push((next, q.requeue_front(next, p, u64::from(next % 5))));
+                        prop_assert_eq!(walked_rank(&q, next).map(|r| r.0), Some(if interactive { 0 } else { q.depth(Interactive) }));
+                    }
+                    3 => { q.take_first(|x| (x % 4 == 0).then_some(())); }
+                    _ => {
+                        if let Some(&(x, key)) = keys.get(pick % keys.len().max(1)) {
+                            let present = walked_rank(&q, x).is_some();
+                            prop_assert_eq!(q.remove_key(key), present.then_some(x));
+                        }
+                    }
+                }
+                for &(x, key) in &keys {
+                    prop_assert_eq!(q.rank(key), walked_rank(&q, x));
+                }
+                let weights: u64 = q.iter_weighted().map(|(_, w)| w).sum();
+                prop_assert_eq!(weights, q.class_weight(Interactive) + q.class_weight(Batch));
+                prop_assert_eq!(q.iter().count(), q.len());
+            }
+        }
+
         /// Never above capacity; positions match dispatch order; nothing lost or duplicated.
         #[test]
         fn queue_conserves_entries(ops in proptest::collection::vec((0u8..4, any::<bool>()), 1..300), cap in 1usize..20, drop_lru in any::<bool>()) {

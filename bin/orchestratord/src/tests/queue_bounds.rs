@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::kit::*;
 use crate::dispatcher::POSITION_INTERVAL;
 use crate::retention::PURGE_INTERVAL;
+use crate::sse::SubscriberGuard;
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -106,6 +107,7 @@ async fn position_updates_come_at_once_then_at_most_one_per_interval() {
     let h = busy_harness(&[], Duration::from_secs(60)).await;
     let queued: Vec<_> = (0..4).map(|_| h.submit(task(5))).collect();
     let last = queued.last().unwrap().clone();
+    let _follower = SubscriberGuard::new(h.orch.clone(), last.clone());
     let updates = |t: &crate::tasks::Task| -> Vec<u64> {
         t.frames_from(0)
             .unwrap()
@@ -138,6 +140,49 @@ async fn position_updates_come_at_once_then_at_most_one_per_interval() {
     settle().await;
     assert_eq!(updates(&last), [3, 2, 1]);
     assert_eq!(Instant::now() - second, POSITION_INTERVAL);
+}
+
+/// Positions of the `queued` events in a task's log.
+fn told_positions(t: &crate::tasks::Task) -> Vec<u64> {
+    t.frames_from(0)
+        .unwrap()
+        .0
+        .iter()
+        .filter(|f| f.event == "queued")
+        .map(|f| {
+            serde_json::from_str::<serde_json::Value>(&f.data).unwrap()["queue_position"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_nobody_follows_is_told_its_position_when_a_subscriber_comes() {
+    let h = busy_harness(&[], Duration::from_secs(60)).await;
+    let queued: Vec<_> = (0..4).map(|_| h.submit(task(5))).collect();
+    let last = queued[3].clone();
+    for t in &queued[..2] {
+        h.orch
+            .cancel(t, ErrorEnvelope::new(ErrorCode::Cancelled, "client"));
+    }
+    tokio::time::sleep(2 * POSITION_INTERVAL).await;
+    settle().await;
+    assert_eq!(told_positions(&last), [3], "updated while nobody followed");
+    let _follower = SubscriberGuard::new(h.orch.clone(), last.clone());
+    assert_eq!(
+        told_positions(&last),
+        [3, 1],
+        "not told at once on subscribing"
+    );
+    assert_eq!(h.orch.queue_position(&last.id), Some(1));
+    h.orch.cancel(
+        &queued[2],
+        ErrorEnvelope::new(ErrorCode::Cancelled, "client"),
+    );
+    tokio::time::sleep(POSITION_INTERVAL).await;
+    settle().await;
+    assert_eq!(told_positions(&last), [3, 1, 0]);
 }
 
 #[tokio::test(start_paused = true)]
