@@ -28,6 +28,7 @@ async fn busy_harness(flags: &[&str], busy: Duration) -> Harness {
     h
 }
 
+// covers: ORCH-2108
 #[tokio::test(start_paused = true)]
 async fn a_queued_task_past_its_deadline_ends_with_deadline_unmet_exactly_at_the_deadline() {
     let h = busy_harness(&[], Duration::from_secs(60)).await;
@@ -45,6 +46,7 @@ async fn a_queued_task_past_its_deadline_ends_with_deadline_unmet_exactly_at_the
     );
 }
 
+// covers: ORCH-2110
 #[tokio::test(start_paused = true)]
 async fn a_task_queued_longer_than_the_longest_queue_wait_ends_with_pool_unavailable_exactly_then()
 {
@@ -60,6 +62,7 @@ async fn a_task_queued_longer_than_the_longest_queue_wait_ends_with_pool_unavail
     assert_eq!(at - t0, 2000 * MS);
 }
 
+// covers: ORCH-2109
 #[tokio::test(start_paused = true)]
 async fn a_deadline_passing_while_the_task_runs_does_not_end_it() {
     let h = Harness::start(&[]);
@@ -72,6 +75,7 @@ async fn a_deadline_passing_while_the_task_runs_does_not_end_it() {
     assert_eq!(name, "end", "a started task was expired");
 }
 
+// covers: ORCH-2206
 #[tokio::test(start_paused = true)]
 async fn a_queued_task_starts_the_instant_the_slot_ahead_of_it_frees() {
     let h = busy_harness(&[], 300 * MS).await;
@@ -85,6 +89,7 @@ async fn a_queued_task_starts_the_instant_the_slot_ahead_of_it_frees() {
     assert_eq!(task.status(None).queue_time_ms, Some(301));
 }
 
+// covers: ORCH-2307
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_queued_task_ends_at_once_and_never_reaches_an_engine() {
     let h = busy_harness(&[], Duration::from_secs(60)).await;
@@ -102,6 +107,7 @@ async fn a_cancelled_queued_task_ends_at_once_and_never_reaches_an_engine() {
     assert_eq!(h.orch.queue_position(&task.id), None);
 }
 
+// covers: ORCH-2311
 #[tokio::test(start_paused = true)]
 async fn position_updates_come_at_once_then_at_most_one_per_interval() {
     let h = busy_harness(&[], Duration::from_secs(60)).await;
@@ -157,6 +163,7 @@ fn told_positions(t: &crate::tasks::Task) -> Vec<u64> {
         .collect()
 }
 
+// covers: ORCH-2311
 #[tokio::test(start_paused = true)]
 async fn a_task_nobody_follows_is_told_its_position_when_a_subscriber_comes() {
     let h = busy_harness(&[], Duration::from_secs(60)).await;
@@ -185,6 +192,7 @@ async fn a_task_nobody_follows_is_told_its_position_when_a_subscriber_comes() {
     assert_eq!(told_positions(&last), [3, 1, 0]);
 }
 
+// covers: ORCH-2106
 #[tokio::test(start_paused = true)]
 async fn a_full_drop_lru_queue_ends_its_oldest_batch_task_at_once_for_a_newcomer() {
     let h = busy_harness(
@@ -202,6 +210,7 @@ async fn a_full_drop_lru_queue_ends_its_oldest_batch_task_at_once_for_a_newcomer
     assert_eq!(at, t0);
 }
 
+// covers: ORCH-2414
 #[tokio::test(start_paused = true)]
 async fn a_finished_task_is_forgotten_after_retention_within_one_purge_interval() {
     let h = Harness::start(&["--task-retention-ms=10000"]);
@@ -224,6 +233,7 @@ async fn a_finished_task_is_forgotten_after_retention_within_one_purge_interval(
     );
 }
 
+// covers: ORCH-2414
 #[tokio::test(start_paused = true)]
 async fn the_oldest_finished_tasks_beyond_the_retention_count_are_forgotten_at_the_next_purge() {
     let start = Instant::now();
@@ -247,6 +257,7 @@ async fn the_oldest_finished_tasks_beyond_the_retention_count_are_forgotten_at_t
     assert_eq!(kept(&h), [false, true, true], "not the oldest that went");
 }
 
+// covers: ORCH-2207
 #[tokio::test(start_paused = true)]
 async fn a_session_keeps_its_pool_for_its_ttl_after_the_last_turn_and_not_a_millisecond_longer() {
     let h = Harness::start(&["--session-ttl-ms=1000"]);
@@ -285,6 +296,7 @@ async fn a_session_keeps_its_pool_for_its_ttl_after_the_last_turn_and_not_a_mill
     );
 }
 
+// covers: ORCH-2117
 #[test]
 fn no_task_is_queued_after_shutdown_emptied_the_queue() {
     // A real race on real threads: admissions from two threads while shutdown runs. Every
@@ -334,6 +346,7 @@ fn no_task_is_queued_after_shutdown_emptied_the_queue() {
     });
 }
 
+// covers: ORCH-2104
 #[tokio::test(start_paused = true)]
 async fn a_resubmission_answers_the_existing_task_before_the_model_check_and_after_shutdown() {
     let h = Harness::start(&[]);
@@ -374,6 +387,7 @@ fn with_phase(id: &str, phase: crate::pools::PoolPhase, healthy: bool) -> crate:
     }
 }
 
+// covers: ORCH-2111
 #[tokio::test(start_paused = true)]
 async fn a_task_for_a_restarting_pool_queues_and_starts_the_instant_the_pool_serves_again() {
     use crate::pools::PoolPhase;
@@ -398,6 +412,7 @@ async fn a_task_for_a_restarting_pool_queues_and_starts_the_instant_the_pool_ser
     );
 }
 
+// covers: ORCH-2112
 #[tokio::test(start_paused = true)]
 async fn when_every_pool_of_a_model_fails_its_queued_tasks_end_at_once_and_new_ones_get_503() {
     use crate::pools::PoolPhase;
@@ -422,6 +437,7 @@ async fn when_every_pool_of_a_model_fails_its_queued_tasks_end_at_once_and_new_o
     assert_eq!(e.0.retry_after_ms, Some(5000));
 }
 
+// covers: ORCH-2113
 #[tokio::test(start_paused = true)]
 async fn a_model_whose_last_pool_went_away_stays_admissible_for_exactly_the_memory_window() {
     let h = Harness::start(&["--model-memory-ms=10000"]);
@@ -439,6 +455,7 @@ async fn a_model_whose_last_pool_went_away_stays_admissible_for_exactly_the_memo
     assert_eq!(e.0.code, ErrorCode::ModelNotAvailable);
 }
 
+// covers: ORCH-2118
 #[tokio::test(start_paused = true)]
 async fn a_task_queued_during_a_restart_is_told_the_measured_restart_time_left() {
     use crate::pools::PoolPhase;
@@ -466,6 +483,7 @@ async fn a_task_queued_during_a_restart_is_told_the_measured_restart_time_left()
     assert_eq!(queued["predicted_start_ms"], 3000);
 }
 
+// covers: ORCH-2114, ORCH-2201
 #[tokio::test(start_paused = true)]
 async fn a_task_asking_for_more_context_than_any_pool_has_is_refused_and_a_fitting_one_goes_to_the_pool_that_holds_it(
 ) {
@@ -495,6 +513,7 @@ async fn a_task_asking_for_more_context_than_any_pool_has_is_refused_and_a_fitti
     assert_eq!(t.pool_id().as_deref(), Some("large"));
 }
 
+// covers: ORCH-2115
 #[tokio::test(start_paused = true)]
 async fn a_strict_task_is_refused_when_no_single_slot_pool_serves_its_model() {
     let h = Harness::start(&[]);
@@ -508,6 +527,7 @@ async fn a_strict_task_is_refused_when_no_single_slot_pool_serves_its_model() {
     assert!(e.0.message.contains("single-slot"), "{}", e.0.message);
 }
 
+// covers: ORCH-2415
 #[tokio::test(start_paused = true)]
 async fn a_finished_task_keeps_no_prompt_and_still_answers_its_resubmission() {
     let h = Harness::start(&[]);
@@ -542,6 +562,7 @@ async fn a_finished_task_keeps_no_prompt_and_still_answers_its_resubmission() {
     assert_eq!(e.0.code, llorch_contracts::ErrorCode::Conflict);
 }
 
+// covers: ORCH-2414
 #[tokio::test(start_paused = true)]
 async fn finished_tasks_beyond_the_retention_bytes_are_forgotten_oldest_first() {
     let h = Harness::start(&["--task-retention-bytes=5000"]);
