@@ -602,6 +602,7 @@ mod tests {
         )
     }
 
+    // covers: ORCH-2411
     #[test]
     fn a_log_rebuilt_after_a_restart_starts_above_every_id_of_earlier_runs() {
         // Run 0 gave a client ids 0..; after the first restart the log starts at 1 << 40, and
@@ -631,6 +632,7 @@ mod tests {
         assert_eq!(task().resume_point(5), 5);
     }
 
+    // covers: ORCH-2303
     #[test]
     fn only_one_terminal_event_is_ever_recorded() {
         let t = task();
@@ -689,6 +691,7 @@ mod tests {
         }
     }
 
+    // covers: ORCH-2304
     #[test]
     fn replay_starts_after_the_given_id() {
         let t = task();
@@ -704,6 +707,7 @@ mod tests {
         assert!(t.frames_from(99).unwrap().0.is_empty());
     }
 
+    // covers: ORCH-2305
     #[test]
     fn the_log_keeps_at_most_its_cap_dropping_the_oldest_frames_and_says_where_it_starts() {
         // Each token frame is its data plus FRAME_OVERHEAD: room for about four of them.

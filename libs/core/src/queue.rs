@@ -383,6 +383,7 @@ mod tests {
     use proptest::prelude::*;
     use Priority::*;
 
+    // covers: ORCH-2107
     #[test]
     fn interactive_is_dispatched_before_batch_and_fifo_within_class() {
         let mut q = AdmissionQueue::new(10);
@@ -417,6 +418,7 @@ mod tests {
         assert!(q.reorders() > r);
     }
 
+    // covers: ORCH-2105
     #[test]
     fn reject_policy_refuses_when_full() {
         let mut q = AdmissionQueue::new(2);
@@ -429,6 +431,7 @@ mod tests {
         assert_eq!(q.len(), 2);
     }
 
+    // covers: ORCH-2106
     #[test]
     fn drop_lru_drops_the_oldest_batch_entry() {
         let mut q = AdmissionQueue::new(3);
@@ -443,6 +446,7 @@ mod tests {
         assert_eq!(order, vec![1, 3, 4]);
     }
 
+    // covers: ORCH-2106
     #[test]
     fn drop_lru_with_only_interactive_queued_rejects() {
         let mut q = AdmissionQueue::new(1);
