@@ -1,0 +1,165 @@
+//! Placement, session affinity, provisioning and supervision of pools.
+
+use std::time::Duration;
+
+use cucumber::{given, then, when};
+use llorch_contracts::HandoffFile;
+use llorch_test_support::{authed_client, pid_alive, signal, wait_for};
+
+use super::task_body;
+use crate::daemons;
+use crate::world::Bdd;
+
+const FINISH_WITHIN: Duration = Duration::from_secs(30);
+
+fn pinned(prompt: &str, tokens: u32, pool: &str) -> serde_json::Value {
+    let mut b = task_body(prompt, tokens);
+    b["placement"] = serde_json::json!({"mode": "pin", "pin_pool_id": pool});
+    b
+}
+
+fn in_session(prompt: &str, tokens: u32, session: &str) -> serde_json::Value {
+    let mut b = task_body(prompt, tokens);
+    b["session_id"] = session.into();
+    b
+}
+
+/// The pool a finished task ran on.
+async fn pool_of(w: &Bdd, name: &str) -> String {
+    let s = w.wait_finished(&w.task_id(name), FINISH_WITHIN).await;
+    assert_eq!(s["state"], "completed", "{s}");
+    s["pool_id"].as_str().unwrap().to_string()
+}
+
+#[when(expr = "a client submits a task {string} of {int} tokens pinned to pool {string}")]
+async fn submit_pinned(w: &mut Bdd, name: String, tokens: u32, pool: String) {
+    w.submit(Some(&name), pinned(&name, tokens, &pool)).await;
+}
+
+#[given(expr = "a task {string} of session {string} has completed")]
+async fn session_turn_done(w: &mut Bdd, name: String, session: String) {
+    w.submit_ok(&name, in_session(&name, 4, &session)).await;
+    pool_of(w, &name).await;
+}
+
+#[given(expr = "a long task {string} pinned to the pool of task {string} is running")]
+async fn long_pinned_task(w: &mut Bdd, name: String, other: String) {
+    let pool = pool_of(w, &other).await;
+    let id = w.submit_ok(&name, pinned("the", 3000, &pool)).await;
+    w.wait_started(&id, Duration::from_secs(10)).await;
+}
+
+#[when(expr = "a client submits a task {string} of {int} tokens in session {string}")]
+async fn submit_in_session(w: &mut Bdd, name: String, tokens: u32, session: String) {
+    w.submit_ok(&name, in_session(&name, tokens, &session))
+        .await;
+}
+
+#[then(expr = "task {string} completes on the pool of task {string}")]
+async fn same_pool(w: &mut Bdd, name: String, other: String) {
+    assert_eq!(pool_of(w, &name).await, pool_of(w, &other).await);
+}
+
+#[then(expr = "task {string} completes on the pool other than that of task {string}")]
+async fn other_pool(w: &mut Bdd, name: String, other: String) {
+    assert_ne!(pool_of(w, &name).await, pool_of(w, &other).await);
+}
+
+#[then(expr = "session {string} reports {int} turns, the last on the pool of task {string}")]
+async fn session_reports(w: &mut Bdd, session: String, turns: u64, other: String) {
+    let pool = pool_of(w, &other).await;
+    let r = w
+        .http(&w.client_token)
+        .get(format!("{}/v2/sessions/{session}", w.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["turns"], turns, "{v}");
+    assert_eq!(v["last_pool_id"], pool.as_str(), "{v}");
+    assert!(v["ttl_ms_remaining"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// The handoff file of a pool, when it is there (pool-managerd rewrites it on a restart).
+fn try_handoff(w: &Bdd, pool: &str) -> Option<HandoffFile> {
+    let path = w.d().home().runtime_dir.join(format!("{pool}.json"));
+    HandoffFile::parse(&std::fs::read(path).ok()?).ok()
+}
+
+fn handoff(w: &Bdd, pool: &str) -> HandoffFile {
+    try_handoff(w, pool).unwrap_or_else(|| panic!("no valid handoff file for pool {pool}"))
+}
+
+#[then(
+    expr = "pool-managerd has written the handoff file of pool {string} naming a live engine on loopback"
+)]
+async fn handoff_written(w: &mut Bdd, pool: String) {
+    let f = handoff(w, &pool);
+    assert_eq!(f.pool_id, pool);
+    assert!(f.url.starts_with("http://127.0.0.1:"), "{}", f.url);
+    let pid = f.pid.expect("a provisioned engine's pid");
+    assert!(pid_alive(pid), "engine {pid} is not running");
+    let health = reqwest::get(format!("{}/health", f.url)).await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[then(expr = "orchestratord lists pool {string} as ready with {int} slot(s)")]
+async fn listed_ready_with_slots(w: &mut Bdd, pool: String, slots: u64) {
+    w.wait_pools_ready(std::slice::from_ref(&pool), Duration::from_secs(20))
+        .await;
+    let p = w.pool(&pool).await.unwrap();
+    assert_eq!(p["slots_total"], slots, "{p}");
+}
+
+#[when(expr = "the engine of pool {string} is killed")]
+async fn kill_engine(w: &mut Bdd, pool: String) {
+    // The restart count the next scenario would see is no longer zero.
+    daemons::spoil().await;
+    let pid = handoff(w, &pool).pid.unwrap();
+    w.pids.insert(pool, pid);
+    signal(pid, "-KILL");
+}
+
+/// pool-managerd's own view of a pool (node token, or the shared one).
+async fn pm_status(w: &Bdd, pool: &str) -> Option<serde_json::Value> {
+    let base = &w.d().home().pm_base;
+    authed_client(&w.admin_token)
+        .get(format!("{base}/v2/pools/{pool}/status"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+#[then(
+    expr = "pool-managerd reports pool {string} not ready, then ready again with restart count {int}"
+)]
+async fn restarted(w: &mut Bdd, pool: String, count: u64) {
+    wait_for(
+        &format!("{pool} not ready at pool-managerd"),
+        Duration::from_secs(5),
+        || async { pm_status(w, &pool).await.filter(|s| s["ready"] == false) },
+    )
+    .await;
+    let s = wait_for(
+        &format!("{pool} ready again at pool-managerd"),
+        Duration::from_secs(30),
+        || async { pm_status(w, &pool).await.filter(|s| s["ready"] == true) },
+    )
+    .await;
+    assert_eq!(s["restart_count"], count, "{s}");
+}
+
+#[then(expr = "the handoff file of pool {string} names a new engine process")]
+async fn new_engine(w: &mut Bdd, pool: String) {
+    let old = w.pids[&pool];
+    let new = wait_for("a new handoff file", Duration::from_secs(10), || async {
+        try_handoff(w, &pool)?.pid.filter(|p| *p != old)
+    })
+    .await;
+    assert!(pid_alive(new));
+    assert!(!pid_alive(old), "the killed engine {old} still runs");
+}
