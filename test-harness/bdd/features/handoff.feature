@@ -6,6 +6,7 @@ Feature: Handoff files from any engine provisioner
   Background:
     Given orchestratord alone on an empty runtime directory, beside a llama-server of our own
 
+  @POOL-3203 @OBS-6110
   Scenario: A handoff file makes its pool ready, and deleting it retires the pool
     Given orchestratord is not ready
     When a handoff file for pool "ext" naming that llama-server is written
@@ -16,9 +17,11 @@ Feature: Handoff files from any engine provisioner
     Then orchestratord no longer lists pool "ext" within 2 seconds
     And "/ready" answers 503 without a token
 
-  Scenario: An invalid handoff file is ignored and the others still count
+  @POOL-3204
+  Scenario: An invalid handoff file changes nothing and the others still count
     When an invalid handoff file for pool "broken" is written
     And a handoff file for pool "good" naming that llama-server is written
     Then orchestratord lists pool "good" as ready within 2 seconds
     And orchestratord does not list pool "broken"
+    And orchestratord logged the invalid handoff file of pool "broken"
     And "/health" answers 200 without a token

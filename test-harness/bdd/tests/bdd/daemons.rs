@@ -270,7 +270,7 @@ impl Cloud {
                 net.path("orchestratord-data").display().to_string(),
             ),
             ("ORCHD_POOL_MANAGERS", managers.join(",")),
-            ("ORCHD_POOL_POLL_INTERVAL_MS", "500".into()),
+            ("ORCHD_POOL_POLL_INTERVAL_MS", "1000".into()),
         ];
         net.spawn_in(
             &orch_host.ns,

@@ -59,7 +59,14 @@ fn status_is(w: &mut Bdd, status: u16) {
 fn status_and_code(w: &mut Bdd, status: u16, code: String) {
     let a = w.answer();
     assert_eq!(a.status, status, "{}", a.text);
-    assert_eq!(a.json()["code"], code.as_str(), "{}", a.text);
+    // The one error envelope: {code, message, retriable, retry_after_ms?, policy_label?}.
+    let body = a.json();
+    assert_eq!(body["code"], code.as_str(), "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(body["retriable"].is_boolean(), "{body}");
 }
 
 #[then("the answer carries an X-Correlation-Id")]
@@ -104,6 +111,7 @@ fn admission_body(w: &mut Bdd, name: String) {
     assert_eq!(body["task_id"], id.as_str(), "{body}");
     assert!(body["queue_position"].is_u64(), "{body}");
     assert!(body["predicted_start_ms"].is_u64(), "{body}");
+    assert!(body["backoff_ms"].is_u64(), "{body}");
     assert_eq!(
         body["streams"]["sse"],
         format!("/v2/tasks/{id}/events"),

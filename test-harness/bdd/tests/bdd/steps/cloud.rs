@@ -55,11 +55,11 @@ async fn kill_node(w: &mut Bdd, n: usize) {
     signal(w.d().cloud().node_pid(n), "-KILL");
 }
 
-#[then(expr = "pool {string} is unavailable within {int} second(s)")]
-async fn unavailable_within(w: &mut Bdd, pool: String, secs: u64) {
+#[then(expr = "pool {string} is unavailable within {int} ms")]
+async fn unavailable_within(w: &mut Bdd, pool: String, ms: u64) {
     wait_for(
         &format!("pool {pool} unavailable"),
-        Duration::from_secs(secs),
+        Duration::from_millis(ms),
         || async {
             let p = w.pool(&pool).await;
             p.is_none_or(|p| p["healthy"] == false).then_some(())

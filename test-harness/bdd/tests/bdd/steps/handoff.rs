@@ -45,6 +45,17 @@ async fn gone_within(w: &mut Bdd, pool: String, secs: u64) {
     .await;
 }
 
+#[then(expr = "orchestratord logged the invalid handoff file of pool {string}")]
+fn logged_invalid(w: &mut Bdd, pool: String) {
+    let log = w.d().orch_log();
+    let file = format!("{pool}.json");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ignoring invalid handoff file") && l.contains(&file)),
+        "{log}"
+    );
+}
+
 #[then(expr = "orchestratord does not list pool {string}")]
 async fn not_listed(w: &mut Bdd, pool: String) {
     let pools = w.pools().await;

@@ -132,3 +132,11 @@ fn openai_error(w: &mut Bdd, status: u16) {
         a.text
     );
 }
+
+#[then("no chunk carries usage, which nobody asked for")]
+fn no_usage(w: &mut Bdd) {
+    for c in chunks(w) {
+        assert!(c.get("usage").is_none_or(|u| u.is_null()), "{c}");
+        assert!(!c["choices"].as_array().unwrap().is_empty(), "{c}");
+    }
+}

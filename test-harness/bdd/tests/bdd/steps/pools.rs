@@ -163,3 +163,192 @@ async fn new_engine(w: &mut Bdd, pool: String) {
     assert!(pid_alive(new));
     assert!(!pid_alive(old), "the killed engine {old} still runs");
 }
+
+fn with_placement(prompt: &str, tokens: u32, placement: serde_json::Value) -> serde_json::Value {
+    let mut b = task_body(prompt, tokens);
+    b["placement"] = placement;
+    b
+}
+
+#[when(expr = "a client submits a task {string} of {int} tokens preferring pool {string}")]
+async fn submit_preferring(w: &mut Bdd, name: String, tokens: u32, pool: String) {
+    let body = with_placement(
+        &name,
+        tokens,
+        serde_json::json!({"mode": "prefer", "prefer_pools": [pool]}),
+    );
+    w.submit_ok(&name, body).await;
+}
+
+#[when(expr = "a client submits a task {string} of {int} tokens avoiding pool {string}")]
+async fn submit_avoiding(w: &mut Bdd, name: String, tokens: u32, pool: String) {
+    let body = with_placement(
+        &name,
+        tokens,
+        serde_json::json!({"mode": "auto", "avoid_pools": [pool]}),
+    );
+    w.submit_ok(&name, body).await;
+}
+
+#[when(expr = "session {string} is deleted")]
+async fn delete_session(w: &mut Bdd, session: String) {
+    let r = w
+        .http(&w.client_token)
+        .delete(format!("{}/v2/sessions/{session}", w.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+}
+
+#[then(expr = "session {string} is unknown")]
+async fn session_unknown(w: &mut Bdd, session: String) {
+    let r = w
+        .http(&w.client_token)
+        .get(format!("{}/v2/sessions/{session}", w.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+/// llama-server's own count of requests it is holding back for want of a slot.
+async fn engine_deferred(url: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    llorch_test_support::metric_value(&text, "llamacpp:requests_deferred", &[])
+        .unwrap_or_else(|| panic!("no llamacpp:requests_deferred in {text}"))
+}
+
+#[then(expr = "the {int} tasks complete while no engine defers a request")]
+async fn complete_without_deferring(w: &mut Bdd, n: usize) {
+    let runtime_dir = w.d().home().runtime_dir.clone();
+    let engines: Vec<String> = std::fs::read_dir(&runtime_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| {
+            HandoffFile::parse(&std::fs::read(e.path()).unwrap())
+                .unwrap()
+                .url
+        })
+        .collect();
+    assert!(!engines.is_empty());
+    let ids: Vec<String> = (1..=n).map(|k| w.task_id(&format!("burst-{k}"))).collect();
+    let deadline = std::time::Instant::now() + FINISH_WITHIN;
+    let mut samples = 0;
+    loop {
+        for url in &engines {
+            assert_eq!(
+                engine_deferred(url).await,
+                0.0,
+                "engine {url} deferred a request"
+            );
+            samples += 1;
+        }
+        let mut done = 0;
+        for id in &ids {
+            if w.status(id).await["finished_at_ms"].is_u64() {
+                done += 1;
+            }
+        }
+        if done == ids.len() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the burst did not end in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        samples > engines.len(),
+        "too few samples while the burst ran"
+    );
+    for (k, id) in ids.iter().enumerate() {
+        let s = w.status(id).await;
+        assert_eq!(s["state"], "completed", "{s}");
+        w.pools_seen.insert(
+            format!("burst-{}", k + 1),
+            s["pool_id"].as_str().unwrap().into(),
+        );
+    }
+}
+
+#[then(
+    expr = "the handoff file of pool {string} names model {string}, {int} slot(s), its context and the engine version"
+)]
+fn handoff_contents(w: &mut Bdd, pool: String, model: String, slots: u32) {
+    let f = handoff(w, &pool);
+    assert_eq!(f.model.id, model);
+    assert!(f.model.path.is_some(), "{f:?}");
+    assert_eq!(f.slots_total, slots);
+    assert!(f.ctx_max.is_some_and(|c| c > 0), "{f:?}");
+    assert!(f.engine_version.is_some(), "{f:?}");
+    // It round-trips through its contract type.
+    let again = HandoffFile::parse(&serde_json::to_vec(&f).unwrap()).unwrap();
+    assert_eq!(again, f);
+}
+
+#[then(expr = "a task of {int} tokens pinned to pool {string} completes there")]
+async fn pinned_task_completes(w: &mut Bdd, tokens: u32, pool: String) {
+    let id = w.submit_ok("probe", pinned("probe", tokens, &pool)).await;
+    let s = w.wait_finished(&id, FINISH_WITHIN).await;
+    assert_eq!(s["state"], "completed", "{s}");
+    assert_eq!(s["pool_id"], pool.as_str(), "{s}");
+}
+
+#[given(expr = "the engine of pool {string} is noted")]
+fn note_engine(w: &mut Bdd, pool: String) {
+    let pid = handoff(w, &pool).pid.unwrap();
+    w.pids.insert(pool, pid);
+}
+
+#[then(expr = "the handoff file of pool {string} says {string}")]
+async fn handoff_says(w: &mut Bdd, pool: String, state: String) {
+    wait_for(
+        &format!("the handoff file of {pool} saying {state}"),
+        Duration::from_secs(5),
+        || async {
+            let f = try_handoff(w, &pool)?;
+            (f.state.map(|s| s.as_str()) == Some(state.as_str())).then_some(())
+        },
+    )
+    .await;
+}
+
+#[then(expr = "pool {string} still runs the noted engine, ready and never restarted")]
+async fn bystander_undisturbed(w: &mut Bdd, pool: String) {
+    let pid = w.pids[&pool];
+    assert_eq!(handoff(w, &pool).pid, Some(pid));
+    assert!(pid_alive(pid));
+    let s = pm_status(w, &pool).await.unwrap();
+    assert_eq!(s["ready"], true, "{s}");
+    assert_eq!(s["restart_count"], 0, "{s}");
+}
+
+#[then(expr = "pool-managerd reports pool {string} stopped within {int} seconds")]
+async fn pm_stopped(w: &mut Bdd, pool: String, secs: u64) {
+    // The node token: in a stack of separate secrets, pool-managerd takes only that one.
+    let base = w.d().home().pm_base.clone();
+    wait_for(
+        &format!("{pool} stopped at pool-managerd"),
+        Duration::from_secs(secs),
+        || async {
+            let v: serde_json::Value = authed_client(daemons::NODE_TOKEN)
+                .get(format!("{base}/v2/pools/{pool}/status"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["state"] == "stopped").then_some(())
+        },
+    )
+    .await;
+}

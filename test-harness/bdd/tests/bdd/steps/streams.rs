@@ -89,7 +89,7 @@ fn tokens_numbered(w: &mut Bdd, name: String) {
     assert_eq!(tokens, want);
 }
 
-#[then(expr = "the end event of task {string} counts its token events")]
+#[then(expr = "the end event of task {string} has a finish reason and counts its token events")]
 fn end_counts_tokens(w: &mut Bdd, name: String) {
     let frames = stream(w, &name);
     let tokens = names(frames).iter().filter(|e| **e == "token").count();
@@ -98,6 +98,31 @@ fn end_counts_tokens(w: &mut Bdd, name: String) {
         .find(|f| f.event.as_deref() == Some("end"))
         .unwrap();
     assert_eq!(data(end)["tokens_out"], tokens as u64, "{end:?}");
+    let reason = data(end)["finish_reason"].clone();
+    assert!(reason == "length" || reason == "stop", "{end:?}");
+}
+
+#[then(expr = "the verbose stream of task {string} also carries a metrics event")]
+async fn verbose_has_metrics(w: &mut Bdd, name: String) {
+    let id = w.task_id(&name);
+    let text = w
+        .http(&w.client_token)
+        .get(format!("{}/v2/tasks/{id}/events?verbose=true", w.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("event: metrics"), "{text}");
+    assert!(text.contains("event: end"), "{text}");
+}
+
+#[then(expr = "a second subscriber of task {string} gets the same frames")]
+async fn second_subscriber(w: &mut Bdd, name: String) {
+    let s = w.open_events(&w.task_id(&name), None).await;
+    let again = Bdd::read_to_end(s, STREAM_WITHIN).await;
+    assert_eq!(&again, stream(w, &name));
 }
 
 #[then(expr = "the frame ids of task {string} increase")]

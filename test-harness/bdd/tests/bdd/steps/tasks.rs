@@ -37,6 +37,13 @@ async fn submit_twice(w: &mut Bdd, name: String) {
     w.submit(Some(&name), body).await;
 }
 
+#[when(expr = "a client submits the task {string} again with another body")]
+async fn submit_again_other_body(w: &mut Bdd, name: String) {
+    let mut body = task_body("another body", 8);
+    body["task_id"] = name.clone().into();
+    w.submit(None, body).await;
+}
+
 #[when(expr = "a client submits {int} tasks of {int} tokens")]
 async fn submit_many(w: &mut Bdd, n: usize, tokens: u32) {
     for k in 1..=n {
@@ -179,4 +186,19 @@ fn both_answers(w: &mut Bdd, status: u16, name: String) {
         assert_eq!(a.status, status, "{}", a.text);
         assert_eq!(a.json()["task_id"], name.as_str(), "{}", a.text);
     }
+}
+
+#[then(
+    expr = "the status of task {string} reports it completed on pool {string} after {int} attempt(s) with its token count"
+)]
+async fn status_reports(w: &mut Bdd, name: String, pool: String, attempts: u64) {
+    let s = w.wait_finished(&w.task_id(&name), FINISH_WITHIN).await;
+    assert_eq!(s["state"], "completed", "{s}");
+    assert_eq!(s["pool_id"], pool.as_str(), "{s}");
+    assert_eq!(s["attempts"], attempts, "{s}");
+    let tokens = w.streams[&name]
+        .iter()
+        .filter(|f| f.event.as_deref() == Some("token"))
+        .count();
+    assert_eq!(s["tokens_out"], tokens as u64, "{s}");
 }
