@@ -404,12 +404,12 @@ impl Orchestrator {
                 return Err(self.id_taken(&id));
             }
             return self
-                .answer_existing(&existing, &req)
+                .answer_existing(&existing, crate::tasks::request_digest(&req))
                 .map(|(t, a)| (t, a, None));
         }
         if let Some(existing) = self.journaled_task(&id, owner)? {
             return self
-                .answer_existing(&existing, &req)
+                .answer_existing(&existing, crate::tasks::request_digest(&req))
                 .map(|(t, a)| (t, a, None));
         }
         if !self
@@ -517,15 +517,38 @@ impl Orchestrator {
                 .map(|t| llorch_core::prefix_chain(&t, crate::tasks::PREFIX_BLOCKS_MAX))
                 .unwrap_or_default(),
         };
-        let (task, admitted, ahead_tokens, written) = {
-            // Dropped (giving the key's slot back) on any refusal below.
-            let slot = self.key_gate(owner)?;
+        // Dropped (giving the key's slot back) on any refusal below.
+        let slot = self.key_gate(owner)?;
+        span.record("task_id", id.as_str());
+        let trace = llorch_observability::capture(&span);
+        // Built before the locks too: admissions wait on each other only for the queue's
+        // bookkeeping, not for a task's allocations and digest.
+        let mut task = Task::new(
+            id.clone(),
+            req,
+            Instant::now(),
+            trace,
+            correlation_id,
+            openai,
+            self.config.task_log_max_bytes,
+        )
+        .with_prompt_tokens(prompt_tokens)
+        .with_owner(owner.name.clone())
+        .with_prefix_chain(prefix_chain)
+        .with_key_slot(slot);
+        if journaled.is_some() {
+            task = task.with_journal();
+        }
+        let task = Arc::new(task);
+        let weight = u64::from(task.req.max_tokens);
+        let expiry = crate::state::expiry_of(&task, self.config.max_queue_wait);
+        let (admitted, ahead_tokens, written, dispatcher_due) = {
             let mut tasks = self.tasks.write();
             // Checked again under the lock: two first submissions of one id may race here.
             if let Some(existing) = tasks.get(&id).cloned() {
                 drop(tasks);
                 return self
-                    .answer_existing(&existing, &req)
+                    .answer_existing(&existing, task.digest())
                     .map(|(t, a)| (t, a, None));
             }
             let mut queue = self.queue.lock();
@@ -536,26 +559,7 @@ impl Orchestrator {
                 drop(tasks);
                 return Err(self.reject("shutting_down", ApiError::from(shutting_down())));
             }
-            span.record("task_id", id.as_str());
-            let trace = llorch_observability::capture(&span);
-            let mut task = Task::new(
-                id.clone(),
-                req,
-                Instant::now(),
-                trace,
-                correlation_id,
-                openai,
-                self.config.task_log_max_bytes,
-            )
-            .with_prompt_tokens(prompt_tokens)
-            .with_owner(owner.name.clone())
-            .with_prefix_chain(prefix_chain)
-            .with_key_slot(slot);
-            if journaled.is_some() {
-                task = task.with_journal();
-            }
-            let task = Arc::new(task);
-            let weight = u64::from(task.req.max_tokens);
+            let reorders = queue.tasks.reorders();
             match queue
                 .tasks
                 .admit(task.clone(), priority, weight, self.config.admission_policy)
@@ -574,7 +578,12 @@ impl Orchestrator {
                     if priority == Priority::Batch {
                         ahead_tokens += queue.tasks.class_weight(Priority::Batch);
                     }
-                    (task, a, ahead_tokens - weight, written)
+                    // The dispatcher has something to do for this task only if it expires
+                    // before the dispatcher's next wake, or a followed task moved back (or
+                    // a slot is free: checked below, after the task is in the queue).
+                    let due = queue.dispatcher_wakes_at.is_none_or(|at| expiry < at)
+                        || (queue.tasks.reorders() != reorders && !queue.followed.is_empty());
+                    (a, ahead_tokens - weight, written, due)
                 }
                 Err(full) => {
                     drop(queue);
@@ -630,7 +639,9 @@ impl Orchestrator {
             .admission_latency_ms
             .observe(started.elapsed().as_secs_f64() * 1000.0);
         tracing::debug!(task_id = %id, position, "task admitted");
-        self.wake.notify_one();
+        if dispatcher_due || self.pools.slot_totals().0 > 0 {
+            self.wake.notify_one();
+        }
         let answer = admission_response(&task, position, predicted);
         Ok((task, answer, written))
     }
@@ -685,9 +696,9 @@ impl Orchestrator {
     fn answer_existing(
         &self,
         existing: &Arc<Task>,
-        req: &TaskRequest,
+        digest: [u8; 32],
     ) -> Result<(Arc<Task>, AdmissionResponse), ApiError> {
-        if !existing.same_request(req) {
+        if existing.digest() != digest {
             return Err(self.reject(
                 "conflict",
                 ApiError::new(

@@ -48,6 +48,15 @@ pub(crate) async fn run(orch: Arc<Orchestrator>, cancel: CancellationToken) {
                 next = Some(next.map_or(due, |n| n.min(due)));
             }
         }
+        {
+            // Told to admission under the queue lock, with the queue's earliest expiry as it
+            // is now: a task queued after this that expires sooner wakes the dispatcher.
+            let mut q = orch.queue.lock();
+            if let Some(at) = q.expiries.next_at().map(Instant::from_std) {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+            q.dispatcher_wakes_at = next;
+        }
         let sleep = tokio::time::sleep_until(
             next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
         );

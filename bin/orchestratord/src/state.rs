@@ -63,6 +63,9 @@ pub(crate) struct Queue {
     /// Queued tasks a subscriber follows (by address): the only ones told their position as
     /// it changes, so a pass costs what is followed, not the queue's length.
     pub followed: HashMap<usize, Arc<Task>>,
+    /// When the dispatcher wakes next by itself (`None`: not before it is woken): a new task
+    /// that expires earlier wakes it.
+    pub dispatcher_wakes_at: Option<Instant>,
 }
 
 impl Queue {
@@ -116,6 +119,7 @@ impl Orchestrator {
                 expiries: ExpiryHeap::new(),
                 accepting: true,
                 followed: HashMap::new(),
+                dispatcher_wakes_at: None,
             }),
             sessions: Mutex::new(SessionTable::new(config.session_ttl)),
             estimator: Mutex::new(ThroughputEstimator::default()),

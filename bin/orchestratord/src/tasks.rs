@@ -114,7 +114,7 @@ struct TaskInner {
 }
 
 /// SHA-256 of a request's JSON form (serde writes fields in declaration order).
-fn request_digest(req: &TaskRequest) -> [u8; 32] {
+pub(crate) fn request_digest(req: &TaskRequest) -> [u8; 32] {
     use sha2::Digest;
     // Written straight into the hasher: no copy of a prompt of up to a mebibyte.
     let mut hasher = sha2::Sha256::new();
@@ -321,11 +321,6 @@ impl Task {
     /// SHA-256 of the request it was admitted with.
     pub fn digest(&self) -> [u8; 32] {
         self.digest
-    }
-
-    /// Whether `req` (as submitted) is the request this task was admitted with.
-    pub fn same_request(&self, req: &TaskRequest) -> bool {
-        request_digest(req) == self.digest
     }
 
     /// The prompt (empty once the task ended).

@@ -30,6 +30,23 @@ async fn busy_harness(flags: &[&str], busy: Duration) -> Harness {
 
 // covers: ORCH-2108
 #[tokio::test(start_paused = true)]
+async fn a_short_deadline_queued_behind_later_expiries_still_ends_exactly_at_its_deadline() {
+    // The dispatcher sleeps until the earliest expiry it knows (the first task's longest
+    // queue wait); a newcomer that expires sooner must wake it.
+    let h = busy_harness(&[], Duration::from_secs(60)).await;
+    let _waiting = h.submit(task(5));
+    settle().await;
+    let t0 = Instant::now();
+    let task = h.submit(serde_json::json!({
+        "model_ref": "tiny", "prompt": "p", "max_tokens": 5, "deadline_ms": 700
+    }));
+    let (code, at) = outcome(&task).await;
+    assert_eq!(code, "DEADLINE_UNMET");
+    assert_eq!(at - t0, 700 * MS);
+}
+
+// covers: ORCH-2108
+#[tokio::test(start_paused = true)]
 async fn a_queued_task_past_its_deadline_ends_with_deadline_unmet_exactly_at_the_deadline() {
     let h = busy_harness(&[], Duration::from_secs(60)).await;
     let t0 = Instant::now();
