@@ -20,8 +20,7 @@ Feature: Provisioning, handoff and supervision by pool-managerd
   Scenario: A killed engine is restarted and its pool is ready again
     Given the engine of pool "p1" is noted
     When the engine of pool "p0" is killed
-    Then the handoff file of pool "p0" says "restarting"
-    And pool-managerd reports pool "p0" not ready, then ready again with restart count 1
+    Then pool-managerd reports pool "p0" not ready and its handoff file says "restarting", then ready again with restart count 1
     And the handoff file of pool "p0" names a new engine process
     And orchestratord lists pool "p0" as ready with 1 slot
     And a task of 8 tokens pinned to pool "p0" completes there

@@ -135,21 +135,37 @@ async fn pm_status(w: &Bdd, pool: &str) -> Option<serde_json::Value> {
 }
 
 #[then(
-    expr = "pool-managerd reports pool {string} not ready, then ready again with restart count {int}"
+    expr = "pool-managerd reports pool {string} not ready and its handoff file says {string}, then ready again with restart count {int}"
 )]
-async fn restarted(w: &mut Bdd, pool: String, count: u64) {
-    wait_for(
-        &format!("{pool} not ready at pool-managerd"),
-        Duration::from_secs(5),
-        || async { pm_status(w, &pool).await.filter(|s| s["ready"] == false) },
-    )
-    .await;
+async fn restarted(w: &mut Bdd, pool: String, file_state: String, count: u64) {
+    // One loop watches both while the engine restarts (at least half the 200 ms backoff plus
+    // the engine's start), so neither is missed for having looked at the other first.
+    let saw_not_ready = std::cell::Cell::new(false);
+    let saw_file_state = std::cell::Cell::new(false);
     let s = wait_for(
-        &format!("{pool} ready again at pool-managerd"),
+        &format!("{pool} restarted at pool-managerd"),
         Duration::from_secs(30),
-        || async { pm_status(w, &pool).await.filter(|s| s["ready"] == true) },
+        || {
+            let (saw_not_ready, saw_file_state) = (&saw_not_ready, &saw_file_state);
+            let (w, pool, file_state) = (&*w, &pool, &file_state);
+            async move {
+                let f = try_handoff(w, pool);
+                if f.and_then(|f| f.state).map(|s| s.as_str()) == Some(file_state.as_str()) {
+                    saw_file_state.set(true);
+                }
+                let s = pm_status(w, pool).await?;
+                if s["ready"] == false {
+                    saw_not_ready.set(true);
+                }
+                (saw_not_ready.get() && s["ready"] == true).then_some(s)
+            }
+        },
     )
     .await;
+    assert!(
+        saw_file_state.get(),
+        "the handoff file never said {file_state:?}"
+    );
     assert_eq!(s["restart_count"], count, "{s}");
 }
 
@@ -306,19 +322,6 @@ async fn pinned_task_completes(w: &mut Bdd, tokens: u32, pool: String) {
 fn note_engine(w: &mut Bdd, pool: String) {
     let pid = handoff(w, &pool).pid.unwrap();
     w.pids.insert(pool, pid);
-}
-
-#[then(expr = "the handoff file of pool {string} says {string}")]
-async fn handoff_says(w: &mut Bdd, pool: String, state: String) {
-    wait_for(
-        &format!("the handoff file of {pool} saying {state}"),
-        Duration::from_secs(5),
-        || async {
-            let f = try_handoff(w, &pool)?;
-            (f.state.map(|s| s.as_str()) == Some(state.as_str())).then_some(())
-        },
-    )
-    .await;
 }
 
 #[then(expr = "pool {string} still runs the noted engine, ready and never restarted")]
