@@ -87,6 +87,11 @@ impl Orchestrator {
                 break; // nothing can be placed: skip the queue walk
             }
             let now = Instant::now().into_std();
+            if self.config.cache_balance.is_some() {
+                for v in views.iter().filter(|v| !v.ready) {
+                    self.pools.forget_slots(&v.pool_id, None);
+                }
+            }
             let picked = {
                 let sessions = self.sessions.lock();
                 let mut queue = self.queue.lock();
@@ -95,7 +100,9 @@ impl Orchestrator {
                 // they held with them) and views to fill with each task's matches.
                 let mut prefixes = aware.map(|_| {
                     let mut index = self.prefix_index.lock();
-                    index.retain_pools(|p| views.iter().any(|v| v.pool_id == p));
+                    // A pool not ready now may come back with a fresh engine: what it held
+                    // is forgotten (its slots too, before this pass: see above).
+                    index.retain_pools(|p| views.iter().any(|v| v.pool_id == p && v.ready));
                     (index, views.clone())
                 });
                 queue.tasks.take_first(|t| {
@@ -159,7 +166,7 @@ impl Orchestrator {
     }
 
     /// Starts an attempt of `task` on `pool`, holding `lease` until the runner is done.
-    fn start(self: &Arc<Self>, task: Arc<Task>, pool: PoolEntry, lease: SlotLease) {
+    fn start(self: &Arc<Self>, task: Arc<Task>, pool: PoolEntry, mut lease: SlotLease) {
         if task.cancel.is_cancelled() {
             drop(lease);
             self.metrics
@@ -175,7 +182,14 @@ impl Orchestrator {
             .tasks_started
             .with_label_values(&[&pool_id])
             .inc();
-        if self.config.cache_balance.is_some() && !task.prefix_chain.is_empty() {
+        let mut predicted_blocks = 0;
+        if self.config.cache_balance.is_some() && !task.is_embeddings() {
+            // Every request to the pool is pinned to an engine slot (the free one whose cache
+            // shares the most with this prompt), so the slots this orchestrator sees free are
+            // free in the engine.
+            let pick = self
+                .pools
+                .pin_slot(&mut lease, pool.slots_total, &task.prefix_chain);
             // The pool's engine will hold this prompt: later prompts sharing its start go
             // there when they can.
             let matched = {
@@ -184,19 +198,10 @@ impl Orchestrator {
                 index.insert(&pool_id, &task.prefix_chain);
                 matched
             };
-            let outcome = if matched > 0 { "hit" } else { "miss" };
-            self.metrics
-                .prefix_placements
-                .with_label_values(&[outcome])
-                .inc();
-            self.metrics
-                .prefix_blocks
-                .with_label_values(&["matched"])
-                .inc_by(u64::from(matched));
-            self.metrics
-                .prefix_blocks
-                .with_label_values(&["prompt"])
-                .inc_by(task.prefix_chain.len() as u64);
+            predicted_blocks = pick.as_ref().map_or(0, |p| p.matched);
+            if !task.prefix_chain.is_empty() {
+                self.count_prefix(&task, matched);
+            }
         }
         if let Some(session) = &task.req.session_id {
             self.sessions
@@ -239,17 +244,56 @@ impl Orchestrator {
                 journal_errors: orch.metrics.journal_errors.clone(),
             };
             let outcome = tracing::Instrument::instrument(
-                runner.run(&attempt.task, &pool, &span),
+                runner.run(&attempt.task, &pool, lease.slot(), &span),
                 span.clone(),
             )
             .await;
             // Ejection is decided before the slot is free: a dispatcher pass woken by the
             // release must not place on a pool this very outcome ejects.
             orch.count_dispatch(&attempt.pool_id, &outcome);
+            orch.prompt_cache_feedback(&attempt, lease.slot(), predicted_blocks);
             // The slot is free before the outcome is applied: a retry may take it.
             drop(lease);
             orch.apply(attempt, outcome);
         });
+    }
+
+    /// Counts a cache-aware dispatch: whether the pool had served a prefix of the prompt.
+    fn count_prefix(&self, task: &Task, matched: u32) {
+        let outcome = if matched > 0 { "hit" } else { "miss" };
+        self.metrics
+            .prefix_placements
+            .with_label_values(&[outcome])
+            .inc();
+        self.metrics
+            .prefix_blocks
+            .with_label_values(&["matched"])
+            .inc_by(u64::from(matched));
+        self.metrics
+            .prefix_blocks
+            .with_label_values(&["prompt"])
+            .inc_by(task.prefix_chain.len() as u64);
+    }
+
+    /// The engine's report of the prompt (tokens from its cache, tokens evaluated), counted; an
+    /// engine that took nothing from its cache where the slot map expected a shared prefix lost
+    /// its caches (a restart between two probes, or another client): what it was thought to
+    /// hold is forgotten, but the prompt it just took.
+    fn prompt_cache_feedback(&self, attempt: &Attempt, slot: Option<u32>, predicted_blocks: usize) {
+        let Some((cached, evaluated)) = attempt.task.engine_prompt() else {
+            return;
+        };
+        let m = &self.metrics.engine_prompt_tokens;
+        m.with_label_values(&["cached"]).inc_by(u64::from(cached));
+        m.with_label_values(&["evaluated"])
+            .inc_by(u64::from(evaluated));
+        if cached == 0 && predicted_blocks > 0 && slot.is_some() {
+            tracing::debug!(pool_id = %attempt.pool_id, predicted_blocks, "engine held no cached prompt where one was expected; forgetting the pool's prefixes");
+            self.pools.forget_slots(&attempt.pool_id, slot);
+            let mut index = self.prefix_index.lock();
+            index.retain_pools(|p| p != attempt.pool_id);
+            index.insert(&attempt.pool_id, &attempt.task.prefix_chain);
+        }
     }
 
     /// Outlier ejection: whether the engine served (or answered: a refusal is about the

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub recovered_tasks: IntCounterVec,
     pub prefix_placements: IntCounterVec,
     pub prefix_blocks: IntCounterVec,
+    pub engine_prompt_tokens: IntCounterVec,
     pub tasks_completed: IntCounterVec,
     pub queue_depth: IntGaugeVec,
     pub admission_latency_ms: Histogram,
@@ -79,6 +80,11 @@ impl Metrics {
                 "orchd_prefix_placements_total",
                 "Dispatches of tasks with a prompt of at least one block, by whether the pool had served a prefix of it recently (hit) or not (miss).",
                 &["outcome"],
+            )?,
+            engine_prompt_tokens: counter(
+                "orchd_engine_prompt_tokens_total",
+                "Prompt tokens of finished generations as the engine reported them: taken from its slot's cache (cached) or evaluated; cached / (cached + evaluated) is the measured prompt-cache hit rate.",
+                &["kind"],
             )?,
             prefix_blocks: counter(
                 "orchd_prefix_blocks_total",
@@ -165,6 +171,7 @@ impl Metrics {
         for (counter, labels) in [
             (&m.prefix_placements, &["hit", "miss"][..]),
             (&m.prefix_blocks, &["matched", "prompt"][..]),
+            (&m.engine_prompt_tokens, &["cached", "evaluated"][..]),
             (
                 &m.recovered_tasks,
                 &["requeued", "reset", "restored", "expired"][..],

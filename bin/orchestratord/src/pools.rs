@@ -11,7 +11,7 @@ use std::time::Duration;
 use llorch_contracts::meta::{OrchPool, PoolHealth};
 use llorch_contracts::PoolState;
 use llorch_core::PoolView;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -190,6 +190,8 @@ pub struct PoolTable {
     pub changed: Arc<Notify>,
     /// What the nodes last said of their pools, for the console (stopped ones included).
     pub reports: crate::overview::NodeReports,
+    /// Cache-aware placement: which engine slot holds which prompt, per pool.
+    slot_maps: Mutex<HashMap<String, llorch_core::SlotMap>>,
 }
 
 impl PoolTable {
@@ -199,6 +201,7 @@ impl PoolTable {
             gone: RwLock::new(HashMap::new()),
             generation: AtomicU64::new(0),
             restart_ms: RwLock::new(None),
+            slot_maps: Mutex::new(HashMap::new()),
             changed,
             reports: Default::default(),
         }
@@ -507,8 +510,50 @@ impl PoolTable {
             SlotLease {
                 table: self.clone(),
                 pool_id: pool_id.to_string(),
+                slot: None,
             },
         ))
+    }
+
+    /// Cache-aware placement: pins `lease` to the free engine slot of its pool whose cache
+    /// shares the most leading blocks with `chain` (`None`: the pool's slot count changed
+    /// under running requests; the engine then picks).
+    pub fn pin_slot(
+        &self,
+        lease: &mut SlotLease,
+        slots_total: u32,
+        chain: &[u64],
+    ) -> Option<llorch_core::SlotPick> {
+        let mut maps = self.slot_maps.lock();
+        let map = maps
+            .entry(lease.pool_id.clone())
+            .or_insert_with(|| llorch_core::SlotMap::new(slots_total));
+        if map.len() != slots_total {
+            if map.busy() > 0 {
+                return None;
+            }
+            *map = llorch_core::SlotMap::new(slots_total);
+        }
+        let pick = map.pick(chain)?;
+        lease.slot = Some(pick.slot);
+        Some(pick)
+    }
+
+    /// The pool's engine holds none of the prompts it was given (it restarted, or said so),
+    /// but `keep`'s.
+    pub fn forget_slots(&self, pool_id: &str, keep: Option<u32>) {
+        if let Some(map) = self.slot_maps.lock().get_mut(pool_id) {
+            map.forget(keep);
+        }
+    }
+
+    /// Leading blocks of `chain` the pool's best slot holds (0 when unknown).
+    #[cfg(test)]
+    pub fn slot_matched(&self, pool_id: &str, chain: &[u64]) -> usize {
+        self.slot_maps
+            .lock()
+            .get(pool_id)
+            .map_or(0, |m| m.matched(chain))
     }
 }
 
@@ -517,10 +562,23 @@ impl PoolTable {
 pub struct SlotLease {
     table: Arc<PoolTable>,
     pool_id: String,
+    /// The engine slot it is pinned to (cache-aware placement).
+    slot: Option<u32>,
+}
+
+impl SlotLease {
+    pub fn slot(&self) -> Option<u32> {
+        self.slot
+    }
 }
 
 impl Drop for SlotLease {
     fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            if let Some(map) = self.table.slot_maps.lock().get_mut(&self.pool_id) {
+                map.release(slot);
+            }
+        }
         if let Some(p) = self.table.pools.write().get_mut(&self.pool_id) {
             p.in_flight = p.in_flight.saturating_sub(1);
         }

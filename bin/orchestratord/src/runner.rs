@@ -80,14 +80,24 @@ impl Runner<'_> {
         tracing::error!(task_id = %task.id, %error, "first token not journaled; a restart may run the task again");
     }
 
-    pub async fn run(&self, task: &Task, pool: &PoolEntry, span: &tracing::Span) -> Outcome {
+    /// Runs one attempt of `task` on `pool`, in engine slot `slot` when pinned.
+    pub async fn run(
+        &self,
+        task: &Task,
+        pool: &PoolEntry,
+        slot: Option<u32>,
+        span: &tracing::Span,
+    ) -> Outcome {
         let (path, body, mut decoder) = match &task.openai {
             Some(job) => (
                 job.route.path(),
-                job.body(),
+                match slot {
+                    Some(slot) => with_id_slot(job.body(), slot),
+                    None => job.body(),
+                },
                 Decoder::OpenAi(crate::openai::Decoder::new(job, task.req.max_tokens)),
             ),
-            None => match native_body(task) {
+            None => match native_body(task, slot) {
                 Ok(body) => ("/completion", body, Decoder::Native),
                 Err(e) => return Outcome::EngineRefused(e),
             },
@@ -185,6 +195,9 @@ impl Runner<'_> {
                     Ok(p) => p,
                     Err(refused) => return Outcome::EngineRefused(refused),
                 };
+                if let Some(report) = piece.prompt_cache {
+                    task.set_engine_prompt(report);
+                }
                 let progress = piece.visible;
                 if progress {
                     units += 1;
@@ -276,7 +289,7 @@ impl Runner<'_> {
 }
 
 /// llama-server's own `/completion` body for a `/v2` task.
-fn native_body(task: &Task) -> Result<Bytes, String> {
+fn native_body(task: &Task, id_slot: Option<u32>) -> Result<Bytes, String> {
     let req = &task.req;
     let body = CompletionRequest {
         prompt: task.prompt(),
@@ -290,10 +303,22 @@ fn native_body(task: &Task) -> Result<Bytes, String> {
         top_k: req.top_k,
         seed: req.seed,
         stop: req.stop.clone(),
+        id_slot,
     };
     serde_json::to_vec(&body)
         .map(Bytes::from)
         .map_err(|e| format!("cannot encode the engine request: {e}"))
+}
+
+/// An OpenAI request body (allowlisted fields, an object) with the engine slot to run in.
+fn with_id_slot(body: Bytes, slot: u32) -> Bytes {
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) {
+        Ok(mut fields) => {
+            fields.insert("id_slot".into(), slot.into());
+            serde_json::to_vec(&fields).map_or(body, Bytes::from)
+        }
+        Err(_) => body,
+    }
 }
 
 /// How the engine's stream is read: llama-server's own chunks, or an OpenAI route's.
@@ -309,6 +334,7 @@ impl Decoder<'_> {
             Decoder::Native => Ok(match parse_chunk(data)? {
                 None => Piece::default(),
                 Some(c) => Piece {
+                    prompt_cache: c.timings.as_ref().and_then(|t| t.cache_n.zip(t.prompt_n)),
                     visible: !c.content.is_empty(),
                     token: (!c.content.is_empty()).then_some(c.content),
                     logged: false,

@@ -104,6 +104,8 @@ struct TaskInner {
     last_position: Option<u32>,
     /// Where it sits in the queue while queued (a retry queues it under a new key).
     queue_key: Option<llorch_core::QueueKey>,
+    /// The engine's report of the last attempt's prompt: tokens from cache, tokens evaluated.
+    engine_prompt: Option<(u32, u32)>,
     error: Option<ErrorEnvelope>,
     /// Why `cancel` fired (CANCELLED for clients, POOL_UNAVAILABLE at shutdown).
     cancel_reason: Option<ErrorEnvelope>,
@@ -182,6 +184,7 @@ impl Task {
                 tokens_out: 0,
                 last_position: None,
                 queue_key: None,
+                engine_prompt: None,
                 error: None,
                 cancel_reason: None,
                 retry_avoid: None,
@@ -478,6 +481,22 @@ impl Task {
     /// Its key in the queue (stale once it left: the queue then finds nothing under it).
     pub fn queue_key(&self) -> Option<llorch_core::QueueKey> {
         self.inner.lock().queue_key
+    }
+
+    pub fn set_engine_prompt(&self, report: (u32, u32)) {
+        self.inner.lock().engine_prompt = Some(report);
+    }
+
+    /// Prompt tokens the engine took from its cache and evaluated, when it said.
+    pub fn engine_prompt(&self) -> Option<(u32, u32)> {
+        self.inner.lock().engine_prompt
+    }
+
+    /// An OpenAI embeddings request (no generation, no slot pinning).
+    pub fn is_embeddings(&self) -> bool {
+        self.openai
+            .as_ref()
+            .is_some_and(crate::openai::Job::is_embeddings)
     }
 
     /// Whether some subscriber follows it now.

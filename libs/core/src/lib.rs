@@ -12,6 +12,7 @@ mod prefix;
 mod queue;
 mod registry;
 mod sessions;
+mod slots;
 mod supervision;
 
 pub use backoff::Backoff;
@@ -23,4 +24,5 @@ pub use prefix::{prefix_chain, PrefixIndex};
 pub use queue::{AdmissionPolicy, AdmissionQueue, Admitted, QueueFull, QueueKey};
 pub use registry::Registry;
 pub use sessions::{SessionInfo, SessionTable};
+pub use slots::{SlotMap, SlotPick};
 pub use supervision::{FailureAction, Supervision, SupervisionPolicy};

@@ -229,6 +229,9 @@ pub struct CompletionRequest {
     pub seed: Option<u64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// The engine slot to run in (cache-aware placement pins it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_slot: Option<u32>,
 }
 
 /// One `data:` chunk of a streamed completion.
@@ -258,6 +261,12 @@ pub struct Timings {
     pub predicted_ms: Option<f64>,
     #[serde(default)]
     pub predicted_n: Option<u32>,
+    /// Prompt tokens taken from the slot's cache.
+    #[serde(default)]
+    pub cache_n: Option<u32>,
+    /// Prompt tokens evaluated.
+    #[serde(default)]
+    pub prompt_n: Option<u32>,
 }
 
 /// A client that never reuses a connection: for the one retry of [`send_completion`].

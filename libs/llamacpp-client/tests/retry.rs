@@ -65,6 +65,7 @@ fn request() -> CompletionRequest {
         top_k: None,
         seed: None,
         stop: Vec::new(),
+        id_slot: None,
     }
 }
 

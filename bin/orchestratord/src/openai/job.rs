@@ -218,6 +218,10 @@ struct EngineChunk<'a> {
 #[derive(Deserialize)]
 struct EngineTimings {
     #[serde(default)]
+    cache_n: Option<u32>,
+    #[serde(default)]
+    prompt_n: Option<u32>,
+    #[serde(default)]
     predicted_ms: Option<f64>,
 }
 
@@ -256,6 +260,8 @@ pub(crate) struct Piece {
     /// The choice carries output the client sees (text, a tool-call fragment, reasoning, a
     /// finish reason): progress, and a unit of the generation limit.
     pub visible: bool,
+    /// The engine's report of the prompt: tokens from its cache, tokens evaluated.
+    pub prompt_cache: Option<(u32, u32)>,
 }
 
 /// Reads an engine's OpenAI stream into the task's `ChunkLog`.
@@ -305,6 +311,7 @@ impl<'a> Decoder<'a> {
                 done: Some(done),
                 logged: false,
                 visible: false,
+                prompt_cache: None,
             });
         }
         let Ok(chunk) = serde_json::from_str::<EngineChunk<'_>>(data) else {
@@ -317,10 +324,13 @@ impl<'a> Decoder<'a> {
             self.completion_tokens = Some(u.completion_tokens);
             self.job.log.inner.lock().usage = Some(u);
         }
-        if let Some(ms) = chunk.timings.and_then(|t| t.predicted_ms) {
-            self.decode_ms = ms.round() as u64;
-        }
         let mut piece = Piece::default();
+        if let Some(t) = chunk.timings {
+            if let Some(ms) = t.predicted_ms {
+                self.decode_ms = ms.round() as u64;
+            }
+            piece.prompt_cache = t.cache_n.zip(t.prompt_n);
+        }
         // One choice per request (`n` is always 1), whose index is 0.
         if let Some(raw) = chunk.choices.first() {
             let view: ChoiceView<'_> = serde_json::from_str(raw.get())

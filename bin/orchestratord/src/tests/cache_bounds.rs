@@ -79,3 +79,84 @@ async fn with_cache_aware_placement_off_the_least_busy_pool_takes_every_task() {
         );
     }
 }
+
+/// Submits `text` on an engine that answers one token, then reports `cached` / `evaluated`
+/// prompt tokens, and waits for the task's end.
+async fn run_reporting(h: &Harness, id: &str, text: &str, cached: u32, evaluated: u32) {
+    h.engine.push(Script::Stream(vec![
+        Step::Token(MS, "x"),
+        Step::StopCached(MS, cached, evaluated),
+    ]));
+    let t = h.submit(serde_json::json!({
+        "task_id": id, "model_ref": "tiny", "prompt": text, "max_tokens": 5
+    }));
+    let _ = outcome(&t).await;
+}
+
+// covers: ORCH-2209
+#[tokio::test(start_paused = true)]
+async fn a_prompt_is_pinned_to_the_idle_engine_slot_that_served_its_start() {
+    let h = Harness::start(&[]);
+    h.add_pool("a", 2);
+    let system_a = "You are a pirate. ".repeat(20);
+    let system_b = "You are a lawyer. ".repeat(20);
+    run_reporting(&h, "t1", &format!("{system_a} hello"), 0, 90).await;
+    run_reporting(&h, "t2", &format!("{system_b} hello"), 0, 90).await;
+    // The least recently used slot would be 0; slot 1 holds this prompt's start.
+    run_reporting(&h, "t3", &format!("{system_b} hello, and more"), 80, 10).await;
+    // Two at once: both slots, the one holding the start for the task that shares it.
+    h.engine.push(tokens(100, 10 * MS));
+    h.engine.push(tokens(100, 10 * MS));
+    let _busy = h.submit(serde_json::json!({
+        "task_id": "t4", "model_ref": "tiny", "prompt": format!("{system_a} again"), "max_tokens": 100
+    }));
+    let _other = h.submit(serde_json::json!({
+        "task_id": "t5", "model_ref": "tiny", "prompt": format!("{system_a} once more"), "max_tokens": 100
+    }));
+    settle().await;
+    assert_eq!(
+        h.engine.slots(),
+        [Some(0), Some(1), Some(1), Some(0), Some(1)],
+        "t5 shares t4's start but slot 0 is busy: the free slot"
+    );
+    let m = &h.orch.metrics.engine_prompt_tokens;
+    assert_eq!(m.with_label_values(&["cached"]).get(), 80);
+    assert_eq!(m.with_label_values(&["evaluated"]).get(), 190);
+}
+
+// covers: ORCH-2209
+#[tokio::test(start_paused = true)]
+async fn without_cache_aware_placement_the_engine_picks_the_slot() {
+    let h = Harness::start(&["--cache-aware=false"]);
+    h.add_pool("a", 2);
+    run_reporting(&h, "t1", &"You are a pirate. ".repeat(20), 0, 90).await;
+    assert_eq!(h.engine.slots(), [None]);
+}
+
+// covers: ORCH-2209
+#[tokio::test(start_paused = true)]
+async fn an_engine_that_took_nothing_from_a_cache_thought_warm_is_taken_as_cold() {
+    let h = Harness::start(&[]);
+    h.add_pool("a", 2);
+    let pirate = format!("{} hello", "You are a pirate. ".repeat(20));
+    let lawyer = format!("{} hello", "You are a lawyer. ".repeat(20));
+    run_reporting(&h, "t1", &pirate, 0, 90).await;
+    run_reporting(&h, "t2", &lawyer, 0, 90).await;
+    let chain = |text: &str| llorch_core::prefix_chain(text, crate::tasks::PREFIX_BLOCKS_MAX);
+    assert!(h.orch.prefix_index.lock().matched("a", &chain(&pirate)) > 0);
+    // Slot 1 held the lawyer's start, yet the engine evaluated the whole prompt: it lost its
+    // caches (a restart between two probes, say). What the pool was thought to hold goes,
+    // but this prompt, which the engine holds now.
+    let longer = format!("{lawyer}, and more");
+    run_reporting(&h, "t3", &longer, 0, 100).await;
+    assert_eq!(h.orch.prefix_index.lock().matched("a", &chain(&pirate)), 0);
+    assert_eq!(h.orch.pools.slot_matched("a", &chain(&pirate)), 0);
+    assert_eq!(
+        h.orch.prefix_index.lock().matched("a", &chain(&longer)) as usize,
+        chain(&longer).len()
+    );
+    assert_eq!(
+        h.orch.pools.slot_matched("a", &chain(&longer)),
+        chain(&longer).len()
+    );
+}

@@ -33,6 +33,8 @@ pub enum Step {
     Token(Duration, &'static str),
     /// The final chunk (`stop: true`) with this `stop_type` (`limit`, `eos`).
     Stop(Duration, &'static str),
+    /// The final chunk, reporting prompt tokens taken from the cache and evaluated.
+    StopCached(Duration, u32, u32),
     /// The stream goes silent and stays open.
     Stall,
     /// The connection closes without the final chunk.
@@ -75,6 +77,8 @@ pub struct ScriptedEngine {
     fallback: Mutex<Option<Script>>,
     /// Base URL of every completion call, in order.
     calls: Mutex<Vec<String>>,
+    /// The `id_slot` each completion call asked for, in order.
+    slots: Mutex<Vec<Option<u64>>>,
     /// Streams a runner holds right now (dropping the stream aborts the request).
     open: Arc<AtomicUsize>,
     /// Base URL of every tokenizer call, in order.
@@ -99,6 +103,11 @@ impl ScriptedEngine {
         self.calls.lock().clone()
     }
 
+    /// The engine slot each call was pinned to (`None`: the engine picks).
+    pub fn slots(&self) -> Vec<Option<u64>> {
+        self.slots.lock().clone()
+    }
+
     pub fn open_streams(&self) -> usize {
         self.open.load(Ordering::SeqCst)
     }
@@ -119,6 +128,8 @@ fn data(json: serde_json::Value) -> Bytes {
 impl Engine for ScriptedEngine {
     fn completion<'a>(&'a self, call: CompletionCall<'a>) -> BoxFuture<'a, Result<Answer, String>> {
         self.calls.lock().push(call.base_url.to_string());
+        let body: serde_json::Value = serde_json::from_slice(&call.body).unwrap_or_default();
+        self.slots.lock().push(body["id_slot"].as_u64());
         let script = self
             .scripts
             .lock()
@@ -154,6 +165,14 @@ impl Engine for ScriptedEngine {
                             Ok(data(serde_json::json!({
                                 "content": "", "stop": true, "stop_type": kind,
                                 "tokens_predicted": 0, "timings": {"predicted_ms": 1.0}
+                            })))
+                        }
+                        Step::StopCached(after, cache_n, prompt_n) => {
+                            tokio::time::sleep(after).await;
+                            Ok(data(serde_json::json!({
+                                "content": "", "stop": true, "stop_type": "limit",
+                                "tokens_predicted": 0,
+                                "timings": {"predicted_ms": 1.0, "cache_n": cache_n, "prompt_n": prompt_n}
                             })))
                         }
                         Step::Stall => std::future::pending().await,

@@ -207,3 +207,42 @@ async fn engine_failing_before_first_token_is_retried_once_on_another_pool() {
     assert_eq!(st.attempts, 2);
     assert_eq!(st.pool_id.as_deref(), Some("real"));
 }
+
+// covers: ORCH-2209
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_prompt_cache_report_is_counted_and_a_second_turn_reuses_the_first() {
+    let s = Stack::start(StackOptions {
+        pools_toml: pool_toml("p0", 2, 2048),
+        ..Default::default()
+    })
+    .await;
+    let system = "You are a careful assistant who answers in short sentences. ".repeat(6);
+    let turns = [
+        format!("{system}\nUser: where do rivers start?\nAssistant:"),
+        format!("{system}\nUser: where do rivers start?\nAssistant: in hills.\nUser: and end?\nAssistant:"),
+    ];
+    for turn in &turns {
+        let r = s.submit(task(turn, 4)).await;
+        assert_eq!(r.status(), 202);
+        let a: serde_json::Value = r.json().await.unwrap();
+        let frames = s.events(a["task_id"].as_str().unwrap()).await;
+        assert_eq!(names(&frames).last().copied(), Some("end"));
+    }
+    // The engine's own report: the second turn took the shared start from the slot's cache.
+    let m = s.metrics().await;
+    let cached = metric_value(
+        &m,
+        "orchd_engine_prompt_tokens_total",
+        &[("kind", "cached")],
+    );
+    let evaluated = metric_value(
+        &m,
+        "orchd_engine_prompt_tokens_total",
+        &[("kind", "evaluated")],
+    );
+    assert!(
+        cached.is_some_and(|c| c > 50.0),
+        "cached {cached:?}, evaluated {evaluated:?}"
+    );
+    assert!(evaluated.is_some_and(|e| e > 0.0));
+}
