@@ -109,6 +109,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    // covers: ORCH-2216
     #[test]
     fn a_prompt_goes_back_to_the_slot_that_holds_its_start() {
         let mut m = SlotMap::new(3);

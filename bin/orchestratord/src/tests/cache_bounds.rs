@@ -93,7 +93,7 @@ async fn run_reporting(h: &Harness, id: &str, text: &str, cached: u32, evaluated
     let _ = outcome(&t).await;
 }
 
-// covers: ORCH-2209
+// covers: ORCH-2216
 #[tokio::test(start_paused = true)]
 async fn a_prompt_is_pinned_to_the_idle_engine_slot_that_served_its_start() {
     let h = Harness::start(&[]);
@@ -124,7 +124,7 @@ async fn a_prompt_is_pinned_to_the_idle_engine_slot_that_served_its_start() {
     assert_eq!(m.with_label_values(&["evaluated"]).get(), 190);
 }
 
-// covers: ORCH-2209
+// covers: ORCH-2216
 #[tokio::test(start_paused = true)]
 async fn without_cache_aware_placement_the_engine_picks_the_slot() {
     let h = Harness::start(&["--cache-aware=false"]);
@@ -133,7 +133,7 @@ async fn without_cache_aware_placement_the_engine_picks_the_slot() {
     assert_eq!(h.engine.slots(), [None]);
 }
 
-// covers: ORCH-2209
+// covers: ORCH-2216
 #[tokio::test(start_paused = true)]
 async fn an_engine_that_took_nothing_from_a_cache_thought_warm_is_taken_as_cold() {
     let h = Harness::start(&[]);

@@ -208,7 +208,7 @@ async fn engine_failing_before_first_token_is_retried_once_on_another_pool() {
     assert_eq!(st.pool_id.as_deref(), Some("real"));
 }
 
-// covers: ORCH-2209
+// covers: ORCH-2216
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engines_prompt_cache_report_is_counted_and_a_second_turn_reuses_the_first() {
     let s = Stack::start(StackOptions {
