@@ -11,7 +11,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins bins-release install check-deploy check-specs demo up lint test bench bench-build bench-handoff bench-admission bench-admission-wrk bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache soak clean-cache
+.PHONY: help deps engine model build bins bins-release install check-deploy check-specs demo up lint test bench bench-build bench-handoff bench-admission bench-admission-wrk bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache bench-sustained soak clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -159,3 +159,9 @@ bench-relay-cpu: engine model bench-build
 	$(TARGET)/release/relay-cpu --orchestratord $(TARGET)/release/orchestratord \
 	  --pool-managerd $(TARGET)/release/pool-managerd --engine $(ENGINE) --model $(MODEL) \
 	  --rounds 20 --streams 4 --tokens 512
+
+# Ten minutes of open-loop load on a CLOUD stack in network namespaces (needs root); not in `bench`.
+bench-sustained: engine model bench-build
+	$(TARGET)/release/sustained-load --orchestratord $(TARGET)/release/orchestratord \
+	  --pool-managerd $(TARGET)/release/pool-managerd --engine $(ENGINE) --model $(MODEL) \
+	  --rate 1000 --secs 600 --slots 4 --interactive-share 0.2
