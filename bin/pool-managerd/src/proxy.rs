@@ -225,19 +225,26 @@ const ROUTES: &[Route] = &[
             "top_k",
             "seed",
             "stop",
+            "id_slot",
         ],
         limit: Some("n_predict"),
     },
     Route {
         path: "v1/chat/completions",
         openai_sampling: true,
-        fields: &["messages", "response_format", "tools", "tool_choice"],
+        fields: &[
+            "messages",
+            "response_format",
+            "tools",
+            "tool_choice",
+            "id_slot",
+        ],
         limit: Some("max_tokens"),
     },
     Route {
         path: "v1/completions",
         openai_sampling: true,
-        fields: &["prompt"],
+        fields: &["prompt", "id_slot"],
         limit: Some("max_tokens"),
     },
     Route {
@@ -443,15 +450,15 @@ mod tests {
         let ok = [
             (
                 "completion",
-                serde_json::json!({"prompt": "p", "n_predict": 8, "stream": true, "cache_prompt": true, "seed": 1, "stop": ["x"]}),
+                serde_json::json!({"prompt": "p", "n_predict": 8, "stream": true, "cache_prompt": true, "seed": 1, "stop": ["x"], "id_slot": 1}),
             ),
             (
                 "v1/chat/completions",
-                serde_json::json!({"messages": [], "max_tokens": 8, "stream": true, "stream_options": {"include_usage": true}, "tools": []}),
+                serde_json::json!({"messages": [], "max_tokens": 8, "stream": true, "stream_options": {"include_usage": true}, "tools": [], "id_slot": 0}),
             ),
             (
                 "v1/completions",
-                serde_json::json!({"prompt": "p", "max_tokens": 512}),
+                serde_json::json!({"prompt": "p", "max_tokens": 512, "id_slot": 3}),
             ),
             (
                 "v1/embeddings",
