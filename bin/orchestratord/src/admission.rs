@@ -295,12 +295,7 @@ impl Orchestrator {
         tracing::error!(task_id = %task.id, error = %why, "admission not durable; the task is withdrawn");
         task.set_durable(false);
         self.cancel(&task, journal_refusal().0);
-        {
-            let mut tasks = self.tasks.write();
-            if tasks.get(&task.id).is_some_and(|t| Arc::ptr_eq(t, &task)) {
-                tasks.remove(&task.id);
-            }
-        }
+        self.tasks.remove_same(&task);
         if let Err(error) = self.journal.withdraw(&task.id).await {
             self.metrics.journal_errors.inc();
             tracing::error!(task_id = %task.id, %error, "withdrawn admission not removed from the journal; a restart ends it");
@@ -543,7 +538,7 @@ impl Orchestrator {
         let weight = u64::from(task.req.max_tokens);
         let expiry = crate::state::expiry_of(&task, self.config.max_queue_wait);
         let (admitted, ahead_tokens, written, dispatcher_due) = {
-            let mut tasks = self.tasks.write();
+            let mut tasks = self.tasks.shard_for(&id);
             // Checked again under the lock: two first submissions of one id may race here.
             if let Some(existing) = tasks.get(&id).cloned() {
                 drop(tasks);
@@ -671,7 +666,7 @@ impl Orchestrator {
         if !task.visible_to(owner) {
             return Err(self.id_taken(id));
         }
-        let task = match self.tasks.write().entry(id.to_string()) {
+        let task = match self.tasks.shard_for(id).entry(id.to_string()) {
             std::collections::hash_map::Entry::Occupied(known) => known.get().clone(),
             std::collections::hash_map::Entry::Vacant(slot) => {
                 self.retired.lock().push(&task);
@@ -783,13 +778,7 @@ impl Orchestrator {
 
     /// Shutdown, last step: end running tasks that did not finish within the grace period.
     pub fn cancel_running(&self) {
-        let running: Vec<Arc<Task>> = self
-            .tasks
-            .read()
-            .values()
-            .filter(|t| !t.is_terminal())
-            .cloned()
-            .collect();
+        let running = self.tasks.filtered(|t| !t.is_terminal());
         for t in running {
             t.cancel_with(shutting_down());
         }

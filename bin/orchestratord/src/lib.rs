@@ -19,6 +19,7 @@ mod retention;
 mod runner;
 mod sse;
 mod state;
+mod task_map;
 mod tasks;
 #[cfg(test)]
 mod tests;

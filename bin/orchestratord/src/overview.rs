@@ -426,17 +426,23 @@ fn recent_tasks(orch: &Orchestrator, limit: usize) -> Vec<TaskSummary> {
         return Vec::new();
     }
     let mut picked: Vec<Arc<crate::tasks::Task>> = {
-        let tasks = orch.tasks.read();
-        let mut newest: BinaryHeap<Reverse<(Instant, &str)>> = BinaryHeap::new();
-        for t in tasks.values() {
-            newest.push(Reverse((t.submitted_at, t.id.as_str())));
-            if newest.len() > limit {
-                newest.pop();
+        let mut newest: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
+        orch.tasks.for_each(|t| {
+            // Only a task newer than the oldest kept costs a copy of its id.
+            if newest.len() < limit
+                || newest
+                    .peek()
+                    .is_some_and(|Reverse((at, id))| (t.submitted_at, t.id.as_str()) > (*at, id))
+            {
+                newest.push(Reverse((t.submitted_at, t.id.clone())));
+                if newest.len() > limit {
+                    newest.pop();
+                }
             }
-        }
+        });
         newest
             .into_iter()
-            .filter_map(|Reverse((_, id))| tasks.get(id).cloned())
+            .filter_map(|Reverse((_, id))| orch.tasks.get(&id))
             .collect()
     };
     picked.sort_by(|a, b| (b.submitted_at, &b.id).cmp(&(a.submitted_at, &a.id)));

@@ -112,7 +112,7 @@ pub(crate) fn recover(
             match finished_task(orch, &r) {
                 Some(task) => {
                     orch.retired.lock().push(&task);
-                    orch.tasks.write().insert(task.id.clone(), task);
+                    orch.tasks.insert(task);
                     done.restored += 1;
                     count("restored");
                 }
@@ -125,7 +125,7 @@ pub(crate) fn recover(
             continue;
         };
         let task = Arc::new(task);
-        orch.tasks.write().insert(task.id.clone(), task.clone());
+        orch.tasks.insert(task.clone());
         if r.first_token {
             task.release_inputs();
             orch.finish(

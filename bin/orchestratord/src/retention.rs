@@ -71,9 +71,6 @@ impl Retired {
     }
 }
 
-/// Tasks forgotten per hold of the task table's lock.
-const PURGE_BATCH: usize = 1024;
-
 /// Forgets finished tasks past the retention period, then the oldest beyond the retention
 /// count, then the oldest until the rest fit in the retention bytes.
 pub(crate) fn purge_finished(orch: &Orchestrator) {
@@ -96,13 +93,8 @@ pub(crate) fn purge_finished(orch: &Orchestrator) {
         }
         doomed
     };
-    for batch in doomed.chunks(PURGE_BATCH) {
-        let mut tasks = orch.tasks.write();
-        for task in batch {
-            // Only the very task retired (a task read back from the journal later is another).
-            if tasks.get(&task.id).is_some_and(|t| Arc::ptr_eq(t, task)) {
-                tasks.remove(&task.id);
-            }
-        }
+    for task in &doomed {
+        // Only the very task retired (a task read back from the journal later is another).
+        orch.tasks.remove_same(task);
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use llorch_contracts::tasks::{Priority, TaskEvent};
 use llorch_core::{AdmissionQueue, ExpiryHeap, SessionTable, ThroughputEstimator};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -30,7 +30,7 @@ pub(crate) struct Orchestrator {
     /// CLOUD: the pool-managerd poll set (empty in HOME).
     pub managers: Arc<crate::cloud_source::Managers>,
     pub metrics: Arc<Metrics>,
-    pub tasks: RwLock<HashMap<String, Arc<Task>>>,
+    pub tasks: crate::task_map::TaskMap,
     /// Finished tasks, oldest first, for retention.
     pub retired: Arc<Mutex<crate::retention::Retired>>,
     pub queue: Mutex<Queue>,
@@ -123,7 +123,7 @@ impl Orchestrator {
             }),
             sessions: Mutex::new(SessionTable::new(config.session_ttl)),
             estimator: Mutex::new(ThroughputEstimator::default()),
-            tasks: RwLock::new(HashMap::new()),
+            tasks: crate::task_map::TaskMap::default(),
             runners: TaskTracker::new(),
             key_limits: Mutex::new(HashMap::new()),
             journal,
@@ -138,7 +138,7 @@ impl Orchestrator {
     }
 
     pub fn task(&self, id: &str) -> Option<Arc<Task>> {
-        self.tasks.read().get(id).cloned()
+        self.tasks.get(id)
     }
 
     pub fn queue_position(&self, id: &str) -> Option<u32> {

@@ -1,6 +1,6 @@
 //! Admission at a deep queue, measured by an external load generator (`wrk`), side by side
 //! with the bare handler (`bare-admission`): the same JSON parsed into the same request type and
-//! pushed onto a mutex queue, nothing else. orchestratord runs queue only (its one pool's
+//! pushed onto a mutex queue, nothing else. Each round starts both servers afresh. orchestratord runs queue only (its one pool's
 //! engine never becomes healthy; journal `none`: the journal's own cost is `make
 //! bench-journal`'s figure), and both servers hold `--queued` tasks before wrk starts. Per
 //! round, in this order: new tasks on orchestratord (each with its own `task_id`), the
@@ -86,25 +86,25 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(64)
         .build()?;
 
-    let (_orch, orch_url) = start_orchestratord(&args, &dir, &runtime, &http).await?;
-    let (_bare, bare_url) = start_bare(&args.bare).await?;
-    wait_ok(&http, &format!("{bare_url}/health")).await?;
-    let started = Instant::now();
-    prefill(&http, &orch_url, args.queued, "o").await?;
-    prefill(&http, &bare_url, args.queued, "b").await?;
-    println!(
-        "queued {} tasks on each server in {:.1} s; load average before the runs: {}",
-        args.queued,
-        started.elapsed().as_secs_f64(),
-        load_average()
-    );
-    let queued_id = format!("prefill-o-{}", args.queued - 1);
-
     println!(
         "round | server | requests | req/s | p50 ms | p99 ms | max ms | non-2xx | socket errors"
     );
     let mut figures: Vec<(&str, Run)> = Vec::new();
     for round in 0..args.rounds {
+        // Fresh servers each round, each holding `--queued` tasks when wrk starts.
+        let (mut orch, orch_url) = start_orchestratord(&args, &dir, &runtime, &http).await?;
+        let (mut bare, bare_url) = start_bare(&args.bare).await?;
+        wait_ok(&http, &format!("{bare_url}/health")).await?;
+        let started = Instant::now();
+        prefill(&http, &orch_url, args.queued, "o").await?;
+        prefill(&http, &bare_url, args.queued, "b").await?;
+        eprintln!(
+            "round {round}: queued {} tasks on each server in {:.1} s; load average: {}",
+            args.queued,
+            started.elapsed().as_secs_f64(),
+            load_average()
+        );
+        let queued_id = format!("prefill-o-{}", args.queued - 1);
         for (name, url, fixed) in [
             ("orchestratord", &orch_url, ""),
             ("orchestratord resubmit", &orch_url, queued_id.as_str()),
@@ -123,12 +123,14 @@ async fn main() -> anyhow::Result<()> {
             );
             figures.push((name, run));
         }
+        let depth = orch_depth(&http, &orch_url).await?;
+        eprintln!("round {round}: orchestratord's queue at the end: {depth} tasks");
+        let _ = orch.kill().await;
+        let _ = bare.kill().await;
+        let _ = orch.wait().await;
+        let _ = bare.wait().await;
     }
-    let queue_now = orch_depth(&http, &orch_url).await?;
-    println!(
-        "orchestratord's queue at the end: {queue_now} tasks; load average after: {}",
-        load_average()
-    );
+    println!("load average after: {}", load_average());
     for (name, _) in figures.iter().take(3) {
         let runs: Vec<&Run> = figures
             .iter()

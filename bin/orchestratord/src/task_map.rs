@@ -1,0 +1,130 @@
+//! The task table: every task by id, in 64 shards. A lookup or an admission locks one shard;
+//! a shard grows by rehashing a sixty-fourth of the table, so a deep queue never stalls every
+//! admission behind one big rehash; a walk (the console's recent tasks, shutdown) locks one
+//! shard at a time.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use parking_lot::{RwLock, RwLockWriteGuard};
+
+use crate::tasks::Task;
+
+const SHARDS: usize = 64;
+
+type Shard = RwLock<HashMap<String, Arc<Task>>>;
+
+pub struct TaskMap {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+}
+
+impl Default for TaskMap {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl TaskMap {
+    fn shard(&self, id: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(id) as usize) % SHARDS]
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Task>> {
+        self.shard(id).read().get(id).cloned()
+    }
+
+    /// The shard holding `id`, locked for writing: a check and an insert under one lock.
+    pub fn shard_for(&self, id: &str) -> RwLockWriteGuard<'_, HashMap<String, Arc<Task>>> {
+        self.shard(id).write()
+    }
+
+    pub fn insert(&self, task: Arc<Task>) {
+        self.shard(&task.id).write().insert(task.id.clone(), task);
+    }
+
+    /// Removes `task` if the table holds this very task under its id (not another task read
+    /// back later under the same id).
+    pub fn remove_same(&self, task: &Arc<Task>) -> bool {
+        let mut shard = self.shard(&task.id).write();
+        if shard.get(&task.id).is_some_and(|t| Arc::ptr_eq(t, task)) {
+            shard.remove(&task.id);
+            return true;
+        }
+        false
+    }
+
+    /// Every task, one shard locked at a time.
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<Task>)) {
+        for shard in self.shards.iter() {
+            for task in shard.read().values() {
+                f(task);
+            }
+        }
+    }
+
+    /// Tasks for which `keep` holds, one shard locked at a time.
+    pub fn filtered(&self, mut keep: impl FnMut(&Task) -> bool) -> Vec<Arc<Task>> {
+        let mut out = Vec::new();
+        self.for_each(|t| {
+            if keep(t) {
+                out.push(t.clone());
+            }
+        });
+        out
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str) -> Arc<Task> {
+        let req: llorch_contracts::tasks::TaskRequest = serde_json::from_value(
+            serde_json::json!({"model_ref": "m", "prompt": "p", "max_tokens": 3}),
+        )
+        .unwrap();
+        Arc::new(Task::new(
+            id.into(),
+            req,
+            tokio::time::Instant::now(),
+            Default::default(),
+            id.into(),
+            None,
+            usize::MAX,
+        ))
+    }
+
+    #[test]
+    fn tasks_are_found_by_id_and_removed_only_as_the_very_task() {
+        let map = TaskMap::default();
+        let tasks: Vec<_> = (0..500).map(|i| task(&format!("t{i}"))).collect();
+        for t in &tasks {
+            map.insert(t.clone());
+        }
+        assert_eq!(map.len(), 500);
+        assert!(Arc::ptr_eq(&map.get("t42").unwrap(), &tasks[42]));
+        assert!(map.get("t500").is_none());
+        // Another task under the same id (read back from the journal later) is not removed
+        // by the first one's retirement.
+        let again = task("t7");
+        map.insert(again.clone());
+        assert!(!map.remove_same(&tasks[7]));
+        assert!(map.remove_same(&again));
+        assert!(map.get("t7").is_none());
+        let mut seen = 0;
+        map.for_each(|_| seen += 1);
+        assert_eq!(seen, 499);
+        assert_eq!(map.filtered(|t| t.id.ends_with('9')).len(), 50);
+    }
+}
