@@ -45,6 +45,10 @@ struct Args {
     /// turn), so chats fall out of step and pools are unevenly busy, as with real users.
     #[arg(long, default_value_t = 800)]
     think_ms: u64,
+    /// More llama-server arguments for both engines (repeat it), e.g. `--engine-arg=--cache-ram
+    /// --engine-arg=0` for engines that keep no prompts beyond their slots.
+    #[arg(long = "engine-arg", allow_hyphen_values = true)]
+    engine_args: Vec<String>,
 }
 
 /// Words in a fixed order from a seed: text that tokenizes like prose.
@@ -129,12 +133,15 @@ async fn main() -> anyhow::Result<()> {
     let runtime = dir.join("run");
     std::fs::create_dir_all(&runtime)?;
     let mut pools = String::new();
+    let mut args = vec!["--threads".to_string(), "1".to_string()];
+    args.extend(a.engine_args.iter().cloned());
     for p in ["p0", "p1"] {
         pools.push_str(&format!(
-            "[[pools]]\nid = \"{p}\"\nmodel = \"{}\"\nmodel_id = \"m\"\nslots = {}\nctx = {}\nargs = [\"--threads\", \"1\"]\n",
+            "[[pools]]\nid = \"{p}\"\nmodel = \"{}\"\nmodel_id = \"m\"\nslots = {}\nctx = {}\nargs = {}\n",
             a.model.display(),
             a.slots,
-            a.slots * 8192
+            a.slots * 8192,
+            serde_json::to_string(&args)?
         ));
     }
     std::fs::write(dir.join("pools.toml"), pools)?;
