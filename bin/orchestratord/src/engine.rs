@@ -124,7 +124,7 @@ impl HttpEngine {
             probes: tls
                 .builder()
                 .connect_timeout(Duration::from_secs(1))
-                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()?,
         })
     }

@@ -121,7 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 .client_tls
                 .builder()
                 .connect_timeout(Duration::from_secs(1))
-                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()?,
             base: reg.orchestratord_url.clone(),
             token: reg.token.clone(),

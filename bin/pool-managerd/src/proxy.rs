@@ -446,6 +446,27 @@ mod tests {
 
     // covers: CLOUD-4114
     #[test]
+    fn every_field_of_the_shared_completion_request_passes() {
+        // orchestratord writes `/completion` bodies with this very type: a field added there
+        // and not here would have every CLOUD task refused.
+        let body = llamacpp_client::CompletionRequest {
+            prompt: "p".into(),
+            n_predict: 8,
+            stream: true,
+            cache_prompt: true,
+            temperature: Some(0.5),
+            top_p: Some(0.9),
+            top_k: Some(40),
+            seed: Some(1),
+            stop: vec!["x".into()],
+            id_slot: Some(1),
+        };
+        let value = serde_json::to_value(&body).unwrap();
+        assert_eq!(vet(Method::POST, "completion", value), Ok(()));
+    }
+
+    // covers: CLOUD-4114
+    #[test]
     fn what_orchestratord_sends_passes() {
         let ok = [
             (

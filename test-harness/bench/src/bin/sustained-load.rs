@@ -496,6 +496,9 @@ async fn submit(
 }
 
 fn kind(e: &reqwest::Error) -> String {
+    // The first failure, told whole once (the counts say how often).
+    static TOLD: std::sync::Once = std::sync::Once::new();
+    TOLD.call_once(|| eprintln!("first submission error: {e:?}"));
     if e.is_timeout() {
         "timeout".into()
     } else if e.is_connect() {
@@ -890,6 +893,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(a.connections)
+        // The daemons close a keep-alive connection idle for their header-read timeout (10 s);
+        // a client that keeps idle connections longer races that close on its next request.
+        .pool_idle_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))
         .build()?;
