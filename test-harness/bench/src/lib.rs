@@ -170,3 +170,57 @@ pub async fn via_orchestratord(
     })
     .await
 }
+
+/// orchestratord for admission benchmarks, queue only: it knows one pool serving model `tiny`
+/// whose engine never becomes healthy (nothing listens on its port), so every task stays
+/// queued. Runtime and data directories under `dir`; `env` adds to (or overrides) the
+/// defaults. Returns the child and its base URL once the pool is bound.
+pub async fn queue_only_orchestratord(
+    http: &reqwest::Client,
+    binary: &std::path::Path,
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> anyhow::Result<(tokio::process::Child, String)> {
+    let runtime = dir.join("run");
+    std::fs::create_dir_all(&runtime)?;
+    let unreachable_engine = free_port()?;
+    let file = llorch_contracts::HandoffFile::external(
+        "bench",
+        &format!("http://127.0.0.1:{unreachable_engine}"),
+        "tiny",
+        1,
+    );
+    std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
+    let port = free_port()?;
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORCHD_DATA_DIR", dir.join("data"))
+        .env("ORCHD_RUNTIME_DIR", &runtime)
+        .env("LLORCH_API_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().context("start orchestratord")?;
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ok(http, &format!("{base}/health")).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pools: serde_json::Value = http
+            .get(format!("{base}/v2/pools"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if pools["pools"].as_array().is_some_and(|p| !p.is_empty()) {
+            return Ok((child, base));
+        }
+        if Instant::now() > deadline {
+            bail!("orchestratord did not bind the bench pool");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -131,19 +131,7 @@ async fn position_updates_come_at_once_then_at_most_one_per_interval() {
     let queued: Vec<_> = (0..4).map(|_| h.submit(task(5))).collect();
     let last = queued.last().unwrap().clone();
     let _follower = SubscriberGuard::new(h.orch.clone(), last.clone());
-    let updates = |t: &crate::tasks::Task| -> Vec<u64> {
-        t.frames_from(0)
-            .unwrap()
-            .0
-            .iter()
-            .filter(|f| f.event == "queued")
-            .map(|f| {
-                serde_json::from_str::<serde_json::Value>(&f.data).unwrap()["queue_position"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect()
-    };
+    let updates = told_positions;
     assert_eq!(updates(&last), [3]);
     let cancel = |t: &Arc<crate::tasks::Task>| {
         h.orch

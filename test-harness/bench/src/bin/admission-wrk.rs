@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use llorch_bench::{free_port, wait_ok, TOKEN};
-use llorch_contracts::HandoffFile;
+use llorch_bench::{queue_only_orchestratord, wait_ok, TOKEN};
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Parser)]
@@ -80,8 +79,7 @@ end
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = std::env::temp_dir().join(format!("llorch-admission-wrk-{}", std::process::id()));
-    let runtime = dir.join("run");
-    std::fs::create_dir_all(&runtime)?;
+    std::fs::create_dir_all(&dir)?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
@@ -92,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
     let mut figures: Vec<(&str, Run)> = Vec::new();
     for round in 0..args.rounds {
         // Fresh servers each round, each holding `--queued` tasks when wrk starts.
-        let (mut orch, orch_url) = start_orchestratord(&args, &dir, &runtime, &http).await?;
+        let (mut orch, orch_url) = start_orchestratord(&args, &dir, &http).await?;
         let (mut bare, bare_url) = start_bare(&args.bare).await?;
         wait_ok(&http, &format!("{bare_url}/health")).await?;
         let started = Instant::now();
@@ -160,53 +158,15 @@ async fn main() -> anyhow::Result<()> {
 async fn start_orchestratord(
     args: &Args,
     dir: &Path,
-    runtime: &Path,
     http: &reqwest::Client,
 ) -> anyhow::Result<(tokio::process::Child, String)> {
-    // Nothing listens on this port: the pool is known but never healthy.
-    let unreachable_engine = free_port()?;
-    let file = HandoffFile::external(
-        "bench",
-        &format!("http://127.0.0.1:{unreachable_engine}"),
-        "tiny",
-        1,
-    );
-    std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
-    let port = free_port()?;
-    let child = tokio::process::Command::new(&args.orchestratord)
-        .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("ORCHD_DATA_DIR", dir.join("data"))
-        .env("ORCHD_JOURNAL", "none")
-        .env("ORCHD_RUNTIME_DIR", runtime)
-        .env("ORCHD_ADMISSION_CAPACITY", "5000000")
+    let env = [
+        ("ORCHD_JOURNAL", "none".to_string()),
+        ("ORCHD_ADMISSION_CAPACITY", "5000000".to_string()),
         // Nothing may expire during the run.
-        .env("ORCHD_MAX_QUEUE_WAIT_MS", "3600000")
-        .env("LLORCH_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start orchestratord")?;
-    let base = format!("http://127.0.0.1:{port}");
-    wait_ok(http, &format!("{base}/health")).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let pools: serde_json::Value = http
-            .get(format!("{base}/v2/pools"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if pools["pools"].as_array().is_some_and(|p| !p.is_empty()) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("orchestratord did not bind the bench pool");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok((child, base))
+        ("ORCHD_MAX_QUEUE_WAIT_MS", "3600000".to_string()),
+    ];
+    queue_only_orchestratord(http, &args.orchestratord, dir, &env).await
 }
 
 async fn start_bare(bin: &Path) -> anyhow::Result<(tokio::process::Child, String)> {

@@ -5,14 +5,12 @@
 //! orchestratord and data directory each), side by side in one invocation.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
-use llorch_bench::{free_port, percentile, wait_ok, TOKEN};
-use llorch_contracts::HandoffFile;
+use llorch_bench::{percentile, queue_only_orchestratord, TOKEN};
 
 #[derive(Parser)]
 struct Args {
@@ -69,56 +67,18 @@ async fn run(args: &Args, journal: &str) -> anyhow::Result<Figures> {
         "llorch-admission-bench-{}-{journal}",
         std::process::id()
     ));
-    let runtime = dir.join("run");
-    std::fs::create_dir_all(&runtime)?;
-    // Nothing listens on this port: the pool is known but never healthy.
-    let unreachable_engine = free_port()?;
-    let file = HandoffFile::external(
-        "bench",
-        &format!("http://127.0.0.1:{unreachable_engine}"),
-        "tiny",
-        1,
-    );
-    std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
-    let port = free_port()?;
-    let mut orch = tokio::process::Command::new(&args.orchestratord)
-        .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("ORCHD_DATA_DIR", dir.join("data"))
-        .env("ORCHD_JOURNAL", kind)
-        .env("ORCHD_JOURNAL_SYNC", sync)
-        .env("ORCHD_RUNTIME_DIR", &runtime)
-        .env(
-            "ORCHD_ADMISSION_CAPACITY",
-            (args.tasks * 2 + 10_000).to_string(),
-        )
-        .env("LLORCH_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start orchestratord")?;
-    let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.clients * 2)
         .build()?;
-    wait_ok(&http, &format!("{base}/health")).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let pools: serde_json::Value = http
-            .get(format!("{base}/v2/pools"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if pools["pools"].as_array().is_some_and(|p| !p.is_empty()) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("orchestratord did not bind the bench pool");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let env = [
+        ("ORCHD_JOURNAL", kind.to_string()),
+        ("ORCHD_JOURNAL_SYNC", sync.to_string()),
+        (
+            "ORCHD_ADMISSION_CAPACITY",
+            (args.tasks * 2 + 10_000).to_string(),
+        ),
+    ];
+    let (mut orch, base) = queue_only_orchestratord(&http, &args.orchestratord, &dir, &env).await?;
     let body =
         serde_json::json!({"model_ref": "tiny", "prompt": "benchmark prompt", "max_tokens": 16});
     // Warm-up: connections, allocator.
