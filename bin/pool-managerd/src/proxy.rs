@@ -187,79 +187,7 @@ where
     })
 }
 
-/// One engine route the proxy passes: its path, the body fields orchestratord writes (an OpenAI
-/// generation route also takes [`OPENAI_SAMPLING`]), and the field holding the generation
-/// limit (required, at most the per-slot context).
-struct Route {
-    path: &'static str,
-    fields: &'static [&'static str],
-    openai_sampling: bool,
-    limit: Option<&'static str>,
-}
-
-const OPENAI_SAMPLING: &[&str] = &[
-    "max_tokens",
-    "stream",
-    "stream_options",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "stop",
-];
-
-const ROUTES: &[Route] = &[
-    Route {
-        path: "completion",
-        openai_sampling: false,
-        fields: &[
-            "prompt",
-            "n_predict",
-            "stream",
-            "cache_prompt",
-            "temperature",
-            "top_p",
-            "top_k",
-            "seed",
-            "stop",
-            "id_slot",
-        ],
-        limit: Some("n_predict"),
-    },
-    Route {
-        path: "v1/chat/completions",
-        openai_sampling: true,
-        fields: &[
-            "messages",
-            "response_format",
-            "tools",
-            "tool_choice",
-            "id_slot",
-        ],
-        limit: Some("max_tokens"),
-    },
-    Route {
-        path: "v1/completions",
-        openai_sampling: true,
-        fields: &["prompt", "id_slot"],
-        limit: Some("max_tokens"),
-    },
-    Route {
-        path: "v1/embeddings",
-        openai_sampling: false,
-        fields: &["input", "encoding_format"],
-        limit: None,
-    },
-    Route {
-        path: "tokenize",
-        openai_sampling: false,
-        fields: &["content", "add_special"],
-        limit: None,
-    },
-];
+use llorch_contracts::engine_routes::{EngineRoute as Route, ENGINE_ROUTES as ROUTES};
 
 fn forbidden(message: String) -> ApiError {
     ApiError::new(ErrorCode::Forbidden, message)
@@ -268,7 +196,7 @@ fn forbidden(message: String) -> ApiError {
 /// The route `POST {path}` names, if the proxy passes it.
 fn allowed_route(method: &Method, path: &str) -> Result<&'static Route, ApiError> {
     let path = path.trim_matches('/');
-    let route = ROUTES.iter().find(|r| r.path == path);
+    let route = Route::find(path);
     match route {
         Some(r) if *method == Method::POST => Ok(r),
         _ => Err(forbidden(format!(
@@ -288,9 +216,7 @@ fn vet_body(route: &Route, body: &[u8], ctx_max: Option<u32>) -> Result<(), ApiE
             "the body must be a JSON object",
         ));
     };
-    let known = |k: &str| {
-        route.fields.contains(&k) || (route.openai_sampling && OPENAI_SAMPLING.contains(&k))
-    };
+    let known = |k: &str| route.passes(k);
     if let Some(field) = fields.keys().find(|k| !known(k)) {
         let shown: String = format!("{field:?}").chars().take(64).collect();
         return Err(forbidden(format!(

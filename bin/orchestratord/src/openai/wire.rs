@@ -421,6 +421,70 @@ pub(crate) fn embedding_body(req: &EmbeddingRequest) -> Result<EngineBody, OaErr
 mod tests {
     use super::*;
 
+    /// Every field of every engine body orchestratord writes, `id_slot` (slot pinning)
+    /// included, is on pool-managerd's proxy list for its route: a field added here and not
+    /// there would have every CLOUD request of that kind refused.
+    // covers: CLOUD-4114
+    #[test]
+    fn every_engine_body_field_passes_the_nodes_proxy() {
+        use llorch_contracts::engine_routes::EngineRoute;
+        let config = Config::from_args(
+            <crate::config::Args as clap::Parser>::try_parse_from([
+                "orchestratord",
+                "--api-token=inprocess-test-token-0123",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let sampling = serde_json::json!({
+            "max_tokens": 8, "temperature": 0.5, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
+            "stop": ["x"], "seed": 1, "presence_penalty": 0.1, "frequency_penalty": 0.1,
+            "user": "u", "stream": true, "stream_options": {"include_usage": true}
+        });
+        let with = |mut extra: serde_json::Value| {
+            extra
+                .as_object_mut()
+                .unwrap()
+                .extend(sampling.as_object().unwrap().clone());
+            extra
+        };
+        let mut chat: ChatRequest = serde_json::from_value(with(serde_json::json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"},
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"
+        })))
+        .unwrap();
+        let completion: CompletionRequest =
+            serde_json::from_value(with(serde_json::json!({"model": "m", "prompt": "p"}))).unwrap();
+        let embedding: EmbeddingRequest =
+            serde_json::from_value(serde_json::json!({"model": "m", "input": "p"})).unwrap();
+        let bodies = [
+            (
+                "v1/chat/completions",
+                chat_body(&config, &mut chat).unwrap().0,
+                true,
+            ),
+            (
+                "v1/completions",
+                completion_body(&config, &completion).unwrap().0,
+                true,
+            ),
+            ("v1/embeddings", embedding_body(&embedding).unwrap(), false),
+        ];
+        for (path, mut body, pinned) in bodies {
+            if pinned {
+                body.insert("id_slot".into(), 0.into());
+            }
+            let route = EngineRoute::find(path).unwrap();
+            for key in body.keys() {
+                assert!(
+                    route.passes(key),
+                    "{path}: {key:?} is not passed by the proxy"
+                );
+            }
+        }
+    }
+
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
