@@ -291,7 +291,7 @@ impl Orchestrator {
             tracing::debug!(pool_id = %attempt.pool_id, predicted_blocks, "engine held no cached prompt where one was expected; forgetting the pool's prefixes");
             self.pools.forget_slots(&attempt.pool_id, slot);
             let mut index = self.prefix_index.lock();
-            index.retain_pools(|p| p != attempt.pool_id);
+            index.forget_pool(&attempt.pool_id);
             index.insert(&attempt.pool_id, &attempt.task.prefix_chain);
         }
     }

@@ -106,6 +106,11 @@ impl PrefixIndex {
         }
     }
 
+    /// `pool`'s engine holds none of what it was given (it lost its caches).
+    pub fn forget_pool(&mut self, pool: &str) {
+        self.pools.remove(pool);
+    }
+
     /// Keeps only the pools `keep` names (pools that went away take their names with them).
     pub fn retain_pools(&mut self, keep: impl Fn(&str) -> bool) {
         self.pools.retain(|pool, _| keep(pool));

@@ -370,11 +370,6 @@ impl<T> AdmissionQueue<T> {
     pub fn iter_weighted(&self) -> impl Iterator<Item = (&T, u64)> {
         self.interactive.iter().chain(self.batch.iter())
     }
-
-    /// Position of the first entry matching `pred` (a walk: prefer `rank`).
-    pub fn position(&self, mut pred: impl FnMut(&T) -> bool) -> Option<usize> {
-        self.iter().position(&mut pred)
-    }
 }
 
 #[cfg(test)]
@@ -566,7 +561,7 @@ mod tests {
                             Ok(a) => {
                                 live.insert(next);
                                 if let Some(d) = a.dropped { prop_assert!(live.remove(&d)); }
-                                prop_assert_eq!(q.position(|x| *x == next), Some(a.position));
+                                prop_assert_eq!(walked_rank(&q, next).map(|r| r.0), Some(a.position));
                             }
                             Err(_) => prop_assert_eq!(q.len(), cap),
                         }

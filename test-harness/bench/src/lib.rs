@@ -224,3 +224,26 @@ pub async fn queue_only_orchestratord(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// pool-managerd on `127.0.0.1:{port}` with the pools file `{dir}/pools.toml`, its runtime
+/// directory `runtime` and `engine` as its llama-server; killed when dropped.
+pub fn pool_managerd(
+    binary: &std::path::Path,
+    engine: &std::path::Path,
+    dir: &std::path::Path,
+    runtime: &std::path::Path,
+    port: u16,
+) -> anyhow::Result<tokio::process::Child> {
+    spawn(
+        binary,
+        &[
+            ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}")),
+            (
+                "POOL_MANAGERD_CONFIG",
+                dir.join("pools.toml").display().to_string(),
+            ),
+            ("POOL_MANAGERD_RUNTIME_DIR", runtime.display().to_string()),
+            ("POOL_MANAGERD_ENGINE_BINARY", engine.display().to_string()),
+        ],
+    )
+}

@@ -13,11 +13,14 @@ fn prompt(tail: &str) -> String {
     format!("{}{tail}", "You are a helpful assistant. ".repeat(10))
 }
 
-fn submit_prompt(h: &Harness, id: &str, text: &str) -> std::sync::Arc<crate::tasks::Task> {
+/// Submits a long task with prompt `text`; the pool it went to once dispatched.
+async fn placed(h: &Harness, id: &str, text: &str) -> Option<String> {
     h.engine.push(tokens(1000, 10 * MS));
-    h.submit(serde_json::json!({
+    let task = h.submit(serde_json::json!({
         "task_id": id, "model_ref": "tiny", "prompt": text, "max_tokens": 1000
-    }))
+    }));
+    settle().await;
+    task.pool_id()
 }
 
 // covers: ORCH-2209
@@ -26,28 +29,36 @@ async fn a_shared_prompt_prefix_goes_to_the_pool_serving_it_until_that_pool_is_t
     let h = Harness::start(&["--cache-balance=2"]);
     h.add_pool("a", 4);
     h.add_pool("z", 4);
-    let first = submit_prompt(&h, "t1", &prompt("first question"));
-    settle().await;
-    assert_eq!(first.pool_id().as_deref(), Some("a"));
-    // Least busy is z; a holds the shared prefix and is one request busier: a takes it.
-    let second = submit_prompt(&h, "t2", &prompt("second question"));
-    settle().await;
-    assert_eq!(second.pool_id().as_deref(), Some("a"));
-    let third = submit_prompt(&h, "t3", &prompt("third question"));
-    settle().await;
     assert_eq!(
-        third.pool_id().as_deref(),
+        placed(&h, "t1", &prompt("first question")).await.as_deref(),
+        Some("a")
+    );
+    // Least busy is z; a holds the shared prefix and is one request busier: a takes it.
+    assert_eq!(
+        placed(&h, "t2", &prompt("second question"))
+            .await
+            .as_deref(),
+        Some("a")
+    );
+    assert_eq!(
+        placed(&h, "t3", &prompt("third question")).await.as_deref(),
         Some("a"),
         "3 in flight vs 0 is not yet beyond 2"
     );
     // Now a has 3 in flight and z none: beyond the balance, z takes it.
-    let fourth = submit_prompt(&h, "t4", &prompt("fourth question"));
-    settle().await;
-    assert_eq!(fourth.pool_id().as_deref(), Some("z"));
+    assert_eq!(
+        placed(&h, "t4", &prompt("fourth question"))
+            .await
+            .as_deref(),
+        Some("z")
+    );
     // An unrelated prompt goes to the least busy pool.
-    let other = submit_prompt(&h, "t5", &"unrelated text, ".repeat(20));
-    settle().await;
-    assert_eq!(other.pool_id().as_deref(), Some("z"));
+    assert_eq!(
+        placed(&h, "t5", &"unrelated text, ".repeat(20))
+            .await
+            .as_deref(),
+        Some("z")
+    );
     let m = &h.orch.metrics.prefix_placements;
     assert_eq!(m.with_label_values(&["hit"]).get(), 2);
     assert_eq!(m.with_label_values(&["miss"]).get(), 3);
@@ -59,12 +70,16 @@ async fn with_cache_aware_placement_off_the_least_busy_pool_takes_every_task() {
     let h = Harness::start(&["--cache-aware=false"]);
     h.add_pool("a", 4);
     h.add_pool("z", 4);
-    let first = submit_prompt(&h, "t1", &prompt("first question"));
-    settle().await;
-    assert_eq!(first.pool_id().as_deref(), Some("a"));
-    let second = submit_prompt(&h, "t2", &prompt("second question"));
-    settle().await;
-    assert_eq!(second.pool_id().as_deref(), Some("z"));
+    assert_eq!(
+        placed(&h, "t1", &prompt("first question")).await.as_deref(),
+        Some("a")
+    );
+    assert_eq!(
+        placed(&h, "t2", &prompt("second question"))
+            .await
+            .as_deref(),
+        Some("z")
+    );
     let m = &h.orch.metrics;
     for (counter, label) in [
         (&m.prefix_placements, "miss"),

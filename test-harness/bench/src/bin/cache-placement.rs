@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::Parser;
-use llorch_bench::{free_port, percentile, spawn, via_orchestratord, wait_ok, TOKEN};
+use llorch_bench::{
+    free_port, percentile, pool_managerd, spawn, via_orchestratord, wait_ok, TOKEN,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -146,21 +148,7 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(dir.join("pools.toml"), pools)?;
     let pm_port = free_port()?;
-    let _pm = spawn(
-        &a.pool_managerd,
-        &[
-            ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}")),
-            (
-                "POOL_MANAGERD_CONFIG",
-                dir.join("pools.toml").display().to_string(),
-            ),
-            ("POOL_MANAGERD_RUNTIME_DIR", runtime.display().to_string()),
-            (
-                "POOL_MANAGERD_ENGINE_BINARY",
-                a.engine.display().to_string(),
-            ),
-        ],
-    )?;
+    let _pm = pool_managerd(&a.pool_managerd, &a.engine, &dir, &runtime, pm_port)?;
     let http = reqwest::Client::builder().build()?;
     let mut results: Vec<(bool, Vec<f64>, Vec<f64>, f64)> = Vec::new();
     let nonce0: u64 = std::time::SystemTime::now()

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use llorch_bench::{free_port, read_stream, spawn, via_orchestratord, wait_ok, TOKEN};
+use llorch_bench::{
+    free_port, pool_managerd, read_stream, spawn, via_orchestratord, wait_ok, TOKEN,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -168,21 +170,7 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     let (pm_port, home_port, cloud_port) = (free_port()?, free_port()?, free_port()?);
-    let pm = spawn(
-        &a.pool_managerd,
-        &[
-            ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}")),
-            (
-                "POOL_MANAGERD_CONFIG",
-                dir.join("pools.toml").display().to_string(),
-            ),
-            ("POOL_MANAGERD_RUNTIME_DIR", runtime.display().to_string()),
-            (
-                "POOL_MANAGERD_ENGINE_BINARY",
-                a.engine.display().to_string(),
-            ),
-        ],
-    )?;
+    let pm = pool_managerd(&a.pool_managerd, &a.engine, &dir, &runtime, pm_port)?;
     let home = spawn(
         &a.orchestratord,
         &[
