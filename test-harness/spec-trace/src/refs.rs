@@ -1,6 +1,7 @@
 //! References from tests to requirements: in Rust test code a comment line
 //! `// covers: ORCH-2101, AUTH-5103` directly above a test's attribute; in Gherkin feature files a
-//! tag `@ORCH-2101` on a scenario (or on a feature, covering each of its scenarios).
+//! tag `@ORCH-2101` on a scenario (or on a feature: one reference named after the feature, which
+//! covers the requirement through all its scenarios).
 
 use crate::spec::{is_id, Location};
 
@@ -108,11 +109,16 @@ const SCENARIO_KEYWORDS: [&str; 6] = [
     "Example:",
 ];
 
+/// An outline's example tables: tags on them belong to the outline above.
+const EXAMPLE_KEYWORDS: [&str; 2] = ["Examples:", "Scenarios:"];
+
 /// Parses the `@ID` tags of one feature file. Tags that are not shaped like an ID (`@serial`,
 /// `@cloud`) are left alone; an ID-shaped tag is a reference.
 pub fn scan_feature(file: &str, text: &str) -> Vec<Reference> {
     let mut refs = Vec::new();
     let mut pending: Vec<(String, Location)> = Vec::new();
+    // The title of the feature, rule or scenario read last.
+    let mut current = String::new();
     for (n, line) in text.lines().enumerate() {
         let t = line.trim();
         if t.starts_with('@') {
@@ -132,11 +138,15 @@ pub fn scan_feature(file: &str, text: &str) -> Vec<Reference> {
             }
             continue;
         }
-        if let Some(title) = SCENARIO_KEYWORDS
-            .iter()
-            .find_map(|k| t.strip_prefix(k))
-            .map(str::trim)
-        {
+        let title = match SCENARIO_KEYWORDS.iter().find_map(|k| t.strip_prefix(k)) {
+            Some(title) => {
+                current = title.trim().to_string();
+                Some(current.as_str())
+            }
+            None if EXAMPLE_KEYWORDS.iter().any(|k| t.starts_with(k)) => Some(current.as_str()),
+            None => None,
+        };
+        if let Some(title) = title {
             for (id, at) in pending.drain(..) {
                 refs.push(Reference {
                     id,
@@ -225,6 +235,33 @@ mod tests {
         assert!(errors[1].starts_with("a.rs:3:"), "{errors:?}");
         assert!(errors[2].contains("orch-2103"), "{errors:?}");
         assert!(errors[3].contains("names no requirement"), "{errors:?}");
+    }
+
+    #[test]
+    fn tags_on_an_example_table_belong_to_the_outline_above() {
+        let text = [
+            "Feature: Queue",
+            "  Scenario Outline: priorities",
+            "    When <p>",
+            "    @ORCH-2107",
+            "    Examples: interactive",
+            "      | p |",
+            "  @ORCH-2105",
+            "  Scenario: full",
+        ]
+        .join("\n");
+        let refs = scan_feature("f.feature", &text);
+        let got: Vec<(&str, &str)> = refs
+            .iter()
+            .map(|r| (r.id.as_str(), r.by.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ORCH-2107", "f.feature: priorities"),
+                ("ORCH-2105", "f.feature: full")
+            ]
+        );
     }
 
     #[test]

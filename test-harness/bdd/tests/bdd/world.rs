@@ -62,6 +62,10 @@ pub struct Bdd {
     /// The secret "a client" uses, and the one used to look at and clean up any task.
     pub client_token: String,
     pub admin_token: String,
+    /// The secret pool-managerd takes: the node token in a stack of separate secrets.
+    pub node_token: String,
+    /// The pools the HOME stack was asked for, as the feature gave them.
+    pub pool_specs: Vec<PoolSpec>,
     /// Task ids by the names the scenario gave them.
     pub tasks: BTreeMap<String, String>,
     /// Every task this scenario submitted, to cancel what is left when it ends.
@@ -88,6 +92,8 @@ impl Bdd {
             daemons: None,
             client_token: daemons::TOKEN.into(),
             admin_token: daemons::TOKEN.into(),
+            node_token: daemons::TOKEN.into(),
+            pool_specs: Vec::new(),
             tasks: BTreeMap::new(),
             submitted: Vec::new(),
             answer: None,
@@ -122,7 +128,9 @@ impl Bdd {
         if separate_keys {
             self.client_token = daemons::CLIENT_KEY.into();
             self.admin_token = daemons::ADMIN_TOKEN.into();
+            self.node_token = daemons::NODE_TOKEN.into();
         }
+        self.pool_specs = pools.clone();
         let ids: Vec<String> = pools.into_iter().map(|p| p.id).collect();
         self.wait_pools_ready(&ids, Duration::from_secs(40)).await;
     }
@@ -244,30 +252,37 @@ impl Bdd {
         out
     }
 
-    /// orchestratord's pool list (admin view); empty while unreachable.
-    pub async fn pools(&self) -> Vec<serde_json::Value> {
+    /// orchestratord's pool list (admin view); `None` unless it answered 200 (a daemon that is
+    /// down or refusing must never read as "no pool").
+    pub async fn pools(&self) -> Option<Vec<serde_json::Value>> {
         let r = self
             .http(&self.admin_token)
             .get(format!("{}/v2/pools", self.base()))
             .send()
             .await;
         match r {
-            Ok(r) if r.status() == 200 => r.json::<serde_json::Value>().await.unwrap()["pools"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default(),
-            _ => Vec::new(),
+            Ok(r) if r.status() == 200 => Some(
+                r.json::<serde_json::Value>().await.unwrap()["pools"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+            _ => None,
         }
     }
 
-    pub async fn pool(&self, id: &str) -> Option<serde_json::Value> {
-        self.pools().await.into_iter().find(|p| p["pool_id"] == id)
+    /// Pool `id` as orchestratord lists it (inner `None`: not listed); `None` unless it
+    /// answered.
+    pub async fn pool(&self, id: &str) -> Option<Option<serde_json::Value>> {
+        let pools = self.pools().await?;
+        Some(pools.into_iter().find(|p| p["pool_id"] == id))
     }
 
     /// Waits until orchestratord lists every pool of `ids` healthy and not draining.
     pub async fn wait_pools_ready(&self, ids: &[String], within: Duration) {
         wait_for(&format!("pools {ids:?} ready"), within, || async {
-            let pools = self.pools().await;
+            // Unreachable reads as "not yet": this waits for pools to appear.
+            let pools = self.pools().await.unwrap_or_default();
             ids.iter()
                 .all(|id| {
                     pools.iter().any(|p| {
@@ -316,7 +331,10 @@ impl Bdd {
                 let _ = std::fs::remove_file(e.path());
             }
             wait_for("no pool left", Duration::from_secs(10), || async {
-                self.pools().await.is_empty().then_some(())
+                self.pools()
+                    .await
+                    .is_some_and(|p| p.is_empty())
+                    .then_some(())
             })
             .await;
         }

@@ -40,7 +40,12 @@ async fn gone_within(w: &mut Bdd, pool: String, secs: u64) {
     wait_for(
         &format!("pool {pool} retired"),
         Duration::from_secs(secs),
-        || async { w.pool(&pool).await.is_none().then_some(()) },
+        || async {
+            w.pool(&pool)
+                .await
+                .is_some_and(|p| p.is_none())
+                .then_some(())
+        },
     )
     .await;
 }
@@ -58,7 +63,10 @@ fn logged_invalid(w: &mut Bdd, pool: String) {
 
 #[then(expr = "orchestratord does not list pool {string}")]
 async fn not_listed(w: &mut Bdd, pool: String) {
-    let pools = w.pools().await;
+    let pools = w
+        .pools()
+        .await
+        .expect("orchestratord answers its pool list");
     assert!(!pools.is_empty(), "orchestratord lists no pool at all");
     assert!(
         pools.iter().all(|p| p["pool_id"] != pool.as_str()),

@@ -70,6 +70,7 @@ fn stream_in_order(w: &mut Bdd, name: String, pool: String) {
         .iter()
         .position(|e| *e == "started")
         .unwrap_or_else(|| panic!("no started event: {n:?}"));
+    assert!(started > 0, "no queued event: {n:?}");
     assert!(n[..started].iter().all(|e| *e == "queued"), "{n:?}");
     assert_eq!(data(&frames[started])["pool_id"], pool.as_str());
     let (last, middle) = n[started + 1..].split_last().unwrap();
