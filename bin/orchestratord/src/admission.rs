@@ -386,6 +386,10 @@ impl Orchestrator {
             model = %req.model_ref
         );
         let _entered = span.enter();
+        // Only an id the client chose can be a resubmission: an OpenAI request's id and a
+        // `/v2` task without one are random (UUID v4) ids made here, so neither the task
+        // table nor the journal (a read of its file) is asked about them.
+        let chosen = req.task_id.is_some() && openai.is_none();
         let id = req
             .task_id
             .clone()
@@ -393,7 +397,7 @@ impl Orchestrator {
         req.task_id = Some(id.clone());
         // A resubmission is answered before any other check (model, pin, capacity, shutdown):
         // a client retrying a submission whose answer it lost learns about its task.
-        if let Some(existing) = self.task(&id) {
+        if let Some(existing) = chosen.then(|| self.task(&id)).flatten() {
             if !existing.visible_to(owner) {
                 // Another key's task: the id is taken, and nothing more is said about it.
                 return Err(self.id_taken(&id));
@@ -402,10 +406,12 @@ impl Orchestrator {
                 .answer_existing(&existing, crate::tasks::request_digest(&req))
                 .map(|(t, a)| (t, a, None));
         }
-        if let Some(existing) = self.journaled_task(&id, owner)? {
-            return self
-                .answer_existing(&existing, crate::tasks::request_digest(&req))
-                .map(|(t, a)| (t, a, None));
+        if chosen {
+            if let Some(existing) = self.journaled_task(&id, owner)? {
+                return self
+                    .answer_existing(&existing, crate::tasks::request_digest(&req))
+                    .map(|(t, a)| (t, a, None));
+            }
         }
         if !self
             .pools

@@ -310,15 +310,22 @@ fn native_body(task: &Task, id_slot: Option<u32>) -> Result<Bytes, String> {
         .map_err(|e| format!("cannot encode the engine request: {e}"))
 }
 
-/// An OpenAI request body (allowlisted fields, an object) with the engine slot to run in.
+/// An OpenAI request body (allowlisted fields, an object) with the engine slot to run in. The
+/// body is a JSON object as serde_json wrote it (no `id_slot`: it is not on the client's
+/// list), so the field is spliced in before its closing brace rather than the body parsed
+/// and written again on every dispatch.
 fn with_id_slot(body: Bytes, slot: u32) -> Bytes {
-    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body) {
-        Ok(mut fields) => {
-            fields.insert("id_slot".into(), slot.into());
-            serde_json::to_vec(&fields).map_or(body, Bytes::from)
-        }
-        Err(_) => body,
+    let Some(inner) = body.strip_prefix(b"{").and_then(|b| b.strip_suffix(b"}")) else {
+        return body;
+    };
+    let mut out = Vec::with_capacity(body.len() + 24);
+    out.push(b'{');
+    out.extend_from_slice(inner);
+    if !inner.is_empty() {
+        out.push(b',');
     }
+    out.extend_from_slice(format!("\"id_slot\":{slot}}}").as_bytes());
+    Bytes::from(out)
 }
 
 /// How the engine's stream is read: llama-server's own chunks, or an OpenAI route's.
@@ -396,5 +403,27 @@ fn cut_off(tokens: u32, first_token: Option<Instant>) -> Outcome {
         decode_ms: 0,
         engine_tokens: Some(tokens),
         first_token,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_slot_is_spliced_into_the_body_as_a_field() {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "messages": [{"role": "user", "content": "a } in text {"}], "max_tokens": 4
+        }))
+        .unwrap();
+        let pinned = with_id_slot(Bytes::from(body.clone()), 3);
+        let mut want: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&body).unwrap();
+        want.insert("id_slot".into(), 3.into());
+        let got: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&pinned).unwrap();
+        assert_eq!(got, want);
+        let empty = with_id_slot(Bytes::from_static(b"{}"), 0);
+        assert_eq!(&empty[..], br#"{"id_slot":0}"#);
     }
 }
