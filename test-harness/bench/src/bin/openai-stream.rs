@@ -27,6 +27,14 @@ struct Args {
     concurrency: u32,
     #[arg(long, default_value_t = 512)]
     tokens: u32,
+    /// Stream k of a round is sent k × this many microseconds after the first (both paths):
+    /// how much arrival skew the engine's batching tolerates before a request misses the
+    /// batch the others' prompts are processed in.
+    #[arg(long, default_value_t = 0)]
+    stagger_us: u64,
+    /// Prints each round's first tokens, sorted.
+    #[arg(long)]
+    per_round: bool,
 }
 
 struct Stream {
@@ -42,12 +50,17 @@ async fn chat(
     bearer: Option<&str>,
     tokens: u32,
     k: u32,
+    send_at: Instant,
 ) -> anyhow::Result<Stream> {
     let body = serde_json::json!({
         "model": "tiny",
         "messages": [{"role": "user", "content": format!("the river and the stone {k}")}],
         "max_tokens": tokens, "stream": true, "seed": k
     });
+    // A spin, not a timer: tokio's timers tick in milliseconds.
+    while Instant::now() < send_at {
+        std::hint::spin_loop();
+    }
     let t0 = Instant::now();
     let mut rb = http.post(url).json(&body);
     if let Some(t) = bearer {
@@ -83,17 +96,30 @@ async fn chat(
     bail!("stream ended without [DONE]")
 }
 
-/// One round: `c` concurrent streams; returns them and the round's tokens/s.
+/// One round: `a.concurrency` concurrent streams; returns them and the round's tokens/s.
 async fn round(
     http: &reqwest::Client,
     url: &str,
     bearer: Option<&str>,
-    c: u32,
-    tokens: u32,
+    a: &Args,
 ) -> anyhow::Result<(Vec<Stream>, f64)> {
     let t0 = Instant::now();
-    let runs = (0..c).map(|k| chat(http, url, bearer, tokens, k));
-    let streams: Vec<Stream> = futures_util::future::try_join_all(runs).await?;
+    let runs = (0..a.concurrency).map(|k| {
+        let send_at = t0 + std::time::Duration::from_micros(a.stagger_us * u64::from(k));
+        // Each stream its own task, so one spinning until its time holds up no other.
+        let (http, url, bearer) = (http.clone(), url.to_string(), bearer.map(str::to_string));
+        let tokens = a.tokens;
+        tokio::spawn(async move { chat(&http, &url, bearer.as_deref(), tokens, k, send_at).await })
+    });
+    let streams: Vec<Stream> = futures_util::future::try_join_all(runs)
+        .await?
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    if a.per_round {
+        let mut ft: Vec<f64> = streams.iter().map(|s| s.first_token_ms).collect();
+        ft.sort_by(|a, b| a.total_cmp(b));
+        println!("{url}: first tokens (ms) {ft:.2?}");
+    }
     let total: u32 = streams.iter().map(|s| s.tokens).sum();
     Ok((streams, f64::from(total) / t0.elapsed().as_secs_f64()))
 }
@@ -161,8 +187,8 @@ async fn main() -> anyhow::Result<()> {
     let (mut direct, mut via) = (Vec::new(), Vec::new());
     let (mut direct_rounds, mut via_rounds) = (Vec::new(), Vec::new());
     for r in 0..a.rounds + 1 {
-        let d = round(&http, &direct_url, None, a.concurrency, a.tokens).await?;
-        let o = round(&http, &via_url, Some(TOKEN), a.concurrency, a.tokens).await?;
+        let d = round(&http, &direct_url, None, &a).await?;
+        let o = round(&http, &via_url, Some(TOKEN), &a).await?;
         if r >= 1 {
             direct.extend(d.0);
             direct_rounds.push(d.1);

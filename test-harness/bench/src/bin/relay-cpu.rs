@@ -1,7 +1,8 @@
 //! CPU time per relayed token. One pool-managerd runs one engine (tiny model, 4 slots); in
 //! front of it an orchestratord HOME (reads the handoff file, calls the engine on loopback) and
 //! an orchestratord CLOUD (polls pool-managerd, calls the engine through its authenticated
-//! proxy); the third path calls pool-managerd's proxy directly. Each round sends `streams`
+//! proxy); the third path calls pool-managerd's proxy directly, the fourth the engine itself
+//! (its address from the handoff file): the baseline of each path's tokens/s. Each round sends `streams`
 //! concurrent streams of `tokens` tokens down one path, rounds interleaved, and divides the CPU
 //! time each daemon used over the round by the tokens relayed. CPU time is the sum of
 //! `/proc/<pid>/task/*/schedstat` (nanoseconds on a CPU, every thread): `/proc/<pid>/stat`
@@ -41,16 +42,18 @@ struct Args {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
+    Direct,
     Home,
     Cloud,
     Proxy,
 }
 
-const PATHS: [Path; 3] = [Path::Home, Path::Cloud, Path::Proxy];
+const PATHS: [Path; 4] = [Path::Direct, Path::Home, Path::Cloud, Path::Proxy];
 
 impl Path {
     fn name(self) -> &'static str {
         match self {
+            Path::Direct => "engine direct",
             Path::Home => "orchestratord HOME",
             Path::Cloud => "orchestratord CLOUD",
             Path::Proxy => "pool-managerd proxy",
@@ -64,6 +67,7 @@ struct Daemons {
     home: String,
     cloud: String,
     pm: String,
+    engine: String,
 }
 
 impl Daemons {
@@ -71,12 +75,13 @@ impl Daemons {
         self.pids.map(cpu_time)
     }
 
-    /// The daemon a path's tokens are charged to.
-    fn charged(&self, path: Path) -> usize {
+    /// The daemon a path's tokens are charged to (none for the engine alone).
+    fn charged(&self, path: Path) -> Option<usize> {
         match path {
-            Path::Home => 0,
-            Path::Cloud => 1,
-            Path::Proxy => 2,
+            Path::Direct => None,
+            Path::Home => Some(0),
+            Path::Cloud => Some(1),
+            Path::Proxy => Some(2),
         }
     }
 }
@@ -94,17 +99,21 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_nanos(ns)
 }
 
-/// One stream through pool-managerd's proxy straight to the engine; returns its tokens.
-async fn via_proxy(
+/// One stream of llama-server's own `/completion` at `url` (pool-managerd's proxy, with the
+/// token, or the engine itself); returns its tokens.
+async fn native_stream(
     http: &reqwest::Client,
-    pm: &str,
+    url: &str,
+    bearer: Option<&str>,
     tokens: u32,
     seed: u64,
 ) -> anyhow::Result<u32> {
     let t0 = Instant::now();
-    let resp = http
-        .post(format!("{pm}/v2/pools/bench/engine/completion"))
-        .bearer_auth(TOKEN)
+    let mut req = http.post(url);
+    if let Some(token) = bearer {
+        req = req.bearer_auth(token);
+    }
+    let resp = req
         .json(&serde_json::json!({
             "prompt": "the river and the stone", "n_predict": tokens, "stream": true, "seed": seed
         }))
@@ -128,13 +137,18 @@ async fn round(d: &Daemons, a: &Args, path: Path, round: usize) -> anyhow::Resul
         let seed = (round * a.streams + s) as u64;
         let tokens = a.tokens;
         let base = match path {
+            Path::Direct => format!("{}/completion", d.engine),
             Path::Home => d.home.clone(),
             Path::Cloud => d.cloud.clone(),
-            Path::Proxy => d.pm.clone(),
+            Path::Proxy => format!("{}/v2/pools/bench/engine/completion", d.pm),
         };
         set.spawn(async move {
-            if path == Path::Proxy {
-                return via_proxy(&http, &base, tokens, seed).await;
+            match path {
+                Path::Direct => return native_stream(&http, &base, None, tokens, seed).await,
+                Path::Proxy => {
+                    return native_stream(&http, &base, Some(TOKEN), tokens, seed).await
+                }
+                Path::Home | Path::Cloud => {}
             }
             let body = serde_json::json!({
                 "model_ref": "tiny", "prompt": "the river and the stone", "max_tokens": tokens, "seed": seed
@@ -203,10 +217,18 @@ async fn main() -> anyhow::Result<()> {
         home: format!("http://127.0.0.1:{home_port}"),
         cloud: format!("http://127.0.0.1:{cloud_port}"),
         pm: format!("http://127.0.0.1:{pm_port}"),
+        engine: String::new(),
     };
     let http = reqwest::Client::new();
     wait_ok(&http, &format!("{}/ready", d.home)).await?;
     wait_ok(&http, &format!("{}/ready", d.cloud)).await?;
+    // HOME is ready: pool-managerd wrote the pool's handoff file, which names the engine.
+    let handoff: llorch_contracts::HandoffFile =
+        serde_json::from_slice(&std::fs::read(runtime.join("bench.json"))?)?;
+    let d = Daemons {
+        engine: handoff.url,
+        ..d
+    };
 
     // Idle first: nothing submitted, every periodic job at its default interval.
     let before = d.cpu();
@@ -219,9 +241,9 @@ async fn main() -> anyhow::Result<()> {
         .collect();
 
     // Per path and round: CPU of every daemon over the round, and the tokens relayed.
-    let mut per_token: Vec<Vec<f64>> = vec![Vec::new(); 3];
-    let mut others: Vec<Vec<[f64; 3]>> = vec![Vec::new(); 3];
-    let mut walls: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut per_token: Vec<Vec<f64>> = vec![Vec::new(); PATHS.len()];
+    let mut others: Vec<Vec<[f64; 3]>> = vec![Vec::new(); PATHS.len()];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); PATHS.len()];
     for r in 0..=a.rounds {
         for (p, path) in PATHS.iter().enumerate() {
             let before = d.cpu();
@@ -235,9 +257,11 @@ async fn main() -> anyhow::Result<()> {
             let us: [f64; 3] = std::array::from_fn(|i| {
                 (after[i] - before[i]).as_secs_f64() * 1e6 / f64::from(tokens)
             });
-            per_token[p].push(us[d.charged(*path)]);
+            if let Some(i) = d.charged(*path) {
+                per_token[p].push(us[i]);
+            }
             others[p].push(us);
-            walls[p].push(wall);
+            rates[p].push(f64::from(tokens) / wall);
         }
     }
 
@@ -249,18 +273,24 @@ async fn main() -> anyhow::Result<()> {
         "idle over {idle_wall:.1} s before the load: HOME {:.2}% of a core, CLOUD {:.2}%, pool-managerd {:.2}%",
         idle[0], idle[1], idle[2]
     );
-    println!("| path | CPU per token (median) | min | max | round wall (median) | pool-managerd CPU per token during it |");
-    println!("|---|---|---|---|---|---|");
+    println!("| path | CPU per token (median) | min | max | tokens/s per round (median) | vs direct | pool-managerd CPU per token during it |");
+    println!("|---|---|---|---|---|---|---|");
+    let direct = median(rates[0].clone());
     for (p, path) in PATHS.iter().enumerate() {
         let v = &per_token[p];
-        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = v.iter().copied().fold(0.0, f64::max);
+        let rate = median(rates[p].clone());
         let pm_us = median(others[p].iter().map(|u| u[2]).collect());
+        let cpu = if v.is_empty() {
+            "— | — | —".to_string()
+        } else {
+            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = v.iter().copied().fold(0.0, f64::max);
+            format!("{:.1} µs | {min:.1} µs | {max:.1} µs", median(v.clone()))
+        };
         println!(
-            "| {} | {:.1} µs | {min:.1} µs | {max:.1} µs | {:.2} s | {pm_us:.1} µs |",
+            "| {} | {cpu} | {rate:.0} | {:.1} % | {pm_us:.1} µs |",
             path.name(),
-            median(v.clone()),
-            median(walls[p].clone()),
+            rate / direct * 100.0,
         );
     }
     drop((home, cloud, pm));
