@@ -149,7 +149,12 @@ impl Runner<'_> {
         // Only progress (a token, or other output the client sees) moves the deadline: chunks
         // of comments or empty data keep nothing alive.
         let mut wait = self.first_token_timeout;
-        let mut deadline = Instant::now() + wait;
+        // Made once and polled again for every chunk: a cancellation future registers with
+        // its token, a sleep with the timer wheel, and this loop runs per token.
+        let cancelled = task.cancel.cancelled();
+        let node_lost = lost.cancelled();
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(cancelled, node_lost, deadline);
         loop {
             // Retried elsewhere only while the client has seen nothing of this attempt.
             let relayed = i > 0 || decoder.relayed();
@@ -161,19 +166,22 @@ impl Runner<'_> {
                 }
             };
             let chunk = tokio::select! {
-                _ = task.cancel.cancelled() => return Outcome::Cancelled,
-                _ = lost.cancelled() => return broken("the pool's node was lost".into()),
-                c = tokio::time::timeout_at(deadline, stream.next()) => c,
-            };
-            let bytes = match chunk {
-                Err(_) => {
+                // A cancel wins over a chunk that is ready at the same time, and a chunk over
+                // the deadline.
+                biased;
+                _ = &mut cancelled => return Outcome::Cancelled,
+                _ = &mut node_lost => return broken("the pool's node was lost".into()),
+                c = stream.next() => c,
+                _ = &mut deadline => {
                     return Outcome::DecodeTimeout(format!(
                         "no output from the engine for {} ms",
                         wait.as_millis()
                     ));
                 }
-                Ok(Some(Err(e))) => return broken(format!("stream broken: {e}")),
-                Ok(None) => {
+            };
+            let bytes = match chunk {
+                Some(Err(e)) => return broken(format!("stream broken: {e}")),
+                None => {
                     return match decoder.at_end() {
                         Some((finish_reason, decode_ms, engine_tokens)) => Outcome::Done {
                             finish_reason,
@@ -184,7 +192,7 @@ impl Runner<'_> {
                         None => broken("engine closed the stream before the end".into()),
                     }
                 }
-                Ok(Some(Ok(b))) => b,
+                Some(Ok(b)) => b,
             };
             let frames = match parser.try_push(&bytes) {
                 Ok(frames) => frames,
@@ -237,7 +245,7 @@ impl Runner<'_> {
                 }
                 if progress {
                     wait = self.decode_timeout;
-                    deadline = Instant::now() + wait;
+                    deadline.as_mut().reset(Instant::now() + wait);
                 }
             }
         }
