@@ -22,6 +22,10 @@ struct Args {
     bind: String,
 }
 
+/// The allocator orchestratord runs with: the ceiling is compared like with like.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 type Queue = Arc<Mutex<VecDeque<TaskRequest>>>;
 
 async fn admit(
