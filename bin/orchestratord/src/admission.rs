@@ -130,6 +130,9 @@ impl Drop for KeySlot {
 /// The largest prompt admission has an engine count (bigger ones are judged by the engine).
 pub const COUNT_PROMPT_MAX_BYTES: usize = 64 * 1024;
 
+/// The journal's record of a task id (`None`: it holds none), or why it could not be read.
+type JournalLookup = Result<Option<crate::journal::Record>, String>;
+
 /// Resolves once an admission is durable (or failed to be).
 pub(crate) type Durable = futures_util::future::BoxFuture<'static, Result<(), String>>;
 
@@ -239,7 +242,7 @@ impl Orchestrator {
         owner: &auth_min::Principal,
     ) -> Result<AdmissionResponse, ApiError> {
         validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
-        self.enqueue(req, correlation_id, None, prompt_tokens, owner)
+        self.enqueue(req, correlation_id, None, prompt_tokens, owner, None)
             .map(|(_, a, _)| a)
     }
 
@@ -257,8 +260,9 @@ impl Orchestrator {
         owner: &auth_min::Principal,
     ) -> Result<AdmissionResponse, ApiError> {
         validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
+        let journaled = self.read_journal(req.task_id.as_deref()).await;
         let (task, answer, written) =
-            self.enqueue(req, correlation_id, None, prompt_tokens, owner)?;
+            self.enqueue(req, correlation_id, None, prompt_tokens, owner, journaled)?;
         if let Some(written) = written {
             // Settled apart from this request: a client that goes away while the journal
             // writes must not leave the task waiting for ever.
@@ -366,7 +370,7 @@ impl Orchestrator {
         correlation_id: Option<String>,
         owner: &auth_min::Principal,
     ) -> Result<Arc<Task>, ApiError> {
-        self.enqueue(req, correlation_id, Some(job), None, owner)
+        self.enqueue(req, correlation_id, Some(job), None, owner, None)
             .map(|(t, _, _)| t)
     }
 
@@ -377,6 +381,7 @@ impl Orchestrator {
         openai: Option<crate::openai::Job>,
         prompt_tokens: Option<u32>,
         owner: &auth_min::Principal,
+        journaled: Option<JournalLookup>,
     ) -> Result<(Arc<Task>, AdmissionResponse, Option<Durable>), ApiError> {
         let started = std::time::Instant::now();
         let span = tracing::info_span!(
@@ -407,7 +412,9 @@ impl Orchestrator {
                 .map(|(t, a)| (t, a, None));
         }
         if chosen {
-            if let Some(existing) = self.journaled_task(&id, owner)? {
+            // Read before (off the workers) when it could be; otherwise here.
+            let lookup = journaled.unwrap_or_else(|| self.journal_lookup(&id));
+            if let Some(existing) = self.journaled_task(&id, owner, lookup)? {
                 return self
                     .answer_existing(&existing, crate::tasks::request_digest(&req))
                     .map(|(t, a)| (t, a, None));
@@ -647,6 +654,32 @@ impl Orchestrator {
         Ok((task, answer, written))
     }
 
+    /// What the journal holds under `id`, read on this thread (nothing to read without a
+    /// journal).
+    fn journal_lookup(&self, id: &str) -> JournalLookup {
+        if self.journal.durable() {
+            self.journal.lookup(id)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// What the journal holds under a client's task id: read on the blocking pool (a read of
+    /// its file must not hold up a worker thread), or `None` when there is nothing to read (no
+    /// journal, or a task with that id in memory, which is answered first).
+    async fn read_journal(&self, id: Option<&str>) -> Option<JournalLookup> {
+        let id = id?;
+        if !self.journal.durable() || self.task(id).is_some() {
+            return None;
+        }
+        let (journal, id) = (self.journal.clone(), id.to_string());
+        Some(
+            tokio::task::spawn_blocking(move || journal.lookup(&id))
+                .await
+                .unwrap_or_else(|e| Err(format!("the lookup did not finish: {e}"))),
+        )
+    }
+
     /// A finished task the journal still remembers (past the in-memory retention), put back
     /// in memory so a resubmission of its id is answered as for any task: the same task for
     /// the same request, 409 for another; another key's id is taken.
@@ -654,11 +687,9 @@ impl Orchestrator {
         &self,
         id: &str,
         owner: &auth_min::Principal,
+        lookup: JournalLookup,
     ) -> Result<Option<Arc<Task>>, ApiError> {
-        if !self.journal.durable() {
-            return Ok(None);
-        }
-        let record = match self.journal.lookup(id) {
+        let record = match lookup {
             Ok(Some(r)) if r.ending.is_some() => r,
             Ok(_) => return Ok(None),
             Err(error) => {

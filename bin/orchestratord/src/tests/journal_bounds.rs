@@ -213,6 +213,47 @@ async fn a_resubmission_while_the_first_admission_waits_for_the_journal_is_answe
     assert!(h.engine.calls().is_empty());
 }
 
+// covers: ORCH-2415
+#[tokio::test(start_paused = true)]
+async fn a_resubmission_of_a_task_only_the_journal_remembers_is_answered_from_it() {
+    // Nothing to recover at the start; then the journal holds an ended task the memory does
+    // not (as after the in-memory retention forgot it).
+    let journal = ScriptedJournal::new(Mode::Keep, vec![]);
+    let h = Harness::start_with_journal(&flags(), journal.clone());
+    h.add_pool("p", 1);
+    let mut ended = record("old", "batch", None, true);
+    ended.ending = Some(Ending {
+        task_id: "old".into(),
+        event: serde_json::to_string(&llorch_contracts::tasks::TaskEvent::End {
+            tokens_out: 3,
+            decode_time_ms: 1,
+            decode_ms: 1,
+            finish_reason: "length".into(),
+        })
+        .unwrap(),
+        tokens_out: 3,
+        finished_ms: crate::tasks::now_ms(),
+    });
+    journal.records.lock().push(ended);
+    assert!(h.orch.task("old").is_none());
+    let same = serde_json::json!({"task_id": "old", "model_ref": "tiny", "prompt": "p", "max_tokens": 3, "priority": "batch"});
+    let (status, body) = submit(&h, same).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["task_id"], "old");
+    // Answered as the ended task it is, back in memory, never run again.
+    let task = h.orch.task("old").expect("restored from the journal");
+    assert!(task.is_terminal());
+    let other = serde_json::json!({"task_id": "old", "model_ref": "tiny", "prompt": "other", "max_tokens": 3});
+    let (status, body) = submit(&h, other).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(h.engine.calls().is_empty());
+    assert_eq!(
+        journal.records.lock().len(),
+        1,
+        "no second admission record"
+    );
+}
+
 fn record(id: &str, priority: &str, wall_deadline: Option<u64>, first_token: bool) -> Record {
     let req = serde_json::json!({"task_id": id, "model_ref": "tiny", "prompt": "p", "max_tokens": 3, "priority": priority});
     let parsed: llorch_contracts::tasks::TaskRequest = serde_json::from_value(req.clone()).unwrap();
