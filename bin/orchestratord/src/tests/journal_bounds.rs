@@ -221,20 +221,7 @@ async fn a_resubmission_of_a_task_only_the_journal_remembers_is_answered_from_it
     let journal = ScriptedJournal::new(Mode::Keep, vec![]);
     let h = Harness::start_with_journal(&flags(), journal.clone());
     h.add_pool("p", 1);
-    let mut ended = record("old", "batch", None, true);
-    ended.ending = Some(Ending {
-        task_id: "old".into(),
-        event: serde_json::to_string(&llorch_contracts::tasks::TaskEvent::End {
-            tokens_out: 3,
-            decode_time_ms: 1,
-            decode_ms: 1,
-            finish_reason: "length".into(),
-        })
-        .unwrap(),
-        tokens_out: 3,
-        finished_ms: crate::tasks::now_ms(),
-    });
-    journal.records.lock().push(ended);
+    journal.records.lock().push(ended("old"));
     assert!(h.orch.task("old").is_none());
     let same = serde_json::json!({"task_id": "old", "model_ref": "tiny", "prompt": "p", "max_tokens": 3, "priority": "batch"});
     let (status, body) = submit(&h, same).await;
@@ -282,13 +269,11 @@ fn record(id: &str, priority: &str, wall_deadline: Option<u64>, first_token: boo
     }
 }
 
-// covers: ORCH-2410
-#[tokio::test(start_paused = true)]
-async fn recovery_requeues_in_order_ends_what_streamed_restores_what_ended_and_keeps_wall_deadlines(
-) {
-    let mut ended = record("done", "batch", None, true);
-    ended.ending = Some(Ending {
-        task_id: "done".into(),
+/// The record of a batch task that streamed and ended (3 tokens, length).
+fn ended(id: &str) -> Record {
+    let mut r = record(id, "batch", None, true);
+    r.ending = Some(Ending {
+        task_id: id.into(),
         event: serde_json::to_string(&llorch_contracts::tasks::TaskEvent::End {
             tokens_out: 3,
             decode_time_ms: 1,
@@ -299,6 +284,14 @@ async fn recovery_requeues_in_order_ends_what_streamed_restores_what_ended_and_k
         tokens_out: 3,
         finished_ms: crate::tasks::now_ms(),
     });
+    r
+}
+
+// covers: ORCH-2410
+#[tokio::test(start_paused = true)]
+async fn recovery_requeues_in_order_ends_what_streamed_restores_what_ended_and_keeps_wall_deadlines(
+) {
+    let ended = ended("done");
     let wall = crate::tasks::now_ms();
     let journal = ScriptedJournal::new(
         Mode::Keep,
