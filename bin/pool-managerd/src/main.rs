@@ -2,6 +2,11 @@
 
 use pool_managerd::config::{Args, Config, ENV_ALIASES};
 
+/// jemalloc, as orchestratord: the engine proxy allocates per chunk on whichever worker polls
+/// it (relay-cpu, alternating binaries: 2.5 µs less CPU per proxied token).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let parsed = llorch_http::env_alias::parse::<Args>(ENV_ALIASES)
