@@ -268,24 +268,14 @@ pub fn start_node(
     token: Option<&str>,
 ) -> usize {
     std::fs::write(net.path(&format!("node{i}.toml")), pools_toml(pools)).unwrap();
-    let mut env = vec![
+    let mut env = pool_managerd_env(
+        &net.path(&format!("node{i}.toml")),
+        &net.path(&format!("node{i}-run")),
+    );
+    env.extend([
         ("POOL_MANAGERD_BIND_ADDR", format!("{}:9200", host.addr)),
-        (
-            "POOL_MANAGERD_CONFIG",
-            net.path(&format!("node{i}.toml")).display().to_string(),
-        ),
-        (
-            "POOL_MANAGERD_RUNTIME_DIR",
-            net.path(&format!("node{i}-run")).display().to_string(),
-        ),
-        (
-            "POOL_MANAGERD_ENGINE_BINARY",
-            engine_binary().display().to_string(),
-        ),
         ("POOL_MANAGERD_NODE_ID", format!("node{i}")),
-        ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
-        ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
-    ];
+    ]);
     if let Some(t) = token {
         env.push(("LLORCH_API_TOKEN", t.to_string()));
     }

@@ -36,6 +36,25 @@ pub fn engine_binary() -> PathBuf {
     p
 }
 
+/// What every test's pool-managerd is started with: its pools file, its runtime directory, the
+/// cached engine, and short health and shutdown intervals so a fault shows within a test's
+/// time. Callers add the address to bind and what their test needs.
+pub fn pool_managerd_env(config: &Path, runtime_dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("POOL_MANAGERD_CONFIG", config.display().to_string()),
+        (
+            "POOL_MANAGERD_RUNTIME_DIR",
+            runtime_dir.display().to_string(),
+        ),
+        (
+            "POOL_MANAGERD_ENGINE_BINARY",
+            engine_binary().display().to_string(),
+        ),
+        ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
+        ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
+    ]
+}
+
 /// A binary of this workspace built next to the running test binary (`cargo test --workspace`
 /// builds every daemon).
 pub fn workspace_binary(name: &str) -> PathBuf {

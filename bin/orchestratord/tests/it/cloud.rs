@@ -28,24 +28,11 @@ pub(crate) fn start_node(
     std::fs::write(home.join("pools.toml"), pools).unwrap();
     let port = free_port();
     let runtime_dir = home.join("run");
-    let mut env = vec![
+    let mut env = pool_managerd_env(&home.join("pools.toml"), &runtime_dir);
+    env.extend([
         ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}")),
-        (
-            "POOL_MANAGERD_CONFIG",
-            home.join("pools.toml").display().to_string(),
-        ),
-        (
-            "POOL_MANAGERD_RUNTIME_DIR",
-            runtime_dir.display().to_string(),
-        ),
-        (
-            "POOL_MANAGERD_ENGINE_BINARY",
-            engine_binary().display().to_string(),
-        ),
         ("POOL_MANAGERD_NODE_ID", name.to_string()),
-        ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
-        ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
-    ];
+    ]);
     env.extend(extra.iter().cloned());
     let child = spawn(
         &workspace_binary("pool-managerd"),

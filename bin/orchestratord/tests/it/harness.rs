@@ -89,21 +89,11 @@ impl Stack {
         let config = dir.path().join("pools.toml");
         std::fs::write(&config, &opts.pools_toml).unwrap();
         let pm_log = dir.path().join("pool-managerd.log");
-        let mut pm_env = vec![
+        let mut pm_env = pool_managerd_env(&config, &runtime_dir);
+        pm_env.extend([
             ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".into()),
-            ("POOL_MANAGERD_CONFIG", config.display().to_string()),
-            (
-                "POOL_MANAGERD_RUNTIME_DIR",
-                runtime_dir.display().to_string(),
-            ),
-            (
-                "POOL_MANAGERD_ENGINE_BINARY",
-                engine_binary().display().to_string(),
-            ),
-            ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
             ("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into()),
-            ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
-        ];
+        ]);
         pm_env.extend(opts.pm_env.iter().cloned());
         let mut pm = spawn(&workspace_binary("pool-managerd"), &pm_env, &pm_log);
         let pm_base = format!(

@@ -211,32 +211,21 @@ async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_wit
             std::fs::create_dir_all(&home).unwrap();
             let port = free_port();
             let log_path = home.join("pool-managerd.log");
-            let child = spawn(
-                &workspace_binary("pool-managerd"),
-                &[
-                    ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}")),
-                    ("POOL_MANAGERD_CONFIG", pools_file(&home, pools)),
-                    (
-                        "POOL_MANAGERD_RUNTIME_DIR",
-                        home.join("run").display().to_string(),
-                    ),
-                    (
-                        "POOL_MANAGERD_ENGINE_BINARY",
-                        engine_binary().display().to_string(),
-                    ),
-                    ("POOL_MANAGERD_NODE_ID", name.to_string()),
-                    ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
-                    ("POOL_MANAGERD_HEARTBEAT_INTERVAL_MS", "500".into()),
-                    ("POOL_MANAGERD_ORCHESTRATORD_URL", base.clone()),
-                    (
-                        "POOL_MANAGERD_TLS_CERT_FILE",
-                        cert.cert.display().to_string(),
-                    ),
-                    ("POOL_MANAGERD_TLS_KEY_FILE", cert.key.display().to_string()),
-                    ("LLORCH_TLS_CA_FILE", trusts.display().to_string()),
-                ],
-                &log_path,
-            );
+            let mut env =
+                pool_managerd_env(Path::new(&pools_file(&home, pools)), &home.join("run"));
+            env.extend([
+                ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}")),
+                ("POOL_MANAGERD_NODE_ID", name.to_string()),
+                ("POOL_MANAGERD_HEARTBEAT_INTERVAL_MS", "500".into()),
+                ("POOL_MANAGERD_ORCHESTRATORD_URL", base.clone()),
+                (
+                    "POOL_MANAGERD_TLS_CERT_FILE",
+                    cert.cert.display().to_string(),
+                ),
+                ("POOL_MANAGERD_TLS_KEY_FILE", cert.key.display().to_string()),
+                ("LLORCH_TLS_CA_FILE", trusts.display().to_string()),
+            ]);
+            let child = spawn(&workspace_binary("pool-managerd"), &env, &log_path);
             (child, log_path, format!("https://127.0.0.1:{port}"))
         };
     let (_a, _a_log, a_url) = node(

@@ -133,21 +133,12 @@ impl Home {
         let runtime_dir = dir.path().join("run");
         let config = dir.path().join("pools.toml");
         std::fs::write(&config, pools_toml(pools)).unwrap();
-        let mut env = owned(&[
+        let mut env = pool_managerd_env(&config, &runtime_dir);
+        env.extend([
             ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".into()),
-            ("POOL_MANAGERD_CONFIG", config.display().to_string()),
-            (
-                "POOL_MANAGERD_RUNTIME_DIR",
-                runtime_dir.display().to_string(),
-            ),
-            (
-                "POOL_MANAGERD_ENGINE_BINARY",
-                engine_binary().display().to_string(),
-            ),
-            ("POOL_MANAGERD_HEALTH_INTERVAL_MS", "200".into()),
             ("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into()),
-            ("POOL_MANAGERD_SHUTDOWN_GRACE_MS", "2000".into()),
         ]);
+        let mut env = owned(&env);
         env.extend(pm_roles);
         let pm_log = dir.path().join("pool-managerd.log");
         let mut pm = spawn(&workspace_binary("pool-managerd"), &env, &pm_log);
