@@ -8,6 +8,21 @@ use llorch_client::{SseFrame, SseParser};
 /// The token every benchmark's daemons are started with.
 pub const TOKEN: &str = "bench-token-0123456789abcdef";
 
+/// The binaries and the model a benchmark of the whole stack starts.
+#[derive(clap::Args, Clone)]
+pub struct StackBinaries {
+    #[arg(long)]
+    pub orchestratord: std::path::PathBuf,
+    #[arg(long)]
+    pub pool_managerd: std::path::PathBuf,
+    /// llama-server.
+    #[arg(long)]
+    pub engine: std::path::PathBuf,
+    /// The GGUF model the pools serve (`cache-placement`: a `--size prefill` one).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+}
+
 /// Starts a daemon with the bench token, error-level logs and `env`; killed when dropped.
 pub fn spawn(
     bin: &std::path::Path,
@@ -205,37 +220,67 @@ pub async fn queue_only_orchestratord(
     }
     let child = cmd.spawn().context("start orchestratord")?;
     let base = format!("http://127.0.0.1:{port}");
+    wait_pools(
+        http,
+        &base,
+        Duration::from_secs(30),
+        "the bench pool bound",
+        |p| !p.is_empty(),
+    )
+    .await?;
+    Ok((child, base))
+}
+
+/// How many of `pools` (`GET /v2/pools`'s list) are healthy.
+pub fn healthy(pools: &[serde_json::Value]) -> usize {
+    pools.iter().filter(|p| p["healthy"] == true).count()
+}
+
+/// Waits until orchestratord at `base` answers `/health` and its pool list satisfies `done`,
+/// polling every 100 ms for at most `timeout`; `what` names the condition in the error.
+pub async fn wait_pools(
+    http: &reqwest::Client,
+    base: &str,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> anyhow::Result<()> {
     wait_ok(http, &format!("{base}/health")).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + timeout;
     loop {
-        let pools: serde_json::Value = http
+        let answer = http
             .get(format!("{base}/v2/pools"))
             .bearer_auth(TOKEN)
             .send()
-            .await?
-            .json()
-            .await?;
-        if pools["pools"].as_array().is_some_and(|p| !p.is_empty()) {
-            return Ok((child, base));
+            .await;
+        let pools = match answer {
+            Ok(r) => r.json::<serde_json::Value>().await.ok(),
+            Err(_) => None,
+        };
+        if pools
+            .as_ref()
+            .and_then(|v| v["pools"].as_array())
+            .is_some_and(|p| done(p))
+        {
+            return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("orchestratord did not bind the bench pool");
+            bail!("not {what} within {} s", timeout.as_secs());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// pool-managerd on `127.0.0.1:{port}` with the pools file `{dir}/pools.toml`, its runtime
-/// directory `runtime` and `engine` as its llama-server; killed when dropped.
+/// `stack`'s pool-managerd on `127.0.0.1:{port}` with the pools file `{dir}/pools.toml`, its
+/// runtime directory `runtime` and `stack`'s engine as its llama-server; killed when dropped.
 pub fn pool_managerd(
-    binary: &std::path::Path,
-    engine: &std::path::Path,
+    stack: &StackBinaries,
     dir: &std::path::Path,
     runtime: &std::path::Path,
     port: u16,
 ) -> anyhow::Result<tokio::process::Child> {
     spawn(
-        binary,
+        &stack.pool_managerd,
         &[
             ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}")),
             (
@@ -243,7 +288,10 @@ pub fn pool_managerd(
                 dir.join("pools.toml").display().to_string(),
             ),
             ("POOL_MANAGERD_RUNTIME_DIR", runtime.display().to_string()),
-            ("POOL_MANAGERD_ENGINE_BINARY", engine.display().to_string()),
+            (
+                "POOL_MANAGERD_ENGINE_BINARY",
+                stack.engine.display().to_string(),
+            ),
         ],
     )
 }

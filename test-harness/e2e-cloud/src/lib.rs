@@ -203,6 +203,25 @@ impl Net {
         self.children.len() - 1
     }
 
+    /// orchestratord's environment in the CLOUD profile on the orchestrator host: listening on
+    /// port 8080 of its namespace, its journal in this run's directory, polling the
+    /// pool-managerd (port 9200) of every host in `nodes`.
+    pub fn cloud_orchestratord_env(&self, nodes: &[Host]) -> Vec<(&'static str, String)> {
+        let managers: Vec<String> = nodes
+            .iter()
+            .map(|h| format!("http://{}:9200", h.addr))
+            .collect();
+        vec![
+            ("ORCHD_PROFILE", "cloud".to_string()),
+            ("ORCHD_BIND_ADDR", "0.0.0.0:8080".into()),
+            (
+                "ORCHD_DATA_DIR",
+                self.path("orchestratord-data").display().to_string(),
+            ),
+            ("ORCHD_POOL_MANAGERS", managers.join(",")),
+        ]
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

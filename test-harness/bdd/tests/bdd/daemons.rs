@@ -249,20 +249,8 @@ impl Cloud {
         let hosts: Vec<e2e::Host> = (1..=nodes as u32)
             .map(|n| net.node_host(&orch_host, n))
             .collect();
-        let managers: Vec<String> = hosts
-            .iter()
-            .map(|h| format!("http://{}:9200", h.addr))
-            .collect();
-        let env = vec![
-            ("ORCHD_PROFILE", "cloud".to_string()),
-            ("ORCHD_BIND_ADDR", "0.0.0.0:8080".into()),
-            (
-                "ORCHD_DATA_DIR",
-                net.path("orchestratord-data").display().to_string(),
-            ),
-            ("ORCHD_POOL_MANAGERS", managers.join(",")),
-            ("ORCHD_POOL_POLL_INTERVAL_MS", "1000".into()),
-        ];
+        let mut env = net.cloud_orchestratord_env(&hosts);
+        env.push(("ORCHD_POOL_POLL_INTERVAL_MS", "1000".into()));
         net.spawn_in(
             &orch_host.ns,
             &workspace_binary("orchestratord"),

@@ -9,26 +9,15 @@
 //! to the first `token` event; it is reported for the later turns (where a cache can help) and
 //! for the first turns (where it cannot: a check that nothing is lost without sharing).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use clap::Parser;
-use llorch_bench::{
-    free_port, percentile, pool_managerd, spawn, via_orchestratord, wait_ok, TOKEN,
-};
+use llorch_bench::{free_port, percentile, pool_managerd, spawn, via_orchestratord, TOKEN};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long)]
-    orchestratord: PathBuf,
-    #[arg(long)]
-    pool_managerd: PathBuf,
-    #[arg(long)]
-    engine: PathBuf,
-    /// A `--size prefill` model.
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    stack: llorch_bench::StackBinaries,
     #[arg(long, default_value_t = 4)]
     rounds: usize,
     /// Slots of each of the two pools.
@@ -140,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
     for p in ["p0", "p1"] {
         pools.push_str(&format!(
             "[[pools]]\nid = \"{p}\"\nmodel = \"{}\"\nmodel_id = \"m\"\nslots = {}\nctx = {}\nargs = {}\n",
-            a.model.display(),
+            a.stack.model.display(),
             a.slots,
             a.slots * 8192,
             serde_json::to_string(&args)?
@@ -148,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(dir.join("pools.toml"), pools)?;
     let pm_port = free_port()?;
-    let _pm = pool_managerd(&a.pool_managerd, &a.engine, &dir, &runtime, pm_port)?;
+    let _pm = pool_managerd(&a.stack, &dir, &runtime, pm_port)?;
     let http = reqwest::Client::builder().build()?;
     let mut results: Vec<(bool, Vec<f64>, Vec<f64>, f64)> = Vec::new();
     let nonce0: u64 = std::time::SystemTime::now()
@@ -158,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
         let aware = r % 2 == 0;
         let port = free_port()?;
         let mut orch = spawn(
-            &a.orchestratord,
+            &a.stack.orchestratord,
             &[
                 ("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}")),
                 ("ORCHD_RUNTIME_DIR", runtime.display().to_string()),
@@ -171,27 +160,14 @@ async fn main() -> anyhow::Result<()> {
             ],
         )?;
         let base = format!("http://127.0.0.1:{port}");
-        wait_ok(&http, &format!("{base}/health")).await?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let v: serde_json::Value = http
-                .get(format!("{base}/v2/pools"))
-                .bearer_auth(TOKEN)
-                .send()
-                .await?
-                .json()
-                .await?;
-            let healthy = v["pools"]
-                .as_array()
-                .map_or(0, |p| p.iter().filter(|p| p["healthy"] == true).count());
-            if healthy == 2 {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the two pools were not ready within 120 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        llorch_bench::wait_pools(
+            &http,
+            &base,
+            Duration::from_secs(120),
+            "the two pools ready",
+            |p| llorch_bench::healthy(p) == 2,
+        )
+        .await?;
         let (first, later, wall) = round(&http, &base, &a, nonce0 + r as u64).await?;
         println!(
             "round {r} ({}): {} tasks in {wall:.2} s",

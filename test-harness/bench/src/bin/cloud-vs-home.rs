@@ -11,14 +11,8 @@ use llorch_bench::{free_port, summary, via_orchestratord, wait_ok, TOKEN};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long)]
-    orchestratord: PathBuf,
-    #[arg(long)]
-    pool_managerd: PathBuf,
-    #[arg(long)]
-    engine: PathBuf,
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    stack: llorch_bench::StackBinaries,
     #[arg(long, default_value_t = 20)]
     runs: usize,
     #[arg(long, default_value_t = 1024)]
@@ -56,16 +50,16 @@ async fn main() -> anyhow::Result<()> {
         dir.join("pools.toml"),
         format!(
             "[[pools]]\nid = \"bench\"\nmodel = \"{}\"\nmodel_id = \"tiny\"\nslots = 1\nctx = 4096\nargs = [\"--threads\", \"1\"]\n",
-            a.model.display()
+            a.stack.model.display()
         ),
     )?;
     let http = reqwest::Client::new();
     let pm_port = free_port()?;
-    let _pm = tokio::process::Command::new(&a.pool_managerd)
+    let _pm = tokio::process::Command::new(&a.stack.pool_managerd)
         .env("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}"))
         .env("POOL_MANAGERD_CONFIG", dir.join("pools.toml"))
         .env("POOL_MANAGERD_RUNTIME_DIR", &runtime)
-        .env("POOL_MANAGERD_ENGINE_BINARY", &a.engine)
+        .env("POOL_MANAGERD_ENGINE_BINARY", &a.stack.engine)
         .env("LLORCH_API_TOKEN", TOKEN)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -74,12 +68,12 @@ async fn main() -> anyhow::Result<()> {
     let home_port = free_port()?;
     let cloud_port = free_port()?;
     let _home = orchestratord(
-        &a.orchestratord,
+        &a.stack.orchestratord,
         home_port,
         &[("ORCHD_RUNTIME_DIR", runtime.display().to_string())],
     )?;
     let _cloud = orchestratord(
-        &a.orchestratord,
+        &a.stack.orchestratord,
         cloud_port,
         &[
             ("ORCHD_PROFILE", "cloud".into()),

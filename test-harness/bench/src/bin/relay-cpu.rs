@@ -9,7 +9,6 @@
 //! counts 10 ms ticks, too coarse for a round. Each daemon's idle CPU over a window before the
 //! load is printed beside it.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -20,14 +19,8 @@ use llorch_bench::{
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long)]
-    orchestratord: PathBuf,
-    #[arg(long)]
-    pool_managerd: PathBuf,
-    #[arg(long)]
-    engine: PathBuf,
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    stack: llorch_bench::StackBinaries,
     /// Measured rounds per path (one warm-up round each is dropped).
     #[arg(long, default_value_t = 20)]
     rounds: usize,
@@ -178,15 +171,15 @@ async fn main() -> anyhow::Result<()> {
         dir.join("pools.toml"),
         format!(
             "[[pools]]\nid = \"bench\"\nmodel = \"{}\"\nmodel_id = \"tiny\"\nslots = {}\nctx = {}\nargs = [\"--threads\", \"1\"]\n",
-            a.model.display(),
+            a.stack.model.display(),
             a.streams,
             a.streams as u32 * (a.tokens + 64),
         ),
     )?;
     let (pm_port, home_port, cloud_port) = (free_port()?, free_port()?, free_port()?);
-    let pm = pool_managerd(&a.pool_managerd, &a.engine, &dir, &runtime, pm_port)?;
+    let pm = pool_managerd(&a.stack, &dir, &runtime, pm_port)?;
     let home = spawn(
-        &a.orchestratord,
+        &a.stack.orchestratord,
         &[
             ("ORCHD_BIND_ADDR", format!("127.0.0.1:{home_port}")),
             ("ORCHD_RUNTIME_DIR", runtime.display().to_string()),
@@ -197,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
         ],
     )?;
     let cloud = spawn(
-        &a.orchestratord,
+        &a.stack.orchestratord,
         &[
             ("ORCHD_BIND_ADDR", format!("127.0.0.1:{cloud_port}")),
             (

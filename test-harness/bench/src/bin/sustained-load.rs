@@ -9,7 +9,7 @@
 //! over every thread of orchestratord, both pool-managerds and every engine.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,14 +21,8 @@ use tokio::sync::Semaphore;
 
 #[derive(Parser, Clone)]
 struct Args {
-    #[arg(long)]
-    orchestratord: PathBuf,
-    #[arg(long)]
-    pool_managerd: PathBuf,
-    #[arg(long)]
-    engine: PathBuf,
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    stack: llorch_bench::StackBinaries,
     /// Submissions per second (open loop).
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
@@ -308,7 +302,7 @@ fn pools_file(model: &Path, id: &str, slots: u32) -> String {
 
 fn start_manager(net: &mut Net, a: &Args, host: &Host, i: usize, id: &str) -> usize {
     let config = net.path(&format!("node{i}.toml"));
-    let written = std::fs::write(&config, pools_file(&a.model, id, a.slots));
+    let written = std::fs::write(&config, pools_file(&a.stack.model, id, a.slots));
     if let Err(e) = written {
         eprintln!("cannot write {}: {e}", config.display());
     }
@@ -321,13 +315,13 @@ fn start_manager(net: &mut Net, a: &Args, host: &Host, i: usize, id: &str) -> us
         ),
         (
             "POOL_MANAGERD_ENGINE_BINARY",
-            a.engine.display().to_string(),
+            a.stack.engine.display().to_string(),
         ),
         ("POOL_MANAGERD_NODE_ID", format!("node{i}")),
         ("RUST_LOG", "warn".into()),
     ];
     let log = net.path(&format!("node{i}.log"));
-    net.spawn_in(&host.ns, &a.pool_managerd, &env, &log)
+    net.spawn_in(&host.ns, &a.stack.pool_managerd, &env, &log)
 }
 
 /// Builds the network, starts the daemons and waits until both pools are healthy.
@@ -335,20 +329,8 @@ async fn start(a: &Args, http: &reqwest::Client) -> anyhow::Result<Stack> {
     let mut net = Net::new();
     let orch = net.orchestrator_host();
     let nodes = [net.node_host(&orch, 1), net.node_host(&orch, 2)];
-    let managers: Vec<String> = nodes
-        .iter()
-        .map(|h| format!("http://{}:9200", h.addr))
-        .collect();
-    let mut env = vec![
-        ("ORCHD_PROFILE", "cloud".to_string()),
-        ("ORCHD_BIND_ADDR", "0.0.0.0:8080".into()),
-        (
-            "ORCHD_DATA_DIR",
-            net.path("orchestratord-data").display().to_string(),
-        ),
-        ("ORCHD_POOL_MANAGERS", managers.join(",")),
-        ("RUST_LOG", "warn".into()),
-    ];
+    let mut env = net.cloud_orchestratord_env(&nodes);
+    env.push(("RUST_LOG", "warn".into()));
     if a.journal == "none" {
         env.push(("ORCHD_JOURNAL", "none".into()));
     }
@@ -356,7 +338,7 @@ async fn start(a: &Args, http: &reqwest::Client) -> anyhow::Result<Stack> {
         env.push((k.as_str(), v.clone()));
     }
     let log = net.path("orchestratord.log");
-    let orch_idx = net.spawn_in(&orch.ns, &a.orchestratord, &env, &log);
+    let orch_idx = net.spawn_in(&orch.ns, &a.stack.orchestratord, &env, &log);
     let m0 = start_manager(&mut net, a, &nodes[0], 0, "a0");
     let m1 = start_manager(&mut net, a, &nodes[1], 1, "b0");
     let pid = |net: &Net, i: usize, what: &str| {
@@ -377,7 +359,15 @@ async fn start(a: &Args, http: &reqwest::Client) -> anyhow::Result<Stack> {
         net,
         procs,
     };
-    if let Err(e) = wait_pools(http, &stack.base).await {
+    if let Err(e) = llorch_bench::wait_pools(
+        http,
+        &stack.base,
+        Duration::from_secs(90),
+        "both pools healthy",
+        |p| llorch_bench::healthy(p) == 2,
+    )
+    .await
+    {
         stack.print_logs();
         return Err(e);
     }
@@ -420,34 +410,6 @@ impl Stack {
             .text()
             .await?;
         Ok(Scrape::parse(&text))
-    }
-}
-
-async fn wait_pools(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
-    llorch_bench::wait_ok(http, &format!("{base}/health")).await?;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let pools: Option<serde_json::Value> = match http
-            .get(format!("{base}/v2/pools"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-        {
-            Ok(r) => r.json().await.ok(),
-            Err(_) => None,
-        };
-        let healthy = pools
-            .as_ref()
-            .and_then(|p| p["pools"].as_array())
-            .map(|p| p.iter().filter(|p| p["healthy"] == true).count())
-            .unwrap_or(0);
-        if healthy == 2 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("both pools were not healthy within 90 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
