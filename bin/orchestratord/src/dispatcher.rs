@@ -123,10 +123,7 @@ impl Orchestrator {
                         retry_avoid: avoid.as_deref(),
                         min_ctx: t.needed_ctx(),
                         single_slot: t.req.determinism == Some(Determinism::Strict),
-                        embeddings: t
-                            .openai
-                            .as_ref()
-                            .is_some_and(crate::openai::Job::is_embeddings),
+                        embeddings: t.is_embeddings(),
                         cache_balance: aware,
                     };
                     // Each pool's cached prefix of this task's prompt.
@@ -280,7 +277,7 @@ impl Orchestrator {
     /// its caches (a restart between two probes, or another client): what it was thought to
     /// hold is forgotten, but the prompt it just took.
     fn prompt_cache_feedback(&self, attempt: &Attempt, slot: Option<u32>, predicted_blocks: usize) {
-        let Some((cached, evaluated)) = attempt.task.engine_prompt() else {
+        let Some((cached, evaluated)) = attempt.task.take_engine_prompt() else {
             return;
         };
         let m = &self.metrics.engine_prompt_tokens;

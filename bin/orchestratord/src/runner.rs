@@ -322,7 +322,7 @@ fn native_body(task: &Task, id_slot: Option<u32>) -> Result<Bytes, String> {
 /// body is a JSON object as serde_json wrote it (no `id_slot`: it is not on the client's
 /// list), so the field is spliced in before its closing brace rather than the body parsed
 /// and written again on every dispatch.
-fn with_id_slot(body: Bytes, slot: u32) -> Bytes {
+pub(crate) fn with_id_slot(body: Bytes, slot: u32) -> Bytes {
     let Some(inner) = body.strip_prefix(b"{").and_then(|b| b.strip_suffix(b"}")) else {
         return body;
     };
@@ -349,7 +349,10 @@ impl Decoder<'_> {
             Decoder::Native => Ok(match parse_chunk(data)? {
                 None => Piece::default(),
                 Some(c) => Piece {
-                    prompt_cache: c.timings.as_ref().and_then(|t| t.cache_n.zip(t.prompt_n)),
+                    prompt_cache: c
+                        .timings
+                        .as_ref()
+                        .and_then(llamacpp_client::Timings::prompt_cache),
                     visible: !c.content.is_empty(),
                     token: (!c.content.is_empty()).then_some(c.content),
                     logged: false,

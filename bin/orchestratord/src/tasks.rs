@@ -487,9 +487,10 @@ impl Task {
         self.inner.lock().engine_prompt = Some(report);
     }
 
-    /// Prompt tokens the engine took from its cache and evaluated, when it said.
-    pub fn engine_prompt(&self) -> Option<(u32, u32)> {
-        self.inner.lock().engine_prompt
+    /// Prompt tokens the engine took from its cache and evaluated, when it said, taken: each
+    /// attempt's report is counted once, and a retry that reports nothing counts nothing.
+    pub fn take_engine_prompt(&self) -> Option<(u32, u32)> {
+        self.inner.lock().engine_prompt.take()
     }
 
     /// An OpenAI embeddings request (no generation, no slot pinning).

@@ -269,6 +269,13 @@ pub struct Timings {
     pub prompt_n: Option<u32>,
 }
 
+impl Timings {
+    /// (prompt tokens from the cache, prompt tokens evaluated), when the engine said both.
+    pub fn prompt_cache(&self) -> Option<(u32, u32)> {
+        self.cache_n.zip(self.prompt_n)
+    }
+}
+
 /// A client that never reuses a connection: for the one retry of [`send_completion`].
 pub fn fresh_connection_client() -> reqwest::Result<reqwest::Client> {
     fresh_connection_client_from(reqwest::Client::builder())

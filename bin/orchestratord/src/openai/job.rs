@@ -210,19 +210,9 @@ struct EngineChunk<'a> {
     #[serde(default)]
     usage: Option<Usage>,
     #[serde(default)]
-    timings: Option<EngineTimings>,
+    timings: Option<llamacpp_client::Timings>,
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct EngineTimings {
-    #[serde(default)]
-    cache_n: Option<u32>,
-    #[serde(default)]
-    prompt_n: Option<u32>,
-    #[serde(default)]
-    predicted_ms: Option<f64>,
 }
 
 /// What the decoder reads of a choice: its text and finish reason.
@@ -329,7 +319,7 @@ impl<'a> Decoder<'a> {
             if let Some(ms) = t.predicted_ms {
                 self.decode_ms = ms.round() as u64;
             }
-            piece.prompt_cache = t.cache_n.zip(t.prompt_n);
+            piece.prompt_cache = t.prompt_cache();
         }
         // One choice per request (`n` is always 1), whose index is 0.
         if let Some(raw) = chunk.choices.first() {

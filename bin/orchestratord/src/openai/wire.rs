@@ -471,10 +471,16 @@ mod tests {
             ),
             ("v1/embeddings", embedding_body(&embedding).unwrap(), false),
         ];
-        for (path, mut body, pinned) in bodies {
-            if pinned {
-                body.insert("id_slot".into(), 0.into());
-            }
+        for (path, body, pinned) in bodies {
+            // Pinned as the runner pins it, and read back.
+            let body = if pinned {
+                let bytes =
+                    crate::runner::with_id_slot(serde_json::to_vec(&body).unwrap().into(), 0);
+                serde_json::from_slice(&bytes).unwrap()
+            } else {
+                body
+            };
+            assert_eq!(body.contains_key("id_slot"), pinned, "{path}");
             let route = EngineRoute::find(path).unwrap();
             for key in body.keys() {
                 assert!(
