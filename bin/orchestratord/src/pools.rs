@@ -420,6 +420,8 @@ impl PoolTable {
                 .insert(removed.model_id.clone(), Instant::now());
         }
         drop(pools);
+        // A pool that comes back under this id comes with a fresh engine.
+        self.slot_maps.lock().remove(pool_id);
         self.bump();
         Some(removed)
     }

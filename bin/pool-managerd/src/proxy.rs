@@ -13,6 +13,7 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, Method};
 use axum::response::Response;
+use llorch_contracts::engine_routes::{EngineRoute as Route, ENGINE_ROUTES as ROUTES};
 use llorch_contracts::{ErrorCode, PoolState};
 
 use crate::api::{ApiError, AppState};
@@ -187,8 +188,6 @@ where
     })
 }
 
-use llorch_contracts::engine_routes::{EngineRoute as Route, ENGINE_ROUTES as ROUTES};
-
 fn forbidden(message: String) -> ApiError {
     ApiError::new(ErrorCode::Forbidden, message)
 }
@@ -216,8 +215,7 @@ fn vet_body(route: &Route, body: &[u8], ctx_max: Option<u32>) -> Result<(), ApiE
             "the body must be a JSON object",
         ));
     };
-    let known = |k: &str| route.passes(k);
-    if let Some(field) = fields.keys().find(|k| !known(k)) {
+    if let Some(field) = fields.keys().find(|k| !route.passes(k)) {
         let shown: String = format!("{field:?}").chars().take(64).collect();
         return Err(forbidden(format!(
             "field {shown} is not passed to the engine on {}",

@@ -175,3 +175,17 @@ async fn an_engine_that_took_nothing_from_a_cache_thought_warm_is_taken_as_cold(
         chain(&longer).len()
     );
 }
+
+// covers: ORCH-2216
+#[tokio::test(start_paused = true)]
+async fn a_pool_removed_and_back_under_its_id_has_no_slot_prompts_of_the_one_before() {
+    let h = Harness::start(&[]);
+    h.add_pool("a", 2);
+    let pirate = format!("{} hello", "You are a pirate. ".repeat(20));
+    run_reporting(&h, "t1", &pirate, 0, 90).await;
+    let chain = llorch_core::prefix_chain(&pirate, crate::tasks::PREFIX_BLOCKS_MAX);
+    assert_eq!(h.orch.pools.slot_matched("a", &chain), chain.len());
+    h.orch.pools.remove("a");
+    h.add_pool("a", 2);
+    assert_eq!(h.orch.pools.slot_matched("a", &chain), 0);
+}
