@@ -117,6 +117,15 @@ pub(crate) struct KeyState {
     active: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// A key's bucket size: its `burst=`, else its rate rounded up (at least 1).
+fn key_burst(limits: auth_min::KeyLimits) -> f64 {
+    f64::from(
+        limits
+            .burst
+            .unwrap_or_else(|| limits.rate_per_s.map_or(1.0, f64::ceil).max(1.0) as u32),
+    )
+}
+
 /// One of a key's concurrent tasks, taken at admission and given back when dropped: by a
 /// refusal after it was taken, or by its task at the terminal event.
 pub(crate) struct KeySlot(Arc<std::sync::atomic::AtomicUsize>);
@@ -146,41 +155,86 @@ fn journal_refusal() -> ApiError {
 }
 
 impl Orchestrator {
-    /// A key's limits: 429 when its admission bucket is empty (retry when the next token
-    /// comes) or it has its most tasks unfinished. `Some`: the slot the new task takes.
-    fn key_gate(&self, owner: &auth_min::Principal) -> Result<Option<KeySlot>, ApiError> {
-        use std::sync::atomic::Ordering;
-        let limits = owner.limits;
-        if limits.is_none() {
-            return Ok(None);
-        }
-        let now = Instant::now();
-        let mut keys = self.key_limits.lock();
-        let burst = f64::from(
-            limits
-                .burst
-                .unwrap_or_else(|| limits.rate_per_s.map_or(1.0, f64::ceil).max(1.0) as u32),
-        );
-        let state = keys.entry(owner.name.clone()).or_insert_with(|| KeyState {
+    /// A key's state under its limits (made on its first admission).
+    fn key_state<'a>(
+        keys: &'a mut std::collections::HashMap<std::sync::Arc<str>, KeyState>,
+        owner: &auth_min::Principal,
+        now: Instant,
+    ) -> &'a mut KeyState {
+        let burst = key_burst(owner.limits);
+        keys.entry(owner.name.clone()).or_insert_with(|| KeyState {
             tokens: burst,
             refilled: now,
             active: Arc::default(),
-        });
-        let refuse = |reason: &'static str, message: String, retry_ms: u64| {
-            self.metrics
-                .key_tasks
-                .with_label_values(&[&owner.name, reason])
-                .inc();
-            self.reject(
-                reason,
-                ApiError::new(ErrorCode::AdmissionReject, message)
-                    .with_retry_after(retry_ms)
-                    .with_policy_label(reason),
-            )
+        })
+    }
+
+    /// A refusal under a key's limit, counted for the key.
+    fn key_refusal(
+        &self,
+        owner: &auth_min::Principal,
+        reason: &'static str,
+        message: String,
+        retry_ms: u64,
+    ) -> ApiError {
+        self.metrics
+            .key_tasks
+            .with_label_values(&[&owner.name, reason])
+            .inc();
+        self.reject(
+            reason,
+            ApiError::new(ErrorCode::AdmissionReject, message)
+                .with_retry_after(retry_ms)
+                .with_policy_label(reason),
+        )
+    }
+
+    /// A key's admission rate: takes one token from its bucket, or 429 when it is empty (retry
+    /// when the next token comes). Taken at the door of every admission, before anything costs
+    /// the service work (the prompt's count on an engine, the journal), so a key past its rate
+    /// gets nothing done, and a resubmission counts like any request.
+    pub(crate) fn key_rate(&self, owner: &auth_min::Principal) -> Result<(), ApiError> {
+        let Some(rate) = owner.limits.rate_per_s else {
+            return Ok(());
         };
-        if let Some(most) = limits.concurrent {
+        let now = Instant::now();
+        let burst = key_burst(owner.limits);
+        let mut keys = self.key_limits.lock();
+        let state = Self::key_state(&mut keys, owner, now);
+        let elapsed = now.saturating_duration_since(state.refilled).as_secs_f64();
+        state.tokens = (state.tokens + elapsed * rate).min(burst);
+        state.refilled = now;
+        if state.tokens < 1.0 {
+            let wait_ms = ((1.0 - state.tokens) / rate * 1000.0).ceil() as u64;
+            drop(keys);
+            return Err(self.key_refusal(
+                owner,
+                "key_rate",
+                format!(
+                    "key {:?} submits faster than its limit ({rate}/s)",
+                    owner.name
+                ),
+                wait_ms.max(1),
+            ));
+        }
+        state.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// A key's concurrency: 429 when it has its most tasks unfinished. `Some`: the slot the new
+    /// task takes.
+    fn key_gate(&self, owner: &auth_min::Principal) -> Result<Option<KeySlot>, ApiError> {
+        use std::sync::atomic::Ordering;
+        if owner.limits.is_none() {
+            return Ok(None);
+        }
+        let mut keys = self.key_limits.lock();
+        let state = Self::key_state(&mut keys, owner, Instant::now());
+        if let Some(most) = owner.limits.concurrent {
             if state.active.load(Ordering::SeqCst) >= most as usize {
-                return Err(refuse(
+                drop(keys);
+                return Err(self.key_refusal(
+                    owner,
                     "key_concurrency",
                     format!(
                         "key {:?} has {most} tasks unfinished, its limit",
@@ -189,23 +243,6 @@ impl Orchestrator {
                     1000,
                 ));
             }
-        }
-        if let Some(rate) = limits.rate_per_s {
-            let elapsed = now.saturating_duration_since(state.refilled).as_secs_f64();
-            state.tokens = (state.tokens + elapsed * rate).min(burst);
-            state.refilled = now;
-            if state.tokens < 1.0 {
-                let wait_ms = ((1.0 - state.tokens) / rate * 1000.0).ceil() as u64;
-                return Err(refuse(
-                    "key_rate",
-                    format!(
-                        "key {:?} submits faster than its limit ({rate}/s)",
-                        owner.name
-                    ),
-                    wait_ms.max(1),
-                ));
-            }
-            state.tokens -= 1.0;
         }
         state.active.fetch_add(1, Ordering::SeqCst);
         Ok(Some(KeySlot(state.active.clone())))
@@ -256,10 +293,12 @@ impl Orchestrator {
         self: &Arc<Self>,
         req: TaskRequest,
         correlation_id: Option<String>,
-        prompt_tokens: Option<u32>,
         owner: &auth_min::Principal,
     ) -> Result<AdmissionResponse, ApiError> {
         validate(&self.config, &req).map_err(|e| self.reject("invalid_params", e))?;
+        // The key's rate first: a key past it gets no prompt counted on an engine.
+        self.key_rate(owner)?;
+        let prompt_tokens = self.count_prompt(&req).await?;
         let journaled = self.read_journal(req.task_id.as_deref()).await;
         let (task, answer, written) =
             self.enqueue(req, correlation_id, None, prompt_tokens, owner, journaled)?;
@@ -327,10 +366,12 @@ impl Orchestrator {
             // engine to judge.
             return Ok(None);
         }
-        let bearer = fit
-            .cloud
-            .then(|| self.config.token.as_ref().map(|t| t.expose()))
-            .flatten();
+        // CLOUD: the node's proxy wants the node credential; HOME: the engine its own key.
+        let bearer = if fit.cloud {
+            self.config.token.as_ref().map(|t| t.expose())
+        } else {
+            fit.engine_key.as_ref().map(|k| k.expose())
+        };
         let counted = tokio::time::timeout(
             std::time::Duration::from_secs(2),
             self.engine
@@ -370,6 +411,7 @@ impl Orchestrator {
         correlation_id: Option<String>,
         owner: &auth_min::Principal,
     ) -> Result<Arc<Task>, ApiError> {
+        self.key_rate(owner)?;
         self.enqueue(req, correlation_id, Some(job), None, owner, None)
             .map(|(t, _, _)| t)
     }

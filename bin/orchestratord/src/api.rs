@@ -166,10 +166,7 @@ async fn submit(
         .get(llorch_http::CORRELATION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let prompt_tokens = orch.count_prompt(&req).await?;
-    let admitted = orch
-        .admit_durable(req, correlation_id, prompt_tokens, &caller)
-        .await?;
+    let admitted = orch.admit_durable(req, correlation_id, &caller).await?;
     Ok((StatusCode::ACCEPTED, Json(admitted)).into_response())
 }
 
@@ -211,15 +208,18 @@ async fn cancel(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Sessions belong to the key that uses them: a key reads and deletes its own only, and another
+/// key's session id answers 404 like one never used.
 async fn session(
     State(orch): State<AppState>,
+    Extension(caller): Extension<auth_min::Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let now = tokio::time::Instant::now().into_std();
     let info = orch
         .sessions
         .lock()
-        .get(&id, now)
+        .get(&crate::tasks::session_key(&caller.name, &id), now)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no session {id:?}")))?;
     let warm = info
         .last_pool_id
@@ -238,9 +238,14 @@ async fn session(
 
 async fn delete_session(
     State(orch): State<AppState>,
+    Extension(caller): Extension<auth_min::Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    if orch.sessions.lock().remove(&id) {
+    if orch
+        .sessions
+        .lock()
+        .remove(&crate::tasks::session_key(&caller.name, &id))
+    {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::new(
@@ -430,13 +435,17 @@ async fn register_node(
             "node registration is off (ORCHD_PROFILE=cloud with ORCHD_NODE_REGISTRATION=true turns it on)",
         ));
     }
-    let address = reg.address.trim_end_matches('/');
-    if !crate::config::is_http_url(address) {
-        return Err(ApiError::new(
+    let address = llorch_contracts::address::base_url(
+        &reg.address,
+        crate::config::node_schemes(orch.config.tls.is_some()),
+    )
+    .map_err(|reason| {
+        ApiError::new(
             ErrorCode::InvalidParams,
-            "address must be an http:// or https:// URL",
-        ));
-    }
+            format!("address must be a plain http:// or https:// base URL: {reason}"),
+        )
+    })?;
+    let address = address.as_str();
     if !llorch_contracts::handoff::is_valid_pool_id(&reg.node_id) {
         return Err(ApiError::new(
             ErrorCode::InvalidParams,
@@ -446,7 +455,13 @@ async fn register_node(
     speaks_for(&orch, &caller, &reg.node_id)?;
     llorch_contracts::GpuInfo::validate_all(&reg.gpus)
         .map_err(|reason| ApiError::new(ErrorCode::InvalidParams, format!("gpus: {reason}")))?;
-    let moved = orch.managers.register(&reg.node_id, address, reg.gpus);
+    let moved = orch
+        .managers
+        .register(&reg.node_id, address, reg.gpus, orch.config.max_nodes)
+        .map_err(|refused| {
+            tracing::warn!(node_id = %reg.node_id, %address, reason = %refused, "node registration refused");
+            ApiError::new(ErrorCode::Conflict, refused.to_string())
+        })?;
     for pool in &moved {
         // Bound to the node's old address: tasks there end now, the pool binds again at the
         // new address at the next poll.

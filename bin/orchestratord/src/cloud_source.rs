@@ -60,6 +60,15 @@ impl Manager {
     }
 }
 
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterRefused {
+    #[error("this address belongs to {holder}; it is free again once that holder deregisters or is lost")]
+    AddressHeld { holder: String },
+    #[error("{max} nodes are registered already (ORCHD_MAX_NODES)")]
+    Full { max: usize },
+}
+
 /// The poll set, shared with the node-registration endpoints.
 pub struct Managers {
     inner: RwLock<BTreeMap<String, Manager>>,
@@ -83,15 +92,44 @@ impl Managers {
         self.inner.read().values().cloned().collect()
     }
 
-    /// Adds (or refreshes) a registered node.
-    /// Registers (or refreshes) a node at `url`; returns the pools of the entry it replaces
-    /// when the node comes back from another address (they must leave the pool table, or the
-    /// node's pools would stay bound to the dead address and its new ones be ignored as taken).
-    pub fn register(&self, node_id: &str, url: &str, gpus: Vec<GpuInfo>) -> BTreeSet<String> {
+    /// Registers (or refreshes) node `node_id` at `url` (a canonical base URL). An address
+    /// belongs to one node id at a time: one a static manager (ORCHD_POOL_MANAGERS) or another
+    /// registered id holds is refused until that holder deregisters or is lost, so no node can
+    /// relabel or retire another. A new id beyond `max_nodes` registered nodes is refused.
+    /// Returns the pools of the node's entry at another address when it comes back from there
+    /// (they must leave the pool table, or they would stay bound to the dead address and its
+    /// new ones be ignored as taken).
+    pub fn register(
+        &self,
+        node_id: &str,
+        url: &str,
+        gpus: Vec<GpuInfo>,
+        max_nodes: usize,
+    ) -> Result<BTreeSet<String>, RegisterRefused> {
         let mut m = self.inner.write();
+        if let Some(holder) = m.get(url) {
+            let own = holder.registered && holder.node_id.as_deref() == Some(node_id);
+            // A lost holder (unavailable, or its heartbeats missed) gives its address up.
+            let lost = holder.registered && holder.availability == Availability::Unavailable;
+            if !own && !lost {
+                return Err(RegisterRefused::AddressHeld {
+                    holder: match (&holder.node_id, holder.registered) {
+                        (Some(id), true) => format!("node {id:?}"),
+                        _ => "a configured pool-managerd (ORCHD_POOL_MANAGERS)".into(),
+                    },
+                });
+            }
+        }
+        let known = m
+            .values()
+            .any(|x| x.registered && x.node_id.as_deref() == Some(node_id));
+        let registered = m.values().filter(|x| x.registered).count();
+        if !known && registered >= max_nodes {
+            return Err(RegisterRefused::Full { max: max_nodes });
+        }
         let stale: Vec<String> = m
             .values()
-            .filter(|x| x.registered && x.node_id.as_deref() == Some(node_id) && x.url != url)
+            .filter(|x| x.registered && x.url != url && x.node_id.as_deref() == Some(node_id))
             .map(|x| x.url.clone())
             .collect();
         let mut retired = BTreeSet::new();
@@ -100,16 +138,21 @@ impl Managers {
                 retired.extend(old.pools);
             }
         }
+        // A lost holder of this address under another id is replaced (its pools retire too).
+        if m.get(url)
+            .is_some_and(|x| x.node_id.as_deref() != Some(node_id))
+        {
+            retired.extend(m.remove(url).map(|old| old.pools).unwrap_or_default());
+        }
         let e = m
             .entry(url.to_string())
             .or_insert_with(|| Manager::new(url.to_string(), true));
-        e.registered = true;
         e.node_id = Some(node_id.to_string());
         e.gpus = gpus;
         e.last_heartbeat = Some(Instant::now());
         drop(m);
         self.poll_now.notify_one();
-        retired
+        Ok(retired)
     }
 
     /// Returns false for an unknown node (it should register again).
@@ -360,6 +403,7 @@ impl CloudSource {
                         ejection: Default::default(),
                         url: format!("{url}/v2/pools/{}/engine", p.pool_id),
                         manager: Some(url.to_string()),
+                        engine_key: None,
                         healthy: usable && p.ready,
                         draining: p.draining,
                         last_error: p.last_error.clone(),

@@ -37,6 +37,10 @@ pub struct Args {
     /// CLOUD: accept node registration (`POST /v2/nodes/register`) into the poll set.
     #[arg(long, env = "ORCHD_NODE_REGISTRATION", default_value_t = false, action = clap::ArgAction::Set)]
     pub node_registration: bool,
+    /// CLOUD: most nodes registered at once; a new node id beyond it is refused (409) until
+    /// one deregisters or is lost.
+    #[arg(long, env = "ORCHD_MAX_NODES", default_value_t = 1024)]
+    pub max_nodes: usize,
     /// CLOUD: interval of `GET /v2/pools` polls of every pool-managerd.
     #[arg(long, env = "ORCHD_POOL_POLL_INTERVAL_MS", default_value_t = 1000)]
     pub pool_poll_interval_ms: u64,
@@ -266,6 +270,8 @@ pub struct Config {
     /// CLOUD: pool-managerd base URLs from configuration.
     pub pool_managers: Vec<String>,
     pub node_registration: bool,
+    /// Most nodes registered at once (ORCHD_MAX_NODES).
+    pub max_nodes: usize,
     pub pool_poll_interval: Duration,
     pub pool_poll_recovery: u32,
     pub node_heartbeat_timeout: Duration,
@@ -444,7 +450,8 @@ impl Config {
                 )))
             }
         };
-        let pool_managers = parse_managers(&a.pool_managers)?;
+        let pool_managers =
+            parse_managers(&a.pool_managers, node_schemes(a.tls_cert_file.is_some()))?;
         if profile == Profile::Cloud && pool_managers.is_empty() && !a.node_registration {
             return Err(ConfigError::Invalid(
                 "ORCHD_PROFILE=cloud needs ORCHD_POOL_MANAGERS (comma-separated pool-managerd URLs) or ORCHD_NODE_REGISTRATION=true".into(),
@@ -551,6 +558,8 @@ impl Config {
             profile,
             pool_managers,
             node_registration: a.node_registration,
+            max_nodes: llorch_http::at_least("ORCHD_MAX_NODES", a.max_nodes, 1)
+                .map_err(ConfigError::Invalid)?,
             pool_poll_interval: ms("ORCHD_POOL_POLL_INTERVAL_MS", a.pool_poll_interval_ms)?,
             pool_poll_recovery: llorch_http::at_least(
                 "ORCHD_POOL_POLL_RECOVERY",
@@ -669,15 +678,27 @@ pub fn is_http_url(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
 }
 
-fn parse_managers(list: &str) -> Result<Vec<String>, ConfigError> {
+/// The schemes a node's address may use: `https` only while this daemon serves TLS (a node's
+/// token must not cross the network in clear text when the operator asked for TLS).
+pub fn node_schemes(tls: bool) -> llorch_contracts::address::Schemes {
+    if tls {
+        llorch_contracts::address::Schemes::HttpsOnly
+    } else {
+        llorch_contracts::address::Schemes::Any
+    }
+}
+
+fn parse_managers(
+    list: &str,
+    schemes: llorch_contracts::address::Schemes,
+) -> Result<Vec<String>, ConfigError> {
     let mut out = Vec::new();
-    for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        if !is_http_url(url) {
-            return Err(ConfigError::Invalid(format!(
-                "ORCHD_POOL_MANAGERS entry {url:?} must start with http:// or https://"
-            )));
-        }
-        let url = url.trim_end_matches('/').to_string();
+    for raw in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let url = llorch_contracts::address::base_url(raw, schemes).map_err(|reason| {
+            ConfigError::Invalid(format!(
+                "ORCHD_POOL_MANAGERS entry {raw:?} must be an http:// or https:// base URL: {reason}"
+            ))
+        })?;
         if !out.contains(&url) {
             out.push(url);
         }

@@ -111,11 +111,7 @@ impl Orchestrator {
                         return None;
                     }
                     let avoid = t.retry_avoid();
-                    let session_pool = t
-                        .req
-                        .session_id
-                        .as_deref()
-                        .and_then(|s| sessions.affinity(s, now));
+                    let session_pool = t.session.as_deref().and_then(|s| sessions.affinity(s, now));
                     let req = PlacementRequest {
                         model: &t.req.model_ref,
                         placement: t.req.placement.as_ref(),
@@ -200,7 +196,7 @@ impl Orchestrator {
                 self.count_prefix(&task, matched);
             }
         }
-        if let Some(session) = &task.req.session_id {
+        if let Some(session) = &task.session {
             self.sessions
                 .lock()
                 .record_turn(session, &pool_id, Instant::now().into_std());

@@ -145,6 +145,13 @@ impl Engine for HttpEngine {
             .await
             .map_err(|e| format!("engine unreachable: {}", llamacpp_client::error_chain(&e)))?;
             let status = resp.status();
+            // 401: the engine (or the node) did not take our credential, a fault of the pool
+            // (a key that changed with a restart), not of the request: tried elsewhere.
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                return Ok(Answer::Failed {
+                    status: status.as_u16(),
+                });
+            }
             if status.is_client_error() {
                 let body = read_prefix(resp, ERROR_BODY_MAX).await;
                 return Ok(Answer::Refused {

@@ -65,6 +65,18 @@ impl HomeSource {
         let _ = watcher.await;
     }
 
+    /// The API key pool-managerd wrote for the pool's engine (none for an external engine, or
+    /// a key file that fails its checks: logged, and the engine will refuse us).
+    fn engine_key(&self, pool_id: &str) -> Option<auth_min::Token> {
+        match llorch_handoff::read_key(&self.dir, pool_id) {
+            Ok(key) => key.and_then(|k| auth_min::Token::new(&k).ok()),
+            Err(error) => {
+                tracing::warn!(%pool_id, %error, "engine key file refused; requests go without a key");
+                None
+            }
+        }
+    }
+
     async fn bind(&self, file: HandoffFile) {
         let phase = PoolPhase::of(file.state);
         let entry = PoolEntry {
@@ -82,6 +94,7 @@ impl HomeSource {
             last_error: None,
             in_flight: 0,
             manager: None,
+            engine_key: self.engine_key(&file.pool_id),
             lost: Default::default(),
             phase,
             restarting_since: None,

@@ -222,6 +222,14 @@ fn connection(path: &Path, sync: SyncMode) -> Result<rusqlite::Connection, Strin
     // Before WAL, which writes the file's first page: a new file takes it only then.
     conn.execute_batch("PRAGMA auto_vacuum=INCREMENTAL;")
         .map_err(|e| open_error(path, "cannot configure", e))?;
+    // A prompt dropped at a task's end (or a withdrawn task) is overwritten on disk, not just
+    // unlinked from its page: the file keeps no input of a finished task.
+    let secure: i64 = conn
+        .query_row("PRAGMA secure_delete=ON", [], |r| r.get(0))
+        .map_err(|e| open_error(path, "cannot set secure_delete", e))?;
+    if secure != 1 {
+        return Err(open_error(path, "secure_delete refused", secure));
+    }
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .map_err(|e| open_error(path, "cannot switch to WAL", e))?;
@@ -745,6 +753,34 @@ mod tests {
         assert!(got[2].admission.request.contains("\"model_ref\":\"tiny\""));
         assert_eq!(j.lookup("b").unwrap().map(|r| r.first_token), Some(true));
         assert_eq!(j.lookup("zzz").unwrap(), None);
+    }
+
+    // covers: ORCH-2416
+    #[tokio::test]
+    async fn a_finished_tasks_prompt_is_gone_from_every_file_of_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let prompt = "the-secret-prompt-of-a-finished-task";
+        {
+            let j = SqliteJournal::open(dir.path(), SyncMode::Full).unwrap();
+            for id in ["a", "b"] {
+                j.admit(admission(id, prompt)).await.unwrap();
+            }
+            j.end(ending("a", 2000)).await.unwrap();
+            j.withdraw("b").await.unwrap();
+        }
+        let mut files = 0;
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                files += 1;
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes.windows(prompt.len()).any(|w| w == prompt.as_bytes()),
+                    "{path:?} still holds the prompt"
+                );
+            }
+        }
+        assert!(files > 0);
     }
 
     // covers: ORCH-2406

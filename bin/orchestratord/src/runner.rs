@@ -111,7 +111,11 @@ impl Runner<'_> {
         let call = CompletionCall {
             base_url: &pool.url,
             path,
-            bearer: pool.manager.as_ref().and(self.token),
+            // CLOUD: the node's proxy wants the node credential; HOME: the engine its own key.
+            bearer: match &pool.manager {
+                Some(_) => self.token,
+                None => pool.engine_key.as_ref().map(auth_min::Token::expose),
+            },
             headers,
             body,
         };
@@ -129,10 +133,14 @@ impl Runner<'_> {
         let mut stream = match answer {
             Answer::Stream(s) => s,
             Answer::Refused { status, body } => {
+                // The upstream's words stay in the log (bounded, escaped): a client never
+                // reads what an address behind a node or a handoff file answered.
+                let said: String = body.escape_debug().take(300).collect();
+                tracing::warn!(task_id = %task.id, correlation_id = %task.correlation_id, status, body = %said, "engine refused the request");
                 return Outcome::EngineRefused(format!(
-                    "engine refused the request ({status}): {}",
-                    body.chars().take(300).collect::<String>()
-                ))
+                    "the engine refused the request ({status}); its answer is in orchestratord's log under correlation id {}",
+                    task.correlation_id
+                ));
             }
             Answer::Failed { status } => {
                 return Outcome::BeforeFirstToken(format!("engine answered {status}"))

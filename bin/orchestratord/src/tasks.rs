@@ -50,6 +50,9 @@ pub struct Task {
     pub prompt_tokens: Option<u32>,
     /// The name of the key that submitted it: only that key (and admins) may see it.
     pub owner: std::sync::Arc<str>,
+    /// Its session in the session table: the session id scoped by the owner ([`session_key`]),
+    /// so two keys using one session id share no affinity and neither sees the other's.
+    pub session: Option<String>,
     /// Its prompt's block names, for cache-aware placement (`llorch_core::prefix_chain`).
     pub prefix_chain: Vec<u64>,
     inner: Mutex<TaskInner>,
@@ -130,6 +133,11 @@ pub const PREFIX_BLOCKS_MAX: usize = 512;
 /// What a frame costs besides its data (the struct, its id and event name).
 const FRAME_OVERHEAD: usize = 48;
 
+/// A session's key in the session table: its id under the name of the key that uses it.
+pub fn session_key(owner: &str, session_id: &str) -> String {
+    format!("{owner}\u{1f}{session_id}")
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -149,6 +157,10 @@ impl Task {
     ) -> Self {
         let digest = request_digest(&req);
         let prompt = std::mem::take(&mut req.prompt);
+        let session = req
+            .session_id
+            .as_deref()
+            .map(|s| session_key("anonymous", s));
         let deadline = req
             .deadline_ms
             .map(|ms| now + std::time::Duration::from_millis(ms));
@@ -165,6 +177,7 @@ impl Task {
             correlation_id,
             openai,
             prompt_tokens: None,
+            session,
             owner: std::sync::Arc::from("anonymous"),
             prefix_chain: Vec::new(),
             inner: Mutex::new(TaskInner {
@@ -208,6 +221,11 @@ impl Task {
 
     /// Owned by the key named `owner`.
     pub fn with_owner(mut self, owner: std::sync::Arc<str>) -> Self {
+        self.session = self
+            .req
+            .session_id
+            .as_deref()
+            .map(|s| session_key(&owner, s));
         self.owner = owner;
         self
     }

@@ -20,6 +20,9 @@ pub struct EngineProcess {
     pub url: String,
     pub model_path: PathBuf,
     pub model_id: String,
+    /// The engine's API key (`LLAMA_API_KEY`): fresh for this start, known only to this daemon
+    /// (and, through the key file, a HOME orchestratord).
+    pub api_key: String,
     record: PathBuf,
 }
 
@@ -60,6 +63,41 @@ fn records_dir(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("engines")
 }
 
+/// 256 random bits, hex: an engine's API key.
+fn fresh_api_key() -> String {
+    rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What of the daemon's environment an engine gets: what finds its libraries and devices and
+/// tunes its math (`PATH`, `LD_LIBRARY_PATH`, locale and time zone, the CUDA / ROCm / Vulkan /
+/// OpenMP / BLAS / ggml variables), and nothing else: no token, no TLS key path, no
+/// `LLAMA_ARG_*` that would change its arguments behind the pools file.
+fn engine_environment(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    const NAMES: &[&str] = &["PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+    const PREFIXES: &[&str] = &[
+        "CUDA_",
+        "NVIDIA_",
+        "HIP_",
+        "ROCR_",
+        "HSA_",
+        "GGML_",
+        "OMP_",
+        "OPENBLAS_",
+        "MKL_",
+        "VK_",
+    ];
+    vars.filter(|(name, _)| {
+        name.to_str()
+            .is_some_and(|n| NAMES.contains(&n) || PREFIXES.iter().any(|p| n.starts_with(p)))
+    })
+    .collect()
+}
+
 /// A free loopback port (the kernel picks; the engine binds it right after).
 pub fn free_port() -> std::io::Result<u16> {
     let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
@@ -97,7 +135,13 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
     };
     let log_err = log.try_clone()?;
 
+    let api_key = fresh_api_key();
     let mut cmd = Command::new(req.binary);
+    // A cleared environment: the daemon's own (tokens, TLS key paths) never reaches the engine;
+    // the key goes by the environment, never the command line (which every user may read).
+    cmd.env_clear()
+        .envs(engine_environment(std::env::vars_os()))
+        .env("LLAMA_API_KEY", &api_key);
     cmd.arg("--model")
         .arg(req.model_path)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -142,6 +186,7 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
         url: format!("http://127.0.0.1:{port}"),
         model_path: req.model_path.to_path_buf(),
         model_id: req.model_id.to_string(),
+        api_key,
         record,
     })
 }
@@ -310,6 +355,40 @@ fn is_engine_process(pid: u32, binary: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // covers: POOL-3120
+    #[test]
+    fn an_engine_gets_what_finds_its_libraries_and_devices_and_no_secret() {
+        let vars = [
+            ("PATH", "/usr/bin"),
+            ("LD_LIBRARY_PATH", "/opt/cuda/lib"),
+            ("CUDA_VISIBLE_DEVICES", "0"),
+            ("OPENBLAS_CORETYPE", "haswell"),
+            ("LLORCH_API_TOKEN", "secret"),
+            ("POOL_MANAGERD_NODE_TOKEN", "secret"),
+            ("POOL_MANAGERD_TLS_KEY_FILE", "/etc/key.pem"),
+            ("LLAMA_ARG_HOST", "0.0.0.0"),
+            ("LLAMA_API_KEY", "someone-elses"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
+        let kept: Vec<String> = engine_environment(vars.into_iter())
+            .into_iter()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "PATH",
+                "LD_LIBRARY_PATH",
+                "CUDA_VISIBLE_DEVICES",
+                "OPENBLAS_CORETYPE"
+            ]
+        );
+        let a = fresh_api_key();
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, fresh_api_key());
+    }
 
     // covers: POOL-3114
     #[test]

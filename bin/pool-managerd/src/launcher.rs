@@ -3,23 +3,62 @@
 //! and HTTP (`ProcessLauncher`, `HttpProbe`); the in-process tests put scripted engines here
 //! and drive the supervisor on tokio's paused clock.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use llamacpp_client::{EngineClient, Health, Slot};
+use parking_lot::RwLock;
 
 use crate::engine_process::{self, EngineProcess, SpawnRequest};
 
 /// What the supervisor knows of a started engine.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct EngineInfo {
     pub pid: u32,
     pub port: u16,
     pub url: String,
     pub model_path: PathBuf,
     pub model_id: String,
+    /// Its API key (fresh for each start; scripted engines have none). Never printed.
+    pub api_key: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for EngineInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineInfo")
+            .field("pid", &self.pid)
+            .field("url", &self.url)
+            .field("model_id", &self.model_id)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// The API key of each engine this daemon started, by its base URL: the probes and the engine
+/// proxy present it. An engine it did not start (an external handoff file) has none here.
+#[derive(Default)]
+pub struct EngineKeys(RwLock<HashMap<String, Arc<str>>>);
+
+impl EngineKeys {
+    pub fn get(&self, url: &str) -> Option<Arc<str>> {
+        self.0.read().get(url).cloned()
+    }
+}
+
+/// An engine's key in [`EngineKeys`] while the engine is held: dropped with it.
+struct KeyLease {
+    keys: Arc<EngineKeys>,
+    url: String,
+}
+
+impl Drop for KeyLease {
+    fn drop(&mut self) {
+        self.keys.0.write().remove(&self.url);
+    }
 }
 
 pub(crate) trait Launcher: Send + Sync + 'static {
@@ -53,26 +92,40 @@ pub(crate) trait Probe: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<(String, f64)>, String>>;
 }
 
-/// Engines as child processes (`engine_process`).
-pub(crate) struct ProcessLauncher;
+/// Engines as child processes (`engine_process`), each with a fresh API key.
+pub(crate) struct ProcessLauncher {
+    pub keys: Arc<EngineKeys>,
+}
 
 impl Launcher for ProcessLauncher {
     fn spawn(&self, req: SpawnRequest<'_>) -> std::io::Result<Box<dyn RunningEngine>> {
         let process = engine_process::spawn(req)?;
+        let key: Arc<str> = Arc::from(process.api_key.as_str());
+        self.keys.0.write().insert(process.url.clone(), key.clone());
+        let lease = KeyLease {
+            keys: self.keys.clone(),
+            url: process.url.clone(),
+        };
         let info = EngineInfo {
             pid: process.pid,
             port: process.port,
             url: process.url.clone(),
             model_path: process.model_path.clone(),
             model_id: process.model_id.clone(),
+            api_key: Some(key),
         };
-        Ok(Box::new(ChildEngine { process, info }))
+        Ok(Box::new(ChildEngine {
+            process,
+            info,
+            _key: lease,
+        }))
     }
 }
 
 struct ChildEngine {
     process: EngineProcess,
     info: EngineInfo,
+    _key: KeyLease,
 }
 
 impl RunningEngine for ChildEngine {
@@ -89,14 +142,16 @@ impl RunningEngine for ChildEngine {
     }
 }
 
-/// Probes over HTTP with the daemon's short-timeout client.
+/// Probes over HTTP with the daemon's short-timeout client (and the engine's key, when this
+/// daemon started it).
 pub(crate) struct HttpProbe {
     pub http: reqwest::Client,
+    pub keys: Arc<EngineKeys>,
 }
 
 impl HttpProbe {
     fn client(&self, url: &str, timeout: Duration) -> EngineClient {
-        EngineClient::new(self.http.clone(), url, timeout)
+        EngineClient::new(self.http.clone(), url, timeout).with_api_key(self.keys.get(url))
     }
 }
 

@@ -81,21 +81,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         supervisors.insert(pool.id.clone(), tx);
         receivers.push((pool.clone(), rx));
     }
-    let probe_http = reqwest::Client::builder()
+    let probe_http = llorch_http::tls::outbound()
         .connect_timeout(Duration::from_secs(1))
         .pool_idle_timeout(Duration::from_secs(5))
         .build()?;
-    let proxy_http = reqwest::Client::builder()
+    let proxy_http = llorch_http::tls::outbound()
         .connect_timeout(Duration::from_secs(2))
         .pool_idle_timeout(Duration::from_secs(2))
         .build()?;
+    let engine_keys = Arc::new(launcher::EngineKeys::default());
     let shared = Arc::new(Shared {
         engine_binary,
         engine_version,
         registry: RwLock::new(Registry::new()),
         metrics: metrics::Metrics::new()?,
-        launcher: Arc::new(launcher::ProcessLauncher),
-        probe: Arc::new(launcher::HttpProbe { http: probe_http }),
+        launcher: Arc::new(launcher::ProcessLauncher {
+            keys: engine_keys.clone(),
+        }),
+        probe: Arc::new(launcher::HttpProbe {
+            http: probe_http,
+            keys: engine_keys.clone(),
+        }),
+        engine_keys,
         jitter: rand::random,
         proxy_http,
         proxy_fresh: llamacpp_client::fresh_connection_client()?,

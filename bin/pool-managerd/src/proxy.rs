@@ -66,6 +66,13 @@ pub async fn engine_proxy(
     let target = format!("{url}/{}", route.path);
     let mut headers = HeaderMap::new();
     copy_headers(&parts.headers, &mut headers);
+    // The caller's credential stays here; the engine gets its own key (one this daemon started).
+    if let Some(key) = state.engine_keys.get(&url) {
+        if let Ok(mut value) = axum::http::HeaderValue::from_str(&format!("Bearer {key}")) {
+            value.set_sensitive(true);
+            headers.insert(axum::http::header::AUTHORIZATION, value);
+        }
+    }
 
     let span = tracing::info_span!("engine_proxy", pool_id = %id, path = %path);
     let bounds = Bounds {

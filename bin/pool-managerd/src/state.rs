@@ -28,6 +28,8 @@ pub struct Shared {
     pub probe: Arc<dyn Probe>,
     /// Jitter in `[0, 1)` for restart backoff (random; fixed in tests).
     pub jitter: fn() -> f64,
+    /// The API keys of the engines this daemon started (the proxy presents them).
+    pub engine_keys: Arc<crate::launcher::EngineKeys>,
     /// Client for the streaming engine proxy: no overall timeout, connect timeout only.
     pub proxy_http: reqwest::Client,
     /// The proxy's one retry, on a new connection (it keeps none idle).

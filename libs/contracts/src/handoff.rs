@@ -133,9 +133,12 @@ impl HandoffFile {
                 self.pool_id
             )));
         }
-        if !self.url.starts_with("http://") {
+        // Engines are reached over plain HTTP on their node; the url gets requests, so it is
+        // a plain base URL (no user info, query or fragment).
+        if let Err(reason) = crate::address::base_url(&self.url, crate::address::Schemes::HttpOnly)
+        {
             return Err(HandoffError::Invalid(format!(
-                "url {:?} must start with http:// (engines are reached over plain HTTP)",
+                "url {:?} must be a plain http:// base URL: {reason}",
                 self.url
             )));
         }
@@ -194,6 +197,15 @@ mod tests {
         let mut f = sample();
         f.url = "ftp://x".into();
         assert!(f.validate().is_err());
+        // A url that would carry anything beside the engine's address is refused too.
+        for url in [
+            "http://user:pw@127.0.0.1:8081",
+            "http://127.0.0.1:8081/?x=1",
+            "http://127.0.0.1:8081/#x",
+        ] {
+            f.url = url.into();
+            assert!(f.validate().is_err(), "{url}");
+        }
         let mut f = sample();
         f.slots_total = 0;
         assert!(f.validate().is_err());

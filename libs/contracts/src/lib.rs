@@ -1,6 +1,7 @@
 //! Wire types of llama-orch. Serde only: no IO, no logic beyond (de)serialisation and the one
 //! table that maps an error code to its HTTP status.
 
+pub mod address;
 pub mod engine_routes;
 mod error;
 pub mod handoff;

@@ -592,7 +592,7 @@ fn read_handoff(path: &Path) -> Result<Vec<u8>, Unread> {
 
 /// This daemon's effective user.
 #[allow(unsafe_code)]
-fn effective_uid() -> u32 {
+pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
     unsafe { libc::geteuid() }
 }

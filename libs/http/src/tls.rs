@@ -290,10 +290,17 @@ impl ClientTls {
         builder
     }
 
-    /// A client builder with these settings.
+    /// A client builder with these settings (and no redirects: [`outbound`]).
     pub fn builder(&self) -> reqwest::ClientBuilder {
-        self.apply(reqwest::Client::builder())
+        self.apply(outbound())
     }
+}
+
+/// The builder of every HTTP client a daemon sends with: it follows no redirect, so a node, an
+/// engine or anything at a configured address cannot send a request (and the token on it)
+/// somewhere else. A 3xx is an answer like any other.
+pub fn outbound() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
 }
 
 #[cfg(test)]

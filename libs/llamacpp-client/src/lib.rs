@@ -66,6 +66,8 @@ pub struct EngineClient {
     http: reqwest::Client,
     base: String,
     timeout: Duration,
+    /// The engine's API key (`--api-key`), sent on every request.
+    api_key: Option<std::sync::Arc<str>>,
 }
 
 impl EngineClient {
@@ -76,7 +78,14 @@ impl EngineClient {
             http,
             base,
             timeout,
+            api_key: None,
         }
+    }
+
+    /// With the engine's API key on every request (`/health` needs none, the rest does).
+    pub fn with_api_key(mut self, key: Option<std::sync::Arc<str>>) -> Self {
+        self.api_key = key;
+        self
     }
 
     pub fn base_url(&self) -> &str {
@@ -84,12 +93,14 @@ impl EngineClient {
     }
 
     async fn get(&self, path: &str) -> Result<reqwest::Response, EngineError> {
-        self.http
+        let mut req = self
+            .http
             .get(format!("{}{}", self.base, path))
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| classify(e, self.timeout))
+            .timeout(self.timeout);
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key);
+        }
+        req.send().await.map_err(|e| classify(e, self.timeout))
     }
 
     pub async fn health(&self) -> Result<Health, EngineError> {
@@ -286,6 +297,7 @@ pub fn fresh_connection_client_from(
     builder: reqwest::ClientBuilder,
 ) -> reqwest::Result<reqwest::Client> {
     builder
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(2))
         .pool_max_idle_per_host(0)
         .tcp_nodelay(true)

@@ -240,7 +240,10 @@ async fn a_registered_node_that_stops_heartbeating_is_dropped_at_the_first_poll_
     let start = Instant::now();
     h.poll(nodes.clone());
     settle().await;
-    h.orch.managers.register("n2", "http://n2", Vec::new());
+    h.orch
+        .managers
+        .register("n2", "http://n2", Vec::new(), usize::MAX)
+        .unwrap();
     settle().await;
     assert!(usable(&h, "p2"), "registration did not poll at once");
     let registered = Instant::now();
@@ -503,4 +506,109 @@ async fn a_node_registering_again_from_a_new_address_moves_its_pools_there_and_e
     settle().await;
     assert_eq!(manager(&h).as_deref(), Some("http://new"));
     assert!(usable(&h, "p2"));
+}
+
+/// `POST /v2/nodes/register` of node `id` at `address` with the shared token; the status.
+async fn register(h: &Harness, id: &str, address: &str) -> u16 {
+    use tower::ServiceExt;
+    let body = serde_json::json!({"node_id": id, "address": address, "gpus": [], "pools": []});
+    let req = axum::http::Request::post("/v2/nodes/register")
+        .header("authorization", "Bearer inprocess-test-token-0123")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    let r = crate::api::router(h.orch.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    r.status().as_u16()
+}
+
+fn addresses(h: &Harness) -> Vec<(String, Option<String>)> {
+    h.orch
+        .managers
+        .list()
+        .into_iter()
+        .map(|m| (m.url, m.node_id))
+        .collect()
+}
+
+// covers: CLOUD-4117
+#[tokio::test(start_paused = true)]
+async fn a_registration_at_an_address_another_node_holds_is_refused_and_the_holder_keeps_its_work()
+{
+    let (h, nodes, _) = cloud(&["--node-registration=true"]).await;
+    h.engine.push(tokens(50, 10 * MS));
+    let task = h.submit(task(50));
+    at(Instant::now() + 100 * MS).await;
+    // Another id at the configured manager's address (spelt another way), then that id
+    // elsewhere: before, the first relabelled n1's entry and the second retired it as stale.
+    assert_eq!(register(&h, "n2", "HTTP://N1/").await, 409);
+    nodes.set("http://elsewhere", Node::Up(vec!["p9"]));
+    assert_eq!(register(&h, "n2", "http://elsewhere").await, 200);
+    let (code, _) = outcome(&task).await;
+    assert_eq!(code, "end", "the holder's running task was ended");
+    assert!(usable(&h, "p1"));
+    assert_eq!(
+        h.orch.pools.get("p1").and_then(|p| p.manager).as_deref(),
+        Some("http://n1")
+    );
+    // A registered node's address is its own too, while it is not lost.
+    assert_eq!(register(&h, "n3", "http://elsewhere").await, 409);
+    assert_eq!(
+        addresses(&h),
+        vec![
+            ("http://elsewhere".into(), Some("n2".into())),
+            ("http://n1".into(), Some("n1".into())),
+        ]
+    );
+    // Lost (its polls fail): the address is free for another id, and n2's pools go with it.
+    nodes.set("http://elsewhere", Node::Down);
+    at(Instant::now() + INTERVAL).await;
+    assert!(!usable(&h, "p9"));
+    nodes.set("http://elsewhere", Node::Up(vec!["p3"]));
+    assert_eq!(register(&h, "n3", "http://elsewhere").await, 200);
+    settle().await;
+    assert!(h.orch.pools.get("p9").is_none());
+    assert_eq!(
+        addresses(&h)[0],
+        ("http://elsewhere".into(), Some("n3".into()))
+    );
+}
+
+// covers: CLOUD-4117
+#[tokio::test(start_paused = true)]
+async fn registrations_beyond_the_node_cap_are_refused_until_a_node_leaves() {
+    let h = Harness::start(&[
+        "--profile=cloud",
+        "--node-registration=true",
+        "--max-nodes=2",
+    ]);
+    h.poll(Arc::new(ScriptedNodes::default()));
+    assert_eq!(register(&h, "a", "http://a").await, 200);
+    assert_eq!(register(&h, "b", "http://b").await, 200);
+    assert_eq!(register(&h, "c", "http://c").await, 409);
+    // A registered node refreshing, or moving, is no new node.
+    assert_eq!(register(&h, "a", "http://a").await, 200);
+    assert_eq!(register(&h, "a", "http://a2").await, 200);
+    assert_eq!(h.orch.managers.list().len(), 2);
+    assert!(h.orch.managers.deregister("b").is_some());
+    assert_eq!(register(&h, "c", "http://c").await, 200);
+}
+
+// covers: CLOUD-4117
+#[tokio::test(start_paused = true)]
+async fn a_node_address_must_be_a_plain_base_url_and_https_while_tls_is_on() {
+    let h = Harness::start(&["--profile=cloud", "--node-registration=true"]);
+    h.poll(Arc::new(ScriptedNodes::default()));
+    for bad in [
+        "ftp://a",
+        "http://user:pw@a:9200",
+        "http://a:9200/?redirect=x",
+        "http://a:9200/#x",
+        "a:9200",
+    ] {
+        assert_eq!(register(&h, "a", bad).await, 400, "{bad}");
+    }
+    assert!(h.orch.managers.list().is_empty());
 }

@@ -144,7 +144,7 @@ impl Engine for ScriptedEngine {
                 Script::Status(status) if (400..500).contains(&status) => {
                     return Ok(Answer::Refused {
                         status,
-                        body: "scripted refusal".into(),
+                        body: "upstream-secret: scripted refusal".into(),
                     })
                 }
                 Script::Status(status) => return Ok(Answer::Failed { status }),
@@ -343,6 +343,7 @@ pub fn pool(id: &str, slots: u32) -> PoolEntry {
         model_id: "tiny".into(),
         url: format!("http://{id}"),
         manager: None,
+        engine_key: None,
         slots_total: slots,
         ctx_max: None,
         engine: "llamacpp".into(),

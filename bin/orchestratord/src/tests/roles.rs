@@ -404,3 +404,99 @@ async fn a_node_id_bound_to_its_own_token_answers_only_that_token_and_that_token
         StatusCode::BAD_REQUEST
     );
 }
+
+// covers: AUTH-5115
+#[tokio::test(start_paused = true)]
+async fn a_session_belongs_to_its_key_and_another_key_using_its_id_shares_nothing() {
+    let k = harness();
+    k.h.add_pool("q", 1);
+    k.h.engine.always(tokens(1, MS));
+    let submit = |key: &'static str, id: &'static str, placement: &'static str| {
+        let body = format!(
+            r#"{{"task_id":"{id}","session_id":"s1","model_ref":"tiny","prompt":"p","max_tokens":3{placement}}}"#
+        );
+        let h = &k.h;
+        async move {
+            assert_eq!(
+                call(h, "POST", "/v2/tasks", Some(key), &body).await,
+                StatusCode::ACCEPTED
+            );
+            let task = h.orch.task(id).unwrap();
+            outcome(&task).await;
+            task.status(None).pool_id.unwrap()
+        }
+    };
+    // Alice's session runs on "q" (pinned there).
+    let pin_q = r#","placement":{"mode":"pin","pin_pool_id":"q"}"#;
+    assert_eq!(submit(ALICE, "a1", pin_q).await, "q");
+    // Another key reads or deletes it as a session that does not exist.
+    assert_eq!(
+        call(&k.h, "GET", "/v2/sessions/s1", Some(BOB), "").await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&k.h, "DELETE", "/v2/sessions/s1", Some(BOB), "").await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&k.h, "GET", "/v2/sessions/s1", Some(ALICE), "").await,
+        StatusCode::OK
+    );
+    // Bob's "s1" is a session of his own: no affinity to Alice's pool (without one, equal free
+    // slots are taken by pool id: "p" before "q"), and no turn of hers.
+    assert_eq!(submit(BOB, "b1", "").await, "p");
+    let turns = |key| {
+        let h = &k.h;
+        async move {
+            let app = crate::api::router(h.orch.clone());
+            let r = app
+                .oneshot(
+                    Request::get("/v2/sessions/s1")
+                        .header("authorization", format!("Bearer {key}"))
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()["turns"].clone()
+        }
+    };
+    assert_eq!(turns(ALICE).await, 1);
+    assert_eq!(turns(BOB).await, 1);
+    assert_eq!(
+        call(&k.h, "DELETE", "/v2/sessions/s1", Some(BOB), "").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(&k.h, "GET", "/v2/sessions/s1", Some(ALICE), "").await,
+        StatusCode::OK
+    );
+}
+
+// covers: ORCH-2116
+#[tokio::test(start_paused = true)]
+async fn a_key_past_its_rate_gets_no_prompt_counted_on_an_engine() {
+    let k = limited();
+    // A pool small enough that a long prompt is counted by an engine before admission.
+    k.h.orch.pools.upsert(crate::pools::PoolEntry {
+        ctx_max: Some(64),
+        ..pool("p", 1)
+    });
+    let long = vec!["word"; 300].join(" ");
+    let body = format!(r#"{{"model_ref":"tiny","prompt":"{long}","max_tokens":3}}"#);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(call(&k.h, "POST", "/v2/tasks", Some(CAROL), &body).await);
+    }
+    // Two within the rate, counted and refused as too long; the third never reaches an engine.
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::BAD_REQUEST,
+            StatusCode::BAD_REQUEST,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(k.h.engine.tokenized().len(), 2);
+}

@@ -187,8 +187,15 @@ async fn an_engine_refusal_ends_the_task_with_invalid_params_without_a_retry() {
     h.add_pool("b", 1);
     h.engine.push(Script::Status(400));
     let task = h.submit(task(10));
-    let (code, _) = outcome(&task).await;
-    assert_eq!(code, "INVALID_PARAMS");
+    let (name, data, _) = terminal(&task).await;
+    assert_eq!(
+        (name, data["code"].as_str()),
+        ("error", Some("INVALID_PARAMS"))
+    );
+    // The status is told; what the upstream said is not (it goes to the log).
+    let message = data["message"].as_str().unwrap();
+    assert!(message.contains("(400)"), "{message}");
+    assert!(!message.contains("upstream-secret"), "{message}");
     assert_eq!(h.engine.calls().len(), 1);
 }
 

@@ -32,11 +32,10 @@ async fn three_times_more_tasks_than_slots_all_complete_without_oversubscribing_
     }
     // While they run, no engine ever holds more requests than its slots: nothing is deferred
     // inside llama-server and busy slots never exceed 2.
-    let engines: Vec<String> = ["a", "b"].iter().map(|p| s.handoff(p).url).collect();
     let mut samples = 0;
     loop {
-        for url in &engines {
-            Stack::assert_engine_not_oversubscribed(url, 2).await;
+        for pool in ["a", "b"] {
+            s.assert_engine_not_oversubscribed(pool, 2).await;
             samples += 1;
         }
         let mut done = 0;
@@ -376,9 +375,8 @@ async fn a_prompt_longer_than_every_per_slot_context_is_refused_at_admission_by_
         "{message}"
     );
     // The count is the engine's: what its own tokenizer makes of the prompt.
-    let engine = s.handoff("p0").url;
-    let tokens: serde_json::Value = reqwest::Client::new()
-        .post(format!("{engine}/tokenize"))
+    let tokens: serde_json::Value = s
+        .engine_request(reqwest::Method::POST, "p0", "/tokenize")
         .json(&serde_json::json!({"content": long, "add_special": true}))
         .send()
         .await

@@ -385,3 +385,72 @@ async fn nodes_register_heartbeat_serve_and_deregister_on_shutdown() {
     .await;
     assert!(cloud.api.pools().await.is_empty());
 }
+
+/// A "node" that answers every poll with a redirect to another path of its own origin (where
+/// reqwest would keep the `Authorization` header) and counts the requests that reach it there.
+async fn start_redirecting_node() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let followed = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = followed.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let answer = if head.starts_with("GET /elsewhere/") {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let body =
+                        r#"{"node_id":"redirecting","gpu_discovery":"none","gpus":[],"pools":[]}"#;
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                } else {
+                    "HTTP/1.1 307 Temporary Redirect\r\nlocation: /elsewhere/v2/pools\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
+                };
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (url, followed, task)
+}
+
+// covers: CLOUD-4118
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_with_a_redirect_is_not_followed_and_counts_as_a_failed_poll() {
+    let (url, followed, server) = start_redirecting_node().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", url.clone())]);
+    // Two polls answered: the node is judged, and a followed redirect would have landed.
+    let nodes = wait_for(
+        "the redirecting node judged",
+        Duration::from_secs(20),
+        || async {
+            let nodes = cloud.api.nodes().await;
+            nodes
+                .iter()
+                .any(|n| n["last_error"].as_str().is_some_and(|e| e.contains("307")))
+                .then_some(nodes)
+        },
+    )
+    .await;
+    assert_eq!(nodes[0]["availability"], "unavailable", "{nodes:?}");
+    assert_eq!(
+        followed.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "orchestratord followed a node's redirect (with its token)"
+    );
+    server.abort();
+}

@@ -28,6 +28,8 @@ async fn proxied(orch_env: Vec<(&'static str, String)>) -> Proxied {
     let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), upstream)
         .await
         .unwrap();
+    // The real engine's key, for the pool that reaches it through the proxy.
+    llorch_handoff::write_key(&s.runtime_dir, "proxied", &s.engine_key("real")).unwrap();
     let file = HandoffFile::external("proxied", &proxy.url(), "tiny", 1);
     llorch_handoff::write_atomic(&s.runtime_dir, &file).unwrap();
     s.wait_pools_ready(2).await;

@@ -313,10 +313,10 @@ impl Stack {
     /// One sample of an engine's own metrics: it never queued a request itself (nothing
     /// deferred) and never runs more than `slots` at once; orchestratord must not oversubscribe
     /// it.
-    pub async fn assert_engine_not_oversubscribed(engine_url: &str, slots: u32) {
-        let m = reqwest::get(format!("{engine_url}/metrics"))
+    pub async fn assert_engine_not_oversubscribed(&self, pool: &str, slots: u32) {
+        let m = self
+            .engine_get(pool, "/metrics")
             .await
-            .unwrap()
             .text()
             .await
             .unwrap();
@@ -326,6 +326,34 @@ impl Stack {
             "engine queued a request: orchestratord oversubscribed it"
         );
         assert!(metric_value(&m, "llamacpp:requests_processing", &[]).unwrap() <= f64::from(slots));
+    }
+
+    /// The API key pool-managerd gave the pool's engine (its key file).
+    pub fn engine_key(&self, pool: &str) -> String {
+        llorch_handoff::read_key(&self.runtime_dir, pool)
+            .unwrap()
+            .expect("a managed engine has a key file")
+    }
+
+    /// A request to the pool's engine directly (its handoff url), with the engine's key.
+    pub fn engine_request(
+        &self,
+        method: reqwest::Method,
+        pool: &str,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let url = self.handoff(pool).url;
+        reqwest::Client::new()
+            .request(method, format!("{url}{path}"))
+            .bearer_auth(self.engine_key(pool))
+    }
+
+    /// `GET path` on the pool's engine directly, with its key.
+    pub async fn engine_get(&self, pool: &str, path: &str) -> reqwest::Response {
+        self.engine_request(reqwest::Method::GET, pool, path)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// `GET path` on orchestratord with the token.
@@ -338,13 +366,8 @@ impl Stack {
     }
 
     pub async fn engine_slots_busy(&self, pool: &str) -> usize {
-        let url = self.handoff(pool).url;
-        let slots: Vec<serde_json::Value> = reqwest::get(format!("{url}/slots"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let slots: Vec<serde_json::Value> =
+            self.engine_get(pool, "/slots").await.json().await.unwrap();
         slots.iter().filter(|s| s["is_processing"] == true).count()
     }
 

@@ -459,7 +459,6 @@ async fn chat_streams_beyond_the_slots_all_complete_and_interactive_ones_go_firs
     })
     .await;
     // Three times more streams than slots: all complete; the engine never queues one itself.
-    let engine = s.handoff("p0").url;
     let streams: Vec<_> = (0..6)
         .map(|k| {
             let (base, http) = (s.base.clone(), s.http.clone());
@@ -475,7 +474,7 @@ async fn chat_streams_beyond_the_slots_all_complete_and_interactive_ones_go_firs
         })
         .collect();
     while !streams.iter().all(|h| h.is_finished()) {
-        Stack::assert_engine_not_oversubscribed(&engine, 2).await;
+        s.assert_engine_not_oversubscribed("p0", 2).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for h in streams {
@@ -619,8 +618,16 @@ async fn an_engine_refusing_a_request_fails_it_and_stays_healthy() {
         assert_oa_error(r, 400, "invalid_request_error", Some("invalid_params")).await;
         let st = s.status(&id).await;
         assert_eq!(st.attempts, 1, "a refusal is not retried: {st:?}");
-        assert!(st.error.unwrap().message.contains("template refused"));
+        // The client learns the status; the engine's words go to orchestratord's log only.
+        let message = st.error.unwrap().message;
+        assert!(message.contains("(500)"), "{message}");
+        assert!(!message.contains("template refused"), "{message}");
     }
+    let log = s.orch_log();
+    assert!(
+        log.contains("the chat template refused the messages"),
+        "{log}"
+    );
     // The request's fault, not the engine's: the pool stays healthy, and is not ejected.
     let pool = s.get("/v2/pools/refusing/health").await;
     let health: serde_json::Value = pool.json().await.unwrap();

@@ -58,6 +58,8 @@ pub struct Supervisor {
     url: Option<String>,
     /// The handoff file this pool last published (none once retired).
     handoff: Option<HandoffFile>,
+    /// The API key of the engine that file names (written beside it, `keys/{pool}.key`).
+    engine_key: Option<Arc<str>>,
     /// Writing the missing handoff file again failed (logged once until it succeeds).
     restore_failing: bool,
     slots_free: u32,
@@ -90,6 +92,7 @@ impl Supervisor {
             slots_free: 0,
             instance: 0,
             handoff: None,
+            engine_key: None,
             restore_failing: false,
         }
     }
@@ -205,6 +208,12 @@ impl Supervisor {
             state: None,
             embeddings: self.spec.embeddings,
         };
+        // The engine's key before the file naming it: a HOME orchestratord that reads the
+        // new handoff finds the new key.
+        self.engine_key = engine.api_key.clone();
+        if let Err(error) = self.write_engine_key() {
+            tracing::error!(pool_id = %self.spec.id, %error, "cannot write the engine's key file; a HOME orchestratord cannot reach this engine");
+        }
         self.publish_handoff(file);
         self.publish();
         tracing::info!(pool_id = %self.spec.id, url = %engine.url, restart_count = self.sup.restart_count(), "pool ready");
@@ -442,7 +451,10 @@ impl Supervisor {
         if !dir.is_dir() || llorch_handoff::path_for(dir, &self.spec.id).exists() {
             return;
         }
-        match llorch_handoff::write_atomic(dir, file) {
+        match self
+            .write_engine_key()
+            .and_then(|()| llorch_handoff::write_atomic(dir, file))
+        {
             Ok(_) => {
                 tracing::warn!(pool_id = %self.spec.id, "handoff file of a serving pool is gone; writing it again");
                 self.restore_failing = false;
@@ -452,6 +464,16 @@ impl Supervisor {
                 self.restore_failing = true;
             }
             Err(_) => {}
+        }
+    }
+
+    /// Writes the serving engine's key file (an engine without a key, none).
+    fn write_engine_key(&self) -> std::io::Result<()> {
+        match &self.engine_key {
+            Some(key) => {
+                llorch_handoff::write_key(&self.shared.config.runtime_dir, &self.spec.id, key)
+            }
+            None => Ok(()),
         }
     }
 
@@ -467,7 +489,9 @@ impl Supervisor {
     /// The pool is retired (drain, shutdown): its handoff file goes.
     fn retire_handoff(&mut self) {
         self.handoff = None;
+        self.engine_key = None;
         llorch_handoff::remove(&self.shared.config.runtime_dir, &self.spec.id);
+        llorch_handoff::remove_key(&self.shared.config.runtime_dir, &self.spec.id);
     }
 
     fn publish(&self) {

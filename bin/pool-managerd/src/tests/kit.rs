@@ -102,6 +102,7 @@ impl Launcher for Scripted {
             url: format!("http://engine-{n}"),
             model_path: req.model_path.to_path_buf(),
             model_id: req.model_id.to_string(),
+            api_key: None,
         };
         spawned.push(Spawned {
             script,
@@ -283,6 +284,7 @@ pub fn build(flags: &[&str]) -> Built {
         launcher: Arc::new(scripted.clone()),
         probe: Arc::new(scripted),
         jitter: || 0.0,
+        engine_keys: Default::default(),
         proxy_http: reqwest::Client::new(),
         proxy_fresh: reqwest::Client::new(),
         gpus: RwLock::new(crate::gpu::Discovery {

@@ -34,7 +34,10 @@ async fn reload_switches_model_and_a_failed_reload_rolls_back() {
     assert!(switched.ready);
     assert_eq!(switched.model_id, "tiny-other");
     assert_ne!(switched.url, before.url, "a new engine serves after reload");
-    let props: serde_json::Value = reqwest::get(format!("{}/props", switched.url.clone().unwrap()))
+    let props: serde_json::Value = d
+        .engine_client("rl")
+        .get(format!("{}/props", switched.url.clone().unwrap()))
+        .send()
         .await
         .unwrap()
         .json()
@@ -108,10 +111,13 @@ async fn drain_waits_for_in_flight_work_then_stops_the_engine() {
             .await
             .unwrap()
     });
+    let engine = d.engine_client("dr");
     wait_for("request in flight", Duration::from_secs(5), || {
-        let u = engine_url.clone();
+        let (u, engine) = (engine_url.clone(), engine.clone());
         async move {
-            let slots: Vec<serde_json::Value> = reqwest::get(format!("{u}/slots"))
+            let slots: Vec<serde_json::Value> = engine
+                .get(format!("{u}/slots"))
+                .send()
                 .await
                 .ok()?
                 .json()

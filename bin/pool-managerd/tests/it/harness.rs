@@ -111,6 +111,24 @@ impl Daemon {
         d
     }
 
+    /// A client of the pool's engine directly, carrying the engine's API key (its key file,
+    /// as pool-managerd wrote it for the engine serving now).
+    pub fn engine_client(&self, pool: &str) -> reqwest::Client {
+        let key = llorch_handoff::read_key(&self.runtime_dir, pool)
+            .unwrap()
+            .expect("a managed engine has a key file");
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).unwrap();
+        value.set_sensitive(true);
+        reqwest::Client::builder()
+            .default_headers(
+                [(reqwest::header::AUTHORIZATION, value)]
+                    .into_iter()
+                    .collect(),
+            )
+            .build()
+            .unwrap()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

@@ -120,3 +120,105 @@ async fn device_mask_reaches_the_engine_as_cuda_visible_devices() {
         "engine environment lacks the device mask"
     );
 }
+
+/// `/proc/{pid}/{what}` as text (NULs as spaces or newlines are kept as NULs).
+fn proc_text(pid: u32, what: &str) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/{what}")).unwrap()).into_owned()
+}
+
+// covers: POOL-3120, POOL-3121
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_answers_only_its_own_key_which_no_command_line_log_or_other_engine_holds() {
+    let model = tiny_model();
+    let d = Daemon::start(DaemonOptions {
+        pools_toml: format!(
+            "{}{}",
+            pool_toml("k1", &model, 1, 512),
+            pool_toml("k2", &model, 1, 512)
+        ),
+        ..Default::default()
+    })
+    .await;
+    let status = d.wait_ready("k1").await;
+    d.wait_ready("k2").await;
+    let url = status.url.unwrap();
+    let key = llorch_handoff::read_key(&d.runtime_dir, "k1")
+        .unwrap()
+        .unwrap();
+    let other = llorch_handoff::read_key(&d.runtime_dir, "k2")
+        .unwrap()
+        .unwrap();
+    assert_ne!(key, other, "two engines share a key");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(llorch_handoff::key_path(&d.runtime_dir, "k1"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let http = reqwest::Client::new();
+    let completion = serde_json::json!({"prompt": "the", "n_predict": 2});
+    let post = |key: Option<&str>| {
+        let mut rb = http.post(format!("{url}/completion")).json(&completion);
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        async move { rb.send().await.unwrap().status().as_u16() }
+    };
+    // A local user without the key (or with another engine's) gets nothing; /health is open.
+    assert_eq!(post(None).await, 401);
+    assert_eq!(post(Some(&other)).await, 401);
+    assert_eq!(post(Some(TOKEN)).await, 401);
+    assert_eq!(post(Some(&key)).await, 200);
+    for path in ["/slots", "/metrics", "/props"] {
+        let s = http
+            .get(format!("{url}{path}"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(s, 401, "{path} open without the key");
+    }
+    assert_eq!(
+        http.get(format!("{url}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // The proxy presents the key (the node token stays with pool-managerd), and the probes do:
+    // the pool reports its slots.
+    let proxied = d
+        .http
+        .post(format!("{}/v2/pools/k1/engine/completion", d.base))
+        .json(&completion)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proxied.status(), 200);
+    assert_eq!(d.status("k1").await.unwrap().slots_free, 1);
+
+    // The key is in the engine's environment alone: not its command line, not a log; and the
+    // daemon's token is not in the engine's environment at all.
+    let pid = HandoffFile::parse(&std::fs::read(d.runtime_dir.join("k1.json")).unwrap())
+        .unwrap()
+        .pid
+        .unwrap();
+    let environ = proc_text(pid, "environ");
+    assert!(environ
+        .split('\0')
+        .any(|v| v == format!("LLAMA_API_KEY={key}")));
+    assert!(
+        !environ.contains(TOKEN),
+        "the daemon's token reached the engine"
+    );
+    assert!(!environ.contains("POOL_MANAGERD_"), "{environ}");
+    assert!(!proc_text(pid, "cmdline").contains(&key));
+    let engine_log = std::fs::read_to_string(d.runtime_dir.join("logs/k1.log")).unwrap();
+    assert!(!engine_log.is_empty());
+    assert!(!engine_log.contains(&key), "the engine logged its key");
+    let log = d.log();
+    assert!(!log.is_empty());
+    assert!(!log.contains(&key), "pool-managerd logged the engine's key");
+}

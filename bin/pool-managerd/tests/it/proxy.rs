@@ -20,8 +20,10 @@ fn data_lines(buf: &mut String) -> Vec<serde_json::Value> {
     out
 }
 
-async fn busy_slots(engine_url: &str) -> usize {
-    let slots: Vec<serde_json::Value> = reqwest::get(format!("{engine_url}/slots"))
+async fn busy_slots(engine: &reqwest::Client, engine_url: &str) -> usize {
+    let slots: Vec<serde_json::Value> = engine
+        .get(format!("{engine_url}/slots"))
+        .send()
         .await
         .unwrap()
         .json()
@@ -40,6 +42,7 @@ async fn streamed_completion_through_proxy_arrives_while_engine_still_generating
     .await;
     let status = d.wait_ready("stream").await;
     let engine_url = status.url.unwrap();
+    let engine = d.engine_client("stream");
     let resp = d
         .http
         .post(format!("{}/v2/pools/stream/engine/completion", d.base))
@@ -59,7 +62,7 @@ async fn streamed_completion_through_proxy_arrives_while_engine_still_generating
         for v in data_lines(&mut buf) {
             if busy_at_first_token.is_none() {
                 // The first token is here: the engine must still be generating the rest.
-                busy_at_first_token = Some(busy_slots(&engine_url).await);
+                busy_at_first_token = Some(busy_slots(&engine, &engine_url).await);
             }
             chunks.push(v);
         }
@@ -89,6 +92,7 @@ async fn client_disconnect_aborts_the_upstream_generation() {
     })
     .await;
     let engine_url = d.wait_ready("abort").await.url.unwrap();
+    let engine = d.engine_client("abort");
     let resp = d
         .http
         .post(format!("{}/v2/pools/abort/engine/completion", d.base))
@@ -100,14 +104,15 @@ async fn client_disconnect_aborts_the_upstream_generation() {
         .unwrap();
     let mut body = resp.bytes_stream();
     body.next().await.unwrap().unwrap();
-    assert_eq!(busy_slots(&engine_url).await, 1);
+    assert_eq!(busy_slots(&engine, &engine_url).await, 1);
     drop(body);
     wait_for(
         "engine slot to go idle after client disconnect",
         Duration::from_secs(1),
         || {
             let url = engine_url.clone();
-            async move { (busy_slots(&url).await == 0).then_some(()) }
+            let engine = engine.clone();
+            async move { (busy_slots(&engine, &url).await == 0).then_some(()) }
         },
     )
     .await;

@@ -61,6 +61,8 @@ struct Daemons {
     cloud: String,
     pm: String,
     engine: String,
+    /// The engine's API key (its key file), for the direct path.
+    engine_key: String,
 }
 
 impl Daemons {
@@ -129,6 +131,7 @@ async fn round(d: &Daemons, a: &Args, path: Path, round: usize) -> anyhow::Resul
         let http = http.clone();
         let seed = (round * a.streams + s) as u64;
         let tokens = a.tokens;
+        let engine_key = d.engine_key.clone();
         let base = match path {
             Path::Direct => format!("{}/completion", d.engine),
             Path::Home => d.home.clone(),
@@ -137,7 +140,9 @@ async fn round(d: &Daemons, a: &Args, path: Path, round: usize) -> anyhow::Resul
         };
         set.spawn(async move {
             match path {
-                Path::Direct => return native_stream(&http, &base, None, tokens, seed).await,
+                Path::Direct => {
+                    return native_stream(&http, &base, Some(&engine_key), tokens, seed).await
+                }
                 Path::Proxy => {
                     return native_stream(&http, &base, Some(TOKEN), tokens, seed).await
                 }
@@ -211,6 +216,7 @@ async fn main() -> anyhow::Result<()> {
         cloud: format!("http://127.0.0.1:{cloud_port}"),
         pm: format!("http://127.0.0.1:{pm_port}"),
         engine: String::new(),
+        engine_key: String::new(),
     };
     let http = reqwest::Client::new();
     wait_ok(&http, &format!("{}/ready", d.home)).await?;
@@ -218,8 +224,11 @@ async fn main() -> anyhow::Result<()> {
     // HOME is ready: pool-managerd wrote the pool's handoff file, which names the engine.
     let handoff: llorch_contracts::HandoffFile =
         serde_json::from_slice(&std::fs::read(runtime.join("bench.json"))?)?;
+    let engine_key = llorch_handoff::read_key(&runtime, "bench")?
+        .ok_or_else(|| anyhow::anyhow!("pool-managerd wrote no key file for the engine"))?;
     let d = Daemons {
         engine: handoff.url,
+        engine_key,
         ..d
     };
 

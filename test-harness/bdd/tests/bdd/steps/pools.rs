@@ -232,8 +232,11 @@ async fn session_unknown(w: &mut Bdd, session: String) {
 }
 
 /// llama-server's own count of requests it is holding back for want of a slot.
-async fn engine_deferred(url: &str) -> f64 {
-    let text = reqwest::get(format!("{url}/metrics"))
+async fn engine_deferred((url, key): &(String, String)) -> f64 {
+    let text = reqwest::Client::new()
+        .get(format!("{url}/metrics"))
+        .bearer_auth(key)
+        .send()
         .await
         .unwrap()
         .text()
@@ -246,14 +249,17 @@ async fn engine_deferred(url: &str) -> f64 {
 #[then(expr = "the {int} tasks complete while no engine defers a request")]
 async fn complete_without_deferring(w: &mut Bdd, n: usize) {
     let runtime_dir = w.d().home().runtime_dir.clone();
-    let engines: Vec<String> = std::fs::read_dir(&runtime_dir)
+    // Each engine with its API key (pool-managerd's key file beside the handoff file).
+    let engines: Vec<(String, String)> = std::fs::read_dir(&runtime_dir)
         .unwrap()
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .map(|e| {
-            HandoffFile::parse(&std::fs::read(e.path()).unwrap())
+            let file = HandoffFile::parse(&std::fs::read(e.path()).unwrap()).unwrap();
+            let key = llorch_handoff::read_key(&runtime_dir, &file.pool_id)
                 .unwrap()
-                .url
+                .unwrap();
+            (file.url, key)
         })
         .collect();
     assert!(!engines.is_empty());
@@ -265,7 +271,8 @@ async fn complete_without_deferring(w: &mut Bdd, n: usize) {
             assert_eq!(
                 engine_deferred(url).await,
                 0.0,
-                "engine {url} deferred a request"
+                "engine {} deferred a request",
+                url.0
             );
             samples += 1;
         }

@@ -187,11 +187,17 @@ fn no_started_event(w: &mut Bdd, name: String) {
 async fn engine_slot_idle(w: &mut Bdd, pool: String, secs: u64) {
     let bytes = std::fs::read(w.d().home().runtime_dir.join(format!("{pool}.json"))).unwrap();
     let url = llorch_contracts::HandoffFile::parse(&bytes).unwrap().url;
+    let key = llorch_handoff::read_key(&w.d().home().runtime_dir, &pool)
+        .unwrap()
+        .unwrap();
     wait_for(
         &format!("no busy slot on the engine of {pool}"),
         Duration::from_secs(secs),
         || async {
-            let slots: Vec<serde_json::Value> = reqwest::get(format!("{url}/slots"))
+            let slots: Vec<serde_json::Value> = reqwest::Client::new()
+                .get(format!("{url}/slots"))
+                .bearer_auth(&key)
+                .send()
                 .await
                 .ok()?
                 .json()
