@@ -366,12 +366,7 @@ impl Orchestrator {
             // engine to judge.
             return Ok(None);
         }
-        // CLOUD: the node's proxy wants the node credential; HOME: the engine its own key.
-        let bearer = if fit.cloud {
-            self.config.token.as_ref().map(|t| t.expose())
-        } else {
-            fit.engine_key.as_ref().map(|k| k.expose())
-        };
+        let bearer = fit.credential.as_ref().map(auth_min::Token::expose);
         let counted = tokio::time::timeout(
             std::time::Duration::from_secs(2),
             self.engine

@@ -337,8 +337,11 @@ async fn forward<B: serde::Serialize>(
     body: &B,
     headers: &axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let manager = match orch.config.profile {
-        crate::config::Profile::Home => orch.config.pool_manager_url.clone(),
+    let (manager, credential) = match orch.config.profile {
+        crate::config::Profile::Home => (
+            orch.config.pool_manager_url.clone(),
+            orch.config.token.clone(),
+        ),
         crate::config::Profile::Cloud => orch.managers.owner_of(pool_id).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::NotFound,
@@ -347,13 +350,13 @@ async fn forward<B: serde::Serialize>(
         })?,
     };
     let url = format!("{manager}/v2/pools/{pool_id}/{action}");
-    // The same shared token authenticates us to pool-managerd; never logged.
+    // The node's own credential (CLOUD; the node token in HOME); never logged.
     let mut rb = orch
         .control_http
         .post(&url)
         .json(body)
         .timeout(Duration::from_secs(300));
-    if let Some(token) = &orch.config.token {
+    if let Some(token) = &credential {
         rb = rb.bearer_auth(token.expose());
     }
     // The caller's correlation id goes on to pool-managerd, so both logs join.
@@ -417,7 +420,7 @@ fn speaks_for(
             "this token speaks for node {own:?} only, not {node_id:?}"
         )),
         Some(_) => Ok(()),
-        None if orch.config.bound_nodes.contains(node_id) => refused(format!(
+        None if orch.config.node_credentials.per_node.contains_key(node_id) => refused(format!(
             "node {node_id:?} has its own token (ORCHD_NODE_TOKENS_FILE); only that token speaks for it"
         )),
         None => Ok(()),

@@ -26,6 +26,12 @@ pub struct Manager {
     pub node_id: Option<String>,
     /// Came through `/v2/nodes/register` (and is expected to heartbeat).
     pub registered: bool,
+    /// Its id was given by the operator (`ORCHD_POOL_MANAGERS=id=url`) or by an authenticated
+    /// registration, not learned from its own polls: only such an id picks a credential.
+    fixed_id: bool,
+    /// What orchestratord presents to it (polls, the engine proxy, drain, reload): the node's
+    /// own token (ORCHD_NODE_TOKENS_FILE) when its id has one, else the shared node token.
+    pub credential: Option<auth_min::Token>,
     pub availability: Availability,
     pub consecutive_ok: u32,
     pub consecutive_fail: u32,
@@ -42,10 +48,17 @@ pub struct Manager {
 }
 
 impl Manager {
-    fn new(url: String, registered: bool) -> Self {
+    fn new(
+        url: String,
+        registered: bool,
+        node_id: Option<String>,
+        credential: Option<auth_min::Token>,
+    ) -> Self {
         Self {
             url,
-            node_id: None,
+            fixed_id: node_id.is_some(),
+            node_id,
+            credential,
             registered,
             availability: Availability::Unknown,
             invalid: BTreeSet::new(),
@@ -69,21 +82,49 @@ pub enum RegisterRefused {
     Full { max: usize },
 }
 
+/// The credentials orchestratord presents to nodes: each node's own token by its id, else the
+/// one shared node token.
+#[derive(Debug, Clone, Default)]
+pub struct NodeCredentials {
+    pub per_node: BTreeMap<String, auth_min::Token>,
+    pub shared: Option<auth_min::Token>,
+}
+
+impl NodeCredentials {
+    /// What to present to the node `node_id` (an id the operator gave or a registration
+    /// proved; `None`: a manager known by its address only).
+    pub fn for_node(&self, node_id: Option<&str>) -> Option<auth_min::Token> {
+        node_id
+            .and_then(|id| self.per_node.get(id))
+            .or(self.shared.as_ref())
+            .cloned()
+    }
+}
+
 /// The poll set, shared with the node-registration endpoints.
 pub struct Managers {
     inner: RwLock<BTreeMap<String, Manager>>,
+    credentials: NodeCredentials,
     /// Wakes the poller at once (a node registered).
     pub poll_now: tokio::sync::Notify,
 }
 
 impl Managers {
-    pub fn new(urls: &[String]) -> Self {
-        let inner = urls
+    /// The configured managers (`(id, url)`: an id when the operator gave one).
+    pub fn new(configured: &[(Option<String>, String)], credentials: NodeCredentials) -> Self {
+        let inner = configured
             .iter()
-            .map(|u| (u.clone(), Manager::new(u.clone(), false)))
+            .map(|(id, url)| {
+                let credential = credentials.for_node(id.as_deref());
+                (
+                    url.clone(),
+                    Manager::new(url.clone(), false, id.clone(), credential),
+                )
+            })
             .collect();
         Self {
             inner: RwLock::new(inner),
+            credentials,
             poll_now: tokio::sync::Notify::new(),
         }
     }
@@ -144,10 +185,13 @@ impl Managers {
         {
             retired.extend(m.remove(url).map(|old| old.pools).unwrap_or_default());
         }
+        let credential = self.credentials.for_node(Some(node_id));
         let e = m
             .entry(url.to_string())
-            .or_insert_with(|| Manager::new(url.to_string(), true));
+            .or_insert_with(|| Manager::new(url.to_string(), true, None, None));
         e.node_id = Some(node_id.to_string());
+        e.fixed_id = true;
+        e.credential = credential;
         e.gpus = gpus;
         e.last_heartbeat = Some(Instant::now());
         drop(m);
@@ -181,13 +225,13 @@ impl Managers {
         m.remove(&url).map(|x| x.pools)
     }
 
-    /// The manager that owns `pool_id`, if any.
-    pub fn owner_of(&self, pool_id: &str) -> Option<String> {
+    /// The manager that owns `pool_id`, if any: its URL and what to present to it.
+    pub fn owner_of(&self, pool_id: &str) -> Option<(String, Option<auth_min::Token>)> {
         self.inner
             .read()
             .values()
             .find(|m| m.pools.contains(pool_id))
-            .map(|m| m.url.clone())
+            .map(|m| (m.url.clone(), m.credential.clone()))
     }
 }
 
@@ -197,6 +241,7 @@ pub(crate) trait NodeApi: Send + Sync + 'static {
     fn pools<'a>(
         &'a self,
         base_url: &'a str,
+        credential: Option<&'a str>,
         headers: reqwest::header::HeaderMap,
     ) -> BoxFuture<'a, Result<PoolsResponse, String>>;
 }
@@ -204,16 +249,16 @@ pub(crate) trait NodeApi: Send + Sync + 'static {
 /// The largest pool list a node may answer with (a few hundred pools fit in well under 1 MiB).
 const POLL_BODY_MAX: usize = 4 * 1024 * 1024;
 
-/// `GET {manager}/v2/pools` with the token (HOME may run without one, on loopback).
+/// `GET {manager}/v2/pools` with the node's credential (HOME may run without one, on loopback).
 pub(crate) struct HttpNodes {
     pub http: reqwest::Client,
-    pub token: Option<auth_min::Token>,
 }
 
 impl NodeApi for HttpNodes {
     fn pools<'a>(
         &'a self,
         base_url: &'a str,
+        credential: Option<&'a str>,
         headers: reqwest::header::HeaderMap,
     ) -> BoxFuture<'a, Result<PoolsResponse, String>> {
         async move {
@@ -221,8 +266,8 @@ impl NodeApi for HttpNodes {
                 .http
                 .get(format!("{base_url}/v2/pools"))
                 .headers(headers);
-            if let Some(token) = &self.token {
-                req = req.bearer_auth(token.expose());
+            if let Some(token) = credential {
+                req = req.bearer_auth(token);
             }
             let resp = req
                 .send()
@@ -286,29 +331,41 @@ impl CloudSource {
     }
 
     async fn poll_all(&self) {
-        let urls: Vec<String> = self.managers.list().into_iter().map(|m| m.url).collect();
-        let results = join_all(urls.iter().map(|u| async move {
+        let managers: Vec<(String, Option<auth_min::Token>)> = self
+            .managers
+            .list()
+            .into_iter()
+            .map(|m| (m.url, m.credential))
+            .collect();
+        let results = join_all(managers.iter().map(|(u, credential)| async move {
             let started = std::time::Instant::now();
-            let r = self.poll(u).await;
+            let r = self.poll(u, credential.as_ref()).await;
             (r, started.elapsed().as_secs_f64() * 1000.0)
         }))
         .await;
-        for (url, (result, ms)) in urls.iter().zip(results) {
+        for ((url, _), (result, ms)) in managers.iter().zip(results) {
             self.apply(url, result, ms);
         }
     }
 
-    async fn poll(&self, url: &str) -> PollResult {
+    async fn poll(&self, url: &str, credential: Option<&auth_min::Token>) -> PollResult {
         let span = tracing::info_span!("pool_health_check", manager = %url);
-        tracing::Instrument::instrument(self.poll_manager(url, &span), span.clone()).await
+        tracing::Instrument::instrument(self.poll_manager(url, credential, &span), span.clone())
+            .await
     }
 
-    async fn poll_manager(&self, url: &str, span: &tracing::Span) -> PollResult {
+    async fn poll_manager(
+        &self,
+        url: &str,
+        credential: Option<&auth_min::Token>,
+        span: &tracing::Span,
+    ) -> PollResult {
         let mut headers = reqwest::header::HeaderMap::new();
         llorch_observability::inject(span, &mut headers);
         // The timeout stays inside the interval, so a silent manager is judged by the next tick.
         let timeout = self.interval.mul_f64(0.8);
-        match tokio::time::timeout(timeout, self.nodes.pools(url, headers)).await {
+        let credential = credential.map(auth_min::Token::expose);
+        match tokio::time::timeout(timeout, self.nodes.pools(url, credential, headers)).await {
             Ok(Ok(p)) => PollResult::Ok(p),
             Ok(Err(error)) => PollResult::Failed(error),
             Err(_) => PollResult::Failed(format!("no answer within {} ms", timeout.as_millis())),
@@ -341,8 +398,9 @@ impl CloudSource {
                 m.consecutive_ok += 1;
                 m.consecutive_fail = 0;
                 m.last_error = None;
-                if !m.registered {
-                    // A registered node keeps the id it registered with: a poll does not rename it.
+                if !m.fixed_id {
+                    // An id given by the operator or a registration stays: a poll does not
+                    // rename it (nor choose what it is presented).
                     m.node_id = Some(resp.node_id.clone());
                 }
                 let usable = match m.availability {
@@ -403,7 +461,7 @@ impl CloudSource {
                         ejection: Default::default(),
                         url: format!("{url}/v2/pools/{}/engine", p.pool_id),
                         manager: Some(url.to_string()),
-                        engine_key: None,
+                        credential: m.credential.clone(),
                         healthy: usable && p.ready,
                         draining: p.draining,
                         last_error: p.last_error.clone(),

@@ -31,7 +31,9 @@ pub struct Args {
         default_value = "/var/lib/llama-orch/runtime"
     )]
     pub runtime_dir: PathBuf,
-    /// CLOUD: comma-separated pool-managerd base URLs to poll.
+    /// CLOUD: comma-separated pool-managerd base URLs to poll, each optionally named by its node
+    /// id (`node-a=https://gpu-1:9200`): a named node is presented its own token from
+    /// ORCHD_NODE_TOKENS_FILE, an unnamed one the shared node token.
     #[arg(long, env = "ORCHD_POOL_MANAGERS", default_value = "")]
     pub pool_managers: String,
     /// CLOUD: accept node registration (`POST /v2/nodes/register`) into the poll set.
@@ -267,8 +269,8 @@ impl Profile {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub profile: Profile,
-    /// CLOUD: pool-managerd base URLs from configuration.
-    pub pool_managers: Vec<String>,
+    /// CLOUD: pool-managerd base URLs from configuration, with the node id the operator gave.
+    pub pool_managers: Vec<(Option<String>, String)>,
     pub node_registration: bool,
     /// Most nodes registered at once (ORCHD_MAX_NODES).
     pub max_nodes: usize,
@@ -310,9 +312,10 @@ pub struct Config {
     pub api_keys_file: Option<PathBuf>,
     /// Only the shared token is set: it is client, admin and node credential at once.
     pub one_token_for_all: bool,
-    /// Node ids bound to their own tokens (ORCHD_NODE_TOKENS_FILE): only that token speaks
-    /// for them.
-    pub bound_nodes: std::collections::BTreeSet<String>,
+    /// What orchestratord presents to each node: node ids bound to their own tokens
+    /// (ORCHD_NODE_TOKENS_FILE; only that token speaks for them, and only it is presented to
+    /// them), else the shared node token.
+    pub node_credentials: crate::cloud_source::NodeCredentials,
     /// HTTPS, when a certificate and key are set.
     pub tls: Option<std::sync::Arc<llorch_http::tls::ServerTls>>,
     /// How pool-managerd is reached over https:// (the CA it is verified against).
@@ -535,13 +538,16 @@ impl Config {
             Some(path) => node_tokens(path)?,
             None => Vec::new(),
         };
-        let bound_nodes = nodes.iter().map(|(id, _)| id.clone()).collect();
         let one_token_for_all = shared.is_some()
             && admin.is_none()
             && node.is_none()
             && nodes.is_empty()
             && clients.is_empty();
         let token = node.clone().or_else(|| shared.clone());
+        let node_credentials = crate::cloud_source::NodeCredentials {
+            per_node: nodes.iter().cloned().collect(),
+            shared: token.clone(),
+        };
         if profile == Profile::Cloud && token.is_none() {
             return Err(ConfigError::Invalid(
                 "ORCHD_PROFILE=cloud needs a node token (LLORCH_NODE_TOKEN, or LLORCH_API_TOKEN, or their _FILE forms): pool-managerd and nodes authenticate with it".into(),
@@ -623,7 +629,7 @@ impl Config {
             keys,
             api_keys_file: a.api_keys_file,
             one_token_for_all,
-            bound_nodes,
+            node_credentials,
             tls,
             client_tls,
             json_logs,
@@ -691,16 +697,39 @@ pub fn node_schemes(tls: bool) -> llorch_contracts::address::Schemes {
 fn parse_managers(
     list: &str,
     schemes: llorch_contracts::address::Schemes,
-) -> Result<Vec<String>, ConfigError> {
-    let mut out = Vec::new();
-    for raw in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+) -> Result<Vec<(Option<String>, String)>, ConfigError> {
+    let mut out: Vec<(Option<String>, String)> = Vec::new();
+    for entry in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        // `id=url`: the '=' before any "://" names the node.
+        let (id, raw) = match entry.split_once('=') {
+            Some((id, url)) if !id.contains("://") => (Some(id.trim().to_string()), url.trim()),
+            _ => (None, entry),
+        };
+        if let Some(id) = &id {
+            if !llorch_contracts::handoff::is_valid_pool_id(id) {
+                return Err(ConfigError::Invalid(format!(
+                    "ORCHD_POOL_MANAGERS entry {entry:?}: node id {id:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+                )));
+            }
+            if out.iter().any(|(other, _)| other.as_ref() == Some(id)) {
+                return Err(ConfigError::Invalid(format!(
+                    "ORCHD_POOL_MANAGERS names node {id:?} twice"
+                )));
+            }
+        }
         let url = llorch_contracts::address::base_url(raw, schemes).map_err(|reason| {
             ConfigError::Invalid(format!(
-                "ORCHD_POOL_MANAGERS entry {raw:?} must be an http:// or https:// base URL: {reason}"
+                "ORCHD_POOL_MANAGERS entry {entry:?} must be an http:// or https:// base URL: {reason}"
             ))
         })?;
-        if !out.contains(&url) {
-            out.push(url);
+        match out.iter().find(|(_, u)| *u == url) {
+            Some((other, _)) if *other != id => {
+                return Err(ConfigError::Invalid(format!(
+                    "ORCHD_POOL_MANAGERS lists {url} twice under different node ids"
+                )))
+            }
+            Some(_) => {}
+            None => out.push((id, url)),
         }
     }
     Ok(out)
@@ -753,11 +782,17 @@ mod tests {
             "--pool-managers=http://a:9200/, http://b:9200,http://a:9200",
         ])
         .unwrap();
-        assert_eq!(c.pool_managers, vec!["http://a:9200", "http://b:9200"]);
+        let urls = |c: &Config| {
+            c.pool_managers
+                .iter()
+                .map(|(_, u)| u.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(urls(&c), vec!["http://a:9200", "http://b:9200"]);
         assert!(parse(&["--profile=cloud", token, "--node-registration=true"]).is_ok());
         assert!(parse(&["--profile=cloud", token, "--pool-managers=ftp://a"]).is_err());
         let c = parse(&["--profile=cloud", token, "--pool-managers=https://a:9200"]).unwrap();
-        assert_eq!(c.pool_managers, vec!["https://a:9200"]);
+        assert_eq!(urls(&c), vec!["https://a:9200"]);
         let e = parse(&[token, "--pool-managers=http://a:9200"]).unwrap_err();
         assert!(e.to_string().contains("ORCHD_PROFILE=cloud"), "{e}");
         assert!(parse(&["--profile=space", token]).is_err());

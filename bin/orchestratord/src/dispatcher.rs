@@ -227,7 +227,6 @@ impl Orchestrator {
         self.runners.spawn(async move {
             let runner = Runner {
                 engine: orch.engine.as_ref(),
-                token: orch.config.token.as_ref().map(|t| t.expose()),
                 first_token_timeout: orch.config.first_token_timeout,
                 decode_timeout: orch.config.decode_timeout,
                 tokens_out: crate::overview::TokensOut::new(&orch.metrics, &pool.pool_id),

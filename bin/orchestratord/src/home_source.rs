@@ -32,6 +32,8 @@ pub(crate) struct HomeSource {
 pub(crate) struct Manager {
     pub url: String,
     pub api: Arc<dyn NodeApi>,
+    /// What it is presented (the node token).
+    pub credential: Option<auth_min::Token>,
 }
 
 impl HomeSource {
@@ -94,7 +96,7 @@ impl HomeSource {
             last_error: None,
             in_flight: 0,
             manager: None,
-            engine_key: self.engine_key(&file.pool_id),
+            credential: self.engine_key(&file.pool_id),
             lost: Default::default(),
             phase,
             restarting_since: None,
@@ -163,9 +165,11 @@ impl HomeSource {
         let timeout = self.probe_interval.min(Duration::from_secs(2));
         let read = tokio::time::timeout(
             timeout,
-            manager
-                .api
-                .pools(&manager.url, reqwest::header::HeaderMap::new()),
+            manager.api.pools(
+                &manager.url,
+                manager.credential.as_ref().map(auth_min::Token::expose),
+                reqwest::header::HeaderMap::new(),
+            ),
         )
         .await;
         match read {

@@ -85,13 +85,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                             .builder()
                             .connect_timeout(Duration::from_secs(1))
                             .build()?,
-                        token: orch.config.token.clone(),
                     }),
+                    credential: orch.config.token.clone(),
                 }),
             };
             background.spawn(source.run(root.child_token()));
         }
-        (config::Profile::Cloud, Some(token)) => {
+        (config::Profile::Cloud, Some(_)) => {
+            if orch.config.node_credentials.per_node.is_empty() {
+                tracing::warn!("every node is reached with the one shared node token: a node holding it can drain, reload and use any other node's engines; give each node its own (ORCHD_NODE_TOKENS_FILE here, POOL_MANAGERD_REGISTRATION_TOKEN there; docs/SECURITY.md)");
+            }
             // No handoff watcher: in the cloud profile this process opens no pool-managerd path.
             let source = cloud_source::CloudSource {
                 metrics,
@@ -105,7 +108,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                         .connect_timeout(Duration::from_secs(1))
                         .pool_idle_timeout(Duration::from_secs(5))
                         .build()?,
-                    token: Some(token),
                 }),
                 interval: orch.config.pool_poll_interval,
                 recovery: orch.config.pool_poll_recovery,

@@ -25,9 +25,10 @@ pub struct PoolEntry {
     pub url: String,
     /// CLOUD: the pool-managerd that owns the pool (requests to it carry the token).
     pub manager: Option<String>,
-    /// HOME: the engine's API key (from `{runtime_dir}/keys/{pool_id}.key`; none for an
-    /// external engine), presented on every request to it.
-    pub engine_key: Option<auth_min::Token>,
+    /// What every request to `url` presents: HOME, the engine's API key (from
+    /// `{runtime_dir}/keys/{pool_id}.key`; none for an external engine); CLOUD, the node's
+    /// credential (its own token, else the shared node token).
+    pub credential: Option<auth_min::Token>,
     pub slots_total: u32,
     pub ctx_max: Option<u32>,
     pub engine: String,
@@ -176,10 +177,8 @@ pub struct CtxFit {
     pub smallest: u32,
     pub largest: u32,
     pub tokenizer_url: String,
-    /// The engine is behind a node's authenticated proxy.
-    pub cloud: bool,
-    /// HOME: the engine's own API key.
-    pub engine_key: Option<auth_min::Token>,
+    /// What the tokenizer's URL wants presented (the pool's credential).
+    pub credential: Option<auth_min::Token>,
 }
 
 pub struct PoolTable {
@@ -253,16 +252,15 @@ impl PoolTable {
             smallest = smallest.min(ctx);
             largest = largest.max(ctx);
             if p.healthy && tokenizer.is_none() {
-                tokenizer = Some((p.url.clone(), p.manager.is_some(), p.engine_key.clone()));
+                tokenizer = Some((p.url.clone(), p.credential.clone()));
             }
         }
-        let (tokenizer_url, cloud, engine_key) = tokenizer?;
+        let (tokenizer_url, credential) = tokenizer?;
         Some(CtxFit {
             smallest,
             largest,
             tokenizer_url,
-            cloud,
-            engine_key,
+            credential,
         })
     }
 

@@ -50,8 +50,6 @@ pub(crate) enum Outcome {
 /// What a runner needs, borrowed from the orchestrator: it reads, it never writes back.
 pub(crate) struct Runner<'a> {
     pub engine: &'a dyn Engine,
-    /// CLOUD: the token for pool-managerd's proxy.
-    pub token: Option<&'a str>,
     pub first_token_timeout: Duration,
     pub decode_timeout: Duration,
     /// `orchd_tokens_out_total` of this pool, looked up once: the loop below runs per token.
@@ -111,11 +109,7 @@ impl Runner<'_> {
         let call = CompletionCall {
             base_url: &pool.url,
             path,
-            // CLOUD: the node's proxy wants the node credential; HOME: the engine its own key.
-            bearer: match &pool.manager {
-                Some(_) => self.token,
-                None => pool.engine_key.as_ref().map(auth_min::Token::expose),
-            },
+            bearer: pool.credential.as_ref().map(auth_min::Token::expose),
             headers,
             body,
         };

@@ -113,7 +113,10 @@ impl Orchestrator {
         Ok(Self {
             retired: Arc::default(),
             pools: Arc::new(PoolTable::new(wake.clone())),
-            managers: Arc::new(crate::cloud_source::Managers::new(&config.pool_managers)),
+            managers: Arc::new(crate::cloud_source::Managers::new(
+                &config.pool_managers,
+                config.node_credentials.clone(),
+            )),
             queue: Mutex::new(Queue {
                 tasks: AdmissionQueue::new(config.admission_capacity),
                 expiries: ExpiryHeap::new(),

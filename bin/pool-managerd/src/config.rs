@@ -161,9 +161,10 @@ pub struct Args {
     /// the system's roots when unset.
     #[arg(long, env = "LLORCH_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
-    /// CLOUD: the token this node registers and heartbeats with, when orchestratord binds
-    /// node ids to their own tokens (its line in ORCHD_NODE_TOKENS_FILE); default: the node
-    /// token. Prefer the _FILE form.
+    /// This node's own token (its line in orchestratord's ORCHD_NODE_TOKENS_FILE): when set,
+    /// the only credential this daemon accepts (from orchestratord's polls, proxy, drain and
+    /// reload) and the one it registers and heartbeats with; the shared node token no longer
+    /// opens it. Default: the node token. Prefer the _FILE form.
     #[arg(long, env = "POOL_MANAGERD_REGISTRATION_TOKEN", hide_env_values = true)]
     pub registration_token: Option<String>,
     #[arg(long, env = "POOL_MANAGERD_REGISTRATION_TOKEN_FILE")]
@@ -241,6 +242,8 @@ pub struct Config {
     pub proxy_max_duration: Duration,
     pub conn_limits: llorch_http::ConnLimits,
     pub token: Option<Token>,
+    /// `token` is this node's own (POOL_MANAGERD_REGISTRATION_TOKEN), not one shared by nodes.
+    pub own_token: bool,
     /// HTTPS, when a certificate and key are set.
     pub tls: Option<std::sync::Arc<llorch_http::tls::ServerTls>>,
     /// How orchestratord is reached over https:// (the CA it is verified against, the
@@ -284,7 +287,15 @@ impl Config {
             args.node_token.as_deref(),
             args.node_token_file.as_deref(),
         )?;
-        let token = node.or(shared);
+        // The node's own token (its line in ORCHD_NODE_TOKENS_FILE), when it has one, is the only
+        // credential it takes and presents: no token another node holds opens this one.
+        let own = auth_min::load_token_as(
+            "POOL_MANAGERD_REGISTRATION_TOKEN",
+            args.registration_token.as_deref(),
+            args.registration_token_file.as_deref(),
+        )?;
+        let own_token = own.is_some();
+        let token = own.or(node).or(shared);
         auth_min::check_bind(
             args.bind_addr,
             token.as_ref(),
@@ -323,12 +334,7 @@ impl Config {
                         "POOL_MANAGERD_ORCHESTRATORD_URL {url:?} must start with http:// or https://"
                     )));
                 }
-                let own = auth_min::load_token_as(
-                    "POOL_MANAGERD_REGISTRATION_TOKEN",
-                    args.registration_token.as_deref(),
-                    args.registration_token_file.as_deref(),
-                )?;
-                let Some(presented) = own.or_else(|| token.clone()) else {
+                let Some(presented) = token.clone() else {
                     return Err(ConfigError::Invalid(
                         "POOL_MANAGERD_ORCHESTRATORD_URL needs a token (LLORCH_NODE_TOKEN, or LLORCH_API_TOKEN, or their _FILE forms)".into(),
                     ));
@@ -355,6 +361,7 @@ impl Config {
             }
         };
         Ok(Config {
+            own_token,
             registration,
             bind_addr: args.bind_addr,
             runtime_dir: args.runtime_dir,

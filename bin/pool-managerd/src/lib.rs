@@ -159,6 +159,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tls = if shared.config.tls.is_some() { "on" } else { "off" },
         "pool-managerd listening"
     );
+    if shared.config.token.is_some() && !shared.config.own_token && !local.ip().is_loopback() {
+        tracing::warn!("this node takes the node token every node holds: any of them can drain, reload and use this node's engines; give it its own (POOL_MANAGERD_REGISTRATION_TOKEN, and its line in orchestratord's ORCHD_NODE_TOKENS_FILE; docs/SECURITY.md)");
+    }
     let app = api::router(shared.clone());
     let server_cancel = root.child_token();
     let limits = shared.config.conn_limits;

@@ -286,6 +286,21 @@ pub fn start_node(
     pools: &[PoolSpec<'_>],
     token: Option<&str>,
 ) -> usize {
+    let env: Vec<(&'static str, String)> = token
+        .map(|t| ("LLORCH_API_TOKEN", t.to_string()))
+        .into_iter()
+        .collect();
+    start_node_with(net, host, i, pools, &env)
+}
+
+/// [`start_node`] with more of pool-managerd's environment (`extra` wins).
+pub fn start_node_with(
+    net: &mut Net,
+    host: &Host,
+    i: usize,
+    pools: &[PoolSpec<'_>],
+    extra: &[(&'static str, String)],
+) -> usize {
     std::fs::write(net.path(&format!("node{i}.toml")), pools_toml(pools)).unwrap();
     let mut env = pool_managerd_env(
         &net.path(&format!("node{i}.toml")),
@@ -295,9 +310,7 @@ pub fn start_node(
         ("POOL_MANAGERD_BIND_ADDR", format!("{}:9200", host.addr)),
         ("POOL_MANAGERD_NODE_ID", format!("node{i}")),
     ]);
-    if let Some(t) = token {
-        env.push(("LLORCH_API_TOKEN", t.to_string()));
-    }
+    env.extend(extra.iter().cloned());
     net.spawn_in(
         &host.ns,
         &workspace_binary("pool-managerd"),

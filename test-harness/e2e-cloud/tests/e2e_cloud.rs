@@ -353,3 +353,189 @@ async fn an_openai_chat_stream_runs_through_the_nodes_proxy() {
     assert_eq!(st["state"], "completed", "{st}");
     assert_eq!(st["pool_id"], "a0");
 }
+
+/// `curl` inside `ns`: the HTTP status of `method url` with `token`.
+fn status_from(ns: &str, method: &str, url: &str, token: &str) -> u16 {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args([
+            "-X",
+            method,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            "{}",
+        ])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(url)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+// covers: AUTH-5116
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_own_token_opens_that_node_only_and_orchestratord_presents_each_its_own() {
+    use std::os::unix::fs::PermissionsExt;
+    const A: &str = "node-zero-own-token-0a1b2c3d";
+    const B: &str = "node-one-own-token-4e5f6a7b";
+    let mut net = Net::new();
+    let orch = net.orchestrator_host();
+    let hosts = [net.node_host(&orch, 1), net.node_host(&orch, 2)];
+    let tokens = net.path("node-tokens");
+    std::fs::write(&tokens, format!("node0:{A}\nnode1:{B}\n")).unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut env = net.cloud_orchestratord_env(&hosts);
+    env.extend([
+        ("ORCHD_POOL_POLL_INTERVAL_MS", "1000".to_string()),
+        ("ORCHD_NODE_TOKENS_FILE", tokens.display().to_string()),
+        (
+            "ORCHD_POOL_MANAGERS",
+            format!(
+                "node0=http://{}:9200,node1=http://{}:9200",
+                hosts[0].addr, hosts[1].addr
+            ),
+        ),
+    ]);
+    net.spawn_in(
+        &orch.ns,
+        &workspace_binary("orchestratord"),
+        &env,
+        &net.path("orchestratord.log"),
+    );
+    // Each node holds the shared token too (the spawn's LLORCH_API_TOKEN): its own overrides it.
+    for (i, (own, pool)) in [(A, "a0"), (B, "b0")].into_iter().enumerate() {
+        start_node_with(
+            &mut net,
+            &hosts[i],
+            i,
+            &[(pool, "tiny", 1, 4096)],
+            &[("POOL_MANAGERD_REGISTRATION_TOKEN", own.to_string())],
+        );
+    }
+    let api = OrchClient::new(format!("http://{}:8080", orch.addr), TOKEN);
+    api.wait_healthy(&["a0", "b0"], Duration::from_secs(40))
+        .await;
+    // orchestratord polls and proxies with each node's own token: work runs on both.
+    for pool in ["a0", "b0"] {
+        let id = api
+            .submit(
+                serde_json::json!({"model_ref": "tiny", "prompt": "x", "max_tokens": 5,
+                "placement": {"mode": "pin", "pin_pool_id": pool}}),
+            )
+            .await;
+        let st = api.finish(&id, Duration::from_secs(20)).await;
+        assert_eq!(st["state"], "completed", "{st}");
+    }
+    // Node 1's token (or the shared one) opens nothing on node 0: not its pools, its drain or
+    // its engines; node 0's own does.
+    let node0 = format!("http://{}:9200", hosts[0].addr);
+    for token in [B, TOKEN] {
+        assert_eq!(
+            status_from(&orch.ns, "GET", &format!("{node0}/v2/pools"), token),
+            401
+        );
+        assert_eq!(
+            status_from(
+                &orch.ns,
+                "POST",
+                &format!("{node0}/v2/pools/a0/drain"),
+                token
+            ),
+            401
+        );
+        assert_eq!(
+            status_from(
+                &orch.ns,
+                "POST",
+                &format!("{node0}/v2/pools/a0/engine/completion"),
+                token
+            ),
+            401
+        );
+    }
+    assert_eq!(
+        status_from(&orch.ns, "GET", &format!("{node0}/v2/pools"), A),
+        200
+    );
+}
+
+// covers: CLOUD-4117
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_credential_cannot_take_another_nodes_address_or_retire_it() {
+    let c = Cluster::start(
+        &[
+            (&[("a0", "tiny", 1, 4096)], None),
+            (&[("b0", "tiny", 1, 4096)], None),
+        ],
+        &[("ORCHD_NODE_REGISTRATION", "true".into())],
+    )
+    .await;
+    c.wait_healthy("a0", true, Duration::from_secs(40)).await;
+    c.wait_healthy("b0", true, Duration::from_secs(40)).await;
+    let register = |address: String| {
+        let url = format!("{}/v2/nodes/register", c.api.base);
+        async move {
+            authed_client(TOKEN)
+                .post(url)
+                .json(&serde_json::json!({"node_id": "intruder", "address": address, "gpus": [], "pools": []}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // The shared node credential, at node 0's address (spelt another way too): refused.
+    let victim = format!("http://{}:9200", c.nodes[0].addr);
+    assert_eq!(register(victim.clone()).await, 409);
+    assert_eq!(register(format!("{victim}/")).await, 409);
+    // The same id elsewhere (the test's own end of the link: nothing listens there) is a node
+    // of its own, and retires nobody.
+    let (net, _) = c.orch.addr.rsplit_once('.').unwrap();
+    let elsewhere = format!("http://{net}.1:9");
+    assert_eq!(register(elsewhere.clone()).await, 200);
+    // Once the intruder was polled (and found wanting), node 0 still serves and work runs there.
+    wait_for("the intruder polled", Duration::from_secs(10), || async {
+        c.api
+            .nodes()
+            .await
+            .iter()
+            .any(|n| n["address"] == elsewhere.as_str() && n["availability"] == "unavailable")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(c.healthy("a0").await, Some(true));
+    let id = c
+        .api
+        .submit(
+            serde_json::json!({"model_ref": "tiny", "prompt": "x", "max_tokens": 5,
+            "placement": {"mode": "pin", "pin_pool_id": "a0"}}),
+        )
+        .await;
+    assert_eq!(
+        c.api.finish(&id, Duration::from_secs(20)).await["state"],
+        "completed"
+    );
+    let nodes = c.api.nodes().await;
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n["address"] == victim.as_str() && n["availability"] == "available"),
+        "{nodes:?}"
+    );
+}

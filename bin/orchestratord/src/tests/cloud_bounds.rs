@@ -37,6 +37,8 @@ pub enum Node {
 pub struct ScriptedNodes {
     nodes: Mutex<std::collections::HashMap<String, Node>>,
     polls: AtomicUsize,
+    /// The credential each node was last presented.
+    presented: Mutex<std::collections::HashMap<String, Option<String>>>,
 }
 
 impl ScriptedNodes {
@@ -47,15 +49,24 @@ impl ScriptedNodes {
     pub fn polls(&self) -> usize {
         self.polls.load(Ordering::SeqCst)
     }
+
+    /// The credential the node at `url` was last presented.
+    pub fn presented(&self, url: &str) -> Option<Option<String>> {
+        self.presented.lock().get(url).cloned()
+    }
 }
 
 impl crate::cloud_source::NodeApi for ScriptedNodes {
     fn pools<'a>(
         &'a self,
         base_url: &'a str,
+        credential: Option<&'a str>,
         _headers: reqwest::header::HeaderMap,
     ) -> BoxFuture<'a, Result<llorch_contracts::PoolsResponse, String>> {
         self.polls.fetch_add(1, Ordering::SeqCst);
+        self.presented
+            .lock()
+            .insert(base_url.to_string(), credential.map(str::to_string));
         let node = self
             .nodes
             .lock()
@@ -286,7 +297,14 @@ async fn a_pool_id_reported_by_a_second_node_is_ignored_and_the_first_keeps_it()
         assert_eq!(p1.manager.as_deref(), Some("http://n1"));
         assert!(usable(&h, "p3"));
     }
-    assert_eq!(h.orch.managers.owner_of("p1").as_deref(), Some("http://n1"));
+    assert_eq!(
+        h.orch
+            .managers
+            .owner_of("p1")
+            .map(|(url, _)| url)
+            .as_deref(),
+        Some("http://n1")
+    );
     // Three polls saw the conflict; it is logged once, when it began.
     assert_eq!(log.count("already served by another pool-managerd"), 1);
 }
@@ -313,7 +331,14 @@ async fn a_pool_id_held_by_an_unavailable_node_moves_to_the_node_reporting_it_an
     at(start + 2 * INTERVAL).await;
     assert_eq!(holder(&h).as_deref(), Some("http://n3"));
     assert!(usable(&h, "p1"));
-    assert_eq!(h.orch.managers.owner_of("p1").as_deref(), Some("http://n3"));
+    assert_eq!(
+        h.orch
+            .managers
+            .owner_of("p1")
+            .map(|(url, _)| url)
+            .as_deref(),
+        Some("http://n3")
+    );
     // n1 comes back reporting p1: n3 keeps it (n1's failed polls no longer touch it either).
     nodes.set("http://n1", Node::Up(vec!["p1"]));
     for k in 3..6 {
@@ -611,4 +636,80 @@ async fn a_node_address_must_be_a_plain_base_url_and_https_while_tls_is_on() {
         assert_eq!(register(&h, "a", bad).await, 400, "{bad}");
     }
     assert!(h.orch.managers.list().is_empty());
+}
+
+// covers: AUTH-5116
+#[tokio::test(start_paused = true)]
+async fn each_node_is_presented_its_own_token_and_only_an_unnamed_one_the_shared_token() {
+    use std::os::unix::fs::PermissionsExt;
+    const SHARED: &str = "shared-node-token-0123456";
+    const A: &str = "node-a-own-token-0123456";
+    const B: &str = "node-b-own-token-0123456";
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("node-tokens");
+    std::fs::write(&tokens, format!("node-a:{A}\nnode-b:{B}\n")).unwrap();
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let h = Harness::start_with_keys(&[
+        "--profile=cloud",
+        "--node-registration=true",
+        &format!("--node-token={SHARED}"),
+        &format!("--node-tokens-file={}", tokens.display()),
+        "--pool-managers=node-a=http://a,http://c",
+    ]);
+    let nodes = Arc::new(ScriptedNodes::default());
+    // Node a calls itself something else in its answers: the id the operator gave stays, and
+    // so does the token it picks.
+    nodes.set("http://a", Node::Up(vec!["pa"]));
+    nodes.set("http://b", Node::Up(vec!["pb"]));
+    nodes.set("http://c", Node::Up(vec!["pc"]));
+    h.poll(nodes.clone());
+    settle().await;
+    let register = {
+        use tower::ServiceExt;
+        let body = r#"{"node_id":"node-b","address":"http://b","gpus":[],"pools":[]}"#;
+        let req = axum::http::Request::post("/v2/nodes/register")
+            .header("authorization", format!("Bearer {B}"))
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body))
+            .unwrap();
+        crate::api::router(h.orch.clone())
+            .oneshot(req)
+            .await
+            .unwrap()
+    };
+    assert_eq!(register.status(), 200);
+    settle().await;
+    let presented = |url: &str| nodes.presented(url).flatten();
+    assert_eq!(presented("http://a").as_deref(), Some(A));
+    assert_eq!(presented("http://b").as_deref(), Some(B));
+    assert_eq!(presented("http://c").as_deref(), Some(SHARED));
+    // What goes to each node's engine proxy, and with a drain or reload, is its own too.
+    let pool_credential = |pool: &str| {
+        h.orch
+            .pools
+            .get(pool)
+            .and_then(|p| p.credential)
+            .map(|t| t.expose().to_string())
+    };
+    assert_eq!(pool_credential("pa").as_deref(), Some(A));
+    assert_eq!(pool_credential("pb").as_deref(), Some(B));
+    assert_eq!(pool_credential("pc").as_deref(), Some(SHARED));
+    let owner = h.orch.managers.owner_of("pa").unwrap();
+    assert_eq!(owner.0, "http://a");
+    assert_eq!(owner.1.map(|t| t.expose().to_string()).as_deref(), Some(A));
+    let ids: Vec<Option<String>> = h
+        .orch
+        .managers
+        .list()
+        .into_iter()
+        .map(|m| m.node_id)
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            Some("node-a".into()),
+            Some("node-b".into()),
+            Some("c".into())
+        ]
+    );
 }

@@ -313,6 +313,7 @@ impl Harness {
             manager: Some(crate::home_source::Manager {
                 url: manager_url.to_string(),
                 api: manager,
+                credential: None,
             }),
         };
         tokio::spawn(source.run(self.cancel.child_token()));
@@ -343,7 +344,7 @@ pub fn pool(id: &str, slots: u32) -> PoolEntry {
         model_id: "tiny".into(),
         url: format!("http://{id}"),
         manager: None,
-        engine_key: None,
+        credential: None,
         slots_total: slots,
         ctx_max: None,
         engine: "llamacpp".into(),
