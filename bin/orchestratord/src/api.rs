@@ -42,16 +42,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/nodes", get(nodes))
         .route("/v2/nodes/{id}", axum::routing::delete(deregister_node))
         .route("/v2/overview", get(crate::overview::overview));
-    let mut node = Router::new()
-        .route("/v2/nodes/register", post(register_node))
-        .route("/v2/nodes/{id}/heartbeat", post(heartbeat));
-    if state.config.tls.as_ref().is_some_and(|t| t.mutual()) {
-        node = node.route_layer(axum::middleware::from_fn(require_client_cert));
-    }
     let gate = |role| llorch_http::Gate {
         keys: state.config.keys.clone(),
         role,
     };
+    let mut gated = vec![
+        (client, gate(auth_min::Role::Client)),
+        (admin, gate(auth_min::Role::Admin)),
+    ];
+    // With a listener of their own (ORCHD_NODE_BIND_ADDR) the node routes are served there
+    // only ([`node_router`]).
+    if state.config.node_bind_addr.is_none() {
+        gated.push((node_routes(&state), gate(auth_min::Role::Node)));
+    }
     let public = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -60,16 +63,66 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ui::router())
         // OpenAI's routes answer (auth included) in OpenAI's error shape.
         .nest("/v1", crate::openai::router(&state));
+    llorch_http::assemble(public, gated, state.config.max_body_bytes)
+        .layer(axum::middleware::from_fn(nodes_only_on_reserve))
+        .with_state(state)
+}
+
+/// The node routes: registration and heartbeats (mutual TLS: a node certificate too).
+fn node_routes(state: &AppState) -> Router<AppState> {
+    let node = Router::new()
+        .route("/v2/nodes/register", post(register_node))
+        .route("/v2/nodes/{id}/heartbeat", post(heartbeat));
+    if state.config.tls.as_ref().is_some_and(|t| t.mutual()) {
+        node.route_layer(axum::middleware::from_fn(require_client_cert))
+    } else {
+        node
+    }
+}
+
+/// The node listener's routes (ORCHD_NODE_BIND_ADDR): registration, heartbeats and `/health`.
+pub fn node_router(state: AppState) -> Router {
+    let gate = llorch_http::Gate {
+        keys: state.config.keys.clone(),
+        role: auth_min::Role::Node,
+    };
     llorch_http::assemble(
-        public,
-        vec![
-            (client, gate(auth_min::Role::Client)),
-            (admin, gate(auth_min::Role::Admin)),
-            (node, gate(auth_min::Role::Node)),
-        ],
+        Router::new().route("/health", get(health)),
+        vec![(node_routes(&state), gate)],
         state.config.max_body_bytes,
     )
     .with_state(state)
+}
+
+/// A connection on the reserved share of the connection cap (all the others are taken) serves
+/// node registration and heartbeats only: whatever clients hold, a heartbeat gets in.
+async fn nodes_only_on_reserve(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let for_nodes = {
+        let path = req.uri().path();
+        path == "/v2/nodes/register"
+            || (path.starts_with("/v2/nodes/") && path.ends_with("/heartbeat"))
+    };
+    if req
+        .extensions()
+        .get::<llorch_http::ReservedConn>()
+        .is_some()
+        && !for_nodes
+    {
+        tracing::debug!(path = %req.uri().path(), "connection cap reached: a client request on a node connection refused");
+        return llorch_http::closing(
+            ApiError::new(
+                ErrorCode::AdmissionReject,
+                "orchestratord is at its connection cap (ORCHD_MAX_CONNECTIONS); retry",
+            )
+            .with_retry_after(1000)
+            .with_policy_label("connection_cap")
+            .into_response(),
+        );
+    }
+    next.run(req).await
 }
 
 /// Mutual TLS: a node route needs a client certificate that chained to ORCHD_TLS_CLIENT_CA_FILE

@@ -89,6 +89,26 @@ pub struct Args {
     /// HTTP connections served at once (more wait in the accept queue).
     #[arg(long, env = "ORCHD_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// CLOUD: a listener of its own for node registration and heartbeats (the node routes
+    /// leave the API address): no client load can delay a heartbeat. Nodes then register at
+    /// this address (POOL_MANAGERD_ORCHESTRATORD_URL).
+    #[arg(long, env = "ORCHD_NODE_BIND_ADDR")]
+    pub node_bind_addr: Option<SocketAddr>,
+    /// Without ORCHD_NODE_BIND_ADDR: connections of ORCHD_MAX_CONNECTIONS kept for node
+    /// registration and heartbeats; a connection accepted on them serves nothing else (429).
+    #[arg(long, env = "ORCHD_NODE_RESERVED_CONNECTIONS", default_value_t = 64)]
+    pub node_reserved_connections: usize,
+    /// A response the client stops reading (an SSE stream, say) is cut after this long without
+    /// progress, and its connection freed.
+    #[arg(long, env = "ORCHD_STREAM_STALL_TIMEOUT_MS", default_value_t = 30_000)]
+    pub stream_stall_timeout_ms: u64,
+    /// Most event subscribers one task may have at once (429 beyond).
+    #[arg(long, env = "ORCHD_MAX_SUBSCRIBERS_PER_TASK", default_value_t = 32)]
+    pub max_subscribers_per_task: usize,
+    /// Most streams (`/v2` event subscriptions and streamed `/v1` answers) one key may hold
+    /// open at once, unless its line in the keys file says `conns=N` (429 beyond).
+    #[arg(long, env = "ORCHD_KEY_MAX_STREAMS", default_value_t = 256)]
+    pub key_max_streams: u32,
     /// Longest a client may take to send a request's headers.
     #[arg(long, env = "ORCHD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
@@ -290,6 +310,11 @@ pub struct Config {
     pub openai_default_max_tokens: u32,
     pub max_body_bytes: usize,
     pub conn_limits: llorch_http::ConnLimits,
+    /// CLOUD: the node routes' own listener (ORCHD_NODE_BIND_ADDR).
+    pub node_bind_addr: Option<SocketAddr>,
+    pub max_subscribers_per_task: usize,
+    /// Most open streams of a key without `conns=`.
+    pub key_max_streams: u32,
     pub max_queue_wait: Duration,
     pub model_memory: Duration,
     pub first_token_timeout: Duration,
@@ -465,6 +490,28 @@ impl Config {
                 "ORCHD_POOL_MANAGERS and ORCHD_NODE_REGISTRATION need ORCHD_PROFILE=cloud".into(),
             ));
         }
+        if let Some(node_addr) = a.node_bind_addr {
+            if profile == Profile::Home {
+                return Err(ConfigError::Invalid(
+                    "ORCHD_NODE_BIND_ADDR needs ORCHD_PROFILE=cloud (nodes register only there)"
+                        .into(),
+                ));
+            }
+            if node_addr == a.bind_addr {
+                return Err(ConfigError::Invalid(format!(
+                    "ORCHD_NODE_BIND_ADDR {node_addr} is ORCHD_BIND_ADDR: give the node routes another port"
+                )));
+            }
+        }
+        if profile == Profile::Cloud
+            && a.node_bind_addr.is_none()
+            && a.node_reserved_connections >= a.max_connections
+        {
+            return Err(ConfigError::Invalid(format!(
+                "ORCHD_NODE_RESERVED_CONNECTIONS ({}) must be below ORCHD_MAX_CONNECTIONS ({}): clients need connections too",
+                a.node_reserved_connections, a.max_connections
+            )));
+        }
         let admission_policy = match a.admission_policy.as_str() {
             "reject" => AdmissionPolicy::Reject,
             "drop-lru" => AdmissionPolicy::DropLru,
@@ -604,9 +651,28 @@ impl Config {
                     1,
                 )
                 .map_err(ConfigError::Invalid)?,
+                // With a node listener of its own, the API address keeps nothing back.
+                reserved: if a.node_bind_addr.is_some() || profile == Profile::Home {
+                    0
+                } else {
+                    a.node_reserved_connections
+                },
                 header_read_timeout: ms("ORCHD_HEADER_READ_TIMEOUT_MS", a.header_read_timeout_ms)?,
                 body_read_timeout: ms("ORCHD_BODY_READ_TIMEOUT_MS", a.body_read_timeout_ms)?,
+                write_stall_timeout: ms(
+                    "ORCHD_STREAM_STALL_TIMEOUT_MS",
+                    a.stream_stall_timeout_ms,
+                )?,
             },
+            node_bind_addr: a.node_bind_addr,
+            max_subscribers_per_task: llorch_http::at_least(
+                "ORCHD_MAX_SUBSCRIBERS_PER_TASK",
+                a.max_subscribers_per_task,
+                1,
+            )
+            .map_err(ConfigError::Invalid)?,
+            key_max_streams: llorch_http::at_least("ORCHD_KEY_MAX_STREAMS", a.key_max_streams, 1)
+                .map_err(ConfigError::Invalid)?,
             max_queue_wait: ms("ORCHD_MAX_QUEUE_WAIT_MS", a.max_queue_wait_ms)?,
             model_memory: Duration::from_millis(a.model_memory_ms),
             first_token_timeout: ms("ORCHD_FIRST_TOKEN_TIMEOUT_MS", a.first_token_timeout_ms)?,

@@ -47,6 +47,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 config.bind_addr
             )
         })?;
+    // ORCHD_NODE_BIND_ADDR: the node routes on a listener of their own.
+    let node_listener = match config.node_bind_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind ORCHD_NODE_BIND_ADDR {addr}"))?,
+        ),
+        None => None,
+    };
     // ORCHD_METRICS_PORT: /metrics alone on a second port.
     let metrics_listener = llorch_http::metrics_port::bind(config.metrics_addr).await?;
     let metrics = Arc::new(metrics::Metrics::new()?);
@@ -176,6 +185,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         background.spawn(llorch_http::metrics_port::serve(
             listener,
             app.clone(),
+            orch.config.conn_limits,
+            orch.config.tls.clone(),
+            root.child_token().cancelled_owned(),
+        ));
+    }
+    if let Some(listener) = node_listener {
+        tracing::info!(addr = %listener.local_addr().unwrap_or(local), "node routes listening");
+        background.spawn(llorch_http::serve(
+            listener,
+            api::node_router(orch.clone()),
             orch.config.conn_limits,
             orch.config.tls.clone(),
             root.child_token().cancelled_owned(),

@@ -97,6 +97,70 @@ impl Drop for SubscriberGuard {
     }
 }
 
+/// One of a key's open streams, taken before a stream starts and given back when it is dropped
+/// (every way a connection ends). A key holds at most its `conns=` (else
+/// `ORCHD_KEY_MAX_STREAMS`), so one key cannot take the connections every other key and the
+/// nodes need.
+pub(crate) struct StreamSlot(Arc<std::sync::atomic::AtomicU32>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Orchestrator {
+    /// A stream slot of `caller`'s key, or 429 when it holds its most.
+    pub(crate) fn open_stream(&self, caller: &auth_min::Principal) -> Result<StreamSlot, ApiError> {
+        use std::sync::atomic::Ordering;
+        let most = caller.limits.conns.unwrap_or(self.config.key_max_streams);
+        let open = self
+            .key_streams
+            .lock()
+            .entry(caller.name.clone())
+            .or_default()
+            .clone();
+        let taken = open.fetch_add(1, Ordering::SeqCst);
+        let slot = StreamSlot(open);
+        if taken >= most {
+            drop(slot);
+            self.metrics
+                .key_tasks
+                .with_label_values(&[&caller.name, "key_streams"])
+                .inc();
+            tracing::info!(key = %caller.name, most, "stream refused: the key holds its most open streams");
+            return Err(ApiError::new(
+                ErrorCode::AdmissionReject,
+                format!(
+                    "key {:?} holds {most} open streams, its limit (conns= in the keys file, else ORCHD_KEY_MAX_STREAMS)",
+                    caller.name
+                ),
+            )
+            .with_retry_after(1000)
+            .with_policy_label("key_streams"));
+        }
+        Ok(slot)
+    }
+
+    /// Refused (429) when `task` has its most subscribers (ORCHD_MAX_SUBSCRIBERS_PER_TASK).
+    pub(crate) fn room_to_follow(&self, task: &Task) -> Result<(), ApiError> {
+        let most = self.config.max_subscribers_per_task;
+        if task.subscriber_count() >= most {
+            tracing::info!(task_id = %task.id, most, "subscription refused: the task has its most subscribers");
+            return Err(ApiError::new(
+                ErrorCode::AdmissionReject,
+                format!(
+                    "task {} has {most} subscribers, the most one task may have (ORCHD_MAX_SUBSCRIBERS_PER_TASK)",
+                    task.id
+                ),
+            )
+            .with_retry_after(1000)
+            .with_policy_label("task_subscribers"));
+        }
+        Ok(())
+    }
+}
+
 fn abandon(orch: &Orchestrator, task: &Arc<Task>) {
     tracing::info!(task_id = %task.id, "last subscriber gone; cancelling task");
     orch.cancel(
@@ -127,6 +191,7 @@ struct StreamState {
     done: bool,
     verbose: bool,
     _guard: SubscriberGuard,
+    _slot: StreamSlot,
     /// Lives as long as the stream: the span's duration is the subscription's.
     _span: tracing::Span,
 }
@@ -140,6 +205,15 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::InvalidParams, e.body_text()))?;
     let task = crate::api::visible_task(&orch, &id, &caller)?;
+    // Refused for want of room: the connection goes too (a client that opens thousands and
+    // reads nothing must not keep them as idle keep-alives).
+    let slot = match orch
+        .room_to_follow(&task)
+        .and_then(|()| orch.open_stream(&caller))
+    {
+        Ok(slot) => slot,
+        Err(refused) => return Ok(llorch_http::closing(refused.into_response())),
+    };
     let next = match headers.get("last-event-id") {
         None => 0,
         Some(v) => v
@@ -167,6 +241,7 @@ pub async fn events(
         _span: span,
         rx: task.watch_frames(),
         _guard: SubscriberGuard::new(orch.clone(), task.clone()),
+        _slot: slot,
         task,
         next,
         pending: VecDeque::new(),

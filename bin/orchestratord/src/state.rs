@@ -45,6 +45,8 @@ pub(crate) struct Orchestrator {
     pub runners: TaskTracker,
     /// Each limited key's admission bucket and count of unfinished tasks.
     pub key_limits: Mutex<HashMap<Arc<str>, crate::admission::KeyState>>,
+    /// Streams each key holds open now (`crate::sse::StreamSlot`).
+    pub key_streams: Mutex<HashMap<Arc<str>, Arc<std::sync::atomic::AtomicU32>>>,
     /// Which prompt prefixes each pool served recently (cache-aware placement). Innermost
     /// lock: taken under the queue lock, never the other way.
     pub prefix_index: Mutex<llorch_core::PrefixIndex>,
@@ -129,6 +131,7 @@ impl Orchestrator {
             tasks: crate::task_map::TaskMap::default(),
             runners: TaskTracker::new(),
             key_limits: Mutex::new(HashMap::new()),
+            key_streams: Mutex::new(HashMap::new()),
             journal,
             finishing: TaskTracker::new(),
             prefix_index: Mutex::new(llorch_core::PrefixIndex::new(config.prefix_index_blocks)),

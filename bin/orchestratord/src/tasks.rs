@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Frame {
     pub id: u64,
     pub event: &'static str,
-    pub data: String,
+    /// Shared by every subscriber (a clone is a reference count, not a copy of the text).
+    pub data: std::sync::Arc<str>,
 }
 
 pub struct Task {
@@ -427,7 +428,7 @@ impl Task {
             inner.frames.push_back(Frame {
                 id,
                 event: event.name(),
-                data,
+                data: data.into(),
             });
             inner.log_bytes += size;
             while inner.log_bytes > self.log_cap && inner.frames.len() > 1 {
@@ -516,6 +517,11 @@ impl Task {
         self.openai
             .as_ref()
             .is_some_and(crate::openai::Job::is_embeddings)
+    }
+
+    /// Its subscribers now.
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.load(Ordering::SeqCst)
     }
 
     /// Whether some subscriber follows it now.
@@ -692,7 +698,7 @@ mod tests {
         assert_eq!(frames.len(), 2);
         assert_eq!(frames[1].event, "error");
         assert_eq!(t.status(None).state, TaskState::Cancelled);
-        assert_eq!(frames[0].data, r#"{"t":"a","i":0}"#);
+        assert_eq!(&*frames[0].data, r#"{"t":"a","i":0}"#);
         let parsed: serde_json::Value = serde_json::from_str(&frames[0].data).unwrap();
         assert_eq!(parsed, serde_json::json!({"t": "a", "i": 0}));
     }

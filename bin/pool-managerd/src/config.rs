@@ -414,6 +414,12 @@ impl Config {
                     1,
                 )
                 .map_err(ConfigError::Invalid)?,
+                reserved: 0,
+                // A reader (orchestratord) silent as long as an engine may be is gone.
+                write_stall_timeout: non_zero(
+                    "POOL_MANAGERD_PROXY_IDLE_TIMEOUT_MS",
+                    args.proxy_idle_timeout_ms,
+                )?,
                 header_read_timeout: non_zero(
                     "POOL_MANAGERD_HEADER_READ_TIMEOUT_MS",
                     args.header_read_timeout_ms,

@@ -242,14 +242,16 @@ pub struct KeyLimits {
     pub rate_per_s: Option<f64>,
     pub burst: Option<u32>,
     pub concurrent: Option<u32>,
+    /// Streams (event subscriptions, streamed answers) open at once.
+    pub conns: Option<u32>,
 }
 
 impl KeyLimits {
     pub fn is_none(&self) -> bool {
-        self.rate_per_s.is_none() && self.concurrent.is_none()
+        self.rate_per_s.is_none() && self.concurrent.is_none() && self.conns.is_none()
     }
 
-    /// `rate=R burst=B concurrent=C`, each optional, in any order.
+    /// `rate=R burst=B concurrent=C conns=N`, each optional, in any order.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut limits = KeyLimits::default();
         for part in text.split_whitespace() {
@@ -277,7 +279,15 @@ impl KeyLimits {
                         ))
                     }
                 },
-                other => return Err(format!("unknown limit {other:?} (rate, burst, concurrent)")),
+                "conns" => match value.parse::<u32>() {
+                    Ok(c) if c >= 1 => limits.conns = Some(c),
+                    _ => return Err(format!("conns {value:?}: a whole number of at least 1")),
+                },
+                other => {
+                    return Err(format!(
+                        "unknown limit {other:?} (rate, burst, concurrent, conns)"
+                    ))
+                }
             }
         }
         if limits.burst.is_some() && limits.rate_per_s.is_none() {
@@ -589,7 +599,7 @@ mod tests {
         assert!(keys[1].2.is_none());
         std::fs::write(
             &path,
-            "carol:carol-secret-0123456789 rate=2.5 burst=5 concurrent=3\n",
+            "carol:carol-secret-0123456789 rate=2.5 burst=5 concurrent=3 conns=7\n",
         )
         .unwrap();
         let keys = load_keys_file(&path).unwrap();
@@ -597,10 +607,18 @@ mod tests {
             rate_per_s: Some(2.5),
             burst: Some(5),
             concurrent: Some(3),
+            conns: Some(7),
         };
         assert_eq!(keys[0].2, want);
         assert!(keys[0].1.verify("carol-secret-0123456789"));
-        for bad in ["rate=0", "burst=2", "concurrent=0", "speed=1", "rate"] {
+        for bad in [
+            "rate=0",
+            "burst=2",
+            "concurrent=0",
+            "conns=0",
+            "speed=1",
+            "rate",
+        ] {
             std::fs::write(&path, format!("carol:carol-secret-0123456789 {bad}\n")).unwrap();
             assert!(load_keys_file(&path).is_err(), "{bad}");
         }

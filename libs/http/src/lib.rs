@@ -15,7 +15,9 @@ pub mod metrics_port;
 mod serve;
 pub mod tls;
 
-pub use serve::{is_body_timeout, serve, BodyTimeout, ConnLimits, MAX_HEADERS, MAX_HEAD_BYTES};
+pub use serve::{
+    is_body_timeout, serve, BodyTimeout, ConnLimits, ReservedConn, MAX_HEADERS, MAX_HEAD_BYTES,
+};
 
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
@@ -349,6 +351,15 @@ pub fn assemble<S: Clone + Send + Sync + 'static>(
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(correlation_id))
+}
+
+/// `resp` with `Connection: close`: hyper closes the connection once it is written.
+pub fn closing(mut resp: axum::response::Response) -> axum::response::Response {
+    resp.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 pub async fn not_found() -> ApiError {

@@ -25,6 +25,14 @@ use crate::tls::{ClientCert, ServerTls};
 pub struct ConnLimits {
     /// Connections served at once; further ones wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Of `max_connections`, how many are kept for the daemon's own peers: a connection
+    /// accepted while the rest are all taken carries [`ReservedConn`] on its requests, and the
+    /// daemon serves only its peers' routes on it (orchestratord: node registration and
+    /// heartbeats), so no client load can keep a heartbeat out.
+    pub reserved: usize,
+    /// A response the client does not read: a write that makes no progress for this long
+    /// ends the connection (an SSE subscriber that stopped reading lets its connection go).
+    pub write_stall_timeout: Duration,
     /// From a connection's first byte (or the end of its previous request) to the end of the
     /// next request's headers.
     pub header_read_timeout: Duration,
@@ -51,15 +59,23 @@ pub async fn serve(
     tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let reserved = limits.reserved.min(limits.max_connections);
+    let permits = Arc::new(Semaphore::new(limits.max_connections - reserved));
+    let reserve = Arc::new(Semaphore::new(reserved));
     let (closing_tx, closing_rx) = watch::channel(false);
     let connections = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
+        // The general share first; the reserve only when it is all taken.
+        let (permit, on_reserve) = tokio::select! {
+            biased;
             _ = &mut shutdown => break,
             p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
+                Ok(p) => (p, false),
+                Err(_) => break,
+            },
+            p = reserve.clone().acquire_owned(), if reserved > 0 => match p {
+                Ok(p) => (p, true),
                 Err(_) => break,
             },
         };
@@ -81,10 +97,15 @@ pub async fn serve(
         let app = app.clone();
         let closing = closing_rx.clone();
         let tls = tls.as_ref().map(|t| t.current());
+        let marks = Marks {
+            cert: None,
+            reserved: on_reserve.then_some(ReservedConn),
+        };
         connections.spawn(async move {
             let _permit = permit;
+            let stream = StallIo::new(stream, limits.write_stall_timeout);
             let Some(tls) = tls else {
-                serve_connection(stream, app, limits, None, closing).await;
+                serve_connection(stream, app, limits, marks, closing).await;
                 return;
             };
             let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
@@ -96,7 +117,7 @@ pub async fn serve(
                         .peer_certificates()
                         .is_some_and(|c| !c.is_empty())
                         .then_some(ClientCert);
-                    serve_connection(stream, app, limits, cert, closing).await;
+                    serve_connection(stream, app, limits, Marks { cert, ..marks }, closing).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                 Err(_) => {
@@ -111,12 +132,24 @@ pub async fn serve(
     connections.wait().await;
 }
 
+/// A connection accepted on the reserved share of the connection cap ([`ConnLimits::reserved`]):
+/// its requests carry this, and the daemon serves only its peers' routes to them.
+#[derive(Debug, Clone, Copy)]
+pub struct ReservedConn;
+
+/// What every request of one connection carries in its extensions.
+#[derive(Clone, Copy)]
+struct Marks {
+    cert: Option<ClientCert>,
+    reserved: Option<ReservedConn>,
+}
+
 /// One connection's requests, until it closes or the server closes (then gracefully).
 async fn serve_connection<IO>(
     io: IO,
     app: Router,
     limits: ConnLimits,
-    cert: Option<ClientCert>,
+    marks: Marks,
     mut closing: watch::Receiver<bool>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -124,8 +157,11 @@ async fn serve_connection<IO>(
     let body_timeout = limits.body_read_timeout;
     let service = TowerToHyperService::new(app.map_request(move |req: Request<Incoming>| {
         let mut req = req.map(|body| Body::new(DeadlineBody::new(body, body_timeout)));
-        if let Some(cert) = cert {
+        if let Some(cert) = marks.cert {
             req.extensions_mut().insert(cert);
+        }
+        if let Some(reserved) = marks.reserved {
+            req.extensions_mut().insert(reserved);
         }
         req
     }));
@@ -148,6 +184,99 @@ async fn serve_connection<IO>(
     };
     if let Err(error) = result {
         tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+/// A connection whose writes must make progress: a write (or flush) that stays pending for
+/// `timeout` fails with `TimedOut`, and hyper closes the connection. The timer is armed only
+/// while a write waits, so a connection the client reads costs none.
+struct StallIo<IO> {
+    inner: IO,
+    timeout: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<IO> StallIo<IO> {
+    fn new(inner: IO, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// After a write's poll: `Pending` arms (or checks) the stall timer, anything else
+    /// disarms it.
+    fn judge<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        if !polled.is_pending() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.timeout;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {} ms", timeout.as_millis()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallIo<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallIo<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.judge(cx, polled)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.judge(cx, polled)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.judge(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -254,6 +383,8 @@ mod tests {
 
     const LIMITS: ConnLimits = ConnLimits {
         max_connections: 8,
+        reserved: 0,
+        write_stall_timeout: Duration::from_secs(30),
         header_read_timeout: Duration::from_secs(10),
         body_read_timeout: Duration::from_millis(1500),
     };
@@ -292,5 +423,120 @@ mod tests {
         sock.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("{\"a\":1}"), "{answer}");
+    }
+
+    /// An endless response body of 64 KiB frames; when hyper drops it (the connection ended)
+    /// the instant is recorded.
+    struct Flood(Arc<std::sync::Mutex<Option<tokio::time::Instant>>>);
+
+    impl Drop for Flood {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap() = Some(tokio::time::Instant::now());
+        }
+    }
+
+    impl http_body::Body for Flood {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from(
+                vec![b'x'; 64 * 1024],
+            )))))
+        }
+    }
+
+    // covers: AUTH-5117
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_loses_its_connection_when_the_write_stalls_that_long() {
+        let dropped = Arc::new(std::sync::Mutex::new(None));
+        let seen = dropped.clone();
+        let app = Router::new().route(
+            "/flood",
+            axum::routing::get(move || {
+                let seen = seen.clone();
+                async move { Body::new(Flood(seen)) }
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, app, LIMITS, None, std::future::pending()));
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        sock.write_all(b"GET /flood HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let asked = tokio::time::Instant::now();
+        // The client reads nothing: the socket buffers fill at once, then no write progresses.
+        tokio::time::sleep(LIMITS.write_stall_timeout - Duration::from_millis(1)).await;
+        assert_eq!(
+            *dropped.lock().unwrap(),
+            None,
+            "cut before the stall timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let at = dropped
+            .lock()
+            .unwrap()
+            .expect("the stalled response was not cut");
+        assert_eq!(at - asked, LIMITS.write_stall_timeout);
+    }
+
+    // covers: AUTH-5117
+    #[tokio::test]
+    async fn a_connection_accepted_on_the_reserve_says_so_and_the_rest_do_not() {
+        let app = Router::new().route(
+            "/who",
+            axum::routing::get(
+                |reserved: Option<axum::Extension<ReservedConn>>| async move {
+                    if reserved.is_some() {
+                        "reserve"
+                    } else {
+                        "general"
+                    }
+                },
+            ),
+        );
+        let limits = ConnLimits {
+            max_connections: 3,
+            reserved: 1,
+            ..LIMITS
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, app, limits, None, std::future::pending()));
+        // Keep-alive connections, each asked once and held open.
+        async fn ask(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {
+            let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+            sock.write_all(b"GET /who HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 1024];
+            let n = sock.read(&mut buf).await.unwrap();
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            (sock, text)
+        }
+        let (first, a) = ask(addr).await;
+        let (_second, b) = ask(addr).await;
+        let (_third, c) = ask(addr).await;
+        assert!(a.ends_with("general") && b.ends_with("general"), "{a} {b}");
+        assert!(c.ends_with("reserve"), "{c}");
+        // A general connection closes: the next one is general again.
+        drop(first);
+        let d = llorch_test_support::wait_for(
+            "a general connection free again",
+            Duration::from_secs(5),
+            || async {
+                let (sock, text) = tokio::time::timeout(Duration::from_millis(500), ask(addr))
+                    .await
+                    .ok()?;
+                drop(sock);
+                text.ends_with("general").then_some(text)
+            },
+        )
+        .await;
+        assert!(d.ends_with("general"));
     }
 }

@@ -326,6 +326,8 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let limits = crate::ConnLimits {
             max_connections: 16,
+            reserved: 0,
+            write_stall_timeout: std::time::Duration::from_secs(30),
             header_read_timeout: std::time::Duration::from_secs(5),
             body_read_timeout: std::time::Duration::from_secs(5),
         };

@@ -365,6 +365,21 @@ impl OrchClient {
         }
     }
 
+    /// [`OrchClient::new`] whose every request gives up after `timeout` (a poll of a daemon
+    /// that may not answer).
+    pub fn with_timeout(base: String, token: &str, timeout: Duration) -> Self {
+        let bounded = || reqwest::Client::builder().timeout(timeout);
+        Self {
+            typed: llorch_client::OrchClient::with_http(
+                &base,
+                Some(token),
+                bounded().build().unwrap(),
+            ),
+            http: authed(bounded(), token),
+            base,
+        }
+    }
+
     /// [`OrchClient::new`] for an https:// `base` whose certificate chains to `ca` (PEM).
     pub fn over_tls(base: String, token: &str, ca: &Path) -> Self {
         let certs = reqwest::Certificate::from_pem_bundle(&std::fs::read(ca).unwrap()).unwrap();

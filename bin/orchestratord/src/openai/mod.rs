@@ -189,6 +189,17 @@ async fn run(
     body: serde_json::Map<String, serde_json::Value>,
     max_tokens: u32,
 ) -> Result<Response, OaError> {
+    // A streamed answer holds its connection: one of the key's stream slots, taken before the
+    // task is admitted.
+    let slot = match sampling.stream {
+        true => match orch.open_stream(caller.principal) {
+            Ok(slot) => Some(slot),
+            Err(refused) => {
+                return Ok(llorch_http::closing(OaError::from(refused).into_response()))
+            }
+        },
+        false => None,
+    };
     let task = admit(
         orch,
         caller,
@@ -203,7 +214,7 @@ async fn run(
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage);
-        stream(orch, task.clone(), include_usage).into_response()
+        stream(orch, task.clone(), include_usage, slot).into_response()
     } else {
         whole(orch, &task).await.into_response()
     };
@@ -370,6 +381,7 @@ struct Relay {
     pending: std::collections::VecDeque<Event>,
     done: bool,
     _guard: SubscriberGuard,
+    _slot: Option<crate::sse::StreamSlot>,
 }
 
 impl Relay {
@@ -437,13 +449,19 @@ fn chunk_prefix(task: &Task, job: &Job) -> String {
 /// Stream: chunks as the engine produces them; the queue position as comments while waiting;
 /// `[DONE]` last, or one error chunk and the end of the stream. Dropping the stream (the client
 /// went away) cancels the task.
-fn stream(orch: &Arc<Orchestrator>, task: Arc<Task>, include_usage: bool) -> Response {
+fn stream(
+    orch: &Arc<Orchestrator>,
+    task: Arc<Task>,
+    include_usage: bool,
+    slot: Option<crate::sse::StreamSlot>,
+) -> Response {
     let Some(prefix) = task.openai.as_ref().map(|j| chunk_prefix(&task, j)) else {
         return OaError::new(500, "task has no OpenAI request").into_response();
     };
     let relay = Relay {
         frames: task.watch_frames(),
         _guard: SubscriberGuard::without_grace(orch.clone(), task.clone()),
+        _slot: slot,
         task,
         include_usage,
         prefix,

@@ -500,3 +500,72 @@ async fn a_key_past_its_rate_gets_no_prompt_counted_on_an_engine() {
     );
     assert_eq!(k.h.engine.tokenized().len(), 2);
 }
+
+// covers: AUTH-5118
+#[tokio::test(start_paused = true)]
+async fn a_key_holds_at_most_its_streams_and_a_task_at_most_its_subscribers() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("alice:{ALICE} conns=2\nbob:{BOB}\n")).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let h = Harness::start_with_keys(&[
+        &format!("--api-keys-file={}", keys.display()),
+        &format!("--admin-token={ADMIN}"),
+        "--max-subscribers-per-task=3",
+    ]);
+    h.add_pool("p", 1);
+    h.engine.always(Script::NoAnswer);
+    h_submit_owned(&h, "held", ALICE).await;
+    let subscribe = |key: &'static str| {
+        let app = crate::api::router(h.orch.clone());
+        async move {
+            app.oneshot(
+                Request::get("/v2/tasks/held/events")
+                    .header("authorization", format!("Bearer {key}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let refused = |r: &axum::response::Response, label: &str| {
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            r.headers()["connection"],
+            "close",
+            "a refused stream keeps its connection"
+        );
+        assert_eq!(r.headers()["x-backoff-ms"], "1000", "{label}");
+    };
+    // Alice's two streams are open (their bodies held); her third is refused, whatever task.
+    let first = subscribe(ALICE).await;
+    let second = subscribe(ALICE).await;
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    refused(&subscribe(ALICE).await, "key_streams");
+    // One closes: her next one is open.
+    drop(first);
+    let third = subscribe(ALICE).await;
+    assert_eq!(third.status(), StatusCode::OK);
+    // The task's third subscriber (the admin's) is its last; a fourth is refused.
+    let admin = subscribe(ADMIN).await;
+    assert_eq!(admin.status(), StatusCode::OK);
+    refused(&subscribe(ADMIN).await, "task_subscribers");
+    assert_eq!(
+        k_streams(&h, "alice"),
+        1,
+        "one refusal of alice's counted under key_streams"
+    );
+    drop((second, third, admin));
+}
+
+fn k_streams(h: &Harness, key: &str) -> u64 {
+    h.orch
+        .metrics
+        .key_tasks
+        .with_label_values(&[key, "key_streams"])
+        .get()
+}

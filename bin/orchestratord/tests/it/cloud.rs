@@ -454,3 +454,150 @@ async fn a_node_answering_with_a_redirect_is_not_followed_and_counts_as_a_failed
     );
     server.abort();
 }
+
+// covers: AUTH-5118
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_holding_thousands_of_idle_event_connections_delays_no_heartbeat_and_no_other_stream()
+{
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncWriteExt;
+    const MALLORY: &str = "mallory-secret-0123456789";
+    const HOLDERS: usize = 5_000;
+    const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("mallory:{MALLORY}\n")).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cloud = start_orchestratord(
+        dir,
+        &[
+            ("ORCHD_NODE_REGISTRATION", "true".into()),
+            ("ORCHD_API_KEYS_FILE", keys.display().to_string()),
+            (
+                "ORCHD_NODE_HEARTBEAT_TIMEOUT_MS",
+                HEARTBEAT_TIMEOUT.as_millis().to_string(),
+            ),
+        ],
+    );
+    wait_http_ok(
+        "orchestratord health",
+        &format!("{}/health", cloud.api.base),
+        Duration::from_secs(20),
+    )
+    .await;
+    // One pool kept busy by mallory's long generation (the slow model), one free for others.
+    let held = pool_toml_for(&slow_model(), "held", 1, 16384)
+        .replace("model_id = \"tiny\"", "model_id = \"tiny-slow\"");
+    let _node = start_node(
+        cloud.dir.path(),
+        "node-h",
+        &format!("{held}{}", pool_toml("free", 1, 2048)),
+        &[
+            ("POOL_MANAGERD_ORCHESTRATORD_URL", cloud.api.base.clone()),
+            ("POOL_MANAGERD_HEARTBEAT_INTERVAL_MS", "500".into()),
+        ],
+    );
+    cloud
+        .api
+        .wait_healthy(&["held", "free"], Duration::from_secs(40))
+        .await;
+    let mallory = OrchClient::new(cloud.api.base.clone(), MALLORY);
+    let long = serde_json::json!({"model_ref": "tiny-slow", "prompt": "x", "max_tokens": 8000});
+    let _running = mallory.submit(long.clone()).await;
+    let queued = mallory.submit(long).await;
+    // Mallory's idle subscribers: each sends its request and never reads a byte.
+    let addr = cloud.api.base.trim_start_matches("http://").to_string();
+    let request = format!(
+        "GET /v2/tasks/{queued}/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {MALLORY}\r\n\r\n"
+    );
+    let mut holders = Vec::with_capacity(HOLDERS);
+    for _ in 0..HOLDERS {
+        // Connected by the kernel's accept queue, as long as orchestratord keeps taking them.
+        let mut sock = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await
+        .expect("orchestratord stopped taking connections: mallory's are all held")
+        .unwrap();
+        sock.write_all(request.as_bytes()).await.unwrap();
+        holders.push(sock);
+    }
+    let all_open = Instant::now();
+    // Past a whole heartbeat timeout with every connection open, the node is online, heard
+    // from after that instant; and another key's stream runs to its end.
+    let api = OrchClient::with_timeout(cloud.api.base.clone(), TOKEN, Duration::from_secs(2));
+    wait_for(
+        "the node heard from a heartbeat timeout after mallory's connections",
+        Duration::from_secs(20),
+        || async {
+            let nodes = api.nodes().await;
+            let n = nodes.first()?;
+            let ago = Duration::from_millis(n["last_heartbeat_ms_ago"].as_u64()?);
+            let heard = Instant::now().checked_sub(ago)?;
+            (n["online"] == true && heard > all_open + HEARTBEAT_TIMEOUT).then_some(())
+        },
+    )
+    .await;
+    let id = api.submit(task("another key's stream", 16)).await;
+    let st = api.finish(&id, Duration::from_secs(20)).await;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(st["pool_id"], "free");
+    drop(holders);
+}
+
+// covers: AUTH-5117
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_node_listener_nodes_register_and_heartbeat_there_and_clients_are_served_apart() {
+    let node_addr = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = start_orchestratord(
+        dir,
+        &[
+            ("ORCHD_NODE_REGISTRATION", "true".into()),
+            ("ORCHD_NODE_BIND_ADDR", node_addr.clone()),
+        ],
+    );
+    let nodes_base = format!("http://{node_addr}");
+    wait_http_ok(
+        "the node listener",
+        &format!("{nodes_base}/health"),
+        Duration::from_secs(20),
+    )
+    .await;
+    let _node = start_node(
+        cloud.dir.path(),
+        "node-l",
+        &pool_toml("l0", 1, 2048),
+        &[
+            ("POOL_MANAGERD_ORCHESTRATORD_URL", nodes_base.clone()),
+            ("POOL_MANAGERD_HEARTBEAT_INTERVAL_MS", "300".into()),
+        ],
+    );
+    cloud
+        .api
+        .wait_healthy(&["l0"], Duration::from_secs(40))
+        .await;
+    let id = cloud.api.submit(task("via the node listener", 4)).await;
+    assert_eq!(
+        cloud.api.finish(&id, Duration::from_secs(30)).await["state"],
+        "completed"
+    );
+    let http = authed_client(TOKEN);
+    // The node routes left the API address; the client routes are not on the node listener.
+    let reg = serde_json::json!({"node_id": "x", "address": "http://127.0.0.1:1", "gpus": [], "pools": []});
+    let on_api = http
+        .post(format!("{}/v2/nodes/register", cloud.api.base))
+        .json(&reg)
+        .send()
+        .await
+        .unwrap();
+    // (`/v2/nodes/{id}` is an admin DELETE route there: a POST to it is 405.)
+    assert_eq!(on_api.status(), 405);
+    let on_nodes = http
+        .get(format!("{nodes_base}/v2/pools"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_nodes.status(), 404);
+}
