@@ -179,7 +179,7 @@ impl Orchestrator {
     ) -> ApiError {
         self.metrics
             .key_tasks
-            .with_label_values(&[&owner.name, reason])
+            .with_label_values(&[self.metrics.key(&owner.name), reason])
             .inc();
         self.reject(
             reason,
@@ -551,16 +551,19 @@ impl Orchestrator {
                     .deadline_ms
                     .map(|d| crate::tasks::now_ms().saturating_add(d)),
             });
-        // Cache-aware placement's block names, only when it is on.
+        // Cache-aware placement's block names, only when it is on; in the key's own scope
+        // unless ORCHD_CACHE_SCOPE=global.
+        let scope = match self.config.cache_scope_global {
+            true => 0,
+            false => llorch_core::prefix_scope(&owner.name),
+        };
+        let chain = |text: &str| {
+            llorch_core::scoped_prefix_chain(scope, text, crate::tasks::PREFIX_BLOCKS_MAX)
+        };
         let prefix_chain = match (&self.config.cache_balance, &openai) {
             (None, _) => Vec::new(),
-            (Some(_), None) => {
-                llorch_core::prefix_chain(&req.prompt, crate::tasks::PREFIX_BLOCKS_MAX)
-            }
-            (Some(_), Some(job)) => job
-                .prefix_text()
-                .map(|t| llorch_core::prefix_chain(&t, crate::tasks::PREFIX_BLOCKS_MAX))
-                .unwrap_or_default(),
+            (Some(_), None) => chain(&req.prompt),
+            (Some(_), Some(job)) => job.prefix_text().map(|t| chain(&t)).unwrap_or_default(),
         };
         // Dropped (giving the key's slot back) on any refusal below.
         let slot = self.key_gate(owner)?;
@@ -677,7 +680,7 @@ impl Orchestrator {
             .inc();
         self.metrics
             .key_tasks
-            .with_label_values(&[&owner.name, "admitted"])
+            .with_label_values(&[self.metrics.key(&owner.name), "admitted"])
             .inc();
         self.update_depth();
         self.metrics

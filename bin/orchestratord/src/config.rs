@@ -102,6 +102,15 @@ pub struct Args {
     /// progress, and its connection freed.
     #[arg(long, env = "ORCHD_STREAM_STALL_TIMEOUT_MS", default_value_t = 30_000)]
     pub stream_stall_timeout_ms: u64,
+    /// Per-key metrics (`orchd_key_*`) carry each key's name; off, every key counts under
+    /// `key="-"` (`/metrics` is open: it would name the keys and tell each one's volume).
+    #[arg(long, env = "ORCHD_METRICS_KEY_LABELS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub metrics_key_labels: bool,
+    /// Cache-aware placement's prefix scope: `key` (a key's prompts match only its own earlier
+    /// prompts, so placement tells no key what another's began with) or `global` (prefixes
+    /// shared across keys: one operator's own clients).
+    #[arg(long, env = "ORCHD_CACHE_SCOPE", default_value = "key")]
+    pub cache_scope: String,
     /// Most event subscribers one task may have at once (429 beyond).
     #[arg(long, env = "ORCHD_MAX_SUBSCRIBERS_PER_TASK", default_value_t = 32)]
     pub max_subscribers_per_task: usize,
@@ -313,6 +322,9 @@ pub struct Config {
     /// CLOUD: the node routes' own listener (ORCHD_NODE_BIND_ADDR).
     pub node_bind_addr: Option<SocketAddr>,
     pub max_subscribers_per_task: usize,
+    pub metrics_key_labels: bool,
+    /// ORCHD_CACHE_SCOPE=global: prefixes match across keys.
+    pub cache_scope_global: bool,
     /// Most open streams of a key without `conns=`.
     pub key_max_streams: u32,
     pub max_queue_wait: Duration,
@@ -665,6 +677,16 @@ impl Config {
                 )?,
             },
             node_bind_addr: a.node_bind_addr,
+            metrics_key_labels: a.metrics_key_labels,
+            cache_scope_global: match a.cache_scope.as_str() {
+                "key" => false,
+                "global" => true,
+                other => {
+                    return Err(ConfigError::Invalid(format!(
+                        "ORCHD_CACHE_SCOPE {other:?} is not one of: key, global"
+                    )))
+                }
+            },
             max_subscribers_per_task: llorch_http::at_least(
                 "ORCHD_MAX_SUBSCRIBERS_PER_TASK",
                 a.max_subscribers_per_task,

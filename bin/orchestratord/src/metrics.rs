@@ -33,6 +33,9 @@ pub struct Metrics {
     auth_failures: IntCounter,
     /// Tokens and first-token latency of the last minutes, for the console (`GET /v2/overview`).
     pub rates: std::sync::Arc<crate::overview::Rates>,
+    /// Per-key series carry the key's name (ORCHD_METRICS_KEY_LABELS=true); otherwise every
+    /// key counts under `key="-"`: the open `/metrics` names no key and tells no key's volume.
+    key_labels: std::sync::atomic::AtomicBool,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -41,6 +44,21 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
+    /// Per-key series by key name from now on (ORCHD_METRICS_KEY_LABELS).
+    pub fn name_keys(&self, on: bool) {
+        self.key_labels
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The `key` label of a per-key series: the key's name, or `-` unless key labels are on.
+    pub fn key<'a>(&self, name: &'a str) -> &'a str {
+        if self.key_labels.load(std::sync::atomic::Ordering::Relaxed) {
+            name
+        } else {
+            "-"
+        }
+    }
+
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let counter =
@@ -65,7 +83,7 @@ impl Metrics {
             tasks_rejected: counter("tasks_rejected_total", "Submissions refused, by reason.", &["reason"])?,
             key_tasks: counter(
                 "orchd_key_tasks_total",
-                "Submissions by key name: admitted, or refused by the key's rate (key_rate) or concurrency (key_concurrency) limit.",
+                "Submissions by key name (key=\"-\" unless ORCHD_METRICS_KEY_LABELS=true): admitted, or refused by the key's rate (key_rate), concurrency (key_concurrency) or open-stream (key_streams) limit.",
                 &["key", "outcome"],
             )?,
             journal_errors: {
@@ -163,6 +181,7 @@ impl Metrics {
             },
             registry,
             rates: std::sync::Arc::new(crate::overview::Rates::new(tokio::time::Instant::now())),
+            key_labels: std::sync::atomic::AtomicBool::new(false),
         };
         for p in ["interactive", "batch"] {
             m.queue_depth.with_label_values(&[p]).set(0);

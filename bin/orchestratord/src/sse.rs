@@ -126,7 +126,7 @@ impl Orchestrator {
             drop(slot);
             self.metrics
                 .key_tasks
-                .with_label_values(&[&caller.name, "key_streams"])
+                .with_label_values(&[self.metrics.key(&caller.name), "key_streams"])
                 .inc();
             tracing::info!(key = %caller.name, most, "stream refused: the key holds its most open streams");
             return Err(ApiError::new(

@@ -106,6 +106,7 @@ impl Orchestrator {
         journal: Arc<dyn crate::journal::Journal>,
     ) -> anyhow::Result<Self> {
         let wake = Arc::new(Notify::new());
+        metrics.name_keys(config.metrics_key_labels);
         let control_http = config
             .client_tls
             .builder()
@@ -289,7 +290,7 @@ fn finish_now(
         if tokens > 0 {
             metrics
                 .key_tokens_out
-                .with_label_values(&[&task.owner])
+                .with_label_values(&[metrics.key(&task.owner)])
                 .inc_by(u64::from(tokens));
         }
         tracing::info!(task_id = %task.id, pool_id = %pool, session_id = task.req.session_id.as_deref(), correlation_id = %task.correlation_id, outcome, "task finished");

@@ -20,7 +20,7 @@ pub use breaker::CircuitBreaker;
 pub use estimate::ThroughputEstimator;
 pub use expiry::ExpiryHeap;
 pub use placement::{place, Decision, PlacementRequest, PoolView};
-pub use prefix::{prefix_chain, PrefixIndex};
+pub use prefix::{prefix_chain, prefix_scope, scoped_prefix_chain, PrefixIndex};
 pub use queue::{AdmissionPolicy, AdmissionQueue, Admitted, QueueFull, QueueKey};
 pub use registry::Registry;
 pub use sessions::{SessionInfo, SessionTable};

@@ -14,11 +14,25 @@ use std::hash::{Hash, Hasher};
 /// Bytes per block: a prefix shorter than one block never counts.
 pub const BLOCK: usize = 64;
 
-/// The chained block names of `text`'s first `max_blocks` whole blocks.
+/// The chained block names of `text`'s first `max_blocks` whole blocks (in the global scope).
 pub fn prefix_chain(text: &str, max_blocks: usize) -> Vec<u64> {
+    scoped_prefix_chain(0, text, max_blocks)
+}
+
+/// The scope of prefixes named by `name` (a client key): one key's blocks never match
+/// another's, so placement tells no key what another key's prompts began with.
+pub fn prefix_scope(name: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    // Never the global scope's 0.
+    h.finish() | 1
+}
+
+/// [`prefix_chain`] within `scope` (0: global; else [`prefix_scope`]).
+pub fn scoped_prefix_chain(scope: u64, text: &str, max_blocks: usize) -> Vec<u64> {
     let bytes = text.as_bytes();
     let mut chain = Vec::with_capacity((bytes.len() / BLOCK).min(max_blocks));
-    let mut previous = 0u64;
+    let mut previous = scope;
     for block in bytes.chunks_exact(BLOCK).take(max_blocks) {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         previous.hash(&mut h);
@@ -144,6 +158,15 @@ mod tests {
         assert_eq!(index.matched("p2", &a), 0);
         // A prompt shorter than a block names nothing.
         assert!(prefix_chain("short", 64).is_empty());
+        // One text in two keys' scopes shares no block name, nor with the global scope.
+        let text = "s".repeat(BLOCK * 3);
+        let (alice, bob) = (prefix_scope("alice"), prefix_scope("bob"));
+        let a = scoped_prefix_chain(alice, &text, 64);
+        let b = scoped_prefix_chain(bob, &text, 64);
+        assert_eq!(a, scoped_prefix_chain(alice, &text, 64));
+        assert!(a
+            .iter()
+            .all(|n| !b.contains(n) && !prefix_chain(&text, 64).contains(n)));
         // The chain is cut at max_blocks.
         assert_eq!(prefix_chain(&"x".repeat(BLOCK * 10), 4).len(), 4);
         index.retain_pools(|p| p != "p1");

@@ -259,6 +259,16 @@ fn refused(req: &Request, reason: &dyn std::fmt::Display) {
 /// key's name does).
 pub fn check_auth(gate: &Gate, req: &Request) -> Result<auth_min::Principal, ApiError> {
     let Some(keys) = &gate.keys else {
+        // No keys: loopback without authentication, explicitly allowed. A web page elsewhere
+        // whose host name resolves to 127.0.0.1 (DNS rebinding) would reach the API through a
+        // browser here: only loopback host names are served.
+        if let Some(host) = foreign_host(req) {
+            let reason = format!(
+                "host {host:?} is not a loopback name; without a token only localhost, 127.0.0.1 and [::1] are served"
+            );
+            refused(req, &reason);
+            return Err(ApiError::new(ErrorCode::Forbidden, reason));
+        }
         return Ok(auth_min::Principal::everything("anonymous"));
     };
     let header = req
@@ -283,6 +293,27 @@ pub fn check_auth(gate: &Gate, req: &Request) -> Result<auth_min::Principal, Api
         return Err(ApiError::new(ErrorCode::Forbidden, reason));
     }
     Ok(principal)
+}
+
+/// The request's `Host` when it names something other than this machine's loopback (shown
+/// cut, escaped); `None` for a loopback name or no `Host` at all.
+fn foreign_host(req: &Request) -> Option<String> {
+    let host = req.headers().get(header::HOST)?;
+    let text = host.to_str().unwrap_or("");
+    let name = match text.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => text.rsplit_once(':').map_or(text, |(name, _port)| name),
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| {
+        format!("{:?}", String::from_utf8_lossy(host.as_bytes()))
+            .chars()
+            .take(80)
+            .collect()
+    })
 }
 
 /// Middleware: `from_fn_with_state(gate, require_role)` on a group of routes. The caller's
@@ -447,6 +478,57 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // covers: AUTH-5119
+    #[tokio::test]
+    async fn without_keys_only_loopback_host_names_are_served() {
+        use tower::ServiceExt;
+        let app = assemble::<()>(
+            axum::Router::new(),
+            vec![(
+                axum::Router::new().route("/x", axum::routing::get(|| async { "ok" })),
+                Gate {
+                    keys: None,
+                    role: auth_min::Role::Client,
+                },
+            )],
+            1024,
+        );
+        let status = |host: Option<&str>| {
+            let app = app.clone();
+            let mut req = axum::http::Request::get("/x");
+            if let Some(h) = host {
+                req = req.header("host", h);
+            }
+            async move {
+                app.oneshot(req.body(axum::body::Body::empty()).unwrap())
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        };
+        for host in [
+            "localhost:8080",
+            "LOCALHOST",
+            "127.0.0.1:8080",
+            "127.0.0.2",
+            "[::1]:8080",
+        ] {
+            assert_eq!(status(Some(host)).await, 200, "{host}");
+        }
+        assert_eq!(status(None).await, 200);
+        // A rebinding page's name, another address of this machine, or garbage: refused.
+        for host in [
+            "evil.example:8080",
+            "evil.example",
+            "10.0.0.5:8080",
+            "localhost.evil",
+            "[::2]:80",
+        ] {
+            assert_eq!(status(Some(host)).await, 403, "{host}");
+        }
+    }
 
     // covers: AUTH-5110
     #[test]

@@ -97,6 +97,15 @@ async fn with_cache_aware_placement_off_the_least_busy_pool_takes_every_task() {
 
 /// Submits `text` on an engine that answers one token, then reports `cached` / `evaluated`
 /// prompt tokens, and waits for the task's end.
+/// `text`'s block names in the scope of the harness's own key (`test`).
+fn test_chain(text: &str) -> Vec<u64> {
+    llorch_core::scoped_prefix_chain(
+        llorch_core::prefix_scope("test"),
+        text,
+        crate::tasks::PREFIX_BLOCKS_MAX,
+    )
+}
+
 async fn run_reporting(h: &Harness, id: &str, text: &str, cached: u32, evaluated: u32) {
     h.engine.push(Script::Stream(vec![
         Step::Token(MS, "x"),
@@ -157,7 +166,7 @@ async fn an_engine_that_took_nothing_from_a_cache_thought_warm_is_taken_as_cold(
     let lawyer = format!("{} hello", "You are a lawyer. ".repeat(20));
     run_reporting(&h, "t1", &pirate, 0, 90).await;
     run_reporting(&h, "t2", &lawyer, 0, 90).await;
-    let chain = |text: &str| llorch_core::prefix_chain(text, crate::tasks::PREFIX_BLOCKS_MAX);
+    let chain = |text: &str| test_chain(text);
     assert!(h.orch.prefix_index.lock().matched("a", &chain(&pirate)) > 0);
     // Slot 1 held the lawyer's start, yet the engine evaluated the whole prompt: it lost its
     // caches (a restart between two probes, say). What the pool was thought to hold goes,
@@ -183,9 +192,51 @@ async fn a_pool_removed_and_back_under_its_id_has_no_slot_prompts_of_the_one_bef
     h.add_pool("a", 2);
     let pirate = format!("{} hello", "You are a pirate. ".repeat(20));
     run_reporting(&h, "t1", &pirate, 0, 90).await;
-    let chain = llorch_core::prefix_chain(&pirate, crate::tasks::PREFIX_BLOCKS_MAX);
+    let chain = test_chain(&pirate);
     assert_eq!(h.orch.pools.slot_matched("a", &chain), chain.len());
     h.orch.pools.remove("a");
     h.add_pool("a", 2);
     assert_eq!(h.orch.pools.slot_matched("a", &chain), 0);
+}
+
+// covers: ORCH-2217
+#[tokio::test(start_paused = true)]
+async fn a_keys_prompt_finds_no_prefix_of_another_keys_unless_the_scope_is_global() {
+    for (flags, shared) in [(&[][..], false), (&["--cache-scope=global"][..], true)] {
+        let h = Harness::start(flags);
+        h.add_pool("a", 2);
+        h.add_pool("b", 2);
+        let system = "You are a pirate. ".repeat(20);
+        let run_as = |key: &'static str, id: &'static str| {
+            h.engine.push(tokens(1, MS));
+            let req: llorch_contracts::tasks::TaskRequest = serde_json::from_value(serde_json::json!({
+                "task_id": id, "model_ref": "tiny", "prompt": format!("{system} {id}"), "max_tokens": 5
+            }))
+            .unwrap();
+            let owner = auth_min::Principal::new(key, &[auth_min::Role::Client]);
+            h.orch.admit_with(req, None, None, &owner).unwrap();
+            let task = h.orch.task(id).unwrap();
+            async move {
+                outcome(&task).await;
+                task.prefix_chain.clone()
+            }
+        };
+        let alice = run_as("alice", "a1").await;
+        let bob = run_as("bob", "b1").await;
+        // Bob's prompt starts like alice's: in his own scope no pool served a block of it, so
+        // his placement is a miss; in the global scope, a hit.
+        assert_eq!(alice == bob, shared);
+        let placements = |outcome: &str| {
+            h.orch
+                .metrics
+                .prefix_placements
+                .with_label_values(&[outcome])
+                .get()
+        };
+        assert_eq!(
+            (placements("hit"), placements("miss")),
+            if shared { (1, 1) } else { (0, 2) },
+            "global scope: {shared}"
+        );
+    }
 }

@@ -232,7 +232,7 @@ fn limited() -> Keys {
     std::fs::write(&keys, lines).unwrap();
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
     let file = format!("--api-keys-file={}", keys.display());
-    let h = Harness::start_with_keys(&[&file]);
+    let h = Harness::start_with_keys(&[&file, "--metrics-key-labels=true"]);
     h.add_pool("p", 1);
     Keys { h, _dir: dir }
 }
@@ -512,6 +512,7 @@ async fn a_key_holds_at_most_its_streams_and_a_task_at_most_its_subscribers() {
         &format!("--api-keys-file={}", keys.display()),
         &format!("--admin-token={ADMIN}"),
         "--max-subscribers-per-task=3",
+        "--metrics-key-labels=true",
     ]);
     h.add_pool("p", 1);
     h.engine.always(Script::NoAnswer);
@@ -568,4 +569,34 @@ fn k_streams(h: &Harness, key: &str) -> u64 {
         .key_tasks
         .with_label_values(&[key, "key_streams"])
         .get()
+}
+
+// covers: OBS-6117
+#[tokio::test(start_paused = true)]
+async fn the_open_metrics_name_no_key_unless_key_labels_are_asked_for() {
+    let k = harness();
+    k.h.engine.always(tokens(2, MS));
+    h_submit_owned(&k.h, "a1", ALICE).await;
+    h_submit_owned(&k.h, "b1", BOB).await;
+    outcome(&k.h.orch.task("b1").unwrap()).await;
+    let scrape = || async {
+        let r = crate::api::router(k.h.orch.clone())
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let body = axum::body::to_bytes(r.into_body(), 1 << 22).await.unwrap();
+        String::from_utf8(body.to_vec()).unwrap()
+    };
+    let text = scrape().await;
+    assert!(
+        text.contains(r#"orchd_key_tasks_total{key="-",outcome="admitted"} 2"#),
+        "{text}"
+    );
+    assert!(!text.contains("alice") && !text.contains("bob"), "{text}");
+    // Asked for (ORCHD_METRICS_KEY_LABELS=true): by name from then on.
+    k.h.orch.metrics.name_keys(true);
+    h_submit_owned(&k.h, "a2", ALICE).await;
+    assert!(scrape()
+        .await
+        .contains(r#"orchd_key_tasks_total{key="alice",outcome="admitted"} 1"#));
 }
