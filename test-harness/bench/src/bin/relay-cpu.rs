@@ -61,8 +61,9 @@ struct Daemons {
     cloud: String,
     pm: String,
     engine: String,
-    /// The engine's API key (its key file), for the direct path.
-    engine_key: String,
+    /// The engine's API key (its key file), for the direct path; none from a pool-managerd
+    /// that gives its engines none (an older build, compared side by side).
+    engine_key: Option<String>,
 }
 
 impl Daemons {
@@ -141,7 +142,7 @@ async fn round(d: &Daemons, a: &Args, path: Path, round: usize) -> anyhow::Resul
         set.spawn(async move {
             match path {
                 Path::Direct => {
-                    return native_stream(&http, &base, Some(&engine_key), tokens, seed).await
+                    return native_stream(&http, &base, engine_key.as_deref(), tokens, seed).await
                 }
                 Path::Proxy => {
                     return native_stream(&http, &base, Some(TOKEN), tokens, seed).await
@@ -216,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
         cloud: format!("http://127.0.0.1:{cloud_port}"),
         pm: format!("http://127.0.0.1:{pm_port}"),
         engine: String::new(),
-        engine_key: String::new(),
+        engine_key: None,
     };
     let http = reqwest::Client::new();
     wait_ok(&http, &format!("{}/ready", d.home)).await?;
@@ -224,8 +225,7 @@ async fn main() -> anyhow::Result<()> {
     // HOME is ready: pool-managerd wrote the pool's handoff file, which names the engine.
     let handoff: llorch_contracts::HandoffFile =
         serde_json::from_slice(&std::fs::read(runtime.join("bench.json"))?)?;
-    let engine_key = llorch_handoff::read_key(&runtime, "bench")?
-        .ok_or_else(|| anyhow::anyhow!("pool-managerd wrote no key file for the engine"))?;
+    let engine_key = llorch_handoff::read_key(&runtime, "bench")?;
     let d = Daemons {
         engine: handoff.url,
         engine_key,
