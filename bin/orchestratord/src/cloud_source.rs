@@ -297,6 +297,8 @@ pub(crate) struct CloudSource {
     pub interval: Duration,
     pub recovery: u32,
     pub heartbeat_timeout: Duration,
+    /// When orchestratord's node listener was last full.
+    pub node_door: Arc<llorch_http::Saturation>,
 }
 
 enum PollResult {
@@ -384,9 +386,12 @@ impl CloudSource {
         let Some(m) = managers.get_mut(url) else {
             return;
         };
+        // Heartbeats that could not get in (orchestratord's node listener was full within the
+        // timeout) are not held against a node that answers its polls.
         let heartbeat_missed = m.registered
             && m.last_heartbeat
-                .is_none_or(|h| h.elapsed() > self.heartbeat_timeout);
+                .is_none_or(|h| h.elapsed() > self.heartbeat_timeout)
+            && !self.node_door.within(self.heartbeat_timeout);
         let result = match result {
             PollResult::Ok(_) if heartbeat_missed => {
                 PollResult::Failed("node missed its heartbeats".into())

@@ -121,6 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 interval: orch.config.pool_poll_interval,
                 recovery: orch.config.pool_poll_recovery,
                 heartbeat_timeout: orch.config.node_heartbeat_timeout,
+                node_door: orch.node_door.clone(),
             };
             background.spawn(source.run(root.child_token()));
         }
@@ -192,12 +193,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     if let Some(listener) = node_listener {
         tracing::info!(addr = %listener.local_addr().unwrap_or(local), "node routes listening");
-        background.spawn(llorch_http::serve(
+        background.spawn(llorch_http::serve_watched(
             listener,
             api::node_router(orch.clone()),
             orch.config.conn_limits,
             orch.config.tls.clone(),
             root.child_token().cancelled_owned(),
+            orch.node_door.clone(),
         ));
     }
     let server_stop = CancellationToken::new();
@@ -205,7 +207,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let stop = server_stop.clone();
         let limits = orch.config.conn_limits;
         let tls = orch.config.tls.clone();
-        async move { llorch_http::serve(listener, app, limits, tls, stop.cancelled_owned()).await }
+        // Heartbeats come in here unless the node routes have a listener of their own.
+        let door = match orch.config.node_bind_addr {
+            Some(_) => Arc::default(),
+            None => orch.node_door.clone(),
+        };
+        async move {
+            llorch_http::serve_watched(listener, app, limits, tls, stop.cancelled_owned(), door)
+                .await
+        }
     });
 
     shutdown.await;

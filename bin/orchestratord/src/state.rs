@@ -45,6 +45,9 @@ pub(crate) struct Orchestrator {
     pub runners: TaskTracker,
     /// Each limited key's admission bucket and count of unfinished tasks.
     pub key_limits: Mutex<HashMap<Arc<str>, crate::admission::KeyState>>,
+    /// When the listener that takes node heartbeats was last full (a heartbeat missed then is
+    /// not the node's fault).
+    pub node_door: Arc<llorch_http::Saturation>,
     /// Streams each key holds open now (`crate::sse::StreamSlot`).
     pub key_streams: Mutex<HashMap<Arc<str>, Arc<std::sync::atomic::AtomicU32>>>,
     /// Which prompt prefixes each pool served recently (cache-aware placement). Innermost
@@ -133,6 +136,7 @@ impl Orchestrator {
             runners: TaskTracker::new(),
             key_limits: Mutex::new(HashMap::new()),
             key_streams: Mutex::new(HashMap::new()),
+            node_door: Arc::default(),
             journal,
             finishing: TaskTracker::new(),
             prefix_index: Mutex::new(llorch_core::PrefixIndex::new(config.prefix_index_blocks)),

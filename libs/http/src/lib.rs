@@ -16,7 +16,8 @@ mod serve;
 pub mod tls;
 
 pub use serve::{
-    is_body_timeout, serve, BodyTimeout, ConnLimits, ReservedConn, MAX_HEADERS, MAX_HEAD_BYTES,
+    is_body_timeout, serve, serve_watched, BodyTimeout, ConnLimits, ReservedConn, Saturation,
+    MAX_HEADERS, MAX_HEAD_BYTES,
 };
 
 pub const CORRELATION_HEADER: &str = "x-correlation-id";

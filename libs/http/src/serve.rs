@@ -46,6 +46,35 @@ pub const MAX_HEADERS: usize = 100;
 /// Most bytes a request's head may take (hyper answers 431 beyond).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// When a listener last had every connection it may serve taken (its reserve included): a
+/// peer's request may have waited in the accept queue since, so what did not arrive then is
+/// not the peer's fault (orchestratord does not declare a node lost for heartbeats it could
+/// not take in).
+#[derive(Debug, Default)]
+pub struct Saturation(std::sync::Mutex<Option<tokio::time::Instant>>);
+
+impl Saturation {
+    fn mark(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::time::Instant::now());
+    }
+
+    /// The listener was full at some instant of the last `window`.
+    pub fn within(&self, window: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() <= window)
+    }
+
+    /// Marks the listener full now (in-process tests of what depends on it).
+    pub fn mark_full(&self) {
+        self.mark();
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown`, then stops accepting, lets open requests end
 /// (`graceful_shutdown` of every connection) and returns when they have. Accepted connections
 /// get `TCP_NODELAY` (small SSE writes must not wait for delayed ACKs). HTTP/2 is not spoken: a
@@ -59,6 +88,18 @@ pub async fn serve(
     tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_watched(listener, app, limits, tls, shutdown, Arc::default()).await
+}
+
+/// [`serve`], marking `saturation` each time every connection it may serve is taken.
+pub async fn serve_watched(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    tls: Option<Arc<ServerTls>>,
+    shutdown: impl Future<Output = ()>,
+    saturation: Arc<Saturation>,
+) {
     let reserved = limits.reserved.min(limits.max_connections);
     let permits = Arc::new(Semaphore::new(limits.max_connections - reserved));
     let reserve = Arc::new(Semaphore::new(reserved));
@@ -66,6 +107,9 @@ pub async fn serve(
     let connections = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
+        if permits.available_permits() == 0 && reserve.available_permits() == 0 {
+            saturation.mark();
+        }
         // The general share first; the reserve only when it is all taken.
         let (permit, on_reserve) = tokio::select! {
             biased;
@@ -506,7 +550,15 @@ mod tests {
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, app, limits, None, std::future::pending()));
+        let full = Arc::new(Saturation::default());
+        tokio::spawn(serve_watched(
+            listener,
+            app,
+            limits,
+            None,
+            std::future::pending(),
+            full.clone(),
+        ));
         // Keep-alive connections, each asked once and held open.
         async fn ask(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {
             let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -520,9 +572,15 @@ mod tests {
         }
         let (first, a) = ask(addr).await;
         let (_second, b) = ask(addr).await;
+        assert!(!full.within(Duration::from_secs(60)), "full before it was");
         let (_third, c) = ask(addr).await;
         assert!(a.ends_with("general") && b.ends_with("general"), "{a} {b}");
         assert!(c.ends_with("reserve"), "{c}");
+        // Every connection taken, the reserve's too: the listener says it was full.
+        llorch_test_support::wait_for("the listener full", Duration::from_secs(5), || async {
+            full.within(Duration::from_secs(60)).then_some(())
+        })
+        .await;
         // A general connection closes: the next one is general again.
         drop(first);
         let d = llorch_test_support::wait_for(

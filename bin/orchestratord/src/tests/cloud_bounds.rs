@@ -713,3 +713,42 @@ async fn each_node_is_presented_its_own_token_and_only_an_unnamed_one_the_shared
         ]
     );
 }
+
+// covers: CLOUD-4108
+#[tokio::test(start_paused = true)]
+async fn heartbeats_missed_while_orchestratords_node_listener_was_full_are_not_held_against_the_node(
+) {
+    let h = Harness::start(&[
+        "--profile=cloud",
+        "--node-registration=true",
+        "--pool-poll-interval-ms=1000",
+        "--node-heartbeat-timeout-ms=2500",
+    ]);
+    let nodes = Arc::new(ScriptedNodes::default());
+    nodes.set("http://n2", Node::Up(vec!["p2"]));
+    let start = Instant::now();
+    h.poll(nodes.clone());
+    settle().await;
+    h.orch
+        .managers
+        .register("n2", "http://n2", Vec::new(), usize::MAX)
+        .unwrap();
+    settle().await;
+    assert!(usable(&h, "p2"));
+    // The listener was full just before the poll that would have found the heartbeats late.
+    at(start + 2 * INTERVAL + 800 * MS).await;
+    h.orch.node_door.mark_full();
+    at(start + 3 * INTERVAL).await;
+    assert!(
+        usable(&h, "p2"),
+        "lost for heartbeats that could not get in"
+    );
+    at(start + 5 * INTERVAL).await;
+    assert!(usable(&h, "p2"));
+    // A heartbeat timeout after the listener was last full, the heartbeats count again.
+    at(start + 6 * INTERVAL).await;
+    assert!(
+        !usable(&h, "p2"),
+        "a node without heartbeats was still used"
+    );
+}

@@ -295,6 +295,7 @@ impl Harness {
             interval: c.pool_poll_interval,
             recovery: c.pool_poll_recovery,
             heartbeat_timeout: c.node_heartbeat_timeout,
+            node_door: self.orch.node_door.clone(),
         };
         tokio::spawn(source.run(self.cancel.child_token()));
     }
