@@ -608,10 +608,15 @@ impl Orchestrator {
                 return Err(self.reject("shutting_down", ApiError::from(shutting_down())));
             }
             let reorders = queue.tasks.reorders();
-            match queue
-                .tasks
-                .admit(task.clone(), priority, weight, self.config.admission_policy)
-            {
+            // A full queue under drop-lru ends the submitting key's own oldest batch task
+            // first: one key's burst does not end another key's work.
+            match queue.tasks.admit_dropping_own(
+                task.clone(),
+                priority,
+                weight,
+                self.config.admission_policy,
+                |queued| queued.owner == task.owner,
+            ) {
                 Ok(a) => {
                     task.set_queue_key(a.key);
                     // Sent under the queue lock, before any dispatch of the task can write

@@ -274,6 +274,20 @@ impl<T> AdmissionQueue<T> {
         weight: u64,
         policy: AdmissionPolicy,
     ) -> Result<Admitted<T>, QueueFull> {
+        self.admit_dropping_own(item, priority, weight, policy, |_| false)
+    }
+
+    /// [`AdmissionQueue::admit`]; when the queue is full under drop-lru, the oldest queued batch
+    /// entry for which `own` holds (the submitter's own) goes first, and only when there is none
+    /// the oldest of all: one submitter's burst ends its own backlog, not another's.
+    pub fn admit_dropping_own(
+        &mut self,
+        item: T,
+        priority: Priority,
+        weight: u64,
+        policy: AdmissionPolicy,
+        mut own: impl FnMut(&T) -> bool,
+    ) -> Result<Admitted<T>, QueueFull> {
         let mut dropped = None;
         if self.len() >= self.capacity {
             match policy {
@@ -282,7 +296,11 @@ impl<T> AdmissionQueue<T> {
                         capacity: self.capacity,
                     })
                 }
-                AdmissionPolicy::DropLru => match self.batch.take_first(|_| Some(())) {
+                AdmissionPolicy::DropLru => match self
+                    .batch
+                    .take_first(|t| own(t).then_some(()))
+                    .or_else(|| self.batch.take_first(|_| Some(())))
+                {
                     Some((oldest, _, ())) => {
                         self.reorders += 1;
                         dropped = Some(oldest);
@@ -439,6 +457,28 @@ mod tests {
         assert_eq!(a.position, 2);
         let order: Vec<_> = q.iter().copied().collect();
         assert_eq!(order, vec![1, 3, 4]);
+    }
+
+    // covers: ORCH-2119
+    #[test]
+    fn drop_lru_drops_the_submitters_own_oldest_batch_entry_before_anyone_elses() {
+        // (owner, n): owner 'a' queued first, then 'b'.
+        let mut q = AdmissionQueue::new(4);
+        for e in [('a', 1), ('a', 2), ('b', 3), ('b', 4)] {
+            q.admit(e, Batch, 1, AdmissionPolicy::DropLru).unwrap();
+        }
+        // b's burst ends b's own oldest, not a's older one.
+        let b = q
+            .admit_dropping_own(('b', 5), Batch, 1, AdmissionPolicy::DropLru, |e| e.0 == 'b')
+            .unwrap();
+        assert_eq!(b.dropped, Some(('b', 3)));
+        // A submitter with nothing queued ends the oldest of all.
+        let c = q
+            .admit_dropping_own(('c', 6), Batch, 1, AdmissionPolicy::DropLru, |e| e.0 == 'c')
+            .unwrap();
+        assert_eq!(c.dropped, Some(('a', 1)));
+        let order: Vec<_> = q.iter().map(|e| e.1).collect();
+        assert_eq!(order, vec![2, 4, 5, 6]);
     }
 
     // covers: ORCH-2106

@@ -600,3 +600,46 @@ async fn the_open_metrics_name_no_key_unless_key_labels_are_asked_for() {
         .await
         .contains(r#"orchd_key_tasks_total{key="alice",outcome="admitted"} 1"#));
 }
+
+// covers: ORCH-2119
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_under_drop_lru_ends_the_submitting_keys_own_oldest_batch_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("alice:{ALICE}\nbob:{BOB}\n")).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let h = Harness::start_with_keys(&[
+        &format!("--api-keys-file={}", keys.display()),
+        "--admission-capacity=2",
+        "--admission-policy=drop-lru",
+    ]);
+    h.add_pool("p", 1);
+    h.engine.always(Script::NoAnswer);
+    let batch = |id: &str| {
+        format!(
+            r#"{{"task_id":"{id}","model_ref":"tiny","prompt":"p","max_tokens":3,"priority":"batch"}}"#
+        )
+    };
+    // a0 takes the one slot; a1 (alice's) then b1 (bob's) fill the queue.
+    for (key, id) in [(ALICE, "a0"), (ALICE, "a1"), (BOB, "b1")] {
+        assert_eq!(
+            call(&h, "POST", "/v2/tasks", Some(key), &batch(id)).await,
+            StatusCode::ACCEPTED
+        );
+        settle().await;
+    }
+    // Bob's next one ends bob's own b1, not alice's older a1.
+    assert_eq!(
+        call(&h, "POST", "/v2/tasks", Some(BOB), &batch("b2")).await,
+        StatusCode::ACCEPTED
+    );
+    let (name, data, _) = terminal(&h.orch.task("b1").unwrap()).await;
+    assert_eq!(
+        (name, data["code"].as_str()),
+        ("error", Some("QUEUE_FULL_DROP_LRU"))
+    );
+    assert!(
+        !h.orch.task("a1").unwrap().is_terminal(),
+        "alice's task was dropped for bob's"
+    );
+}
