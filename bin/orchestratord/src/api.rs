@@ -63,9 +63,14 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ui::router())
         // OpenAI's routes answer (auth included) in OpenAI's error shape.
         .nest("/v1", crate::openai::router(&state));
-    llorch_http::assemble(public, gated, state.config.max_body_bytes)
-        .layer(axum::middleware::from_fn(nodes_only_on_reserve))
-        .with_state(state)
+    let router = llorch_http::assemble(public, gated, state.config.max_body_bytes);
+    // Only where connections are kept back for nodes (CLOUD without a node listener): no
+    // per-request layer elsewhere.
+    let router = match state.config.conn_limits.reserved {
+        0 => router,
+        _ => router.layer(axum::middleware::from_fn(nodes_only_on_reserve)),
+    };
+    router.with_state(state)
 }
 
 /// The node routes: registration and heartbeats (mutual TLS: a node certificate too).
