@@ -485,9 +485,31 @@ fn speaks_for(
     }
 }
 
+/// Under mutual TLS a node speaks only as the id its certificate names (a DNS name in its
+/// subjectAltName), whatever its token allows.
+fn certificate_names(
+    orch: &crate::state::Orchestrator,
+    cert: Option<&llorch_http::tls::ClientCert>,
+    node_id: &str,
+) -> Result<(), ApiError> {
+    if !orch.config.tls.as_ref().is_some_and(|t| t.mutual()) {
+        return Ok(());
+    }
+    if cert.is_some_and(|c| c.names(node_id)) {
+        return Ok(());
+    }
+    let shown: String = node_id.chars().take(64).collect();
+    tracing::warn!(node_id = %shown, "node route refused: the client certificate does not name this node id");
+    Err(ApiError::new(
+        ErrorCode::Forbidden,
+        format!("the client certificate does not name node {shown:?}: under mutual TLS a node registers and heartbeats as the id its certificate names (a subjectAltName DNS name)"),
+    ))
+}
+
 async fn register_node(
     State(orch): State<AppState>,
     Extension(caller): Extension<auth_min::Principal>,
+    cert: Option<Extension<llorch_http::tls::ClientCert>>,
     ApiJson(reg): ApiJson<llorch_contracts::nodes::NodeRegistration>,
 ) -> Result<Json<NodeRegistered>, ApiError> {
     if orch.config.profile != crate::config::Profile::Cloud || !orch.config.node_registration {
@@ -514,6 +536,7 @@ async fn register_node(
         ));
     }
     speaks_for(&orch, &caller, &reg.node_id)?;
+    certificate_names(&orch, cert.as_deref(), &reg.node_id)?;
     llorch_contracts::GpuInfo::validate_all(&reg.gpus)
         .map_err(|reason| ApiError::new(ErrorCode::InvalidParams, format!("gpus: {reason}")))?;
     let moved = orch
@@ -541,9 +564,11 @@ async fn register_node(
 async fn heartbeat(
     State(orch): State<AppState>,
     Extension(caller): Extension<auth_min::Principal>,
+    cert: Option<Extension<llorch_http::tls::ClientCert>>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     speaks_for(&orch, &caller, &id)?;
+    certificate_names(&orch, cert.as_deref(), &id)?;
     if orch.managers.heartbeat(&id) {
         Ok(StatusCode::NO_CONTENT)
     } else {

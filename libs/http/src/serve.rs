@@ -159,8 +159,8 @@ pub async fn serve_watched(
                         .get_ref()
                         .1
                         .peer_certificates()
-                        .is_some_and(|c| !c.is_empty())
-                        .then_some(ClientCert);
+                        .and_then(|c| c.first())
+                        .map(|leaf| ClientCert::new(leaf.clone().into_owned()));
                     serve_connection(stream, app, limits, Marks { cert, ..marks }, closing).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
@@ -182,7 +182,7 @@ pub async fn serve_watched(
 pub struct ReservedConn;
 
 /// What every request of one connection carries in its extensions.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Marks {
     cert: Option<ClientCert>,
     reserved: Option<ReservedConn>,
@@ -201,8 +201,8 @@ async fn serve_connection<IO>(
     let body_timeout = limits.body_read_timeout;
     let service = TowerToHyperService::new(app.map_request(move |req: Request<Incoming>| {
         let mut req = req.map(|body| Body::new(DeadlineBody::new(body, body_timeout)));
-        if let Some(cert) = marks.cert {
-            req.extensions_mut().insert(cert);
+        if let Some(cert) = &marks.cert {
+            req.extensions_mut().insert(cert.clone());
         }
         if let Some(reserved) = marks.reserved {
             req.extensions_mut().insert(reserved);

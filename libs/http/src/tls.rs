@@ -124,9 +124,25 @@ impl ServerTls {
 }
 
 /// Present in a request's extensions when its connection's client presented a certificate that
-/// chains to the server's client CA (mutual TLS).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientCert;
+/// chains to the server's client CA (mutual TLS): that certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert(std::sync::Arc<rustls::pki_types::CertificateDer<'static>>);
+
+impl ClientCert {
+    pub fn new(leaf: rustls::pki_types::CertificateDer<'static>) -> Self {
+        Self(std::sync::Arc::new(leaf))
+    }
+
+    /// The certificate names `name` among its subject alternative names (a DNS name; a name
+    /// that is no DNS name is named by no certificate).
+    pub fn names(&self, name: &str) -> bool {
+        let Ok(subject) = rustls::pki_types::ServerName::try_from(name) else {
+            return false;
+        };
+        webpki::EndEntityCert::try_from(&*self.0)
+            .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&subject).is_ok())
+    }
+}
 
 fn server_config(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
     let certs = read_certs("TLS certificate", &files.cert)?;

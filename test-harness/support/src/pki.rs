@@ -49,11 +49,16 @@ impl TestCa {
         }
     }
 
-    /// A certificate for `127.0.0.1` and `localhost`, usable by a server and as a client
-    /// certificate, named `name` (files `<name>.pem`, `<name>-key.pem`).
+    /// A certificate for `127.0.0.1`, `localhost` and `name` (a node's id, as its certificate
+    /// must name it under mutual TLS), usable by a server and as a client certificate (files
+    /// `<name>.pem`, `<name>-key.pem`).
     pub fn leaf(&self, name: &str) -> CertFiles {
-        let mut params =
-            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        let mut params = CertificateParams::new(vec![
+            "127.0.0.1".to_string(),
+            "localhost".to_string(),
+            name.to_string(),
+        ])
+        .unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

@@ -172,7 +172,7 @@ async fn home_over_tls_streams_a_task_and_the_cli_refuses_a_server_of_another_ca
 
 // covers: AUTH-5202
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_without_the_cluster_ca(
+async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_without_the_cluster_ca_or_their_name(
 ) {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new(&dir.path().join("pki"), "cluster");
@@ -273,6 +273,21 @@ async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_wit
         line.contains("UnknownIssuer") && line.contains("LLORCH_TLS_CA_FILE"),
         "{line}"
     );
+    // A node of the cluster CA whose certificate names another node: its token would let it
+    // register as "node-b", its certificate does not.
+    let (_impostor, impostor_log, _) = node(
+        "node-b",
+        &pool_toml("b0", 1, 2048),
+        &ca.leaf("node-c"),
+        &ca.ca,
+    );
+    let line = logged_line(
+        &impostor_log,
+        &["registration refused"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(line.contains("403"), "{line}");
     let nodes: Vec<_> = api
         .nodes()
         .await
