@@ -11,7 +11,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins bins-release install check-deploy check-specs demo up lint test bench bench-build bench-handoff bench-admission bench-admission-wrk bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache bench-sustained soak clean-cache
+.PHONY: help deps engine model build bins bins-release install check-deploy check-deps check-specs demo up lint test bench bench-build bench-handoff bench-admission bench-admission-wrk bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache bench-sustained soak clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -20,6 +20,7 @@ help:
 	@echo "make install        binaries, systemd units and examples under PREFIX (default /usr/local)"
 	@echo "make check-deploy   verify deploy/systemd (systemd-analyze) and deploy/kubernetes (schemas)"
 	@echo "make check-specs    every MUST of .specs/ is covered by a test or scenario (spec-trace)"
+	@echo "make check-deps     the dependency policy (deny.toml: licenses, bans, sources)"
 	@echo "make engine         install the pinned llama-server into $(CACHE)"
 	@echo "make model          write the tiny test model to $(MODEL)"
 	@echo "make bench          all benchmarks (results go in test-harness/bench/README.md by hand)"
@@ -94,11 +95,19 @@ lint:
 # paused time in process, where parallelism cannot matter).
 TEST_THREADS ?= 2
 
+# The dependency policy (deny.toml): licenses we can ship, no wildcard versions, crates.io only.
+# cargo-deny is installed once (pinned) into cargo's bin directory; no advisory database is read.
+CARGO_DENY_VERSION := 0.20.2
+check-deps:
+	@command -v cargo-deny >/dev/null && cargo-deny --version | grep -q "$(CARGO_DENY_VERSION)" \
+	  || $(CARGO) install --locked --quiet cargo-deny --version $(CARGO_DENY_VERSION)
+	$(CARGO) deny --locked check licenses bans sources
+
 # Every MUST of .specs/ has a test or scenario that covers it (`// covers: ID`, `@ID`).
 check-specs:
 	$(CARGO) run -q -p spec-trace
 
-test: engine model lint check-deploy check-specs
+test: engine model lint check-deps check-deploy check-specs
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 	@$(MAKE) --no-print-directory demo
 
