@@ -5,7 +5,6 @@
 //! orchestratord reads it when it binds the pool. The handoff file itself stays free of secrets
 //! (external provisioners write it, and it is 0644).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 fn keys_dir(runtime_dir: &Path) -> PathBuf {
@@ -19,7 +18,7 @@ pub fn key_path(runtime_dir: &Path, pool_id: &str) -> PathBuf {
 /// Writes `key` for `pool_id` atomically (a fresh 0600 file, fsync, rename), in a 0700
 /// directory made if missing.
 pub fn write_key(runtime_dir: &Path, pool_id: &str, key: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let dir = keys_dir(runtime_dir);
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
@@ -34,22 +33,7 @@ pub fn write_key(runtime_dir: &Path, pool_id: &str, key: &str) -> std::io::Resul
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     let tmp = dir.join(format!(".{pool_id}.key.tmp-{}", std::process::id()));
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.write_all(key.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, key_path(runtime_dir, pool_id))
+    crate::file::replace_with(&tmp, &key_path(runtime_dir, pool_id), key.as_bytes(), 0o600)
 }
 
 /// The key of `pool_id`'s engine, when pool-managerd wrote one (an external engine has none).

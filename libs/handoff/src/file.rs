@@ -23,27 +23,37 @@ pub fn write_atomic(runtime_dir: &Path, file: &HandoffFile) -> std::io::Result<P
     let target = path_for(runtime_dir, &file.pool_id);
     let tmp = runtime_dir.join(format!(".{}.json.tmp-{}", file.pool_id, std::process::id()));
     let bytes = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
+    // 0644 whatever the umask: readers refuse a file anyone may write.
+    replace_with(&tmp, &target, &bytes, 0o644)?;
+    Ok(target)
+}
+
+/// `target` replaced atomically by `bytes` with `mode`: written to `tmp` — a fresh file, never
+/// through a name planted in the directory (a symlink would make the write land elsewhere) —,
+/// synced, then renamed over `target`.
+pub(crate) fn replace_with(
+    tmp: &Path,
+    target: &Path,
+    bytes: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     {
-        use std::os::unix::fs::OpenOptionsExt;
-        // A fresh file, never through a name planted in the directory (a symlink would make
-        // this write land elsewhere); 0644 whatever the umask: readers refuse a file anyone may
-        // write.
-        match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-        f.write_all(&bytes)?;
+            .mode(mode)
+            .open(tmp)?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, &target)?;
-    Ok(target)
+    std::fs::rename(tmp, target)
 }
 
 pub fn remove(runtime_dir: &Path, pool_id: &str) {

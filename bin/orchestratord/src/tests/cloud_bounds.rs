@@ -237,9 +237,9 @@ async fn polls_run_at_the_configured_interval_and_no_faster() {
     assert_eq!(nodes.polls(), 11);
 }
 
-// covers: CLOUD-4108
-#[tokio::test(start_paused = true)]
-async fn a_registered_node_that_stops_heartbeating_is_dropped_at_the_first_poll_past_the_timeout() {
+/// CLOUD, polling every second, a heartbeat timeout of 2.5 s: node `n2` (pool `p2`) registered
+/// (a heartbeat) at the returned start, and polled at once.
+async fn registered_n2() -> (Harness, Instant) {
     let h = Harness::start(&[
         "--profile=cloud",
         "--node-registration=true",
@@ -256,6 +256,13 @@ async fn a_registered_node_that_stops_heartbeating_is_dropped_at_the_first_poll_
         .register("n2", "http://n2", Vec::new(), usize::MAX)
         .unwrap();
     settle().await;
+    (h, start)
+}
+
+// covers: CLOUD-4108
+#[tokio::test(start_paused = true)]
+async fn a_registered_node_that_stops_heartbeating_is_dropped_at_the_first_poll_past_the_timeout() {
+    let (h, start) = registered_n2().await;
     assert!(usable(&h, "p2"), "registration did not poll at once");
     let registered = Instant::now();
     // Polls at start + 1 s, 2 s: within the timeout. At 3 s the last heartbeat (at 0) is
@@ -641,14 +648,15 @@ async fn a_node_address_must_be_a_plain_base_url_and_https_while_tls_is_on() {
 // covers: AUTH-5116
 #[tokio::test(start_paused = true)]
 async fn each_node_is_presented_its_own_token_and_only_an_unnamed_one_the_shared_token() {
-    use std::os::unix::fs::PermissionsExt;
     const SHARED: &str = "shared-node-token-0123456";
     const A: &str = "node-a-own-token-0123456";
     const B: &str = "node-b-own-token-0123456";
     let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("node-tokens");
-    std::fs::write(&tokens, format!("node-a:{A}\nnode-b:{B}\n")).unwrap();
-    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let tokens = secret_file(
+        dir.path(),
+        "node-tokens",
+        &format!("node-a:{A}\nnode-b:{B}\n"),
+    );
     let h = Harness::start_with_keys(&[
         "--profile=cloud",
         "--node-registration=true",
@@ -718,22 +726,7 @@ async fn each_node_is_presented_its_own_token_and_only_an_unnamed_one_the_shared
 #[tokio::test(start_paused = true)]
 async fn heartbeats_missed_while_orchestratords_node_listener_was_full_are_not_held_against_the_node(
 ) {
-    let h = Harness::start(&[
-        "--profile=cloud",
-        "--node-registration=true",
-        "--pool-poll-interval-ms=1000",
-        "--node-heartbeat-timeout-ms=2500",
-    ]);
-    let nodes = Arc::new(ScriptedNodes::default());
-    nodes.set("http://n2", Node::Up(vec!["p2"]));
-    let start = Instant::now();
-    h.poll(nodes.clone());
-    settle().await;
-    h.orch
-        .managers
-        .register("n2", "http://n2", Vec::new(), usize::MAX)
-        .unwrap();
-    settle().await;
+    let (h, start) = registered_n2().await;
     assert!(usable(&h, "p2"));
     // The listener was full just before the poll that would have found the heartbeats late.
     at(start + 2 * INTERVAL + 800 * MS).await;

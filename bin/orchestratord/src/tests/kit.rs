@@ -365,6 +365,16 @@ pub fn pool(id: &str, slots: u32) -> PoolEntry {
     }
 }
 
+/// `text` written to `name` in `dir`, readable by its owner alone (as key and token files must
+/// be); its path.
+pub fn secret_file(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
 pub fn task(max_tokens: u32) -> serde_json::Value {
     serde_json::json!({"model_ref": "tiny", "prompt": "p", "max_tokens": max_tokens})
 }

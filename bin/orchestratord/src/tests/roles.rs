@@ -2,8 +2,6 @@
 //! caller (none, a wrong key, a client, a node, an admin) as the role table says, a client sees
 //! only its own tasks (another's answer 404, as for no task), and an admin sees them all.
 
-use std::os::unix::fs::PermissionsExt;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use tower::ServiceExt;
@@ -23,9 +21,7 @@ struct Keys {
 
 fn harness() -> Keys {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    std::fs::write(&keys, format!("alice:{ALICE}\nbob:{BOB}\n")).unwrap();
-    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let keys = secret_file(dir.path(), "keys", &format!("alice:{ALICE}\nbob:{BOB}\n"));
     let file = format!("--api-keys-file={}", keys.display());
     let admin = format!("--admin-token={ADMIN}");
     let node = format!("--node-token={NODE}");
@@ -227,10 +223,11 @@ const DAVE: &str = "dave-secret-01234567890";
 /// Keys with limits: carol 2 admissions a second (burst 2), dave one unfinished task at a time.
 fn limited() -> Keys {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    let lines = format!("carol:{CAROL} rate=2 burst=2\ndave:{DAVE} concurrent=1\n");
-    std::fs::write(&keys, lines).unwrap();
-    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let keys = secret_file(
+        dir.path(),
+        "keys",
+        &format!("carol:{CAROL} rate=2 burst=2\ndave:{DAVE} concurrent=1\n"),
+    );
     let file = format!("--api-keys-file={}", keys.display());
     let h = Harness::start_with_keys(&[&file, "--metrics-key-labels=true"]);
     h.add_pool("p", 1);
@@ -321,9 +318,11 @@ async fn a_key_at_its_concurrency_limit_gets_429_until_its_task_ends() {
 async fn a_node_id_bound_to_its_own_token_answers_only_that_token_and_that_token_only_it() {
     const NODE_A: &str = "node-a-own-secret-0123456";
     let dir = tempfile::tempdir().unwrap();
-    let nodes = dir.path().join("node-tokens");
-    std::fs::write(&nodes, format!("# node_id:secret\nnode-a:{NODE_A}\n")).unwrap();
-    std::fs::set_permissions(&nodes, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let nodes = secret_file(
+        dir.path(),
+        "node-tokens",
+        &format!("# node_id:secret\nnode-a:{NODE_A}\n"),
+    );
     let h = Harness::start_with_keys(&[
         "--profile=cloud",
         "--node-registration=true",
@@ -505,9 +504,11 @@ async fn a_key_past_its_rate_gets_no_prompt_counted_on_an_engine() {
 #[tokio::test(start_paused = true)]
 async fn a_key_holds_at_most_its_streams_and_a_task_at_most_its_subscribers() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    std::fs::write(&keys, format!("alice:{ALICE} conns=2\nbob:{BOB}\n")).unwrap();
-    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let keys = secret_file(
+        dir.path(),
+        "keys",
+        &format!("alice:{ALICE} conns=2\nbob:{BOB}\n"),
+    );
     let h = Harness::start_with_keys(&[
         &format!("--api-keys-file={}", keys.display()),
         &format!("--admin-token={ADMIN}"),
@@ -605,9 +606,7 @@ async fn the_open_metrics_name_no_key_unless_key_labels_are_asked_for() {
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_under_drop_lru_ends_the_submitting_keys_own_oldest_batch_task() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    std::fs::write(&keys, format!("alice:{ALICE}\nbob:{BOB}\n")).unwrap();
-    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let keys = secret_file(dir.path(), "keys", &format!("alice:{ALICE}\nbob:{BOB}\n"));
     let h = Harness::start_with_keys(&[
         &format!("--api-keys-file={}", keys.display()),
         "--admission-capacity=2",
