@@ -49,15 +49,23 @@ impl EngineKeys {
     }
 }
 
-/// An engine's key in [`EngineKeys`] while the engine is held: dropped with it.
+/// An engine's key in [`EngineKeys`] while the engine is held: dropped with it (only that
+/// key: an engine started since at the same URL keeps its own).
 struct KeyLease {
     keys: Arc<EngineKeys>,
     url: String,
+    key: Arc<str>,
 }
 
 impl Drop for KeyLease {
     fn drop(&mut self) {
-        self.keys.0.write().remove(&self.url);
+        let mut keys = self.keys.0.write();
+        if keys
+            .get(&self.url)
+            .is_some_and(|k| Arc::ptr_eq(k, &self.key))
+        {
+            keys.remove(&self.url);
+        }
     }
 }
 
@@ -105,6 +113,7 @@ impl Launcher for ProcessLauncher {
         let lease = KeyLease {
             keys: self.keys.clone(),
             url: process.url.clone(),
+            key: key.clone(),
         };
         let info = EngineInfo {
             pid: process.pid,
@@ -196,5 +205,30 @@ impl Probe for HttpProbe {
                 .map_err(|e| e.to_string())
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_gone_takes_its_own_key_only_and_not_a_newer_engines_at_its_url() {
+        let keys = Arc::new(EngineKeys::default());
+        let lease = |key: &str| {
+            let key: Arc<str> = Arc::from(key);
+            keys.0.write().insert("http://e".into(), key.clone());
+            KeyLease {
+                keys: keys.clone(),
+                url: "http://e".into(),
+                key,
+            }
+        };
+        let old = lease("old");
+        let new = lease("new");
+        drop(old);
+        assert_eq!(keys.get("http://e").as_deref(), Some("new"));
+        drop(new);
+        assert_eq!(keys.get("http://e"), None);
     }
 }
