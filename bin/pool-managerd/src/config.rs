@@ -39,6 +39,11 @@ pub struct Args {
     /// llama-server binary; overrides the pools file. Otherwise `PATH`, then the project cache.
     #[arg(long, env = "POOL_MANAGERD_ENGINE_BINARY")]
     pub engine_binary: Option<PathBuf>,
+    /// Run engines as this user (a name or a uid; its primary group too), apart from the
+    /// daemon's files and secrets. Needs pool-managerd to run as root; the engine binary and
+    /// the model files must be readable by that user.
+    #[arg(long, env = "POOL_MANAGERD_ENGINE_USER")]
+    pub engine_user: Option<String>,
     /// Safety-net rescan interval of the handoff directory (the notify watcher reacts at once).
     #[arg(
         long,
@@ -224,6 +229,8 @@ pub struct Config {
     pub runtime_dir: PathBuf,
     pub node_id: String,
     pub engine_binary: Option<PathBuf>,
+    /// Engines run as this (uid, gid) (POOL_MANAGERD_ENGINE_USER); `None`: as the daemon.
+    pub engine_user: Option<(u32, u32)>,
     pub pools: Vec<PoolSpec>,
     /// Canonical directories a `reload` may load a model from.
     pub model_dirs: Vec<PathBuf>,
@@ -272,6 +279,75 @@ pub enum ConfigError {
     Auth(#[from] auth_min::AuthConfigError),
     #[error(transparent)]
     Tls(#[from] llorch_http::tls::TlsError),
+}
+
+/// POOL_MANAGERD_ENGINE_USER as (uid, gid): a user of this system (by name or uid), taken on
+/// only by a daemon that runs as root.
+fn engine_user(user: &str) -> Result<(u32, u32), ConfigError> {
+    let found = match user.parse::<u32>() {
+        Ok(uid) => users::by_uid(uid),
+        Err(_) => users::by_name(user),
+    };
+    let Some((uid, gid)) = found else {
+        return Err(ConfigError::Invalid(format!(
+            "POOL_MANAGERD_ENGINE_USER {user:?} is no user of this system"
+        )));
+    };
+    if uid == 0 {
+        return Err(ConfigError::Invalid(
+            "POOL_MANAGERD_ENGINE_USER must not be root: it keeps engines apart from the daemon"
+                .into(),
+        ));
+    }
+    if !users::running_as_root() {
+        return Err(ConfigError::Invalid(
+            "POOL_MANAGERD_ENGINE_USER needs pool-managerd to run as root (to start engines as another user)".into(),
+        ));
+    }
+    Ok((uid, gid))
+}
+
+/// The system's user database, through libc.
+#[allow(unsafe_code)]
+mod users {
+    /// (uid, gid) of the user named `name`.
+    pub fn by_name(name: &str) -> Option<(u32, u32)> {
+        let name = std::ffi::CString::new(name).ok()?;
+        lookup(|pwd, buf, len, out| {
+            // SAFETY: every pointer is valid for the call; getpwnam_r writes into `pwd` and
+            // `buf` (of `len` bytes) only, and sets `out` to `pwd` or null.
+            unsafe { libc::getpwnam_r(name.as_ptr(), pwd, buf, len, out) }
+        })
+    }
+
+    /// (uid, gid) of the user with `uid`.
+    pub fn by_uid(uid: u32) -> Option<(u32, u32)> {
+        lookup(|pwd, buf, len, out| {
+            // SAFETY: as in `by_name`.
+            unsafe { libc::getpwuid_r(uid, pwd, buf, len, out) }
+        })
+    }
+
+    fn lookup(
+        call: impl Fn(
+            *mut libc::passwd,
+            *mut libc::c_char,
+            libc::size_t,
+            *mut *mut libc::passwd,
+        ) -> libc::c_int,
+    ) -> Option<(u32, u32)> {
+        // SAFETY: an all-zero passwd is a valid (empty) value of this plain C struct.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        let rc = call(&mut pwd, buf.as_mut_ptr(), buf.len(), &mut out);
+        (rc == 0 && !out.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+    }
+
+    pub fn running_as_root() -> bool {
+        // SAFETY: geteuid(2) takes no arguments and cannot fail.
+        unsafe { libc::geteuid() == 0 }
+    }
 }
 
 impl Config {
@@ -367,6 +443,10 @@ impl Config {
             runtime_dir: args.runtime_dir,
             node_id: args.node_id.unwrap_or_else(host_name),
             engine_binary: args.engine_binary.or(file.engine.binary),
+            engine_user: match &args.engine_user {
+                Some(user) => Some(engine_user(user)?),
+                None => None,
+            },
             pools,
             model_dirs,
             handoff_rescan: non_zero(
@@ -486,6 +566,36 @@ fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // covers: POOL-3122
+    #[test]
+    fn an_engine_user_must_be_a_user_of_this_system_and_not_root() {
+        let parse = |user: &str| {
+            let args = Args::try_parse_from([
+                "pool-managerd",
+                "--allow-unauthenticated-loopback",
+                &format!("--engine-user={user}"),
+            ])
+            .unwrap();
+            Config::from_args(args).map(|c| c.engine_user)
+        };
+        for (user, says) in [
+            ("no-such-user-llorch", "is no user of this system"),
+            ("root", "must not be root"),
+            ("0", "must not be root"),
+        ] {
+            let e = parse(user).unwrap_err().to_string();
+            assert!(
+                e.contains("POOL_MANAGERD_ENGINE_USER") && e.contains(says),
+                "{user}: {e}"
+            );
+        }
+        // As root (these tests run as root), a real user is taken by name or uid.
+        if users::running_as_root() {
+            assert_eq!(parse("nobody").unwrap(), Some((65534, 65534)));
+            assert_eq!(parse("65534").unwrap(), Some((65534, 65534)));
+        }
+    }
 
     // covers: AUTH-5114
     #[test]

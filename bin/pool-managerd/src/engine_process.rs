@@ -113,6 +113,8 @@ pub struct SpawnRequest<'a> {
     pub model_id: &'a str,
     /// Suffix of the pid record, so a reload's second engine does not overwrite the first's.
     pub instance: &'a str,
+    /// Run as this (uid, gid) instead of the daemon's user.
+    pub user: Option<(u32, u32)>,
 }
 
 pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
@@ -161,7 +163,12 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
         Some(mask) => cmd.env("CUDA_VISIBLE_DEVICES", mask),
         None => cmd.env_remove("CUDA_VISIBLE_DEVICES"),
     };
-    // The engine must never outlive the daemon, even when the daemon is SIGKILLed.
+    if let Some((uid, gid)) = req.user {
+        // std drops the supplementary groups too when root changes user.
+        cmd.uid(uid).gid(gid);
+    }
+    // The engine must never outlive the daemon, even when the daemon is SIGKILLed (set after
+    // the change of user, which would clear it).
     die_with_parent(&mut cmd);
     let child = cmd.spawn()?;
     let pid = child.id().unwrap_or(0);
@@ -417,6 +424,7 @@ mod tests {
             model_path: &spec.model_path,
             model_id: &spec.model_id,
             instance: "a",
+            user: None,
         });
         let err = spawned
             .err()

@@ -153,6 +153,7 @@ impl Supervisor {
                 model_path,
                 model_id,
                 instance,
+                user: shared.config.engine_user,
             })
             .map_err(|e| StartError::Failed(format!("cannot spawn {}: {e}", binary.display())))?;
         let info = engine.info().clone();

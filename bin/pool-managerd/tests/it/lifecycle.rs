@@ -222,3 +222,66 @@ async fn an_engine_answers_only_its_own_key_which_no_command_line_log_or_other_e
     assert!(!log.is_empty());
     assert!(!log.contains(&key), "pool-managerd logged the engine's key");
 }
+
+/// A copy of the engine (its directory: the binary finds its libraries beside itself) that any
+/// user may read and run, in `dir`.
+fn engine_for_anyone(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let engine = std::fs::canonicalize(engine_binary()).unwrap();
+    let from = engine.parent().unwrap();
+    let to = dir.join("engine");
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        match std::fs::read_link(&path) {
+            Ok(link) => std::os::unix::fs::symlink(link, &target).unwrap(),
+            Err(_) => {
+                std::fs::copy(&path, &target).unwrap();
+            }
+        }
+    }
+    for d in [dir, to.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    to.join(engine.file_name().unwrap())
+}
+
+// covers: POOL-3122
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_run_as_the_configured_user_and_still_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_for_anyone(dir.path());
+    let d = Daemon::start(DaemonOptions {
+        pools_toml: pool_toml("u1", &tiny_model(), 1, 512),
+        extra_env: vec![
+            ("POOL_MANAGERD_ENGINE_USER".into(), "nobody".into()),
+            (
+                "POOL_MANAGERD_ENGINE_BINARY".into(),
+                engine.display().to_string(),
+            ),
+        ],
+        ..Default::default()
+    })
+    .await;
+    d.wait_ready("u1").await;
+    let pid = HandoffFile::parse(&std::fs::read(d.runtime_dir.join("u1.json")).unwrap())
+        .unwrap()
+        .pid
+        .unwrap();
+    let status = proc_text(pid, "status");
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap();
+    assert_eq!(uid, "65534", "the engine does not run as nobody: {status}");
+    let proxied = d
+        .http
+        .post(format!("{}/v2/pools/u1/engine/completion", d.base))
+        .json(&serde_json::json!({"prompt": "the", "n_predict": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proxied.status(), 200);
+}
