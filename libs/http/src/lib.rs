@@ -250,7 +250,24 @@ pub struct Gate {
 fn refused(req: &Request, reason: &dyn std::fmt::Display) {
     AUTH_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Some(suppressed) = REFUSAL_LOG.due(process_ms()) {
-        tracing::warn!(%reason, path = %req.uri().path(), suppressed, "request refused");
+        let presented = presented_fingerprint(req.headers());
+        tracing::warn!(%reason, path = %req.uri().path(), %presented, suppressed, "request refused");
+    }
+}
+
+/// What credential a refused request presented, as a log may show it: `token:<fp6>` of its
+/// Bearer token (one misconfigured client shows one fingerprint; a scan, many), `none`, or
+/// `not a bearer token`. Never the token or the header.
+fn presented_fingerprint(headers: &axum::http::HeaderMap) -> String {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return "none".into();
+    };
+    let text = value.to_str().unwrap_or("");
+    match text.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+            auth_min::fingerprint(token.trim())
+        }
+        _ => "not a bearer token".into(),
     }
 }
 
@@ -479,6 +496,23 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_names_the_presented_token_by_its_fingerprint_only() {
+        let with = |value: Option<&str>| {
+            let mut h = axum::http::HeaderMap::new();
+            if let Some(v) = value {
+                h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            }
+            presented_fingerprint(&h)
+        };
+        let fp = auth_min::fingerprint("wrong-token-0123456789");
+        assert_eq!(with(Some("Bearer wrong-token-0123456789")), fp);
+        assert_eq!(with(Some("bearer  wrong-token-0123456789")), fp);
+        assert!(fp.starts_with("token:") && fp.len() == "token:".len() + 6);
+        assert_eq!(with(None), "none");
+        assert_eq!(with(Some("Basic dXNlcjpwdw==")), "not a bearer token");
+    }
 
     // covers: AUTH-5119
     #[tokio::test]
