@@ -202,9 +202,10 @@ impl Managers {
     /// Returns false for an unknown node (it should register again).
     pub fn heartbeat(&self, node_id: &str) -> bool {
         let mut m = self.inner.write();
+        // Registered nodes only: a configured manager of the same name does not heartbeat.
         match m
             .values_mut()
-            .find(|x| x.node_id.as_deref() == Some(node_id))
+            .find(|x| x.registered && x.node_id.as_deref() == Some(node_id))
         {
             Some(e) => {
                 e.last_heartbeat = Some(Instant::now());
@@ -219,7 +220,7 @@ impl Managers {
         let mut m = self.inner.write();
         let url = m
             .values()
-            .find(|x| x.registered && x.node_id.as_deref() == Some(node_id))?
+            .find(|x| x.node_id.as_deref() == Some(node_id))?
             .url
             .clone();
         m.remove(&url).map(|x| x.pools)

@@ -745,3 +745,33 @@ async fn heartbeats_missed_while_orchestratords_node_listener_was_full_are_not_h
         "a node without heartbeats was still used"
     );
 }
+
+// covers: CLOUD-4108
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_reaches_the_registered_node_not_a_configured_manager_of_its_name() {
+    let h = Harness::start(&[
+        "--profile=cloud",
+        "--node-registration=true",
+        "--pool-managers=n2=http://configured",
+        "--pool-poll-interval-ms=1000",
+        "--node-heartbeat-timeout-ms=2500",
+    ]);
+    let nodes = Arc::new(ScriptedNodes::default());
+    nodes.set("http://configured", Node::Up(vec!["p1"]));
+    nodes.set("http://registered", Node::Up(vec!["p2"]));
+    let start = Instant::now();
+    h.poll(nodes.clone());
+    settle().await;
+    assert_eq!(register(&h, "n2", "http://registered").await, 200);
+    settle().await;
+    // Heartbeats every second: the registered node stays in use past the timeout.
+    for k in 1..=5 {
+        at(start + k * INTERVAL - MS).await;
+        assert!(h.orch.managers.heartbeat("n2"));
+    }
+    at(start + 5 * INTERVAL).await;
+    assert!(
+        usable(&h, "p2"),
+        "the registered node's heartbeats went elsewhere"
+    );
+}
