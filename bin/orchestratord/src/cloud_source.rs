@@ -341,9 +341,16 @@ impl CloudSource {
             .map(|m| (m.url, m.credential))
             .collect();
         let results = join_all(managers.iter().map(|(u, credential)| async move {
+            // Sent with the poll, so pool-managerd's log line of it carries the same id.
+            let correlation_id = format!("poll-{}", uuid::Uuid::new_v4().simple());
             let started = std::time::Instant::now();
-            let r = self.poll(u, credential.as_ref()).await;
-            (r, started.elapsed().as_secs_f64() * 1000.0)
+            let r = self.poll(u, credential.as_ref(), &correlation_id).await;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            match &r {
+                PollResult::Ok(resp) => tracing::debug!(node = %u, pools = resp.pools.len(), latency_ms = ms, outcome = "ok", %correlation_id, "pool health check completed"),
+                PollResult::Failed(error) => tracing::warn!(node = %u, latency_ms = ms, outcome = "fail", %error, %correlation_id, "pool health check completed"),
+            }
+            (r, ms)
         }))
         .await;
         for ((url, _), (result, ms)) in managers.iter().zip(results) {
@@ -351,20 +358,32 @@ impl CloudSource {
         }
     }
 
-    async fn poll(&self, url: &str, credential: Option<&auth_min::Token>) -> PollResult {
+    async fn poll(
+        &self,
+        url: &str,
+        credential: Option<&auth_min::Token>,
+        correlation_id: &str,
+    ) -> PollResult {
         let span = tracing::info_span!("pool_health_check", manager = %url);
-        tracing::Instrument::instrument(self.poll_manager(url, credential, &span), span.clone())
-            .await
+        tracing::Instrument::instrument(
+            self.poll_manager(url, credential, correlation_id, &span),
+            span.clone(),
+        )
+        .await
     }
 
     async fn poll_manager(
         &self,
         url: &str,
         credential: Option<&auth_min::Token>,
+        correlation_id: &str,
         span: &tracing::Span,
     ) -> PollResult {
         let mut headers = reqwest::header::HeaderMap::new();
         llorch_observability::inject(span, &mut headers);
+        if let Ok(id) = reqwest::header::HeaderValue::from_str(correlation_id) {
+            headers.insert(llorch_http::CORRELATION_HEADER, id);
+        }
         // The timeout stays inside the interval, so a silent manager is judged by the next tick.
         let timeout = self.interval.mul_f64(0.8);
         let credential = credential.map(auth_min::Token::expose);

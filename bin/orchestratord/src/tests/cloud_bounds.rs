@@ -39,6 +39,8 @@ pub struct ScriptedNodes {
     polls: AtomicUsize,
     /// The credential each node was last presented.
     presented: Mutex<std::collections::HashMap<String, Option<String>>>,
+    /// The correlation id of every poll, in order.
+    correlation_ids: Mutex<Vec<String>>,
 }
 
 impl ScriptedNodes {
@@ -61,9 +63,15 @@ impl crate::cloud_source::NodeApi for ScriptedNodes {
         &'a self,
         base_url: &'a str,
         credential: Option<&'a str>,
-        _headers: reqwest::header::HeaderMap,
+        headers: reqwest::header::HeaderMap,
     ) -> BoxFuture<'a, Result<llorch_contracts::PoolsResponse, String>> {
         self.polls.fetch_add(1, Ordering::SeqCst);
+        if let Some(id) = headers
+            .get(llorch_http::CORRELATION_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            self.correlation_ids.lock().push(id.to_string());
+        }
         self.presented
             .lock()
             .insert(base_url.to_string(), credential.map(str::to_string));
@@ -774,4 +782,22 @@ async fn a_heartbeat_reaches_the_registered_node_not_a_configured_manager_of_its
         usable(&h, "p2"),
         "the registered node's heartbeats went elsewhere"
     );
+}
+
+// covers: OBS-6118
+#[tokio::test(start_paused = true)]
+async fn every_poll_carries_its_own_correlation_id_and_is_logged_with_it() {
+    let log = LogCapture::default();
+    let _log = tracing::subscriber::set_default(log.subscriber());
+    let (_h, nodes, start) = cloud(&[]).await;
+    nodes.set("http://n1", Node::Down);
+    at(start + INTERVAL).await;
+    let ids = nodes.correlation_ids.lock().clone();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_ne!(ids[0], ids[1], "two polls shared a correlation id");
+    // The good poll at debug, the failed one at warn; each line with its poll's id.
+    assert_eq!(log.count("pool health check completed"), 2);
+    assert_eq!(log.count(&format!("correlation_id={}", ids[0])), 1);
+    assert_eq!(log.count(&format!("correlation_id={}", ids[1])), 1);
+    assert_eq!(log.count("outcome=\"fail\""), 1);
 }

@@ -447,6 +447,7 @@ impl LogCapture {
         tracing_subscriber::fmt()
             .with_writer(move || sink.clone())
             .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
             .finish()
     }
 
