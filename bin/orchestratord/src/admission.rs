@@ -117,6 +117,13 @@ pub(crate) struct KeyState {
     active: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// 429 `ADMISSION_REJECT` for a limit reached (`label`: which one), retry after `retry_ms`.
+pub(crate) fn over_limit(label: &'static str, message: String, retry_ms: u64) -> ApiError {
+    ApiError::new(ErrorCode::AdmissionReject, message)
+        .with_retry_after(retry_ms)
+        .with_policy_label(label)
+}
+
 /// A key's bucket size: its `burst=`, else its rate rounded up (at least 1).
 fn key_burst(limits: auth_min::KeyLimits) -> f64 {
     f64::from(
@@ -181,12 +188,7 @@ impl Orchestrator {
             .key_tasks
             .with_label_values(&[self.metrics.key(&owner.name), reason])
             .inc();
-        self.reject(
-            reason,
-            ApiError::new(ErrorCode::AdmissionReject, message)
-                .with_retry_after(retry_ms)
-                .with_policy_label(reason),
-        )
+        self.reject(reason, over_limit(reason, message, retry_ms))
     }
 
     /// A key's admission rate: takes one token from its bucket, or 429 when it is empty (retry
@@ -225,24 +227,22 @@ impl Orchestrator {
     /// task takes.
     fn key_gate(&self, owner: &auth_min::Principal) -> Result<Option<KeySlot>, ApiError> {
         use std::sync::atomic::Ordering;
-        if owner.limits.is_none() {
+        let Some(most) = owner.limits.concurrent else {
             return Ok(None);
-        }
+        };
         let mut keys = self.key_limits.lock();
         let state = Self::key_state(&mut keys, owner, Instant::now());
-        if let Some(most) = owner.limits.concurrent {
-            if state.active.load(Ordering::SeqCst) >= most as usize {
-                drop(keys);
-                return Err(self.key_refusal(
-                    owner,
-                    "key_concurrency",
-                    format!(
-                        "key {:?} has {most} tasks unfinished, its limit",
-                        owner.name
-                    ),
-                    1000,
-                ));
-            }
+        if state.active.load(Ordering::SeqCst) >= most as usize {
+            drop(keys);
+            return Err(self.key_refusal(
+                owner,
+                "key_concurrency",
+                format!(
+                    "key {:?} has {most} tasks unfinished, its limit",
+                    owner.name
+                ),
+                1000,
+            ));
         }
         state.active.fetch_add(1, Ordering::SeqCst);
         Ok(Some(KeySlot(state.active.clone())))
@@ -553,11 +553,11 @@ impl Orchestrator {
             });
         // Cache-aware placement's block names, only when it is on; in the key's own scope
         // unless ORCHD_CACHE_SCOPE=global.
-        let scope = match self.config.cache_scope_global {
-            true => 0,
-            false => llorch_core::prefix_scope(&owner.name),
-        };
         let chain = |text: &str| {
+            let scope = match self.config.cache_scope_global {
+                true => 0,
+                false => llorch_core::prefix_scope(&owner.name),
+            };
             llorch_core::scoped_prefix_chain(scope, text, crate::tasks::PREFIX_BLOCKS_MAX)
         };
         let prefix_chain = match (&self.config.cache_balance, &openai) {

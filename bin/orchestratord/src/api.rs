@@ -118,12 +118,11 @@ async fn nodes_only_on_reserve(
     {
         tracing::debug!(path = %req.uri().path(), "connection cap reached: a client request on a node connection refused");
         return llorch_http::closing(
-            ApiError::new(
-                ErrorCode::AdmissionReject,
-                "orchestratord is at its connection cap (ORCHD_MAX_CONNECTIONS); retry",
+            crate::admission::over_limit(
+                "connection_cap",
+                "orchestratord is at its connection cap (ORCHD_MAX_CONNECTIONS); retry".into(),
+                1000,
             )
-            .with_retry_after(1000)
-            .with_policy_label("connection_cap")
             .into_response(),
         );
     }

@@ -129,15 +129,14 @@ impl Orchestrator {
                 .with_label_values(&[self.metrics.key(&caller.name), "key_streams"])
                 .inc();
             tracing::info!(key = %caller.name, most, "stream refused: the key holds its most open streams");
-            return Err(ApiError::new(
-                ErrorCode::AdmissionReject,
+            return Err(crate::admission::over_limit(
+                "key_streams",
                 format!(
                     "key {:?} holds {most} open streams, its limit (conns= in the keys file, else ORCHD_KEY_MAX_STREAMS)",
                     caller.name
                 ),
-            )
-            .with_retry_after(1000)
-            .with_policy_label("key_streams"));
+                1000,
+            ));
         }
         Ok(slot)
     }
@@ -147,15 +146,14 @@ impl Orchestrator {
         let most = self.config.max_subscribers_per_task;
         if task.subscriber_count() >= most {
             tracing::info!(task_id = %task.id, most, "subscription refused: the task has its most subscribers");
-            return Err(ApiError::new(
-                ErrorCode::AdmissionReject,
+            return Err(crate::admission::over_limit(
+                "task_subscribers",
                 format!(
                     "task {} has {most} subscribers, the most one task may have (ORCHD_MAX_SUBSCRIBERS_PER_TASK)",
                     task.id
                 ),
-            )
-            .with_retry_after(1000)
-            .with_policy_label("task_subscribers"));
+                1000,
+            ));
         }
         Ok(())
     }
