@@ -856,7 +856,7 @@ mod tests {
         assert!(parse(&[token, "--openai-default-max-tokens=0"]).is_err());
     }
 
-    // covers: CLOUD-4101
+    // covers: CLOUD-4101, CLOUD-4117
     #[test]
     fn cloud_needs_managers_or_registration_and_a_token() {
         let token = "--api-token=0123456789abcdef0123";
@@ -881,6 +881,21 @@ mod tests {
         assert!(parse(&["--profile=cloud", token, "--pool-managers=ftp://a"]).is_err());
         let c = parse(&["--profile=cloud", token, "--pool-managers=https://a:9200"]).unwrap();
         assert_eq!(urls(&c), vec!["https://a:9200"]);
+        // Named managers; and while TLS is on (what node_schemes(true) says), https only.
+        let c = parse(&[
+            "--profile=cloud",
+            token,
+            "--pool-managers=node-a=http://A:9200/",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.pool_managers,
+            vec![(Some("node-a".to_string()), "http://a:9200".to_string())]
+        );
+        assert!(parse_managers("http://a:9200", node_schemes(true)).is_err());
+        assert!(parse_managers("https://a:9200", node_schemes(true)).is_ok());
+        assert!(parse_managers("bad id!=http://a:9200", node_schemes(false)).is_err());
+        assert!(parse_managers("a=http://x,a=http://y", node_schemes(false)).is_err());
         let e = parse(&[token, "--pool-managers=http://a:9200"]).unwrap_err();
         assert!(e.to_string().contains("ORCHD_PROFILE=cloud"), "{e}");
         assert!(parse(&["--profile=space", token]).is_err());

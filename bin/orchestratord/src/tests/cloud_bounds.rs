@@ -638,7 +638,7 @@ async fn registrations_beyond_the_node_cap_are_refused_until_a_node_leaves() {
 
 // covers: CLOUD-4117
 #[tokio::test(start_paused = true)]
-async fn a_node_address_must_be_a_plain_base_url_and_https_while_tls_is_on() {
+async fn a_registered_node_address_must_be_a_plain_base_url() {
     let h = Harness::start(&["--profile=cloud", "--node-registration=true"]);
     h.poll(Arc::new(ScriptedNodes::default()));
     for bad in [
