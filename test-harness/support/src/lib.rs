@@ -368,29 +368,30 @@ impl OrchClient {
     /// [`OrchClient::new`] whose every request gives up after `timeout` (a poll of a daemon
     /// that may not answer).
     pub fn with_timeout(base: String, token: &str, timeout: Duration) -> Self {
-        let bounded = || reqwest::Client::builder().timeout(timeout);
-        Self {
-            typed: llorch_client::OrchClient::with_http(
-                &base,
-                Some(token),
-                bounded().build().unwrap(),
-            ),
-            http: authed(bounded(), token),
-            base,
-        }
+        Self::with_builder(base, token, || reqwest::Client::builder().timeout(timeout))
     }
 
     /// [`OrchClient::new`] for an https:// `base` whose certificate chains to `ca` (PEM).
     pub fn over_tls(base: String, token: &str, ca: &Path) -> Self {
         let certs = reqwest::Certificate::from_pem_bundle(&std::fs::read(ca).unwrap()).unwrap();
-        let trusting = || reqwest::Client::builder().tls_certs_only(certs.iter().cloned());
+        Self::with_builder(base, token, || {
+            reqwest::Client::builder().tls_certs_only(certs.iter().cloned())
+        })
+    }
+
+    /// Both clients from `builder` (the typed one, and the JSON one with the token).
+    fn with_builder(
+        base: String,
+        token: &str,
+        builder: impl Fn() -> reqwest::ClientBuilder,
+    ) -> Self {
         Self {
             typed: llorch_client::OrchClient::with_http(
                 &base,
                 Some(token),
-                trusting().build().unwrap(),
+                builder().build().unwrap(),
             ),
-            http: authed(trusting(), token),
+            http: authed(builder(), token),
             base,
         }
     }

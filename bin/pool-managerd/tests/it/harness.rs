@@ -111,6 +111,19 @@ impl Daemon {
         d
     }
 
+    /// The status of a two-token completion through the pool's engine proxy (with the node
+    /// token, as orchestratord sends it).
+    pub async fn complete_through_proxy(&self, pool: &str) -> u16 {
+        self.http
+            .post(format!("{}/v2/pools/{pool}/engine/completion", self.base))
+            .json(&serde_json::json!({"prompt": "the", "n_predict": 2}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// A client of the pool's engine directly, carrying the engine's API key (its key file,
     /// as pool-managerd wrote it for the engine serving now).
     pub fn engine_client(&self, pool: &str) -> reqwest::Client {

@@ -189,14 +189,7 @@ async fn an_engine_answers_only_its_own_key_which_no_command_line_log_or_other_e
     );
     // The proxy presents the key (the node token stays with pool-managerd), and the probes do:
     // the pool reports its slots.
-    let proxied = d
-        .http
-        .post(format!("{}/v2/pools/k1/engine/completion", d.base))
-        .json(&completion)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(proxied.status(), 200);
+    assert_eq!(d.complete_through_proxy("k1").await, 200);
     assert_eq!(d.status("k1").await.unwrap().slots_free, 1);
 
     // The key is in the engine's environment alone: not its command line, not a log; and the
@@ -276,12 +269,5 @@ async fn engines_run_as_the_configured_user_and_still_serve() {
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap();
     assert_eq!(uid, "65534", "the engine does not run as nobody: {status}");
-    let proxied = d
-        .http
-        .post(format!("{}/v2/pools/u1/engine/completion", d.base))
-        .json(&serde_json::json!({"prompt": "the", "n_predict": 2}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(proxied.status(), 200);
+    assert_eq!(d.complete_through_proxy("u1").await, 200);
 }
