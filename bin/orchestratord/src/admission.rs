@@ -299,7 +299,9 @@ impl Orchestrator {
         // The key's rate first: a key past it gets no prompt counted on an engine.
         self.key_rate(owner)?;
         let prompt_tokens = self.count_prompt(&req).await?;
-        let journaled = self.read_journal(req.task_id.as_deref()).await;
+        let journaled = self
+            .read_journal(&owner.name, req.task_id.as_deref())
+            .await;
         let (task, answer, written) =
             self.enqueue(req, correlation_id, None, prompt_tokens, owner, journaled)?;
         if let Some(written) = written {
@@ -339,7 +341,7 @@ impl Orchestrator {
         task.set_durable(false);
         self.cancel(&task, journal_refusal().0);
         self.tasks.remove_same(&task);
-        if let Err(error) = self.journal.withdraw(&task.id).await {
+        if let Err(error) = self.journal.withdraw(&task.owner, &task.id).await {
             self.metrics.journal_errors.inc();
             tracing::error!(task_id = %task.id, %error, "withdrawn admission not removed from the journal; a restart ends it");
         }
@@ -439,19 +441,17 @@ impl Orchestrator {
         req.task_id = Some(id.clone());
         // A resubmission is answered before any other check (model, pin, capacity, shutdown):
         // a client retrying a submission whose answer it lost learns about its task.
-        if let Some(existing) = chosen.then(|| self.task(&id)).flatten() {
-            if !existing.visible_to(owner) {
-                // Another key's task: the id is taken, and nothing more is said about it.
-                return Err(self.id_taken(&id));
-            }
+        // Ids are scoped per key: only the owner's own tasks are looked at, so another key's
+        // use of the id is neither refused nor told.
+        if let Some(existing) = chosen.then(|| self.task(&owner.name, &id)).flatten() {
             return self
                 .answer_existing(&existing, crate::tasks::request_digest(&req))
                 .map(|(t, a)| (t, a, None));
         }
         if chosen {
             // Read before (off the workers) when it could be; otherwise here.
-            let lookup = journaled.unwrap_or_else(|| self.journal_lookup(&id));
-            if let Some(existing) = self.journaled_task(&id, owner, lookup)? {
+            let lookup = journaled.unwrap_or_else(|| self.journal_lookup(&owner.name, &id));
+            if let Some(existing) = self.journaled_task(&id, lookup)? {
                 return self
                     .answer_existing(&existing, crate::tasks::request_digest(&req))
                     .map(|(t, a)| (t, a, None));
@@ -591,9 +591,9 @@ impl Orchestrator {
         let weight = u64::from(task.req.max_tokens);
         let expiry = crate::state::expiry_of(&task, self.config.max_queue_wait);
         let (admitted, ahead_tokens, written, dispatcher_due) = {
-            let mut tasks = self.tasks.shard_for(&id);
+            let mut tasks = self.tasks.shard_for(&task.key);
             // Checked again under the lock: two first submissions of one id may race here.
-            if let Some(existing) = tasks.get(&id).cloned() {
+            if let Some(existing) = tasks.get(&task.key).cloned() {
                 drop(tasks);
                 return self
                     .answer_existing(&existing, task.digest())
@@ -625,7 +625,7 @@ impl Orchestrator {
                         admission.digest = task.digest();
                         self.journal.admit(admission)
                     });
-                    tasks.insert(id.clone(), task.clone());
+                    tasks.insert(task.key.clone(), task.clone());
                     queue.schedule_expiry(&task, self.config.max_queue_wait);
                     let mut ahead_tokens = queue.tasks.class_weight(Priority::Interactive);
                     if priority == Priority::Batch {
@@ -699,11 +699,11 @@ impl Orchestrator {
         Ok((task, answer, written))
     }
 
-    /// What the journal holds under `id`, read on this thread (nothing to read without a
-    /// journal).
-    fn journal_lookup(&self, id: &str) -> JournalLookup {
+    /// What the journal holds under `owner`'s `id`, read on this thread (nothing to read
+    /// without a journal).
+    fn journal_lookup(&self, owner: &str, id: &str) -> JournalLookup {
         if self.journal.durable() {
-            self.journal.lookup(id)
+            self.journal.lookup(owner, id)
         } else {
             Ok(None)
         }
@@ -712,14 +712,14 @@ impl Orchestrator {
     /// What the journal holds under a client's task id: read on the blocking pool (a read of
     /// its file must not hold up a worker thread), or `None` when there is nothing to read (no
     /// journal, or a task with that id in memory, which is answered first).
-    async fn read_journal(&self, id: Option<&str>) -> Option<JournalLookup> {
+    async fn read_journal(&self, owner: &str, id: Option<&str>) -> Option<JournalLookup> {
         let id = id?;
-        if !self.journal.durable() || self.task(id).is_some() {
+        if !self.journal.durable() || self.task(owner, id).is_some() {
             return None;
         }
-        let (journal, id) = (self.journal.clone(), id.to_string());
+        let (journal, owner, id) = (self.journal.clone(), owner.to_string(), id.to_string());
         Some(
-            tokio::task::spawn_blocking(move || journal.lookup(&id))
+            tokio::task::spawn_blocking(move || journal.lookup(&owner, &id))
                 .await
                 .unwrap_or_else(|e| Err(format!("the lookup did not finish: {e}"))),
         )
@@ -727,11 +727,10 @@ impl Orchestrator {
 
     /// A finished task the journal still remembers (past the in-memory retention), put back
     /// in memory so a resubmission of its id is answered as for any task: the same task for
-    /// the same request, 409 for another; another key's id is taken.
+    /// the same request, 409 for another (the lookup was of the submitting key's own ids).
     fn journaled_task(
         &self,
         id: &str,
-        owner: &auth_min::Principal,
         lookup: JournalLookup,
     ) -> Result<Option<Arc<Task>>, ApiError> {
         let record = match lookup {
@@ -745,10 +744,7 @@ impl Orchestrator {
         let Some(task) = crate::recovery::finished_task(self, &record) else {
             return Ok(None);
         };
-        if !task.visible_to(owner) {
-            return Err(self.id_taken(id));
-        }
-        let task = match self.tasks.shard_for(id).entry(id.to_string()) {
+        let task = match self.tasks.shard_for(&task.key).entry(task.key.clone()) {
             std::collections::hash_map::Entry::Occupied(known) => known.get().clone(),
             std::collections::hash_map::Entry::Vacant(slot) => {
                 self.retired.lock().push(&task);
@@ -756,17 +752,6 @@ impl Orchestrator {
             }
         };
         Ok(Some(task))
-    }
-
-    /// 409 for an id another key's task holds: nothing more is said about that task.
-    fn id_taken(&self, id: &str) -> ApiError {
-        self.reject(
-            "conflict",
-            ApiError::new(
-                ErrorCode::Conflict,
-                format!("task_id {id:?} is taken; choose another"),
-            ),
-        )
     }
 
     /// The answer to a resubmitted `task_id`: the existing task, or 409 for another body.

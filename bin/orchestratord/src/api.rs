@@ -16,7 +16,7 @@ use llorch_contracts::meta::{
 };
 use llorch_contracts::tasks::TaskRequest;
 use llorch_contracts::{DrainRequest, ErrorCode, ErrorEnvelope, ReloadRequest};
-use llorch_http::{ApiError, ApiJson, ApiPath};
+use llorch_http::{ApiError, ApiJson, ApiPath, ApiQuery};
 
 use crate::pools::PoolEntry;
 use crate::state::Orchestrator;
@@ -231,33 +231,66 @@ fn unknown_task(id: &str) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("no task {id:?}"))
 }
 
-/// The task `id` if `caller` may see it (its owner, or an admin); otherwise, as for a task
-/// that does not exist, 404: no one learns whether another key's task exists.
+/// `?owner=` on a task's routes: another key's task, by that key's name (admins only).
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct OwnerQuery {
+    owner: Option<String>,
+}
+
+/// The task `id` if `caller` may see it; otherwise, as for a task that does not exist, 404: no
+/// one learns whether another key's task exists. Task ids are scoped per key: a client
+/// addresses its own tasks. An admin addresses another key's with `owner`, or without it a
+/// task no other key shares the id of (its own first); an id several keys use is 409 and
+/// names no key.
 pub(crate) fn visible_task(
     orch: &crate::state::Orchestrator,
     id: &str,
+    owner: Option<&str>,
     caller: &auth_min::Principal,
 ) -> Result<Arc<crate::tasks::Task>, ApiError> {
-    orch.task(id)
-        .filter(|t| t.visible_to(caller))
-        .ok_or_else(|| unknown_task(id))
+    let admin = caller.may(auth_min::Role::Admin);
+    let found = match owner {
+        Some(owner) if admin || owner == &*caller.name => orch.task(owner, id),
+        Some(_) => None,
+        None => match orch.task(&caller.name, id) {
+            Some(own) => Some(own),
+            None if admin => {
+                // A walk of the table: admins' lookups are rare.
+                let mut holders = orch.tasks.filtered(|t| t.id == id);
+                if holders.len() > 1 {
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        format!(
+                            "{} keys use task_id {id:?}; name one with ?owner=",
+                            holders.len()
+                        ),
+                    ));
+                }
+                holders.pop()
+            }
+            None => None,
+        },
+    };
+    found.ok_or_else(|| unknown_task(id))
 }
 
 async fn task_status(
     State(orch): State<AppState>,
     Extension(caller): Extension<auth_min::Principal>,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<OwnerQuery>,
 ) -> Result<Response, ApiError> {
-    let task = visible_task(&orch, &id, &caller)?;
-    Ok(Json(task.status(orch.queue_position(&id))).into_response())
+    let task = visible_task(&orch, &id, query.owner.as_deref(), &caller)?;
+    Ok(Json(task.status(orch.queue_position(&task))).into_response())
 }
 
 async fn cancel(
     State(orch): State<AppState>,
     Extension(caller): Extension<auth_min::Principal>,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<OwnerQuery>,
 ) -> Result<StatusCode, ApiError> {
-    let task = visible_task(&orch, &id, &caller)?;
+    let task = visible_task(&orch, &id, query.owner.as_deref(), &caller)?;
     orch.cancel(
         &task,
         ErrorEnvelope::new(ErrorCode::Cancelled, "cancelled by the client"),
@@ -276,7 +309,7 @@ async fn session(
     let info = orch
         .sessions
         .lock()
-        .get(&crate::tasks::session_key(&caller.name, &id), now)
+        .get(&crate::tasks::scoped(&caller.name, &id), now)
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no session {id:?}")))?;
     let warm = info
         .last_pool_id
@@ -301,7 +334,7 @@ async fn delete_session(
     if orch
         .sessions
         .lock()
-        .remove(&crate::tasks::session_key(&caller.name, &id))
+        .remove(&crate::tasks::scoped(&caller.name, &id))
     {
         Ok(StatusCode::NO_CONTENT)
     } else {

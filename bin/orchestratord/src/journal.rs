@@ -70,6 +70,7 @@ pub struct Admission {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ending {
     pub task_id: String,
+    pub owner: String,
     /// The terminal event (`{"type":"end",...}` or `{"type":"error",...}`).
     pub event: String,
     pub tokens_out: u32,
@@ -91,18 +92,19 @@ pub trait Journal: Send + Sync + 'static {
     /// Whether writes are kept at all (`false` for `none`: nothing to wait for).
     fn durable(&self) -> bool;
     fn admit(&self, admission: Admission) -> BoxFuture<'static, Result<(), String>>;
-    fn first_token(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>>;
+    /// Task ids are scoped per key: a task is named by its owner and its id.
+    fn first_token(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>>;
     fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), String>>;
-    /// The record of `task_id`, if the journal holds it (idempotency past the in-memory
-    /// retention).
-    fn lookup(&self, task_id: &str) -> Result<Option<Record>, String>;
+    /// The record of `owner`'s `task_id`, if the journal holds it (idempotency past the
+    /// in-memory retention).
+    fn lookup(&self, owner: &str, task_id: &str) -> Result<Option<Record>, String>;
     /// Every record, in admission order.
     fn recover(&self) -> Result<Vec<Record>, String>;
     /// How many times the journal was opened before this run (recovered logs are numbered
     /// from it, so ids of every earlier run stay below).
     fn restarts(&self) -> u64;
     /// Forgets a withdrawn admission (the client got a 503 for it): its id is free again.
-    fn withdraw(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>>;
+    fn withdraw(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>>;
     /// Forgets finished tasks older than `forget_before_ms` and, while the file is larger
     /// than `max_bytes`, the oldest finished ones; resolves to how many were forgotten.
     fn compact(
@@ -122,13 +124,13 @@ impl Journal for NoJournal {
     fn admit(&self, _: Admission) -> BoxFuture<'static, Result<(), String>> {
         async { Ok(()) }.boxed()
     }
-    fn first_token(&self, _: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn first_token(&self, _: &str, _: &str) -> BoxFuture<'static, Result<(), String>> {
         async { Ok(()) }.boxed()
     }
     fn end(&self, _: Ending) -> BoxFuture<'static, Result<(), String>> {
         async { Ok(()) }.boxed()
     }
-    fn lookup(&self, _: &str) -> Result<Option<Record>, String> {
+    fn lookup(&self, _: &str, _: &str) -> Result<Option<Record>, String> {
         Ok(None)
     }
     fn recover(&self) -> Result<Vec<Record>, String> {
@@ -137,7 +139,7 @@ impl Journal for NoJournal {
     fn restarts(&self) -> u64 {
         0
     }
-    fn withdraw(&self, _: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn withdraw(&self, _: &str, _: &str) -> BoxFuture<'static, Result<(), String>> {
         async { Ok(()) }.boxed()
     }
     fn compact(&self, _: u64, _: u64) -> BoxFuture<'static, Result<u64, String>> {
@@ -147,11 +149,14 @@ impl Journal for NoJournal {
 
 type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
 
+/// A task as the journal names it: its owner and its id.
+type Named = (String, String);
+
 enum Write {
     Admit(Admission),
-    FirstToken(String),
+    FirstToken(Named),
     End(Ending),
-    Withdraw(String),
+    Withdraw(Named),
 }
 
 /// What the writer thread is asked: writes (batched into one transaction), or a compaction
@@ -190,7 +195,7 @@ const BATCH_MAX: usize = 512;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tasks (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    task_id TEXT NOT NULL UNIQUE,
+    task_id TEXT NOT NULL,
     owner TEXT NOT NULL,
     digest BLOB NOT NULL,
     request TEXT NOT NULL,
@@ -200,13 +205,42 @@ CREATE TABLE IF NOT EXISTS tasks (
     first_token INTEGER NOT NULL DEFAULT 0,
     ending TEXT,
     tokens_out INTEGER,
-    finished_ms INTEGER
+    finished_ms INTEGER,
+    UNIQUE (owner, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_ms) WHERE finished_ms IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
 
-const SCHEMA_VERSION: &str = "1";
+/// 2: task ids are unique per owner (1: across owners).
+const SCHEMA_VERSION: &str = "2";
+
+/// Schema 1 to 2: the same rows in a table whose ids are unique per owner (a constraint
+/// SQLite cannot change in place).
+const MIGRATE_1_TO_2: &str = "
+BEGIN IMMEDIATE;
+CREATE TABLE tasks_v2 (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    request TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    submitted_ms INTEGER NOT NULL,
+    deadline_ms INTEGER,
+    first_token INTEGER NOT NULL DEFAULT 0,
+    ending TEXT,
+    tokens_out INTEGER,
+    finished_ms INTEGER,
+    UNIQUE (owner, task_id)
+);
+INSERT INTO tasks_v2 SELECT seq, task_id, owner, digest, request, correlation_id, submitted_ms, deadline_ms, first_token, ending, tokens_out, finished_ms FROM tasks;
+DROP TABLE tasks;
+ALTER TABLE tasks_v2 RENAME TO tasks;
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_ms) WHERE finished_ms IS NOT NULL;
+UPDATE meta SET value = '2' WHERE key = 'schema';
+COMMIT;
+";
 
 fn open_error(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
     format!(
@@ -309,6 +343,12 @@ impl SqliteJournal {
                     .map_err(|e| open_error(&path, "cannot write its schema version", e))?;
             }
             Some(SCHEMA_VERSION) => {}
+            Some("1") => {
+                writer
+                    .execute_batch(MIGRATE_1_TO_2)
+                    .map_err(|e| open_error(&path, "cannot move to schema 2", e))?;
+                tracing::info!(path = %path.display(), "journal moved to schema 2 (task ids unique per key)");
+            }
             Some(other) => {
                 return Err(open_error(
                     &path,
@@ -514,25 +554,28 @@ fn apply(conn: &mut rusqlite::Connection, batch: &[(Write, Ack)]) -> rusqlite::R
                     a.deadline_ms.map(clamp_ms),
                 ])?;
             }
-            Write::FirstToken(id) => {
-                tx.prepare_cached("UPDATE tasks SET first_token = 1 WHERE task_id = ?1")?
-                    .execute([id])?;
+            Write::FirstToken((owner, id)) => {
+                tx.prepare_cached(
+                    "UPDATE tasks SET first_token = 1 WHERE owner = ?1 AND task_id = ?2",
+                )?
+                .execute([owner, id])?;
             }
             Write::End(e) => {
                 // The first ending wins; the prompt goes (the digest answers resubmissions).
                 tx.prepare_cached(
-                    "UPDATE tasks SET ending = ?2, tokens_out = ?3, finished_ms = ?4, request = json_remove(request, '$.prompt') WHERE task_id = ?1 AND ending IS NULL",
+                    "UPDATE tasks SET ending = ?2, tokens_out = ?3, finished_ms = ?4, request = json_remove(request, '$.prompt') WHERE task_id = ?1 AND owner = ?5 AND ending IS NULL",
                 )?
                 .execute(rusqlite::params![
                     e.task_id,
                     e.event,
                     i64::from(e.tokens_out),
-                    clamp_ms(e.finished_ms)
+                    clamp_ms(e.finished_ms),
+                    e.owner,
                 ])?;
             }
-            Write::Withdraw(id) => {
-                tx.prepare_cached("DELETE FROM tasks WHERE task_id = ?1")?
-                    .execute([id])?;
+            Write::Withdraw((owner, id)) => {
+                tx.prepare_cached("DELETE FROM tasks WHERE owner = ?1 AND task_id = ?2")?
+                    .execute([owner, id])?;
             }
         }
     }
@@ -596,10 +639,11 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
     }
     let ending: Option<String> = row.get(8)?;
     let task_id: String = row.get(0)?;
+    let owner: String = row.get(1)?;
     Ok(Record {
         admission: Admission {
             task_id: task_id.clone(),
-            owner: row.get(1)?,
+            owner: owner.clone(),
             digest: d,
             request: row.get(3)?,
             correlation_id: row.get(4)?,
@@ -610,6 +654,7 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         ending: match ending {
             Some(event) => Some(Ending {
                 task_id,
+                owner,
                 event,
                 tokens_out: row
                     .get::<_, Option<i64>>(9)?
@@ -631,20 +676,20 @@ impl Journal for SqliteJournal {
         self.send(Write::Admit(admission))
     }
 
-    fn first_token(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
-        self.send(Write::FirstToken(task_id.to_string()))
+    fn first_token(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+        self.send(Write::FirstToken((owner.to_string(), task_id.to_string())))
     }
 
     fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), String>> {
         self.send(Write::End(ending))
     }
 
-    fn lookup(&self, task_id: &str) -> Result<Option<Record>, String> {
+    fn lookup(&self, owner: &str, task_id: &str) -> Result<Option<Record>, String> {
         let conn = self.reader.lock();
         let mut stmt = conn
-            .prepare_cached(&format!("{SELECT} WHERE task_id = ?1"))
+            .prepare_cached(&format!("{SELECT} WHERE owner = ?1 AND task_id = ?2"))
             .map_err(|e| e.to_string())?;
-        let mut rows = stmt.query([task_id]).map_err(|e| e.to_string())?;
+        let mut rows = stmt.query([owner, task_id]).map_err(|e| e.to_string())?;
         match rows.next().map_err(|e| e.to_string())? {
             Some(row) => record(row).map(Some).map_err(|e| e.to_string()),
             None => Ok(None),
@@ -667,8 +712,8 @@ impl Journal for SqliteJournal {
         self.restarts
     }
 
-    fn withdraw(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
-        self.send(Write::Withdraw(task_id.to_string()))
+    fn withdraw(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+        self.send(Write::Withdraw((owner.to_string(), task_id.to_string())))
     }
 
     fn compact(
@@ -712,6 +757,7 @@ mod tests {
     fn ending(id: &str, finished_ms: u64) -> Ending {
         Ending {
             task_id: id.into(),
+            owner: "alice".into(),
             event: r#"{"event":"end","data":{"tokens_out":3,"decode_time_ms":1}}"#.into(),
             tokens_out: 3,
             finished_ms,
@@ -728,7 +774,7 @@ mod tests {
             for id in ["a", "b", "c"] {
                 j.admit(admission(id, "secret prompt")).await.unwrap();
             }
-            j.first_token("b").await.unwrap();
+            j.first_token("alice", "b").await.unwrap();
             j.end(ending("c", 2000)).await.unwrap();
             // A second ending of the same task does not replace the first.
             let mut other = ending("c", 3000);
@@ -751,8 +797,68 @@ mod tests {
         assert_eq!(got[2].ending, Some(ending("c", 2000)));
         assert!(!got[2].admission.request.contains("secret prompt"));
         assert!(got[2].admission.request.contains("\"model_ref\":\"tiny\""));
-        assert_eq!(j.lookup("b").unwrap().map(|r| r.first_token), Some(true));
-        assert_eq!(j.lookup("zzz").unwrap(), None);
+        assert_eq!(
+            j.lookup("alice", "b").unwrap().map(|r| r.first_token),
+            Some(true)
+        );
+        assert_eq!(j.lookup("alice", "zzz").unwrap(), None);
+        assert_eq!(j.lookup("bob", "b").unwrap(), None, "ids are scoped per key");
+    }
+
+    // covers: ORCH-2405
+    #[tokio::test]
+    async fn two_keys_journal_one_task_id_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = SqliteJournal::open(dir.path(), SyncMode::Full).unwrap();
+        let bobs = Admission {
+            owner: "bob".into(),
+            ..admission("same", "bob's prompt")
+        };
+        j.admit(admission("same", "alice's prompt")).await.unwrap();
+        j.admit(bobs.clone()).await.unwrap();
+        j.first_token("bob", "same").await.unwrap();
+        j.end(ending("same", 2000)).await.unwrap();
+        let alice = j.lookup("alice", "same").unwrap().unwrap();
+        let bob = j.lookup("bob", "same").unwrap().unwrap();
+        assert!(alice.ending.is_some() && !alice.first_token);
+        assert!(bob.ending.is_none() && bob.first_token);
+        assert_eq!(bob.admission, bobs);
+        j.withdraw("bob", "same").await.unwrap();
+        assert!(j.lookup("bob", "same").unwrap().is_none());
+        assert!(j.lookup("alice", "same").unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_schema_1_journal_is_moved_to_ids_scoped_per_key_with_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // Schema 1 as an earlier build wrote it: ids unique across keys.
+            let conn = rusqlite::Connection::open(dir.path().join("journal.sqlite3")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL UNIQUE, owner TEXT NOT NULL, digest BLOB NOT NULL, request TEXT NOT NULL, correlation_id TEXT NOT NULL, submitted_ms INTEGER NOT NULL, deadline_ms INTEGER, first_token INTEGER NOT NULL DEFAULT 0, ending TEXT, tokens_out INTEGER, finished_ms INTEGER);
+                 CREATE INDEX tasks_finished ON tasks (finished_ms) WHERE finished_ms IS NOT NULL;
+                 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT INTO meta VALUES ('schema', '1');
+                 INSERT INTO tasks (task_id, owner, digest, request, correlation_id, submitted_ms, first_token) VALUES ('old', 'alice', x'07', '{}', 'c', 5, 1);",
+            )
+            .unwrap();
+        }
+        let j = SqliteJournal::open(dir.path(), SyncMode::Full).unwrap();
+        let old = j.lookup("alice", "old").unwrap().unwrap();
+        assert!(old.first_token);
+        assert_eq!(old.admission.submitted_ms, 5);
+        // Another key may now use the id.
+        j.admit(Admission {
+            owner: "bob".into(),
+            ..admission("old", "p")
+        })
+        .await
+        .unwrap();
+        assert!(j.lookup("bob", "old").unwrap().is_some());
+        drop(j);
+        // Opened again: schema 2, nothing to move.
+        let j = SqliteJournal::open(dir.path(), SyncMode::Full).unwrap();
+        assert_eq!(j.recover().unwrap().len(), 2);
     }
 
     // covers: ORCH-2416
@@ -766,7 +872,7 @@ mod tests {
                 j.admit(admission(id, prompt)).await.unwrap();
             }
             j.end(ending("a", 2000)).await.unwrap();
-            j.withdraw("b").await.unwrap();
+            j.withdraw("alice", "b").await.unwrap();
         }
         let mut files = 0;
         for entry in std::fs::read_dir(dir.path()).unwrap() {
@@ -863,8 +969,8 @@ mod tests {
         }
         // Past the window: the first 100 finished.
         assert_eq!(j.compact(10_100, u64::MAX).await.unwrap(), 100);
-        assert!(j.lookup("t099").unwrap().is_none());
-        assert!(j.lookup("t100").unwrap().is_some());
+        assert!(j.lookup("alice", "t099").unwrap().is_none());
+        assert!(j.lookup("alice", "t100").unwrap().is_some());
         // Over the bound: the oldest finished go until it fits; unfinished stay.
         let n = j.compact(0, 256 * 1024).await.unwrap();
         assert!(n > 0);

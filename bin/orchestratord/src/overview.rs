@@ -428,13 +428,13 @@ fn recent_tasks(orch: &Orchestrator, limit: usize) -> Vec<TaskSummary> {
     let mut picked: Vec<Arc<crate::tasks::Task>> = {
         let mut newest: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
         orch.tasks.for_each(|t| {
-            // Only a task newer than the oldest kept costs a copy of its id.
+            // Only a task newer than the oldest kept costs a copy of its key.
             if newest.len() < limit
                 || newest
                     .peek()
-                    .is_some_and(|Reverse((at, id))| (t.submitted_at, t.id.as_str()) > (*at, id))
+                    .is_some_and(|Reverse((at, key))| (t.submitted_at, t.key.as_str()) > (*at, key))
             {
-                newest.push(Reverse((t.submitted_at, t.id.clone())));
+                newest.push(Reverse((t.submitted_at, t.key.clone())));
                 if newest.len() > limit {
                     newest.pop();
                 }
@@ -442,10 +442,10 @@ fn recent_tasks(orch: &Orchestrator, limit: usize) -> Vec<TaskSummary> {
         });
         newest
             .into_iter()
-            .filter_map(|Reverse((_, id))| orch.tasks.get(&id))
+            .filter_map(|Reverse((_, key))| orch.tasks.get(&key))
             .collect()
     };
-    picked.sort_by(|a, b| (b.submitted_at, &b.id).cmp(&(a.submitted_at, &a.id)));
+    picked.sort_by(|a, b| (b.submitted_at, &b.key).cmp(&(a.submitted_at, &a.key)));
     picked
         .iter()
         .map(|t| {

@@ -164,7 +164,7 @@ pub(crate) fn recover(
             queue.schedule_expiry(&task, orch.config.max_queue_wait);
         }
         task.emit(&TaskEvent::Queued {
-            queue_position: orch.queue_position(&task.id).unwrap_or(0),
+            queue_position: orch.queue_position(&task).unwrap_or(0),
             predicted_start_ms: 0,
         });
         if orch.config.cancel_on_disconnect {

@@ -69,7 +69,7 @@ impl Runner<'_> {
             return;
         };
         let error =
-            match tokio::time::timeout(self.journal_timeout, journal.first_token(&task.id)).await {
+            match tokio::time::timeout(self.journal_timeout, journal.first_token(&task.owner, &task.id)).await {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => e,
                 Err(_) => format!("no answer within {} ms", self.journal_timeout.as_millis()),

@@ -10,12 +10,12 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use llorch_contracts::{ErrorCode, ErrorEnvelope};
-use llorch_http::{ApiError, ApiPath};
+use llorch_http::{ApiError, ApiPath, ApiQuery};
 use serde::Deserialize;
 
 use crate::api::AppState;
@@ -27,6 +27,8 @@ pub struct EventsQuery {
     /// Include `metrics` events.
     #[serde(default)]
     verbose: bool,
+    /// Another key's task, by that key's name (admins only; task ids are scoped per key).
+    owner: Option<String>,
 }
 
 /// Counts a subscriber of a task while it lives. When the last one goes and the task has not
@@ -198,11 +200,10 @@ pub async fn events(
     State(orch): State<AppState>,
     axum::Extension(caller): axum::Extension<auth_min::Principal>,
     ApiPath(id): ApiPath<String>,
-    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::InvalidParams, e.body_text()))?;
-    let task = crate::api::visible_task(&orch, &id, &caller)?;
+    let task = crate::api::visible_task(&orch, &id, query.owner.as_deref(), &caller)?;
     // Refused for want of room: the connection goes too (a client that opens thousands and
     // reads nothing must not keep them as idle keep-alives).
     let slot = match orch

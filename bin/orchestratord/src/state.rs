@@ -148,12 +148,14 @@ impl Orchestrator {
         })
     }
 
-    pub fn task(&self, id: &str) -> Option<Arc<Task>> {
-        self.tasks.get(id)
+    /// The task `owner` submitted under `id` (ids are scoped per key).
+    pub fn task(&self, owner: &str, id: &str) -> Option<Arc<Task>> {
+        self.tasks.get(&crate::tasks::scoped(owner, id))
     }
 
-    pub fn queue_position(&self, id: &str) -> Option<u32> {
-        let key = self.task(id)?.queue_key()?;
+    /// Where `task` stands in the queue (none once it left it).
+    pub fn queue_position(&self, task: &Task) -> Option<u32> {
+        let key = task.queue_key()?;
         self.queue.lock().tasks.rank(key).map(|(p, _)| p as u32)
     }
 
@@ -208,6 +210,7 @@ impl Orchestrator {
         }
         let ending = crate::journal::Ending {
             task_id: task.id.clone(),
+            owner: task.owner.to_string(),
             event: serde_json::to_string(&event).unwrap_or_default(),
             tokens_out: task.tokens_out(),
             finished_ms: crate::tasks::now_ms(),

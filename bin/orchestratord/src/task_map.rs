@@ -1,4 +1,4 @@
-//! The task table: every task by id, in 64 shards. A lookup or an admission locks one shard;
+//! The task table: every task by its key (owner and id, `tasks::scoped`), in 64 shards. A lookup or an admission locks one shard;
 //! a shard grows by rehashing a sixty-fourth of the table, so a deep queue never stalls every
 //! admission behind one big rehash; a walk (the console's recent tasks, shutdown) locks one
 //! shard at a time.
@@ -31,29 +31,29 @@ impl Default for TaskMap {
 }
 
 impl TaskMap {
-    fn shard(&self, id: &str) -> &Shard {
-        &self.shards[(self.hasher.hash_one(id) as usize) % SHARDS]
+    fn shard(&self, key: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<Task>> {
-        self.shard(id).read().get(id).cloned()
+    pub fn get(&self, key: &str) -> Option<Arc<Task>> {
+        self.shard(key).read().get(key).cloned()
     }
 
-    /// The shard holding `id`, locked for writing: a check and an insert under one lock.
-    pub fn shard_for(&self, id: &str) -> RwLockWriteGuard<'_, HashMap<String, Arc<Task>>> {
-        self.shard(id).write()
+    /// The shard holding `key`, locked for writing: a check and an insert under one lock.
+    pub fn shard_for(&self, key: &str) -> RwLockWriteGuard<'_, HashMap<String, Arc<Task>>> {
+        self.shard(key).write()
     }
 
     pub fn insert(&self, task: Arc<Task>) {
-        self.shard(&task.id).write().insert(task.id.clone(), task);
+        self.shard(&task.key).write().insert(task.key.clone(), task);
     }
 
     /// Removes `task` if the table holds this very task under its id (not another task read
     /// back later under the same id).
     pub fn remove_same(&self, task: &Arc<Task>) -> bool {
-        let mut shard = self.shard(&task.id).write();
-        if shard.get(&task.id).is_some_and(|t| Arc::ptr_eq(t, task)) {
-            shard.remove(&task.id);
+        let mut shard = self.shard(&task.key).write();
+        if shard.get(&task.key).is_some_and(|t| Arc::ptr_eq(t, task)) {
+            shard.remove(&task.key);
             return true;
         }
         false
@@ -113,18 +113,33 @@ mod tests {
             map.insert(t.clone());
         }
         assert_eq!(map.len(), 500);
-        assert!(Arc::ptr_eq(&map.get("t42").unwrap(), &tasks[42]));
-        assert!(map.get("t500").is_none());
+        let key = |id: &str| crate::tasks::scoped(crate::tasks::ANONYMOUS, id);
+        assert!(Arc::ptr_eq(&map.get(&key("t42")).unwrap(), &tasks[42]));
+        assert!(map.get(&key("t500")).is_none());
         // Another task under the same id (read back from the journal later) is not removed
         // by the first one's retirement.
         let again = task("t7");
         map.insert(again.clone());
         assert!(!map.remove_same(&tasks[7]));
         assert!(map.remove_same(&again));
-        assert!(map.get("t7").is_none());
+        assert!(map.get(&key("t7")).is_none());
         let mut seen = 0;
         map.for_each(|_| seen += 1);
         assert_eq!(seen, 499);
         assert_eq!(map.filtered(|t| t.id.ends_with('9')).len(), 50);
+    }
+
+    #[test]
+    fn two_owners_hold_one_id_apart() {
+        let map = TaskMap::default();
+        let alice = Arc::new(Arc::into_inner(task("same")).unwrap().with_owner("alice".into()));
+        let bob = Arc::new(Arc::into_inner(task("same")).unwrap().with_owner("bob".into()));
+        map.insert(alice.clone());
+        map.insert(bob.clone());
+        let get = |owner: &str| map.get(&crate::tasks::scoped(owner, "same")).unwrap();
+        assert!(Arc::ptr_eq(&get("alice"), &alice));
+        assert!(Arc::ptr_eq(&get("bob"), &bob));
+        assert!(map.remove_same(&bob));
+        assert!(Arc::ptr_eq(&get("alice"), &alice));
     }
 }

@@ -25,7 +25,11 @@ pub struct Frame {
 }
 
 pub struct Task {
+    /// The id the client chose (or admission made): unique only within its owner's tasks.
     pub id: String,
+    /// Its key in the task table: the id scoped by the owner ([`scoped`]), so two keys may use
+    /// one id and neither learns of the other's task.
+    pub key: String,
     /// The request as submitted, except its prompt (held in `prompt` until the task ends).
     pub req: TaskRequest,
     /// SHA-256 of the whole request as submitted: answers an idempotent resubmission after
@@ -51,7 +55,7 @@ pub struct Task {
     pub prompt_tokens: Option<u32>,
     /// The name of the key that submitted it: only that key (and admins) may see it.
     pub owner: std::sync::Arc<str>,
-    /// Its session in the session table: the session id scoped by the owner ([`session_key`]),
+    /// Its session in the session table: the session id scoped by the owner ([`scoped`]),
     /// so two keys using one session id share no affinity and neither sees the other's.
     pub session: Option<String>,
     /// Its prompt's block names, for cache-aware placement (`llorch_core::prefix_chain`).
@@ -134,10 +138,14 @@ pub const PREFIX_BLOCKS_MAX: usize = 512;
 /// What a frame costs besides its data (the struct, its id and event name).
 const FRAME_OVERHEAD: usize = 48;
 
-/// A session's key in the session table: its id under the name of the key that uses it.
-pub fn session_key(owner: &str, session_id: &str) -> String {
-    format!("{owner}\u{1f}{session_id}")
+/// An id (of a task or a session) under the name of the key that uses it: the key of the task
+/// and session tables. Names and ids never hold U+001F, so the pair is unambiguous.
+pub fn scoped(owner: &str, id: &str) -> String {
+    format!("{owner}\u{1f}{id}")
 }
+
+/// The owner of tasks and sessions submitted without authentication.
+pub const ANONYMOUS: &str = "anonymous";
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -161,11 +169,12 @@ impl Task {
         let session = req
             .session_id
             .as_deref()
-            .map(|s| session_key("anonymous", s));
+            .map(|s| scoped(ANONYMOUS, s));
         let deadline = req
             .deadline_ms
             .map(|ms| now + std::time::Duration::from_millis(ms));
         Self {
+            key: scoped(ANONYMOUS, &id),
             id,
             req,
             digest,
@@ -179,7 +188,7 @@ impl Task {
             openai,
             prompt_tokens: None,
             session,
-            owner: std::sync::Arc::from("anonymous"),
+            owner: std::sync::Arc::from(ANONYMOUS),
             prefix_chain: Vec::new(),
             inner: Mutex::new(TaskInner {
                 state: TaskState::Queued,
@@ -226,16 +235,12 @@ impl Task {
             .req
             .session_id
             .as_deref()
-            .map(|s| session_key(&owner, s));
+            .map(|s| scoped(&owner, s));
+        self.key = scoped(&owner, &self.id);
         self.owner = owner;
         self
     }
 
-    /// Whether `caller` may see this task (status, events, cancel): its owner, or an admin.
-    /// Anyone else is told there is no such task.
-    pub fn visible_to(&self, caller: &auth_min::Principal) -> bool {
-        caller.may(auth_min::Role::Admin) || caller.name == self.owner
-    }
 
     /// With its prompt's block names (cache-aware placement).
     pub fn with_prefix_chain(mut self, chain: Vec<u64>) -> Self {

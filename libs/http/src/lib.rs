@@ -135,6 +135,24 @@ where
     }
 }
 
+/// `Query` whose rejections use the envelope (400 `INVALID_PARAMS`).
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(r) => Err(ApiError::new(ErrorCode::InvalidParams, r.body_text())),
+        }
+    }
+}
+
 fn path_rejection(r: PathRejection) -> ApiError {
     ApiError::new(ErrorCode::InvalidParams, r.body_text())
 }

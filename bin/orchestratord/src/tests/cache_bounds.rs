@@ -215,7 +215,7 @@ async fn a_keys_prompt_finds_no_prefix_of_another_keys_unless_the_scope_is_globa
             .unwrap();
             let owner = auth_min::Principal::new(key, &[auth_min::Role::Client]);
             h.orch.admit_with(req, None, None, &owner).unwrap();
-            let task = h.orch.task(id).unwrap();
+            let task = h.task(id).unwrap();
             async move {
                 outcome(&task).await;
                 task.prefix_chain.clone()

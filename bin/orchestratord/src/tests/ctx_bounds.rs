@@ -71,7 +71,7 @@ async fn a_prompt_that_fits_only_the_larger_pool_runs_there() {
         .admit_with(long, None, counted, &owner)
         .unwrap()
         .task_id;
-    let task = h.orch.task(&id).unwrap();
+    let task = h.task(&id).unwrap();
     assert_eq!(task.needed_ctx(), Some(109));
     assert_eq!(outcome(&task).await.0, "end");
     assert_eq!(task.pool_id().as_deref(), Some("b-large"));

@@ -76,12 +76,12 @@ impl Journal for ScriptedJournal {
         }
         self.answer()
     }
-    fn first_token(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn first_token(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
         if let Some(r) = self
             .records
             .lock()
             .iter_mut()
-            .find(|r| r.admission.task_id == task_id)
+            .find(|r| r.admission.owner == owner && r.admission.task_id == task_id)
         {
             r.first_token = true;
         }
@@ -92,14 +92,14 @@ impl Journal for ScriptedJournal {
             .records
             .lock()
             .iter_mut()
-            .find(|r| r.admission.task_id == ending.task_id)
+            .find(|r| r.admission.owner == ending.owner && r.admission.task_id == ending.task_id)
         {
             r.ending.get_or_insert(ending);
         }
         self.answer()
     }
-    fn lookup(&self, task_id: &str) -> Result<Option<Record>, String> {
-        Ok(self.record(task_id))
+    fn lookup(&self, owner: &str, task_id: &str) -> Result<Option<Record>, String> {
+        Ok(self.record(task_id).filter(|r| r.admission.owner == owner))
     }
     fn recover(&self) -> Result<Vec<Record>, String> {
         Ok(self.records.lock().clone())
@@ -107,10 +107,10 @@ impl Journal for ScriptedJournal {
     fn restarts(&self) -> u64 {
         1
     }
-    fn withdraw(&self, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn withdraw(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
         self.records
             .lock()
-            .retain(|r| r.admission.task_id != task_id);
+            .retain(|r| r.admission.owner != owner || r.admission.task_id != task_id);
         self.answer()
     }
     fn compact(&self, _: u64, _: u64) -> BoxFuture<'static, Result<u64, String>> {
@@ -158,8 +158,8 @@ async fn an_admission_the_journal_fails_is_refused_503_and_never_runs() {
     settle().await;
     assert!(h.engine.calls().is_empty(), "a refused admission ran");
     // Forgotten: a retry of the id is a new admission.
-    assert!(h.orch.task("t1").is_none());
-    assert!(h.orch.queue_position("t1").is_none());
+    assert!(h.task("t1").is_none());
+    assert!(h.position("t1").is_none());
     // The admission, then its ending and its withdrawal, each failed and counted.
     assert_eq!(h.orch.metrics.journal_errors.get(), 3);
 }
@@ -182,7 +182,7 @@ async fn an_admission_the_journal_holds_is_refused_503_at_exactly_the_journal_ti
     settle().await;
     assert!(h.engine.calls().is_empty(), "a withdrawn admission ran");
     assert!(
-        h.orch.queue_position("t1").is_none(),
+        h.position("t1").is_none(),
         "withdrawn from the queue"
     );
     // The client retries the same id once the journal answers: a new admission, which runs.
@@ -190,7 +190,7 @@ async fn an_admission_the_journal_holds_is_refused_503_at_exactly_the_journal_ti
     h.engine.push(tokens(3, MS));
     let (status, answer) = submit(&h, body).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
-    let t = h.orch.task("t1").unwrap();
+    let t = h.task("t1").unwrap();
     assert_eq!(outcome(&t).await.0, "end");
     assert_eq!(h.engine.calls().len(), 1);
 }
@@ -222,13 +222,13 @@ async fn a_resubmission_of_a_task_only_the_journal_remembers_is_answered_from_it
     let h = Harness::start_with_journal(&flags(), journal.clone());
     h.add_pool("p", 1);
     journal.records.lock().push(ended("old"));
-    assert!(h.orch.task("old").is_none());
+    assert!(h.task("old").is_none());
     let same = serde_json::json!({"task_id": "old", "model_ref": "tiny", "prompt": "p", "max_tokens": 3, "priority": "batch"});
     let (status, body) = submit(&h, same).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["task_id"], "old");
     // Answered as the ended task it is, back in memory, never run again.
-    let task = h.orch.task("old").expect("restored from the journal");
+    let task = h.task("old").expect("restored from the journal");
     assert!(task.is_terminal());
     let other = serde_json::json!({"task_id": "old", "model_ref": "tiny", "prompt": "other", "max_tokens": 3});
     let (status, body) = submit(&h, other).await;
@@ -274,6 +274,7 @@ fn ended(id: &str) -> Record {
     let mut r = record(id, "batch", None, true);
     r.ending = Some(Ending {
         task_id: id.into(),
+        owner: r.admission.owner.clone(),
         event: serde_json::to_string(&llorch_contracts::tasks::TaskEvent::End {
             tokens_out: 3,
             decode_time_ms: 1,
@@ -325,20 +326,20 @@ async fn recovery_requeues_in_order_ends_what_streamed_restores_what_ended_and_k
         .map(|t| t.id.clone())
         .collect();
     assert_eq!(order, ["i1", "i2", "b1", "b2"]);
-    let streaming = h.orch.task("streaming").unwrap();
+    let streaming = h.task("streaming").unwrap();
     assert_eq!(outcome(&streaming).await.0, "WORKER_RESET");
     assert_eq!(
-        outcome(&h.orch.task("late").unwrap()).await.0,
+        outcome(&h.task("late").unwrap()).await.0,
         "DEADLINE_UNMET"
     );
-    let restored = h.orch.task("done").unwrap();
+    let restored = h.task("done").unwrap();
     assert_eq!(restored.status(None).tokens_out, 3);
     assert_eq!(outcome(&restored).await.0, "end");
     // Endings of recovery went to the journal before their frames.
     assert!(journal.record("streaming").unwrap().ending.is_some());
     // b2's deadline is the wall-clock one it was admitted with: 3 s from its admission, what
     // is left of them at recovery.
-    let (code, at) = outcome(&h.orch.task("b2").unwrap()).await;
+    let (code, at) = outcome(&h.task("b2").unwrap()).await;
     assert_eq!(code, "DEADLINE_UNMET");
     let waited = at - start;
     let expected = Duration::from_millis(left);
@@ -369,13 +370,13 @@ async fn recovered_tasks_nobody_follows_are_cancelled_at_exactly_the_reattach_wi
     crate::recovery::recover(&h.orch, &cancel).unwrap();
     // Its client comes back (and stays) within the window.
     tokio::time::sleep(1000 * MS).await;
-    h.orch.task("followed").unwrap().add_subscriber();
-    let (code, at) = outcome(&h.orch.task("alone").unwrap()).await;
+    h.task("followed").unwrap().add_subscriber();
+    let (code, at) = outcome(&h.task("alone").unwrap()).await;
     assert_eq!(code, "CANCELLED");
     assert_eq!(at - start, 5000 * MS);
     settle().await;
-    assert!(!h.orch.task("followed").unwrap().is_terminal());
-    assert!(h.orch.queue_position("followed").is_some());
+    assert!(!h.task("followed").unwrap().is_terminal());
+    assert!(h.position("followed").is_some());
 }
 
 // covers: ORCH-2404
@@ -390,13 +391,13 @@ async fn an_admission_settles_even_when_its_client_goes_away_while_the_journal_w
     let gone = tokio::time::timeout(100 * MS, submit(&h, body)).await;
     assert!(gone.is_err());
     assert!(
-        h.orch.task("t1").is_some(),
+        h.task("t1").is_some(),
         "queued, waiting for the journal"
     );
     // At the journal timeout the admission is withdrawn all the same: nothing waits for ever.
     tokio::time::sleep(400 * MS).await;
     settle().await;
-    assert!(h.orch.task("t1").is_none());
-    assert!(h.orch.queue_position("t1").is_none());
+    assert!(h.task("t1").is_none());
+    assert!(h.position("t1").is_none());
     assert!(h.engine.calls().is_empty());
 }

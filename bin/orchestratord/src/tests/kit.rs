@@ -325,11 +325,23 @@ impl Harness {
         self.orch.pools.upsert(pool(id, slots));
     }
 
+    /// The task with `id`, whichever key submitted it (no two of a test's keys share an id).
+    pub fn task(&self, id: &str) -> Option<Arc<Task>> {
+        let mut found = self.orch.tasks.filtered(|t| t.id == id);
+        assert!(found.len() <= 1, "several keys use task id {id:?}");
+        found.pop()
+    }
+
+    /// Where the task with `id` stands in the queue (none once it left it, or is unknown).
+    pub fn position(&self, id: &str) -> Option<u32> {
+        self.orch.queue_position(&*self.task(id)?)
+    }
+
     /// Admits a task (panics on refusal); `body` is a `/v2/tasks` request.
     pub fn submit(&self, body: serde_json::Value) -> Arc<Task> {
         let req: TaskRequest = serde_json::from_value(body).unwrap();
         let id = self.orch.admit(req).unwrap().task_id;
-        self.orch.task(&id).unwrap()
+        self.task(&id).unwrap()
     }
 }
 

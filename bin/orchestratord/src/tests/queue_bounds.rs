@@ -121,7 +121,7 @@ async fn a_cancelled_queued_task_ends_at_once_and_never_reaches_an_engine() {
     assert_eq!(code, "CANCELLED");
     assert_eq!(at, at_cancel);
     assert_eq!(h.engine.calls().len(), 1);
-    assert_eq!(h.orch.queue_position(&task.id), None);
+    assert_eq!(h.orch.queue_position(&task), None);
 }
 
 // covers: ORCH-2311
@@ -187,7 +187,7 @@ async fn a_task_nobody_follows_is_told_its_position_when_a_subscriber_comes() {
         [3, 1],
         "not told at once on subscribing"
     );
-    assert_eq!(h.orch.queue_position(&last.id), Some(1));
+    assert_eq!(h.orch.queue_position(&last), Some(1));
     h.orch.cancel(
         &queued[2],
         ErrorEnvelope::new(ErrorCode::Cancelled, "client"),
@@ -227,13 +227,13 @@ async fn a_finished_task_is_forgotten_after_retention_within_one_purge_interval(
     drop(task);
     tokio::time::sleep_until(finished + Duration::from_millis(10_000) - MS).await;
     assert!(
-        h.orch.task(&id).is_some(),
+        h.task(&id).is_some(),
         "forgotten before the retention period"
     );
     // The purge runs every PURGE_INTERVAL: the task is gone by the first run after retention.
     tokio::time::sleep(PURGE_INTERVAL + MS).await;
     assert!(
-        h.orch.task(&id).is_none(),
+        h.task(&id).is_none(),
         "kept past retention + one purge interval"
     );
 }
@@ -253,7 +253,7 @@ async fn the_oldest_finished_tasks_beyond_the_retention_count_are_forgotten_at_t
         tasks.push(t);
     }
     let kept =
-        |h: &Harness| -> Vec<bool> { tasks.iter().map(|t| h.orch.task(&t.id).is_some()).collect() };
+        |h: &Harness| -> Vec<bool> { tasks.iter().map(|t| h.task(&t.id).is_some()).collect() };
     // The purge runs at start and every PURGE_INTERVAL after.
     tokio::time::sleep_until(start + PURGE_INTERVAL - MS).await;
     assert_eq!(kept(&h), [true, true, true], "purged before the next run");
@@ -340,7 +340,7 @@ fn no_task_is_queued_after_shutdown_emptied_the_queue() {
                 .collect();
             for id in &admitted {
                 assert!(
-                    h.orch.task(id).unwrap().is_terminal(),
+                    h.task(id).unwrap().is_terminal(),
                     "task {id} was queued after shutdown emptied the queue"
                 );
             }
@@ -482,7 +482,7 @@ async fn a_task_queued_during_a_restart_is_told_the_measured_restart_time_left()
     let req = serde_json::from_value(task(1)).unwrap();
     let admitted = h.orch.admit(req).unwrap();
     assert_eq!(admitted.predicted_start_ms, 3000);
-    let t = h.orch.task(&admitted.task_id).unwrap();
+    let t = h.task(&admitted.task_id).unwrap();
     let queued: serde_json::Value =
         serde_json::from_str(&t.frames_from(0).unwrap().0[0].data).unwrap();
     assert_eq!(queued["predicted_start_ms"], 3000);
@@ -512,7 +512,7 @@ async fn a_task_asking_for_more_context_than_any_pool_has_is_refused_and_a_fitti
     assert!(e.0.message.contains("(2048)"), "{}", e.0.message);
     h.engine.always(tokens(1, MS));
     let id = h.orch.admit(with_ctx(1024)).unwrap().task_id;
-    let t = h.orch.task(&id).unwrap();
+    let t = h.task(&id).unwrap();
     assert_eq!(terminal(&t).await.0, "end");
     // Most free slots would pick `small`; only `large` holds 1024 tokens.
     assert_eq!(t.pool_id().as_deref(), Some("large"));
@@ -585,10 +585,10 @@ async fn finished_tasks_beyond_the_retention_bytes_are_forgotten_oldest_first() 
     let per_task = done[0].retained_bytes();
     assert!(per_task > 1000, "{per_task}");
     crate::retention::purge_finished(&h.orch);
-    let kept: Vec<bool> = done.iter().map(|t| h.orch.task(&t.id).is_some()).collect();
+    let kept: Vec<bool> = done.iter().map(|t| h.task(&t.id).is_some()).collect();
     let kept_bytes: usize = done
         .iter()
-        .filter(|t| h.orch.task(&t.id).is_some())
+        .filter(|t| h.task(&t.id).is_some())
         .map(|t| t.retained_bytes())
         .sum();
     assert!(kept_bytes <= 5000, "{kept_bytes} bytes kept");

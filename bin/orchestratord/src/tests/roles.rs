@@ -161,7 +161,13 @@ async fn every_route_answers_each_role_as_the_role_table_says() {
 
 /// Submits task `id` as `key`'s owner through the router.
 async fn h_submit_owned(h: &Harness, id: &str, key: &str) {
-    let body = format!(r#"{{"task_id":"{id}","model_ref":"tiny","prompt":"p","max_tokens":3}}"#);
+    h_submit_owned_body(h, id, key, "p").await
+}
+
+/// Submits task `id` with `prompt` as `key`'s owner through the router (202 expected).
+async fn h_submit_owned_body(h: &Harness, id: &str, key: &str, prompt: &str) {
+    let body = serde_json::json!({"task_id": id, "model_ref": "tiny", "prompt": prompt, "max_tokens": 3})
+        .to_string();
     assert_eq!(
         call(h, "POST", "/v2/tasks", Some(key), &body).await,
         StatusCode::ACCEPTED
@@ -185,21 +191,19 @@ async fn a_client_sees_only_its_own_tasks_and_an_admin_sees_all() {
             call(&k.h, "GET", &none, Some(BOB), "").await,
             StatusCode::NOT_FOUND
         );
+        // Naming the owner does not help a client.
+        let named = format!("{path}?owner=alice");
+        assert_eq!(
+            call(&k.h, "GET", &named, Some(BOB), "").await,
+            StatusCode::NOT_FOUND
+        );
     }
     assert_eq!(
         call(&k.h, "POST", "/v2/tasks/mine/cancel", Some(BOB), "").await,
         StatusCode::NOT_FOUND
     );
-    assert!(
-        !k.h.orch.task("mine").unwrap().is_terminal(),
-        "bob cancelled alice's task"
-    );
-    // Bob cannot take the id either.
-    let again = r#"{"task_id":"mine","model_ref":"tiny","prompt":"p","max_tokens":3}"#;
-    assert_eq!(
-        call(&k.h, "POST", "/v2/tasks", Some(BOB), again).await,
-        StatusCode::CONFLICT
-    );
+    let alices = k.h.orch.task("alice", "mine").unwrap();
+    assert!(!alices.is_terminal(), "bob cancelled alice's task");
     // Its owner and the admin can.
     assert_eq!(
         call(&k.h, "GET", "/v2/tasks/mine", Some(ALICE), "").await,
@@ -209,14 +213,53 @@ async fn a_client_sees_only_its_own_tasks_and_an_admin_sees_all() {
         call(&k.h, "GET", "/v2/tasks/mine", Some(ADMIN), "").await,
         StatusCode::OK
     );
+    // Task ids are scoped per key: bob's "mine" (another request) is his own task.
+    h_submit_owned_body(&k.h, "mine", BOB, "bob's prompt").await;
+    let bobs = k.h.orch.task("bob", "mine").unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&alices, &bobs));
+    // Now two keys use the id: an admin names the owner.
     assert_eq!(
-        call(&k.h, "POST", "/v2/tasks/mine/cancel", Some(ADMIN), "").await,
+        call(&k.h, "GET", "/v2/tasks/mine", Some(ADMIN), "").await,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        call(&k.h, "POST", "/v2/tasks/mine/cancel?owner=alice", Some(ADMIN), "").await,
         StatusCode::NO_CONTENT
     );
-    let (code, _) = outcome(&k.h.orch.task("mine").unwrap()).await;
+    let (code, _) = outcome(&alices).await;
+    assert_eq!(code, "CANCELLED");
+    assert!(!bobs.is_terminal(), "the admin cancelled alice's task only");
+    // Bob's own cancel reaches his task.
+    assert_eq!(
+        call(&k.h, "POST", "/v2/tasks/mine/cancel", Some(BOB), "").await,
+        StatusCode::NO_CONTENT
+    );
+    let (code, _) = outcome(&bobs).await;
     assert_eq!(code, "CANCELLED");
 }
 
+// covers: AUTH-5105
+#[tokio::test(start_paused = true)]
+async fn two_keys_use_one_task_id_and_neither_learns_of_the_other() {
+    let k = harness();
+    h_submit_owned_body(&k.h, "shared-id", ALICE, "alice's prompt").await;
+    // Bob's submission under the id is admitted (not 409), with a body alice never sent.
+    h_submit_owned_body(&k.h, "shared-id", BOB, "bob's prompt").await;
+    // Each resubmits his own request: the same task (idempotent), not the other's.
+    h_submit_owned_body(&k.h, "shared-id", ALICE, "alice's prompt").await;
+    h_submit_owned_body(&k.h, "shared-id", BOB, "bob's prompt").await;
+    // Another body under one's own id is still 409.
+    let other = r#"{"task_id":"shared-id","model_ref":"tiny","prompt":"x","max_tokens":3}"#;
+    assert_eq!(
+        call(&k.h, "POST", "/v2/tasks", Some(BOB), other).await,
+        StatusCode::CONFLICT
+    );
+    let alice = k.h.orch.task("alice", "shared-id").unwrap();
+    let bob = k.h.orch.task("bob", "shared-id").unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&alice, &bob));
+    assert_eq!(k.h.orch.tasks.filtered(|t| t.id == "shared-id").len(), 2);
+    assert_ne!(alice.digest(), bob.digest());
+}
 const CAROL: &str = "carol-secret-0123456789";
 const DAVE: &str = "dave-secret-01234567890";
 
@@ -289,7 +332,7 @@ async fn a_key_at_its_concurrency_limit_gets_429_until_its_task_ends() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(body["policy_label"], "key_concurrency");
     // Its first task ends (cancelled): the next one is admitted.
-    let first = k.h.orch.task("d1").unwrap();
+    let first = k.h.task("d1").unwrap();
     k.h.orch.cancel(
         &first,
         llorch_contracts::ErrorEnvelope::new(llorch_contracts::ErrorCode::Cancelled, "test"),
@@ -297,7 +340,7 @@ async fn a_key_at_its_concurrency_limit_gets_429_until_its_task_ends() {
     outcome(&first).await;
     k.h.engine.push(tokens(3, MS));
     assert_eq!(submit_as(&k.h, DAVE, "d3").await.0, StatusCode::ACCEPTED);
-    let (code, _) = outcome(&k.h.orch.task("d3").unwrap()).await;
+    let (code, _) = outcome(&k.h.task("d3").unwrap()).await;
     assert_eq!(code, "end");
     // The key's streamed tokens: the cancelled task's and the finished one's three.
     assert_eq!(
@@ -420,7 +463,7 @@ async fn a_session_belongs_to_its_key_and_another_key_using_its_id_shares_nothin
                 call(h, "POST", "/v2/tasks", Some(key), &body).await,
                 StatusCode::ACCEPTED
             );
-            let task = h.orch.task(id).unwrap();
+            let task = h.task(id).unwrap();
             outcome(&task).await;
             task.status(None).pool_id.unwrap()
         }
@@ -579,7 +622,7 @@ async fn the_open_metrics_name_no_key_unless_key_labels_are_asked_for() {
     k.h.engine.always(tokens(2, MS));
     h_submit_owned(&k.h, "a1", ALICE).await;
     h_submit_owned(&k.h, "b1", BOB).await;
-    outcome(&k.h.orch.task("b1").unwrap()).await;
+    outcome(&k.h.task("b1").unwrap()).await;
     let scrape = || async {
         let r = crate::api::router(k.h.orch.clone())
             .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
@@ -632,13 +675,13 @@ async fn a_full_queue_under_drop_lru_ends_the_submitting_keys_own_oldest_batch_t
         call(&h, "POST", "/v2/tasks", Some(BOB), &batch("b2")).await,
         StatusCode::ACCEPTED
     );
-    let (name, data, _) = terminal(&h.orch.task("b1").unwrap()).await;
+    let (name, data, _) = terminal(&h.task("b1").unwrap()).await;
     assert_eq!(
         (name, data["code"].as_str()),
         ("error", Some("QUEUE_FULL_DROP_LRU"))
     );
     assert!(
-        !h.orch.task("a1").unwrap().is_terminal(),
+        !h.task("a1").unwrap().is_terminal(),
         "alice's task was dropped for bob's"
     );
 }

@@ -51,7 +51,7 @@ async fn a_strict_task_runs_when_its_single_slot_pools_share_one_build_and_never
     h.engine
         .push(tokens(3, std::time::Duration::from_millis(1)));
     let id = h.orch.admit(strict()).unwrap().task_id;
-    let task = h.orch.task(&id).unwrap();
+    let task = h.task(&id).unwrap();
     assert_eq!(outcome(&task).await.0, "end");
     assert_eq!(task.pool_id().as_deref(), Some("b"));
 }
