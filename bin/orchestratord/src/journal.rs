@@ -805,7 +805,7 @@ mod tests {
         assert_eq!(j.lookup("bob", "b").unwrap(), None, "ids are scoped per key");
     }
 
-    // covers: ORCH-2405
+    // covers: AUTH-5120
     #[tokio::test]
     async fn two_keys_journal_one_task_id_apart() {
         let dir = tempfile::tempdir().unwrap();

@@ -238,7 +238,7 @@ async fn a_client_sees_only_its_own_tasks_and_an_admin_sees_all() {
     assert_eq!(code, "CANCELLED");
 }
 
-// covers: AUTH-5105
+// covers: AUTH-5120
 #[tokio::test(start_paused = true)]
 async fn two_keys_use_one_task_id_and_neither_learns_of_the_other() {
     let k = harness();
