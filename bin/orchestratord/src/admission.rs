@@ -299,9 +299,7 @@ impl Orchestrator {
         // The key's rate first: a key past it gets no prompt counted on an engine.
         self.key_rate(owner)?;
         let prompt_tokens = self.count_prompt(&req).await?;
-        let journaled = self
-            .read_journal(&owner.name, req.task_id.as_deref())
-            .await;
+        let journaled = self.read_journal(&owner.name, req.task_id.as_deref()).await;
         let (task, answer, written) =
             self.enqueue(req, correlation_id, None, prompt_tokens, owner, journaled)?;
         if let Some(written) = written {
@@ -615,6 +613,7 @@ impl Orchestrator {
                 priority,
                 weight,
                 self.config.admission_policy,
+                self.queue_flow(&task.owner),
                 |queued| queued.owner == task.owner,
             ) {
                 Ok(a) => {
@@ -627,16 +626,13 @@ impl Orchestrator {
                     });
                     tasks.insert(task.key.clone(), task.clone());
                     queue.schedule_expiry(&task, self.config.max_queue_wait);
-                    let mut ahead_tokens = queue.tasks.class_weight(Priority::Interactive);
-                    if priority == Priority::Batch {
-                        ahead_tokens += queue.tasks.class_weight(Priority::Batch);
-                    }
                     // The dispatcher has something to do for this task only if it expires
                     // before the dispatcher's next wake, or a followed task moved back (or
                     // a slot is free: checked below, after the task is in the queue).
                     let due = queue.dispatcher_wakes_at.is_none_or(|at| expiry < at)
                         || (queue.tasks.reorders() != reorders && !queue.followed.is_empty());
-                    (a, ahead_tokens - weight, written, due)
+                    let ahead_tokens = a.weight_ahead;
+                    (a, ahead_tokens, written, due)
                 }
                 Err(full) => {
                     drop(queue);
@@ -697,6 +693,15 @@ impl Orchestrator {
         }
         let answer = admission_response(&task, position, predicted);
         Ok((task, answer, written))
+    }
+
+    /// The queue flow of `owner`'s tasks: with ORCHD_QUEUE_FAIRNESS=keys each key is a flow of
+    /// its own (keys take turns within a priority class); with `fifo`, one flow for all.
+    pub(crate) fn queue_flow(&self, owner: &str) -> u64 {
+        match self.config.fair_share {
+            true => llorch_core::prefix_scope(owner),
+            false => 0,
+        }
     }
 
     /// What the journal holds under `owner`'s `id`, read on this thread (nothing to read

@@ -111,6 +111,11 @@ pub struct Args {
     /// shared across keys: one operator's own clients).
     #[arg(long, env = "ORCHD_CACHE_SCOPE", default_value = "key")]
     pub cache_scope: String,
+    /// Order within a priority class: `keys` (client keys take turns, one task each, FIFO
+    /// within a key: one key's burst does not queue every other key behind it) or `fifo`
+    /// (submission order across keys).
+    #[arg(long, env = "ORCHD_QUEUE_FAIRNESS", default_value = "keys")]
+    pub queue_fairness: String,
     /// Most event subscribers one task may have at once (429 beyond).
     #[arg(long, env = "ORCHD_MAX_SUBSCRIBERS_PER_TASK", default_value_t = 32)]
     pub max_subscribers_per_task: usize,
@@ -325,6 +330,8 @@ pub struct Config {
     pub metrics_key_labels: bool,
     /// ORCHD_CACHE_SCOPE=global: prefixes match across keys.
     pub cache_scope_global: bool,
+    /// ORCHD_QUEUE_FAIRNESS=keys: client keys take turns within a priority class.
+    pub fair_share: bool,
     /// Most open streams of a key without `conns=`.
     pub key_max_streams: u32,
     pub max_queue_wait: Duration,
@@ -684,6 +691,15 @@ impl Config {
                 other => {
                     return Err(ConfigError::Invalid(format!(
                         "ORCHD_CACHE_SCOPE {other:?} is not one of: key, global"
+                    )))
+                }
+            },
+            fair_share: match a.queue_fairness.as_str() {
+                "keys" => true,
+                "fifo" => false,
+                other => {
+                    return Err(ConfigError::Invalid(format!(
+                        "ORCHD_QUEUE_FAIRNESS {other:?} is not one of: keys, fifo"
                     )))
                 }
             },

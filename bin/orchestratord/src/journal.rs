@@ -802,7 +802,11 @@ mod tests {
             Some(true)
         );
         assert_eq!(j.lookup("alice", "zzz").unwrap(), None);
-        assert_eq!(j.lookup("bob", "b").unwrap(), None, "ids are scoped per key");
+        assert_eq!(
+            j.lookup("bob", "b").unwrap(),
+            None,
+            "ids are scoped per key"
+        );
     }
 
     // covers: AUTH-5120

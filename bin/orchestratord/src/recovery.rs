@@ -157,9 +157,12 @@ pub(crate) fn recover(
         {
             let mut queue = orch.queue.lock();
             let weight = u64::from(task.req.max_tokens);
-            let key = queue
-                .tasks
-                .admit_forced(task.clone(), task.req.priority, weight);
+            let key = queue.tasks.admit_forced(
+                task.clone(),
+                task.req.priority,
+                weight,
+                orch.queue_flow(&task.owner),
+            );
             task.set_queue_key(key);
             queue.schedule_expiry(&task, orch.config.max_queue_wait);
         }

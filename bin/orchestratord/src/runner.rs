@@ -68,12 +68,16 @@ impl Runner<'_> {
         let Some(journal) = self.journal else {
             return;
         };
-        let error =
-            match tokio::time::timeout(self.journal_timeout, journal.first_token(&task.owner, &task.id)).await {
-                Ok(Ok(())) => return,
-                Ok(Err(e)) => e,
-                Err(_) => format!("no answer within {} ms", self.journal_timeout.as_millis()),
-            };
+        let error = match tokio::time::timeout(
+            self.journal_timeout,
+            journal.first_token(&task.owner, &task.id),
+        )
+        .await
+        {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {} ms", self.journal_timeout.as_millis()),
+        };
         self.journal_errors.inc();
         tracing::error!(task_id = %task.id, %error, "first token not journaled; a restart may run the task again");
     }

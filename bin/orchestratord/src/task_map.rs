@@ -132,8 +132,16 @@ mod tests {
     #[test]
     fn two_owners_hold_one_id_apart() {
         let map = TaskMap::default();
-        let alice = Arc::new(Arc::into_inner(task("same")).unwrap().with_owner("alice".into()));
-        let bob = Arc::new(Arc::into_inner(task("same")).unwrap().with_owner("bob".into()));
+        let alice = Arc::new(
+            Arc::into_inner(task("same"))
+                .unwrap()
+                .with_owner("alice".into()),
+        );
+        let bob = Arc::new(
+            Arc::into_inner(task("same"))
+                .unwrap()
+                .with_owner("bob".into()),
+        );
         map.insert(alice.clone());
         map.insert(bob.clone());
         let get = |owner: &str| map.get(&crate::tasks::scoped(owner, "same")).unwrap();

@@ -166,10 +166,7 @@ impl Task {
     ) -> Self {
         let digest = request_digest(&req);
         let prompt = std::mem::take(&mut req.prompt);
-        let session = req
-            .session_id
-            .as_deref()
-            .map(|s| scoped(ANONYMOUS, s));
+        let session = req.session_id.as_deref().map(|s| scoped(ANONYMOUS, s));
         let deadline = req
             .deadline_ms
             .map(|ms| now + std::time::Duration::from_millis(ms));
@@ -231,16 +228,11 @@ impl Task {
 
     /// Owned by the key named `owner`.
     pub fn with_owner(mut self, owner: std::sync::Arc<str>) -> Self {
-        self.session = self
-            .req
-            .session_id
-            .as_deref()
-            .map(|s| scoped(&owner, s));
+        self.session = self.req.session_id.as_deref().map(|s| scoped(&owner, s));
         self.key = scoped(&owner, &self.id);
         self.owner = owner;
         self
     }
-
 
     /// With its prompt's block names (cache-aware placement).
     pub fn with_prefix_chain(mut self, chain: Vec<u64>) -> Self {

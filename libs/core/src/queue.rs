@@ -1,6 +1,8 @@
-//! Bounded admission queue: interactive before batch, FIFO within a class (DESIGN §3).
+//! Bounded admission queue: interactive before batch; within a class, a fair share between
+//! flows (round robin, one entry each in turn; orchestratord's flows are client keys) and
+//! FIFO within a flow (DESIGN §3; with one flow, FIFO within the class).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use llorch_contracts::tasks::Priority;
 
@@ -30,6 +32,8 @@ pub struct QueueFull {
 pub struct Admitted<T> {
     /// 0-based position in dispatch order.
     pub position: usize,
+    /// The weight queued ahead of it.
+    pub weight_ahead: u64,
     /// Where the entry sits: finds it again in O(log n) (`rank`, `remove_key`).
     pub key: QueueKey,
     /// The entry dropped to make room (drop-lru).
@@ -41,8 +45,13 @@ pub struct Admitted<T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QueueKey {
     priority: Priority,
-    seq: i64,
+    order: Order,
 }
+
+/// Dispatch order within a class: `(turn, seq)`. A flow's entries take turns one after the
+/// other from the class's current turn on, so backlogged flows alternate; `seq` (arrival)
+/// orders one turn. Retries put in front take negative turns.
+type Order = (i64, i64);
 
 /// Entries a block holds at most: finding an entry's position adds up one count per block
 /// ahead of it, and removing one shifts at most a block.
@@ -51,8 +60,8 @@ const BLOCK: usize = 256;
 /// A run of entries in dispatch order, with their count and weight summed.
 #[derive(Debug, Clone)]
 struct Block<T> {
-    /// `(seq, item, weight)`, seq ascending.
-    entries: Vec<(i64, T, u64)>,
+    /// `(order, item, weight)`, order ascending.
+    entries: Vec<(Order, T, u64)>,
     weight: u64,
 }
 
@@ -64,13 +73,17 @@ impl<T> Block<T> {
         }
     }
 
-    fn first_seq(&self) -> i64 {
-        self.entries.first().map_or(i64::MAX, |e| e.0)
+    fn first_order(&self) -> Order {
+        self.entries.first().map_or((i64::MAX, i64::MAX), |e| e.0)
     }
 }
 
-/// One priority class: FIFO, with O(log n) lookup by key. Appends take increasing sequence
-/// numbers, front insertions (retries) decreasing ones, so sequence order is dispatch order.
+/// Flows remembered at most before those whose turns have passed are forgotten.
+const FLOWS_KEPT: usize = 1024;
+
+/// One priority class, in [`Order`], with O(log n) lookup by key. Arrivals take increasing
+/// sequence numbers and their flow's next turn; front insertions (retries) take decreasing
+/// negative turns, so order is dispatch order.
 #[derive(Debug, Clone)]
 struct Class<T> {
     blocks: VecDeque<Block<T>>,
@@ -78,7 +91,13 @@ struct Class<T> {
     weight: u64,
     next_back: i64,
     next_front: i64,
-    /// Entries per block at most (`BLOCK`; smaller in tests).
+    /// The latest turn dispatched: a flow with nothing queued starts at the next one (no
+    /// credit for idle time).
+    turn: i64,
+    /// Each flow's last turn taken, while it may be ahead of `turn`.
+    flows: HashMap<u64, i64>,
+    /// Entries per block at most (`BLOCK`; smaller in tests), twice that after an insertion
+    /// in the middle (the block is then split).
     block: usize,
 }
 
@@ -91,30 +110,72 @@ impl<T> Class<T> {
             weight: 0,
             next_back: 0,
             next_front: -1,
+            turn: 0,
+            flows: HashMap::new(),
         }
     }
 
-    fn push_back(&mut self, item: T, weight: u64) -> i64 {
+    /// Queues `item` of `flow` at its flow's next turn; whether it went to the very back
+    /// (nobody moved).
+    fn push(&mut self, item: T, weight: u64, flow: u64) -> (Order, bool) {
         let seq = self.next_back;
         self.next_back += 1;
-        if self
+        if self.flows.len() >= FLOWS_KEPT {
+            let turn = self.turn;
+            self.flows.retain(|_, last| *last > turn);
+        }
+        let last = self.flows.entry(flow).or_insert(self.turn);
+        *last = (*last).max(self.turn) + 1;
+        let order = (*last, seq);
+        let at_back = self
             .blocks
             .back()
-            .is_none_or(|b| b.entries.len() >= self.block)
-        {
-            self.blocks.push_back(Block::new());
-        }
-        if let Some(b) = self.blocks.back_mut() {
-            b.entries.push((seq, item, weight));
-            b.weight += weight;
+            .and_then(|b| b.entries.last())
+            .is_none_or(|e| e.0 < order);
+        if at_back {
+            if self
+                .blocks
+                .back()
+                .is_none_or(|b| b.entries.len() >= self.block)
+            {
+                self.blocks.push_back(Block::new());
+            }
+            if let Some(b) = self.blocks.back_mut() {
+                b.entries.push((order, item, weight));
+                b.weight += weight;
+            }
+        } else {
+            // Into the block holding the first later entry (the last block whose first entry
+            // is not later, or the first block).
+            let b = self
+                .blocks
+                .partition_point(|b| b.first_order() <= order)
+                .saturating_sub(1);
+            if let Some(block) = self.blocks.get_mut(b) {
+                let i = block.entries.partition_point(|e| e.0 < order);
+                block.entries.insert(i, (order, item, weight));
+                block.weight += weight;
+                if block.entries.len() >= 2 * self.block {
+                    let tail: Vec<_> = block.entries.split_off(self.block);
+                    let moved: u64 = tail.iter().map(|e| e.2).sum();
+                    block.weight -= moved;
+                    self.blocks.insert(
+                        b + 1,
+                        Block {
+                            entries: tail,
+                            weight: moved,
+                        },
+                    );
+                }
+            }
         }
         self.len += 1;
         self.weight += weight;
-        seq
+        (order, at_back)
     }
 
-    fn push_front(&mut self, item: T, weight: u64) -> i64 {
-        let seq = self.next_front;
+    fn push_front(&mut self, item: T, weight: u64) -> Order {
+        let order = (self.next_front, 0);
         self.next_front -= 1;
         if self
             .blocks
@@ -124,23 +185,23 @@ impl<T> Class<T> {
             self.blocks.push_front(Block::new());
         }
         if let Some(b) = self.blocks.front_mut() {
-            b.entries.insert(0, (seq, item, weight));
+            b.entries.insert(0, (order, item, weight));
             b.weight += weight;
         }
         self.len += 1;
         self.weight += weight;
-        seq
+        order
     }
 
-    /// `(block, index)` of the entry with `seq`.
-    fn find(&self, seq: i64) -> Option<(usize, usize)> {
+    /// `(block, index)` of the entry at `order`.
+    fn find(&self, order: Order) -> Option<(usize, usize)> {
         let b = self
             .blocks
-            .partition_point(|b| b.first_seq() <= seq)
+            .partition_point(|b| b.first_order() <= order)
             .checked_sub(1)?;
         let i = self.blocks[b]
             .entries
-            .binary_search_by_key(&seq, |e| e.0)
+            .binary_search_by_key(&order, |e| e.0)
             .ok()?;
         Some((b, i))
     }
@@ -157,12 +218,16 @@ impl<T> Class<T> {
         }
         self.len -= 1;
         self.weight -= weight;
+        if self.len == 0 {
+            // Nothing queued: every flow starts level again.
+            self.flows.clear();
+        }
         Some((item, weight))
     }
 
-    /// Entries ahead of `seq` and their summed weight.
-    fn rank(&self, seq: i64) -> Option<(usize, u64)> {
-        let (b, i) = self.find(seq)?;
+    /// Entries ahead of `order` and their summed weight.
+    fn rank(&self, order: Order) -> Option<(usize, u64)> {
+        let (b, i) = self.find(order)?;
         let (mut count, mut weight) = (0, 0);
         for block in self.blocks.range(..b) {
             count += block.entries.len();
@@ -174,18 +239,26 @@ impl<T> Class<T> {
         Some((count + i, weight))
     }
 
-    /// First entry (in order) for which `pick` decides, removed.
-    fn take_first<D>(&mut self, mut pick: impl FnMut(&T) -> Option<D>) -> Option<(T, u64, D)> {
+    /// First entry (in order) for which `pick` decides, removed. With `dispatched`, its
+    /// turn has come: flows with nothing queued start after it.
+    fn take_first<D>(
+        &mut self,
+        dispatched: bool,
+        mut pick: impl FnMut(&T) -> Option<D>,
+    ) -> Option<(T, u64, D)> {
         let mut found = None;
         'walk: for (b, block) in self.blocks.iter().enumerate() {
             for (i, e) in block.entries.iter().enumerate() {
                 if let Some(d) = pick(&e.1) {
-                    found = Some((b, i, d));
+                    found = Some((b, i, e.0 .0, d));
                     break 'walk;
                 }
             }
         }
-        let (b, i, d) = found?;
+        let (b, i, turn, d) = found?;
+        if dispatched {
+            self.turn = self.turn.max(turn);
+        }
         let (item, weight) = self.remove_at(b, i)?;
         Some((item, weight, d))
     }
@@ -197,7 +270,8 @@ impl<T> Class<T> {
     }
 }
 
-/// Entries are dispatched interactive-first, FIFO within a class. `T` carries the caller's
+/// Entries are dispatched interactive-first; within a class flows take turns, FIFO within a
+/// flow (one flow: FIFO within the class). `T` carries the caller's
 /// data; each entry also has a weight (its `max_tokens`, say) whose per-class sums are kept, so
 /// "how much work is ahead" is O(1) at admission. Each entry gets a key when queued: its
 /// position (and the weight ahead of it) and its removal take O(log n + n/256), not a walk of
@@ -266,7 +340,7 @@ impl<T> AdmissionQueue<T> {
         }
     }
 
-    /// Admits `item` (of `weight`) at the back of its class.
+    /// Admits `item` (of `weight`) at the back of its class (all in one flow).
     pub fn admit(
         &mut self,
         item: T,
@@ -274,18 +348,20 @@ impl<T> AdmissionQueue<T> {
         weight: u64,
         policy: AdmissionPolicy,
     ) -> Result<Admitted<T>, QueueFull> {
-        self.admit_dropping_own(item, priority, weight, policy, |_| false)
+        self.admit_dropping_own(item, priority, weight, policy, 0, |_| false)
     }
 
-    /// [`AdmissionQueue::admit`]; when the queue is full under drop-lru, the oldest queued batch
-    /// entry for which `own` holds (the submitter's own) goes first, and only when there is none
-    /// the oldest of all: one submitter's burst ends its own backlog, not another's.
+    /// [`AdmissionQueue::admit`] for `flow` (at its next turn in the class); when the queue is
+    /// full under drop-lru, the first queued batch entry for which `own` holds (the
+    /// submitter's own) goes first, and only when there is none the first of all: one
+    /// submitter's burst ends its own backlog, not another's.
     pub fn admit_dropping_own(
         &mut self,
         item: T,
         priority: Priority,
         weight: u64,
         policy: AdmissionPolicy,
+        flow: u64,
         mut own: impl FnMut(&T) -> bool,
     ) -> Result<Admitted<T>, QueueFull> {
         let mut dropped = None;
@@ -298,8 +374,8 @@ impl<T> AdmissionQueue<T> {
                 }
                 AdmissionPolicy::DropLru => match self
                     .batch
-                    .take_first(|t| own(t).then_some(()))
-                    .or_else(|| self.batch.take_first(|_| Some(())))
+                    .take_first(false, |t| own(t).then_some(()))
+                    .or_else(|| self.batch.take_first(false, |_| Some(())))
                 {
                     Some((oldest, _, ())) => {
                         self.reorders += 1;
@@ -313,40 +389,62 @@ impl<T> AdmissionQueue<T> {
                 },
             }
         }
-        let key = self.admit_forced(item, priority, weight);
-        let position = match priority {
-            Priority::Interactive => self.interactive.len - 1,
-            Priority::Batch => self.len() - 1,
+        let (key, at_back) = self.push(item, priority, weight, flow);
+        // At the back of its class (always so with one flow): what is ahead is known without a
+        // walk.
+        let (position, weight_ahead) = match (at_back, priority) {
+            (true, Priority::Interactive) => {
+                (self.interactive.len - 1, self.interactive.weight - weight)
+            }
+            (true, Priority::Batch) => (
+                self.len() - 1,
+                self.interactive.weight + self.batch.weight - weight,
+            ),
+            (false, _) => self.rank(key).unwrap_or((0, 0)),
         };
         Ok(Admitted {
             position,
+            weight_ahead,
             key,
             dropped,
         })
     }
 
-    /// Admits `item` at the back of its class even past capacity: a task admitted before a
-    /// restart, read back from the journal, must not be lost.
-    pub fn admit_forced(&mut self, item: T, priority: Priority, weight: u64) -> QueueKey {
+    /// Admits `item` at `flow`'s next turn in its class even past capacity: a task admitted
+    /// before a restart, read back from the journal, must not be lost.
+    pub fn admit_forced(
+        &mut self,
+        item: T,
+        priority: Priority,
+        weight: u64,
+        flow: u64,
+    ) -> QueueKey {
+        self.push(item, priority, weight, flow).0
+    }
+
+    fn push(&mut self, item: T, priority: Priority, weight: u64, flow: u64) -> (QueueKey, bool) {
         if priority == Priority::Interactive && self.batch.len > 0 {
             self.reorders += 1; // every queued batch entry moves back one place
         }
-        let seq = self.class(priority).push_back(item, weight);
-        QueueKey { priority, seq }
+        let (order, at_back) = self.class(priority).push(item, weight, flow);
+        if !at_back {
+            self.reorders += 1; // entries of other flows behind it moved back
+        }
+        (QueueKey { priority, order }, at_back)
     }
 
     /// Puts an entry back at the front of its class (a retry), even past capacity: it was
     /// admitted before and must not be lost.
     pub fn requeue_front(&mut self, item: T, priority: Priority, weight: u64) -> QueueKey {
         self.reorders += 1;
-        let seq = self.class(priority).push_front(item, weight);
-        QueueKey { priority, seq }
+        let order = self.class(priority).push_front(item, weight);
+        QueueKey { priority, order }
     }
 
     /// The entry's position in dispatch order and the weight queued ahead of it; `None` once
     /// it left the queue.
     pub fn rank(&self, key: QueueKey) -> Option<(usize, u64)> {
-        let (pos, weight) = self.class_ref(key.priority).rank(key.seq)?;
+        let (pos, weight) = self.class_ref(key.priority).rank(key.order)?;
         Some(match key.priority {
             Priority::Interactive => (pos, weight),
             Priority::Batch => (pos + self.interactive.len, weight + self.interactive.weight),
@@ -356,22 +454,30 @@ impl<T> AdmissionQueue<T> {
     /// Removes the entry queued under `key`, if it is still there.
     pub fn remove_key(&mut self, key: QueueKey) -> Option<T> {
         let class = self.class(key.priority);
-        let (b, i) = class.find(key.seq)?;
+        let (b, i) = class.find(key.order)?;
         let (item, _) = class.remove_at(b, i)?;
         self.reorders += 1;
         Some(item)
     }
 
-    /// Removes the first entry matching `pred` (a walk: prefer `remove_key`).
+    /// Removes the first entry matching `pred` (a walk: prefer `remove_key`); not a dispatch.
     pub fn remove(&mut self, mut pred: impl FnMut(&T) -> bool) -> Option<T> {
-        self.take_first(|t| pred(t).then_some(())).map(|(t, ())| t)
+        self.take(false, |t| pred(t).then_some(())).map(|(t, ())| t)
     }
 
     /// Removes and returns the first entry, in dispatch order, for which `pick` returns
-    /// `Some(decision)`.
-    pub fn take_first<D>(&mut self, mut pick: impl FnMut(&T) -> Option<D>) -> Option<(T, D)> {
+    /// `Some(decision)`: its dispatch (its flow's turn has come).
+    pub fn take_first<D>(&mut self, pick: impl FnMut(&T) -> Option<D>) -> Option<(T, D)> {
+        self.take(true, pick)
+    }
+
+    fn take<D>(
+        &mut self,
+        dispatched: bool,
+        mut pick: impl FnMut(&T) -> Option<D>,
+    ) -> Option<(T, D)> {
         for p in [Priority::Interactive, Priority::Batch] {
-            if let Some((item, _, d)) = self.class(p).take_first(&mut pick) {
+            if let Some((item, _, d)) = self.class(p).take_first(dispatched, &mut pick) {
                 self.reorders += 1;
                 return Some((item, d));
             }
@@ -469,12 +575,16 @@ mod tests {
         }
         // b's burst ends b's own oldest, not a's older one.
         let b = q
-            .admit_dropping_own(('b', 5), Batch, 1, AdmissionPolicy::DropLru, |e| e.0 == 'b')
+            .admit_dropping_own(('b', 5), Batch, 1, AdmissionPolicy::DropLru, 0, |e| {
+                e.0 == 'b'
+            })
             .unwrap();
         assert_eq!(b.dropped, Some(('b', 3)));
         // A submitter with nothing queued ends the oldest of all.
         let c = q
-            .admit_dropping_own(('c', 6), Batch, 1, AdmissionPolicy::DropLru, |e| e.0 == 'c')
+            .admit_dropping_own(('c', 6), Batch, 1, AdmissionPolicy::DropLru, 0, |e| {
+                e.0 == 'c'
+            })
             .unwrap();
         assert_eq!(c.dropped, Some(('a', 1)));
         let order: Vec<_> = q.iter().map(|e| e.1).collect();
@@ -488,6 +598,73 @@ mod tests {
         q.admit(1, Interactive, 1, AdmissionPolicy::DropLru)
             .unwrap();
         assert!(q.admit(2, Batch, 1, AdmissionPolicy::DropLru).is_err());
+    }
+
+    /// Takes every entry, in dispatch order.
+    fn drain<T>(q: &mut AdmissionQueue<T>) -> Vec<T> {
+        std::iter::from_fn(|| q.take_first(|_| Some(())).map(|(t, ())| t)).collect()
+    }
+
+    fn admit_in(q: &mut AdmissionQueue<u32>, item: u32, p: Priority, flow: u64) -> Admitted<u32> {
+        q.admit_dropping_own(item, p, 1, AdmissionPolicy::Reject, flow, |_| false)
+            .unwrap()
+    }
+
+    // covers: ORCH-2120
+    #[test]
+    fn flows_take_turns_within_a_class_and_keep_their_own_order() {
+        let mut q = AdmissionQueue::new(100);
+        // Flow 1 queues a burst, then flow 2 two tasks: flow 2 is not behind the whole burst.
+        for i in 1..=4 {
+            admit_in(&mut q, i, Batch, 1);
+        }
+        let a = admit_in(&mut q, 5, Batch, 2);
+        assert_eq!(a.position, 1, "second in line, after the burst's first");
+        admit_in(&mut q, 6, Batch, 2);
+        // Interactive still goes first, and takes turns there too.
+        admit_in(&mut q, 7, Interactive, 1);
+        admit_in(&mut q, 8, Interactive, 1);
+        admit_in(&mut q, 9, Interactive, 3);
+        assert_eq!(drain(&mut q), vec![7, 9, 8, 1, 5, 2, 6, 3, 4]);
+    }
+
+    // covers: ORCH-2120
+    #[test]
+    fn a_flow_idle_while_others_ran_gets_no_credit_for_it() {
+        let mut q = AdmissionQueue::new(100);
+        for i in 1..=4 {
+            admit_in(&mut q, i, Batch, 1);
+        }
+        // Two of flow 1's run; flow 2 arrives: it takes the next turn, not two turns at once.
+        assert_eq!(q.take_first(|_| Some(())).map(|e| e.0), Some(1));
+        assert_eq!(q.take_first(|_| Some(())).map(|e| e.0), Some(2));
+        admit_in(&mut q, 5, Batch, 2);
+        admit_in(&mut q, 6, Batch, 2);
+        assert_eq!(drain(&mut q), vec![3, 5, 4, 6]);
+        // An empty class starts every flow level: flow 1's past burst costs it nothing now.
+        admit_in(&mut q, 7, Batch, 1);
+        admit_in(&mut q, 8, Batch, 2);
+        assert_eq!(drain(&mut q), vec![7, 8]);
+    }
+
+    // covers: ORCH-2120
+    #[test]
+    fn removals_that_are_not_dispatches_leave_the_turn_where_it_was() {
+        let mut q = AdmissionQueue::new(100);
+        for i in 1..=3 {
+            admit_in(&mut q, i, Batch, 1);
+        }
+        admit_in(&mut q, 9, Batch, 3);
+        // Flow 1's queued tasks are cancelled (removed, never dispatched); a new flow comes.
+        for i in 1..=3 {
+            assert_eq!(q.remove(|x| *x == i), Some(i));
+        }
+        // Flow 3 queues another, then a new flow 2 arrives: both at the turns they would have
+        // had without flow 1's cancelled burst (flow 2's first turn comes before flow 3's
+        // second).
+        admit_in(&mut q, 10, Batch, 3);
+        admit_in(&mut q, 4, Batch, 2);
+        assert_eq!(drain(&mut q), vec![9, 4, 10]);
     }
 
     #[test]
@@ -559,8 +736,10 @@ mod tests {
                 match op {
                     0 | 1 => {
                         next += 1;
-                        let a = q.admit(next, p, u64::from(next % 7), AdmissionPolicy::Reject).unwrap();
-                        prop_assert_eq!(Some(a.position), walked_rank(&q, next).map(|r| r.0));
+                        // Three flows: most arrivals go between queued entries.
+                        let flow = u64::from(next % 3);
+                        let a = q.admit_dropping_own(next, p, u64::from(next % 7), AdmissionPolicy::Reject, flow, |_| false).unwrap();
+                        prop_assert_eq!(Some((a.position, a.weight_ahead)), walked_rank(&q, next));
                         keys.push((next, a.key));
                     }
                     2 => {

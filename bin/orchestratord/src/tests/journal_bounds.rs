@@ -88,11 +88,10 @@ impl Journal for ScriptedJournal {
         self.answer()
     }
     fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), String>> {
-        if let Some(r) = self
-            .records
-            .lock()
-            .iter_mut()
-            .find(|r| r.admission.owner == ending.owner && r.admission.task_id == ending.task_id)
+        if let Some(r) =
+            self.records.lock().iter_mut().find(|r| {
+                r.admission.owner == ending.owner && r.admission.task_id == ending.task_id
+            })
         {
             r.ending.get_or_insert(ending);
         }
@@ -181,10 +180,7 @@ async fn an_admission_the_journal_holds_is_refused_503_at_exactly_the_journal_ti
     assert_eq!(answer["code"], "JOURNAL_UNAVAILABLE");
     settle().await;
     assert!(h.engine.calls().is_empty(), "a withdrawn admission ran");
-    assert!(
-        h.position("t1").is_none(),
-        "withdrawn from the queue"
-    );
+    assert!(h.position("t1").is_none(), "withdrawn from the queue");
     // The client retries the same id once the journal answers: a new admission, which runs.
     *journal.mode.lock() = Mode::Keep;
     h.engine.push(tokens(3, MS));
@@ -328,10 +324,7 @@ async fn recovery_requeues_in_order_ends_what_streamed_restores_what_ended_and_k
     assert_eq!(order, ["i1", "i2", "b1", "b2"]);
     let streaming = h.task("streaming").unwrap();
     assert_eq!(outcome(&streaming).await.0, "WORKER_RESET");
-    assert_eq!(
-        outcome(&h.task("late").unwrap()).await.0,
-        "DEADLINE_UNMET"
-    );
+    assert_eq!(outcome(&h.task("late").unwrap()).await.0, "DEADLINE_UNMET");
     let restored = h.task("done").unwrap();
     assert_eq!(restored.status(None).tokens_out, 3);
     assert_eq!(outcome(&restored).await.0, "end");
@@ -390,10 +383,7 @@ async fn an_admission_settles_even_when_its_client_goes_away_while_the_journal_w
     // The request's future is dropped (its connection closed) before the journal answers.
     let gone = tokio::time::timeout(100 * MS, submit(&h, body)).await;
     assert!(gone.is_err());
-    assert!(
-        h.task("t1").is_some(),
-        "queued, waiting for the journal"
-    );
+    assert!(h.task("t1").is_some(), "queued, waiting for the journal");
     // At the journal timeout the admission is withdrawn all the same: nothing waits for ever.
     tokio::time::sleep(400 * MS).await;
     settle().await;

@@ -166,8 +166,9 @@ async fn h_submit_owned(h: &Harness, id: &str, key: &str) {
 
 /// Submits task `id` with `prompt` as `key`'s owner through the router (202 expected).
 async fn h_submit_owned_body(h: &Harness, id: &str, key: &str, prompt: &str) {
-    let body = serde_json::json!({"task_id": id, "model_ref": "tiny", "prompt": prompt, "max_tokens": 3})
-        .to_string();
+    let body =
+        serde_json::json!({"task_id": id, "model_ref": "tiny", "prompt": prompt, "max_tokens": 3})
+            .to_string();
     assert_eq!(
         call(h, "POST", "/v2/tasks", Some(key), &body).await,
         StatusCode::ACCEPTED
@@ -223,7 +224,14 @@ async fn a_client_sees_only_its_own_tasks_and_an_admin_sees_all() {
         StatusCode::CONFLICT
     );
     assert_eq!(
-        call(&k.h, "POST", "/v2/tasks/mine/cancel?owner=alice", Some(ADMIN), "").await,
+        call(
+            &k.h,
+            "POST",
+            "/v2/tasks/mine/cancel?owner=alice",
+            Some(ADMIN),
+            ""
+        )
+        .await,
         StatusCode::NO_CONTENT
     );
     let (code, _) = outcome(&alices).await;
@@ -260,6 +268,59 @@ async fn two_keys_use_one_task_id_and_neither_learns_of_the_other() {
     assert_eq!(k.h.orch.tasks.filtered(|t| t.id == "shared-id").len(), 2);
     assert_ne!(alice.digest(), bob.digest());
 }
+/// Waits until `task` has a `started` frame (it holds the slot).
+async fn started(task: &crate::tasks::Task) {
+    let mut rx = task.watch_frames();
+    while !names(task).contains(&"started") {
+        rx.changed().await.unwrap();
+    }
+}
+
+/// The order in which alice's burst (a1..a4) and bob's one task (b1) run on one slot, with
+/// a1 already running when the rest arrive.
+async fn run_order(flags: &[&str]) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = secret_file(dir.path(), "keys", &format!("alice:{ALICE}\nbob:{BOB}\n"));
+    let file = format!("--api-keys-file={}", keys.display());
+    let mut all = vec![file.as_str()];
+    all.extend_from_slice(flags);
+    let h = Harness::start_with_keys(&all);
+    h.add_pool("p", 1);
+    h.engine.always(tokens(2, 10 * MS));
+    h_submit_owned(&h, "a1", ALICE).await;
+    started(&h.task("a1").unwrap()).await;
+    for id in ["a2", "a3", "a4"] {
+        h_submit_owned(&h, id, ALICE).await;
+    }
+    h_submit_owned(&h, "b1", BOB).await;
+    // Awaited together: each ends when its own task does.
+    let tasks: Vec<_> = ["a1", "a2", "a3", "a4", "b1"]
+        .map(|id| h.task(id).unwrap())
+        .to_vec();
+    let ended = futures_util::future::join_all(tasks.iter().map(|t| outcome(t))).await;
+    let mut ends: Vec<_> = ended
+        .into_iter()
+        .zip(&tasks)
+        .map(|((code, at), t)| {
+            assert_eq!(code, "end");
+            (at, t.id.clone())
+        })
+        .collect();
+    ends.sort();
+    ends.into_iter().map(|(_, id)| id).collect()
+}
+
+// covers: ORCH-2120
+#[tokio::test(start_paused = true)]
+async fn keys_take_turns_within_a_priority_class_unless_fifo_is_asked_for() {
+    // Bob's task runs after alice's next one, not after her whole burst.
+    assert_eq!(run_order(&[]).await, ["a1", "a2", "b1", "a3", "a4"]);
+    assert_eq!(
+        run_order(&["--queue-fairness=fifo"]).await,
+        ["a1", "a2", "a3", "a4", "b1"]
+    );
+}
+
 const CAROL: &str = "carol-secret-0123456789";
 const DAVE: &str = "dave-secret-01234567890";
 
