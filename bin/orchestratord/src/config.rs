@@ -89,6 +89,11 @@ pub struct Args {
     /// HTTP connections served at once (more wait in the accept queue).
     #[arg(long, env = "ORCHD_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Connections one source address (an IPv6 /64) may hold before any of their requests
+    /// presented a valid key; more are closed at once. Not applied without keys (every
+    /// connection would count).
+    #[arg(long, env = "ORCHD_MAX_UNAUTHENTICATED_PER_ADDRESS", default_value_t = 128)]
+    pub max_unauthenticated_per_address: usize,
     /// CLOUD: a listener of its own for node registration and heartbeats (the node routes
     /// leave the API address): no client load can delay a heartbeat. Nodes then register at
     /// this address (POOL_MANAGERD_ORCHESTRATORD_URL).
@@ -626,6 +631,15 @@ impl Config {
             .or_else(|| clients.first().map(|(_, t, _)| t.clone()));
         auth_min::check_bind(a.bind_addr, any.as_ref(), a.allow_unauthenticated_loopback)?;
         let keys = keyring(shared, admin, node, nodes, clients)?;
+        let per_address_unauthenticated = match keys {
+            Some(_) => llorch_http::at_least(
+                "ORCHD_MAX_UNAUTHENTICATED_PER_ADDRESS",
+                a.max_unauthenticated_per_address,
+                1,
+            )
+            .map_err(ConfigError::Invalid)?,
+            None => 0,
+        };
         Ok(Config {
             profile,
             pool_managers,
@@ -678,6 +692,7 @@ impl Config {
                 },
                 header_read_timeout: ms("ORCHD_HEADER_READ_TIMEOUT_MS", a.header_read_timeout_ms)?,
                 body_read_timeout: ms("ORCHD_BODY_READ_TIMEOUT_MS", a.body_read_timeout_ms)?,
+                per_address_unauthenticated,
                 write_stall_timeout: ms(
                     "ORCHD_STREAM_STALL_TIMEOUT_MS",
                     a.stream_stall_timeout_ms,

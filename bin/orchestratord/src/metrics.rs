@@ -31,6 +31,7 @@ pub struct Metrics {
     pools_available: IntGaugeVec,
     node_online: IntGaugeVec,
     auth_failures: IntCounter,
+    per_address_refusals: IntCounter,
     /// Tokens and first-token latency of the last minutes, for the console (`GET /v2/overview`).
     pub rates: std::sync::Arc<crate::overview::Rates>,
     /// Per-key series carry the key's name (ORCHD_METRICS_KEY_LABELS=true); otherwise every
@@ -179,6 +180,14 @@ impl Metrics {
                 registry.register(Box::new(c.clone()))?;
                 c
             },
+            per_address_refusals: {
+                let c = IntCounter::new(
+                    "connections_refused_per_address_total",
+                    "Connections closed at once: their source address held its most unauthenticated connections (ORCHD_MAX_UNAUTHENTICATED_PER_ADDRESS).",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             registry,
             rates: std::sync::Arc::new(crate::overview::Rates::new(tokio::time::Instant::now())),
             key_labels: std::sync::atomic::AtomicBool::new(false),
@@ -207,6 +216,7 @@ impl Metrics {
     /// always agrees with `GET /v2/pools` and `GET /v2/nodes`.
     pub fn render(&self, pools: &[(String, bool)], nodes: &[(String, bool)]) -> String {
         sync_counter(&self.auth_failures, llorch_http::auth_failures());
+        sync_counter(&self.per_address_refusals, llorch_http::per_address_refusals());
         // Series of pools that went away are dropped: pool ids come from handoff files and
         // nodes, and must not grow the exposition for ever.
         let current: std::collections::HashSet<&str> =

@@ -120,6 +120,10 @@ pub struct Args {
     /// HTTP connections served at once (more wait in the accept queue).
     #[arg(long, env = "POOL_MANAGERD_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Connections one source address (an IPv6 /64) may hold before any of their requests
+    /// presented a valid token; more are closed at once. Not applied without a token.
+    #[arg(long, env = "POOL_MANAGERD_MAX_UNAUTHENTICATED_PER_ADDRESS", default_value_t = 128)]
+    pub max_unauthenticated_per_address: usize,
     /// Longest a client may take to send a request's headers.
     #[arg(
         long,
@@ -508,6 +512,15 @@ impl Config {
                     "POOL_MANAGERD_BODY_READ_TIMEOUT_MS",
                     args.body_read_timeout_ms,
                 )?,
+                per_address_unauthenticated: match token {
+                    Some(_) => llorch_http::at_least(
+                        "POOL_MANAGERD_MAX_UNAUTHENTICATED_PER_ADDRESS",
+                        args.max_unauthenticated_per_address,
+                        1,
+                    )
+                    .map_err(ConfigError::Invalid)?,
+                    None => 0,
+                },
             },
             token,
             tls,

@@ -10,6 +10,7 @@ use prometheus::{
 pub struct Metrics {
     registry: Registry,
     auth_failures: prometheus::IntCounter,
+    per_address_refusals: prometheus::IntCounter,
     pub handoff_processed: IntCounterVec,
     pub handoff_duration_ms: HistogramVec,
     pub engine_restarts: IntCounterVec,
@@ -107,8 +108,14 @@ impl Metrics {
             "Requests refused for missing or wrong credentials (401).",
         )?;
         registry.register(Box::new(auth_failures.clone()))?;
+        let per_address_refusals = prometheus::IntCounter::new(
+            "connections_refused_per_address_total",
+            "Connections closed at once: their source address held its most unauthenticated connections (POOL_MANAGERD_MAX_UNAUTHENTICATED_PER_ADDRESS).",
+        )?;
+        registry.register(Box::new(per_address_refusals.clone()))?;
         Ok(Self {
             auth_failures,
+            per_address_refusals,
             registry,
             handoff_processed,
             handoff_duration_ms,
@@ -157,9 +164,14 @@ impl Metrics {
 
     /// Renders the text exposition, with pool gauges taken from `pools`.
     pub fn render(&self, pools: &[PoolStatus]) -> String {
-        let (seen, total) = (self.auth_failures.get(), llorch_http::auth_failures());
-        if total > seen {
-            self.auth_failures.inc_by(total - seen);
+        for (counter, total) in [
+            (&self.auth_failures, llorch_http::auth_failures()),
+            (&self.per_address_refusals, llorch_http::per_address_refusals()),
+        ] {
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
         }
         self.pool_ready.reset();
         self.slots_total.reset();

@@ -16,7 +16,8 @@ mod serve;
 pub mod tls;
 
 pub use serve::{
-    is_body_timeout, serve, serve_watched, BodyTimeout, ConnLimits, ReservedConn, Saturation,
+    is_body_timeout, per_address_refusals, serve, serve_watched, BodyTimeout, ConnLimits,
+    ReservedConn, Saturation, Unvouched,
     MAX_HEADERS, MAX_HEAD_BYTES,
 };
 
@@ -207,7 +208,7 @@ pub fn auth_failures() -> u64 {
 
 /// At most one log line per `interval`: a flood of refusals (a scanner, a misconfigured client)
 /// costs one line per second, which says how many were not logged.
-struct LogThrottle {
+pub(crate) struct LogThrottle {
     interval_ms: u64,
     /// When the last line was logged (ms on the caller's clock, +1 so 0 means never).
     last: std::sync::atomic::AtomicU64,
@@ -215,7 +216,7 @@ struct LogThrottle {
 }
 
 impl LogThrottle {
-    const fn new(interval_ms: u64) -> Self {
+    pub(crate) const fn new(interval_ms: u64) -> Self {
         Self {
             interval_ms,
             last: std::sync::atomic::AtomicU64::new(0),
@@ -224,7 +225,7 @@ impl LogThrottle {
     }
 
     /// `Some(events not logged since the last line)` when a line may be logged at `now_ms`.
-    fn due(&self, now_ms: u64) -> Option<u64> {
+    pub(crate) fn due(&self, now_ms: u64) -> Option<u64> {
         use std::sync::atomic::Ordering::SeqCst;
         let last = self.last.load(SeqCst);
         let stamp = now_ms + 1;
@@ -246,7 +247,7 @@ impl LogThrottle {
 static REFUSAL_LOG: LogThrottle = LogThrottle::new(1000);
 
 /// Milliseconds since this process first asked (a monotonic clock for throttles).
-fn process_ms() -> u64 {
+pub(crate) fn process_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START
         .get_or_init(std::time::Instant::now)
@@ -319,6 +320,10 @@ pub fn check_auth(gate: &Gate, req: &Request) -> Result<auth_min::Principal, Api
         refused(req, &reason);
         ApiError::new(ErrorCode::Unauthorized, reason.to_string())
     })?;
+    // A valid key: the connection no longer counts as a stranger's.
+    if let Some(unvouched) = req.extensions().get::<serve::Unvouched>() {
+        unvouched.vouch();
+    }
     if !principal.may(gate.role) {
         let reason = format!(
             "key {:?} holds no {} role",

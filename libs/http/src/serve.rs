@@ -38,6 +38,101 @@ pub struct ConnLimits {
     pub header_read_timeout: Duration,
     /// From the end of a request's headers to the end of its body.
     pub body_read_timeout: Duration,
+    /// Connections one source address (an IPv6 /64) may hold open before any of their
+    /// requests presented a valid key; further ones are closed at once, taking no share of the
+    /// cap. 0: no such bound (a daemon without keys: every connection is unauthenticated).
+    pub per_address_unauthenticated: usize,
+}
+
+/// Connections refused for their source address's unauthenticated ones since the process
+/// started (`connections_refused_total{reason="per_address"}`).
+static PER_ADDRESS_REFUSALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// See [`PER_ADDRESS_REFUSALS`].
+pub fn per_address_refusals() -> u64 {
+    PER_ADDRESS_REFUSALS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static PER_ADDRESS_LOG: crate::LogThrottle = crate::LogThrottle::new(1000);
+
+/// A source as the per-address bound counts it: an IPv4 address (an IPv4-mapped IPv6 one
+/// too), or an IPv6 /64 (one host's usual share).
+fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+/// Each source's open connections that no valid key has vouched for yet.
+#[derive(Debug, Default)]
+struct Strangers(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl Strangers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One more connection of `source`, unless it holds `most` already.
+    fn enter(self: &Arc<Self>, source: std::net::IpAddr, most: usize) -> Option<Unvouched> {
+        let mut open = self.lock();
+        let n = open.entry(source).or_insert(0);
+        if *n >= most {
+            return None;
+        }
+        *n += 1;
+        Some(Unvouched(Arc::new(UnvouchedConn {
+            source,
+            strangers: self.clone(),
+            vouched: std::sync::atomic::AtomicBool::new(false),
+        })))
+    }
+
+    fn leave(&self, source: std::net::IpAddr) {
+        let mut open = self.lock();
+        if let Some(n) = open.get_mut(&source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&source);
+            }
+        }
+    }
+}
+
+/// On every request of a connection counted against its source address's unauthenticated
+/// connections ([`ConnLimits::per_address_unauthenticated`]): a request with a valid key
+/// vouches for it ([`Unvouched::vouch`]) and the connection no longer counts.
+#[derive(Debug, Clone)]
+pub struct Unvouched(Arc<UnvouchedConn>);
+
+#[derive(Debug)]
+struct UnvouchedConn {
+    source: std::net::IpAddr,
+    strangers: Arc<Strangers>,
+    vouched: std::sync::atomic::AtomicBool,
+}
+
+impl Unvouched {
+    /// A request of this connection presented a valid key.
+    pub fn vouch(&self) {
+        if !self.0.vouched.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.0.strangers.leave(self.0.source);
+        }
+    }
+}
+
+impl Drop for UnvouchedConn {
+    fn drop(&mut self) {
+        if !*self.vouched.get_mut() {
+            self.strangers.leave(self.source);
+        }
+    }
 }
 
 /// Most header lines a request may carry (hyper answers 431 beyond).
@@ -105,6 +200,7 @@ pub async fn serve_watched(
     let reserve = Arc::new(Semaphore::new(reserved));
     let (closing_tx, closing_rx) = watch::channel(false);
     let connections = tokio_util::task::TaskTracker::new();
+    let strangers = Arc::new(Strangers::default());
     tokio::pin!(shutdown);
     loop {
         if permits.available_permits() == 0 && reserve.available_permits() == 0 {
@@ -135,6 +231,20 @@ pub async fn serve_watched(
                 }
             },
         };
+        let unvouched = match limits.per_address_unauthenticated {
+            0 => None,
+            most => match strangers.enter(source_of(peer.ip()), most) {
+                Some(u) => Some(u),
+                None => {
+                    // Closed at once: the permit goes back with it.
+                    PER_ADDRESS_REFUSALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(suppressed) = PER_ADDRESS_LOG.due(crate::process_ms()) {
+                        tracing::warn!(source = %source_of(peer.ip()), most, suppressed, "connection refused: its source address holds its most unauthenticated connections");
+                    }
+                    continue;
+                }
+            },
+        };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
         }
@@ -144,6 +254,7 @@ pub async fn serve_watched(
         let marks = Marks {
             cert: None,
             reserved: on_reserve.then_some(ReservedConn),
+            unvouched,
         };
         connections.spawn(async move {
             let _permit = permit;
@@ -186,6 +297,7 @@ pub struct ReservedConn;
 struct Marks {
     cert: Option<ClientCert>,
     reserved: Option<ReservedConn>,
+    unvouched: Option<Unvouched>,
 }
 
 /// One connection's requests, until it closes or the server closes (then gracefully).
@@ -206,6 +318,9 @@ async fn serve_connection<IO>(
         }
         if let Some(reserved) = marks.reserved {
             req.extensions_mut().insert(reserved);
+        }
+        if let Some(unvouched) = &marks.unvouched {
+            req.extensions_mut().insert(unvouched.clone());
         }
         req
     }));
@@ -431,6 +546,7 @@ mod tests {
         write_stall_timeout: Duration::from_secs(30),
         header_read_timeout: Duration::from_secs(10),
         body_read_timeout: Duration::from_millis(1500),
+        per_address_unauthenticated: 0,
     };
 
     // covers: AUTH-5111
@@ -526,6 +642,93 @@ mod tests {
             .unwrap()
             .expect("the stalled response was not cut");
         assert_eq!(at - asked, LIMITS.write_stall_timeout);
+    }
+
+    // covers: AUTH-5121
+    #[tokio::test]
+    async fn a_source_address_holds_its_most_unauthenticated_connections_and_a_valid_key_frees_one(
+    ) {
+        const SECRET: &str = "client-secret-0123456789";
+        let mut ring = auth_min::Keyring::default();
+        ring.add(
+            auth_min::Principal::new("alice", &[auth_min::Role::Client]),
+            auth_min::Token::new(SECRET).unwrap(),
+        )
+        .unwrap();
+        let gate = crate::Gate {
+            keys: Some(Arc::new(std::sync::RwLock::new(ring))),
+            role: auth_min::Role::Client,
+        };
+        let app = Router::new()
+            .route("/gated", axum::routing::get(|| async { "in" }))
+            .layer(axum::middleware::from_fn_with_state(gate, crate::require_role))
+            .route("/open", axum::routing::get(|| async { "open" }));
+        let limits = ConnLimits {
+            per_address_unauthenticated: 2,
+            ..LIMITS
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, app, limits, None, std::future::pending()));
+        let refused_before = per_address_refusals();
+        /// A connection, and whether the server closed it at once (no request sent).
+        async fn open(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, bool) {
+            let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut buf = [0u8; 16];
+            let closed = match tokio::time::timeout(Duration::from_millis(300), sock.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => true,
+                Ok(Ok(_)) => panic!("the server spoke first"),
+                Err(_) => false,
+            };
+            (sock, closed)
+        }
+        async fn ask(sock: &mut tokio::net::TcpStream, path: &str, key: &str) -> String {
+            sock.write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap();
+            String::from_utf8_lossy(&buf[..n]).to_string()
+        }
+        let (mut first, closed) = open(addr).await;
+        assert!(!closed);
+        let (second, closed) = open(addr).await;
+        assert!(!closed);
+        // Two strangers' connections from 127.0.0.1: a third is closed at once.
+        assert!(open(addr).await.1, "a third unauthenticated connection was kept");
+        // The first presents a valid key: it no longer counts, and one more is taken.
+        assert!(ask(&mut first, "/gated", SECRET).await.starts_with("HTTP/1.1 200"));
+        let (mut third, closed) = open(addr).await;
+        assert!(!closed, "a connection that authenticated still counted");
+        // Open routes and wrong keys vouch for nothing.
+        assert!(ask(&mut third, "/open", "").await.starts_with("HTTP/1.1 200"));
+        let wrong = ask(&mut third, "/gated", "wrong-secret-0123456789").await;
+        assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+        assert!(open(addr).await.1, "an open route or a wrong key vouched");
+        // A stranger's connection that closes frees its place.
+        drop(second);
+        llorch_test_support::wait_for("a place freed", Duration::from_secs(5), || async {
+            let (sock, closed) = open(addr).await;
+            (!closed).then_some(sock)
+        })
+        .await;
+        assert!(per_address_refusals() >= refused_before + 2);
+        drop((first, third));
+    }
+
+    #[test]
+    fn sources_are_addresses_and_ipv6_slash_64s() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(source_of(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_of(ip("2001:db8:1:2:ffff::9")),
+            source_of(ip("2001:db8:1:2::1"))
+        );
     }
 
     // covers: AUTH-5117

@@ -346,6 +346,7 @@ mod tests {
             write_stall_timeout: std::time::Duration::from_secs(30),
             header_read_timeout: std::time::Duration::from_secs(5),
             body_read_timeout: std::time::Duration::from_secs(5),
+            per_address_unauthenticated: 0,
         };
         tokio::spawn(crate::serve(
             listener,
