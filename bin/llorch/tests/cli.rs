@@ -31,19 +31,19 @@ async fn live() -> Live {
         &HandoffFile::external("p0", &engine.url, "tiny", 1),
     )
     .unwrap();
-    let port = free_port();
     let keys = dir.path().join("api-keys");
     std::fs::write(&keys, format!("cli:{CLIENT_KEY}\n")).unwrap();
     std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let log = std::fs::File::create(dir.path().join("orchestratord.log")).unwrap();
-    let orch = Command::new(workspace_binary("orchestratord"))
+    let log_path = dir.path().join("orchestratord.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut orch = Command::new(workspace_binary("orchestratord"))
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LLORCH_API_TOKEN", TOKEN)
         .env("ORCHD_API_KEYS_FILE", &keys)
         // Anything orchestratord keeps for itself goes in the test's directory.
         .env("HOME", dir.path())
-        .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORCHD_BIND_ADDR", "127.0.0.1:0")
         .env("ORCHD_RUNTIME_DIR", &runtime)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone().unwrap()))
@@ -51,7 +51,14 @@ async fn live() -> Live {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let addr = logged_addr(
+        &mut orch,
+        &log_path,
+        "orchestratord listening",
+        Duration::from_secs(30),
+    )
+    .await;
+    let base = format!("http://{addr}");
     wait_http_ok(
         "orchestratord ready",
         &format!("{base}/ready"),
@@ -312,8 +319,11 @@ async fn a_refused_token_exits_3_with_one_line_even_with_rust_backtrace() {
 // covers: OBS-6115
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_orchestratord_exits_4_and_bad_usage_exits_2_each_in_one_line() {
-    // Nothing listens on a port just found free.
-    let url = format!("http://127.0.0.1:{}", free_port());
+    // A port this test holds without listening: connections to it are refused, and no other
+    // process can take it meanwhile.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = format!("http://{}", held.local_addr().unwrap());
     let backtrace = [("RUST_BACKTRACE", "1")];
     let unreachable = format!("llorch: cannot reach orchestratord at {url}: ");
     for args in [&["status"][..], &["pools", "--json"]] {

@@ -92,7 +92,11 @@ pub struct Args {
     /// Connections one source address (an IPv6 /64) may hold before any of their requests
     /// presented a valid key; more are closed at once. Not applied without keys (every
     /// connection would count).
-    #[arg(long, env = "ORCHD_MAX_UNAUTHENTICATED_PER_ADDRESS", default_value_t = 128)]
+    #[arg(
+        long,
+        env = "ORCHD_MAX_UNAUTHENTICATED_PER_ADDRESS",
+        default_value_t = 128
+    )]
     pub max_unauthenticated_per_address: usize,
     /// CLOUD: a listener of its own for node registration and heartbeats (the node routes
     /// leave the API address): no client load can delay a heartbeat. Nodes then register at
@@ -521,7 +525,8 @@ impl Config {
                         .into(),
                 ));
             }
-            if node_addr == a.bind_addr {
+            // Two listeners on port 0 get two ports of the kernel's.
+            if node_addr == a.bind_addr && node_addr.port() != 0 {
                 return Err(ConfigError::Invalid(format!(
                     "ORCHD_NODE_BIND_ADDR {node_addr} is ORCHD_BIND_ADDR: give the node routes another port"
                 )));

@@ -216,7 +216,10 @@ impl Metrics {
     /// always agrees with `GET /v2/pools` and `GET /v2/nodes`.
     pub fn render(&self, pools: &[(String, bool)], nodes: &[(String, bool)]) -> String {
         sync_counter(&self.auth_failures, llorch_http::auth_failures());
-        sync_counter(&self.per_address_refusals, llorch_http::per_address_refusals());
+        sync_counter(
+            &self.per_address_refusals,
+            llorch_http::per_address_refusals(),
+        );
         // Series of pools that went away are dropped: pool ids come from handoff files and
         // nodes, and must not grow the exposition for ever.
         let current: std::collections::HashSet<&str> =

@@ -122,7 +122,11 @@ pub struct Args {
     pub max_connections: usize,
     /// Connections one source address (an IPv6 /64) may hold before any of their requests
     /// presented a valid token; more are closed at once. Not applied without a token.
-    #[arg(long, env = "POOL_MANAGERD_MAX_UNAUTHENTICATED_PER_ADDRESS", default_value_t = 128)]
+    #[arg(
+        long,
+        env = "POOL_MANAGERD_MAX_UNAUTHENTICATED_PER_ADDRESS",
+        default_value_t = 128
+    )]
     pub max_unauthenticated_per_address: usize,
     /// Longest a client may take to send a request's headers.
     #[arg(
@@ -220,6 +224,9 @@ pub struct Registration {
     pub token: Token,
     pub orchestratord_url: String,
     pub advertise_url: String,
+    /// `advertise_url` is the bind address's (no POOL_MANAGERD_ADVERTISE_URL): on port 0, the
+    /// port the kernel gives takes its place once bound.
+    pub advertise_from_bind: bool,
     pub heartbeat_interval: Duration,
 }
 
@@ -432,6 +439,7 @@ impl Config {
                 Some(Registration {
                     token: presented,
                     orchestratord_url: url,
+                    advertise_from_bind: args.advertise_url.is_none(),
                     advertise_url,
                     heartbeat_interval: non_zero(
                         "POOL_MANAGERD_HEARTBEAT_INTERVAL_MS",

@@ -1,4 +1,5 @@
-//! Engine processes: spawn `llama-server` on a loopback port in its own process group, log to
+//! Engine processes: spawn `llama-server` on a loopback port in its own process group (the port
+//! the pools file names, or one the kernel gives the engine, read back from its log), log to
 //! a file, stop it (SIGTERM → grace → SIGKILL to the whole group), and clean up engines a
 //! previous run of the daemon left behind (pid records under `{runtime_dir}/engines/`).
 
@@ -16,8 +17,11 @@ use crate::config::PoolSpec;
 pub struct EngineProcess {
     pub child: Child,
     pub pid: u32,
-    pub port: u16,
-    pub url: String,
+    /// The port it listens on: the pools file's, or the one it reported ([`EngineProcess::locate`]).
+    port: Option<u16>,
+    /// Its log, and how far it was read for the port it reported.
+    log_path: PathBuf,
+    log_read: u64,
     pub model_path: PathBuf,
     pub model_id: String,
     /// The engine's API key (`LLAMA_API_KEY`): fresh for this start, known only to this daemon
@@ -98,12 +102,6 @@ fn engine_environment(
     .collect()
 }
 
-/// A free loopback port (the kernel picks; the engine binds it right after).
-pub fn free_port() -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    Ok(l.local_addr()?.port())
-}
-
 pub struct SpawnRequest<'a> {
     pub binary: &'a Path,
     pub runtime_dir: &'a Path,
@@ -118,10 +116,9 @@ pub struct SpawnRequest<'a> {
 }
 
 pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
-    let port = match req.spec.port {
-        Some(p) => p,
-        None => free_port()?,
-    };
+    // Without a port in the pools file the engine binds port 0 and says which port it got:
+    // no port is picked here and released for another process to take first.
+    let port = req.spec.port;
     let logs = logs_dir(req.runtime_dir);
     std::fs::create_dir_all(&logs)?;
     let log_path = logs.join(format!("{}.log", req.spec.id));
@@ -136,6 +133,8 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
             .open(&log_path)?
     };
     let log_err = log.try_clone()?;
+    // Earlier starts' lines stay in the file: only what this start writes is read.
+    let log_read = log.metadata()?.len();
 
     let api_key = fresh_api_key();
     let mut cmd = Command::new(req.binary);
@@ -146,7 +145,12 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
         .env("LLAMA_API_KEY", &api_key);
     cmd.arg("--model")
         .arg(req.model_path)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.unwrap_or(0).to_string(),
+        ])
         .args(["--parallel", &req.spec.slots.to_string()])
         .args(["--ctx-size", &req.spec.ctx.to_string()])
         .args(["--n-gpu-layers", &req.spec.gpu_layers.to_string()])
@@ -190,7 +194,8 @@ pub fn spawn(req: SpawnRequest<'_>) -> std::io::Result<EngineProcess> {
         child,
         pid,
         port,
-        url: format!("http://127.0.0.1:{port}"),
+        log_path,
+        log_read,
         model_path: req.model_path.to_path_buf(),
         model_id: req.model_id.to_string(),
         api_key,
@@ -238,6 +243,35 @@ fn signal_process_and_group(pid: u32, signal: libc::c_int) {
 }
 
 impl EngineProcess {
+    /// The port it listens on, once known: the pools file's, or the one its log reports (read
+    /// on from where the last call stopped; `None` until the line is there).
+    pub fn locate(&mut self) -> Option<u16> {
+        use std::io::{BufRead, Seek};
+        if self.port.is_some() {
+            return self.port;
+        }
+        let mut file = std::fs::File::open(&self.log_path).ok()?;
+        file.seek(std::io::SeekFrom::Start(self.log_read)).ok()?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                // A line not ended yet is read again next time.
+                Ok(n) if n > 0 && line.ends_with(b"\n") => {
+                    self.log_read += n as u64;
+                    if let Some(port) =
+                        llamacpp_client::listening_port(&String::from_utf8_lossy(&line))
+                    {
+                        self.port = Some(port);
+                        return self.port;
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+
     /// Has the process exited? Returns a description of how, when it has.
     pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
@@ -362,6 +396,51 @@ fn is_engine_process(pid: u32, binary: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_port_an_engine_reports_is_read_from_its_listening_line() {
+        let port = llamacpp_client::listening_port;
+        assert_eq!(
+            port("0.00.016.682 I srv  llama_server: listening on http://127.0.0.1:33403\n"),
+            Some(33403)
+        );
+        assert_eq!(
+            port("main: server is listening on http://127.0.0.1:8080 - starting the main loop"),
+            Some(8080)
+        );
+        assert_eq!(port("listening on http://[::1]:9000/"), Some(9000));
+        assert_eq!(port("listening on http://127.0.0.1:0"), None);
+        assert_eq!(port("load_model: loading model"), None);
+        assert_eq!(port("listening on http://127.0.0.1:notaport"), None);
+    }
+
+    #[tokio::test]
+    async fn an_engine_on_a_kernel_port_is_located_from_this_starts_lines_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("p.log");
+        // An earlier start's line stays in the file.
+        std::fs::write(&log, "listening on http://127.0.0.1:1111\n").unwrap();
+        let mut process = EngineProcess {
+            child: Command::new("true").spawn().unwrap(),
+            pid: 0,
+            port: None,
+            log_read: std::fs::metadata(&log).unwrap().len(),
+            log_path: log.clone(),
+            model_path: PathBuf::new(),
+            model_id: String::new(),
+            api_key: String::new(),
+            record: dir.path().join("none.pid"),
+        };
+        assert_eq!(process.locate(), None);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        use std::io::Write;
+        // A line not yet ended is not taken.
+        write!(f, "loading\nsrv listening on http://127.0.0.1:2222").unwrap();
+        assert_eq!(process.locate(), None);
+        writeln!(f, " now").unwrap();
+        assert_eq!(process.locate(), Some(2222));
+        assert_eq!(process.locate(), Some(2222));
+    }
 
     // covers: POOL-3120
     #[test]

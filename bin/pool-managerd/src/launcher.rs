@@ -74,7 +74,13 @@ pub(crate) trait Launcher: Send + Sync + 'static {
 }
 
 pub(crate) trait RunningEngine: Send {
+    /// What is known of it; its `url` and `port` only once [`RunningEngine::locate`] found them.
     fn info(&self) -> &EngineInfo;
+    /// Its address, once known (an engine on a port of the kernel's choosing says which only
+    /// after it bound it); `None` until then.
+    fn locate(&mut self) -> Option<&EngineInfo> {
+        Some(self.info())
+    }
     /// Resolves when the engine exits on its own, describing how.
     fn exited(&mut self) -> BoxFuture<'_, String>;
     /// SIGTERM, up to `grace` to exit, then SIGKILL.
@@ -108,25 +114,19 @@ pub(crate) struct ProcessLauncher {
 impl Launcher for ProcessLauncher {
     fn spawn(&self, req: SpawnRequest<'_>) -> std::io::Result<Box<dyn RunningEngine>> {
         let process = engine_process::spawn(req)?;
-        let key: Arc<str> = Arc::from(process.api_key.as_str());
-        self.keys.0.write().insert(process.url.clone(), key.clone());
-        let lease = KeyLease {
-            keys: self.keys.clone(),
-            url: process.url.clone(),
-            key: key.clone(),
-        };
         let info = EngineInfo {
             pid: process.pid,
-            port: process.port,
-            url: process.url.clone(),
+            port: 0,
+            url: String::new(),
             model_path: process.model_path.clone(),
             model_id: process.model_id.clone(),
-            api_key: Some(key),
+            api_key: Some(Arc::from(process.api_key.as_str())),
         };
         Ok(Box::new(ChildEngine {
             process,
             info,
-            _key: lease,
+            keys: self.keys.clone(),
+            lease: None,
         }))
     }
 }
@@ -134,12 +134,33 @@ impl Launcher for ProcessLauncher {
 struct ChildEngine {
     process: EngineProcess,
     info: EngineInfo,
-    _key: KeyLease,
+    keys: Arc<EngineKeys>,
+    /// Its key under its URL, from when the URL is known.
+    lease: Option<KeyLease>,
 }
 
 impl RunningEngine for ChildEngine {
     fn info(&self) -> &EngineInfo {
         &self.info
+    }
+
+    fn locate(&mut self) -> Option<&EngineInfo> {
+        if self.lease.is_none() {
+            let port = self.process.locate()?;
+            let key = self.info.api_key.clone()?;
+            self.info.port = port;
+            self.info.url = format!("http://127.0.0.1:{port}");
+            self.keys
+                .0
+                .write()
+                .insert(self.info.url.clone(), key.clone());
+            self.lease = Some(KeyLease {
+                keys: self.keys.clone(),
+                url: self.info.url.clone(),
+                key,
+            });
+        }
+        Some(&self.info)
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {

@@ -121,7 +121,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tasks.spawn(sup.run());
     }
     tasks.spawn(handoff_watcher::HandoffWatcher::new(shared.clone(), root.child_token()).run());
-    if let Some(reg) = shared.config.registration.clone() {
+    // The bound address (the port the kernel chose, when configured as 0).
+    let local = listener.local_addr().unwrap_or(shared.config.bind_addr);
+    if let Some(mut reg) = shared.config.registration.clone() {
+        if reg.advertise_from_bind {
+            let scheme = reg.advertise_url.split("://").next().unwrap_or("http");
+            reg.advertise_url = format!("{scheme}://{local}");
+        }
         let plane = Arc::new(registration::HttpControlPlane {
             http: shared
                 .config
@@ -149,8 +155,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .token
         .as_ref()
         .map(|t| t.fingerprint().to_string());
-    // The bound address (the port the kernel chose, when configured as 0).
-    let local = listener.local_addr().unwrap_or(shared.config.bind_addr);
     tracing::info!(
         addr = %local,
         node_id = %shared.config.node_id,

@@ -166,7 +166,10 @@ impl Metrics {
     pub fn render(&self, pools: &[PoolStatus]) -> String {
         for (counter, total) in [
             (&self.auth_failures, llorch_http::auth_failures()),
-            (&self.per_address_refusals, llorch_http::per_address_refusals()),
+            (
+                &self.per_address_refusals,
+                llorch_http::per_address_refusals(),
+            ),
         ] {
             let seen = counter.get();
             if total > seen {

@@ -17,8 +17,7 @@ pub mod tls;
 
 pub use serve::{
     is_body_timeout, per_address_refusals, serve, serve_watched, BodyTimeout, ConnLimits,
-    ReservedConn, Saturation, Unvouched,
-    MAX_HEADERS, MAX_HEAD_BYTES,
+    ReservedConn, Saturation, Unvouched, MAX_HEADERS, MAX_HEAD_BYTES,
 };
 
 pub const CORRELATION_HEADER: &str = "x-correlation-id";

@@ -75,8 +75,12 @@ fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
 struct Strangers(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
 
 impl Strangers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// One more connection of `source`, unless it holds `most` already.
@@ -121,7 +125,11 @@ struct UnvouchedConn {
 impl Unvouched {
     /// A request of this connection presented a valid key.
     pub fn vouch(&self) {
-        if !self.0.vouched.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if !self
+            .0
+            .vouched
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             self.0.strangers.leave(self.0.source);
         }
     }
@@ -646,8 +654,8 @@ mod tests {
 
     // covers: AUTH-5121
     #[tokio::test]
-    async fn a_source_address_holds_its_most_unauthenticated_connections_and_a_valid_key_frees_one(
-    ) {
+    async fn a_source_address_holds_its_most_unauthenticated_connections_and_a_valid_key_frees_one()
+    {
         const SECRET: &str = "client-secret-0123456789";
         let mut ring = auth_min::Keyring::default();
         ring.add(
@@ -661,7 +669,10 @@ mod tests {
         };
         let app = Router::new()
             .route("/gated", axum::routing::get(|| async { "in" }))
-            .layer(axum::middleware::from_fn_with_state(gate, crate::require_role))
+            .layer(axum::middleware::from_fn_with_state(
+                gate,
+                crate::require_role,
+            ))
             .route("/open", axum::routing::get(|| async { "open" }));
         let limits = ConnLimits {
             per_address_unauthenticated: 2,
@@ -675,11 +686,12 @@ mod tests {
         async fn open(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, bool) {
             let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
             let mut buf = [0u8; 16];
-            let closed = match tokio::time::timeout(Duration::from_millis(300), sock.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => true,
-                Ok(Ok(_)) => panic!("the server spoke first"),
-                Err(_) => false,
-            };
+            let closed =
+                match tokio::time::timeout(Duration::from_millis(300), sock.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => true,
+                    Ok(Ok(_)) => panic!("the server spoke first"),
+                    Err(_) => false,
+                };
             (sock, closed)
         }
         async fn ask(sock: &mut tokio::net::TcpStream, path: &str, key: &str) -> String {
@@ -698,13 +710,20 @@ mod tests {
         let (second, closed) = open(addr).await;
         assert!(!closed);
         // Two strangers' connections from 127.0.0.1: a third is closed at once.
-        assert!(open(addr).await.1, "a third unauthenticated connection was kept");
+        assert!(
+            open(addr).await.1,
+            "a third unauthenticated connection was kept"
+        );
         // The first presents a valid key: it no longer counts, and one more is taken.
-        assert!(ask(&mut first, "/gated", SECRET).await.starts_with("HTTP/1.1 200"));
+        assert!(ask(&mut first, "/gated", SECRET)
+            .await
+            .starts_with("HTTP/1.1 200"));
         let (mut third, closed) = open(addr).await;
         assert!(!closed, "a connection that authenticated still counted");
         // Open routes and wrong keys vouch for nothing.
-        assert!(ask(&mut third, "/open", "").await.starts_with("HTTP/1.1 200"));
+        assert!(ask(&mut third, "/open", "")
+            .await
+            .starts_with("HTTP/1.1 200"));
         let wrong = ask(&mut third, "/gated", "wrong-secret-0123456789").await;
         assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
         assert!(open(addr).await.1, "an open route or a wrong key vouched");

@@ -154,6 +154,16 @@ fn classify(e: reqwest::Error, timeout: Duration) -> EngineError {
     }
 }
 
+/// The port in an engine's log line `... listening on http://HOST:PORT ...`: llama-server
+/// started with `--port 0` binds a port the kernel gives it and says which here.
+pub fn listening_port(line: &str) -> Option<u16> {
+    let (_, rest) = line.split_once("listening on http://")?;
+    let address = rest.split_whitespace().next()?;
+    let (_, port) = address.trim_end_matches('/').rsplit_once(':')?;
+    let digits: String = port.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok().filter(|p| *p != 0)
+}
+
 /// The cause chain of a request error, without the URL (reqwest prints it; the message reads
 /// better without, and never carries query strings into logs).
 pub fn error_chain(e: &reqwest::Error) -> String {

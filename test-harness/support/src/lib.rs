@@ -285,11 +285,12 @@ pub struct ExternalEngine {
 }
 
 impl ExternalEngine {
+    /// Starts one on port 0: the kernel gives it a port, which its log then names (read from
+    /// its output, which is drained for as long as it runs).
     pub async fn start(model: &Path, slots: u32) -> ExternalEngine {
-        let port = free_port();
-        let child = Command::new(engine_binary())
+        let mut child = Command::new(engine_binary())
             .args(["--model", &model.display().to_string()])
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--host", "127.0.0.1", "--port", "0"])
             .args([
                 "--parallel",
                 &slots.to_string(),
@@ -299,11 +300,23 @@ impl ExternalEngine {
                 "1",
             ])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
+        let (found, port) = tokio::sync::mpsc::unbounded_channel();
+        let stdout = child.stdout.take().map(drain_for_port(found.clone()));
+        let stderr = child.stderr.take().map(drain_for_port(found));
+        let port = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut port = port;
+            port.recv().await
+        })
+        .await
+        .ok()
+        .flatten()
+        .expect("the external llama-server never said which port it listens on");
+        drop((stdout, stderr));
         let url = format!("http://127.0.0.1:{port}");
         wait_http_ok(
             "external llama-server health",
@@ -312,6 +325,27 @@ impl ExternalEngine {
         )
         .await;
         ExternalEngine { child, url }
+    }
+}
+
+/// Reads an engine's output line by line to its end, sending the port of its `listening on`
+/// line.
+fn drain_for_port<R>(
+    found: tokio::sync::mpsc::UnboundedSender<u16>,
+) -> impl FnOnce(R) -> tokio::task::JoinHandle<()>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    move |output| {
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(output).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(port) = llamacpp_client::listening_port(&line) {
+                    let _ = found.send(port);
+                }
+            }
+        })
     }
 }
 

@@ -17,7 +17,7 @@ fn pool_toml_model(id: &str, model_id: &str, slots: u32) -> String {
     pool_toml(id, slots, 2048).replace("model_id = \"tiny\"", &format!("model_id = \"{model_id}\""))
 }
 
-pub(crate) fn start_node(
+pub(crate) async fn start_node(
     dir: &std::path::Path,
     name: &str,
     pools: &str,
@@ -26,22 +26,25 @@ pub(crate) fn start_node(
     let home = dir.join(name);
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join("pools.toml"), pools).unwrap();
-    let port = free_port();
     let runtime_dir = home.join("run");
     let mut env = pool_managerd_env(&home.join("pools.toml"), &runtime_dir);
     env.extend([
-        ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}")),
+        ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".into()),
         ("POOL_MANAGERD_NODE_ID", name.to_string()),
     ]);
     env.extend(extra.iter().cloned());
-    let child = spawn(
-        &workspace_binary("pool-managerd"),
-        &env,
-        &home.join("pool-managerd.log"),
-    );
+    let log = home.join("pool-managerd.log");
+    let mut child = spawn(&workspace_binary("pool-managerd"), &env, &log);
+    let addr = logged_addr(
+        &mut child,
+        &log,
+        "pool-managerd listening",
+        Duration::from_secs(20),
+    )
+    .await;
     Node {
         child,
-        url: format!("http://127.0.0.1:{port}"),
+        url: format!("http://{addr}"),
         runtime_dir,
     }
 }
@@ -52,11 +55,10 @@ pub(crate) struct Cloud {
     pub(crate) dir: tempfile::TempDir,
 }
 
-pub(crate) fn start_orchestratord(dir: tempfile::TempDir, extra: &[(&str, String)]) -> Cloud {
-    let port = free_port();
+pub(crate) async fn start_orchestratord(dir: tempfile::TempDir, extra: &[(&str, String)]) -> Cloud {
     let mut env = vec![
         ("ORCHD_PROFILE", "cloud".to_string()),
-        ("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}")),
+        ("ORCHD_BIND_ADDR", "127.0.0.1:0".to_string()),
         ("ORCHD_POOL_POLL_INTERVAL_MS", "1000".into()),
         // Deliberately pointed at nothing real: the cloud profile must not read it.
         (
@@ -65,14 +67,18 @@ pub(crate) fn start_orchestratord(dir: tempfile::TempDir, extra: &[(&str, String
         ),
     ];
     env.extend(extra.iter().cloned());
-    let orch = spawn(
-        &workspace_binary("orchestratord"),
-        &env,
-        &dir.path().join("orchestratord.log"),
-    );
+    let log = dir.path().join("orchestratord.log");
+    let mut orch = spawn(&workspace_binary("orchestratord"), &env, &log);
+    let addr = logged_addr(
+        &mut orch,
+        &log,
+        "orchestratord listening",
+        Duration::from_secs(20),
+    )
+    .await;
     Cloud {
         orch,
-        api: OrchClient::new(format!("http://127.0.0.1:{port}"), TOKEN),
+        api: OrchClient::new(format!("http://{addr}"), TOKEN),
         dir,
     }
 }
@@ -98,7 +104,7 @@ fn open_paths(pid: u32) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
     let dir = tempfile::tempdir().unwrap();
-    let a = start_node(dir.path(), "node-a", &pool_toml("a0", 2, 2048), &[]);
+    let a = start_node(dir.path(), "node-a", &pool_toml("a0", 2, 2048), &[]).await;
     let c = start_node(
         dir.path(),
         "node-c",
@@ -108,11 +114,13 @@ async fn cloud_routes_through_the_proxies_to_both_nodes_and_by_model() {
             pool_toml_model("c-only", "tiny-c", 1)
         ),
         &[],
-    );
+    )
+    .await;
     let cloud = start_orchestratord(
         dir,
         &[("ORCHD_POOL_MANAGERS", format!("{},{}", a.url, c.url))],
-    );
+    )
+    .await;
     cloud
         .api
         .wait_healthy(&["a0", "c0", "c-only"], Duration::from_secs(40))
@@ -223,12 +231,13 @@ async fn killed_node_is_unavailable_within_2500_ms_at_a_1_s_poll_interval_and_wo
     // End to end on real processes, with slack for two busy cores; the exact bound (the next
     // poll, under two intervals) is asserted on paused time in `src/tests/cloud_bounds.rs`.
     let dir = tempfile::tempdir().unwrap();
-    let mut a = start_node(dir.path(), "node-a", &pool_toml("a0", 1, 8192), &[]);
-    let b = start_node(dir.path(), "node-b", &pool_toml("b0", 1, 8192), &[]);
+    let mut a = start_node(dir.path(), "node-a", &pool_toml("a0", 1, 8192), &[]).await;
+    let b = start_node(dir.path(), "node-b", &pool_toml("b0", 1, 8192), &[]).await;
     let cloud = start_orchestratord(
         dir,
         &[("ORCHD_POOL_MANAGERS", format!("{},{}", a.url, b.url))],
-    );
+    )
+    .await;
     cloud
         .api
         .wait_healthy(&["a0", "b0"], Duration::from_secs(40))
@@ -295,17 +304,19 @@ async fn killed_node_is_unavailable_within_2500_ms_at_a_1_s_poll_interval_and_wo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_managerd_with_another_token_is_refused_and_never_used() {
     let dir = tempfile::tempdir().unwrap();
-    let good = start_node(dir.path(), "good", &pool_toml("g0", 1, 2048), &[]);
+    let good = start_node(dir.path(), "good", &pool_toml("g0", 1, 2048), &[]).await;
     let rogue = start_node(
         dir.path(),
         "rogue",
         &pool_toml("r0", 4, 2048),
         &[("LLORCH_API_TOKEN", "a-different-token-9876543210".into())],
-    );
+    )
+    .await;
     let cloud = start_orchestratord(
         dir,
         &[("ORCHD_POOL_MANAGERS", format!("{},{}", good.url, rogue.url))],
-    );
+    )
+    .await;
     cloud
         .api
         .wait_healthy(&["g0"], Duration::from_secs(40))
@@ -331,7 +342,7 @@ async fn pool_managerd_with_another_token_is_refused_and_never_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_register_heartbeat_serve_and_deregister_on_shutdown() {
     let dir = tempfile::tempdir().unwrap();
-    let cloud = start_orchestratord(dir, &[("ORCHD_NODE_REGISTRATION", "true".into())]);
+    let cloud = start_orchestratord(dir, &[("ORCHD_NODE_REGISTRATION", "true".into())]).await;
     wait_http_ok(
         "orchestratord health",
         &format!("{}/health", cloud.api.base),
@@ -356,7 +367,8 @@ async fn nodes_register_heartbeat_serve_and_deregister_on_shutdown() {
             ("POOL_MANAGERD_ORCHESTRATORD_URL", cloud.api.base.clone()),
             ("POOL_MANAGERD_HEARTBEAT_INTERVAL_MS", "300".into()),
         ],
-    );
+    )
+    .await;
     cloud
         .api
         .wait_healthy(&["r0"], Duration::from_secs(40))
@@ -432,7 +444,7 @@ async fn start_redirecting_node() -> (
 async fn a_node_answering_with_a_redirect_is_not_followed_and_counts_as_a_failed_poll() {
     let (url, followed, server) = start_redirecting_node().await;
     let dir = tempfile::tempdir().unwrap();
-    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", url.clone())]);
+    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", url.clone())]).await;
     // Two polls answered: the node is judged, and a followed redirect would have landed.
     let nodes = wait_for(
         "the redirecting node judged",
@@ -478,7 +490,8 @@ async fn a_key_holding_thousands_of_idle_event_connections_delays_no_heartbeat_a
                 HEARTBEAT_TIMEOUT.as_millis().to_string(),
             ),
         ],
-    );
+    )
+    .await;
     wait_http_ok(
         "orchestratord health",
         &format!("{}/health", cloud.api.base),
@@ -496,7 +509,8 @@ async fn a_key_holding_thousands_of_idle_event_connections_delays_no_heartbeat_a
             ("POOL_MANAGERD_ORCHESTRATORD_URL", cloud.api.base.clone()),
             ("POOL_MANAGERD_HEARTBEAT_INTERVAL_MS", "500".into()),
         ],
-    );
+    )
+    .await;
     cloud
         .api
         .wait_healthy(&["held", "free"], Duration::from_secs(40))
@@ -549,15 +563,23 @@ async fn a_key_holding_thousands_of_idle_event_connections_delays_no_heartbeat_a
 // covers: AUTH-5117
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_node_listener_nodes_register_and_heartbeat_there_and_clients_are_served_apart() {
-    let node_addr = format!("127.0.0.1:{}", free_port());
     let dir = tempfile::tempdir().unwrap();
-    let cloud = start_orchestratord(
+    let mut cloud = start_orchestratord(
         dir,
         &[
             ("ORCHD_NODE_REGISTRATION", "true".into()),
-            ("ORCHD_NODE_BIND_ADDR", node_addr.clone()),
+            ("ORCHD_NODE_BIND_ADDR", "127.0.0.1:0".into()),
         ],
-    );
+    )
+    .await;
+    let log = cloud.dir.path().join("orchestratord.log");
+    let node_addr = logged_addr(
+        &mut cloud.orch,
+        &log,
+        "node routes listening",
+        Duration::from_secs(20),
+    )
+    .await;
     let nodes_base = format!("http://{node_addr}");
     wait_http_ok(
         "the node listener",
@@ -573,7 +595,8 @@ async fn with_a_node_listener_nodes_register_and_heartbeat_there_and_clients_are
             ("POOL_MANAGERD_ORCHESTRATORD_URL", nodes_base.clone()),
             ("POOL_MANAGERD_HEARTBEAT_INTERVAL_MS", "300".into()),
         ],
-    );
+    )
+    .await;
     cloud
         .api
         .wait_healthy(&["l0"], Duration::from_secs(40))

@@ -47,8 +47,8 @@ async fn home_orchestratord_idle_for_10s_uses_under_5_percent_of_a_core() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_orchestratord_idle_for_10s_uses_under_5_percent_of_a_core() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(dir.path(), "node-a", &pool_toml("a0", 1, 1024), &[]);
-    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", node.url.clone())]);
+    let node = start_node(dir.path(), "node-a", &pool_toml("a0", 1, 1024), &[]).await;
+    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", node.url.clone())]).await;
     cloud
         .api
         .wait_healthy(&["a0"], Duration::from_secs(40))

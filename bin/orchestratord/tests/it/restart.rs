@@ -134,8 +134,9 @@ async fn cloud_with_one_pool(
         "node-a",
         pools,
         &[("POOL_MANAGERD_RESTART_BACKOFF_MS", "200".into())],
-    );
-    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", node.url.clone())]);
+    )
+    .await;
+    let cloud = start_orchestratord(dir, &[("ORCHD_POOL_MANAGERS", node.url.clone())]).await;
     cloud
         .api
         .wait_healthy(&["a0"], Duration::from_secs(40))

@@ -3,7 +3,7 @@
 //! reads, CLOUD's polls and engine proxy) verified against `LLORCH_TLS_CA_FILE`; pool-managerd →
 //! orchestratord (registration, heartbeats) with a client certificate under mutual TLS.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use llorch_test_support::pki::TestCa;
@@ -209,12 +209,11 @@ async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_wit
         |name: &str, pools: &str, cert: &llorch_test_support::pki::CertFiles, trusts: &Path| {
             let home = dir.path().join(name);
             std::fs::create_dir_all(&home).unwrap();
-            let port = free_port();
             let log_path = home.join("pool-managerd.log");
             let mut env =
                 pool_managerd_env(Path::new(&pools_file(&home, pools)), &home.join("run"));
             env.extend([
-                ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}")),
+                ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".into()),
                 ("POOL_MANAGERD_NODE_ID", name.to_string()),
                 ("POOL_MANAGERD_HEARTBEAT_INTERVAL_MS", "500".into()),
                 ("POOL_MANAGERD_ORCHESTRATORD_URL", base.clone()),
@@ -226,14 +225,26 @@ async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_wit
                 ("LLORCH_TLS_CA_FILE", trusts.display().to_string()),
             ]);
             let child = spawn(&workspace_binary("pool-managerd"), &env, &log_path);
-            (child, log_path, format!("https://127.0.0.1:{port}"))
+            (child, log_path)
         };
-    let (_a, _a_log, a_url) = node(
+    // Its address, from the line it logged on binding port 0.
+    let url_of = |mut started: (tokio::process::Child, PathBuf)| async move {
+        let addr = logged_addr(
+            &mut started.0,
+            &started.1,
+            "pool-managerd listening",
+            Duration::from_secs(20),
+        )
+        .await;
+        (started.0, started.1, format!("https://{addr}"))
+    };
+    let (_a, _a_log, a_url) = url_of(node(
         "node-a",
         &pool_toml("a0", 1, 2048),
         &ca.leaf("node-a"),
         &ca.ca,
-    );
+    ))
+    .await;
     api.wait_healthy(&["a0"], Duration::from_secs(40)).await;
     assert_eq!(api.node_at(&a_url).await["node_id"], "node-a");
     let id = api.submit(task("through the proxy over tls", 16)).await;
@@ -243,7 +254,7 @@ async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_wit
     assert_eq!(st["tokens_out"], 16);
 
     // A node whose certificate another CA signed: the handshake refuses it.
-    let (_rogue, rogue_log, _) = node(
+    let (_rogue, rogue_log) = node(
         "rogue",
         &pool_toml("r0", 1, 2048),
         &other.leaf("rogue"),
@@ -257,7 +268,7 @@ async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_wit
     .await;
     assert!(line.contains("certificate"), "{line}");
     // A node that trusts another CA refuses orchestratord's certificate, and says what to check.
-    let (_lost, lost_log, _) = node(
+    let (_lost, lost_log) = node(
         "lost",
         &pool_toml("l0", 1, 2048),
         &ca.leaf("lost"),
@@ -275,7 +286,7 @@ async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_wit
     );
     // A node of the cluster CA whose certificate names another node: its token would let it
     // register as "node-b", its certificate does not.
-    let (_impostor, impostor_log, _) = node(
+    let (_impostor, impostor_log) = node(
         "node-b",
         &pool_toml("b0", 1, 2048),
         &ca.leaf("node-c"),

@@ -82,10 +82,10 @@ async fn one_task_is_one_trace_across_both_daemons() {
         ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
     ];
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(dir.path(), "node-t", &pool_toml("t0", 1, 2048), &otel);
+    let node = start_node(dir.path(), "node-t", &pool_toml("t0", 1, 2048), &otel).await;
     let mut env = vec![("ORCHD_POOL_MANAGERS", node.url.clone())];
     env.extend(otel.iter().cloned());
-    let cloud = start_orchestratord(dir, &env);
+    let cloud = start_orchestratord(dir, &env).await;
     cloud
         .api
         .wait_healthy(&["t0"], Duration::from_secs(40))
@@ -206,7 +206,8 @@ async fn one_tasks_correlation_id_is_in_both_daemons_json_logs() {
         "node-a",
         &pool_toml("a0", 1, 1024),
         &[("POOL_MANAGERD_LOG_FORMAT", "json".into())],
-    );
+    )
+    .await;
     let pm_log = dir.path().join("node-a/pool-managerd.log");
     let cloud = start_orchestratord(
         dir,
@@ -214,7 +215,8 @@ async fn one_tasks_correlation_id_is_in_both_daemons_json_logs() {
             ("ORCHD_POOL_MANAGERS", node.url.clone()),
             ("ORCHD_LOG_FORMAT", "json".into()),
         ],
-    );
+    )
+    .await;
     cloud
         .api
         .wait_healthy(&["a0"], Duration::from_secs(40))

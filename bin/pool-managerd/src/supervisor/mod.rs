@@ -156,8 +156,9 @@ impl Supervisor {
                 user: shared.config.engine_user,
             })
             .map_err(|e| StartError::Failed(format!("cannot spawn {}: {e}", binary.display())))?;
-        let info = engine.info().clone();
-        tracing::info!(pool_id = %self.spec.id, pid = info.pid, port = info.port, model_id, "engine spawned");
+        let pid = engine.info().pid;
+        tracing::info!(pool_id = %self.spec.id, pid, model_id, "engine spawned");
+        let mut url: Option<String> = None;
         let deadline = Instant::now() + shared.config.engine_start_timeout;
         loop {
             tokio::select! {
@@ -172,13 +173,27 @@ impl Supervisor {
                 }
                 _ = tokio::time::sleep(Duration::from_millis(25)) => {}
             }
-            if let Ok(Health::Ok) = shared.probe.health(&info.url, Duration::from_secs(2)).await {
-                return Ok(engine);
+            if url.is_none() {
+                url = engine.locate().map(|info| {
+                    tracing::info!(pool_id = %self.spec.id, pid, port = info.port, "engine listening");
+                    info.url.clone()
+                });
+            }
+            if let Some(url) = &url {
+                if let Ok(Health::Ok) = shared.probe.health(url, Duration::from_secs(2)).await {
+                    return Ok(engine);
+                }
             }
             if Instant::now() >= deadline {
                 engine.stop(Duration::ZERO).await;
+                let what = match url {
+                    Some(_) => "become healthy",
+                    None => {
+                        "say which port it listens on (no \"listening on http://\" line in its log)"
+                    }
+                };
                 return Err(StartError::Failed(format!(
-                    "engine did not become healthy within {} ms",
+                    "engine did not {what} within {} ms",
                     shared.config.engine_start_timeout.as_millis()
                 )));
             }

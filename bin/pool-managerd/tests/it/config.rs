@@ -22,10 +22,7 @@ fn run_with(env: &[(&str, String)]) -> (i32, String) {
 // covers: AUTH-5109
 #[test]
 fn refuses_to_start_on_a_non_loopback_address_without_a_token() {
-    let (code, err) = run_with(&[(
-        "POOL_MANAGERD_BIND_ADDR",
-        format!("0.0.0.0:{}", free_port()),
-    )]);
+    let (code, err) = run_with(&[("POOL_MANAGERD_BIND_ADDR", "0.0.0.0:0".to_string())]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("refusing to bind 0.0.0.0"), "{err}");
     assert!(err.contains("LLORCH_API_TOKEN"), "{err}");
@@ -91,10 +88,7 @@ fn missing_engine_binary_says_what_to_install() {
             "POOL_MANAGERD_RUNTIME_DIR",
             dir.path().join("run").display().to_string(),
         ),
-        (
-            "POOL_MANAGERD_BIND_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        ),
+        ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".to_string()),
         (
             "LLORCH_CACHE_DIR",
             dir.path().join("empty-cache").display().to_string(),

@@ -54,15 +54,14 @@ impl Daemon {
         let runtime_dir = dir.path().join("run");
         let config = dir.path().join("pools.toml");
         std::fs::write(&config, &opts.pools_toml).unwrap();
-        let port = free_port();
-        let log_path = dir.path().join(format!("daemon-{port}.log"));
+        let log_path = dir.path().join("daemon.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pool-managerd"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", std::env::var_os("HOME").unwrap_or_default())
             .env("RUST_LOG", "info,pool_managerd=debug")
-            .env("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0")
             .env("POOL_MANAGERD_CONFIG", &config)
             .env("POOL_MANAGERD_RUNTIME_DIR", &runtime_dir)
             .env("POOL_MANAGERD_NODE_ID", "test-node")
@@ -84,14 +83,21 @@ impl Daemon {
         for (k, v) in &opts.extra_env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn().unwrap();
+        let addr = logged_addr(
+            &mut child,
+            &log_path,
+            "pool-managerd listening",
+            Duration::from_secs(20),
+        )
+        .await;
         let http = match opts.token {
             Some(t) => authed_client(t),
             None => reqwest::Client::new(),
         };
         let mut d = Daemon {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("http://{addr}"),
             _dir: dir,
             runtime_dir,
             log_path,
