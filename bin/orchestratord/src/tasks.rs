@@ -141,7 +141,17 @@ const FRAME_OVERHEAD: usize = 48;
 /// An id (of a task or a session) under the name of the key that uses it: the key of the task
 /// and session tables. Names and ids never hold U+001F, so the pair is unambiguous.
 pub fn scoped(owner: &str, id: &str) -> String {
-    format!("{owner}\u{1f}{id}")
+    let mut key = String::with_capacity(owner.len() + 1 + id.len());
+    scope_into(&mut key, owner, id);
+    key
+}
+
+/// [`scoped`] into `key`'s buffer (admission writes each task's key once, without formatting).
+fn scope_into(key: &mut String, owner: &str, id: &str) {
+    key.clear();
+    key.push_str(owner);
+    key.push('\u{1f}');
+    key.push_str(id);
 }
 
 /// The owner of tasks and sessions submitted without authentication.
@@ -229,7 +239,7 @@ impl Task {
     /// Owned by the key named `owner`.
     pub fn with_owner(mut self, owner: std::sync::Arc<str>) -> Self {
         self.session = self.req.session_id.as_deref().map(|s| scoped(&owner, s));
-        self.key = scoped(&owner, &self.id);
+        scope_into(&mut self.key, &owner, &self.id);
         self.owner = owner;
         self
     }

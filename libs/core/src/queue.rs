@@ -81,6 +81,28 @@ impl<T> Block<T> {
 /// Flows remembered at most before those whose turns have passed are forgotten.
 const FLOWS_KEPT: usize = 1024;
 
+/// Flow ids are hashes already (orchestratord's: of the key's name): taken as they are.
+#[derive(Debug, Clone, Copy, Default)]
+struct FlowHasher(u64);
+
+impl std::hash::Hasher for FlowHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Flows = HashMap<u64, i64, std::hash::BuildHasherDefault<FlowHasher>>;
+
 /// One priority class, in [`Order`], with O(log n) lookup by key. Arrivals take increasing
 /// sequence numbers and their flow's next turn; front insertions (retries) take decreasing
 /// negative turns, so order is dispatch order.
@@ -95,7 +117,7 @@ struct Class<T> {
     /// credit for idle time).
     turn: i64,
     /// Each flow's last turn taken, while it may be ahead of `turn`.
-    flows: HashMap<u64, i64>,
+    flows: Flows,
     /// Entries per block at most (`BLOCK`; smaller in tests), twice that after an insertion
     /// in the middle (the block is then split).
     block: usize,
@@ -111,7 +133,7 @@ impl<T> Class<T> {
             next_back: 0,
             next_front: -1,
             turn: 0,
-            flows: HashMap::new(),
+            flows: Flows::default(),
         }
     }
 
