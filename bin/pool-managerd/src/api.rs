@@ -2,7 +2,6 @@
 //! envelope for every failure, extractor rejections included; `X-Correlation-Id` on every
 //! response.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -15,10 +14,8 @@ use llorch_contracts::{DrainRequest, ErrorCode, PoolsResponse, ReloadRequest};
 pub use llorch_http::{ApiError, ApiJson};
 use tokio::sync::oneshot;
 
-use crate::state::Shared;
-use crate::supervisor::Command;
-
-pub type AppState = Arc<Shared>;
+pub use crate::state::AppState;
+use crate::state::{Command, Shared};
 
 pub fn router(state: AppState) -> Router {
     let authed = Router::new()

@@ -274,16 +274,8 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read pools file {path}: {reason}")]
-    Read { path: String, reason: String },
-    #[error("pools file {path} is not valid: {reason}")]
-    Parse { path: String, reason: String },
-    #[error("pool {pool_id:?}: {reason}")]
-    Pool { pool_id: String, reason: String },
-    #[error("pool id {0:?} is used twice in the pools file")]
-    DuplicatePool(String),
-    #[error("engine port {port} of pool {pool_id:?} is already in use on 127.0.0.1")]
-    PortInUse { pool_id: String, port: u16 },
+    #[error(transparent)]
+    PoolsFile(#[from] crate::pools_file::PoolsFileError),
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]

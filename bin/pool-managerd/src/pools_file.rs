@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use llorch_contracts::handoff::{is_valid_pool_id, SLOTS_MAX};
 use serde::Deserialize;
 
-use crate::config::ConfigError;
-
 /// The pools file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,24 +79,39 @@ pub struct PoolSpec {
     pub embeddings: bool,
 }
 
-pub(crate) fn read_pools_file(path: &Path) -> Result<PoolsFile, ConfigError> {
+/// What is wrong with a pools file.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolsFileError {
+    #[error("cannot read pools file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("pools file {path} is not valid: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("pool {pool_id:?}: {reason}")]
+    Pool { pool_id: String, reason: String },
+    #[error("pool id {0:?} is used twice in the pools file")]
+    DuplicatePool(String),
+    #[error("engine port {port} of pool {pool_id:?} is already in use on 127.0.0.1")]
+    PortInUse { pool_id: String, port: u16 },
+}
+
+pub(crate) fn read_pools_file(path: &Path) -> Result<PoolsFile, PoolsFileError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|e| PoolsFileError::Read {
         path: shown.clone(),
         reason: e.to_string(),
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    toml::from_str(&text).map_err(|e| PoolsFileError::Parse {
         path: shown,
         reason: e.to_string(),
     })
 }
 
-pub(crate) fn validate_pools(sections: Vec<PoolSection>) -> Result<Vec<PoolSpec>, ConfigError> {
+pub(crate) fn validate_pools(sections: Vec<PoolSection>) -> Result<Vec<PoolSpec>, PoolsFileError> {
     let mut seen = HashSet::new();
     let mut ports = HashSet::new();
     let mut specs = Vec::with_capacity(sections.len());
     for p in sections {
-        let fail = |reason: String| ConfigError::Pool {
+        let fail = |reason: String| PoolsFileError::Pool {
             pool_id: p.id.clone(),
             reason,
         };
@@ -109,7 +122,7 @@ pub(crate) fn validate_pools(sections: Vec<PoolSection>) -> Result<Vec<PoolSpec>
             ));
         }
         if !seen.insert(p.id.clone()) {
-            return Err(ConfigError::DuplicatePool(p.id));
+            return Err(PoolsFileError::DuplicatePool(p.id));
         }
         if !p.model.is_file() {
             return Err(fail(format!(
@@ -145,7 +158,7 @@ pub(crate) fn validate_pools(sections: Vec<PoolSection>) -> Result<Vec<PoolSpec>
                 return Err(fail(format!("port {port} is zero or used by another pool")));
             }
             if TcpListener::bind(("127.0.0.1", port)).is_err() {
-                return Err(ConfigError::PortInUse {
+                return Err(PoolsFileError::PortInUse {
                     pool_id: p.id,
                     port,
                 });
@@ -180,8 +193,8 @@ pub(crate) fn validate_pools(sections: Vec<PoolSection>) -> Result<Vec<PoolSpec>
 mod tests {
     use super::*;
 
-    fn parse(toml_text: &str) -> Result<Vec<PoolSpec>, ConfigError> {
-        let file: PoolsFile = toml::from_str(toml_text).map_err(|e| ConfigError::Parse {
+    fn parse(toml_text: &str) -> Result<Vec<PoolSpec>, PoolsFileError> {
+        let file: PoolsFile = toml::from_str(toml_text).map_err(|e| PoolsFileError::Parse {
             path: "-".into(),
             reason: e.to_string(),
         })?;
@@ -205,7 +218,7 @@ mod tests {
         ))
         .unwrap_err();
         assert!(
-            matches!(err, ConfigError::DuplicatePool(ref id) if id == "a"),
+            matches!(err, PoolsFileError::DuplicatePool(ref id) if id == "a"),
             "{err}"
         );
     }
@@ -221,7 +234,7 @@ mod tests {
             model.path().display()
         ))
         .unwrap_err();
-        assert!(matches!(err, ConfigError::PortInUse { .. }), "{err}");
+        assert!(matches!(err, PoolsFileError::PortInUse { .. }), "{err}");
     }
 
     // covers: POOL-3101

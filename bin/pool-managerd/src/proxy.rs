@@ -16,7 +16,8 @@ use axum::response::Response;
 use llorch_contracts::engine_routes::{EngineRoute as Route, ENGINE_ROUTES as ROUTES};
 use llorch_contracts::{ErrorCode, PoolState};
 
-use crate::api::{ApiError, AppState};
+use crate::state::AppState;
+use llorch_http::ApiError;
 
 pub async fn engine_proxy(
     State(state): State<AppState>,

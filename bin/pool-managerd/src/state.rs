@@ -9,11 +9,25 @@ use llorch_core::Registry;
 use parking_lot::RwLock;
 use tokio::sync::mpsc;
 
+/// The daemon's shared state, as the HTTP handlers hold it.
+pub type AppState = Arc<Shared>;
+
+/// What a pool's supervisor is asked by the API (each with the channel of its answer).
+pub enum Command {
+    Drain {
+        deadline: std::time::Duration,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    Reload {
+        model_path: PathBuf,
+        reply: tokio::sync::oneshot::Sender<Result<PoolStatus, String>>,
+    },
+}
+
 use crate::config::Config;
 use crate::gpu::Discovery;
 use crate::launcher::{Launcher, Probe};
 use crate::metrics::Metrics;
-use crate::supervisor::Command;
 
 pub struct Shared {
     pub config: Config,

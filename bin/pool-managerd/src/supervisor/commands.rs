@@ -9,8 +9,9 @@ use llorch_contracts::PoolStatus;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Command, Next, StartError, Supervisor};
+use super::{Next, StartError, Supervisor};
 use crate::launcher::RunningEngine;
+use crate::state::Command;
 
 impl Supervisor {
     pub(super) async fn drain(

@@ -3,7 +3,7 @@
 //! `failed`, drain and reload on command, and stop the engine when the daemon stops.
 //! Decisions come from `llorch_core::Supervision`; this module only does the IO.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,29 +12,19 @@ use llorch_contracts::{
     HandoffFile, HandoffModel, PoolState, PoolStatus, ProvisioningMode, HANDOFF_VERSION,
 };
 use llorch_core::{FailureAction, Supervision, SupervisionPolicy};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolSpec;
 use crate::engine_process::{self, SpawnRequest};
 use crate::launcher::{EngineInfo, RunningEngine};
+use crate::state::Command;
 use crate::state::Shared;
 
 mod commands;
 
 use commands::next_command;
-
-pub enum Command {
-    Drain {
-        deadline: Duration,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    Reload {
-        model_path: PathBuf,
-        reply: oneshot::Sender<Result<PoolStatus, String>>,
-    },
-}
 
 enum Next {
     Start,

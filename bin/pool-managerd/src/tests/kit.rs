@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Args, Config};
 use crate::engine_process::SpawnRequest;
 use crate::launcher::{EngineInfo, Launcher, Probe, RunningEngine};
+use crate::state::Command;
 use crate::state::Shared;
-use crate::supervisor::{Command, Supervisor};
+use crate::supervisor::Supervisor;
 
 /// How one scripted engine behaves, in virtual time from its spawn.
 #[derive(Debug, Clone, Default)]

@@ -7,7 +7,7 @@ use llorch_contracts::PoolState;
 use tokio::sync::oneshot;
 
 use super::kit::*;
-use crate::supervisor::Command;
+use crate::state::Command;
 
 const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
