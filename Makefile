@@ -11,7 +11,7 @@ TARGET := $(or $(CARGO_TARGET_DIR),target)
 export LLORCH_CACHE_DIR := $(CACHE)
 export LLORCH_ENGINE_BINARY := $(ENGINE)
 
-.PHONY: help deps engine model build bins bins-release install check-deploy check-deps check-specs demo up lint test bench bench-build bench-handoff bench-admission bench-admission-wrk bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache bench-sustained soak clean-cache
+.PHONY: help deps engine model build bins bins-release install check-deploy check-deps check-specs check-modules demo up lint test bench bench-build bench-handoff bench-admission bench-admission-wrk bench-journal bench-stream bench-openai bench-cloud bench-relay-cpu bench-auth bench-cache bench-sustained soak clean-cache
 
 help:
 	@echo "make demo           run the stack on the tiny model, stream one task, stop"
@@ -20,6 +20,7 @@ help:
 	@echo "make install        binaries, systemd units and examples under PREFIX (default /usr/local)"
 	@echo "make check-deploy   verify deploy/systemd (systemd-analyze) and deploy/kubernetes (schemas)"
 	@echo "make check-specs    every MUST of .specs/ is covered by a test or scenario (spec-trace)"
+	@echo "make check-modules  no import cycle between a daemon's modules (module-graph)"
 	@echo "make check-deps     the dependency policy (deny.toml: licenses, bans, sources)"
 	@echo "make engine         install the pinned llama-server into $(CACHE)"
 	@echo "make model          write the tiny test model to $(MODEL)"
@@ -107,7 +108,10 @@ check-deps:
 check-specs:
 	$(CARGO) run -q -p spec-trace
 
-test: engine model lint check-deps check-deploy check-specs
+check-modules:
+	$(CARGO) run -q -p module-graph
+
+test: engine model lint check-deps check-deploy check-specs check-modules
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 	@$(MAKE) --no-print-directory demo
 

@@ -12,6 +12,7 @@ use llorch_http::ApiError;
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::limits::{over_limit, KeySlot, KeyState};
 use crate::state::{priority_label, Orchestrator};
 use crate::tasks::Task;
 
@@ -110,39 +111,6 @@ fn validate(config: &Config, req: &TaskRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A limited key's admission bucket and its unfinished tasks.
-pub(crate) struct KeyState {
-    tokens: f64,
-    refilled: Instant,
-    active: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// 429 `ADMISSION_REJECT` for a limit reached (`label`: which one), retry after `retry_ms`.
-pub(crate) fn over_limit(label: &'static str, message: String, retry_ms: u64) -> ApiError {
-    ApiError::new(ErrorCode::AdmissionReject, message)
-        .with_retry_after(retry_ms)
-        .with_policy_label(label)
-}
-
-/// A key's bucket size: its `burst=`, else its rate rounded up (at least 1).
-fn key_burst(limits: auth_min::KeyLimits) -> f64 {
-    f64::from(
-        limits
-            .burst
-            .unwrap_or_else(|| limits.rate_per_s.map_or(1.0, f64::ceil).max(1.0) as u32),
-    )
-}
-
-/// One of a key's concurrent tasks, taken at admission and given back when dropped: by a
-/// refusal after it was taken, or by its task at the terminal event.
-pub(crate) struct KeySlot(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for KeySlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 /// The largest prompt admission has an engine count (bigger ones are judged by the engine).
 pub const COUNT_PROMPT_MAX_BYTES: usize = 64 * 1024;
 
@@ -168,12 +136,8 @@ impl Orchestrator {
         owner: &auth_min::Principal,
         now: Instant,
     ) -> &'a mut KeyState {
-        let burst = key_burst(owner.limits);
-        keys.entry(owner.name.clone()).or_insert_with(|| KeyState {
-            tokens: burst,
-            refilled: now,
-            active: Arc::default(),
-        })
+        keys.entry(owner.name.clone())
+            .or_insert_with(|| KeyState::new(owner.limits, now))
     }
 
     /// A refusal under a key's limit, counted for the key.
@@ -200,41 +164,34 @@ impl Orchestrator {
             return Ok(());
         };
         let now = Instant::now();
-        let burst = key_burst(owner.limits);
         let mut keys = self.key_limits.lock();
-        let state = Self::key_state(&mut keys, owner, now);
-        let elapsed = now.saturating_duration_since(state.refilled).as_secs_f64();
-        state.tokens = (state.tokens + elapsed * rate).min(burst);
-        state.refilled = now;
-        if state.tokens < 1.0 {
-            let wait_ms = ((1.0 - state.tokens) / rate * 1000.0).ceil() as u64;
-            drop(keys);
-            return Err(self.key_refusal(
+        let taken = Self::key_state(&mut keys, owner, now).take(owner.limits, rate, now);
+        drop(keys);
+        taken.map_err(|wait_ms| {
+            self.key_refusal(
                 owner,
                 "key_rate",
                 format!(
                     "key {:?} submits faster than its limit ({rate}/s)",
                     owner.name
                 ),
-                wait_ms.max(1),
-            ));
-        }
-        state.tokens -= 1.0;
-        Ok(())
+                wait_ms,
+            )
+        })
     }
 
     /// A key's concurrency: 429 when it has its most tasks unfinished. `Some`: the slot the new
     /// task takes.
     fn key_gate(&self, owner: &auth_min::Principal) -> Result<Option<KeySlot>, ApiError> {
-        use std::sync::atomic::Ordering;
         let Some(most) = owner.limits.concurrent else {
             return Ok(None);
         };
         let mut keys = self.key_limits.lock();
-        let state = Self::key_state(&mut keys, owner, Instant::now());
-        if state.active.load(Ordering::SeqCst) >= most as usize {
-            drop(keys);
-            return Err(self.key_refusal(
+        let slot = Self::key_state(&mut keys, owner, Instant::now()).slot(most);
+        drop(keys);
+        match slot {
+            Some(slot) => Ok(Some(slot)),
+            None => Err(self.key_refusal(
                 owner,
                 "key_concurrency",
                 format!(
@@ -242,10 +199,8 @@ impl Orchestrator {
                     owner.name
                 ),
                 1000,
-            ));
+            )),
         }
-        state.active.fetch_add(1, Ordering::SeqCst);
-        Ok(Some(KeySlot(state.active.clone())))
     }
 
     fn reject(&self, reason: &str, error: ApiError) -> ApiError {
@@ -402,7 +357,7 @@ impl Orchestrator {
     pub fn admit_openai(
         &self,
         req: TaskRequest,
-        job: crate::openai::Job,
+        job: crate::job::Job,
         correlation_id: Option<String>,
         owner: &auth_min::Principal,
     ) -> Result<Arc<Task>, ApiError> {
@@ -415,7 +370,7 @@ impl Orchestrator {
         &self,
         mut req: TaskRequest,
         correlation_id: Option<String>,
-        openai: Option<crate::openai::Job>,
+        openai: Option<crate::job::Job>,
         prompt_tokens: Option<u32>,
         owner: &auth_min::Principal,
         journaled: Option<JournalLookup>,
@@ -471,9 +426,7 @@ impl Orchestrator {
                 .with_retry_after(5000),
             ));
         }
-        let embeddings = openai
-            .as_ref()
-            .is_some_and(crate::openai::Job::is_embeddings);
+        let embeddings = openai.as_ref().is_some_and(crate::job::Job::is_embeddings);
         if self.pools.serves_kind(&req.model_ref, embeddings) == Some(false) {
             // Refused now rather than queued for a pool that can never take it.
             let (kind, declared) = if embeddings {

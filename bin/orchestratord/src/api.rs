@@ -2,7 +2,6 @@
 //! else is Bearer-authenticated. Every failure is the one envelope; `X-Correlation-Id` on every
 //! response.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -11,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use llorch_contracts::meta::{
-    Availability, Capabilities, HealthResponse, Limits, ModelCapability, NodeRegistered, NodeView,
+    Availability, Capabilities, HealthResponse, Limits, ModelCapability, NodeRegistered,
     NodesResponse, OrchPoolsResponse, ReadyResponse, SessionResponse, VersionResponse,
 };
 use llorch_contracts::tasks::TaskRequest;
@@ -21,7 +20,7 @@ use llorch_http::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::pools::PoolEntry;
 use crate::state::Orchestrator;
 
-pub type AppState = Arc<Orchestrator>;
+pub use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router {
     // Clients submit and follow their own tasks and read the service's state; admins operate
@@ -118,7 +117,7 @@ async fn nodes_only_on_reserve(
     {
         tracing::debug!(path = %req.uri().path(), "connection cap reached: a client request on a node connection refused");
         return llorch_http::closing(
-            crate::admission::over_limit(
+            crate::limits::over_limit(
                 "connection_cap",
                 "orchestratord is at its connection cap (ORCHD_MAX_CONNECTIONS); retry".into(),
                 1000,
@@ -227,51 +226,10 @@ async fn submit(
     Ok((StatusCode::ACCEPTED, Json(admitted)).into_response())
 }
 
-fn unknown_task(id: &str) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("no task {id:?}"))
-}
-
 /// `?owner=` on a task's routes: another key's task, by that key's name (admins only).
 #[derive(Debug, Default, serde::Deserialize)]
 pub(crate) struct OwnerQuery {
     owner: Option<String>,
-}
-
-/// The task `id` if `caller` may see it; otherwise, as for a task that does not exist, 404: no
-/// one learns whether another key's task exists. Task ids are scoped per key: a client
-/// addresses its own tasks. An admin addresses another key's with `owner`, or without it a
-/// task no other key shares the id of (its own first); an id several keys use is 409 and
-/// names no key.
-pub(crate) fn visible_task(
-    orch: &crate::state::Orchestrator,
-    id: &str,
-    owner: Option<&str>,
-    caller: &auth_min::Principal,
-) -> Result<Arc<crate::tasks::Task>, ApiError> {
-    let admin = caller.may(auth_min::Role::Admin);
-    let found = match owner {
-        Some(owner) if admin || owner == &*caller.name => orch.task(owner, id),
-        Some(_) => None,
-        None => match orch.task(&caller.name, id) {
-            Some(own) => Some(own),
-            None if admin => {
-                // A walk of the table: admins' lookups are rare.
-                let mut holders = orch.tasks.filtered(|t| t.id == id);
-                if holders.len() > 1 {
-                    return Err(ApiError::new(
-                        ErrorCode::Conflict,
-                        format!(
-                            "{} keys use task_id {id:?}; name one with ?owner=",
-                            holders.len()
-                        ),
-                    ));
-                }
-                holders.pop()
-            }
-            None => None,
-        },
-    };
-    found.ok_or_else(|| unknown_task(id))
 }
 
 async fn task_status(
@@ -280,7 +238,7 @@ async fn task_status(
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<OwnerQuery>,
 ) -> Result<Response, ApiError> {
-    let task = visible_task(&orch, &id, query.owner.as_deref(), &caller)?;
+    let task = orch.visible_task(&id, query.owner.as_deref(), &caller)?;
     Ok(Json(task.status(orch.queue_position(&task))).into_response())
 }
 
@@ -290,7 +248,7 @@ async fn cancel(
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<OwnerQuery>,
 ) -> Result<StatusCode, ApiError> {
-    let task = visible_task(&orch, &id, query.owner.as_deref(), &caller)?;
+    let task = orch.visible_task(&id, query.owner.as_deref(), &caller)?;
     orch.cancel(
         &task,
         ErrorEnvelope::new(ErrorCode::Cancelled, "cancelled by the client"),
@@ -470,27 +428,8 @@ async fn forward<B: serde::Serialize>(
 
 async fn nodes(State(orch): State<AppState>) -> Json<NodesResponse> {
     Json(NodesResponse {
-        nodes: node_views(&orch),
+        nodes: orch.managers.views(),
     })
-}
-
-/// Every node as `GET /v2/nodes` shows it.
-pub(crate) fn node_views(orch: &Orchestrator) -> Vec<NodeView> {
-    orch.managers
-        .list()
-        .into_iter()
-        .map(|m| NodeView {
-            online: m.availability == Availability::Available,
-            last_heartbeat_ms_ago: m.last_heartbeat.map(|h| h.elapsed().as_millis() as u64),
-            node_id: m.node_id,
-            address: m.url,
-            registered: m.registered,
-            availability: m.availability,
-            pools: m.pools.into_iter().collect(),
-            gpus: m.gpus,
-            last_error: m.last_error,
-        })
-        .collect()
 }
 
 /// Whether `caller` may speak for node `node_id`: a per-node token only for its own node, and

@@ -110,6 +110,24 @@ pub struct Managers {
 }
 
 impl Managers {
+    /// Every node as `GET /v2/nodes` shows it.
+    pub(crate) fn views(&self) -> Vec<llorch_contracts::meta::NodeView> {
+        self.list()
+            .into_iter()
+            .map(|m| llorch_contracts::meta::NodeView {
+                online: m.availability == Availability::Available,
+                last_heartbeat_ms_ago: m.last_heartbeat.map(|h| h.elapsed().as_millis() as u64),
+                node_id: m.node_id,
+                address: m.url,
+                registered: m.registered,
+                availability: m.availability,
+                pools: m.pools.into_iter().collect(),
+                gpus: m.gpus,
+                last_error: m.last_error,
+            })
+            .collect()
+    }
+
     /// The configured managers (`(id, url)`: an id when the operator gave one).
     pub fn new(configured: &[(Option<String>, String)], credentials: NodeCredentials) -> Self {
         let inner = configured

@@ -229,7 +229,7 @@ impl Orchestrator {
                 engine: orch.engine.as_ref(),
                 first_token_timeout: orch.config.first_token_timeout,
                 decode_timeout: orch.config.decode_timeout,
-                tokens_out: crate::overview::TokensOut::new(&orch.metrics, &pool.pool_id),
+                tokens_out: crate::metrics::TokensOut::new(&orch.metrics, &pool.pool_id),
                 // Only a durable journal marks tasks journaled.
                 journal: attempt.task.journaled().then(|| orch.journal.as_ref()),
                 journal_timeout: orch.config.journal_timeout,

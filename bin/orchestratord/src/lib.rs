@@ -2,6 +2,7 @@
 //! pools and streams tokens over SSE. `run` wires config → state → tasks → HTTP and owns every
 //! task it starts.
 
+mod activity;
 mod admission;
 mod api;
 mod cloud_source;
@@ -9,7 +10,9 @@ pub mod config;
 mod dispatcher;
 mod engine;
 mod home_source;
+mod job;
 pub mod journal;
+mod limits;
 mod metrics;
 mod openai;
 mod overview;

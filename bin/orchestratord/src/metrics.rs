@@ -33,7 +33,7 @@ pub struct Metrics {
     auth_failures: IntCounter,
     per_address_refusals: IntCounter,
     /// Tokens and first-token latency of the last minutes, for the console (`GET /v2/overview`).
-    pub rates: std::sync::Arc<crate::overview::Rates>,
+    pub rates: std::sync::Arc<crate::activity::Rates>,
     /// Per-key series carry the key's name (ORCHD_METRICS_KEY_LABELS=true); otherwise every
     /// key counts under `key="-"`: the open `/metrics` names no key and tells no key's volume.
     key_labels: std::sync::atomic::AtomicBool,
@@ -189,7 +189,7 @@ impl Metrics {
                 c
             },
             registry,
-            rates: std::sync::Arc::new(crate::overview::Rates::new(tokio::time::Instant::now())),
+            rates: std::sync::Arc::new(crate::activity::Rates::new(tokio::time::Instant::now())),
             key_labels: std::sync::atomic::AtomicBool::new(false),
         };
         for p in ["interactive", "batch"] {
@@ -282,5 +282,27 @@ fn prune<T: prometheus::core::MetricVecBuilder>(
                 let _ = vec.remove(&labels);
             }
         }
+    }
+}
+
+/// A pool's `tokens_out_total` that also feeds the rate history: the runner counts each token
+/// once, here.
+#[derive(Clone)]
+pub(crate) struct TokensOut {
+    counter: IntCounter,
+    rates: std::sync::Arc<crate::activity::Rates>,
+}
+
+impl TokensOut {
+    pub fn new(metrics: &Metrics, pool_id: &str) -> Self {
+        Self {
+            counter: metrics.tokens_out.with_label_values(&[pool_id]),
+            rates: metrics.rates.clone(),
+        }
+    }
+
+    pub fn inc(&self) {
+        self.counter.inc();
+        self.rates.add_tokens(tokio::time::Instant::now(), 1);
     }
 }

@@ -193,7 +193,7 @@ pub struct PoolTable {
     /// Woken whenever capacity may have appeared (new pool, health back, slot released).
     pub changed: Arc<Notify>,
     /// What the nodes last said of their pools, for the console (stopped ones included).
-    pub reports: crate::overview::NodeReports,
+    pub reports: NodeReports,
     /// Cache-aware placement: which engine slot holds which prompt, per pool.
     slot_maps: Mutex<HashMap<String, llorch_core::SlotMap>>,
 }
@@ -589,6 +589,61 @@ impl Drop for SlotLease {
             p.in_flight = p.in_flight.saturating_sub(1);
         }
         self.table.changed.notify_one();
+    }
+}
+
+/// What nodes last reported of their pools, drained and stopped ones included (orchestratord
+/// unbinds those, yet the operator wants to see and reload them). HOME: the local
+/// pool-managerd, read at each probe round; CLOUD: each good poll.
+#[derive(Default)]
+pub(crate) struct NodeReports {
+    inner: RwLock<BTreeMap<String, Report>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Report {
+    /// The pool-managerd that reported it.
+    pub manager: String,
+    pub status: llorch_contracts::PoolStatus,
+    pub at: Instant,
+}
+
+/// Reports kept at most (the latest of each pool id).
+const REPORTS_MAX: usize = 4096;
+/// A node's reports not renewed for this long are forgotten (its node went away).
+const REPORTS_FORGET: Duration = Duration::from_secs(600);
+
+impl NodeReports {
+    /// `manager` reported `pools` just now: they replace whatever it reported before.
+    pub fn replace(&self, manager: &str, pools: &[llorch_contracts::PoolStatus]) {
+        let now = Instant::now();
+        let mut inner = self.inner.write();
+        inner.retain(|_, r| {
+            r.manager != manager && now.saturating_duration_since(r.at) < REPORTS_FORGET
+        });
+        for p in pools.iter().filter(|p| p.validate().is_ok()) {
+            if inner.len() >= REPORTS_MAX && !inner.contains_key(&p.pool_id) {
+                break;
+            }
+            inner.insert(
+                p.pool_id.clone(),
+                Report {
+                    manager: manager.to_string(),
+                    status: p.clone(),
+                    at: now,
+                },
+            );
+        }
+    }
+
+    /// Reports younger than `max_age`, by pool id.
+    pub(crate) fn fresh(&self, now: Instant, max_age: Duration) -> BTreeMap<String, Report> {
+        self.inner
+            .read()
+            .iter()
+            .filter(|(_, r)| now.saturating_duration_since(r.at) <= max_age)
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect()
     }
 }
 

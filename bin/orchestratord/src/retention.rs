@@ -2,7 +2,6 @@
 //! the retention count, so memory follows the configuration, not the traffic; expired sessions
 //! go too.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::Orchestrator;
-use crate::tasks::Task;
 
 /// How often retention runs.
 pub(crate) const PURGE_INTERVAL: Duration = Duration::from_secs(5);
@@ -52,47 +50,17 @@ async fn compact_journal(orch: &Arc<Orchestrator>) {
     }
 }
 
-/// Finished tasks in the order they finished, with the bytes each keeps: retention takes
-/// from the front what is past the period or beyond the count or the bytes, so a purge costs
-/// what it forgets, never a walk of every task (the task table is locked for admissions).
-#[derive(Default)]
-pub(crate) struct Retired {
-    order: VecDeque<(Instant, Arc<Task>, usize)>,
-    bytes: usize,
-}
-
-impl Retired {
-    /// `task` just finished (or was read back finished from the journal).
-    pub fn push(&mut self, task: &Arc<Task>) {
-        let at = task.finished_at().unwrap_or_else(Instant::now);
-        let bytes = task.retained_bytes();
-        self.bytes += bytes;
-        self.order.push_back((at, task.clone(), bytes));
-    }
-}
-
 /// Forgets finished tasks past the retention period, then the oldest beyond the retention
 /// count, then the oldest until the rest fit in the retention bytes.
 pub(crate) fn purge_finished(orch: &Orchestrator) {
     let config = &orch.config;
     let now = Instant::now();
-    let doomed: Vec<Arc<Task>> = {
-        let mut retired = orch.retired.lock();
-        let mut doomed = Vec::new();
-        while let Some((at, _, bytes)) = retired.order.front() {
-            let over = now.saturating_duration_since(*at) >= config.task_retention
-                || retired.order.len() > config.task_retention_max
-                || retired.bytes > config.task_retention_bytes;
-            if !over {
-                break;
-            }
-            retired.bytes -= *bytes;
-            if let Some((_, task, _)) = retired.order.pop_front() {
-                doomed.push(task);
-            }
-        }
-        doomed
-    };
+    let doomed = orch.retired.lock().pop_due(
+        now,
+        config.task_retention,
+        config.task_retention_max,
+        config.task_retention_bytes,
+    );
     for task in &doomed {
         // Only the very task retired (a task read back from the journal later is another).
         orch.tasks.remove_same(task);

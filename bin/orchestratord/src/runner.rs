@@ -19,7 +19,7 @@ use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::engine::{Answer, CompletionCall, Engine};
-use crate::openai::Piece;
+use crate::job::Piece;
 use crate::pools::PoolEntry;
 use crate::tasks::Task;
 
@@ -53,7 +53,7 @@ pub(crate) struct Runner<'a> {
     pub first_token_timeout: Duration,
     pub decode_timeout: Duration,
     /// `orchd_tokens_out_total` of this pool, looked up once: the loop below runs per token.
-    pub tokens_out: crate::overview::TokensOut,
+    pub tokens_out: crate::metrics::TokensOut,
     /// A journaled task's journal: its first token is marked there before it leaves.
     pub journal: Option<&'a dyn crate::journal::Journal>,
     pub journal_timeout: Duration,
@@ -97,7 +97,7 @@ impl Runner<'_> {
                     Some(slot) => with_id_slot(job.body(), slot),
                     None => job.body(),
                 },
-                Decoder::OpenAi(crate::openai::Decoder::new(job, task.req.max_tokens)),
+                Decoder::OpenAi(crate::job::Decoder::new(job, task.req.max_tokens)),
             ),
             None => match native_body(task, slot) {
                 Ok(body) => ("/completion", body, Decoder::Native),
@@ -264,7 +264,7 @@ impl Runner<'_> {
     async fn whole_answer(
         &self,
         task: &Task,
-        job: &crate::openai::Job,
+        job: &crate::job::Job,
         mut stream: crate::engine::ByteStream,
         lost: &tokio_util::sync::CancellationToken,
     ) -> Outcome {
@@ -345,7 +345,7 @@ pub(crate) fn with_id_slot(body: Bytes, slot: u32) -> Bytes {
 /// How the engine's stream is read: llama-server's own chunks, or an OpenAI route's.
 enum Decoder<'a> {
     Native,
-    OpenAi(crate::openai::Decoder<'a>),
+    OpenAi(crate::job::Decoder<'a>),
 }
 
 impl Decoder<'_> {

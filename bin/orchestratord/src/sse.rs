@@ -18,7 +18,7 @@ use llorch_contracts::{ErrorCode, ErrorEnvelope};
 use llorch_http::{ApiError, ApiPath, ApiQuery};
 use serde::Deserialize;
 
-use crate::api::AppState;
+use crate::state::AppState;
 use crate::state::Orchestrator;
 use crate::tasks::{Frame, ReplayGap, Task};
 
@@ -131,7 +131,7 @@ impl Orchestrator {
                 .with_label_values(&[self.metrics.key(&caller.name), "key_streams"])
                 .inc();
             tracing::info!(key = %caller.name, most, "stream refused: the key holds its most open streams");
-            return Err(crate::admission::over_limit(
+            return Err(crate::limits::over_limit(
                 "key_streams",
                 format!(
                     "key {:?} holds {most} open streams, its limit (conns= in the keys file, else ORCHD_KEY_MAX_STREAMS)",
@@ -148,7 +148,7 @@ impl Orchestrator {
         let most = self.config.max_subscribers_per_task;
         if task.subscriber_count() >= most {
             tracing::info!(task_id = %task.id, most, "subscription refused: the task has its most subscribers");
-            return Err(crate::admission::over_limit(
+            return Err(crate::limits::over_limit(
                 "task_subscribers",
                 format!(
                     "task {} has {most} subscribers, the most one task may have (ORCHD_MAX_SUBSCRIBERS_PER_TASK)",
@@ -203,7 +203,7 @@ pub async fn events(
     ApiQuery(query): ApiQuery<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let task = crate::api::visible_task(&orch, &id, query.owner.as_deref(), &caller)?;
+    let task = orch.visible_task(&id, query.owner.as_deref(), &caller)?;
     // Refused for want of room: the connection goes too (a client that opens thousands and
     // reads nothing must not keep them as idle keep-alives).
     let slot = match orch

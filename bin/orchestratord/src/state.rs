@@ -24,6 +24,9 @@ use crate::metrics::Metrics;
 use crate::pools::PoolTable;
 use crate::tasks::Task;
 
+/// The state as the HTTP fronts hold it.
+pub type AppState = Arc<Orchestrator>;
+
 pub(crate) struct Orchestrator {
     pub config: Config,
     pub pools: Arc<PoolTable>,
@@ -32,7 +35,7 @@ pub(crate) struct Orchestrator {
     pub metrics: Arc<Metrics>,
     pub tasks: crate::task_map::TaskMap,
     /// Finished tasks, oldest first, for retention.
-    pub retired: Arc<Mutex<crate::retention::Retired>>,
+    pub retired: Arc<Mutex<crate::task_map::Retired>>,
     pub queue: Mutex<Queue>,
     pub sessions: Mutex<SessionTable>,
     pub estimator: Mutex<ThroughputEstimator>,
@@ -44,7 +47,7 @@ pub(crate) struct Orchestrator {
     /// Owner of every task runner.
     pub runners: TaskTracker,
     /// Each limited key's admission bucket and count of unfinished tasks.
-    pub key_limits: Mutex<HashMap<Arc<str>, crate::admission::KeyState>>,
+    pub key_limits: Mutex<HashMap<Arc<str>, crate::limits::KeyState>>,
     /// When the listener that takes node heartbeats was last full (a heartbeat missed then is
     /// not the node's fault).
     pub node_door: Arc<llorch_http::Saturation>,
@@ -151,6 +154,45 @@ impl Orchestrator {
     /// The task `owner` submitted under `id` (ids are scoped per key).
     pub fn task(&self, owner: &str, id: &str) -> Option<Arc<Task>> {
         self.tasks.get(&crate::tasks::scoped(owner, id))
+    }
+
+    /// The task `id` if `caller` may see it; otherwise, as for a task that does not exist,
+    /// 404: no one learns whether another key's task exists. Task ids are scoped per key: a
+    /// client addresses its own tasks. An admin addresses another key's with `owner`, or
+    /// without it a task no other key shares the id of (its own first); an id several keys use
+    /// is 409 and names no key.
+    pub(crate) fn visible_task(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        caller: &auth_min::Principal,
+    ) -> Result<Arc<Task>, llorch_http::ApiError> {
+        use llorch_contracts::ErrorCode;
+        use llorch_http::ApiError;
+        let admin = caller.may(auth_min::Role::Admin);
+        let found = match owner {
+            Some(owner) if admin || owner == &*caller.name => self.task(owner, id),
+            Some(_) => None,
+            None => match self.task(&caller.name, id) {
+                Some(own) => Some(own),
+                None if admin => {
+                    // A walk of the table: admins' lookups are rare.
+                    let mut holders = self.tasks.filtered(|t| t.id == id);
+                    if holders.len() > 1 {
+                        return Err(ApiError::new(
+                            ErrorCode::Conflict,
+                            format!(
+                                "{} keys use task_id {id:?}; name one with ?owner=",
+                                holders.len()
+                            ),
+                        ));
+                    }
+                    holders.pop()
+                }
+                None => None,
+            },
+        };
+        found.ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no task {id:?}")))
     }
 
     /// Where `task` stands in the queue (none once it left it).
@@ -276,7 +318,7 @@ pub(crate) fn priority_label(p: Priority) -> &'static str {
 /// Appends the terminal event and counts it (the in-memory half of `finish`).
 fn finish_now(
     metrics: &Metrics,
-    retired: &Mutex<crate::retention::Retired>,
+    retired: &Mutex<crate::task_map::Retired>,
     task: &Arc<Task>,
     event: &TaskEvent,
 ) {

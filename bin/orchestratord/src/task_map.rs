@@ -4,11 +4,13 @@
 //! shard at a time.
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use parking_lot::{RwLock, RwLockWriteGuard};
+
+use tokio::time::Instant;
 
 use crate::tasks::Task;
 
@@ -82,6 +84,49 @@ impl TaskMap {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
+    }
+}
+
+/// Finished tasks in the order they finished, with the bytes each keeps: retention takes
+/// from the front what is past the period or beyond the count or the bytes, so a purge costs
+/// what it forgets, never a walk of every task (the task table is locked for admissions); `retention` purges through it.
+#[derive(Default)]
+pub(crate) struct Retired {
+    order: VecDeque<(Instant, Arc<Task>, usize)>,
+    bytes: usize,
+}
+
+impl Retired {
+    /// `task` just finished (or was read back finished from the journal).
+    pub fn push(&mut self, task: &Arc<Task>) {
+        let at = task.finished_at().unwrap_or_else(Instant::now);
+        let bytes = task.retained_bytes();
+        self.bytes += bytes;
+        self.order.push_back((at, task.clone(), bytes));
+    }
+
+    /// Takes from the front what is past `period`, beyond `most` tasks or beyond `most_bytes`.
+    pub fn pop_due(
+        &mut self,
+        now: Instant,
+        period: std::time::Duration,
+        most: usize,
+        most_bytes: usize,
+    ) -> Vec<Arc<Task>> {
+        let mut due = Vec::new();
+        while let Some((at, _, bytes)) = self.order.front() {
+            let over = now.saturating_duration_since(*at) >= period
+                || self.order.len() > most
+                || self.bytes > most_bytes;
+            if !over {
+                break;
+            }
+            self.bytes -= *bytes;
+            if let Some((_, task, _)) = self.order.pop_front() {
+                due.push(task);
+            }
+        }
+        due
     }
 }
 

@@ -49,7 +49,7 @@ pub struct Task {
     /// every request made for the task, so both daemons' logs of it can be joined.
     pub correlation_id: String,
     /// An OpenAI request: the engine route and body, and the engine's choices as they arrive.
-    pub openai: Option<crate::openai::Job>,
+    pub openai: Option<crate::job::Job>,
     /// The prompt's length in tokens, when admission counted it (a prompt that might not fit
     /// some pool's per-slot context).
     pub prompt_tokens: Option<u32>,
@@ -120,7 +120,7 @@ struct TaskInner {
     /// The pool that failed this task before its first token (placement avoids it once).
     retry_avoid: Option<String>,
     /// One of its key's concurrent tasks (a key with a concurrency limit), until it ends.
-    key_slot: Option<crate::admission::KeySlot>,
+    key_slot: Option<crate::limits::KeySlot>,
 }
 
 /// SHA-256 of a request's JSON form (serde writes fields in declaration order).
@@ -171,7 +171,7 @@ impl Task {
         now: Instant,
         trace: llorch_observability::TraceContext,
         correlation_id: String,
-        openai: Option<crate::openai::Job>,
+        openai: Option<crate::job::Job>,
         log_cap: usize,
     ) -> Self {
         let digest = request_digest(&req);
@@ -231,7 +231,7 @@ impl Task {
     }
 
     /// Holds one of its key's concurrent tasks until it ends (or, never admitted, is dropped).
-    pub fn with_key_slot(mut self, slot: Option<crate::admission::KeySlot>) -> Self {
+    pub fn with_key_slot(mut self, slot: Option<crate::limits::KeySlot>) -> Self {
         self.inner.get_mut().key_slot = slot;
         self
     }
@@ -523,7 +523,7 @@ impl Task {
     pub fn is_embeddings(&self) -> bool {
         self.openai
             .as_ref()
-            .is_some_and(crate::openai::Job::is_embeddings)
+            .is_some_and(crate::job::Job::is_embeddings)
     }
 
     /// Its subscribers now.

@@ -5,10 +5,9 @@
 //! answer differ. Streams are OpenAI's wire: `data:` chunks, `data: [DONE]` last, queue
 //! position and keep-alives as comments.
 
-mod job;
 mod wire;
 
-pub(crate) use job::{Decoder, Job, Piece, Route};
+pub(crate) use crate::job::Route;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,12 +25,12 @@ use llorch_contracts::openai::{
 use llorch_contracts::ErrorCode;
 use llorch_http::{ApiError, ApiJson, ApiPath};
 
-use crate::api::AppState;
+use crate::job::{gather, ChunkLog, Job};
 use crate::pools::PoolPhase;
 use crate::sse::SubscriberGuard;
+use crate::state::AppState;
 use crate::state::Orchestrator;
 use crate::tasks::Task;
-use job::{gather, ChunkLog};
 use wire::OaError;
 
 const TASK_HEADER: &str = "x-llorch-task-id";
