@@ -2,10 +2,25 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Every error code either daemon can answer with, over HTTP or inside an SSE stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ErrorCode {
+/// Defines `ErrorCode` and `ErrorCode::ALL` from one list, so the list of every code cannot
+/// miss one.
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $code:ident, )*) => {
+        /// Every error code either daemon can answer with, over HTTP or inside an SSE stream.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $code, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in declaration order.
+            pub const ALL: &'static [ErrorCode] = &[ $( ErrorCode::$code, )* ];
+        }
+    };
+}
+
+error_codes! {
     InvalidParams,
     Unauthorized,
     /// Authenticated, but not allowed this (an engine route or field the proxy does not pass).
@@ -169,30 +184,12 @@ mod tests {
 
     #[test]
     fn as_str_matches_serde_name_for_every_code() {
-        use ErrorCode::*;
-        for code in [
-            InvalidParams,
-            Unauthorized,
-            Forbidden,
-            NotFound,
-            MethodNotAllowed,
-            Conflict,
-            PayloadTooLarge,
-            RequestTimeout,
-            ReplayUnavailable,
-            AdmissionReject,
-            QueueFullDropLru,
-            ModelNotAvailable,
-            PoolUnavailable,
-            PoolUnready,
-            DeadlineUnmet,
-            Internal,
-            WorkerReset,
-            DecodeTimeout,
-            Cancelled,
-        ] {
+        for &code in ErrorCode::ALL {
             let json = serde_json::to_value(code).unwrap_or_default();
             assert_eq!(json, code.as_str());
+            let back: ErrorCode = serde_json::from_value(json).unwrap_or(ErrorCode::Internal);
+            assert_eq!(back, code, "{code} does not read back");
         }
+        assert!(ErrorCode::ALL.contains(&ErrorCode::JournalUnavailable));
     }
 }

@@ -241,7 +241,7 @@ async fn tokens_are_checked_across_the_wire() {
         .await
         .unwrap();
     assert_eq!(anon.status(), 401);
-    let log = std::fs::read_to_string(c.net.path("orchestratord.log")).unwrap();
+    let log = read_log(&c.net.path("orchestratord.log"));
     assert!(!log.contains(TOKEN), "token in orchestratord's log");
 }
 

@@ -247,6 +247,15 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         .and_then(|v| v.parse().ok())
 }
 
+/// A daemon's log, read whole. Panics when the file is missing or empty: a check that a log
+/// lacks something (a secret) must not pass on a log that was never written.
+pub fn read_log(path: &Path) -> String {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read the log {}: {e}", path.display()));
+    assert!(!text.is_empty(), "the log {} is empty", path.display());
+    text
+}
+
 /// The address a daemon started on port 0 logged as bound (the `addr` field of its `marker`
 /// line, pretty or JSON), polled from its log file until `timeout`. Binding port 0 leaves the choice to
 /// the kernel: a port picked in advance can be taken by any outgoing connection before the

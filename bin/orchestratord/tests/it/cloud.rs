@@ -85,7 +85,7 @@ pub(crate) async fn start_orchestratord(dir: tempfile::TempDir, extra: &[(&str, 
 
 impl Cloud {
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("orchestratord.log")).unwrap_or_default()
+        read_log(&self.dir.path().join("orchestratord.log"))
     }
 }
 

@@ -240,7 +240,7 @@ impl Stack {
     }
 
     pub fn orch_log(&self) -> String {
-        std::fs::read_to_string(&self.orch_log).unwrap_or_default()
+        read_log(&self.orch_log)
     }
 
     pub fn handoff(&self, pool: &str) -> HandoffFile {

@@ -149,7 +149,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        read_log(&self.log_path)
     }
 
     pub fn pid(&self) -> u32 {
