@@ -215,7 +215,17 @@ pub const ENV_ALIASES: &[llorch_http::env_alias::EnvAlias] = &[
         old: "PROMETHEUS_METRICS_PORT",
         new: "POOL_MANAGERD_METRICS_PORT",
     },
+    // The plan's "optional, future" push to orchestratord: registration does that job, so the
+    // callback URL is the address the node registers with.
+    llorch_http::env_alias::EnvAlias {
+        old: "POOL_MANAGERD_ORCHESTRATORD_CALLBACK_URL",
+        new: "POOL_MANAGERD_ORCHESTRATORD_URL",
+    },
 ];
+
+/// The callback path the migration plan sketched (`POOL_MANAGERD_ORCHESTRATORD_CALLBACK_URL`):
+/// not part of orchestratord's address, so it is dropped from it.
+const PLAN_CALLBACK_PATH: &str = "/callbacks/pool-ready";
 
 /// Node registration with orchestratord (CLOUD).
 #[derive(Debug, Clone)]
@@ -407,12 +417,16 @@ impl Config {
         let registration = match &args.orchestratord_url {
             None => None,
             Some(url) => {
-                let url = url.trim_end_matches('/').to_string();
-                if !url.starts_with("http://") && !url.starts_with("https://") {
-                    return Err(ConfigError::Invalid(format!(
-                        "POOL_MANAGERD_ORCHESTRATORD_URL {url:?} must start with http:// or https://"
-                    )));
-                }
+                let url = llorch_contracts::address::base_url(
+                    url,
+                    llorch_contracts::address::Schemes::Any,
+                )
+                .map_err(|e| {
+                    ConfigError::Invalid(format!("POOL_MANAGERD_ORCHESTRATORD_URL {url:?}: {e}"))
+                })?;
+                let url = url
+                    .strip_suffix(PLAN_CALLBACK_PATH)
+                    .map_or(url.clone(), str::to_string);
                 let Some(presented) = token.clone() else {
                     return Err(ConfigError::Invalid(
                         "POOL_MANAGERD_ORCHESTRATORD_URL needs a token (LLORCH_NODE_TOKEN, or LLORCH_API_TOKEN, or their _FILE forms)".into(),
@@ -580,6 +594,26 @@ fn host_name() -> String {
 mod tests {
     use super::*;
 
+    // covers: OBS-6119
+    #[test]
+    fn every_variable_of_the_migration_plan_is_read() {
+        use clap::CommandFactory;
+        let settings: Vec<String> = Args::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        let aliases: Vec<&str> = ENV_ALIASES.iter().map(|a| a.old).collect();
+        for name in llorch_test_support::migration_plan_variables("pool-managerd") {
+            assert!(
+                settings.contains(&name)
+                    || aliases.contains(&name.as_str())
+                    || llorch_observability::ENV_READ.contains(&name.as_str()),
+                "{name} (the migration plan) is read by no setting of pool-managerd"
+            );
+        }
+    }
+
     // covers: POOL-3122
     #[test]
     fn an_engine_user_must_be_a_user_of_this_system_and_not_root() {
@@ -631,18 +665,28 @@ mod tests {
         }
     }
 
+    // covers: OBS-6119
     #[test]
     fn every_old_variable_name_is_accepted_and_lands_on_its_new_setting() {
         use clap::FromArgMatches;
         for alias in ENV_ALIASES {
-            let value = "1234";
+            let value = match alias.new {
+                "POOL_MANAGERD_ORCHESTRATORD_URL" => {
+                    "http://orchestratord:8080/callbacks/pool-ready"
+                }
+                _ => "1234",
+            };
             let (cmd, in_use) = llorch_http::env_alias::command_with::<Args>(ENV_ALIASES, |v| {
                 (v == alias.old).then(|| value.into())
             })
             .unwrap();
             assert_eq!(in_use, vec![*alias]);
             let m = cmd
-                .try_get_matches_from(["pool-managerd", "--allow-unauthenticated-loopback"])
+                .try_get_matches_from([
+                    "pool-managerd",
+                    "--allow-unauthenticated-loopback",
+                    "--api-token=test-token-0123456789",
+                ])
                 .unwrap();
             let config = Config::from_args(Args::from_arg_matches(&m).unwrap()).unwrap();
             match alias.new {
@@ -652,6 +696,11 @@ mod tests {
                 "POOL_MANAGERD_METRICS_PORT" => {
                     assert_eq!(config.metrics_addr, Some("127.0.0.1:1234".parse().unwrap()))
                 }
+                // The plan's callback path is not part of orchestratord's address.
+                "POOL_MANAGERD_ORCHESTRATORD_URL" => assert_eq!(
+                    config.registration.map(|r| r.orchestratord_url).as_deref(),
+                    Some("http://orchestratord:8080")
+                ),
                 other => panic!(
                     "{} lands on {other}, which this test does not check",
                     alias.old

@@ -44,6 +44,15 @@ impl Drop for Telemetry {
     }
 }
 
+/// The environment variables this crate reads, besides each daemon's own settings.
+pub const ENV_READ: &[&str] = &[
+    "RUST_LOG",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+];
+
 fn otlp_configured() -> bool {
     [
         "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -247,6 +247,43 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         .and_then(|v| v.parse().ok())
 }
 
+/// The variables the migration plan lists for `daemon` (`orchestratord` or `pool-managerd`),
+/// read from `../shared/reference/migration-plan-env.md` beside the workspace: the first
+/// column of that daemon's table.
+pub fn migration_plan_variables(daemon: &str) -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .find(|p| p.join("Cargo.lock").is_file())
+        .expect("the workspace root")
+        .to_path_buf();
+    let path = root.join("../shared/reference/migration-plan-env.md");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut in_section = false;
+    let mut names = Vec::new();
+    for line in text.lines() {
+        if let Some(title) = line.strip_prefix("## ") {
+            in_section = title.trim() == daemon;
+            continue;
+        }
+        if !in_section {
+            continue;
+        }
+        let Some(cell) = line.strip_prefix("| `") else {
+            continue;
+        };
+        if let Some((name, _)) = cell.split_once('`') {
+            names.push(name.to_string());
+        }
+    }
+    assert!(
+        !names.is_empty(),
+        "no variables of {daemon} in {}",
+        path.display()
+    );
+    names
+}
+
 /// A daemon's log, read whole. Panics when the file is missing or empty: a check that a log
 /// lacks something (a secret) must not pass on a log that was never written.
 pub fn read_log(path: &Path) -> String {
