@@ -115,10 +115,11 @@ fn validate(config: &Config, req: &TaskRequest) -> Result<(), ApiError> {
 pub const COUNT_PROMPT_MAX_BYTES: usize = 64 * 1024;
 
 /// The journal's record of a task id (`None`: it holds none), or why it could not be read.
-type JournalLookup = Result<Option<crate::journal::Record>, String>;
+type JournalLookup = Result<Option<crate::journal::Record>, crate::journal::JournalError>;
 
 /// Resolves once an admission is durable (or failed to be).
-pub(crate) type Durable = futures_util::future::BoxFuture<'static, Result<(), String>>;
+pub(crate) type Durable =
+    futures_util::future::BoxFuture<'static, Result<(), crate::journal::JournalError>>;
 
 /// The answer to a submission whose admission could not be made durable.
 fn journal_refusal() -> ApiError {
@@ -283,7 +284,7 @@ impl Orchestrator {
                 self.wake.notify_one();
                 return;
             }
-            Ok(Err(error)) => error,
+            Ok(Err(error)) => error.to_string(),
             Err(_) => format!(
                 "no answer within {} ms",
                 self.config.journal_timeout.as_millis()
@@ -679,7 +680,11 @@ impl Orchestrator {
         Some(
             tokio::task::spawn_blocking(move || journal.lookup(&owner, &id))
                 .await
-                .unwrap_or_else(|e| Err(format!("the lookup did not finish: {e}"))),
+                .unwrap_or_else(|e| {
+                    Err(crate::journal::JournalError::Read(format!(
+                        "the lookup did not finish: {e}"
+                    )))
+                }),
         )
     }
 

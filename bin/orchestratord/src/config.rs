@@ -774,7 +774,7 @@ impl Config {
                         )
                     })?,
                     sync: crate::journal::SyncMode::parse(&a.journal_sync)
-                        .map_err(ConfigError::Invalid)?,
+                        .map_err(|e| ConfigError::Invalid(e.to_string()))?,
                 },
                 other => {
                     return Err(ConfigError::Invalid(format!(

@@ -34,13 +34,11 @@ pub enum SyncMode {
 }
 
 impl SyncMode {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, UnknownSyncMode> {
         match text {
             "full" => Ok(SyncMode::Full),
             "normal" => Ok(SyncMode::Normal),
-            other => Err(format!(
-                "ORCHD_JOURNAL_SYNC {other:?} is not one of: full, normal"
-            )),
+            other => Err(UnknownSyncMode(other.to_string())),
         }
     }
 
@@ -51,6 +49,35 @@ impl SyncMode {
         }
     }
 }
+
+/// What went wrong with the journal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    /// It cannot be opened, checked or set up; the message says what to do.
+    #[error("{0}")]
+    Open(String),
+    /// A transaction failed (the disk, the file): none of its writes is durable.
+    #[error("journal {path} write failed: {reason}")]
+    Write { path: String, reason: String },
+    /// More writes wait than the writer has taken (is its disk stalled?): refused at once.
+    #[error("the journal has {0} writes waiting (is its disk stalled?)")]
+    Backlog(usize),
+    /// The writer thread is gone, or the journal was closed.
+    #[error("the journal writer stopped")]
+    Stopped,
+    /// A read (a lookup, compaction) failed.
+    #[error("journal read failed: {0}")]
+    Read(String),
+}
+
+fn read_error(e: rusqlite::Error) -> JournalError {
+    JournalError::Read(e.to_string())
+}
+
+/// `ORCHD_JOURNAL_SYNC` named no sync mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ORCHD_JOURNAL_SYNC {0:?} is not one of: full, normal")]
+pub struct UnknownSyncMode(pub String);
 
 /// An admitted task as the journal keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,27 +118,31 @@ pub struct Record {
 pub trait Journal: Send + Sync + 'static {
     /// Whether writes are kept at all (`false` for `none`: nothing to wait for).
     fn durable(&self) -> bool;
-    fn admit(&self, admission: Admission) -> BoxFuture<'static, Result<(), String>>;
+    fn admit(&self, admission: Admission) -> BoxFuture<'static, Result<(), JournalError>>;
     /// Task ids are scoped per key: a task is named by its owner and its id.
-    fn first_token(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>>;
-    fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), String>>;
+    fn first_token(
+        &self,
+        owner: &str,
+        task_id: &str,
+    ) -> BoxFuture<'static, Result<(), JournalError>>;
+    fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), JournalError>>;
     /// The record of `owner`'s `task_id`, if the journal holds it (idempotency past the
     /// in-memory retention).
-    fn lookup(&self, owner: &str, task_id: &str) -> Result<Option<Record>, String>;
+    fn lookup(&self, owner: &str, task_id: &str) -> Result<Option<Record>, JournalError>;
     /// Every record, in admission order.
-    fn recover(&self) -> Result<Vec<Record>, String>;
+    fn recover(&self) -> Result<Vec<Record>, JournalError>;
     /// How many times the journal was opened before this run (recovered logs are numbered
     /// from it, so ids of every earlier run stay below).
     fn restarts(&self) -> u64;
     /// Forgets a withdrawn admission (the client got a 503 for it): its id is free again.
-    fn withdraw(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>>;
+    fn withdraw(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), JournalError>>;
     /// Forgets finished tasks older than `forget_before_ms` and, while the file is larger
     /// than `max_bytes`, the oldest finished ones; resolves to how many were forgotten.
     fn compact(
         &self,
         forget_before_ms: u64,
         max_bytes: u64,
-    ) -> BoxFuture<'static, Result<u64, String>>;
+    ) -> BoxFuture<'static, Result<u64, JournalError>>;
 }
 
 /// `ORCHD_JOURNAL=none`: nothing survives the process.
@@ -121,33 +152,33 @@ impl Journal for NoJournal {
     fn durable(&self) -> bool {
         false
     }
-    fn admit(&self, _: Admission) -> BoxFuture<'static, Result<(), String>> {
+    fn admit(&self, _: Admission) -> BoxFuture<'static, Result<(), JournalError>> {
         async { Ok(()) }.boxed()
     }
-    fn first_token(&self, _: &str, _: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn first_token(&self, _: &str, _: &str) -> BoxFuture<'static, Result<(), JournalError>> {
         async { Ok(()) }.boxed()
     }
-    fn end(&self, _: Ending) -> BoxFuture<'static, Result<(), String>> {
+    fn end(&self, _: Ending) -> BoxFuture<'static, Result<(), JournalError>> {
         async { Ok(()) }.boxed()
     }
-    fn lookup(&self, _: &str, _: &str) -> Result<Option<Record>, String> {
+    fn lookup(&self, _: &str, _: &str) -> Result<Option<Record>, JournalError> {
         Ok(None)
     }
-    fn recover(&self) -> Result<Vec<Record>, String> {
+    fn recover(&self) -> Result<Vec<Record>, JournalError> {
         Ok(Vec::new())
     }
     fn restarts(&self) -> u64 {
         0
     }
-    fn withdraw(&self, _: &str, _: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn withdraw(&self, _: &str, _: &str) -> BoxFuture<'static, Result<(), JournalError>> {
         async { Ok(()) }.boxed()
     }
-    fn compact(&self, _: u64, _: u64) -> BoxFuture<'static, Result<u64, String>> {
+    fn compact(&self, _: u64, _: u64) -> BoxFuture<'static, Result<u64, JournalError>> {
         async { Ok(0) }.boxed()
     }
 }
 
-type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
+type Ack = tokio::sync::oneshot::Sender<Result<(), JournalError>>;
 
 /// A task as the journal names it: its owner and its id.
 type Named = (String, String);
@@ -166,7 +197,7 @@ enum Job {
     Compact {
         before_ms: u64,
         max_bytes: u64,
-        done: tokio::sync::oneshot::Sender<Result<u64, String>>,
+        done: tokio::sync::oneshot::Sender<Result<u64, JournalError>>,
     },
 }
 
@@ -242,14 +273,14 @@ UPDATE meta SET value = '2' WHERE key = 'schema';
 COMMIT;
 ";
 
-fn open_error(path: &Path, what: &str, e: impl std::fmt::Display) -> String {
-    format!(
+fn open_error(path: &Path, what: &str, e: impl std::fmt::Display) -> JournalError {
+    JournalError::Open(format!(
         "journal {}: {what}: {e}. If the file is damaged, move it aside (the tasks it holds are then lost; docs/runbooks/journal.md) or restore a backup",
         path.display()
-    )
+    ))
 }
 
-fn connection(path: &Path, sync: SyncMode) -> Result<rusqlite::Connection, String> {
+fn connection(path: &Path, sync: SyncMode) -> Result<rusqlite::Connection, JournalError> {
     let conn = rusqlite::Connection::open(path).map_err(|e| open_error(path, "cannot open", e))?;
     conn.busy_timeout(Duration::from_secs(2))
         .map_err(|e| open_error(path, "cannot configure", e))?;
@@ -290,12 +321,12 @@ fn connection(path: &Path, sync: SyncMode) -> Result<rusqlite::Connection, Strin
 impl SqliteJournal {
     /// Opens (or creates) `dir/journal.sqlite3`: checks it (a damaged file refuses start with
     /// what to do), sets WAL and the sync mode (read back), and starts the writer thread.
-    pub fn open(dir: &Path, sync: SyncMode) -> Result<Self, String> {
+    pub fn open(dir: &Path, sync: SyncMode) -> Result<Self, JournalError> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            format!(
+            JournalError::Open(format!(
                 "cannot create the data directory {} (ORCHD_DATA_DIR): {e}",
                 dir.display()
-            )
+            ))
         })?;
         // The journal holds prompts until their tasks end: readable by this user only.
         restrict(dir)?;
@@ -383,7 +414,7 @@ impl SqliteJournal {
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || write_loop(writer, rx, &shown, &counted))
-            .map_err(|e| format!("cannot start the journal writer: {e}"))?;
+            .map_err(|e| JournalError::Open(format!("cannot start the journal writer: {e}")))?;
         Ok(Self {
             path,
             _lock: lock,
@@ -402,37 +433,33 @@ impl SqliteJournal {
 
     /// The sync level in force (SQLite's number: 2 full, 1 normal), read back.
     #[cfg(test)]
-    fn synchronous(&self) -> Result<i64, String> {
+    fn synchronous(&self) -> Result<i64, rusqlite::Error> {
         self.reader
             .lock()
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .map_err(|e| e.to_string())
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn send(&self, write: Write) -> BoxFuture<'static, Result<(), String>> {
+    fn send(&self, write: Write) -> BoxFuture<'static, Result<(), JournalError>> {
         let (ack, done) = tokio::sync::oneshot::channel();
         let sent = self.submit(Job::Write(write, ack));
         async move {
             sent?;
-            done.await
-                .unwrap_or_else(|_| Err("the journal writer stopped".into()))
+            done.await.unwrap_or(Err(JournalError::Stopped))
         }
         .boxed()
     }
 
-    fn submit(&self, job: Job) -> Result<(), String> {
+    fn submit(&self, job: Job) -> Result<(), JournalError> {
         match &*self.writes.lock() {
             Some(tx) => tx.try_send(job).map_err(|e| match e {
-                mpsc::TrySendError::Full(_) => {
-                    format!("the journal has {QUEUE_MAX} writes waiting (is its disk stalled?)")
-                }
-                mpsc::TrySendError::Disconnected(_) => "the journal writer stopped".to_string(),
+                mpsc::TrySendError::Full(_) => JournalError::Backlog(QUEUE_MAX),
+                mpsc::TrySendError::Disconnected(_) => JournalError::Stopped,
             }),
-            None => Err("the journal is closed".to_string()),
+            None => Err(JournalError::Stopped),
         }
     }
 
@@ -452,15 +479,16 @@ impl Drop for SqliteJournal {
 }
 
 /// Makes the data directory this user's alone (0700) when group or others may enter it.
-fn restrict(dir: &Path) -> Result<(), String> {
+fn restrict(dir: &Path) -> Result<(), JournalError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| JournalError::Open(format!("cannot read {}: {e}", dir.display())))?;
     if meta.permissions().mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
-            format!(
+            JournalError::Open(format!(
                 "the data directory {} is open to group or others and cannot be restricted to 0700: {e}",
                 dir.display()
-            )
+            ))
         })?;
     }
     Ok(())
@@ -468,23 +496,26 @@ fn restrict(dir: &Path) -> Result<(), String> {
 
 /// One orchestratord per data directory: an exclusive lock on a lock file, held as long as
 /// the journal is open (the kernel drops it when the process ends, however it ends).
-fn take_lock(path: &Path) -> Result<std::fs::File, String> {
+fn take_lock(path: &Path) -> Result<std::fs::File, JournalError> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        .map_err(|e| JournalError::Open(format!("cannot open {}: {e}", path.display())))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+        Err(std::fs::TryLockError::WouldBlock) => Err(JournalError::Open(format!(
             "the data directory {} is in use by another orchestratord (it holds {})",
             path.parent()
                 .map(|d| d.display().to_string())
                 .unwrap_or_default(),
             path.display()
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(JournalError::Open(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -520,16 +551,21 @@ fn write_loop(
                 commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             let result = result.map_err(|e| {
-                let msg = format!("journal {} write failed: {e}", path.display());
-                tracing::error!(error = %msg, writes = batch.len(), "journal write failed");
-                msg
+                let error = JournalError::Write {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                };
+                tracing::error!(%error, writes = batch.len(), "journal write failed");
+                error
             });
             for (_, ack) in batch {
                 let _ = ack.send(result.clone());
             }
         }
         for (before_ms, max_bytes, done) in compactions {
-            let _ = done.send(compact(&conn, before_ms, max_bytes).map_err(|e| e.to_string()));
+            let _ = done.send(
+                compact(&conn, before_ms, max_bytes).map_err(|e| JournalError::Read(e.to_string())),
+            );
         }
     }
 }
@@ -672,31 +708,35 @@ impl Journal for SqliteJournal {
         true
     }
 
-    fn admit(&self, admission: Admission) -> BoxFuture<'static, Result<(), String>> {
+    fn admit(&self, admission: Admission) -> BoxFuture<'static, Result<(), JournalError>> {
         self.send(Write::Admit(admission))
     }
 
-    fn first_token(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn first_token(
+        &self,
+        owner: &str,
+        task_id: &str,
+    ) -> BoxFuture<'static, Result<(), JournalError>> {
         self.send(Write::FirstToken((owner.to_string(), task_id.to_string())))
     }
 
-    fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), String>> {
+    fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), JournalError>> {
         self.send(Write::End(ending))
     }
 
-    fn lookup(&self, owner: &str, task_id: &str) -> Result<Option<Record>, String> {
+    fn lookup(&self, owner: &str, task_id: &str) -> Result<Option<Record>, JournalError> {
         let conn = self.reader.lock();
         let mut stmt = conn
             .prepare_cached(&format!("{SELECT} WHERE owner = ?1 AND task_id = ?2"))
-            .map_err(|e| e.to_string())?;
-        let mut rows = stmt.query([owner, task_id]).map_err(|e| e.to_string())?;
-        match rows.next().map_err(|e| e.to_string())? {
-            Some(row) => record(row).map(Some).map_err(|e| e.to_string()),
+            .map_err(read_error)?;
+        let mut rows = stmt.query([owner, task_id]).map_err(read_error)?;
+        match rows.next().map_err(read_error)? {
+            Some(row) => record(row).map(Some).map_err(read_error),
             None => Ok(None),
         }
     }
 
-    fn recover(&self) -> Result<Vec<Record>, String> {
+    fn recover(&self) -> Result<Vec<Record>, JournalError> {
         let conn = self.reader.lock();
         let mut stmt = conn
             .prepare(&format!("{SELECT} ORDER BY seq"))
@@ -712,7 +752,7 @@ impl Journal for SqliteJournal {
         self.restarts
     }
 
-    fn withdraw(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn withdraw(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), JournalError>> {
         self.send(Write::Withdraw((owner.to_string(), task_id.to_string())))
     }
 
@@ -720,7 +760,7 @@ impl Journal for SqliteJournal {
         &self,
         forget_before_ms: u64,
         max_bytes: u64,
-    ) -> BoxFuture<'static, Result<u64, String>> {
+    ) -> BoxFuture<'static, Result<u64, JournalError>> {
         let (done, answer) = tokio::sync::oneshot::channel();
         let sent = self.submit(Job::Compact {
             before_ms: forget_before_ms,
@@ -729,9 +769,7 @@ impl Journal for SqliteJournal {
         });
         async move {
             sent?;
-            answer
-                .await
-                .unwrap_or_else(|_| Err("the journal writer stopped".into()))
+            answer.await.unwrap_or(Err(JournalError::Stopped))
         }
         .boxed()
     }
@@ -921,7 +959,11 @@ mod tests {
         let e = SqliteJournal::open(dir.path(), SyncMode::Normal)
             .err()
             .unwrap();
-        assert!(e.contains("in use by another orchestratord"), "{e}");
+        assert!(matches!(e, JournalError::Open(_)), "{e:?}");
+        assert!(
+            e.to_string().contains("in use by another orchestratord"),
+            "{e}"
+        );
         drop(j);
         let j = SqliteJournal::open(dir.path(), SyncMode::Full).unwrap();
         assert_eq!(j.synchronous().unwrap(), 2);
@@ -950,7 +992,8 @@ mod tests {
         std::fs::write(dir.path().join("journal.sqlite3"), vec![0x5a; 8192]).unwrap();
         let e = SqliteJournal::open(dir.path(), SyncMode::Full)
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(e.contains("journal.sqlite3"), "{e}");
         assert!(e.contains("move it aside"), "{e}");
     }

@@ -97,7 +97,7 @@ pub(crate) fn finished_task(orch: &Orchestrator, r: &Record) -> Option<Arc<Task>
 pub(crate) fn recover(
     orch: &Arc<Orchestrator>,
     cancel: &CancellationToken,
-) -> Result<Recovered, String> {
+) -> Result<Recovered, crate::journal::JournalError> {
     let records = orch.journal.recover()?;
     let mut done = Recovered::default();
     let now = Instant::now();

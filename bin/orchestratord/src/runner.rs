@@ -75,7 +75,7 @@ impl Runner<'_> {
         .await
         {
             Ok(Ok(())) => return,
-            Ok(Err(e)) => e,
+            Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {} ms", self.journal_timeout.as_millis()),
         };
         self.journal_errors.inc();

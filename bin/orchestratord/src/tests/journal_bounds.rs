@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::kit::*;
-use crate::journal::{Admission, Ending, Journal, Record};
+use crate::journal::{Admission, Ending, Journal, JournalError, Record};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -45,10 +45,16 @@ impl ScriptedJournal {
         })
     }
 
-    fn answer(&self) -> BoxFuture<'static, Result<(), String>> {
+    fn answer(&self) -> BoxFuture<'static, Result<(), JournalError>> {
         match *self.mode.lock() {
             Mode::Keep => async { Ok(()) }.boxed(),
-            Mode::Fail => async { Err("disk full".to_string()) }.boxed(),
+            Mode::Fail => async {
+                Err(JournalError::Write {
+                    path: "scripted".into(),
+                    reason: "disk full".into(),
+                })
+            }
+            .boxed(),
             Mode::Hold => futures_util::future::pending().boxed(),
         }
     }
@@ -66,7 +72,7 @@ impl Journal for ScriptedJournal {
     fn durable(&self) -> bool {
         true
     }
-    fn admit(&self, admission: Admission) -> BoxFuture<'static, Result<(), String>> {
+    fn admit(&self, admission: Admission) -> BoxFuture<'static, Result<(), JournalError>> {
         if *self.mode.lock() == Mode::Keep {
             self.records.lock().push(Record {
                 admission,
@@ -76,7 +82,11 @@ impl Journal for ScriptedJournal {
         }
         self.answer()
     }
-    fn first_token(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn first_token(
+        &self,
+        owner: &str,
+        task_id: &str,
+    ) -> BoxFuture<'static, Result<(), JournalError>> {
         if let Some(r) = self
             .records
             .lock()
@@ -87,7 +97,7 @@ impl Journal for ScriptedJournal {
         }
         self.answer()
     }
-    fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), String>> {
+    fn end(&self, ending: Ending) -> BoxFuture<'static, Result<(), JournalError>> {
         if let Some(r) =
             self.records.lock().iter_mut().find(|r| {
                 r.admission.owner == ending.owner && r.admission.task_id == ending.task_id
@@ -97,22 +107,22 @@ impl Journal for ScriptedJournal {
         }
         self.answer()
     }
-    fn lookup(&self, owner: &str, task_id: &str) -> Result<Option<Record>, String> {
+    fn lookup(&self, owner: &str, task_id: &str) -> Result<Option<Record>, JournalError> {
         Ok(self.record(task_id).filter(|r| r.admission.owner == owner))
     }
-    fn recover(&self) -> Result<Vec<Record>, String> {
+    fn recover(&self) -> Result<Vec<Record>, JournalError> {
         Ok(self.records.lock().clone())
     }
     fn restarts(&self) -> u64 {
         1
     }
-    fn withdraw(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), String>> {
+    fn withdraw(&self, owner: &str, task_id: &str) -> BoxFuture<'static, Result<(), JournalError>> {
         self.records
             .lock()
             .retain(|r| r.admission.owner != owner || r.admission.task_id != task_id);
         self.answer()
     }
-    fn compact(&self, _: u64, _: u64) -> BoxFuture<'static, Result<u64, String>> {
+    fn compact(&self, _: u64, _: u64) -> BoxFuture<'static, Result<u64, JournalError>> {
         async { Ok(0) }.boxed()
     }
 }
