@@ -298,7 +298,9 @@ impl NodeApi for HttpNodes {
                 }
                 s if !s.is_success() => Err(format!("pool-managerd answered {s}")),
                 _ => {
-                    let body = crate::engine::read_capped(resp, POLL_BODY_MAX, "pool list").await?;
+                    let body = crate::engine::read_capped(resp, POLL_BODY_MAX, "pool list")
+                        .await
+                        .map_err(|e| e.to_string())?;
                     serde_json::from_slice::<PoolsResponse>(&body)
                         .map_err(|e| format!("unreadable pool list: {e}"))
                 }

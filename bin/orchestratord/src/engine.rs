@@ -11,8 +11,28 @@ use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use llamacpp_client::{EngineClient, Health};
 
+/// Why a call to an engine got no usable answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum EngineError {
+    /// No answer came: the engine (or its node) is unreachable or reset the connection.
+    #[error("{what} unreachable: {reason}")]
+    Unreachable { what: &'static str, reason: String },
+    /// It answered with a status that is no answer to this call.
+    #[error("{what} answered {status}")]
+    Status { what: &'static str, status: u16 },
+    /// Its answer broke off.
+    #[error("{what} broken: {reason}")]
+    Broken { what: &'static str, reason: String },
+    /// Its answer is larger than this side reads.
+    #[error("{what} over {cap} bytes")]
+    TooLarge { what: &'static str, cap: usize },
+    /// Its answer is not what it should be.
+    #[error("{what} unreadable: {reason}")]
+    Unreadable { what: &'static str, reason: String },
+}
+
 /// The body of a completion as it arrives, chunk by chunk.
-pub(crate) type ByteStream = BoxStream<'static, Result<Bytes, String>>;
+pub(crate) type ByteStream = BoxStream<'static, Result<Bytes, EngineError>>;
 
 /// One completion request to the engine behind `base_url`.
 pub(crate) struct CompletionCall<'a> {
@@ -40,14 +60,17 @@ pub(crate) enum Answer {
 
 pub(crate) trait Engine: Send + Sync + 'static {
     /// Sends a completion request; `Err` when no answer came (unreachable, reset).
-    fn completion<'a>(&'a self, call: CompletionCall<'a>) -> BoxFuture<'a, Result<Answer, String>>;
+    fn completion<'a>(
+        &'a self,
+        call: CompletionCall<'a>,
+    ) -> BoxFuture<'a, Result<Answer, EngineError>>;
 
     /// `GET {base_url}/health` within `timeout`.
     fn health<'a>(
         &'a self,
         base_url: &'a str,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Health, String>>;
+    ) -> BoxFuture<'a, Result<Health, EngineError>>;
 
     /// How many tokens the engine's tokenizer makes of `text` (`POST {base_url}/tokenize`,
     /// special tokens included, as a completion adds them). The caller bounds the time.
@@ -56,7 +79,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
         base_url: &'a str,
         bearer: Option<&'a str>,
         text: &'a str,
-    ) -> BoxFuture<'a, Result<u32, String>>;
+    ) -> BoxFuture<'a, Result<u32, EngineError>>;
 }
 
 /// The largest tokenizer answer read (a 1 MiB prompt is at most about a million tokens of a
@@ -71,16 +94,15 @@ const ERROR_BODY_MAX: usize = 4096;
 pub(crate) async fn read_capped(
     mut resp: reqwest::Response,
     cap: usize,
-    what: &str,
-) -> Result<Vec<u8>, String> {
+    what: &'static str,
+) -> Result<Vec<u8>, EngineError> {
     let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| format!("{what} broken: {e}"))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| EngineError::Broken {
+        what,
+        reason: e.to_string(),
+    })? {
         if body.len() + chunk.len() > cap {
-            return Err(format!("{what} over {cap} bytes"));
+            return Err(EngineError::TooLarge { what, cap });
         }
         body.extend_from_slice(&chunk);
     }
@@ -131,7 +153,10 @@ impl HttpEngine {
 }
 
 impl Engine for HttpEngine {
-    fn completion<'a>(&'a self, call: CompletionCall<'a>) -> BoxFuture<'a, Result<Answer, String>> {
+    fn completion<'a>(
+        &'a self,
+        call: CompletionCall<'a>,
+    ) -> BoxFuture<'a, Result<Answer, EngineError>> {
         async move {
             let url = format!("{}{}", call.base_url, call.path);
             let resp = llamacpp_client::send_completion(
@@ -143,7 +168,10 @@ impl Engine for HttpEngine {
                 call.body,
             )
             .await
-            .map_err(|e| format!("engine unreachable: {}", llamacpp_client::error_chain(&e)))?;
+            .map_err(|e| EngineError::Unreachable {
+                what: "engine",
+                reason: llamacpp_client::error_chain(&e),
+            })?;
             let status = resp.status();
             // 401: the engine (or the node) did not take our credential, a fault of the pool
             // (a key that changed with a restart), not of the request: tried elsewhere.
@@ -181,7 +209,12 @@ impl Engine for HttpEngine {
                     status: status.as_u16(),
                 });
             }
-            let stream = resp.bytes_stream().map(|r| r.map_err(|e| e.to_string()));
+            let stream = resp.bytes_stream().map(|r| {
+                r.map_err(|e| EngineError::Broken {
+                    what: "engine stream",
+                    reason: e.to_string(),
+                })
+            });
             Ok(Answer::Stream(stream.boxed()))
         }
         .boxed()
@@ -191,12 +224,15 @@ impl Engine for HttpEngine {
         &'a self,
         base_url: &'a str,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Health, String>> {
+    ) -> BoxFuture<'a, Result<Health, EngineError>> {
         async move {
             EngineClient::new(self.probes.clone(), base_url, timeout)
                 .health()
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| EngineError::Unreachable {
+                    what: "engine health",
+                    reason: e.to_string(),
+                })
         }
         .boxed()
     }
@@ -206,7 +242,7 @@ impl Engine for HttpEngine {
         base_url: &'a str,
         bearer: Option<&'a str>,
         text: &'a str,
-    ) -> BoxFuture<'a, Result<u32, String>> {
+    ) -> BoxFuture<'a, Result<u32, EngineError>> {
         async move {
             let mut req = self
                 .probes
@@ -215,23 +251,28 @@ impl Engine for HttpEngine {
             if let Some(token) = bearer {
                 req = req.bearer_auth(token);
             }
-            let resp = req.send().await.map_err(|e| {
-                format!(
-                    "tokenizer unreachable: {}",
-                    llamacpp_client::error_chain(&e)
-                )
+            let resp = req.send().await.map_err(|e| EngineError::Unreachable {
+                what: "tokenizer",
+                reason: llamacpp_client::error_chain(&e),
             })?;
             if !resp.status().is_success() {
-                return Err(format!("tokenizer answered {}", resp.status()));
+                return Err(EngineError::Status {
+                    what: "tokenizer",
+                    status: resp.status().as_u16(),
+                });
             }
             let body = read_capped(resp, TOKENIZE_BODY_MAX, "tokenizer answer").await?;
             #[derive(serde::Deserialize)]
             struct Tokens {
                 tokens: Vec<serde::de::IgnoredAny>,
             }
+            let unreadable = |reason: String| EngineError::Unreadable {
+                what: "tokenizer answer",
+                reason,
+            };
             let tokens: Tokens =
-                serde_json::from_slice(&body).map_err(|e| format!("unreadable tokens: {e}"))?;
-            u32::try_from(tokens.tokens.len()).map_err(|_| "too many tokens".to_string())
+                serde_json::from_slice(&body).map_err(|e| unreadable(e.to_string()))?;
+            u32::try_from(tokens.tokens.len()).map_err(|_| unreadable("too many tokens".into()))
         }
         .boxed()
     }

@@ -124,7 +124,7 @@ impl Runner<'_> {
             _ = lost.cancelled() => return Outcome::BeforeFirstToken("the pool's node was lost".into()),
             r = tokio::time::timeout(self.first_token_timeout, send) => match r {
                 Err(_) => return Outcome::BeforeFirstToken("engine did not answer in time".into()),
-                Ok(Err(e)) => return Outcome::BeforeFirstToken(e),
+                Ok(Err(e)) => return Outcome::BeforeFirstToken(e.to_string()),
                 Ok(Ok(a)) => a,
             },
         };
@@ -271,7 +271,7 @@ impl Runner<'_> {
         let read = async {
             let mut body = Vec::new();
             while let Some(chunk) = stream.next().await {
-                body.extend_from_slice(&chunk?);
+                body.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
                 if body.len() > WHOLE_ANSWER_MAX {
                     return Err(format!("answer over {} MiB", WHOLE_ANSWER_MAX >> 20));
                 }

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Args, Config};
-use crate::engine::{Answer, CompletionCall, Engine};
+use crate::engine::{Answer, CompletionCall, Engine, EngineError};
 use crate::metrics::Metrics;
 use crate::pools::PoolEntry;
 use crate::state::Orchestrator;
@@ -126,7 +126,10 @@ fn data(json: serde_json::Value) -> Bytes {
 }
 
 impl Engine for ScriptedEngine {
-    fn completion<'a>(&'a self, call: CompletionCall<'a>) -> BoxFuture<'a, Result<Answer, String>> {
+    fn completion<'a>(
+        &'a self,
+        call: CompletionCall<'a>,
+    ) -> BoxFuture<'a, Result<Answer, EngineError>> {
         self.calls.lock().push(call.base_url.to_string());
         let body: serde_json::Value = serde_json::from_slice(&call.body).unwrap_or_default();
         self.slots.lock().push(body["id_slot"].as_u64());
@@ -140,7 +143,12 @@ impl Engine for ScriptedEngine {
         async move {
             let steps = match script {
                 Script::NoAnswer => std::future::pending().await,
-                Script::Unreachable => return Err("engine unreachable: connection refused".into()),
+                Script::Unreachable => {
+                    return Err(EngineError::Unreachable {
+                        what: "engine",
+                        reason: "connection refused".into(),
+                    })
+                }
                 Script::Status(status) if (400..500).contains(&status) => {
                     return Ok(Answer::Refused {
                         status,
@@ -182,7 +190,10 @@ impl Engine for ScriptedEngine {
                         }
                         Step::Break(after) => {
                             tokio::time::sleep(after).await;
-                            Err("connection reset by peer".to_string())
+                            Err(EngineError::Broken {
+                                what: "engine stream",
+                                reason: "connection reset by peer".into(),
+                            })
                         }
                         Step::Comment(after) => {
                             tokio::time::sleep(after).await;
@@ -217,7 +228,7 @@ impl Engine for ScriptedEngine {
         &'a self,
         _base_url: &'a str,
         _timeout: Duration,
-    ) -> BoxFuture<'a, Result<Health, String>> {
+    ) -> BoxFuture<'a, Result<Health, EngineError>> {
         async { Ok(Health::Ok) }.boxed()
     }
 
@@ -227,7 +238,7 @@ impl Engine for ScriptedEngine {
         base_url: &'a str,
         _bearer: Option<&'a str>,
         text: &'a str,
-    ) -> BoxFuture<'a, Result<u32, String>> {
+    ) -> BoxFuture<'a, Result<u32, EngineError>> {
         self.tokenized.lock().push(base_url.to_string());
         let n = text.split_whitespace().count() as u32 + 1;
         async move { Ok(n) }.boxed()
