@@ -254,6 +254,21 @@ impl Managers {
     }
 }
 
+/// Why a poll of a node got no pool list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PollError {
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    #[error("pool-managerd refused our token (401): tokens differ")]
+    TokenRefused,
+    #[error("pool-managerd answered {0}")]
+    Status(u16),
+    #[error(transparent)]
+    Body(#[from] crate::engine::EngineError),
+    #[error("unreadable pool list: {0}")]
+    Unreadable(String),
+}
+
 /// How orchestratord asks a pool-managerd for its pools: the IO seam of the CLOUD poller
 /// (HTTP here; a scripted node in the in-process tests). The caller bounds the time.
 pub(crate) trait NodeApi: Send + Sync + 'static {
@@ -262,7 +277,7 @@ pub(crate) trait NodeApi: Send + Sync + 'static {
         base_url: &'a str,
         credential: Option<&'a str>,
         headers: reqwest::header::HeaderMap,
-    ) -> BoxFuture<'a, Result<PoolsResponse, String>>;
+    ) -> BoxFuture<'a, Result<PoolsResponse, PollError>>;
 }
 
 /// The largest pool list a node may answer with (a few hundred pools fit in well under 1 MiB).
@@ -279,7 +294,7 @@ impl NodeApi for HttpNodes {
         base_url: &'a str,
         credential: Option<&'a str>,
         headers: reqwest::header::HeaderMap,
-    ) -> BoxFuture<'a, Result<PoolsResponse, String>> {
+    ) -> BoxFuture<'a, Result<PoolsResponse, PollError>> {
         async move {
             let mut req = self
                 .http
@@ -291,18 +306,14 @@ impl NodeApi for HttpNodes {
             let resp = req
                 .send()
                 .await
-                .map_err(|e| format!("unreachable: {}", llamacpp_client::error_chain(&e)))?;
+                .map_err(|e| PollError::Unreachable(llamacpp_client::error_chain(&e)))?;
             match resp.status() {
-                reqwest::StatusCode::UNAUTHORIZED => {
-                    Err("pool-managerd refused our token (401): tokens differ".into())
-                }
-                s if !s.is_success() => Err(format!("pool-managerd answered {s}")),
+                reqwest::StatusCode::UNAUTHORIZED => Err(PollError::TokenRefused),
+                s if !s.is_success() => Err(PollError::Status(s.as_u16())),
                 _ => {
-                    let body = crate::engine::read_capped(resp, POLL_BODY_MAX, "pool list")
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let body = crate::engine::read_capped(resp, POLL_BODY_MAX, "pool list").await?;
                     serde_json::from_slice::<PoolsResponse>(&body)
-                        .map_err(|e| format!("unreadable pool list: {e}"))
+                        .map_err(|e| PollError::Unreadable(e.to_string()))
                 }
             }
         }
@@ -409,7 +420,7 @@ impl CloudSource {
         let credential = credential.map(auth_min::Token::expose);
         match tokio::time::timeout(timeout, self.nodes.pools(url, credential, headers)).await {
             Ok(Ok(p)) => PollResult::Ok(p),
-            Ok(Err(error)) => PollResult::Failed(error),
+            Ok(Err(error)) => PollResult::Failed(error.to_string()),
             Err(_) => PollResult::Failed(format!("no answer within {} ms", timeout.as_millis())),
         }
     }

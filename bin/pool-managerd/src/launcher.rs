@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
-use llamacpp_client::{EngineClient, Health, Slot};
+use llamacpp_client::{EngineClient, EngineError, Health, Slot};
 use parking_lot::RwLock;
 
 use crate::engine_process::{self, EngineProcess, SpawnRequest};
@@ -92,18 +92,18 @@ pub(crate) trait Probe: Send + Sync + 'static {
         &'a self,
         url: &'a str,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Health, String>>;
+    ) -> BoxFuture<'a, Result<Health, EngineError>>;
     fn slots<'a>(
         &'a self,
         url: &'a str,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Vec<Slot>, String>>;
+    ) -> BoxFuture<'a, Result<Vec<Slot>, EngineError>>;
     /// The engine's own Prometheus samples.
     fn metrics<'a>(
         &'a self,
         url: &'a str,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Vec<(String, f64)>, String>>;
+    ) -> BoxFuture<'a, Result<Vec<(String, f64)>, EngineError>>;
 }
 
 /// Engines as child processes (`engine_process`), each with a fresh API key.
@@ -190,42 +190,24 @@ impl Probe for HttpProbe {
         &'a self,
         url: &'a str,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Health, String>> {
-        async move {
-            self.client(url, timeout)
-                .health()
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .boxed()
+    ) -> BoxFuture<'a, Result<Health, EngineError>> {
+        async move { self.client(url, timeout).health().await }.boxed()
     }
 
     fn slots<'a>(
         &'a self,
         url: &'a str,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Vec<Slot>, String>> {
-        async move {
-            self.client(url, timeout)
-                .slots()
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .boxed()
+    ) -> BoxFuture<'a, Result<Vec<Slot>, EngineError>> {
+        async move { self.client(url, timeout).slots().await }.boxed()
     }
 
     fn metrics<'a>(
         &'a self,
         url: &'a str,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Vec<(String, f64)>, String>> {
-        async move {
-            self.client(url, timeout)
-                .metrics()
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .boxed()
+    ) -> BoxFuture<'a, Result<Vec<(String, f64)>, EngineError>> {
+        async move { self.client(url, timeout).metrics().await }.boxed()
     }
 }
 

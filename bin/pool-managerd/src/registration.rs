@@ -15,17 +15,25 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Registration;
 use crate::state::Shared;
 
+/// No answer came from orchestratord (connection refused, reset, timed out, TLS refused).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("orchestratord unreachable: {0}")]
+pub(crate) struct Unreachable(pub String);
+
 /// How this node speaks to orchestratord's node endpoints: the IO seam of registration (HTTP
 /// with the token here; scripted in the in-process tests). Each answers the HTTP status, or
 /// why there was none.
 pub(crate) trait ControlPlane: Send + Sync + 'static {
-    fn register<'a>(&'a self, body: &'a NodeRegistration) -> BoxFuture<'a, Result<u16, String>>;
+    fn register<'a>(
+        &'a self,
+        body: &'a NodeRegistration,
+    ) -> BoxFuture<'a, Result<u16, Unreachable>>;
     fn heartbeat<'a>(
         &'a self,
         node_id: &'a str,
         body: &'a NodeHeartbeat,
-    ) -> BoxFuture<'a, Result<u16, String>>;
-    fn deregister<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<u16, String>>;
+    ) -> BoxFuture<'a, Result<u16, Unreachable>>;
+    fn deregister<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<u16, Unreachable>>;
 }
 
 pub(crate) struct HttpControlPlane {
@@ -35,18 +43,25 @@ pub(crate) struct HttpControlPlane {
 }
 
 impl HttpControlPlane {
-    async fn send(&self, rb: reqwest::RequestBuilder, timeout: Duration) -> Result<u16, String> {
+    async fn send(
+        &self,
+        rb: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<u16, Unreachable> {
         rb.bearer_auth(self.token.expose())
             .timeout(timeout)
             .send()
             .await
             .map(|r| r.status().as_u16())
-            .map_err(|e| llamacpp_client::error_chain(&e))
+            .map_err(|e| Unreachable(llamacpp_client::error_chain(&e)))
     }
 }
 
 impl ControlPlane for HttpControlPlane {
-    fn register<'a>(&'a self, body: &'a NodeRegistration) -> BoxFuture<'a, Result<u16, String>> {
+    fn register<'a>(
+        &'a self,
+        body: &'a NodeRegistration,
+    ) -> BoxFuture<'a, Result<u16, Unreachable>> {
         let rb = self
             .http
             .post(format!("{}/v2/nodes/register", self.base))
@@ -58,7 +73,7 @@ impl ControlPlane for HttpControlPlane {
         &'a self,
         node_id: &'a str,
         body: &'a NodeHeartbeat,
-    ) -> BoxFuture<'a, Result<u16, String>> {
+    ) -> BoxFuture<'a, Result<u16, Unreachable>> {
         let rb = self
             .http
             .post(format!("{}/v2/nodes/{node_id}/heartbeat", self.base))
@@ -66,7 +81,7 @@ impl ControlPlane for HttpControlPlane {
         self.send(rb, Duration::from_secs(5)).boxed()
     }
 
-    fn deregister<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<u16, String>> {
+    fn deregister<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<u16, Unreachable>> {
         let rb = self
             .http
             .delete(format!("{}/v2/nodes/{node_id}", self.base));

@@ -64,7 +64,8 @@ impl crate::cloud_source::NodeApi for ScriptedNodes {
         base_url: &'a str,
         credential: Option<&'a str>,
         headers: reqwest::header::HeaderMap,
-    ) -> BoxFuture<'a, Result<llorch_contracts::PoolsResponse, String>> {
+    ) -> BoxFuture<'a, Result<llorch_contracts::PoolsResponse, crate::cloud_source::PollError>>
+    {
         self.polls.fetch_add(1, Ordering::SeqCst);
         if let Some(id) = headers
             .get(llorch_http::CORRELATION_HEADER)
@@ -85,7 +86,11 @@ impl crate::cloud_source::NodeApi for ScriptedNodes {
         async move {
             use llorch_contracts::PoolState::Ready;
             let pools = match node {
-                Node::Down => return Err("unreachable: connection refused".into()),
+                Node::Down => {
+                    return Err(crate::cloud_source::PollError::Unreachable(
+                        "connection refused".into(),
+                    ))
+                }
                 Node::Hang => std::future::pending().await,
                 Node::Up(ids) => ids
                     .into_iter()

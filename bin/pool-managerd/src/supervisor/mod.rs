@@ -302,7 +302,7 @@ impl Supervisor {
             }
             Err(e) => {
                 m.with_label_values(&[&self.spec.id, "fail"]).inc();
-                Err(e)
+                Err(e.to_string())
             }
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
-use llamacpp_client::{Health, Slot};
+use llamacpp_client::{EngineError, Health, Slot};
 use llorch_contracts::PoolStatus;
 use llorch_core::Registry;
 use parking_lot::{Mutex, RwLock};
@@ -171,16 +171,19 @@ impl Probe for Scripted {
         &'a self,
         url: &'a str,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Health, String>> {
+    ) -> BoxFuture<'a, Result<Health, EngineError>> {
         async move {
-            let s = self.0.find(url).ok_or("no such engine")?;
+            let s = self
+                .0
+                .find(url)
+                .ok_or_else(|| EngineError::Unreachable("no such engine".into()))?;
             let now = Instant::now();
             if s.gone_at.is_some() {
-                return Err("connection refused".into());
+                return Err(EngineError::Unreachable("connection refused".into()));
             }
             if s.script.hangs_after.is_some_and(|h| now >= s.at + h) {
                 tokio::time::sleep(timeout).await;
-                return Err(format!("engine timed out after {timeout:?}"));
+                return Err(EngineError::Timeout(timeout));
             }
             match s.script.healthy_after {
                 Some(h) if now >= s.at + h => Ok(Health::Ok),
@@ -194,9 +197,12 @@ impl Probe for Scripted {
         &'a self,
         url: &'a str,
         _timeout: Duration,
-    ) -> BoxFuture<'a, Result<Vec<Slot>, String>> {
+    ) -> BoxFuture<'a, Result<Vec<Slot>, EngineError>> {
         async move {
-            let s = self.0.find(url).ok_or("no such engine")?;
+            let s = self
+                .0
+                .find(url)
+                .ok_or_else(|| EngineError::Unreachable("no such engine".into()))?;
             let busy = s
                 .script
                 .busy_until
@@ -219,7 +225,7 @@ impl Probe for Scripted {
         &'a self,
         _url: &'a str,
         _timeout: Duration,
-    ) -> BoxFuture<'a, Result<Vec<(String, f64)>, String>> {
+    ) -> BoxFuture<'a, Result<Vec<(String, f64)>, EngineError>> {
         async { Ok(Vec::new()) }.boxed()
     }
 }

@@ -13,19 +13,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::kit::*;
-use crate::registration::ControlPlane;
+use crate::registration::{ControlPlane, Unreachable};
 
 const MS: Duration = Duration::from_millis(1);
 
 /// A scripted orchestratord: answers calls from a queue (then 200/204), records each call.
 #[derive(Default)]
 struct Plane {
-    answers: Mutex<VecDeque<Result<u16, String>>>,
+    answers: Mutex<VecDeque<Result<u16, Unreachable>>>,
     calls: Mutex<Vec<(&'static str, Instant)>>,
 }
 
 impl Plane {
-    fn answer(&self, kind: &'static str) -> BoxFuture<'_, Result<u16, String>> {
+    fn answer(&self, kind: &'static str) -> BoxFuture<'_, Result<u16, Unreachable>> {
         self.calls.lock().push((kind, Instant::now()));
         let a = self.answers.lock().pop_front().unwrap_or(Ok(200));
         async move { a }.boxed()
@@ -37,17 +37,17 @@ impl Plane {
 }
 
 impl ControlPlane for Plane {
-    fn register<'a>(&'a self, _: &'a NodeRegistration) -> BoxFuture<'a, Result<u16, String>> {
+    fn register<'a>(&'a self, _: &'a NodeRegistration) -> BoxFuture<'a, Result<u16, Unreachable>> {
         self.answer("register")
     }
     fn heartbeat<'a>(
         &'a self,
         _: &'a str,
         _: &'a NodeHeartbeat,
-    ) -> BoxFuture<'a, Result<u16, String>> {
+    ) -> BoxFuture<'a, Result<u16, Unreachable>> {
         self.answer("heartbeat")
     }
-    fn deregister<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<u16, String>> {
+    fn deregister<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<u16, Unreachable>> {
         self.answer("deregister")
     }
 }
@@ -60,7 +60,7 @@ struct Node {
     _built: Built,
 }
 
-fn node(answers: Vec<Result<u16, String>>) -> Node {
+fn node(answers: Vec<Result<u16, Unreachable>>) -> Node {
     let built = build(&[
         "--api-token=registration-test-token-0123",
         "--orchestratord-url=http://orchestratord",
@@ -132,7 +132,7 @@ async fn a_node_orchestratord_forgot_registers_again_the_instant_a_heartbeat_ans
 // covers: CLOUD-4107
 #[tokio::test(start_paused = true)]
 async fn registration_retries_with_doubling_backoff_while_orchestratord_is_down() {
-    let down = || Err::<u16, String>("connection refused".into());
+    let down = || Err::<u16, Unreachable>(Unreachable("connection refused".into()));
     let n = node(vec![down(), down(), down(), down(), Ok(200)]);
     tokio::time::sleep(Duration::from_millis(4000)).await;
     tokio::task::yield_now().await;
