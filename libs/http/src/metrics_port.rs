@@ -17,8 +17,9 @@ use tokio::net::TcpListener;
 use crate::tls::ServerTls;
 use crate::{ApiError, ConnLimits, CORRELATION_HEADER};
 
-/// The metrics listener's address: the API's IP with `port`. Port 0 and the API's own port
-/// are refused with the variable's name.
+/// The metrics listener's address: the API's IP with `port`; 0 lets the kernel pick one (the
+/// bound address is logged: `metrics port listening`). The API's own port is refused with the
+/// variable's name.
 pub fn address(
     variable: &str,
     api: SocketAddr,
@@ -26,8 +27,7 @@ pub fn address(
 ) -> Result<Option<SocketAddr>, String> {
     match port {
         None => Ok(None),
-        Some(0) => Err(format!("{variable} must be a port between 1 and 65535")),
-        Some(p) if p == api.port() => Err(format!(
+        Some(p) if p != 0 && p == api.port() => Err(format!(
             "{variable} {p} is the API's own port; /metrics is served there already"
         )),
         Some(p) => Ok(Some(SocketAddr::new(api.ip(), p))),
@@ -90,16 +90,24 @@ mod tests {
 
     // covers: OBS-6105
     #[test]
-    fn the_address_is_the_apis_ip_with_the_port_and_bad_ports_are_refused() {
+    fn the_address_is_the_apis_ip_with_the_port_and_the_apis_own_port_is_refused() {
         let api: SocketAddr = "0.0.0.0:8080".parse().unwrap();
         assert_eq!(address("X_PORT", api, None), Ok(None));
         assert_eq!(
             address("X_PORT", api, Some(9464)),
             Ok(Some("0.0.0.0:9464".parse().unwrap()))
         );
-        assert!(address("X_PORT", api, Some(0))
-            .unwrap_err()
-            .contains("X_PORT must be a port"));
+        // 0: the kernel picks, as for the API itself on port 0.
+        assert_eq!(
+            address("X_PORT", api, Some(0)),
+            Ok(Some("0.0.0.0:0".parse().unwrap()))
+        );
+        let on_zero: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(
+            address("X_PORT", on_zero, Some(0)),
+            Ok(Some(on_zero)),
+            "two listeners on port 0 get two ports"
+        );
         assert!(address("X_PORT", api, Some(8080))
             .unwrap_err()
             .contains("the API's own port"));

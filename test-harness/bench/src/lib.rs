@@ -40,11 +40,83 @@ pub fn spawn(
         .with_context(|| format!("cannot start {}", bin.display()))
 }
 
-/// A free loopback port (the kernel picks it).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// The TCP addresses `pid` listens on, read from `/proc` (its socket inodes joined with the
+/// kernel's LISTEN table): a daemon or engine started on port 0 is found on the port the kernel
+/// gave it, so no port is picked in advance and released for another process to take.
+pub fn listening_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    l.strip_prefix("socket:[")
+                        .and_then(|r| r.strip_suffix(']'))
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state (0A: LISTEN), inode
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                if let Some(addr) = proc_addr(f[1]) {
+                    found.push(addr);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits + port (IPv6) as `/proc/net/tcp*` writes them.
+fn proc_addr(field: &str) -> Option<std::net::SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip: std::net::IpAddr = match ip.len() {
+        8 => std::net::Ipv4Addr::from(u32::from_be(u32::from_str_radix(ip, 16).ok()?)).into(),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, word) in (0..4).map(|w| &ip[w * 8..w * 8 + 8]).enumerate() {
+                let v = u32::from_str_radix(word, 16)
+                    .ok()?
+                    .swap_bytes()
+                    .to_be_bytes();
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&v);
+            }
+            std::net::Ipv6Addr::from(bytes).into()
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+/// Waits (30 s at most) until `child` listens, and answers its `http://` base URL.
+pub async fn listening_base(child: &tokio::process::Child) -> anyhow::Result<String> {
+    let pid = child.id().context("the child already exited")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(addr) = listening_addrs(pid).first() {
+            return Ok(format!("http://{addr}"));
+        }
+        if Instant::now() >= deadline {
+            bail!("process {pid} listens on nothing within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port this process holds without listening: a connection to it is refused, and no other
+/// process can take it while the socket lives.
+pub fn refusing_port() -> anyhow::Result<(tokio::net::TcpSocket, u16)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let port = socket.local_addr()?.port();
+    Ok((socket, port))
 }
 
 /// Polls `url` until it answers 200, for at most 30 s.
@@ -66,7 +138,7 @@ pub async fn wait_ok(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
 }
 
 /// A HOME orchestratord in front of one external engine: writes the engine's handoff file
-/// (pool `bench`, model `tiny`) into `runtime` and starts `binary` on a free port with `token`;
+/// (pool `bench`, model `tiny`) into `runtime` and starts `binary` on port 0 with `token`;
 /// returns the child and its base URL once it is ready.
 pub async fn home_orchestratord(
     http: &reqwest::Client,
@@ -78,9 +150,8 @@ pub async fn home_orchestratord(
 ) -> anyhow::Result<(tokio::process::Child, String)> {
     let file = llorch_contracts::HandoffFile::external("bench", engine_url, "tiny", slots);
     std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
-    let port = free_port()?;
     let child = tokio::process::Command::new(binary)
-        .env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORCHD_BIND_ADDR", "127.0.0.1:0")
         .env("ORCHD_RUNTIME_DIR", runtime)
         .env("ORCHD_DATA_DIR", runtime.join("orchestratord-data"))
         .env("LLORCH_API_TOKEN", token)
@@ -88,7 +159,7 @@ pub async fn home_orchestratord(
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let base = format!("http://127.0.0.1:{port}");
+    let base = listening_base(&child).await?;
     wait_ok(http, &format!("{base}/ready")).await?;
     Ok((child, base))
 }
@@ -198,7 +269,9 @@ pub async fn queue_only_orchestratord(
 ) -> anyhow::Result<(tokio::process::Child, String)> {
     let runtime = dir.join("run");
     std::fs::create_dir_all(&runtime)?;
-    let unreachable_engine = free_port()?;
+    // Held, not listening, for the rest of the run: connections to it are refused.
+    let (held, unreachable_engine) = refusing_port()?;
+    std::mem::forget(held);
     let file = llorch_contracts::HandoffFile::external(
         "bench",
         &format!("http://127.0.0.1:{unreachable_engine}"),
@@ -206,9 +279,8 @@ pub async fn queue_only_orchestratord(
         1,
     );
     std::fs::write(runtime.join("bench.json"), serde_json::to_vec(&file)?)?;
-    let port = free_port()?;
     let mut cmd = tokio::process::Command::new(binary);
-    cmd.env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
+    cmd.env("ORCHD_BIND_ADDR", "127.0.0.1:0")
         .env("ORCHD_DATA_DIR", dir.join("data"))
         .env("ORCHD_RUNTIME_DIR", &runtime)
         .env("LLORCH_API_TOKEN", TOKEN)
@@ -219,7 +291,7 @@ pub async fn queue_only_orchestratord(
         cmd.env(k, v);
     }
     let child = cmd.spawn().context("start orchestratord")?;
-    let base = format!("http://127.0.0.1:{port}");
+    let base = listening_base(&child).await?;
     wait_pools(
         http,
         &base,
@@ -271,18 +343,17 @@ pub async fn wait_pools(
     }
 }
 
-/// `stack`'s pool-managerd on `127.0.0.1:{port}` with the pools file `{dir}/pools.toml`, its
+/// `stack`'s pool-managerd on loopback port 0 (its address: [`listening_base`]) with the pools file `{dir}/pools.toml`, its
 /// runtime directory `runtime` and `stack`'s engine as its llama-server; killed when dropped.
 pub fn pool_managerd(
     stack: &StackBinaries,
     dir: &std::path::Path,
     runtime: &std::path::Path,
-    port: u16,
 ) -> anyhow::Result<tokio::process::Child> {
     spawn(
         &stack.pool_managerd,
         &[
-            ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}")),
+            ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".into()),
             (
                 "POOL_MANAGERD_CONFIG",
                 dir.join("pools.toml").display().to_string(),
@@ -294,4 +365,27 @@ pub fn pool_managerd(
             ),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_listener_of_this_process_is_found_on_the_port_the_kernel_gave_it() {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = std::net::TcpListener::bind("[::1]:0").ok();
+        let found = listening_addrs(std::process::id());
+        assert!(found.contains(&v4.local_addr().unwrap()), "{found:?}");
+        if let Some(v6) = v6 {
+            assert!(found.contains(&v6.local_addr().unwrap()), "{found:?}");
+        }
+        // A bound socket that does not listen is no listener.
+        let (held, port) = refusing_port().unwrap();
+        assert!(!listening_addrs(std::process::id())
+            .iter()
+            .any(|a| a.port() == port));
+        drop(held);
+    }
 }

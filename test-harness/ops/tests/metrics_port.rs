@@ -37,18 +37,17 @@ async fn status_of(req: reqwest::RequestBuilder) -> (u16, String) {
 async fn both_daemons_serve_metrics_alone_on_their_metrics_port_and_old_names_are_logged() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (pm_port, pm_metrics, orch_port, orch_metrics) =
-        (free_port(), free_port(), free_port(), free_port());
     let pm_log = d.join("pool-managerd.log");
-    let _pm = daemon(
+    let mut pm = daemon(
         "pool-managerd",
         &[
-            ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}")),
+            ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".into()),
             (
                 "POOL_MANAGERD_RUNTIME_DIR",
                 d.join("run").display().to_string(),
             ),
-            ("PROMETHEUS_METRICS_PORT", pm_metrics.to_string()),
+            // 0: the kernel picks, and the daemon logs what it bound.
+            ("PROMETHEUS_METRICS_PORT", "0".into()),
             ("POOL_MANAGERD_WATCH_INTERVAL_MS", "700".into()),
         ],
         &pm_log,
@@ -56,53 +55,56 @@ async fn both_daemons_serve_metrics_alone_on_their_metrics_port_and_old_names_ar
     .spawn()
     .unwrap();
     let orch_log = d.join("orchestratord.log");
-    let _orch = daemon(
+    let mut orch = daemon(
         "orchestratord",
         &[
-            ("ORCHD_BIND_ADDR", format!("127.0.0.1:{orch_port}")),
+            ("ORCHD_BIND_ADDR", "127.0.0.1:0".into()),
             ("ORCHD_RUNTIME_DIR", d.join("run").display().to_string()),
-            ("ORCHD_METRICS_PORT", orch_metrics.to_string()),
+            ("ORCHD_METRICS_PORT", "0".into()),
         ],
         &orch_log,
     )
     .spawn()
     .unwrap();
+    let wait = Duration::from_secs(30);
+    let orch_api = logged_addr(&mut orch, &orch_log, "orchestratord listening", wait).await;
+    let orch_metrics = logged_addr(&mut orch, &orch_log, "metrics port listening", wait).await;
+    let pm_api = logged_addr(&mut pm, &pm_log, "pool-managerd listening", wait).await;
+    let pm_metrics = logged_addr(&mut pm, &pm_log, "metrics port listening", wait).await;
     wait_http_ok(
         "orchestratord health",
-        &format!("http://127.0.0.1:{orch_port}/health"),
+        &format!("http://{orch_api}/health"),
         Duration::from_secs(30),
     )
     .await;
     wait_http_ok(
         "pool-managerd health",
-        &format!("http://127.0.0.1:{pm_port}/health"),
+        &format!("http://{pm_api}/health"),
         Duration::from_secs(30),
     )
     .await;
     let http = reqwest::Client::new();
 
     // orchestratord: the same open exposition on both ports; nothing else on the metrics port.
-    let (status, text) =
-        status_of(http.get(format!("http://127.0.0.1:{orch_metrics}/metrics"))).await;
+    let (status, text) = status_of(http.get(format!("http://{orch_metrics}/metrics"))).await;
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("# TYPE queue_depth gauge"), "{text}");
     for path in ["/v2/pools", "/health", "/ready", "/v2/tasks"] {
-        let (status, body) =
-            status_of(http.get(format!("http://127.0.0.1:{orch_metrics}{path}"))).await;
+        let (status, body) = status_of(http.get(format!("http://{orch_metrics}{path}"))).await;
         assert_eq!(status, 404, "{path}: {body}");
         assert!(body.contains("serves /metrics only"), "{body}");
     }
-    let (status, _) = status_of(http.get(format!("http://127.0.0.1:{orch_port}/metrics"))).await;
+    let (status, _) = status_of(http.get(format!("http://{orch_api}/metrics"))).await;
     assert_eq!(status, 200, "the API port keeps its /metrics");
 
     // pool-managerd: its metrics still need the node token on the metrics port.
-    let url = format!("http://127.0.0.1:{pm_metrics}/metrics");
+    let url = format!("http://{pm_metrics}/metrics");
     assert_eq!(status_of(http.get(&url)).await.0, 401);
     let (status, text) = status_of(http.get(&url).bearer_auth(TOKEN)).await;
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("auth_failures_total"), "{text}");
     let (status, _) = status_of(
-        http.get(format!("http://127.0.0.1:{pm_metrics}/v2/pools"))
+        http.get(format!("http://{pm_metrics}/v2/pools"))
             .bearer_auth(TOKEN),
     )
     .await;
@@ -139,10 +141,7 @@ async fn an_old_and_a_new_name_that_disagree_refuse_the_start_and_a_taken_metric
     let out = daemon(
         "pool-managerd",
         &[
-            (
-                "POOL_MANAGERD_BIND_ADDR",
-                format!("127.0.0.1:{}", free_port()),
-            ),
+            ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".to_string()),
             (
                 "POOL_MANAGERD_RUNTIME_DIR",
                 d.join("run").display().to_string(),
@@ -169,7 +168,7 @@ async fn an_old_and_a_new_name_that_disagree_refuse_the_start_and_a_taken_metric
     let out = daemon(
         "orchestratord",
         &[
-            ("ORCHD_BIND_ADDR", format!("127.0.0.1:{}", free_port())),
+            ("ORCHD_BIND_ADDR", "127.0.0.1:0".to_string()),
             ("ORCHD_RUNTIME_DIR", d.join("run").display().to_string()),
             ("PROMETHEUS_METRICS_PORT", port.to_string()),
         ],

@@ -146,16 +146,17 @@ async fn http_receiver(listener: TcpListener, sink: Sink) {
 /// A pool-managerd without pools exporting to `endpoint` (no protocol variable): a few
 /// requests make request spans, SIGTERM flushes them.
 async fn run_node_exporting_to(endpoint: &str, dir: &std::path::Path) -> String {
-    let port = free_port();
-    let log = dir.join(format!("pool-managerd-{port}.log"));
+    // One directory per exporter (two nodes run side by side).
+    let name: String = endpoint.chars().filter(char::is_ascii_digit).collect();
+    let log = dir.join(format!("pool-managerd-{name}.log"));
     let file = std::fs::File::create(&log).unwrap();
     let mut node = Command::new(workspace_binary("pool-managerd"))
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
-        .env("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0")
         .env("POOL_MANAGERD_ALLOW_UNAUTHENTICATED_LOOPBACK", "true")
-        .env("POOL_MANAGERD_RUNTIME_DIR", dir.join(format!("run-{port}")))
+        .env("POOL_MANAGERD_RUNTIME_DIR", dir.join(format!("run-{name}")))
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         .stdin(Stdio::null())
         .stdout(Stdio::from(file.try_clone().unwrap()))
@@ -163,7 +164,14 @@ async fn run_node_exporting_to(endpoint: &str, dir: &std::path::Path) -> String 
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let health = format!("http://127.0.0.1:{port}/health");
+    let addr = logged_addr(
+        &mut node,
+        &log,
+        "pool-managerd listening",
+        Duration::from_secs(20),
+    )
+    .await;
+    let health = format!("http://{addr}/health");
     wait_http_ok("pool-managerd health", &health, Duration::from_secs(20)).await;
     for _ in 0..3 {
         reqwest::get(&health).await.unwrap();

@@ -19,7 +19,8 @@ fn spawn(
     let file = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new(bin);
     cmd.env("LLORCH_API_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
+        // Info from the daemons themselves: the line naming the address each bound.
+        .env("RUST_LOG", "warn,orchestratord=info,pool_managerd=info")
         .stdin(Stdio::null())
         .stdout(Stdio::from(file.try_clone().unwrap()))
         .stderr(Stdio::from(file))
@@ -64,11 +65,11 @@ async fn prometheus_scrapes_both_live_daemons_with_the_rules_loaded() {
         ),
     )
     .unwrap();
-    let (pm_port, orch_port, prom_port) = (free_port(), free_port(), free_port());
-    let _pm = spawn(
+    let pm_log = d.join("pool-managerd.log");
+    let mut pm = spawn(
         &workspace_binary("pool-managerd"),
         &[
-            ("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}")),
+            ("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0".into()),
             (
                 "POOL_MANAGERD_CONFIG",
                 d.join("pools.toml").display().to_string(),
@@ -82,20 +83,24 @@ async fn prometheus_scrapes_both_live_daemons_with_the_rules_loaded() {
                 engine_binary().display().to_string(),
             ),
         ],
-        &d.join("pool-managerd.log"),
+        &pm_log,
     );
-    let _orch = spawn(
+    let orch_log = d.join("orchestratord.log");
+    let mut orch = spawn(
         &workspace_binary("orchestratord"),
         &[
-            ("ORCHD_BIND_ADDR", format!("127.0.0.1:{orch_port}")),
+            ("ORCHD_BIND_ADDR", "127.0.0.1:0".into()),
             ("ORCHD_RUNTIME_DIR", d.join("run").display().to_string()),
             ("ORCHD_DATA_DIR", d.join("data").display().to_string()),
         ],
-        &d.join("orchestratord.log"),
+        &orch_log,
     );
+    let wait = Duration::from_secs(30);
+    let pm_addr = logged_addr(&mut pm, &pm_log, "pool-managerd listening", wait).await;
+    let orch_addr = logged_addr(&mut orch, &orch_log, "orchestratord listening", wait).await;
     wait_http_ok(
         "orchestratord ready",
-        &format!("http://127.0.0.1:{orch_port}/ready"),
+        &format!("http://{orch_addr}/ready"),
         Duration::from_secs(30),
     )
     .await;
@@ -107,7 +112,7 @@ async fn prometheus_scrapes_both_live_daemons_with_the_rules_loaded() {
     std::fs::write(
         d.join("prometheus.yml"),
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: orchestratord\n    static_configs:\n      - targets: ['127.0.0.1:{orch_port}']\n  - job_name: pool-managerd\n    authorization:\n      credentials_file: {token}\n    static_configs:\n      - targets: ['127.0.0.1:{pm_port}']\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: orchestratord\n    static_configs:\n      - targets: ['{orch_addr}']\n  - job_name: pool-managerd\n    authorization:\n      credentials_file: {token}\n    static_configs:\n      - targets: ['{pm_addr}']\n",
             rules = rules.display(),
             token = token_file.display()
         ),
@@ -121,14 +126,22 @@ async fn prometheus_scrapes_both_live_daemons_with_the_rules_loaded() {
             d.join("prometheus.yml").display()
         ))
         .arg(format!("--storage.tsdb.path={}", d.join("tsdb").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .arg("--web.listen-address=127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::from(file.try_clone().unwrap()))
         .stderr(Stdio::from(file))
         .kill_on_drop(true)
         .spawn()
         .expect("prometheus not found: `make test` installs Debian's prometheus package");
-    let prom = format!("http://127.0.0.1:{prom_port}");
+    // Prometheus logs the port the kernel gave it: `msg="Listening on" address=HOST:PORT`.
+    let prom_addr = wait_for("prometheus listening", wait, || async {
+        let text = std::fs::read_to_string(&prom_log).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("msg=\"Listening on\""))
+            .find_map(|l| l.split_once("address=").map(|(_, a)| a.trim().to_string()))
+    })
+    .await;
+    let prom = format!("http://{prom_addr}");
     let http = reqwest::Client::new();
     let series = wait_for("both daemons scraped", Duration::from_secs(30), || async {
         let pm = query(

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use llorch_bench::{free_port, percentile, pool_managerd, spawn, via_orchestratord, TOKEN};
+use llorch_bench::{listening_base, percentile, pool_managerd, spawn, via_orchestratord, TOKEN};
 
 #[derive(Parser)]
 struct Args {
@@ -136,8 +136,8 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     std::fs::write(dir.join("pools.toml"), pools)?;
-    let pm_port = free_port()?;
-    let _pm = pool_managerd(&a.stack, &dir, &runtime, pm_port)?;
+    let pm = pool_managerd(&a.stack, &dir, &runtime)?;
+    let pm_base = listening_base(&pm).await?;
     let http = reqwest::Client::builder().build()?;
     let mut results: Vec<(bool, Vec<f64>, Vec<f64>, f64)> = Vec::new();
     let nonce0: u64 = std::time::SystemTime::now()
@@ -145,21 +145,17 @@ async fn main() -> anyhow::Result<()> {
         .as_millis() as u64;
     for r in 0..a.rounds * 2 {
         let aware = r % 2 == 0;
-        let port = free_port()?;
         let mut orch = spawn(
             &a.stack.orchestratord,
             &[
-                ("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}")),
+                ("ORCHD_BIND_ADDR", "127.0.0.1:0".into()),
                 ("ORCHD_RUNTIME_DIR", runtime.display().to_string()),
-                (
-                    "ORCHD_POOL_MANAGER_URL",
-                    format!("http://127.0.0.1:{pm_port}"),
-                ),
+                ("ORCHD_POOL_MANAGER_URL", pm_base.clone()),
                 ("ORCHD_JOURNAL", "none".into()),
                 ("ORCHD_CACHE_AWARE", aware.to_string()),
             ],
         )?;
-        let base = format!("http://127.0.0.1:{port}");
+        let base = listening_base(&orch).await?;
         llorch_bench::wait_pools(
             &http,
             &base,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use clap::Parser;
-use llorch_bench::{free_port, summary, via_orchestratord, wait_ok, TOKEN};
+use llorch_bench::{listening_base, summary, via_orchestratord, wait_ok, TOKEN};
 
 #[derive(Parser)]
 struct Args {
@@ -19,16 +19,17 @@ struct Args {
     tokens: u32,
 }
 
-fn orchestratord(
+/// An orchestratord on port 0 with its data under `name`; its base URL once it listens.
+async fn orchestratord(
     bin: &PathBuf,
-    port: u16,
+    name: &str,
     env: &[(&str, String)],
-) -> anyhow::Result<tokio::process::Child> {
+) -> anyhow::Result<(tokio::process::Child, String)> {
     let mut cmd = tokio::process::Command::new(bin);
-    cmd.env("ORCHD_BIND_ADDR", format!("127.0.0.1:{port}"))
+    cmd.env("ORCHD_BIND_ADDR", "127.0.0.1:0")
         .env(
             "ORCHD_DATA_DIR",
-            std::env::temp_dir().join(format!("llorch-bench-{}-{port}", std::process::id())),
+            std::env::temp_dir().join(format!("llorch-bench-{}-{name}", std::process::id())),
         )
         .env("LLORCH_API_TOKEN", TOKEN)
         .env("RUST_LOG", "warn")
@@ -37,7 +38,9 @@ fn orchestratord(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    Ok(cmd.spawn()?)
+    let child = cmd.spawn()?;
+    let base = listening_base(&child).await?;
+    Ok((child, base))
 }
 
 #[tokio::main]
@@ -54,9 +57,8 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     let http = reqwest::Client::new();
-    let pm_port = free_port()?;
-    let _pm = tokio::process::Command::new(&a.stack.pool_managerd)
-        .env("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}"))
+    let pm = tokio::process::Command::new(&a.stack.pool_managerd)
+        .env("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0")
         .env("POOL_MANAGERD_CONFIG", dir.join("pools.toml"))
         .env("POOL_MANAGERD_RUNTIME_DIR", &runtime)
         .env("POOL_MANAGERD_ENGINE_BINARY", &a.stack.engine)
@@ -65,24 +67,23 @@ async fn main() -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let home_port = free_port()?;
-    let cloud_port = free_port()?;
-    let _home = orchestratord(
+    let pm_base = listening_base(&pm).await?;
+    let (_home, home) = orchestratord(
         &a.stack.orchestratord,
-        home_port,
+        "home",
         &[("ORCHD_RUNTIME_DIR", runtime.display().to_string())],
-    )?;
-    let _cloud = orchestratord(
+    )
+    .await?;
+    let (_cloud, cloud) = orchestratord(
         &a.stack.orchestratord,
-        cloud_port,
+        "cloud",
         &[
             ("ORCHD_PROFILE", "cloud".into()),
-            ("ORCHD_POOL_MANAGERS", format!("http://127.0.0.1:{pm_port}")),
+            ("ORCHD_POOL_MANAGERS", pm_base),
             ("ORCHD_POOL_POLL_INTERVAL_MS", "1000".into()),
         ],
-    )?;
-    let home = format!("http://127.0.0.1:{home_port}");
-    let cloud = format!("http://127.0.0.1:{cloud_port}");
+    )
+    .await?;
     wait_ok(&http, &format!("{home}/ready")).await?;
     wait_ok(&http, &format!("{cloud}/ready")).await?;
 

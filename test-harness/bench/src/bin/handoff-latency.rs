@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use llorch_bench::{free_port, percentile, wait_ok, TOKEN};
+use llorch_bench::{listening_base, percentile, wait_ok, TOKEN};
 use llorch_contracts::HandoffFile;
 
 #[derive(Parser)]
@@ -31,7 +31,6 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&runtime)?;
     let http = reqwest::Client::new();
 
-    let engine_port = free_port()?;
     let mut engine = tokio::process::Command::new(&args.engine)
         .args([
             "--model",
@@ -39,25 +38,17 @@ async fn main() -> anyhow::Result<()> {
             "--host",
             "127.0.0.1",
         ])
-        .args([
-            "--port",
-            &engine_port.to_string(),
-            "--parallel",
-            "1",
-            "--threads",
-            "1",
-        ])
+        .args(["--port", "0", "--parallel", "1", "--threads", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .context("start llama-server")?;
-    let engine_url = format!("http://127.0.0.1:{engine_port}");
+    let engine_url = listening_base(&engine).await?;
     wait_ok(&http, &format!("{engine_url}/health")).await?;
 
-    let pm_port = free_port()?;
     let mut pm = tokio::process::Command::new(&args.pool_managerd)
-        .env("POOL_MANAGERD_BIND_ADDR", format!("127.0.0.1:{pm_port}"))
+        .env("POOL_MANAGERD_BIND_ADDR", "127.0.0.1:0")
         .env("POOL_MANAGERD_RUNTIME_DIR", &runtime)
         .env("LLORCH_API_TOKEN", TOKEN)
         .env("RUST_LOG", "warn")
@@ -65,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()
         .context("start pool-managerd")?;
-    let base = format!("http://127.0.0.1:{pm_port}");
+    let base = listening_base(&pm).await?;
     wait_ok(&http, &format!("{base}/health")).await?;
 
     let mut samples = Vec::with_capacity(args.files);

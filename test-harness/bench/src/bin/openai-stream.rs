@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use llorch_bench::{free_port, home_orchestratord, percentile, wait_ok, TOKEN};
+use llorch_bench::{home_orchestratord, listening_base, percentile, wait_ok, TOKEN};
 use llorch_client::SseParser;
 
 #[derive(Parser)]
@@ -160,17 +160,16 @@ async fn main() -> anyhow::Result<()> {
     let runtime = dir.join("run");
     std::fs::create_dir_all(&runtime)?;
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
-    let eport = free_port()?;
     let slots = a.concurrency.to_string();
     let mut engine = tokio::process::Command::new(&a.engine)
         .args(["--model", &a.model.display().to_string()])
-        .args(["--host", "127.0.0.1", "--port", &eport.to_string()])
+        .args(["--host", "127.0.0.1", "--port", "0"])
         .args(["--parallel", &slots, "--threads", "1", "--ctx-size", "8192"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let engine_url = format!("http://127.0.0.1:{eport}");
+    let engine_url = listening_base(&engine).await?;
     wait_ok(&http, &format!("{engine_url}/health")).await?;
     let (mut orch, base) = home_orchestratord(
         &http,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use llorch_bench::{
-    free_port, pool_managerd, read_stream, spawn, via_orchestratord, wait_ok, TOKEN,
+    listening_base, pool_managerd, read_stream, spawn, via_orchestratord, wait_ok, TOKEN,
 };
 
 #[derive(Parser)]
@@ -182,12 +182,12 @@ async fn main() -> anyhow::Result<()> {
             a.streams as u32 * (a.tokens + 64),
         ),
     )?;
-    let (pm_port, home_port, cloud_port) = (free_port()?, free_port()?, free_port()?);
-    let pm = pool_managerd(&a.stack, &dir, &runtime, pm_port)?;
+    let pm = pool_managerd(&a.stack, &dir, &runtime)?;
+    let pm_base = listening_base(&pm).await?;
     let home = spawn(
         &a.stack.orchestratord,
         &[
-            ("ORCHD_BIND_ADDR", format!("127.0.0.1:{home_port}")),
+            ("ORCHD_BIND_ADDR", "127.0.0.1:0".into()),
             ("ORCHD_RUNTIME_DIR", runtime.display().to_string()),
             (
                 "ORCHD_DATA_DIR",
@@ -198,13 +198,13 @@ async fn main() -> anyhow::Result<()> {
     let cloud = spawn(
         &a.stack.orchestratord,
         &[
-            ("ORCHD_BIND_ADDR", format!("127.0.0.1:{cloud_port}")),
+            ("ORCHD_BIND_ADDR", "127.0.0.1:0".into()),
             (
                 "ORCHD_DATA_DIR",
                 runtime.join("cloud-data").display().to_string(),
             ),
             ("ORCHD_PROFILE", "cloud".into()),
-            ("ORCHD_POOL_MANAGERS", format!("http://127.0.0.1:{pm_port}")),
+            ("ORCHD_POOL_MANAGERS", pm_base.clone()),
         ],
     )?;
     let d = Daemons {
@@ -213,9 +213,9 @@ async fn main() -> anyhow::Result<()> {
             cloud.id().context("CLOUD orchestratord exited")?,
             pm.id().context("pool-managerd exited")?,
         ],
-        home: format!("http://127.0.0.1:{home_port}"),
-        cloud: format!("http://127.0.0.1:{cloud_port}"),
-        pm: format!("http://127.0.0.1:{pm_port}"),
+        home: listening_base(&home).await?,
+        cloud: listening_base(&cloud).await?,
+        pm: pm_base,
         engine: String::new(),
         engine_key: None,
     };

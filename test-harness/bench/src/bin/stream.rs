@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use llorch_bench::{
-    free_port, home_orchestratord, read_stream, summary, via_orchestratord, wait_ok, TOKEN,
+    home_orchestratord, listening_base, read_stream, summary, via_orchestratord, wait_ok, TOKEN,
 };
 
 #[derive(Parser)]
@@ -34,7 +34,6 @@ async fn main() -> anyhow::Result<()> {
     let runtime = dir.join("run");
     std::fs::create_dir_all(&runtime)?;
     let http = reqwest::Client::new();
-    let eport = free_port()?;
     let mut engine = tokio::process::Command::new(&a.engine)
         .args([
             "--model",
@@ -42,14 +41,14 @@ async fn main() -> anyhow::Result<()> {
             "--host",
             "127.0.0.1",
             "--port",
-            &eport.to_string(),
+            "0",
         ])
         .args(["--parallel", "1", "--threads", "1", "--ctx-size", "4096"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let engine_url = format!("http://127.0.0.1:{eport}");
+    let engine_url = listening_base(&engine).await?;
     wait_ok(&http, &format!("{engine_url}/health")).await?;
     let (mut orch, base) =
         home_orchestratord(&http, &a.orchestratord, &runtime, &engine_url, 1, TOKEN).await?;
