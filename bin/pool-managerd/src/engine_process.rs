@@ -244,7 +244,8 @@ fn signal_process_and_group(pid: u32, signal: libc::c_int) {
 
 impl EngineProcess {
     /// The port it listens on, once known: the pools file's, or the one its log reports (read
-    /// on from where the last call stopped; `None` until the line is there).
+    /// on from where the last call stopped; `None` until the line is there) when the engine
+    /// process does listen on it.
     pub fn locate(&mut self) -> Option<u16> {
         use std::io::{BufRead, Seek};
         if self.port.is_some() {
@@ -260,12 +261,25 @@ impl EngineProcess {
                 // A line not ended yet is read again next time.
                 Ok(n) if n > 0 && line.ends_with(b"\n") => {
                     self.log_read += n as u64;
-                    if let Some(port) =
+                    let Some(port) =
                         llamacpp_client::listening_port(&String::from_utf8_lossy(&line))
+                    else {
+                        continue;
+                    };
+                    // Only a port the engine itself listens on: its log is its own to write,
+                    // and the engine's key and its requests go where it points.
+                    if llamacpp_client::listening_addrs(self.pid)
+                        .iter()
+                        .any(|a| a.port() == port)
                     {
                         self.port = Some(port);
                         return self.port;
                     }
+                    tracing::warn!(
+                        pid = self.pid,
+                        port,
+                        "the engine named a port it does not listen on; not taken"
+                    );
                 }
                 _ => return None,
             }
@@ -420,9 +434,12 @@ mod tests {
         let log = dir.path().join("p.log");
         // An earlier start's line stays in the file.
         std::fs::write(&log, "listening on http://127.0.0.1:1111\n").unwrap();
+        // This test process stands in for the engine: it listens on the port the log names.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
         let mut process = EngineProcess {
             child: Command::new("true").spawn().unwrap(),
-            pid: 0,
+            pid: std::process::id(),
             port: None,
             log_read: std::fs::metadata(&log).unwrap().len(),
             log_path: log.clone(),
@@ -434,12 +451,16 @@ mod tests {
         assert_eq!(process.locate(), None);
         let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
         use std::io::Write;
+        // A port the engine does not listen on is not taken.
+        writeln!(f, "listening on http://127.0.0.1:1").unwrap();
+        assert_eq!(process.locate(), None);
         // A line not yet ended is not taken.
-        write!(f, "loading\nsrv listening on http://127.0.0.1:2222").unwrap();
+        write!(f, "loading\nsrv listening on http://127.0.0.1:{port}").unwrap();
         assert_eq!(process.locate(), None);
         writeln!(f, " now").unwrap();
-        assert_eq!(process.locate(), Some(2222));
-        assert_eq!(process.locate(), Some(2222));
+        assert_eq!(process.locate(), Some(port));
+        assert_eq!(process.locate(), Some(port));
+        drop(listener);
     }
 
     // covers: POOL-3120

@@ -154,6 +154,62 @@ fn classify(e: reqwest::Error, timeout: Duration) -> EngineError {
     }
 }
 
+/// The TCP addresses `pid` listens on, read from `/proc` (its socket inodes joined with the
+/// kernel's LISTEN table): an engine (or daemon) started on port 0 is found on the port the kernel
+/// gave it, and a port a process reports can be checked to be its own. Linux only (empty
+/// elsewhere).
+pub fn listening_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    l.strip_prefix("socket:[")
+                        .and_then(|r| r.strip_suffix(']'))
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state (0A: LISTEN), inode
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                if let Some(addr) = proc_addr(f[1]) {
+                    found.push(addr);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits + port (IPv6) as `/proc/net/tcp*` writes them.
+fn proc_addr(field: &str) -> Option<std::net::SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip: std::net::IpAddr = match ip.len() {
+        8 => std::net::Ipv4Addr::from(u32::from_be(u32::from_str_radix(ip, 16).ok()?)).into(),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, word) in (0..4).map(|w| &ip[w * 8..w * 8 + 8]).enumerate() {
+                let v = u32::from_str_radix(word, 16)
+                    .ok()?
+                    .swap_bytes()
+                    .to_be_bytes();
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&v);
+            }
+            std::net::Ipv6Addr::from(bytes).into()
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
 /// The port in an engine's log line `... listening on http://HOST:PORT ...`: llama-server
 /// started with `--port 0` binds a port the kernel gives it and says which here.
 pub fn listening_port(line: &str) -> Option<u16> {

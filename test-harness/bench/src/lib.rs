@@ -40,67 +40,12 @@ pub fn spawn(
         .with_context(|| format!("cannot start {}", bin.display()))
 }
 
-/// The TCP addresses `pid` listens on, read from `/proc` (its socket inodes joined with the
-/// kernel's LISTEN table): a daemon or engine started on port 0 is found on the port the kernel
-/// gave it, so no port is picked in advance and released for another process to take.
-pub fn listening_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter_map(|l| {
-                    let l = l.to_string_lossy().into_owned();
-                    l.strip_prefix("socket:[")
-                        .and_then(|r| r.strip_suffix(']'))
-                        .map(str::to_string)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut found = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // local_address, state (0A: LISTEN), inode
-            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
-                if let Some(addr) = proc_addr(f[1]) {
-                    found.push(addr);
-                }
-            }
-        }
-    }
-    found
-}
-
-/// `0100007F:1F90` (IPv4) or 32 hex digits + port (IPv6) as `/proc/net/tcp*` writes them.
-fn proc_addr(field: &str) -> Option<std::net::SocketAddr> {
-    let (ip, port) = field.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let ip: std::net::IpAddr = match ip.len() {
-        8 => std::net::Ipv4Addr::from(u32::from_be(u32::from_str_radix(ip, 16).ok()?)).into(),
-        32 => {
-            let mut bytes = [0u8; 16];
-            for (i, word) in (0..4).map(|w| &ip[w * 8..w * 8 + 8]).enumerate() {
-                let v = u32::from_str_radix(word, 16)
-                    .ok()?
-                    .swap_bytes()
-                    .to_be_bytes();
-                bytes[i * 4..i * 4 + 4].copy_from_slice(&v);
-            }
-            std::net::Ipv6Addr::from(bytes).into()
-        }
-        _ => return None,
-    };
-    Some(std::net::SocketAddr::new(ip, port))
-}
-
 /// Waits (30 s at most) until `child` listens, and answers its `http://` base URL.
 pub async fn listening_base(child: &tokio::process::Child) -> anyhow::Result<String> {
     let pid = child.id().context("the child already exited")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(addr) = listening_addrs(pid).first() {
+        if let Some(addr) = llamacpp_client::listening_addrs(pid).first() {
             return Ok(format!("http://{addr}"));
         }
         if Instant::now() >= deadline {
@@ -376,14 +321,14 @@ mod tests {
     fn a_listener_of_this_process_is_found_on_the_port_the_kernel_gave_it() {
         let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let v6 = std::net::TcpListener::bind("[::1]:0").ok();
-        let found = listening_addrs(std::process::id());
+        let found = llamacpp_client::listening_addrs(std::process::id());
         assert!(found.contains(&v4.local_addr().unwrap()), "{found:?}");
         if let Some(v6) = v6 {
             assert!(found.contains(&v6.local_addr().unwrap()), "{found:?}");
         }
         // A bound socket that does not listen is no listener.
         let (held, port) = refusing_port().unwrap();
-        assert!(!listening_addrs(std::process::id())
+        assert!(!llamacpp_client::listening_addrs(std::process::id())
             .iter()
             .any(|a| a.port() == port));
         drop(held);
