@@ -51,6 +51,11 @@ pub struct Args {
         default_value_t = 1000
     )]
     pub handoff_watch_interval_ms: u64,
+    /// Watch the handoff directory with the kernel's file events (inotify) as well as the
+    /// periodic rescan; `false` on filesystems whose writes the kernel does not report (network
+    /// filesystems, some FUSE mounts): the rescan alone.
+    #[arg(long, env = "POOL_MANAGERD_HANDOFF_NOTIFY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub handoff_notify: bool,
     /// Delete a handoff file written by an external provisioner once it has been ingested.
     #[arg(
         long,
@@ -256,6 +261,8 @@ pub struct Config {
     /// Canonical directories a `reload` may load a model from.
     pub model_dirs: Vec<PathBuf>,
     pub handoff_rescan: Duration,
+    /// POOL_MANAGERD_HANDOFF_NOTIFY: kernel file events besides the rescan.
+    pub handoff_notify: bool,
     pub auto_delete_handoff: bool,
     pub gpu_discovery_interval: Duration,
     pub health_interval: Duration,
@@ -471,6 +478,7 @@ impl Config {
                 "POOL_MANAGERD_HANDOFF_WATCH_INTERVAL_MS",
                 args.handoff_watch_interval_ms,
             )?,
+            handoff_notify: args.handoff_notify,
             auto_delete_handoff: args.auto_delete_handoff,
             gpu_discovery_interval: Duration::from_millis(args.gpu_discovery_interval_ms),
             health_interval: non_zero("POOL_MANAGERD_HEALTH_INTERVAL_MS", args.health_interval_ms)?,

@@ -44,9 +44,10 @@ impl HandoffWatcher {
     }
 
     pub async fn run(mut self) {
-        let (mut events, watcher) = llorch_handoff::watch_dir(
+        let (mut events, watcher) = llorch_handoff::watch_dir_with(
             self.shared.config.runtime_dir.clone(),
             self.shared.config.handoff_rescan,
+            self.shared.config.handoff_notify,
             self.cancel.child_token(),
         );
         while let Some(event) = events.recv().await {

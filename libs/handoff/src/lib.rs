@@ -7,4 +7,4 @@ mod watch;
 
 pub use engine_key::{key_path, read_key, remove_key, write_key};
 pub use file::{is_handoff_path, now_ms, path_for, remove, write_atomic};
-pub use watch::{watch_dir, HandoffEvent};
+pub use watch::{watch_dir, watch_dir_with, HandoffEvent};

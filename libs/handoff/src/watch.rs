@@ -52,11 +52,22 @@ pub fn watch_dir(
     rescan: Duration,
     cancel: CancellationToken,
 ) -> (mpsc::Receiver<HandoffEvent>, tokio::task::JoinHandle<()>) {
+    watch_dir_with(dir, rescan, true, cancel)
+}
+
+/// [`watch_dir`]; with `notify` false the periodic rescan alone (filesystems where the kernel
+/// reports no writes: network filesystems, some FUSE mounts).
+pub fn watch_dir_with(
+    dir: PathBuf,
+    rescan: Duration,
+    notify: bool,
+    cancel: CancellationToken,
+) -> (mpsc::Receiver<HandoffEvent>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(256);
     // `notify` names paths from the absolute form of what it watches: comparing them with a
     // relative `dir` would drop every event.
     let dir = std::path::absolute(&dir).unwrap_or(dir);
-    let handle = tokio::spawn(run(dir, rescan, cancel, tx));
+    let handle = tokio::spawn(run(dir, rescan, notify, cancel, tx));
     (rx, handle)
 }
 
@@ -165,6 +176,7 @@ fn may_change_content(kind: &EventKind) -> bool {
 async fn run(
     dir: PathBuf,
     rescan: Duration,
+    notify: bool,
     cancel: CancellationToken,
     tx: mpsc::Sender<HandoffEvent>,
 ) {
@@ -174,7 +186,7 @@ async fn run(
     }
     let inbox = Arc::new(Inbox::default());
     let mut scan = Scan {
-        watch: DirWatch::new(dir.clone(), Arc::clone(&inbox)),
+        watch: DirWatch::new(dir.clone(), Arc::clone(&inbox), notify),
         state: DirState {
             dir,
             known: HashMap::new(),
@@ -275,10 +287,12 @@ struct DirWatch {
     lost: bool,
     /// A failure to watch was logged: the same failure on later rescans is not.
     failure_logged: bool,
+    /// `false`: no watch is ever put (the periodic rescan alone).
+    notify: bool,
 }
 
 impl DirWatch {
-    fn new(dir: PathBuf, inbox: Arc<Inbox>) -> Self {
+    fn new(dir: PathBuf, inbox: Arc<Inbox>, notify: bool) -> Self {
         let mut watch = DirWatch {
             dir,
             inbox,
@@ -286,6 +300,7 @@ impl DirWatch {
             watches: 0,
             lost: false,
             failure_logged: false,
+            notify,
         };
         watch.refresh(None);
         watch
@@ -296,6 +311,10 @@ impl DirWatch {
     /// directory gone (a report of an older watch changes nothing). True when it moved: files
     /// may have come or gone unwatched, so a rescan is due.
     fn refresh(&mut self, left: Option<u64>) -> bool {
+        if !self.notify {
+            // Every tick is a rescan already.
+            return false;
+        }
         // Read before the watch is put: a directory replaced in between leaves an id that
         // differs, so the next refresh moves the watch again instead of trusting a stale one.
         let id = dir_id(&self.dir);
@@ -842,7 +861,7 @@ mod tests {
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("run");
         std::fs::create_dir(&dir).unwrap();
-        let mut watch = DirWatch::new(dir.clone(), Arc::new(Inbox::default()));
+        let mut watch = DirWatch::new(dir.clone(), Arc::new(Inbox::default()), true);
         let first = number(&watch).expect("watching the directory");
         assert!(!watch.refresh(None), "nothing changed");
 

@@ -77,6 +77,18 @@ impl Engines {
         self.spawned.lock().clone()
     }
 
+    /// An engine this daemon did not start (an external provisioner's), at `url`, behaving
+    /// as `script` from now.
+    pub fn external(&self, url: &str, script: EngineScript) {
+        self.spawned.lock().push(Spawned {
+            script,
+            at: Instant::now(),
+            url: url.to_string(),
+            stop_began: None,
+            gone_at: None,
+        });
+    }
+
     fn find(&self, url: &str) -> Option<Spawned> {
         self.spawned.lock().iter().find(|s| s.url == url).cloned()
     }

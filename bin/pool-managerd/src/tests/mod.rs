@@ -4,6 +4,7 @@
 //! millisecond. The process tests in `tests/it` prove the same on the real `llama-server`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod handoff_bounds;
 mod kit;
 mod proxy_bounds;
 mod registration_bounds;
