@@ -30,7 +30,7 @@ pub struct Metrics {
     pub pool_ejections: IntCounterVec,
     pools_available: IntGaugeVec,
     node_online: IntGaugeVec,
-    auth_failures: IntCounter,
+    auth_failures: IntCounterVec,
     per_address_refusals: IntCounter,
     /// Tokens and first-token latency of the last minutes, for the console (`GET /v2/overview`).
     pub rates: std::sync::Arc<crate::activity::Rates>,
@@ -173,11 +173,17 @@ impl Metrics {
                 g
             },
             auth_failures: {
-                let c = IntCounter::new(
-                    "auth_failures_total",
-                    "Requests refused for missing or wrong credentials (401).",
+                let c = IntCounterVec::new(
+                    Opts::new(
+                        "auth_failures_total",
+                        "Requests refused for their credentials (401, 403), by the route group they asked for (the role its routes need).",
+                    ),
+                    &["route_group"],
                 )?;
                 registry.register(Box::new(c.clone()))?;
+                for group in llorch_http::ROUTE_GROUPS {
+                    c.with_label_values(&[group.as_str()]).inc_by(0);
+                }
                 c
             },
             per_address_refusals: {
@@ -215,7 +221,12 @@ impl Metrics {
     /// Text exposition; pool and node gauges are set from their tables first, so a scrape
     /// always agrees with `GET /v2/pools` and `GET /v2/nodes`.
     pub fn render(&self, pools: &[(String, bool)], nodes: &[(String, bool)]) -> String {
-        sync_counter(&self.auth_failures, llorch_http::auth_failures());
+        for group in llorch_http::ROUTE_GROUPS {
+            sync_counter(
+                &self.auth_failures.with_label_values(&[group.as_str()]),
+                llorch_http::auth_failures_of(group),
+            );
+        }
         sync_counter(
             &self.per_address_refusals,
             llorch_http::per_address_refusals(),

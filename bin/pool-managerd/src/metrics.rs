@@ -9,7 +9,7 @@ use prometheus::{
 
 pub struct Metrics {
     registry: Registry,
-    auth_failures: prometheus::IntCounter,
+    auth_failures: prometheus::IntCounterVec,
     per_address_refusals: prometheus::IntCounter,
     pub handoff_processed: IntCounterVec,
     pub handoff_duration_ms: HistogramVec,
@@ -103,11 +103,17 @@ impl Metrics {
         registry.register(Box::new(pool_ready.clone()))?;
         registry.register(Box::new(slots_total.clone()))?;
         registry.register(Box::new(slots_free.clone()))?;
-        let auth_failures = prometheus::IntCounter::new(
-            "auth_failures_total",
-            "Requests refused for missing or wrong credentials (401).",
+        let auth_failures = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "auth_failures_total",
+                "Requests refused for their credentials (401, 403), by the route group they asked for (the role its routes need).",
+            ),
+            &["route_group"],
         )?;
         registry.register(Box::new(auth_failures.clone()))?;
+        for group in llorch_http::ROUTE_GROUPS {
+            auth_failures.with_label_values(&[group.as_str()]).inc_by(0);
+        }
         let per_address_refusals = prometheus::IntCounter::new(
             "connections_refused_per_address_total",
             "Connections closed at once: their source address held its most unauthenticated connections (POOL_MANAGERD_MAX_UNAUTHENTICATED_PER_ADDRESS).",
@@ -164,13 +170,17 @@ impl Metrics {
 
     /// Renders the text exposition, with pool gauges taken from `pools`.
     pub fn render(&self, pools: &[PoolStatus]) -> String {
-        for (counter, total) in [
-            (&self.auth_failures, llorch_http::auth_failures()),
+        let groups = llorch_http::ROUTE_GROUPS.map(|g| {
             (
-                &self.per_address_refusals,
-                llorch_http::per_address_refusals(),
-            ),
-        ] {
+                self.auth_failures.with_label_values(&[g.as_str()]),
+                llorch_http::auth_failures_of(g),
+            )
+        });
+        let refused = [(
+            self.per_address_refusals.clone(),
+            llorch_http::per_address_refusals(),
+        )];
+        for (counter, total) in groups.into_iter().chain(refused) {
             let seen = counter.get();
             if total > seen {
                 counter.inc_by(total - seen);

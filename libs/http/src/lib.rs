@@ -197,12 +197,38 @@ pub async fn correlation_id(mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// Refused requests of this process (`auth_failures_total` of both daemons).
-static AUTH_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Refused requests of this process by the route group they asked for, named by the role its
+/// routes need (`auth_failures_total{route_group}` of both daemons).
+static AUTH_FAILURES: [std::sync::atomic::AtomicU64; 3] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
 
-/// Requests refused for their credentials since the process started.
+/// The route groups refusals are counted by (the role each group's routes need).
+pub const ROUTE_GROUPS: [auth_min::Role; 3] = [
+    auth_min::Role::Client,
+    auth_min::Role::Admin,
+    auth_min::Role::Node,
+];
+
+fn group_index(role: auth_min::Role) -> usize {
+    match role {
+        auth_min::Role::Client => 0,
+        auth_min::Role::Admin => 1,
+        auth_min::Role::Node => 2,
+    }
+}
+
+/// Requests refused for their credentials since the process started, all groups.
 pub fn auth_failures() -> u64 {
-    AUTH_FAILURES.load(std::sync::atomic::Ordering::Relaxed)
+    ROUTE_GROUPS.iter().map(|&g| auth_failures_of(g)).sum()
+}
+
+/// Requests to the routes that need `group` refused for their credentials since the process
+/// started.
+pub fn auth_failures_of(group: auth_min::Role) -> u64 {
+    AUTH_FAILURES[group_index(group)].load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// At most one log line per `interval`: a flood of refusals (a scanner, a misconfigured client)
@@ -265,11 +291,11 @@ pub struct Gate {
     pub role: auth_min::Role,
 }
 
-fn refused(req: &Request, reason: &dyn std::fmt::Display) {
-    AUTH_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+fn refused(req: &Request, group: auth_min::Role, reason: &dyn std::fmt::Display) {
+    AUTH_FAILURES[group_index(group)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Some(suppressed) = REFUSAL_LOG.due(process_ms()) {
         let presented = presented_fingerprint(req.headers());
-        tracing::warn!(%reason, path = %req.uri().path(), %presented, suppressed, "request refused");
+        tracing::warn!(%reason, path = %req.uri().path(), route_group = group.as_str(), %presented, suppressed, "request refused");
     }
 }
 
@@ -302,7 +328,7 @@ pub fn check_auth(gate: &Gate, req: &Request) -> Result<auth_min::Principal, Api
             let reason = format!(
                 "host {host:?} is not a loopback name; without a token only localhost, 127.0.0.1 and [::1] are served"
             );
-            refused(req, &reason);
+            refused(req, gate.role, &reason);
             return Err(ApiError::new(ErrorCode::Forbidden, reason));
         }
         return Ok(auth_min::Principal::everything("anonymous"));
@@ -316,7 +342,7 @@ pub fn check_auth(gate: &Gate, req: &Request) -> Result<auth_min::Principal, Api
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .identify(header);
     let principal = found.map_err(|reason| {
-        refused(req, &reason);
+        refused(req, gate.role, &reason);
         ApiError::new(ErrorCode::Unauthorized, reason.to_string())
     })?;
     // A valid key: the connection no longer counts as a stranger's.
@@ -329,7 +355,7 @@ pub fn check_auth(gate: &Gate, req: &Request) -> Result<auth_min::Principal, Api
             principal.name,
             gate.role.as_str()
         );
-        refused(req, &reason);
+        refused(req, gate.role, &reason);
         return Err(ApiError::new(ErrorCode::Forbidden, reason));
     }
     Ok(principal)

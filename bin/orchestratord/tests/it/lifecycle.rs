@@ -240,9 +240,14 @@ async fn refusals_are_counted_and_logged_at_most_once_a_second_in_both_daemons()
     }
     let elapsed_s = t0.elapsed().as_secs() + 1;
     let orch_m = s.metrics().await;
+    // `/v2/pools` is a client route: the refusals count in its group.
     assert_eq!(
-        metric_value(&orch_m, "auth_failures_total", &[]),
+        metric_value(&orch_m, "auth_failures_total", &[("route_group", "client")]),
         Some(30.0)
+    );
+    assert_eq!(
+        metric_value(&orch_m, "auth_failures_total", &[("route_group", "admin")]),
+        Some(0.0)
     );
     let pm_m = s
         .http
@@ -253,7 +258,11 @@ async fn refusals_are_counted_and_logged_at_most_once_a_second_in_both_daemons()
         .text()
         .await
         .unwrap();
-    assert_eq!(metric_value(&pm_m, "auth_failures_total", &[]), Some(30.0));
+    // Every pool-managerd route needs the node token: the node group.
+    assert_eq!(
+        metric_value(&pm_m, "auth_failures_total", &[("route_group", "node")]),
+        Some(30.0)
+    );
     // One line per second at most (plus the first), however many refusals, in each daemon.
     let pm_log =
         std::fs::read_to_string(s.runtime_dir.with_file_name("pool-managerd.log")).unwrap();
