@@ -110,11 +110,8 @@ async fn always_crashing_engine_ends_failed_with_last_error_and_bounded_restarts
     assert!(err.contains("before becoming healthy"), "last_error: {err}");
     // Circuit: 5 failures inside the window → 4 restarts, then failed.
     assert_eq!(failed.restart_count, 4, "{failed:?}");
-    // Failed holds for the open period (5 min by default): no restart meanwhile.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let later = d.status("crashy").await.unwrap();
-    assert_eq!(later.state, PoolState::Failed);
-    assert_eq!(later.restart_count, 4);
+    // That the circuit then stays open for its whole period (no restart meanwhile) is timed on
+    // the paused clock (`supervisor_bounds::the_fifth_failure_within_five_minutes_opens_…`).
     let m = d.metrics().await;
     assert_eq!(
         metric_value(&m, "pool_engine_restarts_total", &[("pool_id", "crashy")]),
