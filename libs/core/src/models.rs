@@ -364,8 +364,11 @@ mod tests {
         );
     }
 
-    fn arb_node(i: usize) -> impl Strategy<Value = (u64, Vec<(u64, bool, bool, u64, u64, u32)>)> {
-        let _ = i;
+    /// A resident as generated: bytes, pinned, loading, loaded at (s), used at (s), busy.
+    type ArbResident = (u64, bool, bool, u64, u64, u32);
+
+    /// A node as generated: its budget and its residents.
+    fn arb_node() -> impl Strategy<Value = (u64, Vec<ArbResident>)> {
         (
             1u64..40,
             proptest::collection::vec(
@@ -385,7 +388,7 @@ mod tests {
     proptest! {
         #[test]
         fn a_plan_never_exceeds_a_budget_nor_evicts_a_busy_pinned_young_or_loading_model(
-            specs in proptest::collection::vec(arb_node(0), 1..4),
+            specs in proptest::collection::vec(arb_node(), 1..4),
             need in 1u64..30,
         ) {
             let t0 = Instant::now();
