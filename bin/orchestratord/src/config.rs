@@ -867,20 +867,13 @@ mod tests {
     #[test]
     fn every_variable_of_the_migration_plan_is_read() {
         use clap::CommandFactory;
-        let settings: Vec<String> = Args::command()
-            .get_arguments()
-            .filter_map(|a| a.get_env())
-            .map(|e| e.to_string_lossy().into_owned())
-            .collect();
         let aliases: Vec<&str> = ENV_ALIASES.iter().map(|a| a.old).collect();
-        for name in llorch_test_support::migration_plan_variables("orchestratord") {
-            assert!(
-                settings.contains(&name)
-                    || aliases.contains(&name.as_str())
-                    || llorch_observability::ENV_READ.contains(&name.as_str()),
-                "{name} (the migration plan) is read by no setting of orchestratord"
-            );
-        }
+        llorch_test_support::assert_migration_plan_read(
+            "orchestratord",
+            Args::command(),
+            &aliases,
+            llorch_observability::ENV_READ,
+        );
     }
 
     fn parse(env: &[&str]) -> Result<Config, ConfigError> {

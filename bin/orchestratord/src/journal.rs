@@ -223,8 +223,13 @@ pub struct SqliteJournal {
 /// The most writes one transaction takes.
 const BATCH_MAX: usize = 512;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS tasks (
+/// The tasks table, created as `$name` (one definition for the schema and its migration).
+macro_rules! tasks_table {
+    ($name:literal) => {
+        concat!(
+            "CREATE TABLE ",
+            $name,
+            " (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     task_id TEXT NOT NULL,
     owner TEXT NOT NULL,
@@ -239,39 +244,34 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_ms INTEGER,
     UNIQUE (owner, task_id)
 );
-CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_ms) WHERE finished_ms IS NOT NULL;
+"
+        )
+    };
+}
+
+const SCHEMA: &str = concat!(
+    tasks_table!("IF NOT EXISTS tasks"),
+    "CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_ms) WHERE finished_ms IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-";
+"
+);
 
 /// 2: task ids are unique per owner (1: across owners).
 const SCHEMA_VERSION: &str = "2";
 
 /// Schema 1 to 2: the same rows in a table whose ids are unique per owner (a constraint
 /// SQLite cannot change in place).
-const MIGRATE_1_TO_2: &str = "
-BEGIN IMMEDIATE;
-CREATE TABLE tasks_v2 (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    task_id TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    digest BLOB NOT NULL,
-    request TEXT NOT NULL,
-    correlation_id TEXT NOT NULL,
-    submitted_ms INTEGER NOT NULL,
-    deadline_ms INTEGER,
-    first_token INTEGER NOT NULL DEFAULT 0,
-    ending TEXT,
-    tokens_out INTEGER,
-    finished_ms INTEGER,
-    UNIQUE (owner, task_id)
-);
-INSERT INTO tasks_v2 SELECT seq, task_id, owner, digest, request, correlation_id, submitted_ms, deadline_ms, first_token, ending, tokens_out, finished_ms FROM tasks;
+const MIGRATE_1_TO_2: &str = concat!(
+    "BEGIN IMMEDIATE;\n",
+    tasks_table!("tasks_v2"),
+    "INSERT INTO tasks_v2 SELECT seq, task_id, owner, digest, request, correlation_id, submitted_ms, deadline_ms, first_token, ending, tokens_out, finished_ms FROM tasks;
 DROP TABLE tasks;
 ALTER TABLE tasks_v2 RENAME TO tasks;
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_ms) WHERE finished_ms IS NOT NULL;
 UPDATE meta SET value = '2' WHERE key = 'schema';
 COMMIT;
-";
+"
+);
 
 fn open_error(path: &Path, what: &str, e: impl std::fmt::Display) -> JournalError {
     JournalError::Open(format!(

@@ -276,6 +276,34 @@ pub fn migration_plan_variables(daemon: &str) -> Vec<String> {
     names
 }
 
+/// Fails naming each variable the migration plan lists for `daemon` that the daemon does not
+/// read: none of `cmd`'s settings (their `env` names), none of its old names (`aliases`), and
+/// not one of the variables read besides its settings (`also`: logging, tracing).
+pub fn assert_migration_plan_read(
+    daemon: &str,
+    cmd: clap::Command,
+    aliases: &[&str],
+    also: &[&str],
+) {
+    let settings: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    let unread: Vec<String> = migration_plan_variables(daemon)
+        .into_iter()
+        .filter(|name| {
+            !settings.contains(name)
+                && !aliases.contains(&name.as_str())
+                && !also.contains(&name.as_str())
+        })
+        .collect();
+    assert!(
+        unread.is_empty(),
+        "{daemon} reads no setting for {unread:?} (the migration plan lists them)"
+    );
+}
+
 /// A daemon's log, read whole. Panics when the file is missing or empty: a check that a log
 /// lacks something (a secret) must not pass on a log that was never written.
 pub fn read_log(path: &Path) -> String {
