@@ -410,7 +410,8 @@ pub fn kept(task: &Task) -> (Vec<crate::tasks::Frame>, bool) {
     }
 }
 
-/// Waits for the task's terminal frame; returns its event name, its data, and when it came.
+/// Waits for the task's terminal frame; returns its event name, its data, and when it came
+/// (the task's own record of it: a task awaited after it ended reports its end, not the await).
 pub async fn terminal(task: &Task) -> (&'static str, serde_json::Value, Instant) {
     let mut rx = task.watch_frames();
     loop {
@@ -420,7 +421,7 @@ pub async fn terminal(task: &Task) -> (&'static str, serde_json::Value, Instant)
             return (
                 last.event,
                 serde_json::from_str(&last.data).unwrap(),
-                Instant::now(),
+                task.finished_at().expect("a terminal frame without its time"),
             );
         }
         rx.changed().await.unwrap();
