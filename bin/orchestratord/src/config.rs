@@ -59,6 +59,10 @@ pub struct Args {
     /// HOME: safety-net rescan interval of the handoff directory.
     #[arg(long, env = "ORCHD_HANDOFF_WATCH_INTERVAL_MS", default_value_t = 1000)]
     pub handoff_watch_interval_ms: u64,
+    /// HOME: watch the handoff directory with the kernel's file events (inotify) as well as
+    /// the rescan; `false` on filesystems whose writes the kernel does not report.
+    #[arg(long, env = "ORCHD_HANDOFF_NOTIFY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub handoff_notify: bool,
     /// Interval of engine health probes of bound pools.
     #[arg(long, env = "ORCHD_POOL_HEALTH_INTERVAL_MS", default_value_t = 1000)]
     pub pool_health_interval_ms: u64,
@@ -325,6 +329,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     pub runtime_dir: PathBuf,
     pub handoff_rescan: Duration,
+    /// ORCHD_HANDOFF_NOTIFY: kernel file events besides the rescan.
+    pub handoff_notify: bool,
     pub pool_health_interval: Duration,
     pub pool_manager_url: String,
     pub admission_capacity: usize,
@@ -674,6 +680,7 @@ impl Config {
                 "ORCHD_HANDOFF_WATCH_INTERVAL_MS",
                 a.handoff_watch_interval_ms,
             )?,
+            handoff_notify: a.handoff_notify,
             pool_health_interval: ms("ORCHD_POOL_HEALTH_INTERVAL_MS", a.pool_health_interval_ms)?,
             pool_manager_url: a.pool_manager_url.trim_end_matches('/').to_string(),
             admission_capacity: a.admission_capacity,

@@ -24,6 +24,8 @@ pub(crate) struct HomeSource {
     pub engine: Arc<dyn Engine>,
     pub dir: std::path::PathBuf,
     pub rescan: Duration,
+    /// Kernel file events besides the rescan (ORCHD_HANDOFF_NOTIFY).
+    pub notify: bool,
     pub probe_interval: Duration,
     /// The local pool-managerd, read for GPU memory figures (none: no figures).
     pub manager: Option<Manager>,
@@ -38,8 +40,12 @@ pub(crate) struct Manager {
 
 impl HomeSource {
     pub async fn run(self, cancel: CancellationToken) {
-        let (mut events, watcher) =
-            llorch_handoff::watch_dir(self.dir.clone(), self.rescan, cancel.child_token());
+        let (mut events, watcher) = llorch_handoff::watch_dir_with(
+            self.dir.clone(),
+            self.rescan,
+            self.notify,
+            cancel.child_token(),
+        );
         let mut probe = tokio::time::interval(self.probe_interval);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -87,6 +87,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 engine: orch.engine.clone(),
                 dir: orch.config.runtime_dir.clone(),
                 rescan: orch.config.handoff_rescan,
+                notify: orch.config.handoff_notify,
                 probe_interval: orch.config.pool_health_interval,
                 manager: Some(home_source::Manager {
                     url: orch.config.pool_manager_url.clone(),

@@ -55,3 +55,37 @@ async fn home_pools_carry_pool_managerds_free_gpu_memory_and_placement_breaks_ti
     assert_eq!(outcome(&second).await.0, "end");
     assert_eq!(second.pool_id().as_deref(), Some("a"));
 }
+
+// covers: POOL-3210
+#[tokio::test(start_paused = true)]
+async fn without_kernel_file_events_a_handoff_file_binds_its_pool_at_the_next_rescan() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = format!("--runtime-dir={}", dir.path().display());
+    let h = Harness::start(&[
+        &runtime,
+        "--handoff-notify=false",
+        "--handoff-watch-interval-ms=1000",
+    ]);
+    let pm = Arc::new(ScriptedNodes::default());
+    pm.set("http://pm", Node::Vram(Vec::new()));
+    let started = tokio::time::Instant::now();
+    h.watch_home(pm, "http://pm");
+    // Written just after a rescan: only the next one, a whole interval later, can see it.
+    tokio::time::sleep_until(started + 1001 * MS).await;
+    let file = HandoffFile::external("late", "http://late", "tiny", 1);
+    llorch_handoff::write_atomic(dir.path(), &file).unwrap();
+    let bound = loop {
+        if h.orch.pools.get("late").is_some() {
+            break tokio::time::Instant::now();
+        }
+        assert!(
+            started.elapsed() <= 2001 * MS,
+            "not bound by the rescan after the write"
+        );
+        tokio::time::sleep(MS).await;
+    };
+    assert!(
+        bound >= started + 2000 * MS,
+        "bound before the next rescan: not the rescan alone"
+    );
+}

@@ -321,6 +321,7 @@ impl Harness {
             engine: self.engine.clone(),
             dir: c.runtime_dir.clone(),
             rescan: c.handoff_rescan,
+            notify: c.handoff_notify,
             probe_interval: c.pool_health_interval,
             manager: Some(crate::home_source::Manager {
                 url: manager_url.to_string(),
@@ -421,7 +422,8 @@ pub async fn terminal(task: &Task) -> (&'static str, serde_json::Value, Instant)
             return (
                 last.event,
                 serde_json::from_str(&last.data).unwrap(),
-                task.finished_at().expect("a terminal frame without its time"),
+                task.finished_at()
+                    .expect("a terminal frame without its time"),
             );
         }
         rx.changed().await.unwrap();
