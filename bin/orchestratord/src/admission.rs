@@ -542,6 +542,8 @@ impl Orchestrator {
         let task = Arc::new(task);
         let weight = u64::from(task.req.max_tokens);
         let expiry = crate::state::expiry_of(&task, self.config.max_queue_wait);
+        // Hashed before the locks are taken.
+        let flow = self.queue_flow(&task.owner);
         let (admitted, ahead_tokens, written, dispatcher_due) = {
             let mut tasks = self.tasks.shard_for(&task.key);
             // Checked again under the lock: two first submissions of one id may race here.
@@ -567,7 +569,7 @@ impl Orchestrator {
                 priority,
                 weight,
                 self.config.admission_policy,
-                self.queue_flow(&task.owner),
+                flow,
                 |queued| queued.owner == task.owner,
             ) {
                 Ok(a) => {

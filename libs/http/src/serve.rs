@@ -123,8 +123,16 @@ struct UnvouchedConn {
 }
 
 impl Unvouched {
+    /// A request of this connection presented a valid key already.
+    fn vouched(&self) -> bool {
+        self.0.vouched.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// A request of this connection presented a valid key.
     pub fn vouch(&self) {
+        if self.vouched() {
+            return;
+        }
         if !self
             .0
             .vouched
@@ -327,7 +335,8 @@ async fn serve_connection<IO>(
         if let Some(reserved) = marks.reserved {
             req.extensions_mut().insert(reserved);
         }
-        if let Some(unvouched) = &marks.unvouched {
+        // Only until a valid key vouched for the connection: its later requests carry nothing.
+        if let Some(unvouched) = marks.unvouched.as_ref().filter(|u| !u.vouched()) {
             req.extensions_mut().insert(unvouched.clone());
         }
         req
