@@ -118,6 +118,8 @@ struct Class<T> {
     turn: i64,
     /// Each flow's last turn taken, while it may be ahead of `turn`.
     flows: Flows,
+    /// `flows` is pruned when it holds this many.
+    prune_at: usize,
     /// Entries per block at most (`BLOCK`; smaller in tests), twice that after an insertion
     /// in the middle (the block is then split).
     block: usize,
@@ -134,6 +136,7 @@ impl<T> Class<T> {
             next_front: -1,
             turn: 0,
             flows: Flows::default(),
+            prune_at: FLOWS_KEPT,
         }
     }
 
@@ -142,9 +145,12 @@ impl<T> Class<T> {
     fn push(&mut self, item: T, weight: u64, flow: u64) -> (Order, bool) {
         let seq = self.next_back;
         self.next_back += 1;
-        if self.flows.len() >= FLOWS_KEPT {
+        if self.flows.len() >= self.prune_at {
             let turn = self.turn;
             self.flows.retain(|_, last| *last > turn);
+            // Twice what is left before the next walk: pruning costs O(1) per arrival however
+            // many flows stay ahead of the turn.
+            self.prune_at = FLOWS_KEPT.max(2 * self.flows.len());
         }
         let last = self.flows.entry(flow).or_insert(self.turn);
         *last = (*last).max(self.turn) + 1;
