@@ -122,8 +122,7 @@ impl Crate {
         layers
     }
 
-    pub fn render(&self, root: &Path) -> String {
-        let _ = root;
+    pub fn render(&self) -> String {
         let mut out = format!(
             "{}: {} modules, lowest layer first\n",
             self.name,

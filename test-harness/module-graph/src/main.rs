@@ -27,7 +27,7 @@ fn main() {
     for src in &crates {
         match graph::Crate::read(src) {
             Ok(krate) => {
-                println!("{}", krate.render(&root));
+                println!("{}", krate.render());
                 let cycles = krate.cycles();
                 for cycle in &cycles {
                     failed = true;

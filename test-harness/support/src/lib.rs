@@ -243,12 +243,8 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
 /// read from `../shared/reference/migration-plan-env.md` beside the workspace: the first
 /// column of that daemon's table.
 pub fn migration_plan_variables(daemon: &str) -> Vec<String> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .find(|p| p.join("Cargo.lock").is_file())
-        .expect("the workspace root")
-        .to_path_buf();
-    let path = root.join("../shared/reference/migration-plan-env.md");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/reference/migration-plan-env.md");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let mut in_section = false;
