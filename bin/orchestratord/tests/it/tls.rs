@@ -253,52 +253,47 @@ async fn cloud_over_mutual_tls_registers_polls_and_proxies_and_refuses_nodes_wit
     assert_eq!(st["pool_id"], "a0");
     assert_eq!(st["tokens_out"], 16);
 
-    // A node whose certificate another CA signed: the handshake refuses it.
-    let (_rogue, rogue_log) = node(
-        "rogue",
-        &pool_toml("r0", 1, 2048),
-        &other.leaf("rogue"),
-        &ca.ca,
-    );
-    let line = logged_line(
-        &rogue_log,
-        &["will retry registration"],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert!(line.contains("certificate"), "{line}");
-    // A node that trusts another CA refuses orchestratord's certificate, and says what to check.
-    let (_lost, lost_log) = node(
-        "lost",
-        &pool_toml("l0", 1, 2048),
-        &ca.leaf("lost"),
-        &other.ca,
-    );
-    let line = logged_line(
-        &lost_log,
-        &["will retry registration"],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert!(
-        line.contains("UnknownIssuer") && line.contains("LLORCH_TLS_CA_FILE"),
-        "{line}"
-    );
-    // A node of the cluster CA whose certificate names another node: its token would let it
-    // register as "node-b", its certificate does not.
-    let (_impostor, impostor_log) = node(
-        "node-b",
-        &pool_toml("b0", 1, 2048),
-        &ca.leaf("node-c"),
-        &ca.ca,
-    );
-    let line = logged_line(
-        &impostor_log,
-        &["registration refused"],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert!(line.contains("403"), "{line}");
+    // Nodes that must not get in, each with the line its log must show and what it must say:
+    // a certificate another CA signed (the handshake refuses it); a node trusting another CA
+    // (it refuses orchestratord's certificate and says what to check); a node of the cluster
+    // CA whose certificate names another node (its token would let it register as "node-b",
+    // its certificate does not).
+    let rogue = other.leaf("rogue");
+    let lost = ca.leaf("lost");
+    let impostor = ca.leaf("node-c");
+    let refused = [
+        (
+            "rogue",
+            "r0",
+            &rogue,
+            &ca.ca,
+            "will retry registration",
+            &["certificate"][..],
+        ),
+        (
+            "lost",
+            "l0",
+            &lost,
+            &other.ca,
+            "will retry registration",
+            &["UnknownIssuer", "LLORCH_TLS_CA_FILE"][..],
+        ),
+        (
+            "node-b",
+            "b0",
+            &impostor,
+            &ca.ca,
+            "registration refused",
+            &["403"][..],
+        ),
+    ];
+    let mut held = Vec::new();
+    for (name, pool, cert, trusts, marker, says) in refused {
+        let (child, log) = node(name, &pool_toml(pool, 1, 2048), cert, trusts);
+        let line = logged_line(&log, &[marker], Duration::from_secs(30)).await;
+        assert!(says.iter().all(|w| line.contains(w)), "{name}: {line}");
+        held.push(child);
+    }
     let nodes: Vec<_> = api
         .nodes()
         .await
