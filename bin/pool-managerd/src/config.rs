@@ -238,10 +238,9 @@ pub struct Registration {
     /// What this node presents to orchestratord.
     pub token: Token,
     pub orchestratord_url: String,
-    pub advertise_url: String,
-    /// `advertise_url` is the bind address's (no POOL_MANAGERD_ADVERTISE_URL): on port 0, the
-    /// port the kernel gives takes its place once bound.
-    pub advertise_from_bind: bool,
+    /// POOL_MANAGERD_ADVERTISE_URL; `None`: the address this node is bound to (the port the
+    /// kernel gave, on port 0), known once bound.
+    pub advertise_url: Option<String>,
     pub heartbeat_interval: Duration,
 }
 
@@ -414,7 +413,6 @@ impl Config {
                 .as_ref()
                 .map(|f| (f.cert.as_path(), f.key.as_path())),
         )?;
-        let scheme = if tls_files.is_some() { "https" } else { "http" };
         let tls = match tls_files {
             Some(files) => Some(std::sync::Arc::new(llorch_http::tls::ServerTls::load(
                 files,
@@ -439,20 +437,19 @@ impl Config {
                         "POOL_MANAGERD_ORCHESTRATORD_URL needs a token (LLORCH_NODE_TOKEN, or LLORCH_API_TOKEN, or their _FILE forms)".into(),
                     ));
                 };
-                let advertise_url = match &args.advertise_url {
-                    Some(a) => a.trim_end_matches('/').to_string(),
-                    None if args.bind_addr.ip().is_unspecified() => {
-                        return Err(ConfigError::Invalid(format!(
-                            "bound to {} (all addresses): set POOL_MANAGERD_ADVERTISE_URL to the URL orchestratord reaches this node at",
-                            args.bind_addr
-                        )))
-                    }
-                    None => format!("{scheme}://{}", args.bind_addr),
-                };
+                if args.advertise_url.is_none() && args.bind_addr.ip().is_unspecified() {
+                    return Err(ConfigError::Invalid(format!(
+                        "bound to {} (all addresses): set POOL_MANAGERD_ADVERTISE_URL to the URL orchestratord reaches this node at",
+                        args.bind_addr
+                    )));
+                }
+                let advertise_url = args
+                    .advertise_url
+                    .as_deref()
+                    .map(|a| a.trim_end_matches('/').to_string());
                 Some(Registration {
                     token: presented,
                     orchestratord_url: url,
-                    advertise_from_bind: args.advertise_url.is_none(),
                     advertise_url,
                     heartbeat_interval: non_zero(
                         "POOL_MANAGERD_HEARTBEAT_INTERVAL_MS",

@@ -125,11 +125,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tasks.spawn(handoff_watcher::HandoffWatcher::new(shared.clone(), root.child_token()).run());
     // The bound address (the port the kernel chose, when configured as 0).
     let local = listener.local_addr().unwrap_or(shared.config.bind_addr);
-    if let Some(mut reg) = shared.config.registration.clone() {
-        if reg.advertise_from_bind {
-            let scheme = reg.advertise_url.split("://").next().unwrap_or("http");
-            reg.advertise_url = format!("{scheme}://{local}");
-        }
+    if let Some(reg) = shared.config.registration.clone() {
+        let scheme = if shared.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let advertise = reg
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{local}"));
         let plane = Arc::new(registration::HttpControlPlane {
             http: shared
                 .config
@@ -144,6 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tasks.spawn(registration::run(
             shared.clone(),
             reg,
+            advertise,
             plane,
             root.child_token(),
         ));

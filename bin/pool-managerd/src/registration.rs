@@ -94,6 +94,8 @@ impl ControlPlane for HttpControlPlane {
 pub(crate) async fn run(
     shared: Arc<Shared>,
     reg: Registration,
+    // The URL orchestratord reaches this node at.
+    advertise: String,
     plane: Arc<dyn ControlPlane>,
     cancel: CancellationToken,
 ) {
@@ -125,13 +127,13 @@ pub(crate) async fn run(
         } else {
             let body = NodeRegistration {
                 node_id: node_id.clone(),
-                address: reg.advertise_url.clone(),
+                address: advertise.clone(),
                 gpus: shared.gpus.read().gpus.clone(),
                 pools: shared.pools(),
             };
             match plane.register(&body).await {
                 Ok(s) if (200..300).contains(&s) => {
-                    tracing::info!(orchestratord = %base, advertise = %reg.advertise_url, "registered with orchestratord");
+                    tracing::info!(orchestratord = %base, %advertise, "registered with orchestratord");
                     registered = true;
                     backoff.reset();
                     reg.heartbeat_interval

@@ -74,6 +74,7 @@ fn node(answers: Vec<Result<u16, Unreachable>>) -> Node {
     let done = tokio::spawn(crate::registration::run(
         built.shared.clone(),
         reg,
+        "http://127.0.0.1:9200".into(),
         plane.clone(),
         cancel.clone(),
     ));
